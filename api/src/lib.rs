@@ -1,0 +1,35 @@
+//! Bramble's vocabulary: the manifest kinds and their validation, the agent⇄controller
+//! wire messages, the REST types, resource quantities and durations. Pure: no I/O and no
+//! async runtime, so every other crate (and every test) can use it.
+//!
+//! # Glossary
+//! - **Workload**: what the user wants, one manifest: a Service, Wallet, CronJob or Job.
+//! - **Task**: one replica of a Service, the one instance of a Wallet, one run of a Job
+//!   or one firing of a CronJob. The controller creates tasks from workloads.
+//! - **Node**: one machine (a Pi) with an agent.
+//! - **Placement**: the scheduler's choice of a node for a task.
+//! - **Container**: a task as observed on its node, in Docker.
+//! - **Event**: a record of a decision or a change, with time, object and reason.
+//!
+//! # Layout
+//! - [`manifest`]: the kinds and their fields.
+//! - [`parse`]: multi-document YAML parsing and validation with file:line:column errors.
+//! - [`quantity`], [`duration`]: `250m`, `64Mi`, `30s`.
+//! - [`schedule`]: CronJob schedules (cron expression + time zone) and their firings.
+//! - [`task`]: tasks, their specs, phases and Docker labels.
+//! - [`wire`]: agent⇄controller messages.
+//! - [`health`]: node health details (disks, containers, Pi throttling) and their decoding.
+//! - [`rest`]: REST request and response bodies.
+
+pub mod duration;
+pub mod health;
+pub mod manifest;
+pub mod parse;
+pub mod quantity;
+pub mod rest;
+pub mod schedule;
+pub mod task;
+pub mod wire;
+
+/// This release's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,401 @@
+//! Request and response bodies of the REST API under `/v1`.
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `GET /v1/version` | | [`VersionInfo`] |
+//! | `GET /v1/status` | | [`StatusInfo`] |
+//! | `POST /v1/apply` | [`ApplyRequest`] | [`ApplyResponse`] |
+//! | `GET /v1/workloads[?kind=K]` | | `Vec<`[`WorkloadView`]`>` |
+//! | `GET /v1/workloads/{kind}/{name}` | | [`WorkloadView`] |
+//! | `DELETE /v1/workloads/{kind}/{name}` | | [`DeleteResponse`] |
+//! | `GET /v1/nodes`, `GET /v1/nodes/{name}` | | [`NodeView`] |
+//! | `GET /v1/tasks[?workload=W&node=N]`, `GET /v1/tasks/{id}` | | [`crate::task::Task`] |
+//! | `GET /v1/tasks/{id}/logs?follow=&tail=` | | `text/plain`, streamed |
+//! | `POST /v1/nodes/{name}/cordon`, `.../uncordon` | | [`NodeView`] |
+//! | `POST /v1/nodes/{name}/drain?timeout=5m` | | [`DrainResponse`] (waits until empty or timeout) |
+//! | `GET /v1/events[?since=SEQ&object=O&watch=true]` | | `Vec<`[`Event`]`>`; with `watch`, newline-delimited JSON events as they happen |
+//! | `GET /v1/cronjobs`, `GET /v1/cronjobs/{name}` | | [`CronJobView`] |
+//! | `POST /v1/cronjobs/{name}/run` | | [`crate::task::Task`] (the run started now) |
+//! | `POST /v1/cronjobs/{name}/suspend`, `.../resume` | | [`CronJobView`] |
+//! | `GET /v1/agent` | WebSocket, see [`crate::wire`] | |
+//! | `POST /v1/workloads/{kind}/{name}/restart` | | [`RestartResponse`] (running tasks evicted, then placed again) |
+//! | `GET /v1/webhooks` | | `Vec<`[`WebhookView`]`>` |
+//! | `POST /v1/webhooks/{name}/test` | | [`WebhookTestResponse`] (one delivery, no retries) |
+//! | `GET /v1/stream` | | `text/event-stream`: a `snapshot` event, then `nodes`, `tasks`, `workloads`, `cronjobs` and `events` as they change (the dashboard's feed) |
+//! | `GET /metrics` (not under `/v1`) | | Prometheus text format; any token |
+//!
+//! Every endpoint needs `Authorization: Bearer TOKEN`. Errors are [`ApiErrorBody`].
+//! A viewer token (read-only) may use every `GET` under `/v1` except `/v1/agent`;
+//! anything else answers 403 with code `forbidden`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Kind, Manifest};
+use crate::parse::ManifestError;
+use crate::wire::{NodeInfo, NodeMetrics};
+
+/// Release and protocol versions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionInfo {
+    /// Release.
+    pub version: String,
+    /// Manifest apiVersion.
+    pub api_version: String,
+    /// Agent protocol version.
+    pub protocol: u32,
+}
+
+/// One file (or stdin) of manifests, as text, so the controller can point at file,
+/// line and column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// File name as the user gave it.
+    pub name: String,
+    /// YAML text, one or more documents.
+    pub content: String,
+}
+
+/// `POST /v1/apply`: create or update every workload in the sources, all or nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyRequest {
+    /// The manifest files.
+    pub sources: Vec<Source>,
+    /// Validate only; store nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What apply did to one workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    /// It was new.
+    Created,
+    /// It changed.
+    Configured,
+    /// It was already so.
+    Unchanged,
+}
+
+impl std::fmt::Display for ApplyOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyOutcome::Created => "created",
+            ApplyOutcome::Configured => "configured",
+            ApplyOutcome::Unchanged => "unchanged",
+        })
+    }
+}
+
+/// One workload's apply result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyResult {
+    /// Kind.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+    /// What happened.
+    pub outcome: ApplyOutcome,
+}
+
+/// `POST /v1/apply` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// One per workload, in the order given.
+    pub results: Vec<ApplyResult>,
+}
+
+/// A workload with its desired and observed counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadView {
+    /// The manifest as applied.
+    pub manifest: Manifest,
+    /// Bumped on every change of the manifest.
+    pub generation: u64,
+    /// Tasks wanted running.
+    pub desired: u32,
+    /// Tasks running now.
+    pub running: u32,
+    /// First applied.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `DELETE /v1/workloads/{kind}/{name}` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteResponse {
+    /// Kind.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+    /// Tasks told to stop.
+    pub tasks_stopped: u32,
+}
+
+/// A node's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodeStatus {
+    /// Heartbeating.
+    Ready,
+    /// Heartbeats late.
+    NotReady,
+    /// Gone long enough that its tasks are replaced elsewhere.
+    Dead,
+}
+
+impl std::fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeStatus::Ready => "Ready",
+            NodeStatus::NotReady => "NotReady",
+            NodeStatus::Dead => "Dead",
+        })
+    }
+}
+
+/// A node as `GET /v1/nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    /// What the agent reported.
+    pub info: NodeInfo,
+    /// Health.
+    pub status: NodeStatus,
+    /// Kept free of new tasks.
+    pub cordoned: bool,
+    /// Last heartbeat (controller clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Last reported load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<NodeMetrics>,
+    /// Tasks placed here.
+    pub tasks: u32,
+    /// CPU reserved by those tasks, millicores.
+    pub allocated_cpu_millis: u64,
+    /// Memory reserved by those tasks, bytes.
+    pub allocated_memory_bytes: u64,
+    /// Remote address of the agent's connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// First registered.
+    pub registered_at: DateTime<Utc>,
+}
+
+/// Every error answer: `{code, message, details}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// Machine-readable, e.g. `invalid_manifest`, `not_found`, `unauthorized`.
+    pub code: String,
+    /// One line for people.
+    pub message: String,
+    /// Per-field problems of a rejected manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<ManifestError>,
+}
+
+/// Labels as `k=v,k=v`, for tables.
+pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "<none>".to_string();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// How bad an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Severity {
+    /// Routine.
+    Normal,
+    /// Something failed or was lost, and was (or is being) healed.
+    Warning,
+}
+
+/// A record of a decision or a change: scheduled, started, exited, restarted, probe
+/// failed, node NotReady/Dead/back, replaced, fenced, drained…
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// Increasing sequence number (resume a watch with `since`).
+    pub seq: u64,
+    /// When (controller clock).
+    pub at: DateTime<Utc>,
+    /// Normal or Warning.
+    pub severity: Severity,
+    /// The object, as `node/pi3`, `task/web-1a2b3c-0`, `service/web`.
+    pub object: String,
+    /// One CamelCase word: `Scheduled`, `Started`, `Exited`, `Restarted`, `ProbeFailed`,
+    /// `NodeNotReady`, `NodeDead`, `NodeBack`, `Replaced`, `Fenced`, `Drained`, `GaveUp`…
+    pub reason: String,
+    /// For people.
+    pub message: String,
+}
+
+/// `POST /v1/nodes/{name}/drain` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainResponse {
+    /// The node.
+    pub node: String,
+    /// Tasks moved away.
+    pub moved: u32,
+    /// Tasks still on the node when the timeout passed (0 when drained).
+    pub remaining: u32,
+}
+
+/// What happened to one CronJob slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FiringOutcome {
+    /// A run was started.
+    Fired,
+    /// Missed by more than the starting deadline (controller down, clock jump): not run.
+    Missed,
+    /// Not run because the previous run was still active (`concurrencyPolicy: Forbid`).
+    Skipped,
+    /// Started by hand (`bramblectl cron run`).
+    Manual,
+}
+
+/// The record of one slot, stored under a key unique to (job, slot) before anything is
+/// dispatched, so a slot fires at most once whatever the controllers do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Firing {
+    /// The scheduled time.
+    pub slot: DateTime<Utc>,
+    /// What happened.
+    pub outcome: FiringOutcome,
+    /// The run's task id, when one was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// When the controller decided (lateness = this − slot).
+    pub decided_at: DateTime<Utc>,
+}
+
+/// A CronJob as `get cronjobs` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CronJobView {
+    /// Name.
+    pub name: String,
+    /// Cron expression.
+    pub schedule: String,
+    /// IANA time zone.
+    pub timezone: String,
+    /// Not firing (by manifest or by `cron suspend`).
+    pub suspended: bool,
+    /// Last slot decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_slot: Option<DateTime<Utc>>,
+    /// Phase of the newest run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<crate::task::TaskPhase>,
+    /// Next slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<DateTime<Utc>>,
+    /// Runs active now.
+    pub active: u32,
+    /// Recent slots, newest first.
+    #[serde(default)]
+    pub firings: Vec<Firing>,
+}
+
+/// The controller's own state, for operators and benchmarks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusInfo {
+    /// Release.
+    pub version: String,
+    /// The store's revision.
+    pub revision: u64,
+    /// Store write transactions since the controller started (a cluster at rest makes
+    /// none: SD cards wear out).
+    pub store_writes: u64,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+}
+
+/// `POST /v1/workloads/{kind}/{name}/restart` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartResponse {
+    /// Kind.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+    /// Tasks told to stop and start again (all at once, not rolling).
+    pub tasks_restarted: u32,
+}
+
+/// A configured webhook with its delivery counters since the controller started
+/// (`GET /v1/webhooks`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookView {
+    /// Name from `webhooks.yaml`.
+    pub name: String,
+    /// Receiver URL (for a viewer token, only scheme, host and port).
+    pub url: String,
+    /// Event reasons or severities it receives; empty means every Warning event.
+    pub events: Vec<String>,
+    /// Whether deliveries carry an `X-Bramble-Signature` (a secret is configured).
+    pub signed: bool,
+    /// Events delivered (the receiver answered 2xx).
+    pub sent: u64,
+    /// Events given up after every retry, or refused by the receiver with a 4xx.
+    pub failed: u64,
+    /// Events dropped without a try because the queue was full.
+    pub dropped: u64,
+    /// Deliveries waiting in the queue now.
+    pub queued: u64,
+    /// The last failure, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the last delivery succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sent_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/webhooks/{name}/test` answer: what the receiver said to one test event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookTestResponse {
+    /// The webhook.
+    pub name: String,
+    /// The receiver answered 2xx.
+    pub ok: bool,
+    /// The receiver's HTTP status, when it answered at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why it failed (connection refused, timeout, non-2xx).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Milliseconds until the answer.
+    pub elapsed_ms: u64,
+}
+
+/// The JSON body a webhook receives, signed with `X-Bramble-Signature:
+/// sha256=<hex HMAC-SHA256 of the body bytes>` when the webhook has a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookPayload {
+    /// Which webhook this delivery is for.
+    pub webhook: String,
+    /// Sent by `POST /v1/webhooks/{name}/test`, not by the cluster.
+    #[serde(default)]
+    pub test: bool,
+    /// The event.
+    pub event: Event,
+}
