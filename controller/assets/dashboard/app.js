@@ -1,0 +1,355 @@
+// Bramble dashboard: no framework, no build step. Reads GET /v1/stream (Server-Sent
+// Events) with fetch() so the token goes in the Authorization header, never in a URL.
+'use strict';
+
+const $ = (s) => document.querySelector(s);
+const TOKEN = 'bramble.token';
+const ESC = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
+const esc = (v) => String(v ?? '').replace(/[&<>"']/g, (c) => ESC[c]);
+const S = { role: null, nodes: [], hist: {}, tasks: [], workloads: [], cronjobs: [], events: [], seq: 0 };
+const FINISHED = ['Succeeded', 'Failed', 'Stopped', 'Lost'];
+const RUNS = ['Job', 'CronJob'];
+let ctl = null;
+let backoff = 1000;
+
+const token = () => sessionStorage.getItem(TOKEN);
+const admin = () => S.role === 'admin';
+const mib = (b) => b == null ? 'unavailable' : b >= 2 ** 30 ? (b / 2 ** 30).toFixed(1) + ' GiB' : b >= 2 ** 20 ? Math.round(b / 2 ** 20) + ' MiB' : Math.round(b / 1024) + ' KiB';
+const pct = (x) => x == null ? 'unavailable' : (x < 10 ? x.toFixed(1) : Math.round(x)) + '%';
+
+function ago(ts) {
+  if (!ts) return '—';
+  const s = Math.round((Date.now() - Date.parse(ts)) / 1000);
+  const a = Math.abs(s);
+  const t = a < 60 ? a + 's' : a < 3600 ? Math.round(a / 60) + 'm' : a < 86400 ? Math.round(a / 3600) + 'h' : Math.round(a / 86400) + 'd';
+  return s >= 0 ? t + ' ago' : 'in ' + t;
+}
+
+function setLive(state) {
+  const el = $('#live');
+  el.textContent = state;
+  el.className = 'live ' + (state === 'live' ? 'on' : 'off');
+}
+
+function toast(msg, bad) {
+  const t = $('#toast');
+  t.textContent = msg;
+  t.className = bad ? 'bad' : '';
+  t.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { t.hidden = true; }, 4000);
+}
+
+// ---- the stream ----
+
+async function connect() {
+  const t = token();
+  if (!t) return showSignin();
+  ctl = new AbortController();
+  const mine = ctl;
+  setLive('connecting');
+  let r;
+  try {
+    r = await fetch('/v1/stream', { headers: { Authorization: 'Bearer ' + t }, signal: mine.signal, cache: 'no-store' });
+  } catch (e) {
+    return mine.signal.aborted ? undefined : retry();
+  }
+  if (r.status === 401) {
+    sessionStorage.removeItem(TOKEN);
+    return showSignin('That token was not accepted.');
+  }
+  if (!r.ok || !r.body) return retry();
+  const rd = r.body.getReader();
+  const dec = new TextDecoder();
+  let buf = '';
+  try {
+    for (;;) {
+      const { value, done } = await rd.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      let i;
+      while ((i = buf.indexOf('\n\n')) >= 0) {
+        onBlock(buf.slice(0, i));
+        buf = buf.slice(i + 2);
+      }
+    }
+  } catch (e) { /* the connection broke */ }
+  if (!mine.signal.aborted) retry();
+}
+
+function retry() {
+  setLive('reconnecting');
+  setTimeout(connect, backoff);
+  backoff = Math.min(backoff * 2, 15000);
+}
+
+function onBlock(block) {
+  let ev = 'message';
+  let data = '';
+  for (const l of block.split('\n')) {
+    if (l.startsWith('event: ')) ev = l.slice(7);
+    else if (l.startsWith('data: ')) data += l.slice(6);
+  }
+  if (!data || !on[ev]) return;
+  let d;
+  try { d = JSON.parse(data); } catch (e) { return; }
+  on[ev](d);
+}
+
+const on = {
+  snapshot(d) {
+    backoff = 1000;
+    S.role = d.role;
+    S.nodes = d.nodes;
+    S.tasks = d.tasks;
+    S.workloads = d.workloads;
+    S.cronjobs = d.cronjobs;
+    S.hist = {};
+    for (const [n, h] of Object.entries(d.history)) {
+      S.hist[n] = { t: h.cpu.length ? h.start + (h.cpu.length - 1) * h.step : null, cpu: h.cpu, mem: h.mem, temp: h.temp };
+    }
+    S.events = [];
+    S.seq = 0;
+    $('#events').innerHTML = '';
+    on.events(d.events);
+    $('#role').textContent = d.role === 'admin' ? 'admin' : 'viewer · read-only';
+    $('#signout').hidden = false;
+    $('#signin').hidden = true;
+    $('#app').hidden = false;
+    setLive('live');
+    $('#nodes').innerHTML = '';
+    render();
+  },
+  nodes(d) {
+    S.nodes = d;
+    for (const n of d) {
+      if (!n.point) continue;
+      const [t, cpu, mem, temp] = n.point;
+      const h = S.hist[n.name] || (S.hist[n.name] = { t: null, cpu: [], mem: [], temp: [] });
+      if (h.t != null && t <= h.t) continue;
+      // Empty 10-second slots (no heartbeats) stay gaps in the lines.
+      const gap = h.t == null ? 0 : Math.min((t - h.t) / 10 - 1, 360);
+      for (let i = 0; i < gap; i++) { h.cpu.push(null); h.mem.push(null); h.temp.push(null); }
+      h.cpu.push(cpu); h.mem.push(mem); h.temp.push(temp);
+      for (const k of ['cpu', 'mem', 'temp']) if (h[k].length > 360) h[k].splice(0, h[k].length - 360);
+      h.t = t;
+    }
+    renderNodes();
+    renderCron();
+    renderSummary();
+  },
+  tasks(d) { S.tasks = d; renderNodes(); renderSummary(); },
+  workloads(d) { S.workloads = d; renderWorkloads(); renderSummary(); },
+  cronjobs(d) { S.cronjobs = d; renderCron(); },
+  events(d) {
+    const fresh = d.filter((e) => e.seq > S.seq);
+    if (!fresh.length) return;
+    S.seq = fresh[fresh.length - 1].seq;
+    const ol = $('#events');
+    for (const e of fresh) {
+      const li = document.createElement('li');
+      li.className = e.severity === 'Warning' ? 'warning' : '';
+      li.innerHTML = `<time title="${esc(e.at)}">${esc(new Date(e.at).toLocaleTimeString())}</time><b>${esc(e.reason)}</b><span class="obj">${esc(e.object)}</span><span class="msg">${esc(e.message)}</span>`;
+      ol.prepend(li);
+    }
+    while (ol.children.length > 100) ol.lastChild.remove();
+  },
+};
+
+// ---- rendering ----
+
+function render() { renderNodes(); renderWorkloads(); renderCron(); renderSummary(); }
+
+function running(t) { return !t.desired && !(RUNS.includes(t.kind) && FINISHED.includes(t.phase)); }
+
+function renderSummary() {
+  const ready = S.nodes.filter((n) => n.status === 'Ready').length;
+  const live = S.tasks.filter(running);
+  const up = live.filter((t) => t.phase === 'Running').length;
+  const short = S.workloads.filter((w) => w.running < w.desired).length;
+  const warns = S.nodes.reduce((a, n) => a + (n.warnings || []).length, 0) + short;
+  const chip = (label, v, bad) => `<span class="chip ${bad ? 'bad' : 'ok'}"><small>${label}</small>${v}</span>`;
+  $('#summary').innerHTML = chip('Nodes ready', `${ready}/${S.nodes.length}`, ready < S.nodes.length) +
+    chip('Tasks running', `${up}/${live.length}`, up < live.length) +
+    chip('Warnings', warns, warns > 0);
+}
+
+function spark(values, lo, hi, cls, mark) {
+  const n = values.length;
+  if (!n || values.every((v) => v == null)) return '<svg class="spark" viewBox="0 0 120 28"></svg>';
+  const x = (i) => (n === 1 ? 120 : (i * 120) / (n - 1)).toFixed(1);
+  const y = (v) => (27 - (Math.min(Math.max(v, lo), hi) - lo) / (hi - lo || 1) * 25).toFixed(1);
+  let d = '';
+  let pen = false;
+  values.forEach((v, i) => {
+    if (v == null) { pen = false; return; }
+    d += (pen ? 'L' : 'M') + x(i) + ' ' + y(v);
+    pen = true;
+  });
+  const line = mark == null ? '' : `<line x1="0" x2="120" y1="${y(mark)}" y2="${y(mark)}" class="mark"/>`;
+  return `<svg class="spark ${cls}" viewBox="0 0 120 28" preserveAspectRatio="none">${line}<path d="${d}"/></svg>`;
+}
+
+function disk(label, d) {
+  if (!d) return `<span>${label} <i>unavailable</i></span>`;
+  const free = d.totalBytes ? Math.round(d.freeBytes * 100 / d.totalBytes) : 0;
+  return `<span title="${esc(d.path)}">${label} <b>${mib(d.freeBytes)}</b> free (${free}%)</span>`;
+}
+
+function nodeHead(n) {
+  const act = admin() && n.status !== 'Dead'
+    ? `<button data-act="${n.cordoned ? 'uncordon' : 'cordon'}" data-node="${esc(n.name)}" class="ghost">${n.cordoned ? 'Uncordon' : 'Cordon'}</button>` : '';
+  return `<div class="title"><h3>${esc(n.name)}</h3><span class="pill ${esc(n.status)}">${esc(n.status)}</span>${n.cordoned ? '<span class="pill cordoned">cordoned</span>' : ''}${act}</div>` +
+    `<div class="sub">${esc(n.arch)} · ${n.cores} cores · seen ${esc(ago(n.lastSeen))}</div>`;
+}
+
+function nodeBody(n) {
+  const h = S.hist[n.name] || { cpu: [], mem: [], temp: [] };
+  const warn = (n.warnings || []).map((w) => `<li>${esc(w)}</li>`).join('');
+  const notes = (n.throttle || []).filter((t) => !t.now).map((t) => `<li>${esc(t.text)}</li>`).join('');
+  const memMiB = n.memTotal / 2 ** 20;
+  const temp = n.temp == null ? '<i>unavailable</i>' : n.temp.toFixed(1) + ' °C';
+  const load = n.load && n.load.length ? n.load.map((l) => l.toFixed(2)).join(' ') : '<i>unavailable</i>';
+  const cores = (n.perCore || []).map((c, i) => `<rect x="${i * 9}" y="${(20 - c / 5).toFixed(1)}" width="7" height="${(c / 5).toFixed(1)}"/>`).join('');
+  const throttle = n.throttle == null ? '<span>Pi firmware <i>unavailable</i></span>' : n.throttle.length ? '' : '<span>no throttling</span>';
+  return (warn ? `<ul class="warns">${warn}</ul>` : '') + (notes ? `<ul class="notes">${notes}</ul>` : '') +
+    `<div class="metric"><span class="k">CPU</span><span class="v">${pct(n.cpu)}` +
+    (cores ? `<svg class="cores" viewBox="0 0 ${n.perCore.length * 9} 20"><title>per core</title>${cores}</svg>` : '') +
+    `</span>${spark(h.cpu, 0, 100, 'cpu')}</div>` +
+    `<div class="metric"><span class="k">RAM</span><span class="v">${n.memUsed == null ? '<i>unavailable</i>' : mib(n.memUsed) + ' / ' + mib(n.memTotal)}</span>${spark(h.mem, 0, memMiB, 'mem')}</div>` +
+    `<div class="metric"><span class="k">Temp</span><span class="v">${temp}</span>${spark(h.temp, 20, 90, 'temp', 75)}</div>` +
+    `<div class="facts"><span>load <b>${load}</b></span>${disk('data', n.dataDisk)}${disk('docker', n.dockerDisk)}${throttle}</div>`;
+}
+
+function nodeTasks(n) {
+  const ts = S.tasks.filter((t) => t.node === n.name && !(RUNS.includes(t.kind) && FINISHED.includes(t.phase)));
+  if (!ts.length) return '<p class="none">no tasks</p>';
+  return '<ul class="tasks">' + ts.map((t) => {
+    const u = (n.usage || {})[t.id];
+    const use = u ? `<span class="use">${u[0] == null ? '…' : pct(u[0])} · ${u[1] == null ? 'mem unavailable' : mib(u[1])}</span>` : '';
+    const why = t.message && t.phase !== 'Running' ? ` title="${esc(t.message)}"` : '';
+    const state = t.desired ? t.desired : t.phase;
+    return `<li class="task" data-task="${esc(t.id)}" data-phase="${esc(t.phase)}"><span class="pill ${esc(state)}"${why}>${esc(state)}</span>` +
+      `<b>${esc(t.workload)}</b><code>${esc(t.id)}</code>${t.restarts ? `<span class="restarts">↻${t.restarts}</span>` : ''}${use}` +
+      `<button data-act="logs" data-task="${esc(t.id)}" class="link">logs</button></li>`;
+  }).join('') + '</ul>';
+}
+
+// Cards are kept per node and each part is rewritten only when its text changed, so a
+// button under the pointer is not replaced every second.
+function patch(el, html) { if (el.dataset.html !== html) { el.innerHTML = html; el.dataset.html = html; } }
+
+function renderNodes() {
+  const grid = $('#nodes');
+  const names = new Set(S.nodes.map((n) => n.name));
+  for (const el of [...grid.children]) if (!names.has(el.dataset.node)) el.remove();
+  for (const n of S.nodes) {
+    let card = grid.querySelector(`article[data-node="${CSS.escape(n.name)}"]`);
+    if (!card) {
+      card = document.createElement('article');
+      card.dataset.node = n.name;
+      card.innerHTML = '<div class="head"></div><div class="body"></div><div class="tasklist"></div>';
+      grid.append(card);
+    }
+    card.className = 'card ' + n.status + (n.warnings && n.warnings.length ? ' warned' : '');
+    patch(card.children[0], nodeHead(n));
+    patch(card.children[1], nodeBody(n));
+    patch(card.children[2], nodeTasks(n));
+  }
+  if (!S.nodes.length) grid.innerHTML = '<p class="none">No nodes yet: start an agent with the join token.</p>';
+  const pending = S.tasks.filter((t) => !t.node && !t.desired && !FINISHED.includes(t.phase));
+  patch($('#unplaced'), pending.length ? '<h3>Waiting for a node</h3><ul class="tasks">' + pending.map((t) =>
+    `<li class="task" data-task="${esc(t.id)}"><span class="pill Pending">${esc(t.phase)}</span><b>${esc(t.workload)}</b><code>${esc(t.id)}</code><span class="msg">${esc(t.message)}</span></li>`).join('') + '</ul>' : '');
+}
+
+function renderWorkloads() {
+  const rows = S.workloads.map((w) => {
+    const key = `${w.kind}/${w.name}`;
+    const btn = admin() && !RUNS.includes(w.kind) ? `<button data-act="restart" data-kind="${esc(w.kind.toLowerCase())}" data-name="${esc(w.name)}" class="ghost">Restart</button>` : '';
+    return `<tr data-workload="${esc(key)}"><td>${esc(w.kind)}</td><td><b>${esc(w.name)}</b></td><td><code>${esc(w.image)}</code></td>` +
+      `<td class="${w.running < w.desired ? 'short' : 'full'}">${w.running}/${w.desired}</td><td>${btn}</td></tr>`;
+  });
+  patch($('#workloads tbody'), rows.join('') || '<tr><td colspan="5" class="none">No workloads: <code>bramblectl apply -f manifests/</code></td></tr>');
+}
+
+function renderCron() {
+  const rows = S.cronjobs.map((c) => `<tr data-cronjob="${esc(c.name)}"><td><b>${esc(c.name)}</b>${c.suspended ? ' <span class="pill cordoned">suspended</span>' : ''}</td>` +
+    `<td><code>${esc(c.schedule)}</code> <small>${esc(c.timezone)}</small></td>` +
+    `<td>${esc(ago(c.last))}${c.result ? ` <span class="pill ${esc(c.result)}">${esc(c.result)}</span>` : ''}${c.missed ? ` <span class="pill Failed">${c.missed} missed</span>` : ''}</td>` +
+    `<td>${c.suspended ? '—' : esc(ago(c.next))}${c.active ? ` · ${c.active} active` : ''}</td></tr>`);
+  patch($('#cronjobs tbody'), rows.join('') || '<tr><td colspan="4" class="none">No cron jobs</td></tr>');
+}
+
+// ---- actions ----
+
+async function call(method, path) {
+  const r = await fetch(path, { method, headers: { Authorization: 'Bearer ' + token() } });
+  if (r.ok) return r;
+  let msg = r.status + ' ' + r.statusText;
+  try { msg = (await r.json()).message || msg; } catch (e) { /* not JSON */ }
+  throw new Error(msg);
+}
+
+document.addEventListener('click', async (e) => {
+  const b = e.target.closest('button[data-act]');
+  if (!b) return;
+  const d = b.dataset;
+  try {
+    if (d.act === 'cordon' || d.act === 'uncordon') {
+      await call('POST', `/v1/nodes/${encodeURIComponent(d.node)}/${d.act}`);
+      toast(`node ${d.node} ${d.act}ed`);
+    } else if (d.act === 'restart') {
+      // Two clicks: a restart stops every task of the workload at once.
+      if (!b.classList.contains('confirm')) {
+        b.classList.add('confirm');
+        b.textContent = 'Restart now?';
+        setTimeout(() => { b.classList.remove('confirm'); b.textContent = 'Restart'; }, 3000);
+        return;
+      }
+      const r = await (await call('POST', `/v1/workloads/${d.kind}/${encodeURIComponent(d.name)}/restart`)).json();
+      toast(`${d.name}: ${r.tasksRestarted} tasks restarting`);
+    } else if (d.act === 'logs') {
+      $('#logs-title').textContent = 'Logs of ' + d.task + ' (last 200 lines)';
+      $('#logs-text').textContent = 'loading…';
+      $('#logs').hidden = false;
+      const text = await (await call('GET', `/v1/tasks/${encodeURIComponent(d.task)}/logs?tail=200`)).text();
+      $('#logs-text').textContent = text || '(no output)';
+    }
+  } catch (err) {
+    if (d.act === 'logs') $('#logs-text').textContent = 'error: ' + err.message;
+    else toast(err.message, true);
+  }
+});
+
+$('#logs-close').addEventListener('click', () => { $('#logs').hidden = true; });
+document.addEventListener('keydown', (e) => { if (e.key === 'Escape') $('#logs').hidden = true; });
+
+// ---- sign-in ----
+
+function showSignin(err) {
+  setLive('offline');
+  $('#app').hidden = true;
+  $('#signout').hidden = true;
+  $('#role').textContent = '';
+  $('#signin').hidden = false;
+  $('#signin-error').textContent = err || '';
+  $('#token').focus();
+}
+
+$('#signin-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const t = $('#token').value.trim();
+  if (!t) return;
+  sessionStorage.setItem(TOKEN, t);
+  $('#token').value = '';
+  $('#signin').hidden = true;
+  connect();
+});
+
+$('#signout').addEventListener('click', () => {
+  sessionStorage.removeItem(TOKEN);
+  if (ctl) ctl.abort();
+  showSignin();
+});
+
+connect();

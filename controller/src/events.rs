@@ -1,0 +1,378 @@
+//! Events: a record of every decision and change (scheduled, started, exited,
+//! restarted, node lost, rescheduled, drained…), kept in the store under
+//! `/events/{seq}` so they survive a controller restart, bounded to the newest
+//! [`RETAIN`], and broadcast live to watchers. Nothing here is written while the
+//! cluster is at rest: heartbeats make no events.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bramble_api::rest::{Event, Severity};
+use bramble_api::task::{DesiredState, Task, TaskPhase};
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast;
+
+use crate::model;
+use crate::store::{Op, Store};
+
+/// Prefix of event keys.
+pub const EVENTS: &str = "/events/";
+
+/// How many events are kept.
+pub const RETAIN: usize = 1000;
+
+/// An event before it gets its sequence number and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draft {
+    /// Normal or Warning.
+    pub severity: Severity,
+    /// `task/…`, `node/…`, `service/…`.
+    pub object: String,
+    /// One CamelCase word.
+    pub reason: &'static str,
+    /// For people.
+    pub message: String,
+}
+
+impl Draft {
+    /// A routine event.
+    pub fn normal(
+        object: impl Into<String>,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Draft {
+        Draft {
+            severity: Severity::Normal,
+            object: object.into(),
+            reason,
+            message: message.into(),
+        }
+    }
+    /// An event about something that failed or was lost.
+    pub fn warning(
+        object: impl Into<String>,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Draft {
+        Draft {
+            severity: Severity::Warning,
+            object: object.into(),
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+fn key(seq: u64) -> String {
+    format!("{EVENTS}{seq:016}")
+}
+
+/// The event log.
+pub struct Events {
+    next: AtomicU64,
+    live: broadcast::Sender<Event>,
+    /// Events recorded since start by reason, for `/metrics`.
+    pub counts: crate::telemetry::EventCounts,
+}
+
+impl Events {
+    /// Continues the sequence after the newest stored event.
+    pub fn open(store: &dyn Store) -> Result<Events, crate::Error> {
+        let last = store
+            .list(EVENTS)?
+            .last()
+            .and_then(|kv| {
+                kv.key
+                    .strip_prefix(EVENTS)
+                    .and_then(|s| s.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        let (live, _) = broadcast::channel(256);
+        Ok(Events {
+            next: AtomicU64::new(last + 1),
+            live,
+            counts: Default::default(),
+        })
+    }
+
+    /// Stores and broadcasts events in one write. Failing to record an event is logged,
+    /// never allowed to fail the decision it describes.
+    pub fn record(&self, store: &Arc<dyn Store>, drafts: Vec<Draft>, now: DateTime<Utc>) {
+        if drafts.is_empty() {
+            return;
+        }
+        let events: Vec<Event> = drafts
+            .into_iter()
+            .map(|d| Event {
+                seq: self.next.fetch_add(1, Ordering::Relaxed),
+                at: now,
+                severity: d.severity,
+                object: d.object,
+                reason: d.reason.to_string(),
+                message: d.message,
+            })
+            .collect();
+        let mut ops: Vec<Op> = events
+            .iter()
+            .map(|e| Op::Put {
+                key: key(e.seq),
+                value: model::encode(e),
+            })
+            .collect();
+        let first = events.first().map_or(0, |e| e.seq);
+        let last = events.last().map_or(0, |e| e.seq);
+        // Prune once per hundred events rather than on every write.
+        if first / 100 != (last + 1) / 100 || events.len() >= 100 {
+            if let Ok(all) = store.list(EVENTS) {
+                let excess = (all.len() + events.len()).saturating_sub(RETAIN);
+                ops.extend(
+                    all.into_iter()
+                        .take(excess)
+                        .map(|kv| Op::Delete { key: kv.key }),
+                );
+            }
+        }
+        if let Err(e) = store.txn(&[], &ops) {
+            tracing::warn!(error = %e, "could not store events");
+        }
+        self.counts.add(&events);
+        for e in events {
+            tracing::info!(object = %e.object, reason = %e.reason, message = %e.message, "event");
+            let _ = self.live.send(e);
+        }
+    }
+
+    /// Stored events after `since`, optionally only for one object.
+    pub fn list(
+        &self,
+        store: &dyn Store,
+        since: u64,
+        object: Option<&str>,
+    ) -> Result<Vec<Event>, crate::Error> {
+        Ok(model::list::<Event>(store, EVENTS)?
+            .into_iter()
+            .map(|v| v.value)
+            .filter(|e| {
+                e.seq > since
+                    && object
+                        .is_none_or(|o| e.object == o || e.object.starts_with(&format!("{o}-")))
+            })
+            .collect())
+    }
+
+    /// New events as they happen.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.live.subscribe()
+    }
+}
+
+/// The events a task write means: what changed between `old` and `new`.
+pub fn task_change(old: Option<&Task>, new: Option<&Task>) -> Vec<Draft> {
+    let mut out = Vec::new();
+    let (obj, t) = match (old, new) {
+        (_, Some(n)) => (format!("task/{}", n.id), n),
+        (Some(o), None) => {
+            out.push(Draft::normal(
+                format!("task/{}", o.id),
+                "Removed",
+                format!("task of {} {} removed", o.kind.path(), o.workload),
+            ));
+            return out;
+        }
+        (None, None) => return out,
+    };
+    let Some(o) = old else {
+        out.push(Draft::normal(
+            &obj,
+            "Created",
+            format!("task for {} {}", t.kind.path(), t.workload),
+        ));
+        if let Some(n) = &t.node {
+            out.push(Draft::normal(
+                &obj,
+                "Scheduled",
+                format!("placed on node {n}"),
+            ));
+        } else if let Some(m) = &t.message {
+            out.push(Draft::warning(&obj, "FailedScheduling", m.clone()));
+        }
+        return out;
+    };
+    match (&o.node, &t.node) {
+        (None, Some(n)) => out.push(Draft::normal(
+            &obj,
+            "Scheduled",
+            format!("placed on node {n}"),
+        )),
+        (Some(a), None) if t.desired == DesiredState::Running => out.push(Draft::warning(
+            &obj,
+            "Rescheduling",
+            t.message
+                .clone()
+                .unwrap_or_else(|| format!("taken off node {a}")),
+        )),
+        (Some(a), Some(b)) if a != b => out.push(Draft::warning(
+            &obj,
+            "Rescheduled",
+            format!("moved from node {a} to {b}"),
+        )),
+        _ => {}
+    }
+    if t.node.is_none() && t.desired == DesiredState::Running && t.message != o.message {
+        if let Some(m) = &t.message {
+            if o.node.is_none() {
+                out.push(Draft::warning(&obj, "FailedScheduling", m.clone()));
+            }
+        }
+    }
+    if o.desired != t.desired {
+        match t.desired {
+            DesiredState::Stopped => out.push(Draft::normal(
+                &obj,
+                "Stopping",
+                t.message
+                    .clone()
+                    .unwrap_or_else(|| "no longer wanted".into()),
+            )),
+            DesiredState::Evicting => out.push(Draft::normal(
+                &obj,
+                "Evicting",
+                "draining its node".to_string(),
+            )),
+            DesiredState::Running => {}
+        }
+    }
+    if t.restarts > o.restarts {
+        out.push(Draft::warning(
+            &obj,
+            "Restarted",
+            format!(
+                "restart {}{}",
+                t.restarts,
+                t.message
+                    .as_ref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    if o.phase != t.phase && t.node == o.node {
+        let node = t.node.as_deref().unwrap_or("?");
+        match t.phase {
+            TaskPhase::Running => out.push(Draft::normal(
+                &obj,
+                "Started",
+                format!("running on node {node}"),
+            )),
+            TaskPhase::Succeeded => out.push(Draft::normal(
+                &obj,
+                "Completed",
+                "exited with code 0".to_string(),
+            )),
+            TaskPhase::Failed => out.push(Draft::warning(
+                &obj,
+                "Failed",
+                t.message
+                    .clone()
+                    .unwrap_or_else(|| format!("exited with code {}", t.exit_code.unwrap_or(-1))),
+            )),
+            TaskPhase::Lost => out.push(Draft::warning(
+                &obj,
+                "Lost",
+                t.message.clone().unwrap_or_default(),
+            )),
+            _ => {}
+        }
+    }
+    if t.avoid.len() > o.avoid.len() {
+        out.push(Draft::warning(
+            &obj,
+            "GaveUp",
+            t.message
+                .clone()
+                .unwrap_or_else(|| "too many failures".into()),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> Task {
+        let docs = bramble_api::parse::parse_manifests(
+            "t.yaml",
+            "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: web}\nspec: {image: a}\n",
+        )
+        .expect("valid");
+        let w = crate::model::StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
+        Task {
+            id: "web-abc-0".into(),
+            kind: w.kind(),
+            workload: "web".into(),
+            replica: 0,
+            spec_hash: w.spec_hash.clone(),
+            spec: bramble_api::task::TaskSpec::from_manifest(&w.manifest),
+            placement: Default::default(),
+            node: None,
+            desired: DesiredState::Running,
+            phase: TaskPhase::Pending,
+            ready: None,
+            exit_code: None,
+            message: None,
+            container_id: None,
+            restarts: 0,
+            avoid: vec![],
+            slot: None,
+            attempt: 0,
+            output: None,
+            created_at: Utc::now(),
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    fn reasons(d: &[Draft]) -> Vec<&str> {
+        d.iter().map(|d| d.reason).collect()
+    }
+
+    #[test]
+    fn describes_task_changes() {
+        let t = task();
+        assert_eq!(reasons(&task_change(None, Some(&t))), ["Created"]);
+        let mut placed = t.clone();
+        placed.node = Some("n1".into());
+        placed.phase = TaskPhase::Scheduled;
+        assert_eq!(
+            reasons(&task_change(Some(&t), Some(&placed))),
+            ["Scheduled"]
+        );
+        let mut running = placed.clone();
+        running.phase = TaskPhase::Running;
+        assert_eq!(
+            reasons(&task_change(Some(&placed), Some(&running))),
+            ["Started"]
+        );
+        let mut restarted = running.clone();
+        restarted.restarts = 1;
+        restarted.message = Some("exited with code 1".into());
+        assert_eq!(
+            reasons(&task_change(Some(&running), Some(&restarted))),
+            ["Restarted"]
+        );
+        let mut lost = running.clone();
+        lost.node = None;
+        lost.phase = TaskPhase::Pending;
+        lost.message = Some("node n1 lost".into());
+        assert_eq!(
+            reasons(&task_change(Some(&running), Some(&lost))),
+            ["Rescheduling"]
+        );
+        assert_eq!(reasons(&task_change(Some(&running), None)), ["Removed"]);
+        assert!(
+            task_change(Some(&running), Some(&running)).is_empty(),
+            "no change, no event"
+        );
+    }
+}

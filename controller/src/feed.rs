@@ -1,0 +1,414 @@
+//! `GET /v1/stream`: the dashboard's live feed, as Server-Sent Events
+//! (`text/event-stream`). On connect a client gets one `snapshot` event with everything
+//! (nodes with their hour of history, tasks, workloads, cron jobs, recent events and
+//! its role); then, pushed as they change, `nodes` (at most once per second),
+//! `tasks`, `workloads`, `cronjobs` (full lists, when the store changed) and `events`
+//! (new ones only). No polling by the client, no reloads.
+//!
+//! One publisher task ([`run`]) computes and serializes every frame once and hands the
+//! same bytes to every client, and only while someone is connected. Each client has a
+//! small bounded queue; a client that cannot keep up (its queue is full) is dropped
+//! rather than buffered for: its browser reconnects and starts over from a snapshot.
+//! So the controller's memory does not grow with slow or many tabs.
+//!
+//! The browser reads the stream with `fetch()` and an Authorization header, since
+//! `EventSource` cannot send one and a token must not go into a URL.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use bramble_api::rest::Event;
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::auth::Role;
+use crate::cluster::Cluster;
+use crate::dashboard::{self, CronRow, HistoryView, NodeCard, TaskRow, WorkloadRow};
+use crate::http::ApiError;
+
+/// Frames queued per client before it counts as too slow and is dropped.
+pub const CLIENT_QUEUE: usize = 32;
+
+/// Streams open at once; more are refused (503) so tabs cannot exhaust a Pi.
+pub const MAX_CLIENTS: usize = 32;
+
+/// How often the publisher looks for news.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Send a comment line after this much silence, so proxies keep the connection.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Events in a snapshot.
+const RECENT_EVENTS: usize = 50;
+
+/// An SSE frame: `event: NAME`, one `data:` line of JSON, a blank line.
+pub fn frame(event: &str, data: &impl Serialize) -> Bytes {
+    // serde_json's compact form never contains a raw newline, so one data line holds it.
+    let json = serde_json::to_string(data).unwrap_or_else(|_| "null".into());
+    Bytes::from(format!("event: {event}\ndata: {json}\n\n"))
+}
+
+/// The first event a client gets.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    /// `admin` or `viewer`: the page hides actions a viewer may not take.
+    pub role: &'static str,
+    /// Controller release.
+    pub version: &'static str,
+    /// Node cards.
+    pub nodes: Vec<NodeCard>,
+    /// Per node, its hour of history.
+    pub history: BTreeMap<String, HistoryView>,
+    /// Tasks.
+    pub tasks: Vec<TaskRow>,
+    /// Workloads.
+    pub workloads: Vec<WorkloadRow>,
+    /// Cron jobs.
+    pub cronjobs: Vec<CronRow>,
+    /// The newest events, oldest first.
+    pub events: Vec<Event>,
+}
+
+#[derive(Default)]
+struct Inner {
+    clients: Vec<mpsc::Sender<Bytes>>,
+    /// The newest events, kept under the same lock as the clients so a new client's
+    /// snapshot and the events published after it never overlap or leave a gap.
+    recent: VecDeque<Event>,
+}
+
+/// The connected dashboard clients.
+#[derive(Default)]
+pub struct Feed {
+    inner: Mutex<Inner>,
+    /// Set when a client joins: resend the lists on the next tick even if unchanged,
+    /// since its snapshot may predate a change the others already got.
+    resync: AtomicBool,
+}
+
+impl Feed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Streams open now.
+    pub fn clients(&self) -> usize {
+        self.lock().clients.len()
+    }
+
+    /// Sends a frame to every client; drops those whose queue is full or gone.
+    pub fn broadcast(&self, frame: &Bytes) {
+        let mut inner = self.lock();
+        let before = inner.clients.len();
+        inner.clients.retain(|tx| match tx.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        let dropped = before - inner.clients.len();
+        if dropped > 0 {
+            tracing::debug!(
+                dropped,
+                left = inner.clients.len(),
+                "dashboard clients gone or too slow"
+            );
+        }
+    }
+
+    /// Publishes new events: remembered for snapshots, then sent.
+    fn publish_events(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let f = frame("events", &events);
+        let mut inner = self.lock();
+        for e in events {
+            if inner.recent.len() == RECENT_EVENTS {
+                inner.recent.pop_front();
+            }
+            inner.recent.push_back(e);
+        }
+        inner.clients.retain(|tx| tx.try_send(f.clone()).is_ok());
+    }
+
+    /// Adds a client whose first frame is the snapshot `build` makes with the recent
+    /// events; refuses when [`MAX_CLIENTS`] are connected.
+    fn join(
+        &self,
+        build: impl FnOnce(Vec<Event>) -> Bytes,
+    ) -> Result<mpsc::Receiver<Bytes>, ApiError> {
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let mut inner = self.lock();
+        if inner.clients.len() >= MAX_CLIENTS {
+            return Err(ApiError::unavailable(format!(
+                "too many dashboard streams open ({MAX_CLIENTS}); close a tab"
+            )));
+        }
+        let snapshot = build(inner.recent.iter().cloned().collect());
+        tx.try_send(snapshot)
+            .map_err(|_| ApiError::unavailable("the stream closed at once"))?;
+        inner.clients.push(tx);
+        drop(inner);
+        self.resync.store(true, Ordering::Relaxed);
+        Ok(rx)
+    }
+
+    /// Ends every stream (on shutdown: an open stream would hold the server's
+    /// graceful shutdown forever).
+    pub fn close_all(&self) {
+        self.lock().clients.clear();
+    }
+}
+
+/// Node cards with their newest history points.
+fn node_cards(c: &Cluster) -> Result<Vec<NodeCard>, ApiError> {
+    Ok(c.node_views()?
+        .iter()
+        .map(|n| dashboard::node_card(n, c.history.last(&n.info.name)))
+        .collect())
+}
+
+/// The lists every client shows, computed once per change for all of them.
+struct Lists {
+    tasks: Vec<TaskRow>,
+    workloads: Vec<WorkloadRow>,
+    cronjobs: Vec<CronRow>,
+}
+
+fn lists(c: &Cluster) -> Result<Lists, ApiError> {
+    Ok(Lists {
+        tasks: dashboard::task_rows(&c.tasks(None, None, None)?),
+        workloads: dashboard::workload_rows(&c.workloads(None)?),
+        cronjobs: dashboard::cron_rows(&c.cronjobs(chrono::Utc::now())?),
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// `GET /v1/stream`.
+pub async fn stream(
+    State(c): State<Arc<Cluster>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let role = match bearer(&headers).and_then(|t| c.tokens.role(t)) {
+        Some(Role::Admin) => "admin",
+        _ => "viewer",
+    };
+    let nodes = node_cards(&c)?;
+    let history = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                dashboard::history_view(&c.history.points(&n.name)),
+            )
+        })
+        .collect();
+    let l = lists(&c)?;
+    let rx = c.feed.join(|events| {
+        frame(
+            "snapshot",
+            &Snapshot {
+                role,
+                version: bramble_api::VERSION,
+                nodes,
+                history,
+                tasks: l.tasks,
+                workloads: l.workloads,
+                cronjobs: l.cronjobs,
+                events,
+            },
+        )
+    })?;
+    let body = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        // Tells nginx-like proxies not to buffer the stream.
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// What the publisher last sent, to skip unchanged lists.
+#[derive(Default)]
+struct Sent {
+    revision: u64,
+    nodes: Bytes,
+    tasks: Bytes,
+    workloads: Bytes,
+    cronjobs: Bytes,
+}
+
+/// The publisher: once per [`TICK`], while clients are connected, sends node cards if
+/// heartbeats arrived (or health may have changed), the lists if the store changed,
+/// and the events recorded since the last tick. Ends all streams on `stop`.
+pub async fn run(c: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
+    let mut events = c.events.subscribe();
+    // Seed the snapshot's recent events from the store, so a fresh controller's first
+    // visitor still sees what happened before it started.
+    match c.events.list(c.store.as_ref(), 0, None) {
+        Ok(stored) => {
+            let from = stored.len().saturating_sub(RECENT_EVENTS);
+            let mut inner = c.feed.lock();
+            inner.recent = stored[from..].iter().cloned().collect();
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read stored events for the dashboard"),
+    }
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending: Vec<Event> = Vec::new();
+    let mut sent = Sent::default();
+    let mut quiet = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            e = events.recv() => match e {
+                Ok(e) => pending.push(e),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "dashboard feed missed events");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = ticker.tick() => {
+                c.feed.publish_events(std::mem::take(&mut pending));
+                if c.feed.clients() == 0 {
+                    sent = Sent::default();
+                    continue;
+                }
+                match publish(&c, &mut sent) {
+                    Ok(true) => quiet = tokio::time::Instant::now(),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = ?e, "dashboard feed update failed"),
+                }
+                if quiet.elapsed() >= KEEPALIVE {
+                    c.feed.broadcast(&Bytes::from_static(b": keepalive\n\n"));
+                    quiet = tokio::time::Instant::now();
+                }
+            }
+        }
+    }
+    c.feed.close_all();
+}
+
+/// One tick's frames; whether anything was sent.
+fn publish(c: &Cluster, sent: &mut Sent) -> Result<bool, ApiError> {
+    let resync = c.feed.resync.swap(false, Ordering::Relaxed);
+    // Node cards are looked at every tick, not only after heartbeats: a silent node's
+    // status changes without any.
+    let nodes = frame("nodes", &node_cards(c)?);
+    let mut any = false;
+    if resync || nodes != sent.nodes {
+        c.feed.broadcast(&nodes);
+        sent.nodes = nodes;
+        any = true;
+    }
+    let revision = c.store.revision()?;
+    if revision == sent.revision && !resync {
+        return Ok(any);
+    }
+    sent.revision = revision;
+    let l = lists(c)?;
+    for (name, bytes, last) in [
+        ("tasks", frame("tasks", &l.tasks), &mut sent.tasks),
+        (
+            "workloads",
+            frame("workloads", &l.workloads),
+            &mut sent.workloads,
+        ),
+        (
+            "cronjobs",
+            frame("cronjobs", &l.cronjobs),
+            &mut sent.cronjobs,
+        ),
+    ] {
+        if resync || bytes != *last {
+            tracing::trace!(list = name, bytes = bytes.len(), "dashboard list changed");
+            c.feed.broadcast(&bytes);
+            *last = bytes;
+            any = true;
+        }
+    }
+    Ok(any)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_one_event_with_one_data_line() {
+        let f = frame("tasks", &serde_json::json!({"a": "x\ny"}));
+        assert_eq!(&f[..], b"event: tasks\ndata: {\"a\":\"x\\ny\"}\n\n");
+    }
+
+    #[tokio::test]
+    async fn slow_clients_are_dropped_not_buffered_for() {
+        let feed = Feed::default();
+        let mut fast = feed.join(|_| frame("snapshot", &1)).expect("joins");
+        let slow = feed.join(|_| frame("snapshot", &1)).expect("joins");
+        assert_eq!(feed.clients(), 2);
+        let f = frame("nodes", &[1, 2, 3]);
+        for _ in 0..CLIENT_QUEUE + 5 {
+            feed.broadcast(&f);
+            // The fast client reads as frames come.
+            while fast.try_recv().is_ok() {}
+        }
+        assert_eq!(feed.clients(), 1, "the slow client is dropped");
+        drop(slow);
+        drop(fast);
+        feed.broadcast(&f);
+        assert_eq!(feed.clients(), 0, "closed clients are forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_new_client_gets_recent_events_then_only_newer_ones() {
+        let feed = Feed::default();
+        let ev = |seq| Event {
+            seq,
+            at: chrono::DateTime::UNIX_EPOCH,
+            severity: bramble_api::rest::Severity::Normal,
+            object: "node/pi1".into(),
+            reason: "Cordoned".into(),
+            message: String::new(),
+        };
+        feed.publish_events((1..=60).map(ev).collect());
+        let mut rx = feed
+            .join(|events| {
+                assert_eq!(events.len(), RECENT_EVENTS);
+                assert_eq!(events.first().map(|e| e.seq), Some(11));
+                frame("snapshot", &events.len())
+            })
+            .expect("joins");
+        feed.publish_events(vec![ev(61)]);
+        let first = rx.try_recv().expect("snapshot");
+        assert!(first.starts_with(b"event: snapshot\n"));
+        let next = rx.try_recv().expect("events");
+        assert!(
+            next.starts_with(b"event: events\n") && next.windows(8).any(|w| w == b"\"seq\":61")
+        );
+        for _ in 0..MAX_CLIENTS {
+            let _ = feed.join(|_| Bytes::new());
+        }
+        assert!(
+            feed.join(|_| Bytes::new()).is_err(),
+            "bounded number of streams"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! `bramble-controller`: parses flags, installs logging, binds and runs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use bramble_controller::nodes::HealthConfig;
+use bramble_controller::{Config, Controller, LocalAgent};
+use clap::Parser;
+
+/// Exit code for bad configuration (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+/// Bramble controller: REST API, store, scheduler, and (by default) an agent for this machine.
+#[derive(Parser, Debug)]
+#[command(name = "bramble-controller", version, about)]
+struct Args {
+    /// Address and port to serve the API, the agent link and the dashboard on.
+    #[arg(long, env = "BRAMBLE_LISTEN", default_value = "0.0.0.0:7878")]
+    listen: SocketAddr,
+    /// Directory for the store and tokens [default: /var/lib/bramble as root, else ~/.local/share/bramble].
+    #[arg(long, env = "BRAMBLE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Admin token to use (otherwise read from, or created in, the data directory).
+    #[arg(long, env = "BRAMBLE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Join token agents must present (otherwise read from, or created in, the data directory).
+    #[arg(long, env = "BRAMBLE_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Read-only token for the dashboard and `GET`s (otherwise read from, or created in, the data directory).
+    #[arg(long, env = "BRAMBLE_VIEWER_TOKEN", hide_env_values = true)]
+    viewer_token: Option<String>,
+    /// Do not run an agent for this machine in the controller process.
+    #[arg(long)]
+    no_local_agent: bool,
+    /// Node name of the local agent [default: the host name].
+    #[arg(long, env = "BRAMBLE_NODE_NAME")]
+    node_name: Option<String>,
+    /// Do not advertise the controller over mDNS (`_bramble._tcp.local.`).
+    #[arg(long)]
+    no_mdns: bool,
+    /// Advertise over mDNS only on this network interface (repeatable) [default: all].
+    #[arg(long = "mdns-interface")]
+    mdns_interfaces: Vec<String>,
+    /// Base URL agents should use, put in the mDNS TXT record (e.g. behind NAT).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// Label of the local agent's node, `key=value` (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// How often agents send heartbeats (and the controller pings them).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// A node silent this long is NotReady (gets no new tasks).
+    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
+    node_not_ready_after: Duration,
+    /// A node silent this long is Dead: its Services and Jobs run elsewhere.
+    #[arg(long, default_value = "2500ms", value_parser = parse_duration)]
+    node_dead_after: Duration,
+    /// An agent that hears nothing from the controller this long stops its Wallets.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    fence_timeout: Duration,
+    /// Extra wait before a silent node's Wallet starts elsewhere; must exceed the
+    /// heartbeat plus the time to stop a container (see HealthConfig in nodes.rs).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    fence_margin: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<bramble_api::duration::Duration>()
+        .map(|d| d.std())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("invalid label {s:?}: expected key=value")),
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || std::env::var("HOME").map(|h| h == "/root").unwrap_or(false);
+    if is_root {
+        PathBuf::from("/var/lib/bramble")
+    } else {
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        home.join(".local/share/bramble")
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".to_string())
+}
+
+fn config(args: Args) -> Result<Config, String> {
+    if args.node_not_ready_after >= args.node_dead_after {
+        return Err("--node-not-ready-after must be shorter than --node-dead-after".into());
+    }
+    if args.heartbeat >= args.node_not_ready_after {
+        return Err("--heartbeat must be shorter than --node-not-ready-after".into());
+    }
+    if args.heartbeat >= args.fence_timeout {
+        return Err("--heartbeat must be shorter than --fence-timeout".into());
+    }
+    // The wallet-safety inequality (nodes.rs): the margin covers a heartbeat interval,
+    // the agent's check period and a fencing stop.
+    if args.fence_margin <= args.heartbeat + Duration::from_millis(800) {
+        return Err(format!(
+            "--fence-margin must exceed --heartbeat + 800ms ({}ms) so a fenced Wallet is surely stopped before it starts elsewhere",
+            (args.heartbeat + Duration::from_millis(800)).as_millis()
+        ));
+    }
+    let local_agent = if args.no_local_agent {
+        None
+    } else {
+        let node_name = args.node_name.unwrap_or_else(hostname);
+        node_name
+            .parse::<bramble_api::manifest::Name>()
+            .map_err(|e| format!("--node-name: {e}"))?;
+        Some(LocalAgent {
+            node_name,
+            labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        })
+    };
+    Ok(Config {
+        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        admin_token: args.admin_token,
+        join_token: args.join_token,
+        viewer_token: args.viewer_token,
+        local_agent,
+        health: HealthConfig {
+            heartbeat: args.heartbeat,
+            not_ready_after: args.node_not_ready_after,
+            dead_after: args.node_dead_after,
+            fence: args.fence_timeout,
+            fence_margin: args.fence_margin,
+        },
+        resync: Duration::from_millis(500),
+        mdns: (!args.no_mdns).then(|| bramble_controller::Mdns {
+            instance: hostname(),
+            interfaces: args.mdns_interfaces,
+            url: args.advertise_url,
+        }),
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BRAMBLE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let listen = args.listen;
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match run(cfg, listen) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
+    let data_dir = cfg.data_dir.clone();
+    let local = cfg.local_agent.as_ref().map(|l| l.node_name.clone());
+    let controller = Controller::open(cfg).context("cannot start the controller")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let files = controller.token_files();
+    let shown = if listen.ip().is_unspecified() {
+        format!("127.0.0.1:{}", listen.port())
+    } else {
+        listen.to_string()
+    };
+    println!(
+        "Bramble controller {} on http://{listen}",
+        bramble_api::VERSION
+    );
+    println!("  data dir:     {}", data_dir.display());
+    println!("  dashboard:    http://{shown}/");
+    println!(
+        "  admin token:  {}  (bramblectl: export BRAMBLE_TOKEN=$(cat {}))",
+        files.admin.display(),
+        files.admin.display()
+    );
+    println!(
+        "  join token:   {}  (agents: --join-token)",
+        files.join.display()
+    );
+    println!(
+        "  viewer token: {}  (read-only dashboard sign-in)",
+        files.viewer.display()
+    );
+    match &local {
+        Some(n) => println!("  local agent:  node {n:?}"),
+        None => println!("  local agent:  off"),
+    }
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending::<()>().await,
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    };
+    controller.run(listener, shutdown).await?;
+    Ok(())
+}

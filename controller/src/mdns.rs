@@ -1,0 +1,57 @@
+//! Advertises the controller on the local network as `_bramble._tcp.local.`, so an
+//! agent started without `--controller` finds it (plug in a Pi, it joins).
+//!
+//! mdns-sd runs its own thread; this module only starts and stops it. The TXT record
+//! carries `url` (the controller's base URL, when one was configured), `version` and
+//! `proto`; agents otherwise use the advertised addresses and port.
+
+use mdns_sd::{IfKind, ServiceDaemon, ServiceInfo};
+
+/// The DNS-SD service type.
+pub const SERVICE_TYPE: &str = "_bramble._tcp.local.";
+
+/// A running advertisement; dropping it withdraws it.
+pub struct Advertisement {
+    daemon: ServiceDaemon,
+    fullname: String,
+}
+
+impl Advertisement {
+    /// Starts advertising `port` under `instance` (the host name). With `interfaces`,
+    /// only those network interfaces are used; otherwise all but loopback.
+    pub fn start(
+        instance: &str,
+        port: u16,
+        url: Option<&str>,
+        interfaces: &[String],
+    ) -> Result<Advertisement, mdns_sd::Error> {
+        let daemon = ServiceDaemon::new()?;
+        if !interfaces.is_empty() {
+            daemon.disable_interface(IfKind::All)?;
+            for i in interfaces {
+                daemon.enable_interface(IfKind::Name(i.clone()))?;
+            }
+        }
+        let mut props = vec![
+            ("version", bramble_api::VERSION.to_string()),
+            ("proto", bramble_api::wire::PROTOCOL_VERSION.to_string()),
+        ];
+        if let Some(u) = url {
+            props.push(("url", u.to_string()));
+        }
+        let host = format!("{instance}.local.");
+        let info = ServiceInfo::new(SERVICE_TYPE, instance, &host, "", port, &props[..])?
+            .enable_addr_auto();
+        let fullname = info.get_fullname().to_string();
+        daemon.register(info)?;
+        tracing::info!(service = %fullname, port, "advertising the controller over mDNS");
+        Ok(Advertisement { daemon, fullname })
+    }
+}
+
+impl Drop for Advertisement {
+    fn drop(&mut self) {
+        let _ = self.daemon.unregister(&self.fullname);
+        let _ = self.daemon.shutdown();
+    }
+}

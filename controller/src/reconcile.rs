@@ -1,0 +1,708 @@
+//! The reconcile decision: from workloads (desired) and tasks (observed), which tasks to
+//! create, stop, delete and place. Pure and level-triggered: it re-reads everything on
+//! each pass and running it twice on its own output changes nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use bramble_api::manifest::Kind;
+use bramble_api::rest::NodeStatus;
+use bramble_api::task::{task_id, DesiredState, Task, TaskPhase, TaskSpec};
+use bramble_api::wire::{NodeInfo, TaskStatus};
+use chrono::{DateTime, Utc};
+
+use crate::model::{StoredWorkload, Versioned};
+use crate::scheduler;
+
+/// A node as the reconciler sees it.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    /// What the agent reported.
+    pub info: NodeInfo,
+    /// Health now.
+    pub status: NodeStatus,
+    /// Kept free of new tasks.
+    pub cordoned: bool,
+    /// Silent long enough that its agent has surely stopped its Wallets.
+    pub wallets_fenced: bool,
+}
+
+/// One store write: put `value` at task `id` if its revision is still `rev` (0 = absent),
+/// or delete it when `value` is `None`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    /// Task id.
+    pub id: String,
+    /// Expected mod revision (0 = must not exist).
+    pub rev: u64,
+    /// New value, or `None` to delete.
+    pub value: Option<Task>,
+}
+
+/// Computes every task write that brings observed state closer to desired state.
+pub fn plan(
+    workloads: &[StoredWorkload],
+    tasks: &[Versioned<Task>],
+    nodes: &[NodeState],
+    now: DateTime<Utc>,
+) -> Vec<Write> {
+    let mut work: BTreeMap<String, Task> = tasks
+        .iter()
+        .map(|v| (v.value.id.clone(), v.value.clone()))
+        .collect();
+
+    rescue_from_lost_nodes(&mut work, nodes, now);
+
+    for w in workloads {
+        converge_workload(w, &mut work, now);
+    }
+
+    // Tasks of deleted workloads go.
+    let live: HashSet<(Kind, &str)> = workloads.iter().map(|w| (w.kind(), w.name())).collect();
+    for t in work.values_mut() {
+        if t.desired != DesiredState::Stopped && !live.contains(&(t.kind, t.workload.as_str())) {
+            stop(t, "workload deleted");
+        }
+        // An evicted task whose node never got it is simply placed again.
+        if t.desired == DesiredState::Evicting && t.node.is_none() {
+            t.desired = DesiredState::Running;
+        }
+    }
+    // A stopped task that never reached a node has nothing to clean up.
+    work.retain(|_, t| !(t.desired == DesiredState::Stopped && t.node.is_none()));
+
+    place(&mut work, nodes);
+
+    let mut writes = Vec::new();
+    let before: BTreeMap<&str, &Versioned<Task>> =
+        tasks.iter().map(|v| (v.value.id.as_str(), v)).collect();
+    for v in tasks {
+        match work.get(&v.value.id) {
+            None => writes.push(Write {
+                id: v.value.id.clone(),
+                rev: v.rev,
+                value: None,
+            }),
+            Some(t) if *t != v.value => writes.push(Write {
+                id: t.id.clone(),
+                rev: v.rev,
+                value: Some(t.clone()),
+            }),
+            Some(_) => {}
+        }
+    }
+    for (id, t) in &work {
+        if !before.contains_key(id.as_str()) {
+            writes.push(Write {
+                id: id.clone(),
+                rev: 0,
+                value: Some(t.clone()),
+            });
+        }
+    }
+    writes
+}
+
+/// Tasks on a node that is gone are placed elsewhere: Services once the node is Dead,
+/// Wallets only once the node has surely fenced them (see `nodes::HealthConfig`). Job
+/// and CronJob runs stay where they ran, as history; one that was still running counts
+/// as failed (retries decide what follows). Stopped tasks have nothing left to stop.
+fn rescue_from_lost_nodes(
+    work: &mut BTreeMap<String, Task>,
+    nodes: &[NodeState],
+    now: DateTime<Utc>,
+) {
+    let by_name: HashMap<&str, &NodeState> =
+        nodes.iter().map(|n| (n.info.name.as_str(), n)).collect();
+    for t in work.values_mut() {
+        let Some(node) = t.node.clone() else { continue };
+        let state = by_name.get(node.as_str());
+        let gone = match t.kind {
+            Kind::Wallet => state.is_none_or(|n| n.wallets_fenced),
+            _ => state.is_none_or(|n| n.status == NodeStatus::Dead),
+        };
+        if !gone || (t.phase.is_terminal() && t.kind.runs_to_completion()) {
+            continue;
+        }
+        // A run lost half-way is a failed attempt, not a fresh start: running it again
+        // (a payout!) is for the retry policy to decide.
+        if t.kind.runs_to_completion() && t.desired == DesiredState::Running {
+            t.phase = TaskPhase::Failed;
+            t.finished_at = Some(now);
+            t.message = Some(format!("node {node} lost during the run"));
+            continue;
+        }
+        match t.desired {
+            DesiredState::Stopped => t.node = None,
+            DesiredState::Running | DesiredState::Evicting => {
+                let why = if t.kind == Kind::Wallet {
+                    format!("node {node} lost and fenced; failing over")
+                } else {
+                    format!("node {node} lost; placing elsewhere")
+                };
+                reset_to_pending(t, why);
+            }
+        }
+    }
+}
+
+/// Takes a task off its node so the scheduler places it again.
+pub fn reset_to_pending(t: &mut Task, why: String) {
+    t.node = None;
+    t.desired = DesiredState::Running;
+    t.phase = TaskPhase::Pending;
+    t.container_id = None;
+    t.ready = None;
+    t.message = Some(why);
+}
+
+fn stop(t: &mut Task, why: &str) {
+    t.desired = DesiredState::Stopped;
+    t.message = Some(why.to_string());
+}
+
+/// How many tasks of a workload should run, by kind.
+fn wanted(w: &StoredWorkload) -> u32 {
+    w.manifest.replicas()
+}
+
+fn converge_workload(w: &StoredWorkload, work: &mut BTreeMap<String, Task>, now: DateTime<Utc>) {
+    let (kind, name) = (w.kind(), w.name());
+    // A CronJob's tasks are its firings, created and retired by the cron loop.
+    if kind == Kind::CronJob {
+        return;
+    }
+    let replicas = wanted(w);
+    let mine: Vec<String> = work
+        .values()
+        .filter(|t| t.kind == kind && t.workload == name)
+        .map(|t| t.id.clone())
+        .collect();
+
+    for id in &mine {
+        let Some(t) = work.get_mut(id) else { continue };
+        if t.desired == DesiredState::Stopped {
+            continue;
+        }
+        if t.spec_hash != w.spec_hash {
+            stop(t, &format!("replaced by generation {}", w.generation));
+        } else if t.replica >= replicas {
+            stop(t, "scaled down");
+        }
+    }
+
+    for i in 0..replicas {
+        let id = task_id(name, &w.spec_hash, i);
+        if let Some(t) = work.get_mut(&id) {
+            if t.desired == DesiredState::Stopped {
+                // Re-applied before the old container was gone: keep it instead of a copy.
+                t.desired = DesiredState::Running;
+                t.message = None;
+            }
+            continue;
+        }
+        // A Job that already ran this spec to the end is done.
+        if kind == Kind::Job
+            && mine.iter().any(|o| {
+                work.get(o)
+                    .is_some_and(|t| t.spec_hash == w.spec_hash && t.phase.is_terminal())
+            })
+        {
+            continue;
+        }
+        // A Wallet never runs twice: its next task waits until every older one is gone
+        // from its node (confirmed removed), not merely told to stop.
+        if kind == Kind::Wallet && work.values().any(|t| t.kind == kind && t.workload == name) {
+            continue;
+        }
+        let task = new_task(w, id.clone(), i, now);
+        work.insert(id, task);
+    }
+}
+
+fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTime<Utc>) -> Task {
+    Task {
+        id,
+        kind: w.kind(),
+        workload: w.name().to_string(),
+        replica,
+        spec_hash: w.spec_hash.clone(),
+        spec: TaskSpec::from_manifest(&w.manifest),
+        placement: w.manifest.spec.placement.clone(),
+        node: None,
+        desired: DesiredState::Running,
+        phase: TaskPhase::Pending,
+        ready: None,
+        exit_code: None,
+        message: None,
+        container_id: None,
+        restarts: 0,
+        avoid: Vec::new(),
+        slot: None,
+        attempt: 0,
+        output: None,
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+/// Places pending tasks with the scheduler and records why the others cannot be placed.
+fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState]) {
+    let mut pending: Vec<&Task> = work
+        .values()
+        .filter(|t| {
+            t.desired == DesiredState::Running && t.node.is_none() && !t.phase.is_terminal()
+        })
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    pending.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+
+    let sched_nodes = nodes
+        .iter()
+        .map(|n| {
+            let mut cpu = 0u64;
+            let mut mem = 0u64;
+            let mut per_workload: BTreeMap<(Kind, String), u32> = BTreeMap::new();
+            // Tasks still on a node hold their resources until confirmed gone.
+            for t in work
+                .values()
+                .filter(|t| t.node.as_deref() == Some(n.info.name.as_str()))
+            {
+                cpu += t.spec.resources.cpu.map_or(0, |c| c.millis());
+                mem += t.spec.resources.memory.map_or(0, |m| m.bytes());
+                if t.desired == DesiredState::Running {
+                    *per_workload
+                        .entry((t.kind, t.workload.clone()))
+                        .or_default() += 1;
+                }
+            }
+            scheduler::NodeInfo {
+                name: n.info.name.clone(),
+                ready: n.status == NodeStatus::Ready,
+                cordoned: n.cordoned,
+                arch: n.info.arch,
+                labels: n.info.labels.clone(),
+                cpu_capacity: bramble_api::quantity::Cpu::cores(u64::from(n.info.cores)),
+                memory_capacity: bramble_api::quantity::Memory(n.info.memory_bytes),
+                cpu_allocated: bramble_api::quantity::Cpu(cpu),
+                memory_allocated: bramble_api::quantity::Memory(mem),
+                workload_tasks: per_workload,
+            }
+        })
+        .collect();
+    let requests = pending
+        .iter()
+        .map(|t| scheduler::Request {
+            task: t.id.clone(),
+            kind: t.kind,
+            workload: t.workload.clone(),
+            resources: t.spec.resources,
+            placement: t.placement.clone(),
+            avoid: t.avoid.clone(),
+        })
+        .collect();
+    let result = scheduler::schedule(&scheduler::Snapshot {
+        nodes: sched_nodes,
+        pending: requests,
+    });
+    for p in result.placements {
+        if let Some(t) = work.get_mut(&p.task) {
+            t.node = Some(p.node);
+            t.phase = TaskPhase::Scheduled;
+            t.message = None;
+        }
+    }
+    for u in result.unplaced {
+        if let Some(t) = work.get_mut(&u.task) {
+            t.message = Some(u.summary());
+        }
+    }
+}
+
+/// The task after its node reported `s`, or `None` if nothing changes or the report
+/// comes from a node the task is not on (a stale agent must not rewrite history).
+pub fn apply_status(task: &Task, node: &str, s: &TaskStatus) -> Option<Task> {
+    if task.node.as_deref() != Some(node) {
+        return None;
+    }
+    let mut t = task.clone();
+    t.phase = s.phase;
+    t.exit_code = s.exit_code.or(if s.phase == TaskPhase::Running {
+        None
+    } else {
+        t.exit_code
+    });
+    if s.phase == TaskPhase::Running {
+        t.exit_code = None;
+    }
+    t.message = s.message.clone();
+    if s.container_id.is_some() {
+        t.container_id = s.container_id.clone();
+    }
+    t.restarts = s.restarts;
+    t.ready = s.ready;
+    if s.output.is_some() {
+        t.output = s.output.clone();
+    }
+    if s.started_at.is_some() {
+        t.started_at = s.started_at;
+    }
+    if s.finished_at.is_some() || s.phase == TaskPhase::Running {
+        t.finished_at = s.finished_at;
+    }
+    // The desired state is the controller's, never the agent's.
+    if t.desired == DesiredState::Stopped {
+        t.message = task.message.clone().or(t.message);
+    }
+    // The node gave up on it: place it on another node, avoiding this one. Its old
+    // container has exited and will not be restarted there, so even a Wallet can move
+    // right away.
+    if s.gave_up && t.desired == DesiredState::Running {
+        if !t.avoid.iter().any(|n| n == node) {
+            t.avoid.push(node.to_string());
+        }
+        let why = format!(
+            "gave up on node {node}: {}",
+            s.message.as_deref().unwrap_or("too many failures")
+        );
+        reset_to_pending(&mut t, why);
+        t.restarts = 0;
+    }
+    (t != *task).then_some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bramble_api::manifest::Arch;
+    use bramble_api::parse::parse_manifests;
+
+    fn workload(yaml: &str) -> StoredWorkload {
+        let docs = parse_manifests("t.yaml", yaml).expect("valid manifest");
+        StoredWorkload::new(docs[0].manifest.clone(), Utc::now())
+    }
+
+    fn service(name: &str, replicas: u32, image: &str) -> StoredWorkload {
+        workload(&format!(
+            "apiVersion: bramble/v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  image: {image}\n  replicas: {replicas}\n  resources: {{cpu: 500m, memory: 64Mi}}\n"
+        ))
+    }
+
+    fn wallet(image: &str) -> StoredWorkload {
+        workload(&format!("apiVersion: bramble/v1\nkind: Wallet\nmetadata: {{name: w}}\nspec:\n  image: {image}\n"))
+    }
+
+    fn node(name: &str) -> NodeState {
+        NodeState {
+            info: NodeInfo {
+                name: name.into(),
+                arch: Arch::Arm64,
+                cores: 4,
+                memory_bytes: 1 << 30,
+                docker_version: "20.10".into(),
+                labels: BTreeMap::new(),
+                agent_version: "0".into(),
+                os: String::new(),
+                machine_id: None,
+                memory_limits: None,
+                warnings: Vec::new(),
+            },
+            status: NodeStatus::Ready,
+            cordoned: false,
+            wallets_fenced: false,
+        }
+    }
+
+    /// Applies writes to a task list the way the store would, bumping revisions.
+    fn apply(tasks: &mut Vec<Versioned<Task>>, writes: &[Write]) {
+        for w in writes {
+            tasks.retain(|t| t.value.id != w.id);
+            if let Some(v) = &w.value {
+                tasks.push(Versioned {
+                    value: v.clone(),
+                    rev: w.rev + 1,
+                });
+            }
+        }
+    }
+
+    fn run_to_fixpoint(
+        ws: &[StoredWorkload],
+        tasks: &mut Vec<Versioned<Task>>,
+        nodes: &[NodeState],
+    ) {
+        for _ in 0..10 {
+            let writes = plan(ws, tasks, nodes, Utc::now());
+            if writes.is_empty() {
+                return;
+            }
+            apply(tasks, &writes);
+        }
+        panic!("reconcile did not settle");
+    }
+
+    #[test]
+    fn creates_and_places_one_task_per_replica_spread_over_nodes() {
+        let ws = [service("web", 3, "a:1")];
+        let nodes = [node("n1"), node("n2"), node("n3")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        assert_eq!(tasks.len(), 3);
+        let placed: HashSet<_> = tasks.iter().filter_map(|t| t.value.node.clone()).collect();
+        assert_eq!(placed.len(), 3, "replicas spread: {tasks:?}");
+        assert!(tasks.iter().all(|t| t.value.phase == TaskPhase::Scheduled));
+    }
+
+    #[test]
+    fn reconcile_twice_is_a_no_op() {
+        let ws = [service("web", 2, "a:1"), wallet("w:1")];
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        assert!(plan(&ws, &tasks, &nodes, Utc::now()).is_empty());
+    }
+
+    #[test]
+    fn pending_tasks_say_why() {
+        let ws = [service("web", 1, "a:1")];
+        let writes = plan(&ws, &[], &[], Utc::now());
+        assert_eq!(writes.len(), 1);
+        let t = writes[0].value.as_ref().expect("created");
+        assert_eq!(t.phase, TaskPhase::Pending);
+        assert!(t.message.as_deref().is_some_and(|m| !m.is_empty()), "{t:?}");
+    }
+
+    #[test]
+    fn a_changed_image_replaces_tasks_and_unchanged_keeps_them() {
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&[service("web", 2, "a:1")], &mut tasks, &nodes);
+        let old: Vec<String> = tasks.iter().map(|t| t.value.id.clone()).collect();
+        run_to_fixpoint(&[service("web", 2, "a:1")], &mut tasks, &nodes);
+        assert_eq!(
+            old,
+            tasks.iter().map(|t| t.value.id.clone()).collect::<Vec<_>>()
+        );
+
+        run_to_fixpoint(&[service("web", 2, "a:2")], &mut tasks, &nodes);
+        let stopped: Vec<_> = tasks
+            .iter()
+            .filter(|t| t.value.desired == DesiredState::Stopped)
+            .collect();
+        let running: Vec<_> = tasks
+            .iter()
+            .filter(|t| t.value.desired == DesiredState::Running)
+            .collect();
+        assert_eq!(stopped.len(), 2);
+        assert_eq!(running.len(), 2);
+        assert!(stopped.iter().all(|t| old.contains(&t.value.id)));
+    }
+
+    #[test]
+    fn scaling_down_stops_the_highest_replicas() {
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&[service("web", 3, "a:1")], &mut tasks, &nodes);
+        run_to_fixpoint(&[service("web", 1, "a:1")], &mut tasks, &nodes);
+        let running: Vec<u32> = tasks
+            .iter()
+            .filter(|t| t.value.desired == DesiredState::Running)
+            .map(|t| t.value.replica)
+            .collect();
+        assert_eq!(running, [0]);
+    }
+
+    #[test]
+    fn deleting_a_workload_stops_its_tasks_and_unplaced_ones_vanish() {
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&[service("web", 1, "a:1")], &mut tasks, &[node("n1")]);
+        let mut cordoned = node("n1");
+        cordoned.cordoned = true;
+        let nodes = [cordoned];
+        run_to_fixpoint(&[service("db", 1, "a:1")], &mut tasks, &nodes);
+        // web is told to stop on its node; db was never placed.
+        let web: Vec<_> = tasks.iter().filter(|t| t.value.workload == "web").collect();
+        assert_eq!(web.len(), 1);
+        assert_eq!(web[0].value.desired, DesiredState::Stopped);
+        run_to_fixpoint(&[], &mut tasks, &nodes);
+        assert!(
+            tasks.iter().all(|t| t.value.workload == "web"),
+            "unplaced db task deleted: {tasks:?}"
+        );
+    }
+
+    #[test]
+    fn a_changed_wallet_waits_until_the_old_one_is_gone() {
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&[wallet("w:1")], &mut tasks, &nodes);
+        run_to_fixpoint(&[wallet("w:2")], &mut tasks, &nodes);
+        assert_eq!(
+            tasks.len(),
+            1,
+            "no second wallet while the first is not confirmed gone"
+        );
+        assert_eq!(tasks[0].value.desired, DesiredState::Stopped);
+        // The node confirms removal: the record goes, then the new wallet is created.
+        tasks.clear();
+        run_to_fixpoint(&[wallet("w:2")], &mut tasks, &nodes);
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].value.spec.image, "w:2");
+    }
+
+    #[test]
+    fn a_finished_job_is_not_run_again() {
+        let job = workload(
+            "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  image: j:1\n",
+        );
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(std::slice::from_ref(&job), &mut tasks, &nodes);
+        tasks[0].value.phase = TaskPhase::Succeeded;
+        assert!(plan(&[job], &tasks, &nodes, Utc::now()).is_empty());
+    }
+
+    #[test]
+    fn status_reports_from_another_node_are_ignored() {
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&[service("web", 1, "a:1")], &mut tasks, &[node("n1")]);
+        let t = &tasks[0].value;
+        let s = TaskStatus {
+            task: t.id.clone(),
+            phase: TaskPhase::Running,
+            exit_code: None,
+            message: None,
+            container_id: Some("c1".into()),
+            restarts: 0,
+            ready: None,
+            started_at: Some(Utc::now()),
+            finished_at: None,
+            gave_up: false,
+            output: None,
+        };
+        assert!(apply_status(t, "n2", &s).is_none());
+        let updated = apply_status(t, "n1", &s).expect("changes");
+        assert_eq!(updated.phase, TaskPhase::Running);
+        assert!(
+            apply_status(&updated, "n1", &s).is_none(),
+            "same report twice writes nothing"
+        );
+    }
+
+    fn placed_on(tasks: &[Versioned<Task>]) -> Vec<Option<String>> {
+        tasks.iter().map(|t| t.value.node.clone()).collect()
+    }
+
+    #[test]
+    fn a_dead_nodes_service_tasks_move_but_a_wallet_waits_for_the_fence() {
+        let ws = [service("web", 1, "a:1"), wallet("w:1")];
+        let mut nodes = vec![node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        assert!(placed_on(&tasks).iter().all(|n| n.as_deref() == Some("n1")));
+
+        nodes[0].status = NodeStatus::Dead;
+        nodes.push(node("n2"));
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        let web = tasks
+            .iter()
+            .find(|t| t.value.workload == "web")
+            .expect("web");
+        let w = tasks
+            .iter()
+            .find(|t| t.value.workload == "w")
+            .expect("wallet");
+        assert_eq!(
+            web.value.node.as_deref(),
+            Some("n2"),
+            "service moved once the node is dead"
+        );
+        assert_eq!(
+            w.value.node.as_deref(),
+            Some("n1"),
+            "wallet stays until the node has surely fenced it"
+        );
+
+        nodes[0].wallets_fenced = true;
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        let w = tasks
+            .iter()
+            .find(|t| t.value.workload == "w")
+            .expect("wallet");
+        assert_eq!(w.value.node.as_deref(), Some("n2"));
+        assert_eq!(tasks.len(), 2, "moved, not copied");
+    }
+
+    #[test]
+    fn finished_jobs_stay_on_a_dead_node_as_history() {
+        let job = workload(
+            "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  image: j:1\n",
+        );
+        let mut nodes = vec![node("n1"), node("n2")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(std::slice::from_ref(&job), &mut tasks, &nodes);
+        let on = tasks[0].value.node.clone();
+        tasks[0].value.phase = TaskPhase::Succeeded;
+        for n in &mut nodes {
+            n.status = NodeStatus::Dead;
+            n.wallets_fenced = true;
+        }
+        run_to_fixpoint(&[job], &mut tasks, &nodes);
+        assert_eq!(tasks[0].value.node, on);
+    }
+
+    #[test]
+    fn a_task_given_up_moves_to_another_node_and_avoids_the_old_one() {
+        let ws = [service("web", 1, "a:1")];
+        let nodes = [node("n1"), node("n2")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        let t = tasks[0].value.clone();
+        let first = t.node.clone().expect("placed");
+        let s = TaskStatus {
+            task: t.id.clone(),
+            phase: TaskPhase::Failed,
+            exit_code: Some(1),
+            message: Some("gave up after 3 failures in 1m".into()),
+            container_id: None,
+            restarts: 2,
+            ready: None,
+            started_at: None,
+            finished_at: None,
+            gave_up: true,
+            output: None,
+        };
+        let moved = apply_status(&t, &first, &s).expect("changes");
+        assert_eq!(moved.node, None);
+        assert_eq!(moved.avoid, std::slice::from_ref(&first));
+        tasks[0].value = moved;
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        assert_ne!(tasks[0].value.node.as_deref(), Some(first.as_str()));
+        assert!(tasks[0].value.node.is_some());
+    }
+
+    #[test]
+    fn an_evicting_task_keeps_its_node_until_confirmed_gone() {
+        let ws = [wallet("w:1")];
+        let mut nodes = vec![node("n1"), node("n2")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        let on = tasks[0].value.node.clone();
+        tasks[0].value.desired = DesiredState::Evicting;
+        nodes
+            .iter_mut()
+            .filter(|n| Some(&n.info.name) == on.as_ref())
+            .for_each(|n| n.cordoned = true);
+        assert!(
+            plan(&ws, &tasks, &nodes, Utc::now()).is_empty(),
+            "nothing happens until the node confirms"
+        );
+        // Confirmed: the cluster resets it to pending; the scheduler avoids the cordoned node.
+        reset_to_pending(&mut tasks[0].value, "evicted".into());
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        assert!(tasks[0].value.node.is_some());
+        assert_ne!(tasks[0].value.node, on);
+    }
+}
