@@ -1,0 +1,80 @@
+//! Finds the controller over mDNS (`_bramble._tcp.local.`) when no `--controller` is
+//! given: the controller advertises itself, the agent browses, and the first advertised
+//! address that accepts a TCP connection wins.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
+
+/// The DNS-SD service type the controller advertises.
+pub const SERVICE_TYPE: &str = "_bramble._tcp.local.";
+
+/// Why discovery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The mDNS daemon could not start.
+    #[error("mDNS")]
+    Mdns(#[from] mdns_sd::Error),
+    /// Nothing answered in time.
+    #[error("no Bramble controller answered on the local network within {0:?}")]
+    NotFound(Duration),
+}
+
+/// Browses for a controller for up to `timeout`; returns its base URL
+/// (`http://ADDR:PORT`). With `interfaces`, only those network interfaces are used.
+pub async fn discover(timeout: Duration, interfaces: &[String]) -> Result<String, Error> {
+    let daemon = ServiceDaemon::new()?;
+    if !interfaces.is_empty() {
+        daemon.disable_interface(IfKind::All)?;
+        for i in interfaces {
+            daemon.enable_interface(IfKind::Name(i.clone()))?;
+        }
+    }
+    let events = daemon.browse(SERVICE_TYPE)?;
+    let found = tokio::time::timeout(timeout, async {
+        while let Ok(ev) = events.recv_async().await {
+            let ServiceEvent::ServiceResolved(info) = ev else { continue };
+            let port = info.get_port();
+            let mut candidates: Vec<String> = Vec::new();
+            if let Some(url) = info.get_property_val_str("url") {
+                candidates.push(url.trim_end_matches('/').to_string());
+            }
+            let mut addrs: Vec<_> = info.get_addresses_v4().into_iter().collect();
+            addrs.sort();
+            candidates.extend(addrs.into_iter().map(|a| format!("http://{a}:{port}")));
+            for url in candidates {
+                if reachable(&url).await {
+                    tracing::info!(controller = %url, instance = %info.fullname, "found the controller over mDNS");
+                    return Some(url);
+                }
+                tracing::debug!(candidate = %url, "advertised controller address not reachable");
+            }
+        }
+        None
+    })
+    .await;
+    let _ = daemon.stop_browse(SERVICE_TYPE);
+    let _ = daemon.shutdown();
+    match found {
+        Ok(Some(url)) => Ok(url),
+        _ => Err(Error::NotFound(timeout)),
+    }
+}
+
+async fn reachable(url: &str) -> bool {
+    let Some(hostport) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let Ok(addr) = hostport.parse::<SocketAddr>() else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(
+            Duration::from_millis(800),
+            tokio::net::TcpStream::connect(addr)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}

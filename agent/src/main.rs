@@ -1,0 +1,154 @@
+//! `bramble-agent`: parses flags, installs logging and runs the agent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code for bad configuration (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+/// Bramble agent: runs this node's tasks in Docker for a Bramble controller.
+#[derive(Parser, Debug)]
+#[command(name = "bramble-agent", version, about)]
+struct Args {
+    /// Controller URL, e.g. http://10.0.0.2:7878 [default: found over mDNS].
+    #[arg(long, env = "BRAMBLE_CONTROLLER")]
+    controller: Option<String>,
+    /// Look for the controller over mDNS only on this interface (repeatable).
+    #[arg(long = "mdns-interface")]
+    mdns_interfaces: Vec<String>,
+    /// Join token (printed by the controller on first start; in its data dir as join-token).
+    #[arg(long, env = "BRAMBLE_JOIN_TOKEN", hide_env_values = true)]
+    join_token: String,
+    /// This node's name, kept in the data dir's node-name file [default: the kept name,
+    /// else the host name, else pi-<serial> if the host name is a stock image default].
+    #[arg(long, env = "BRAMBLE_NODE_NAME")]
+    node_name: Option<String>,
+    /// Directory for local state [default: /var/lib/bramble-agent as root, else ~/.local/share/bramble-agent].
+    #[arg(long, env = "BRAMBLE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Node label `key=value` (repeatable), matched by workloads' placement.nodeSelector.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Remove images no container uses when Docker's disk is more than this many
+    /// percent used (at most every 10 minutes); 100 turns it off.
+    #[arg(long, env = "BRAMBLE_IMAGE_GC_THRESHOLD", default_value_t = bramble_agent::disk::DEFAULT_THRESHOLD,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    image_gc_threshold: u8,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("invalid label {s:?}: expected key=value")),
+    }
+}
+
+/// The host name, lowercase and without a domain; empty if unknown.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| bramble_agent::host::short_hostname(&h))
+        .unwrap_or_default()
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BRAMBLE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    if let Some(Err(e)) = args
+        .node_name
+        .as_deref()
+        .map(str::parse::<bramble_api::manifest::Name>)
+    {
+        eprintln!("error: --node-name: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    if let Some(Err(e)) = args
+        .controller
+        .as_deref()
+        .map(bramble_agent::link::agent_url)
+    {
+        eprintln!("error: --controller: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let data_dir = args.data_dir.unwrap_or_else(|| {
+        if std::env::var("HOME").map(|h| h == "/root").unwrap_or(false) {
+            PathBuf::from("/var/lib/bramble-agent")
+        } else {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join(".local/share/bramble-agent")
+        }
+    });
+    let node_name = bramble_agent::host::resolve_node_name(
+        args.node_name.as_deref(),
+        &data_dir,
+        &hostname(),
+        bramble_agent::host::machine_id().as_deref(),
+    );
+    let cfg = bramble_agent::Config {
+        controller: args.controller,
+        mdns_interfaces: args.mdns_interfaces,
+        join_token: args.join_token,
+        node_name,
+        data_dir,
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        image_gc_threshold: args.image_gc_threshold,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending::<()>().await,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        bramble_agent::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

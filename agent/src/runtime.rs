@@ -1,0 +1,1241 @@
+//! The Docker runtime: the agent's only door to the container engine, over bollard.
+//!
+//! A [`Runtime`] is bound to one node: every container it creates carries the node's
+//! `bramble.node` label, and [`Runtime::list`] and [`Runtime::events`] see only
+//! containers with that label, so several agents (or tests) can share one engine
+//! without touching each other's containers.
+//!
+//! Docker's own restart policy is always `no`: restarts, back-off and giving up are the
+//! supervisor's decisions, made with the whole picture (see `crate::supervisor`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bollard::errors::Error as DockerError;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EventMessage,
+    HostConfig, HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    InspectContainerOptions, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, PruneImagesOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use bollard::Docker;
+use bramble_api::manifest::Kind;
+use bramble_api::task::{container_name, labels};
+use bramble_api::wire::Assignment;
+use chrono::{DateTime, Utc};
+use futures_util::{Stream, StreamExt};
+use tracing::{debug, info, instrument, warn};
+
+/// A failed runtime call. Each variant names the operation; the cause is its source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The engine could not be reached or its API version not negotiated.
+    #[error("cannot connect to the Docker engine")]
+    Connect(#[source] DockerError),
+    /// `GET /version` failed.
+    #[error("cannot read the Docker engine version")]
+    Version(#[source] DockerError),
+    /// Listing the node's containers failed.
+    #[error("cannot list the node's containers")]
+    List(#[source] DockerError),
+    /// The container does not exist (any more).
+    #[error("container {id} does not exist")]
+    NotFound {
+        /// Container id or name.
+        id: String,
+    },
+    /// Inspecting a container failed.
+    #[error("cannot inspect container {id}")]
+    Inspect {
+        /// Container id or name.
+        id: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// A container lacks a label every Bramble container has.
+    #[error("container {id} has no {label} label, so it is not a Bramble task container")]
+    NotBramble {
+        /// Container id.
+        id: String,
+        /// The missing label.
+        label: &'static str,
+    },
+    /// Inspecting an image failed for another reason than its absence.
+    #[error("cannot inspect image {image}")]
+    ImageInspect {
+        /// Image reference.
+        image: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// The image is not on the node and could not be pulled.
+    #[error("image {image} not found locally and pull failed")]
+    ImagePull {
+        /// Image reference.
+        image: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// A volume's host directory could not be created.
+    #[error("cannot create host directory {path} for a volume")]
+    HostDir {
+        /// Host directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The task's container name is used by a container of another node (only possible
+    /// when several agents share one engine, as in tests). It is left alone.
+    #[error("container name {name} is taken by a container of node {owner:?}")]
+    NameTaken {
+        /// Container name.
+        name: String,
+        /// The other container's `bramble.node` label.
+        owner: String,
+    },
+    /// Creating the container failed.
+    #[error("cannot create container {name}")]
+    Create {
+        /// Container name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// Starting the container failed.
+    #[error("cannot start container {id}")]
+    Start {
+        /// Container id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// Stopping the container failed.
+    #[error("cannot stop container {id}")]
+    Stop {
+        /// Container id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// Removing the container failed.
+    #[error("cannot remove container {id}")]
+    Remove {
+        /// Container id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// Reading the container's logs failed.
+    #[error("cannot read the logs of container {id}")]
+    Logs {
+        /// Container id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// Running a command in the container failed.
+    #[error("cannot run a command in container {id}")]
+    Exec {
+        /// Container id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
+    /// A command run in the container ended its output but never reported an exit code.
+    #[error("a command in container {id} reported no exit code")]
+    ExecUnfinished {
+        /// Container id.
+        id: String,
+    },
+    /// The engine's event stream failed.
+    #[error("the Docker event stream failed")]
+    Events(#[source] DockerError),
+    /// `GET /info` failed.
+    #[error("cannot read the Docker engine's system information")]
+    Info(#[source] DockerError),
+    /// Pruning unused images failed.
+    #[error("cannot prune unused images")]
+    PruneImages(#[source] DockerError),
+}
+
+/// Result of a runtime call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error with its causes, `outer: inner: innermost`, for messages that leave the
+/// process (task status messages) where the chain cannot be walked any more.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// A container's lifecycle state as Docker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ContainerState {
+    /// Created, never started (or a start failed).
+    Created,
+    /// Running.
+    Running,
+    /// Frozen by `docker pause`.
+    Paused,
+    /// Docker is restarting it (never from Bramble: its containers have policy `no`).
+    Restarting,
+    /// Ended; `exit_code` says how.
+    Exited,
+    /// Partly removed after a failed removal.
+    Dead,
+    /// Being removed, or a state this release does not know.
+    Other,
+}
+
+/// One Bramble container as observed on the node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// Docker container id.
+    pub id: String,
+    /// Container name (without Docker's leading `/`).
+    pub name: String,
+    /// `bramble.task` label.
+    pub task: String,
+    /// `bramble.workload` label (empty if missing).
+    pub workload: String,
+    /// `bramble.kind` label, when present and known.
+    pub kind: Option<Kind>,
+    /// `bramble.spec-hash` label (empty if missing, which never matches a spec).
+    pub spec_hash: String,
+    /// `bramble.node` label.
+    pub node: String,
+    /// Lifecycle state.
+    pub state: ContainerState,
+    /// Exit code, once the container has exited.
+    pub exit_code: Option<i64>,
+    /// Whether the kernel's OOM killer ended the last run.
+    pub oom_killed: bool,
+    /// Docker's error text for the last run (e.g. why a start failed), if any.
+    pub error: Option<String>,
+    /// When the container was created.
+    pub created_at: Option<DateTime<Utc>>,
+    /// When the last run started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the last run ended.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What happened to a container, from the engine's event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventAction {
+    /// It started.
+    Start,
+    /// Its process ended.
+    Die,
+    /// The OOM killer hit it (a `Die` follows).
+    Oom,
+}
+
+/// An engine event for one of the node's containers. A hint to look again, not a
+/// source of truth: the supervisor re-reads the state (level-triggered).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeEvent {
+    /// Container id.
+    pub id: String,
+    /// `bramble.task` label, when present.
+    pub task: Option<String>,
+    /// What happened.
+    pub action: EventAction,
+    /// Exit code, for `Die`.
+    pub exit_code: Option<i64>,
+}
+
+/// The Docker engine, as seen by one node's agent. Cheap to clone (one shared
+/// connection pool).
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    docker: Docker,
+    node: String,
+}
+
+/// Log rotation for every container: the SD card must not fill up with logs.
+const LOG_MAX_SIZE: &str = "10m";
+const LOG_MAX_FILES: &str = "3";
+
+/// Extra time allowed for a stop request beyond the grace period: the engine answers
+/// only after the container has stopped, and bollard's own request timeout (120 s by
+/// default) would otherwise cut long grace periods short.
+const STOP_SLACK: Duration = Duration::from_secs(30);
+
+impl Runtime {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket) and negotiates
+    /// the API version, since bollard speaks a newer API than Debian's docker.io (1.41).
+    #[instrument]
+    pub async fn connect(node: &str) -> Result<Runtime> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(Error::Connect)?
+            .negotiate_version()
+            .await
+            .map_err(Error::Connect)?;
+        let version = docker.client_version();
+        debug!(api = %version, "connected to the Docker engine");
+        Ok(Runtime {
+            docker,
+            node: node.to_string(),
+        })
+    }
+
+    /// The node this runtime acts for.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The engine client, for read-only queries outside task supervision (node
+    /// metrics: `docker info`, container stats).
+    pub(crate) fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// The engine's version, e.g. `20.10.24+dfsg1`.
+    #[instrument(skip(self))]
+    pub async fn version(&self) -> Result<String> {
+        let v = self.docker.version().await.map_err(Error::Version)?;
+        Ok(v.version.unwrap_or_else(|| "unknown".to_string()))
+    }
+
+    /// All of this node's task containers, running or not: those labelled
+    /// `bramble.node=<node>` that also carry a `bramble.task` label. Sorted by task, then
+    /// by creation time.
+    #[instrument(skip(self), fields(node = %self.node))]
+    pub async fn list(&self) -> Result<Vec<Observed>> {
+        self.list_labelled(None).await
+    }
+
+    /// This node's task containers of one kind, running or not (see [`Self::list`]).
+    /// Fencing lists only the Wallets, so it inspects no other container.
+    #[instrument(skip(self), fields(node = %self.node))]
+    pub async fn list_kind(&self, kind: Kind) -> Result<Vec<Observed>> {
+        self.list_labelled(Some(format!("{}={}", labels::KIND, kind.as_str())))
+            .await
+    }
+
+    async fn list_labelled(&self, extra: Option<String>) -> Result<Vec<Observed>> {
+        let mut label = vec![
+            format!("{}={}", labels::NODE, self.node),
+            labels::TASK.to_string(),
+        ];
+        label.extend(extra);
+        let filters: HashMap<&str, Vec<String>> = HashMap::from([("label", label)]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let summaries = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(Error::List)?;
+        // The summary lacks exit codes and times, which restart decisions need; an
+        // inspect per container is cheap on the local socket (a node runs a handful).
+        let mut out = Vec::with_capacity(summaries.len());
+        for id in summaries.into_iter().filter_map(|s| s.id) {
+            match self.inspect(&id).await {
+                Ok(o) => out.push(o),
+                // Removed between list and inspect: it is simply not there.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| (&a.task, a.created_at).cmp(&(&b.task, b.created_at)));
+        Ok(out)
+    }
+
+    /// One container's state and labels.
+    #[instrument(skip(self))]
+    pub async fn inspect(&self, id: &str) -> Result<Observed> {
+        let resp = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| match e {
+                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
+                source => Error::Inspect {
+                    id: id.to_string(),
+                    source,
+                },
+            })?;
+        observed_from(id, resp)
+    }
+
+    /// Makes sure `image` is on the node: a local image is used as is (never re-pulled,
+    /// so `latest` does not change under a running workload); otherwise it is pulled,
+    /// with progress in the debug log.
+    #[instrument(skip(self))]
+    pub async fn ensure_image(&self, image: &str) -> Result<()> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_status(&e, 404) => {}
+            Err(source) => {
+                return Err(Error::ImageInspect {
+                    image: image.to_string(),
+                    source,
+                })
+            }
+        }
+        let reference = with_default_tag(image);
+        info!(%reference, "pulling image");
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(&reference)
+            .build();
+        let mut progress = self.docker.create_image(Some(options), None, None);
+        while let Some(item) = progress.next().await {
+            match item {
+                Ok(p) => debug!(
+                    layer = p.id.as_deref().unwrap_or(""),
+                    status = p.status.as_deref().unwrap_or(""),
+                    "pull progress"
+                ),
+                Err(source) => {
+                    return Err(Error::ImagePull {
+                        image: image.to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        info!(%reference, "image pulled");
+        Ok(())
+    }
+
+    /// Creates and starts the container of an assigned task and returns its id.
+    ///
+    /// The container is named `bramble-{node}-{task}`. Pulls the image if needed and
+    /// creates missing volume directories. A leftover container with that name (an
+    /// agent that crashed mid-create) is removed first, but only if it belongs to this
+    /// node. If the start fails, the created
+    /// container is removed again, so a failed attempt leaves nothing behind.
+    #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
+    pub async fn create_and_start(&self, a: &Assignment) -> Result<String> {
+        self.ensure_image(&a.spec.image).await?;
+        for v in &a.spec.volumes {
+            tokio::fs::create_dir_all(&v.host_path)
+                .await
+                .map_err(|source| Error::HostDir {
+                    path: PathBuf::from(&v.host_path),
+                    source,
+                })?;
+        }
+        let name = container_name(&self.node, &a.task);
+        match self.inspect(&name).await {
+            Ok(old) if old.node == self.node => {
+                warn!(container = %old.id, "removing a leftover container with the task's name");
+                self.remove(&old.id).await?;
+            }
+            Ok(old) => {
+                return Err(Error::NameTaken {
+                    name,
+                    owner: old.node,
+                })
+            }
+            Err(Error::NotFound { .. }) => {}
+            // Same name but no Bramble labels: someone else's container; let create fail
+            // with Docker's clear "name in use" conflict.
+            Err(Error::NotBramble { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), container_config(a, &self.node))
+            .await
+            .map_err(|source| Error::Create {
+                name: name.clone(),
+                source,
+            })?;
+        let id = created.id;
+        if let Err(e) = self.start(&id).await {
+            if let Err(cleanup) = self.remove(&id).await {
+                warn!(container = %id, error = %error_chain(&cleanup), "cannot remove a container that failed to start");
+            }
+            return Err(e);
+        }
+        info!(container = %id, "container started");
+        Ok(id)
+    }
+
+    /// Starts an existing container (again). Starting a running container is a no-op.
+    #[instrument(skip(self))]
+    pub async fn start(&self, id: &str) -> Result<()> {
+        self.docker
+            .start_container(id, None)
+            .await
+            .map_err(|e| match e {
+                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
+                source => Error::Start {
+                    id: id.to_string(),
+                    source,
+                },
+            })
+    }
+
+    /// Stops a container: SIGTERM, then SIGKILL after `grace`. Stopping a stopped
+    /// container is a no-op; a missing one is [`Error::NotFound`].
+    #[instrument(skip(self))]
+    pub async fn stop(&self, id: &str, grace: Duration) -> Result<()> {
+        let secs = i32::try_from(grace.as_secs() + u64::from(grace.subsec_nanos() > 0))
+            .unwrap_or(i32::MAX);
+        let options = StopContainerOptionsBuilder::default().t(secs).build();
+        self.docker
+            .clone()
+            .with_timeout(grace + STOP_SLACK)
+            .stop_container(id, Some(options))
+            .await
+            .map_err(|e| match e {
+                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
+                source => Error::Stop {
+                    id: id.to_string(),
+                    source,
+                },
+            })
+    }
+
+    /// Stops a container within `grace` and removes it: SIGTERM, at most `grace` for it to
+    /// exit, then SIGKILL and removal in one forced remove. Unlike [`Self::stop`], whose
+    /// grace Docker counts in whole seconds, this honours sub-second graces, which fencing
+    /// needs. Terminating a container that is gone succeeds.
+    #[instrument(skip(self))]
+    pub async fn terminate(&self, id: &str, grace: Duration) -> Result<()> {
+        let sigterm = KillContainerOptionsBuilder::new().signal("SIGTERM").build();
+        match self.docker.kill_container(id, Some(sigterm)).await {
+            Ok(()) => {
+                let not_running = WaitContainerOptionsBuilder::new()
+                    .condition("not-running")
+                    .build();
+                let mut wait = self.docker.wait_container(id, Some(not_running));
+                // Any answer (an exit code, or an error for a non-zero one) means it
+                // stopped; no answer within the grace means SIGKILL.
+                let _ = tokio::time::timeout(grace, wait.next()).await;
+            }
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            // 409: not running, so there is nothing to wait for.
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => {
+                warn!(container = %id, error = %error_chain(&e), "SIGTERM failed; killing");
+            }
+        }
+        self.remove(id).await
+    }
+
+    /// Runs `cmd` in a running container and returns its exit code. The output is read
+    /// and dropped: Docker ends the exec's stream when the process ends. A caller that
+    /// gives up early (a probe timeout) leaves the process running, since Docker cannot
+    /// kill an exec; it ends with the container at the latest.
+    #[instrument(skip(self))]
+    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<i64> {
+        let exec_err = |source| Error::Exec {
+            id: id.to_string(),
+            source,
+        };
+        let created = self
+            .docker
+            .create_exec(
+                id,
+                CreateExecOptions {
+                    cmd: Some(cmd.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
+                e => exec_err(e),
+            })?;
+        match self
+            .docker
+            .start_exec(&created.id, None)
+            .await
+            .map_err(exec_err)?
+        {
+            StartExecResults::Attached { mut output, input } => {
+                while let Some(chunk) = output.next().await {
+                    chunk.map_err(exec_err)?;
+                }
+                drop(input);
+            }
+            StartExecResults::Detached => {}
+        }
+        // The stream may end a moment before the engine records the exit code.
+        for _ in 0..50 {
+            let info = self
+                .docker
+                .inspect_exec(&created.id)
+                .await
+                .map_err(exec_err)?;
+            if info.running != Some(true) {
+                if let Some(code) = info.exit_code {
+                    return Ok(code);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Error::ExecUnfinished { id: id.to_string() })
+    }
+
+    /// The container's IP address on its (first) network, if it has one: where HTTP and
+    /// TCP probes connect. Reachable from the agent only when the agent runs in the
+    /// host's network namespace, as it does on a Pi.
+    #[instrument(skip(self))]
+    pub async fn address(&self, id: &str) -> Result<Option<IpAddr>> {
+        let resp = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| match e {
+                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
+                source => Error::Inspect {
+                    id: id.to_string(),
+                    source,
+                },
+            })?;
+        Ok(container_address(&resp))
+    }
+
+    /// Removes a container, killing it if it runs; named volumes are kept. Removing a
+    /// container that is already gone succeeds (the goal is met).
+    #[instrument(skip(self))]
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(false)
+            .build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(source) => Err(Error::Remove {
+                id: id.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// A container's output (stdout and stderr interleaved) as text chunks, usually one
+    /// line each. `tail` limits it to the last lines; with `follow` the stream goes on
+    /// until the container stops.
+    #[instrument(skip(self))]
+    pub async fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+        tail: Option<u32>,
+    ) -> Result<impl Stream<Item = Result<String>> + Send + 'static> {
+        // Fail early and clearly for an unknown container instead of in the stream.
+        self.inspect(id).await?;
+        let tail = tail.map_or_else(|| "all".to_string(), |n| n.to_string());
+        let options = LogsOptionsBuilder::default()
+            .follow(follow)
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail)
+            .build();
+        let id = id.to_string();
+        Ok(self.docker.logs(&id, Some(options)).map(move |chunk| {
+            chunk
+                .map(|out| String::from_utf8_lossy(&out.into_bytes()).into_owned())
+                .map_err(|source| Error::Logs {
+                    id: id.clone(),
+                    source,
+                })
+        }))
+    }
+
+    /// What the engine says about the host: memory-limit support and its root directory.
+    #[instrument(skip(self))]
+    pub async fn engine_info(&self) -> Result<EngineInfo> {
+        let info = self.docker.info().await.map_err(Error::Info)?;
+        Ok(EngineInfo {
+            memory_limit: info.memory_limit,
+            root_dir: info.docker_root_dir.map(PathBuf::from),
+        })
+    }
+
+    /// The last `max` bytes of a container's output (stdout and stderr interleaved),
+    /// starting at a line start where possible (see [`last_output`]): what a finished
+    /// Job leaves behind for `bramblectl logs`. The log is read from its end: the last
+    /// [`OUTPUT_TAIL_LINES`] lines first, and all of it only when those were too short
+    /// to fill `max`; either way at most about `2 × max` bytes are held at once.
+    #[instrument(skip(self))]
+    pub async fn output(&self, id: &str, max: usize) -> Result<String> {
+        let (bytes, lines) = self.read_log(id, Some(OUTPUT_TAIL_LINES), max).await?;
+        let bytes = if bytes.len() <= max && lines >= OUTPUT_TAIL_LINES as usize {
+            self.read_log(id, None, max).await?.0
+        } else {
+            bytes
+        };
+        Ok(last_output(&bytes, max))
+    }
+
+    /// The container's log (or its last `tail` lines), keeping only the last `max + 1`
+    /// bytes or more (up to `2 × max + 1`), and the number of lines read.
+    async fn read_log(&self, id: &str, tail: Option<u32>, max: usize) -> Result<(Vec<u8>, usize)> {
+        let tail = tail.map_or_else(|| "all".to_string(), |n| n.to_string());
+        let options = LogsOptionsBuilder::default()
+            .follow(false)
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail)
+            .build();
+        let mut stream = self.docker.logs(id, Some(options));
+        let mut buf: Vec<u8> = Vec::new();
+        let mut lines = 0usize;
+        while let Some(chunk) = stream.next().await {
+            let bytes = chunk
+                .map_err(|e| match e {
+                    e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
+                    source => Error::Logs {
+                        id: id.to_string(),
+                        source,
+                    },
+                })?
+                .into_bytes();
+            lines += bytes.iter().filter(|b| **b == b'\n').count();
+            buf.extend_from_slice(&bytes);
+            // One byte more than `max` is kept, so the trimming can tell whether the
+            // kept part starts at a line start.
+            if buf.len() > 2 * max + 1 {
+                buf.drain(..buf.len() - (max + 1));
+            }
+        }
+        Ok((buf, lines))
+    }
+
+    /// Removes every image no container uses (running or not), except those labelled
+    /// `bramble.keep`; with `only_label`, only images with that label (`key` or
+    /// `key=value`), which lets a test prune just its own image. Returns what went.
+    #[instrument(skip(self))]
+    pub async fn prune_images(&self, only_label: Option<&str>) -> Result<Pruned> {
+        let mut filters: HashMap<&str, Vec<String>> = HashMap::from([
+            // `false`: tagged images too, not only dangling layers.
+            ("dangling", vec!["false".to_string()]),
+            ("label!", vec![KEEP_IMAGE_LABEL.to_string()]),
+        ]);
+        if let Some(label) = only_label {
+            filters.insert("label", vec![label.to_string()]);
+        }
+        let options = PruneImagesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let resp = self
+            .docker
+            .prune_images(Some(options))
+            .await
+            .map_err(Error::PruneImages)?;
+        let items = resp.images_deleted.unwrap_or_default();
+        Ok(Pruned {
+            images: items.iter().filter_map(|i| i.untagged.clone()).collect(),
+            layers: items.iter().filter(|i| i.deleted.is_some()).count(),
+            bytes: u64::try_from(resp.space_reclaimed.unwrap_or(0)).unwrap_or(0),
+        })
+    }
+
+    /// Start, die and OOM events of this node's containers. The stream ends if the
+    /// engine restarts; subscribe again.
+    pub fn events(&self) -> impl Stream<Item = Result<RuntimeEvent>> + Send + 'static {
+        let filters: HashMap<&str, Vec<String>> = HashMap::from([
+            ("type", vec!["container".to_string()]),
+            (
+                "event",
+                vec!["start".to_string(), "die".to_string(), "oom".to_string()],
+            ),
+            ("label", vec![format!("{}={}", labels::NODE, self.node)]),
+        ]);
+        let options = EventsOptionsBuilder::default().filters(&filters).build();
+        self.docker
+            .events(Some(options))
+            .filter_map(|item| async move {
+                match item {
+                    Ok(msg) => runtime_event(msg).map(Ok),
+                    Err(e) => Some(Err(Error::Events(e))),
+                }
+            })
+    }
+}
+
+/// An image with this label is never pruned by the agent's image garbage collection,
+/// used or not (e.g. an image loaded by hand for a workload not applied yet).
+pub const KEEP_IMAGE_LABEL: &str = "bramble.keep";
+
+/// How many lines [`Runtime::output`] reads first from a log's end.
+pub const OUTPUT_TAIL_LINES: u32 = 4096;
+
+/// What the engine says about its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineInfo {
+    /// Whether the engine can enforce memory limits (`docker info`: `MemoryLimit`);
+    /// false when the kernel's memory cgroup is disabled.
+    pub memory_limit: Option<bool>,
+    /// Where the engine keeps images, containers and their logs.
+    pub root_dir: Option<PathBuf>,
+}
+
+/// What an image prune removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// References untagged (`repo:tag`).
+    pub images: Vec<String>,
+    /// Image layers deleted.
+    pub layers: usize,
+    /// Disk space freed, bytes.
+    pub bytes: u64,
+}
+
+/// The last `max` bytes of `bytes` as text. A cut falls at a line start when the kept
+/// part has one in its first half (a reader wants whole lines), else at a character
+/// boundary (one huge line). Invalid UTF-8 is replaced, and the result is never longer
+/// than `max` bytes.
+pub fn last_output(bytes: &[u8], max: usize) -> String {
+    let Some(start) = bytes.len().checked_sub(max).filter(|s| *s > 0) else {
+        return String::from_utf8_lossy(bytes).into_owned();
+    };
+    let window = &bytes[start..];
+    let at = if bytes[start - 1] == b'\n' {
+        0
+    } else {
+        match window.iter().position(|b| *b == b'\n') {
+            Some(i) if i < max / 2 => i + 1,
+            // Skip UTF-8 continuation bytes (10xxxxxx) to the next character start.
+            _ => window
+                .iter()
+                .position(|b| b & 0xC0 != 0x80)
+                .unwrap_or(window.len()),
+        }
+    };
+    let mut text = String::from_utf8_lossy(&window[at..]).into_owned();
+    // Each invalid byte became a 3-byte U+FFFD: trim again to the limit.
+    if text.len() > max {
+        let mut cut = text.len() - max;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text.drain(..cut);
+    }
+    text
+}
+
+/// The first IP address among the container's networks (by network name, so the
+/// answer is stable; `bridge` sorts early among Docker's defaults).
+fn container_address(resp: &ContainerInspectResponse) -> Option<IpAddr> {
+    let networks = resp.network_settings.as_ref()?.networks.as_ref()?;
+    let mut entries: Vec<_> = networks.iter().collect();
+    entries.sort_by_key(|(name, _)| *name);
+    entries
+        .into_iter()
+        .find_map(|(_, e)| e.ip_address.as_deref().and_then(|ip| ip.parse().ok()))
+}
+
+/// Whether a bollard error is the engine answering with HTTP `status`.
+fn is_status(e: &DockerError, status: u16) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == status)
+}
+
+/// `name` → `name:latest`. The engine's pull API pulls every tag of a repository when
+/// none is given, which is never what a manifest means.
+fn with_default_tag(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last.contains(':') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+/// The container to create for an assignment on `node`. Pure, so it is unit tested.
+fn container_config(a: &Assignment, node: &str) -> ContainerCreateBody {
+    let spec = &a.spec;
+    let labels = HashMap::from([
+        (labels::TASK.to_string(), a.task.clone()),
+        (labels::WORKLOAD.to_string(), a.workload.clone()),
+        (labels::KIND.to_string(), a.kind.as_str().to_string()),
+        (labels::NODE.to_string(), node.to_string()),
+        (labels::SPEC_HASH.to_string(), a.spec_hash.clone()),
+    ]);
+    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let exposed: Vec<String> = spec
+        .ports
+        .iter()
+        .map(|p| format!("{}/{}", p.container, p.protocol.as_str()))
+        .collect();
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for p in &spec.ports {
+        if let Some(host) = p.host {
+            bindings
+                .entry(format!("{}/{}", p.container, p.protocol.as_str()))
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(PortBinding {
+                    host_ip: None,
+                    host_port: Some(host.to_string()),
+                });
+        }
+    }
+    let binds: Vec<String> = spec
+        .volumes
+        .iter()
+        .map(|v| {
+            let ro = if v.read_only { ":ro" } else { "" };
+            format!("{}:{}{ro}", v.host_path, v.path)
+        })
+        .collect();
+    let memory = spec
+        .resources
+        .memory
+        .map(|m| i64::try_from(m.bytes()).unwrap_or(i64::MAX));
+    let host_config = HostConfig {
+        nano_cpus: spec
+            .resources
+            .cpu
+            .map(|c| i64::try_from(c.millis().saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
+        memory,
+        // Swap limit = memory limit: no swap, so a leaking task is OOM-killed instead of
+        // grinding the node's SD card.
+        memory_swap: memory,
+        port_bindings: (!bindings.is_empty()).then_some(bindings),
+        binds: (!binds.is_empty()).then_some(binds),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".to_string()),
+            config: Some(HashMap::from([
+                ("max-size".to_string(), LOG_MAX_SIZE.to_string()),
+                ("max-file".to_string(), LOG_MAX_FILES.to_string()),
+            ])),
+        }),
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        entrypoint: spec.command.clone(),
+        cmd: spec.args.clone(),
+        env: (!env.is_empty()).then_some(env),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        labels: Some(labels),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+fn observed_from(id: &str, resp: ContainerInspectResponse) -> Result<Observed> {
+    let labels = resp
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default();
+    let id = resp.id.clone().unwrap_or_else(|| id.to_string());
+    let Some(task) = labels.get(labels::TASK).cloned() else {
+        return Err(Error::NotBramble {
+            id,
+            label: labels::TASK,
+        });
+    };
+    let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+    let st = resp.state.unwrap_or_default();
+    let state = match st.status {
+        Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
+        Some(ContainerStateStatusEnum::RUNNING) => ContainerState::Running,
+        Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
+        Some(ContainerStateStatusEnum::RESTARTING) => ContainerState::Restarting,
+        Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited,
+        Some(ContainerStateStatusEnum::DEAD) => ContainerState::Dead,
+        _ => ContainerState::Other,
+    };
+    // Docker reports exit code 0 for containers that have not exited; that is no code.
+    let exit_code = matches!(state, ContainerState::Exited | ContainerState::Dead)
+        .then_some(st.exit_code)
+        .flatten();
+    Ok(Observed {
+        name: resp
+            .name
+            .as_deref()
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_default(),
+        workload: label(labels::WORKLOAD),
+        kind: labels.get(labels::KIND).and_then(|k| k.parse().ok()),
+        spec_hash: label(labels::SPEC_HASH),
+        node: label(labels::NODE),
+        task,
+        id,
+        state,
+        exit_code,
+        oom_killed: st.oom_killed.unwrap_or(false),
+        error: st.error.filter(|e| !e.is_empty()),
+        created_at: resp.created.and_then(IntoDate::into_date),
+        started_at: st.started_at.and_then(IntoDate::into_date),
+        finished_at: st.finished_at.and_then(IntoDate::into_date),
+    })
+}
+
+/// Docker times: RFC 3339 text, or a parsed date when bollard's `chrono` feature is on
+/// (feature unification may turn it on from another crate, so both are accepted). The
+/// zero time `0001-01-01T00:00:00Z` means "never".
+trait IntoDate {
+    fn into_date(self) -> Option<DateTime<Utc>>;
+}
+
+impl IntoDate for String {
+    fn into_date(self) -> Option<DateTime<Utc>> {
+        DateTime::parse_from_rfc3339(&self)
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+            .and_then(IntoDate::into_date)
+    }
+}
+
+impl IntoDate for DateTime<Utc> {
+    fn into_date(self) -> Option<DateTime<Utc>> {
+        (self.timestamp() > 0).then_some(self)
+    }
+}
+
+fn runtime_event(msg: EventMessage) -> Option<RuntimeEvent> {
+    let action = match msg.action.as_deref()? {
+        "start" => EventAction::Start,
+        "die" => EventAction::Die,
+        "oom" => EventAction::Oom,
+        _ => return None,
+    };
+    let actor = msg.actor?;
+    let attributes = actor.attributes.unwrap_or_default();
+    Some(RuntimeEvent {
+        id: actor.id?,
+        task: attributes.get(labels::TASK).cloned(),
+        action,
+        exit_code: attributes.get("exitCode").and_then(|c| c.parse().ok()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bramble_api::manifest::{Port, Protocol, Restart, Volume};
+    use bramble_api::quantity::{Cpu, Memory};
+    use bramble_api::task::TaskSpec;
+
+    fn assignment() -> Assignment {
+        let spec = TaskSpec {
+            image: "pool/ltc:1".into(),
+            command: Some(vec!["/bin/ltcd".into()]),
+            args: Some(vec!["-x".into()]),
+            env: [("A".to_string(), "1".to_string())].into(),
+            ports: vec![
+                Port {
+                    container: 9332,
+                    host: Some(19332),
+                    protocol: Protocol::Tcp,
+                },
+                Port {
+                    container: 53,
+                    host: None,
+                    protocol: Protocol::Udp,
+                },
+            ],
+            volumes: vec![Volume {
+                host_path: "/var/lib/x".into(),
+                path: "/data".into(),
+                read_only: true,
+            }],
+            resources: bramble_api::manifest::Resources {
+                cpu: Some(Cpu(500)),
+                memory: Some(Memory::mib(64)),
+            },
+            restart: Restart::default_for(Kind::Wallet),
+            probes: Default::default(),
+            timeout: None,
+        };
+        Assignment {
+            task: "ltc-abcdef-0".into(),
+            kind: Kind::Wallet,
+            workload: "ltc".into(),
+            spec_hash: spec.hash(),
+            spec,
+        }
+    }
+
+    #[test]
+    fn container_config_carries_labels_limits_ports_and_mounts() {
+        let a = assignment();
+        let c = container_config(&a, "pi-1");
+        let labels = c.labels.expect("labels");
+        assert_eq!(labels[labels::TASK], "ltc-abcdef-0");
+        assert_eq!(labels[labels::WORKLOAD], "ltc");
+        assert_eq!(labels[labels::KIND], "Wallet");
+        assert_eq!(labels[labels::NODE], "pi-1");
+        assert_eq!(labels[labels::SPEC_HASH], a.spec_hash);
+        assert_eq!(c.entrypoint, Some(vec!["/bin/ltcd".to_string()]));
+        assert_eq!(c.cmd, Some(vec!["-x".to_string()]));
+        assert_eq!(c.env, Some(vec!["A=1".to_string()]));
+        let mut exposed = c.exposed_ports.expect("exposed");
+        exposed.sort();
+        assert_eq!(exposed, vec!["53/udp".to_string(), "9332/tcp".to_string()]);
+        let h = c.host_config.expect("host config");
+        assert_eq!(h.nano_cpus, Some(500_000_000));
+        assert_eq!(h.memory, Some(64 << 20));
+        assert_eq!(h.memory_swap, Some(64 << 20));
+        let bindings = h.port_bindings.expect("bindings");
+        assert_eq!(bindings.len(), 1, "unpublished ports get no binding");
+        assert_eq!(
+            bindings["9332/tcp"],
+            Some(vec![PortBinding {
+                host_ip: None,
+                host_port: Some("19332".into())
+            }])
+        );
+        assert_eq!(h.binds, Some(vec!["/var/lib/x:/data:ro".to_string()]));
+        assert_eq!(
+            h.restart_policy.and_then(|p| p.name),
+            Some(RestartPolicyNameEnum::NO)
+        );
+        let log = h.log_config.expect("log config");
+        assert_eq!(log.typ.as_deref(), Some("json-file"));
+        assert_eq!(log.config.expect("log opts")["max-size"], "10m");
+    }
+
+    #[test]
+    fn container_config_leaves_image_defaults_alone_when_unset() {
+        let mut a = assignment();
+        a.spec.command = None;
+        a.spec.args = None;
+        a.spec.env.clear();
+        a.spec.ports.clear();
+        a.spec.volumes.clear();
+        a.spec.resources = Default::default();
+        let c = container_config(&a, "pi-1");
+        assert_eq!(c.entrypoint, None);
+        assert_eq!(c.cmd, None);
+        assert_eq!(c.env, None);
+        assert_eq!(c.exposed_ports, None);
+        let h = c.host_config.expect("host config");
+        assert_eq!((h.nano_cpus, h.memory, h.memory_swap), (None, None, None));
+        assert_eq!(h.binds, None);
+    }
+
+    #[test]
+    fn untagged_images_are_pulled_as_latest() {
+        let cases = [
+            ("alpine", "alpine:latest"),
+            ("pool/ltc", "pool/ltc:latest"),
+            ("pool/ltc:0.21", "pool/ltc:0.21"),
+            ("registry:5000/pool/ltc", "registry:5000/pool/ltc:latest"),
+            ("registry:5000/pool/ltc:1", "registry:5000/pool/ltc:1"),
+            ("alpine@sha256:abc", "alpine@sha256:abc"),
+        ];
+        for (image, want) in cases {
+            assert_eq!(with_default_tag(image), want, "{image}");
+        }
+    }
+
+    #[test]
+    fn docker_zero_time_means_never() {
+        assert_eq!("0001-01-01T00:00:00Z".to_string().into_date(), None);
+        let t = "2026-11-21T16:31:02.123456789Z"
+            .to_string()
+            .into_date()
+            .expect("parses nanoseconds");
+        assert_eq!(t.timestamp(), 1_795_278_662);
+        assert_eq!("garbage".to_string().into_date(), None);
+    }
+
+    #[test]
+    fn the_container_address_is_the_first_networks_ip() {
+        use bollard::models::{EndpointSettings, NetworkSettings};
+        let with = |nets: &[(&str, &str)]| ContainerInspectResponse {
+            network_settings: Some(NetworkSettings {
+                networks: Some(
+                    nets.iter()
+                        .map(|(n, ip)| {
+                            let e = EndpointSettings {
+                                ip_address: Some(ip.to_string()),
+                                ..Default::default()
+                            };
+                            (n.to_string(), e)
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        assert_eq!(
+            container_address(&with(&[("bridge", "172.17.0.5")])),
+            ip("172.17.0.5")
+        );
+        assert_eq!(
+            container_address(&with(&[
+                ("zeta", "10.0.0.9"),
+                ("alpha", ""),
+                ("beta", "10.0.0.2")
+            ])),
+            ip("10.0.0.2"),
+            "the first network by name that has an address"
+        );
+        assert_eq!(container_address(&with(&[("host", "")])), None);
+        assert_eq!(
+            container_address(&ContainerInspectResponse::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn output_keeps_the_last_bytes_from_a_line_start() {
+        assert_eq!(last_output(b"a 1\nb 2\n", 64), "a 1\nb 2\n");
+        assert_eq!(last_output(b"", 64), "");
+        // Cut inside "line 2": the kept part starts at the next line.
+        let text = b"line 1\nline 2\nline 3\nline 4\n";
+        assert_eq!(last_output(text, 17), "line 3\nline 4\n");
+        // Cut exactly at a line start.
+        assert_eq!(last_output(text, 14), "line 3\nline 4\n");
+        // One long line: cut at a character, never inside one.
+        let long = "é".repeat(100); // 2 bytes each
+        let out = last_output(long.as_bytes(), 51);
+        assert_eq!(out, "é".repeat(25));
+        // Invalid UTF-8 is replaced, within the limit.
+        let out = last_output(b"\xff\xff\xff\xffabcdef", 8);
+        assert!(out.len() <= 8 && out.ends_with("abcdef"), "{out:?}");
+        for max in 1..40 {
+            assert!(last_output(text, max).len() <= max, "{max}");
+        }
+    }
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        let err = Error::HostDir {
+            path: "/x".into(),
+            source: std::io::Error::other("disk full"),
+        };
+        assert_eq!(
+            error_chain(&err),
+            "cannot create host directory /x for a volume: disk full"
+        );
+    }
+}
