@@ -1,0 +1,649 @@
+//! A typed client for the controller's REST API (see `bramble_api::rest`).
+//!
+//! Errors are meant to be shown to people as one line, so the transport's error chain
+//! (reqwest → hyper → io) is boiled down to a short reason (`connection refused`) when
+//! the error is made, instead of being kept as a `#[source]` chain.
+
+use std::time::Duration;
+
+use bramble_api::duration::Duration as ApiDuration;
+use bramble_api::manifest::Kind;
+use bramble_api::rest::{
+    ApiErrorBody, ApplyRequest, ApplyResponse, CronJobView, DeleteResponse, DrainResponse, Event,
+    NodeView, VersionInfo, WorkloadView,
+};
+use bramble_api::task::Task;
+use bytes::Bytes;
+use reqwest::header::{HeaderValue, AUTHORIZATION, USER_AGENT};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::Target;
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole request may take (streams and drains excepted).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much longer than its own timeout a drain may take to answer: the controller
+/// stops waiting at the timeout, then still has to answer.
+const DRAIN_GRACE: Duration = Duration::from_secs(15);
+
+/// What can go wrong talking to the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server setting is not an http(s) URL.
+    #[error("invalid server URL {server:?}: {reason}")]
+    BadServer {
+        /// As configured.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// The token cannot be sent in an HTTP header.
+    #[error("invalid token: it must be printable ASCII without line breaks")]
+    BadToken,
+    /// Nothing answers at the server's address.
+    #[error("cannot reach the controller at {server}: {reason} (is bramble-controller running? set --server or BRAMBLE_SERVER)")]
+    Unreachable {
+        /// Base URL.
+        server: String,
+        /// `connection refused`, `timed out`, …
+        reason: String,
+    },
+    /// Something answers, but no HTTP conversation could be had (TLS, protocol…).
+    #[error("cannot talk to the controller at {server}: {reason}")]
+    Connect {
+        /// Base URL.
+        server: String,
+        /// What failed.
+        reason: String,
+    },
+    /// 401.
+    #[error(
+        "unauthorized: the server rejected the token (set --token, BRAMBLE_TOKEN or a context)"
+    )]
+    Unauthorized,
+    /// An error answer in the API's shape.
+    #[error("{}", body.message)]
+    Api {
+        /// HTTP status.
+        status: StatusCode,
+        /// `{code, message, details}`.
+        body: ApiErrorBody,
+    },
+    /// An error answer that is not in the API's shape (a proxy, another server).
+    #[error("the server at {server} answered {status}: {text}")]
+    Http {
+        /// Base URL.
+        server: String,
+        /// HTTP status.
+        status: StatusCode,
+        /// The start of the body.
+        text: String,
+    },
+    /// A success answer that does not parse as the expected type.
+    #[error("unexpected answer to {method} {path}: {reason} (is the controller the same version as bramblectl?)")]
+    Decode {
+        /// Request method.
+        method: Method,
+        /// Request path.
+        path: String,
+        /// What did not parse.
+        reason: String,
+    },
+    /// The connection broke while reading an answer.
+    #[error("connection to the controller at {server} broke: {reason}")]
+    Interrupted {
+        /// Base URL.
+        server: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// `Result` with this module's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the server said 404.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Api { status, .. } | Error::Http { status, .. } if *status == StatusCode::NOT_FOUND)
+    }
+}
+
+/// A client for one controller.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    server: String,
+    auth: Option<HeaderValue>,
+}
+
+/// Parses a server setting; `host:port` without a scheme means `http://host:port`.
+pub fn parse_server(server: &str) -> Result<Url> {
+    let bad = |reason: &str| Error::BadServer {
+        server: server.to_string(),
+        reason: reason.to_string(),
+    };
+    let has_scheme = server.contains("://");
+    let text = if has_scheme {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    let url = Url::parse(&text).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("expected an http:// or https:// URL"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("a server URL has no query or fragment"));
+    }
+    Ok(url)
+}
+
+/// Makes rustls use ring (not aws-lc-rs, which needs cmake and more C to cross-build
+/// for the Pis). Idempotent; [`Client::new`] calls it too, as reqwest panics without a
+/// provider.
+pub fn install_tls_provider() {
+    // Fails only when a provider is already installed, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Client {
+    /// A client for the target's server and token.
+    pub fn new(target: &Target) -> Result<Client> {
+        install_tls_provider();
+        let base = parse_server(&target.server)?;
+        let auth = match &target.token {
+            Some(t) => {
+                let mut v =
+                    HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| Error::BadToken)?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| Error::Connect {
+                server: target.server.clone(),
+                reason: reason(&e),
+            })?;
+        Ok(Client {
+            http,
+            server: base.as_str().trim_end_matches('/').to_string(),
+            base,
+            auth,
+        })
+    }
+
+    /// The base URL, as shown in messages.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The URL of `/v1/{segments…}?{query}`; segments are percent-encoded.
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut path = url
+                .path_segments_mut()
+                .expect("parse_server accepts only http(s) URLs, which have a path");
+            path.pop_if_empty().push("v1").extend(segments);
+        }
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&dyn ErasedJson>,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response> {
+        let mut req = self.http.request(method, url).header(
+            USER_AGENT,
+            concat!("bramblectl/", env!("CARGO_PKG_VERSION")),
+        );
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b.to_json());
+        }
+        let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(Error::Unauthorized);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<ApiErrorBody>(&text) {
+            Ok(body) => Err(Error::Api { status, body }),
+            Err(_) => Err(Error::Http {
+                server: self.server.clone(),
+                status,
+                text: first_line(&text, 200),
+            }),
+        }
+    }
+
+    fn transport_error(&self, e: &reqwest::Error) -> Error {
+        let server = self.server.clone();
+        let io = io_error(e);
+        let unreachable = e.is_timeout()
+            || io.is_some_and(|io| {
+                use std::io::ErrorKind::*;
+                matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | TimedOut
+                        | HostUnreachable
+                        | NetworkUnreachable
+                        | AddrNotAvailable
+                )
+            })
+            || chain(e).any(|m| m.starts_with("dns error"));
+        if unreachable {
+            Error::Unreachable {
+                server,
+                reason: reason(e),
+            }
+        } else if e.is_connect() {
+            Error::Connect {
+                server,
+                reason: reason(e),
+            }
+        } else {
+            Error::Interrupted {
+                server,
+                reason: reason(e),
+            }
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&dyn ErasedJson>,
+    ) -> Result<T> {
+        self.json_within(method, segments, query, body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    async fn json_within<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&dyn ErasedJson>,
+        timeout: Duration,
+    ) -> Result<T> {
+        let url = self.url(segments, query);
+        let path = url.path().to_string();
+        let resp = self.send(method.clone(), url, body, Some(timeout)).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
+            method,
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// `GET /v1/version`.
+    pub async fn version(&self) -> Result<VersionInfo> {
+        self.json(Method::GET, &["version"], &[], None).await
+    }
+
+    /// `POST /v1/apply`.
+    pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse> {
+        self.json(Method::POST, &["apply"], &[], Some(req)).await
+    }
+
+    /// `GET /v1/workloads[?kind=K]`.
+    pub async fn workloads(&self, kind: Option<Kind>) -> Result<Vec<WorkloadView>> {
+        let query: Vec<(&str, &str)> = kind.iter().map(|k| ("kind", k.path())).collect();
+        self.json(Method::GET, &["workloads"], &query, None).await
+    }
+
+    /// `GET /v1/workloads/{kind}/{name}`.
+    pub async fn workload(&self, kind: Kind, name: &str) -> Result<WorkloadView> {
+        self.json(Method::GET, &["workloads", kind.path(), name], &[], None)
+            .await
+    }
+
+    /// `DELETE /v1/workloads/{kind}/{name}`.
+    pub async fn delete_workload(&self, kind: Kind, name: &str) -> Result<DeleteResponse> {
+        self.json(Method::DELETE, &["workloads", kind.path(), name], &[], None)
+            .await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>> {
+        self.json(Method::GET, &["nodes"], &[], None).await
+    }
+
+    /// `GET /v1/nodes/{name}`.
+    pub async fn node(&self, name: &str) -> Result<NodeView> {
+        self.json(Method::GET, &["nodes", name], &[], None).await
+    }
+
+    /// `GET /v1/tasks[?workload=W&node=N]`.
+    pub async fn tasks(&self, workload: Option<&str>, node: Option<&str>) -> Result<Vec<Task>> {
+        let mut query = Vec::new();
+        if let Some(w) = workload {
+            query.push(("workload", w));
+        }
+        if let Some(n) = node {
+            query.push(("node", n));
+        }
+        self.json(Method::GET, &["tasks"], &query, None).await
+    }
+
+    /// `GET /v1/tasks/{id}`.
+    pub async fn task(&self, id: &str) -> Result<Task> {
+        self.json(Method::GET, &["tasks", id], &[], None).await
+    }
+
+    /// `GET /v1/tasks/{id}/logs?follow=&tail=`: the log text as it arrives.
+    pub async fn logs(&self, id: &str, follow: bool, tail: Option<u32>) -> Result<Logs> {
+        let tail = tail.map(|t| t.to_string());
+        let mut query = vec![("follow", if follow { "true" } else { "false" })];
+        if let Some(t) = &tail {
+            query.push(("tail", t.as_str()));
+        }
+        let url = self.url(&["tasks", id, "logs"], &query);
+        let resp = self
+            .send(Method::GET, url, None, (!follow).then_some(REQUEST_TIMEOUT))
+            .await?;
+        Ok(Logs {
+            resp,
+            server: self.server.clone(),
+        })
+    }
+
+    /// `POST /v1/nodes/{name}/cordon`.
+    pub async fn cordon(&self, name: &str) -> Result<NodeView> {
+        self.json(Method::POST, &["nodes", name, "cordon"], &[], None)
+            .await
+    }
+
+    /// `POST /v1/nodes/{name}/uncordon`.
+    pub async fn uncordon(&self, name: &str) -> Result<NodeView> {
+        self.json(Method::POST, &["nodes", name, "uncordon"], &[], None)
+            .await
+    }
+
+    /// `POST /v1/nodes/{name}/drain?timeout=T`: answers when the node is empty or the
+    /// timeout has passed, so the request may take a little longer than `timeout`.
+    pub async fn drain(&self, name: &str, timeout: ApiDuration) -> Result<DrainResponse> {
+        let t = timeout.to_string();
+        self.json_within(
+            Method::POST,
+            &["nodes", name, "drain"],
+            &[("timeout", t.as_str())],
+            None,
+            timeout.std().saturating_add(DRAIN_GRACE),
+        )
+        .await
+    }
+
+    /// `GET /v1/cronjobs`.
+    pub async fn cronjobs(&self) -> Result<Vec<CronJobView>> {
+        self.json(Method::GET, &["cronjobs"], &[], None).await
+    }
+
+    /// `GET /v1/cronjobs/{name}`.
+    pub async fn cronjob(&self, name: &str) -> Result<CronJobView> {
+        self.json(Method::GET, &["cronjobs", name], &[], None).await
+    }
+
+    /// `POST /v1/cronjobs/{name}/run`: the run started now.
+    pub async fn cron_run(&self, name: &str) -> Result<Task> {
+        self.json(Method::POST, &["cronjobs", name, "run"], &[], None)
+            .await
+    }
+
+    /// `POST /v1/cronjobs/{name}/suspend` (or `.../resume` when `suspend` is false).
+    pub async fn cron_suspend(&self, name: &str, suspend: bool) -> Result<CronJobView> {
+        let action = if suspend { "suspend" } else { "resume" };
+        self.json(Method::POST, &["cronjobs", name, action], &[], None)
+            .await
+    }
+
+    /// `GET /v1/events[?object=O]`, oldest first as the controller keeps them.
+    pub async fn events(&self, object: Option<&str>) -> Result<Vec<Event>> {
+        let query: Vec<(&str, &str)> = object.iter().map(|o| ("object", *o)).collect();
+        self.json(Method::GET, &["events"], &query, None).await
+    }
+
+    /// `GET /v1/events?[object=O&]watch=true`: the stored events, then new ones as they
+    /// happen, without end.
+    pub async fn watch_events(&self, object: Option<&str>) -> Result<EventStream> {
+        let mut query: Vec<(&str, &str)> = object.iter().map(|o| ("object", *o)).collect();
+        query.push(("watch", "true"));
+        let url = self.url(&["events"], &query);
+        let path = url.path().to_string();
+        let resp = self.send(Method::GET, url, None, None).await?;
+        Ok(EventStream {
+            resp,
+            server: self.server.clone(),
+            path,
+            buf: Vec::new(),
+        })
+    }
+}
+
+/// A watch answer being read: newline-delimited JSON, one [`Event`] a line.
+#[derive(Debug)]
+pub struct EventStream {
+    resp: reqwest::Response,
+    server: String,
+    path: String,
+    /// Bytes received after the last complete line.
+    buf: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the controller ends the stream.
+    pub async fn next(&mut self) -> Result<Option<Event>> {
+        loop {
+            if let Some(line) = next_line(&mut self.buf) {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return serde_json::from_slice(&line)
+                    .map(Some)
+                    .map_err(|e| Error::Decode {
+                        method: Method::GET,
+                        path: self.path.clone(),
+                        reason: e.to_string(),
+                    });
+            }
+            let chunk = self.resp.chunk().await.map_err(|e| Error::Interrupted {
+                server: self.server.clone(),
+                reason: reason(&e),
+            })?;
+            match chunk {
+                Some(bytes) => self.buf.extend_from_slice(&bytes),
+                // A last line without its newline still counts.
+                None if !self.buf.iter().all(u8::is_ascii_whitespace) => self.buf.push(b'\n'),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Takes the first complete line (without its `\n`) out of `buf`.
+fn next_line(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let pos = buf.iter().position(|b| *b == b'\n')?;
+    let mut line: Vec<u8> = buf.drain(..=pos).collect();
+    line.pop();
+    Some(line)
+}
+
+/// A log answer being read.
+#[derive(Debug)]
+pub struct Logs {
+    resp: reqwest::Response,
+    server: String,
+}
+
+impl Logs {
+    /// The next piece of log text; `None` at the end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        self.resp.chunk().await.map_err(|e| Error::Interrupted {
+            server: self.server.clone(),
+            reason: reason(&e),
+        })
+    }
+}
+
+/// Request bodies, type-erased so `send` is compiled once.
+trait ErasedJson: Sync {
+    fn to_json(&self) -> serde_json::Value;
+}
+
+impl<T: Serialize + Sync> ErasedJson for T {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("API request bodies always serialize")
+    }
+}
+
+/// The messages of an error and its sources, outermost first.
+fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = String> + 'a {
+    std::iter::successors(Some(e), |e| e.source()).map(|e| e.to_string())
+}
+
+fn io_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    std::iter::successors(Some(e), |e| e.source()).find_map(|e| e.downcast_ref())
+}
+
+/// A short reason for a transport error: the innermost cause, in lower case, without
+/// the `(os error 111)` suffix.
+fn reason(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".into();
+    }
+    if let Some(io) = io_error(e) {
+        use std::io::ErrorKind::*;
+        match io.kind() {
+            ConnectionRefused => return "connection refused".into(),
+            TimedOut => return "timed out".into(),
+            ConnectionReset => return "connection reset".into(),
+            _ => {}
+        }
+    }
+    let inner = chain(e).last().unwrap_or_default();
+    let inner = match inner.rfind(" (os error ") {
+        Some(i) => inner[..i].to_string(),
+        None => inner,
+    };
+    let mut chars = inner.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => "unknown error".into(),
+    }
+}
+
+/// The first line of `text`, at most `max` characters.
+fn first_line(text: &str, max: usize) -> String {
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    if line.chars().count() > max {
+        let mut s: String = line.chars().take(max).collect();
+        s.push('…');
+        s
+    } else if line.is_empty() {
+        "(empty body)".into()
+    } else {
+        line.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(server: &str) -> Client {
+        Client::new(&Target {
+            server: server.into(),
+            token: None,
+            context: None,
+        })
+        .expect("valid server")
+    }
+
+    #[test]
+    fn urls_are_built_under_v1_with_encoded_segments() {
+        let c = client("http://pi:7878");
+        assert_eq!(
+            c.url(&["tasks", "a b/c"], &[("follow", "true")]).as_str(),
+            "http://pi:7878/v1/tasks/a%20b%2Fc?follow=true"
+        );
+        let c = client("https://host/bramble/");
+        assert_eq!(
+            c.url(&["nodes"], &[]).as_str(),
+            "https://host/bramble/v1/nodes"
+        );
+        assert_eq!(c.server(), "https://host/bramble");
+    }
+
+    #[test]
+    fn a_server_without_scheme_is_http() {
+        assert_eq!(
+            parse_server("pi-1:7878").map(|u| u.to_string()).ok(),
+            Some("http://pi-1:7878/".to_string())
+        );
+        assert!(parse_server("ftp://x").is_err());
+        assert!(parse_server("http://").is_err());
+    }
+
+    #[test]
+    fn a_token_with_a_line_break_is_refused() {
+        let err = Client::new(&Target {
+            server: "http://x".into(),
+            token: Some("a\nb".into()),
+            context: None,
+        })
+        .expect_err("must fail");
+        assert!(matches!(err, Error::BadToken));
+    }
+
+    #[test]
+    fn ndjson_lines_are_taken_whole_and_partial_ones_kept() {
+        let mut buf = b"{\"a\":1}\n{\"b\":".to_vec();
+        assert_eq!(next_line(&mut buf).as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(next_line(&mut buf), None);
+        assert_eq!(buf, b"{\"b\":");
+        buf.extend_from_slice(b"2}\n");
+        assert_eq!(next_line(&mut buf).as_deref(), Some(&b"{\"b\":2}"[..]));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn first_line_is_trimmed_and_bounded() {
+        assert_eq!(first_line("\n  Bad Gateway \nmore", 50), "Bad Gateway");
+        assert_eq!(first_line("abcdef", 3), "abc…");
+        assert_eq!(first_line("", 3), "(empty body)");
+    }
+}

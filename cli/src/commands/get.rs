@@ -1,0 +1,462 @@
+//! `get nodes|workloads|tasks|services|wallets|cronjobs|jobs [NAME]`.
+//!
+//! `get cronjobs` asks the cronjob endpoint (schedules, last and next runs); the other
+//! kinds, and `get workloads --kind cronjob`, list workloads.
+
+use std::io::Write;
+
+use anyhow::Result;
+use bramble_api::manifest::Kind;
+use bramble_api::quantity::Memory;
+use bramble_api::rest::{format_labels, CronJobView, NodeView, WorkloadView};
+use bramble_api::task::Task;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::not_found;
+use crate::args::GetArgs;
+use crate::client::Client;
+use crate::describe::{firing_outcome, node_status, ready};
+use crate::error::usage;
+use crate::output::{age, ago, or_none, timestamp, until, write_structured, Format, Resource};
+use crate::table::{cell, Table};
+
+/// Lists or shows objects.
+pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<()> {
+    let name = match (&args.resource.name, &args.name) {
+        (Some(_), Some(n)) => {
+            return Err(usage(format!(
+                "name {n:?} given twice: use either TYPE/NAME or TYPE NAME"
+            )))
+        }
+        (a, b) => a.clone().or_else(|| b.clone()),
+    };
+    let resource = args.resource.resource;
+    let format = args.output.unwrap_or_default();
+    let wide = format == Format::Wide;
+    let now = Utc::now();
+    if resource != Resource::Tasks && (args.workload.is_some() || args.node.is_some()) {
+        return Err(usage("--workload and --node apply to tasks only"));
+    }
+    if resource == Resource::Nodes && args.kind.is_some() {
+        return Err(usage("--kind applies to workloads and tasks only"));
+    }
+    match resource {
+        Resource::Workloads(Some(Kind::CronJob)) => {
+            if let Some(k) = args.kind.filter(|k| *k != Kind::CronJob) {
+                return Err(usage(format!("--kind {} contradicts {resource}", k.path())));
+            }
+            let cronjobs = match &name {
+                Some(n) => vec![client
+                    .cronjob(n)
+                    .await
+                    .map_err(|e| not_found(e, "cronjob", n))?],
+                None => {
+                    let mut v = client.cronjobs().await?;
+                    v.sort_by(|a, b| a.name.cmp(&b.name));
+                    v
+                }
+            };
+            emit(out, format, name.is_some(), resource, &cronjobs, || {
+                cronjobs_table(&cronjobs, wide, now)
+            })
+        }
+        Resource::Nodes => {
+            let nodes = match &name {
+                Some(n) => vec![client.node(n).await.map_err(|e| not_found(e, "node", n))?],
+                None => {
+                    let mut v = client.nodes().await?;
+                    v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+                    v
+                }
+            };
+            emit(out, format, name.is_some(), resource, &nodes, || {
+                nodes_table(&nodes, wide, now)
+            })
+        }
+        Resource::Workloads(kind) => {
+            let kind = match (kind, args.kind) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(usage(format!(
+                        "--kind {} contradicts {}",
+                        b.path(),
+                        args.resource.resource
+                    )))
+                }
+                (a, b) => a.or(b),
+            };
+            let what = Resource::Workloads(kind);
+            let workloads = match (&name, kind) {
+                (Some(n), Some(k)) => vec![client
+                    .workload(k, n)
+                    .await
+                    .map_err(|e| not_found(e, k.path(), n))?],
+                _ => {
+                    let mut v: Vec<WorkloadView> = client.workloads(kind).await?;
+                    // Filter here too: it costs nothing and holds if a server ignores ?kind.
+                    v.retain(|w| kind.is_none_or(|k| w.manifest.kind == k));
+                    if let Some(n) = &name {
+                        v.retain(|w| w.manifest.metadata.name.as_str() == n);
+                        if v.is_empty() {
+                            anyhow::bail!("workload {n:?} not found");
+                        }
+                    }
+                    v.sort_by(|a, b| {
+                        (a.manifest.kind, a.manifest.metadata.name.as_str())
+                            .cmp(&(b.manifest.kind, b.manifest.metadata.name.as_str()))
+                    });
+                    v
+                }
+            };
+            let single = name.is_some() && workloads.len() == 1;
+            emit(out, format, single, what, &workloads, || {
+                workloads_table(&workloads, wide, now)
+            })
+        }
+        Resource::Tasks => {
+            let tasks = match &name {
+                Some(id) => vec![client
+                    .task(id)
+                    .await
+                    .map_err(|e| not_found(e, "task", id))?],
+                None => {
+                    let mut v = client
+                        .tasks(args.workload.as_deref(), args.node.as_deref())
+                        .await?;
+                    v.retain(|t| args.kind.is_none_or(|k| t.kind == k));
+                    sort_tasks(&mut v);
+                    v
+                }
+            };
+            emit(out, format, name.is_some(), resource, &tasks, || {
+                tasks_table(&tasks, wide, now)
+            })
+        }
+    }
+}
+
+/// Prints a list (or one object) as a table, YAML or JSON. An empty table is said on
+/// stderr, as kubectl does, so scripts reading stdout see nothing.
+fn emit<T: Serialize>(
+    out: &mut dyn Write,
+    format: Format,
+    single: bool,
+    resource: Resource,
+    items: &[T],
+    table: impl FnOnce() -> Table,
+) -> Result<()> {
+    match format {
+        Format::Json | Format::Yaml => match (single, items) {
+            (true, [one]) => write_structured(out, format, one),
+            _ => write_structured(out, format, &items),
+        },
+        Format::Table | Format::Wide => {
+            if items.is_empty() {
+                let _ = writeln!(std::io::stderr(), "No {resource} found.");
+                return Ok(());
+            }
+            write!(out, "{}", table())?;
+            Ok(())
+        }
+    }
+}
+
+/// Tasks grouped by workload, then by replica, oldest first.
+pub fn sort_tasks(tasks: &mut [Task]) {
+    tasks.sort_by(|a, b| {
+        (&a.workload, a.kind, a.replica, a.created_at, &a.id).cmp(&(
+            &b.workload,
+            b.kind,
+            b.replica,
+            b.created_at,
+            &b.id,
+        ))
+    });
+}
+
+/// `get nodes`.
+pub fn nodes_table(nodes: &[NodeView], wide: bool, now: DateTime<Utc>) -> Table {
+    let mut headers = vec![
+        "NAME",
+        "STATUS",
+        "ARCH",
+        "CPU(cores)",
+        "MEMORY",
+        "TASKS",
+        "AGE",
+        "VERSION",
+    ];
+    if wide {
+        headers.extend(["OS", "DOCKER", "CPU%", "MEM-USED", "LABELS", "ADDRESS"]);
+    }
+    let mut t = Table::new(headers);
+    for n in nodes {
+        let i = &n.info;
+        let mut row = vec![
+            i.name.clone(),
+            node_status(n),
+            i.arch.to_string(),
+            i.cores.to_string(),
+            Memory(i.memory_bytes).human(),
+            n.tasks.to_string(),
+            age(n.registered_at, now),
+            i.agent_version.clone(),
+        ];
+        if wide {
+            let (cpu, mem) = match &n.metrics {
+                Some(m) => (
+                    format!("{:.0}%", m.cpu_percent),
+                    Memory(m.memory_used_bytes).human(),
+                ),
+                None => ("<unknown>".into(), "<unknown>".into()),
+            };
+            row.extend([
+                if i.os.is_empty() {
+                    "<unknown>".into()
+                } else {
+                    cell(&i.os)
+                },
+                i.docker_version.clone(),
+                cpu,
+                mem,
+                format_labels(&i.labels),
+                or_none(n.address.as_deref()),
+            ]);
+        }
+        t.row(row);
+    }
+    t
+}
+
+/// `get workloads`.
+pub fn workloads_table(workloads: &[WorkloadView], wide: bool, now: DateTime<Utc>) -> Table {
+    let mut headers = vec!["KIND", "NAME", "DESIRED", "RUNNING", "IMAGE", "AGE"];
+    if wide {
+        headers.extend(["LABELS", "GENERATION"]);
+    }
+    let mut t = Table::new(headers);
+    for w in workloads {
+        let m = &w.manifest;
+        let mut row = vec![
+            m.kind.to_string(),
+            m.metadata.name.to_string(),
+            w.desired.to_string(),
+            w.running.to_string(),
+            m.spec.image.clone(),
+            age(w.created_at, now),
+        ];
+        if wide {
+            row.extend([format_labels(&m.metadata.labels), w.generation.to_string()]);
+        }
+        t.row(row);
+    }
+    t
+}
+
+/// `get cronjobs`: no AGE, as the cronjob view has no creation time (`get workloads
+/// --kind cronjob` has it).
+pub fn cronjobs_table(cronjobs: &[CronJobView], wide: bool, now: DateTime<Utc>) -> Table {
+    let mut headers = vec![
+        "NAME",
+        "SCHEDULE",
+        "TIMEZONE",
+        "SUSPEND",
+        "ACTIVE",
+        "LAST RUN",
+        "LAST RESULT",
+        "NEXT RUN",
+    ];
+    if wide {
+        headers.extend(["LAST SLOT", "NEXT SLOT", "LAST FIRING"]);
+    }
+    let mut t = Table::new(headers);
+    for c in cronjobs {
+        let mut row = vec![
+            c.name.clone(),
+            cell(&c.schedule),
+            c.timezone.clone(),
+            c.suspended.to_string(),
+            c.active.to_string(),
+            c.last_slot.map_or_else(|| "<none>".into(), |s| ago(s, now)),
+            or_none(c.last_result),
+            c.next.map_or_else(|| "<none>".into(), |s| until(s, now)),
+        ];
+        if wide {
+            // Firings come newest first; the newest may be a manual run or a skipped slot.
+            let last = c.firings.iter().max_by_key(|f| (f.slot, f.decided_at));
+            row.extend([
+                or_none(c.last_slot.map(timestamp)),
+                or_none(c.next.map(timestamp)),
+                or_none(last.map(|f| firing_outcome(f.outcome))),
+            ]);
+        }
+        t.row(row);
+    }
+    t
+}
+
+/// `get tasks`. Wide, SLOT and ATTEMPT are added when a listed task is a CronJob run or
+/// a retry, so a list of services does not carry two empty columns.
+pub fn tasks_table(tasks: &[Task], wide: bool, now: DateTime<Utc>) -> Table {
+    let mut headers = vec![
+        "NAME", "WORKLOAD", "NODE", "PHASE", "READY", "RESTARTS", "AGE",
+    ];
+    let runs = wide && tasks.iter().any(|t| t.slot.is_some() || t.attempt > 0);
+    if wide {
+        headers.extend(["KIND", "EXIT", "CONTAINER"]);
+        if runs {
+            headers.extend(["SLOT", "ATTEMPT"]);
+        }
+        headers.push("MESSAGE");
+    }
+    let mut t = Table::new(headers);
+    for task in tasks {
+        let mut row = vec![
+            task.id.clone(),
+            task.workload.clone(),
+            or_none(task.node.as_deref()),
+            task.phase.to_string(),
+            ready(task).to_string(),
+            task.restarts.to_string(),
+            age(task.created_at, now),
+        ];
+        if wide {
+            row.extend([
+                task.kind.to_string(),
+                task.exit_code.map_or_else(|| "-".into(), |c| c.to_string()),
+                task.container_id
+                    .as_deref()
+                    .map_or_else(|| "-".into(), |c| c.chars().take(12).collect()),
+            ]);
+            if runs {
+                row.extend([
+                    task.slot.map_or_else(|| "-".into(), timestamp),
+                    task.attempt.to_string(),
+                ]);
+            }
+            row.push(cell(task.message.as_deref().unwrap_or("")));
+        }
+        t.row(row);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::describe::fixtures::*;
+
+    #[test]
+    fn node_table_shows_cordoned_nodes_like_kubectl() {
+        let t = nodes_table(&[node_view(true)], false, now()).to_string();
+        assert_eq!(
+            t,
+            "NAME   STATUS                     ARCH    CPU(cores)   MEMORY   TASKS   AGE   VERSION\n\
+             pi-1   Ready,SchedulingDisabled   arm64   4            1.0Gi    1       5d    0.1.0\n"
+        );
+    }
+
+    #[test]
+    fn wide_node_table_adds_system_and_load() {
+        let t = nodes_table(&[node_view(false)], true, now()).to_string();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("VERSION   OS                               DOCKER   CPU%   MEM-USED   LABELS     ADDRESS"), "{t}");
+        assert!(lines[1].ends_with("0.1.0     Debian GNU/Linux 12 (bookworm)   24.0.5   12%    410Mi      disk=ssd   10.0.0.11:51234"), "{t}");
+    }
+
+    #[test]
+    fn workload_table_has_counts_and_image() {
+        let t = workloads_table(&[wallet()], true, now()).to_string();
+        assert_eq!(
+            t,
+            "KIND     NAME         DESIRED   RUNNING   IMAGE                 AGE   LABELS     GENERATION\n\
+             Wallet   ltc-wallet   1         0         pool/litecoind:0.21   5d    app=pool   2\n"
+        );
+    }
+
+    #[test]
+    fn cronjob_table_says_when_it_last_ran_and_runs_next() {
+        let suspended = cron_view();
+        let mut live = cron_view();
+        live.name = "backup".into();
+        live.schedule = "0 3 * * *".into();
+        live.timezone = "UTC".into();
+        live.suspended = false;
+        live.active = 1;
+        live.last_slot = Some("2026-11-10T11:59:48Z".parse().expect("valid time"));
+        live.last_result = Some(bramble_api::task::TaskPhase::Running);
+        live.next = Some("2026-11-10T12:00:48Z".parse().expect("valid time"));
+        live.firings.truncate(1);
+        let never = CronJobView {
+            name: "fresh".into(),
+            last_slot: None,
+            last_result: None,
+            firings: Vec::new(),
+            ..live.clone()
+        };
+        let t = cronjobs_table(&[live.clone(), suspended.clone(), never], false, now()).to_string();
+        assert_eq!(
+            t,
+            "NAME     SCHEDULE      TIMEZONE        SUSPEND   ACTIVE   LAST RUN   LAST RESULT   NEXT RUN\n\
+             backup   0 3 * * *     UTC             false     1        12s ago    Running       in 48s\n\
+             payout   */5 * * * *   Europe/Berlin   true      0        5m ago     Succeeded     <none>\n\
+             fresh    0 3 * * *     UTC             false     1        <none>     <none>        in 48s\n"
+        );
+        let t = cronjobs_table(&[live, suspended], true, now()).to_string();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0]
+                .ends_with("NEXT RUN   LAST SLOT              NEXT SLOT              LAST FIRING"),
+            "{t}"
+        );
+        assert!(
+            lines[1].ends_with("in 48s     2026-11-10T11:59:48Z   2026-11-10T12:00:48Z   Fired"),
+            "{t}"
+        );
+        assert!(
+            lines[2].ends_with("<none>     2026-11-10T11:55:00Z   <none>                 Fired"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn wide_task_table_shows_slot_and_attempt_of_runs() {
+        let mut tasks = cron_runs();
+        tasks.push(running_task());
+        sort_tasks(&mut tasks);
+        let t = tasks_table(&tasks, true, now()).to_string();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].ends_with(
+                "KIND      EXIT   CONTAINER      SLOT                   ATTEMPT   MESSAGE"
+            ),
+            "{t}"
+        );
+        assert!(
+            lines[1].starts_with("payout-20261110t114217z-manual "),
+            "{t}"
+        );
+        assert!(lines[3].starts_with("payout-20261110t115500z-r1 "), "{t}");
+        assert!(
+            lines[3].ends_with("CronJob   0      -              2026-11-10T11:55:00Z   1"),
+            "{t}"
+        );
+        assert!(
+            lines[4].ends_with("Service   -      4f9a2b7c1d3e   -                      0"),
+            "{t}"
+        );
+        let narrow = tasks_table(&tasks, false, now()).to_string();
+        assert!(!narrow.contains("SLOT"), "{narrow}");
+    }
+
+    #[test]
+    fn wide_task_table_says_why_a_task_is_pending() {
+        let mut tasks = vec![pending_task(), running_task()];
+        sort_tasks(&mut tasks);
+        let t = tasks_table(&tasks, true, now()).to_string();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "NAME                  WORKLOAD     NODE     PHASE     READY   RESTARTS   AGE   KIND      EXIT   CONTAINER      MESSAGE");
+        assert_eq!(lines[1], "ltc-wallet-0a1b2c-0   ltc-wallet   <none>   Pending   -       0          45s   Wallet    -      -              no node fits: pi-1: label disk=ssd missing; pi-2: needs 256Mi memory, 100Mi free");
+        assert_eq!(lines[2], "web-0a1b2c-1          web          pi-1     Running   true    2          3h    Service   -      4f9a2b7c1d3e");
+    }
+}
