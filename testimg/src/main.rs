@@ -1,0 +1,313 @@
+//! `testimg`: the container every Bramble test runs. One small static binary (built for
+//! `x86_64-unknown-linux-musl` and put into a `FROM scratch` image by
+//! `bramble_tests::ensure_test_image`) that can behave like the workloads Bramble has
+//! to deal with: serve, run to completion, fail, crash, hang, eat memory, log.
+//!
+//! ```text
+//! testimg serve PORT [TEXT]        HTTP/1.1: GET / -> TEXT (default "hello from testimg"),
+//!                                  GET /healthz -> "ok", GET /env/NAME -> $NAME (404 if unset)
+//! testimg sleep SECS               sleep, then exit 0
+//! testimg exit CODE [AFTER_SECS]   exit with CODE, after AFTER_SECS (default 0; fractions allowed)
+//! testimg crash                    abort (SIGABRT, exit status 134)
+//! testimg hang PORT AFTER_SECS     serve like `serve` until AFTER_SECS, then accept connections
+//!                                  but never answer, staying alive (a hung daemon: HTTP probes
+//!                                  time out, TCP probes still connect)
+//! testimg eat MIB                  allocate and touch MIB MiB, then sleep forever
+//! testimg print TEXT [EVERY_MS] [COUNT]
+//!                                  print "TEXT N" (N = 1, 2, …) every EVERY_MS (default 1000) ms;
+//!                                  after COUNT lines (default: never) exit 0
+//! testimg env                      print the environment as NAME=VALUE lines, sorted, then sleep
+//!                                  forever
+//! ```
+//!
+//! As PID 1 in a container the kernel ignores signals with the default disposition, so a
+//! program that does not handle SIGTERM is only stopped by Docker's SIGKILL after the grace
+//! period. testimg handles SIGTERM and SIGINT and exits 0 at once (a graceful stop is a
+//! success), which keeps the tests fast.
+//!
+//! Start-up lines and `exit`'s farewell go to stderr, payload lines to stdout, so log tests
+//! can check that both streams arrive.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+const USAGE: &str =
+    "usage: testimg serve PORT [TEXT] | sleep SECS | exit CODE [AFTER_SECS] | crash | \
+hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | env";
+
+fn main() -> ExitCode {
+    exit_on_sigterm();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match run(&args) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("testimg: {msg}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Installs the SIGTERM/SIGINT handler: a thread that exits the process on the first one.
+fn exit_on_sigterm() {
+    match Signals::new([SIGTERM, SIGINT]) {
+        Ok(mut signals) => {
+            thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    eprintln!("testimg: signal {sig}, exiting");
+                    std::process::exit(0);
+                }
+            });
+        }
+        // Without the handler the program still works; it is just slow to stop.
+        Err(e) => eprintln!("testimg: cannot handle SIGTERM: {e}"),
+    }
+}
+
+fn run(args: &[&str]) -> Result<ExitCode, String> {
+    match args {
+        ["serve", port, rest @ ..] if rest.len() <= 1 => {
+            let text = rest.first().copied().unwrap_or("hello from testimg");
+            serve(parse(port, "PORT")?, text, None)
+        }
+        ["sleep", secs] => {
+            thread::sleep(secs_arg(secs)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        ["exit", code, rest @ ..] if rest.len() <= 1 => {
+            let code: u8 = parse(code, "CODE")?;
+            if let Some(after) = rest.first() {
+                thread::sleep(secs_arg(after)?);
+            }
+            eprintln!("testimg: exiting with code {code}");
+            Ok(ExitCode::from(code))
+        }
+        ["crash"] => {
+            eprintln!("testimg: crashing");
+            std::process::abort()
+        }
+        ["hang", port, after] => {
+            let after = secs_arg(after)?;
+            serve(parse(port, "PORT")?, "hello from testimg", Some(after))
+        }
+        ["eat", mib] => {
+            eat(parse(mib, "MIB")?);
+            sleep_forever()
+        }
+        ["print", text, rest @ ..] if rest.len() <= 2 => {
+            let every = match rest.first() {
+                Some(ms) => Duration::from_millis(parse(ms, "EVERY_MS")?),
+                None => Duration::from_secs(1),
+            };
+            let count: Option<u64> = rest.get(1).map(|c| parse(c, "COUNT")).transpose()?;
+            print_lines(text, every, count);
+            Ok(ExitCode::SUCCESS)
+        }
+        ["env"] => {
+            let vars: BTreeMap<String, String> = std::env::vars().collect();
+            for (k, v) in vars {
+                println!("{k}={v}");
+            }
+            sleep_forever()
+        }
+        [] => Err("no subcommand".to_string()),
+        _ => Err(format!("unknown or malformed command {args:?}")),
+    }
+}
+
+fn parse<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, String> {
+    s.parse().map_err(|_| format!("invalid {what} {s:?}"))
+}
+
+fn secs_arg(s: &str) -> Result<Duration, String> {
+    let secs: f64 = parse(s, "SECS")?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid SECS {s:?}"))
+}
+
+fn sleep_forever() -> ! {
+    loop {
+        thread::park();
+    }
+}
+
+fn print_lines(text: &str, every: Duration, count: Option<u64>) {
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        // stdout is line buffered, so each line reaches Docker's log as it is written.
+        println!("{text} {n}");
+        if count.is_some_and(|c| n >= c) {
+            return;
+        }
+        thread::sleep(every);
+    }
+}
+
+fn eat(mib: usize) {
+    const MIB: usize = 1 << 20;
+    eprintln!("testimg: eating {mib} MiB");
+    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(mib);
+    for _ in 0..mib {
+        // Writing every page makes the kernel back it with real memory (and charge the
+        // cgroup), which an untouched allocation would not.
+        let mut chunk = vec![0u8; MIB];
+        for page in chunk.iter_mut().step_by(4096) {
+            *page = 1;
+        }
+        chunks.push(std::hint::black_box(chunk));
+    }
+    eprintln!("testimg: ate {mib} MiB");
+    // Leaked on purpose: the memory must stay in use until the process is killed.
+    std::mem::forget(chunks);
+}
+
+/// Serves HTTP on `port`; with `hang_after`, stops answering after that long.
+fn serve(port: u16, text: &str, hang_after: Option<Duration>) -> Result<ExitCode, String> {
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .map_err(|e| format!("cannot bind port {port}: {e}"))?;
+    eprintln!("testimg: serving on port {port}");
+    serve_on(listener, text, hang_after);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve_on(listener: TcpListener, text: &str, hang_after: Option<Duration>) {
+    let text: Arc<str> = Arc::from(text);
+    let hang_at = hang_after.map(|d| Instant::now() + d);
+    let mut hung: Vec<TcpStream> = Vec::new();
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        if hang_at.is_some_and(|at| Instant::now() >= at) {
+            // Keep the connection open and unanswered, as a wedged daemon would.
+            if hung.is_empty() {
+                eprintln!("testimg: hanging");
+            }
+            hung.push(stream);
+            continue;
+        }
+        let text = Arc::clone(&text);
+        thread::spawn(move || {
+            if let Err(e) = answer(stream, &text) {
+                eprintln!("testimg: connection error: {e}");
+            }
+        });
+    }
+}
+
+/// Answers one request (and closes the connection: no keep-alive, which is enough for
+/// probes and tests).
+fn answer(stream: TcpStream, text: &str) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Drain the headers; a request body is not expected.
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let path = parts.next().unwrap_or("");
+    let (status, body) = match (method, path) {
+        ("GET", "/") => ("200 OK", text.to_string()),
+        ("GET", "/healthz") => ("200 OK", "ok".to_string()),
+        ("GET", p) if p.starts_with("/env/") => match std::env::var(&p["/env/".len()..]) {
+            Ok(v) => ("200 OK", v),
+            Err(_) => ("404 Not Found", "not set".to_string()),
+        },
+        ("GET", _) => ("404 Not Found", "not found".to_string()),
+        _ => ("405 Method Not Allowed", "only GET".to_string()),
+    };
+    let mut stream = reader.into_inner();
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Serves on an ephemeral loopback port in a background thread.
+    fn spawn_server(text: &'static str, hang_after: Option<Duration>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        thread::spawn(move || serve_on(listener, text, hang_after));
+        port
+    }
+
+    fn get(port: u16, path: &str) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn serves_text_health_and_environment() {
+        let port = spawn_server("hi there", None);
+        let root = get(port, "/").expect("GET /");
+        assert!(root.starts_with("HTTP/1.1 200 OK\r\n"), "{root}");
+        assert!(root.ends_with("\r\n\r\nhi there"), "{root}");
+        assert!(get(port, "/healthz")
+            .expect("healthz")
+            .ends_with("\r\n\r\nok"));
+        let path = get(port, "/env/PATH").expect("env");
+        assert!(path.starts_with("HTTP/1.1 200"), "{path}");
+        let unset = get(port, "/env/TESTIMG_SURELY_UNSET").expect("env");
+        assert!(unset.starts_with("HTTP/1.1 404"), "{unset}");
+        assert!(get(port, "/nope").expect("404").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn hang_stops_answering_but_keeps_accepting() {
+        let port = spawn_server("x", Some(Duration::ZERO));
+        let err = get(port, "/healthz").expect_err("no answer");
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        for args in [
+            &[][..],
+            &["fly"],
+            &["exit", "x"],
+            &["exit", "300"],
+            &["sleep", "-1"],
+            &["serve"],
+            &["eat", "lots"],
+            &["print", "a", "b"],
+        ] {
+            assert!(run(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn exit_and_print_run_to_completion() {
+        assert!(run(&["exit", "0"]).is_ok());
+        assert!(run(&["print", "t", "0", "2"]).is_ok());
+        assert!(run(&["sleep", "0.01"]).is_ok());
+    }
+}

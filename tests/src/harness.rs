@@ -1,0 +1,518 @@
+//! Whole Bramble processes for end-to-end tests: a controller (with or without its
+//! local agent), separate agents and `bramblectl`, each a real process built from this
+//! workspace. Every process and container is cleaned up by Drop, also when a test fails.
+
+use std::fs::{self, File};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The cargo profile the harness itself was built with; the binaries it runs match it,
+/// so `cargo run --release -p bramble-bench` measures release binaries.
+pub const PROFILE: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
+
+/// Path of a workspace binary, built once per test process (a no-op when cargo test
+/// already built it).
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "bramble-controller",
+            "-p",
+            "bramble-agent",
+            "-p",
+            "bramblectl",
+            "--bins",
+        ]);
+        if PROFILE == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("cargo build failed: {status}"))
+        }
+    });
+    if let Err(e) = built {
+        panic!("building the Bramble binaries: {e}");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join(PROFILE).join(name)
+}
+
+/// A free TCP port on loopback (released again, so there is a small race; fine in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A short random suffix for names, so tests running in parallel never share a name.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{:x}{:04x}",
+        std::process::id() % 0xffff,
+        nanos % 0xffff
+    )
+}
+
+/// Admin and join tokens of test controllers.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// See [`ADMIN_TOKEN`].
+pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
+
+/// How a test controller is started.
+#[derive(Debug, Clone)]
+pub struct ControllerOpts {
+    /// Run the in-process agent under this node name; `None` for `--no-local-agent`.
+    pub local_node: Option<String>,
+    /// Extra flags.
+    pub args: Vec<String>,
+}
+
+/// A running `bramble-controller` process.
+pub struct Controller {
+    child: Option<Child>,
+    /// API port on 127.0.0.1.
+    pub port: u16,
+    /// Its data directory (kept across restarts).
+    pub data_dir: tempfile::TempDir,
+    opts: ControllerOpts,
+    starts: u32,
+    /// The address the API listens on (`127.0.0.1` unless started with
+    /// [`Controller::start_on`]).
+    host: String,
+}
+
+impl Controller {
+    /// Starts a controller and waits until its API answers.
+    pub async fn start(opts: ControllerOpts) -> Result<Controller> {
+        let data_dir = tempfile::tempdir().context("temp data dir")?;
+        let mut c = Controller {
+            child: None,
+            port: free_port(),
+            data_dir,
+            opts,
+            starts: 0,
+            host: "127.0.0.1".to_string(),
+        };
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    /// Starts a controller listening on `host` (an IPv4 address of this machine, e.g. a
+    /// test bridge's, so agents in other network namespaces can reach it) and waits
+    /// until its API answers there.
+    ///
+    /// The port is still picked on loopback: it is free on every address unless
+    /// something listens on the wildcard address, and then the start fails loudly.
+    pub async fn start_on(opts: ControllerOpts, host: &str) -> Result<Controller> {
+        let data_dir = tempfile::tempdir().context("temp data dir")?;
+        let mut c = Controller {
+            child: None,
+            port: free_port(),
+            data_dir,
+            opts,
+            starts: 0,
+            host: host.to_string(),
+        };
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}:{}", self.host, self.port)
+    }
+
+    /// The node name of its local agent.
+    pub fn node(&self) -> Option<&str> {
+        self.opts.local_node.as_deref()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir
+            .path()
+            .join(format!("controller-{}.log", self.starts))
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = File::create(self.log_path()).context("controller log file")?;
+        let mut cmd = Command::new(bin("bramble-controller"));
+        cmd.arg("--listen")
+            .arg(format!("{}:{}", self.host, self.port))
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .args(["--admin-token", ADMIN_TOKEN, "--join-token", JOIN_TOKEN])
+            // Tests keep multicast off the machine's real interfaces; the discovery test
+            // turns it on for its own bridge only.
+            .args(if self.opts.args.iter().any(|a| a.starts_with("--mdns")) {
+                &[][..]
+            } else {
+                &["--no-mdns"][..]
+            })
+            .args(&self.opts.args)
+            .env(
+                "BRAMBLE_LOG",
+                "info,bramble_controller=debug,bramble_agent=debug",
+            )
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        match &self.opts.local_node {
+            Some(n) => cmd.args(["--node-name", n]),
+            None => cmd.arg("--no-local-agent"),
+        };
+        self.child = Some(cmd.spawn().context("starting bramble-controller")?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = reqwest::Client::new();
+        loop {
+            let r = client
+                .get(format!("{}/v1/version", self.url()))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                bail!("controller exited with {status}:\n{}", self.logs());
+            }
+            if Instant::now() > deadline {
+                bail!("controller did not answer within 20s:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the process with SIGKILL (no clean shutdown) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn().await
+    }
+
+    /// Everything the controller printed, all runs.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for i in 1..=self.starts {
+            let p = self.data_dir.path().join(format!("controller-{i}.log"));
+            out.push_str(&format!("--- controller run {i} ---\n"));
+            out.push_str(&fs::read_to_string(p).unwrap_or_default());
+        }
+        out
+    }
+
+    /// GET a JSON document with the admin token.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await.context("JSON body")?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Runs `bramblectl` against this controller.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl(&self.url(), args)
+    }
+
+    /// POST with the admin token and no body; the answer as JSON (`null` when empty).
+    pub async fn post(&self, path: &str) -> Result<Value> {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?;
+        json_answer("POST", path, r).await
+    }
+
+    /// `POST /v1/apply` of one manifest text (one or more YAML documents), named
+    /// `name` in error messages; the [`bramble_api::rest::ApplyResponse`] as JSON.
+    pub async fn apply(&self, name: &str, manifest: &str) -> Result<Value> {
+        let body = serde_json::json!({"sources": [{"name": name, "content": manifest}]});
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/apply", self.url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await?;
+        json_answer("POST", "/v1/apply", r).await
+    }
+}
+
+/// The JSON body of an answer, or an error naming the request, the status and the body
+/// (as text, since an error from a missing route need not be JSON).
+async fn json_answer(method: &str, path: &str, r: reqwest::Response) -> Result<Value> {
+    let status = r.status();
+    let text = r.text().await.context("reading the body")?;
+    if !status.is_success() {
+        bail!("{method} {path}: {status}: {text}");
+    }
+    if text.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(&text).with_context(|| format!("{method} {path}: not JSON: {text}"))
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", tail(&self.logs(), 120));
+        }
+        self.kill9();
+        if let Some(n) = &self.opts.local_node {
+            remove_node_containers(n);
+        }
+    }
+}
+
+/// Runs `bramblectl` with the admin token against `server`, ignoring any user config.
+pub fn ctl(server: &str, args: &[&str]) -> Output {
+    Command::new(bin("bramblectl"))
+        .args(args)
+        .env("BRAMBLE_SERVER", server)
+        .env("BRAMBLE_TOKEN", ADMIN_TOKEN)
+        .env("BRAMBLE_CONFIG", "/nonexistent/bramble-test-config.yaml")
+        .current_dir(workspace_root())
+        .output()
+        .expect("bramblectl runs")
+}
+
+/// A running `bramble-agent` process.
+pub struct Agent {
+    child: Option<Child>,
+    /// Node name.
+    pub node: String,
+    controller: String,
+    data_dir: tempfile::TempDir,
+    starts: u32,
+    /// The network namespace it runs in (`ip netns exec`), `None` for the host's.
+    netns: Option<String>,
+}
+
+impl Agent {
+    /// Starts an agent for `node` against `controller` (base URL).
+    pub fn start(controller: &str, node: &str) -> Result<Agent> {
+        let mut a = Agent {
+            child: None,
+            node: node.to_string(),
+            controller: controller.to_string(),
+            data_dir: tempfile::tempdir()?,
+            starts: 0,
+            netns: None,
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// Starts an agent for `node` inside the network namespace `netns`, through
+    /// `ip netns exec` (which execs the agent, so [`Agent::pid`] is the agent's own
+    /// pid). It still reaches Docker through `/var/run/docker.sock`, a file.
+    pub fn start_in(netns: &str, controller: &str, node: &str) -> Result<Agent> {
+        let mut a = Agent {
+            child: None,
+            node: node.to_string(),
+            controller: controller.to_string(),
+            data_dir: tempfile::tempdir()?,
+            starts: 0,
+            netns: Some(netns.to_string()),
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// Whether the process is still alive (it may have exited on its own).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = File::create(
+            self.data_dir
+                .path()
+                .join(format!("agent-{}.log", self.starts)),
+        )?;
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("bramble-agent"));
+                c
+            }
+            None => Command::new(bin("bramble-agent")),
+        };
+        let child = cmd
+            .args([
+                "--controller",
+                &self.controller,
+                "--join-token",
+                JOIN_TOKEN,
+                "--node-name",
+                &self.node,
+            ])
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .env("BRAMBLE_LOG", "info,bramble_agent=debug")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting bramble-agent")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, leaving its containers as they are.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again with the same name and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// Everything it printed.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| {
+                fs::read_to_string(self.data_dir.path().join(format!("agent-{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n--- restart ---\n")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent {} ---\n{}", self.node, tail(&self.logs(), 80));
+        }
+        self.kill9();
+        remove_node_containers(&self.node);
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Force-removes every container of a node (by its `bramble.node` label).
+pub fn remove_node_containers(node: &str) {
+    let ids = node_containers(node, true).unwrap_or_default();
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .arg("rm")
+            .arg("-f")
+            .args(&ids)
+            .output();
+    }
+}
+
+/// Container ids of a node (`all` includes stopped ones).
+pub fn node_containers(node: &str, all: bool) -> Result<Vec<String>> {
+    let mut cmd = Command::new("docker");
+    cmd.args([
+        "ps",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        &format!("label=bramble.node={node}"),
+    ]);
+    if all {
+        cmd.arg("-a");
+    }
+    let out = cmd.output().context("docker ps")?;
+    if !out.status.success() {
+        bail!("docker ps failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+/// `docker inspect` of containers, as JSON.
+pub fn inspect(ids: &[String]) -> Result<Vec<Value>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let out = Command::new("docker")
+        .arg("inspect")
+        .args(ids)
+        .output()
+        .context("docker inspect")?;
+    if !out.status.success() {
+        bail!(
+            "docker inspect failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Resident memory of a process in bytes (VmRSS), if it is running.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,1051 @@
+//! Multi-node clusters on one machine with real networking, so faults are real: a
+//! controller and N agents, each agent in its own network namespace, all sharing the
+//! machine's Docker engine.
+//!
+//! ```text
+//!  host namespace                                   namespace brt<id>n<i>
+//!  controller --listen 10.231.X.1:PORT               bramble-agent --node-name brt<id>-<i>
+//!  bridge brt<id>b 10.231.X.1/24 ── veth brt<id>h<i> ══ brt<id>p<i> 10.231.X.(10+i)/24
+//!  /var/run/docker.sock  <──────────────── a file, so every namespace reaches Docker
+//! ```
+//!
+//! Every container an agent runs carries `bramble.node=<node>`, which is how
+//! [`NetCluster::power_off`] finds what to remove and how tests tell nodes apart.
+//!
+//! Faults:
+//! - [`NetCluster::power_off`]: SIGKILL the agent and force-remove its containers, as a
+//!   Pi losing power would lose both; [`NetCluster::power_on`] boots it again (same name
+//!   and data directory).
+//! - [`NetCluster::partition`]: the host end of the node's veth goes down; the agent
+//!   keeps running and still reaches Docker, it just cannot reach the controller.
+//! - [`NetCluster::kill_controller`] / [`NetCluster::restart_controller`]: SIGKILL, and
+//!   the same data directory and port again.
+//!
+//! Names: everything created here starts with [`PREFIX`] followed by a six-hex-digit
+//! cluster id (interface names must fit in 15 characters). Each cluster claims its id and
+//! its `/24` in a registry directory (`/run/bramble-netcluster`) with exclusive file
+//! creation, so clusters of parallel tests, in this or another process, never collide.
+//! The registry also records the owning process, so the first cluster of a process
+//! removes what crashed earlier runs left behind (namespaces, links, processes,
+//! containers) and nothing that belongs to a live run.
+//!
+//! Cleanup is by Drop, also when a test panics: agents (and their containers), then the
+//! controller, then namespaces (which takes their veths along), the bridge and the
+//! registry entries.
+//!
+//! Needs root and `ip` (iproute2).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::eventually;
+use crate::harness::{Agent, Controller, ControllerOpts};
+
+/// The first characters of every bridge, namespace, veth and node name made here.
+pub const PREFIX: &str = "brt";
+
+/// Controller timing for self-healing tests: heartbeats every 500 ms, NotReady after
+/// 1.5 s and Dead after 2.5 s of silence; agents fence (stop their wallets) after 2 s
+/// without hearing from the controller, and the controller respawns a silent node's
+/// wallet only after fence timeout + margin (4 s) since its last heartbeat.
+pub const HEALING_FLAGS: &[&str] = &[
+    "--heartbeat",
+    "500ms",
+    "--node-not-ready-after",
+    "1500ms",
+    "--node-dead-after",
+    "2500ms",
+    "--fence-timeout",
+    "2s",
+    "--fence-margin",
+    "2s",
+];
+
+/// The node-health part of [`HEALING_FLAGS`] only, for tests of the harness itself,
+/// which must not depend on the fencing flags.
+pub const HEALTH_FLAGS: &[&str] = &[
+    "--heartbeat",
+    "500ms",
+    "--node-not-ready-after",
+    "1500ms",
+    "--node-dead-after",
+    "2500ms",
+];
+
+/// The first two octets of every cluster's subnet; the third is picked per cluster.
+const NET: [u8; 2] = [10, 231];
+
+/// Where clusters claim ids and subnets. Under /run: it is emptied at boot, when
+/// namespaces and links are gone too.
+const REGISTRY: &str = "/run/bramble-netcluster";
+
+/// How long nodes get to register (and to come back after a fault).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a command to completion and fails with its stderr when it fails.
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip ARGS…`.
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// SIGKILLs a process left behind by a crashed run (by pid). Through the shell's
+/// builtin `kill`, so no procps is needed, and without `libc` (this crate forbids
+/// unsafe code).
+fn kill9(pid: &str) {
+    let _ = Command::new("sh")
+        .args(["-c", "kill -9 \"$1\"", "kill", pid])
+        .output();
+}
+
+/// A fresh pseudo-random number (no `rand` in this crate: the hash of pid, time and a
+/// counter is random enough to pick names and subnets, and collisions are retried).
+fn random() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let seed = format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    bramble_api::task::fnv1a64(seed.as_bytes())
+}
+
+/// The kernel's start time of a process (field 22 of `/proc/PID/stat`), which tells a
+/// process from a later one that got the same pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses; the fields after
+    // the last ')' are plain.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The cluster id in a name made here (`brt1a2b3cb` → `1a2b3c`), if it is one.
+fn id_of(name: &str) -> Option<&str> {
+    let id = name.strip_prefix(PREFIX)?.get(..6)?;
+    id.chars()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        .then_some(id)
+}
+
+/// Whether the cluster `id` belongs to a live process: its owner file names a process
+/// (pid and start time) that still runs. A file too fresh to hold its owner yet counts
+/// as live, so a cluster being set up is never mistaken for a leftover.
+fn is_live(id: &str) -> bool {
+    let path = Path::new(REGISTRY).join(format!("{id}.owner"));
+    let Ok(text) = fs::read_to_string(&path) else {
+        return false;
+    };
+    let mut parts = text.split_whitespace();
+    let owner = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let started = parts.next().and_then(|s| s.parse::<u64>().ok());
+    match (owner, started) {
+        (Some(pid), Some(started)) => start_time(pid) == Some(started),
+        _ => fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age < Duration::from_secs(60)),
+    }
+}
+
+/// Names of network namespaces made here.
+fn our_namespaces() -> Vec<String> {
+    ip(&["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| id_of(n).is_some())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Names of links (bridges, host veth ends) made here, in the host namespace.
+fn our_links() -> Vec<String> {
+    ip(&["-o", "link", "show"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n))
+        .filter(|n| id_of(n).is_some())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `(container id, node)` of every container of a node made here.
+fn our_containers() -> Vec<(String, String)> {
+    let out = run(Command::new("docker").args([
+        "ps",
+        "-a",
+        "--filter",
+        "label=bramble.node",
+        "--format",
+        "{{.ID}}\t{{.Label \"bramble.node\"}}",
+    ]))
+    .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, node)| id_of(node).is_some())
+        .map(|(id, node)| (id.to_string(), node.to_string()))
+        .collect()
+}
+
+/// Removes what crashed earlier runs left behind: everything with a cluster id whose
+/// owner is gone. Once per process is enough, since a live process cleans up after
+/// itself through Drop.
+fn remove_leftovers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let namespaces = our_namespaces();
+        let links = our_links();
+        let containers = our_containers();
+        let mut subnets: BTreeMap<String, String> = BTreeMap::new();
+        let mut ids: BTreeSet<String> = BTreeSet::new();
+        for entry in fs::read_dir(REGISTRY).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".owner") {
+                ids.insert(id.to_string());
+            } else if name.starts_with("subnet-") {
+                let owner = fs::read_to_string(entry.path()).unwrap_or_default();
+                subnets.insert(name, owner.trim().to_string());
+            }
+        }
+        ids.extend(
+            namespaces
+                .iter()
+                .chain(&links)
+                .chain(containers.iter().map(|(_, n)| n))
+                .filter_map(|n| id_of(n).map(str::to_string)),
+        );
+        let stale: BTreeSet<String> = ids.into_iter().filter(|id| !is_live(id)).collect();
+        if stale.is_empty() {
+            return;
+        }
+        eprintln!("netns: removing leftovers of crashed runs: {stale:?}");
+        let stale_of = |name: &str| id_of(name).is_some_and(|id| stale.contains(id));
+        // Processes first, so nothing recreates containers while they are removed.
+        let mut pids: BTreeSet<u32> = BTreeSet::new();
+        for ns in namespaces.iter().filter(|n| stale_of(n)) {
+            pids.extend(
+                ip(&["netns", "pids", ns])
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        let stale_addrs: Vec<String> = subnets
+            .iter()
+            .filter(|(_, owner)| stale.contains(owner.as_str()))
+            .filter_map(|(file, _)| file.strip_prefix("subnet-"))
+            .map(|x| format!("{}.{}.{x}.1:", NET[0], NET[1]))
+            .collect();
+        pids.extend(stale_processes(&stale, &stale_addrs));
+        for pid in pids {
+            kill9(&pid.to_string());
+        }
+        let ids: Vec<&String> = containers
+            .iter()
+            .filter(|(_, node)| stale_of(node))
+            .map(|(id, _)| id)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(ids).output();
+        }
+        for ns in namespaces.iter().filter(|n| stale_of(n)) {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        for link in links.iter().filter(|n| stale_of(n)) {
+            let _ = ip(&["link", "del", link]);
+        }
+        for (file, owner) in &subnets {
+            if stale.contains(owner.as_str()) {
+                let _ = fs::remove_file(Path::new(REGISTRY).join(file));
+            }
+        }
+        for id in &stale {
+            let _ = fs::remove_file(Path::new(REGISTRY).join(format!("{id}.owner")));
+        }
+    });
+}
+
+/// Bramble processes of stale clusters: agents whose command line names a stale
+/// cluster's node, controllers listening on a stale cluster's bridge address. The
+/// command line is checked (not only a recorded pid), so a reused pid is never killed.
+fn stale_processes(stale: &BTreeSet<String>, addrs: &[String]) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let Some(exe) = args.first() else { continue };
+        let agent = exe.ends_with("bramble-agent")
+            && args
+                .iter()
+                .any(|a| id_of(a).is_some_and(|id| stale.contains(id)));
+        let controller = exe.ends_with("bramble-controller")
+            && args
+                .iter()
+                .any(|a| addrs.iter().any(|addr| a.starts_with(addr.as_str())));
+        if agent || controller {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A node's namespace and link.
+#[derive(Debug, Clone)]
+struct Link {
+    ns: String,
+    host_veth: String,
+    ip: Ipv4Addr,
+}
+
+/// The bridge, the namespaces and the registry entries of one cluster; removed on drop.
+struct Network {
+    id: String,
+    subnet: u8,
+    bridge: String,
+    namespaces: Vec<String>,
+    files: Vec<PathBuf>,
+}
+
+impl Network {
+    /// Claims an id and a free `/24`, and creates the bridge with its `.1` address.
+    fn create() -> Result<Network> {
+        fs::create_dir_all(REGISTRY).with_context(|| format!("creating {REGISTRY}"))?;
+        remove_leftovers();
+        let (id, owner) = Self::claim_id()?;
+        let mut net = Network {
+            bridge: format!("{PREFIX}{id}b"),
+            id,
+            subnet: 0,
+            namespaces: Vec::new(),
+            files: vec![owner],
+        };
+        net.subnet = net.claim_subnet()?;
+        let gateway = format!("{}/24", net.gateway());
+        ip(&["link", "add", &net.bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &gateway, "dev", &net.bridge])?;
+        ip(&["link", "set", &net.bridge, "up"])?;
+        Ok(net)
+    }
+
+    /// A fresh id, its owner file written before anything else carries the id, so no
+    /// other process ever takes our links for leftovers.
+    fn claim_id() -> Result<(String, PathBuf)> {
+        let me = std::process::id();
+        let started = start_time(me).context("reading this process's start time")?;
+        for _ in 0..100 {
+            let id = format!("{:06x}", random() & 0xff_ffff);
+            let path = Path::new(REGISTRY).join(format!("{id}.owner"));
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    writeln!(f, "{me} {started}").context("writing the owner file")?;
+                    return Ok((id, path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        }
+        bail!("no free cluster id after 100 tries")
+    }
+
+    /// A third octet X whose 10.231.X.0/24 no other cluster has claimed and no address
+    /// or route of this machine overlaps. The claim (an exclusively created file) comes
+    /// first: two processes checking `ip` at once would otherwise both pick the same X.
+    fn claim_subnet(&mut self) -> Result<u8> {
+        for _ in 0..64 {
+            let x = (random() % 254 + 1) as u8;
+            let path = Path::new(REGISTRY).join(format!("subnet-{x}"));
+            let mut f = match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            };
+            writeln!(f, "{}", self.id).context("writing the subnet claim")?;
+            if subnet_in_use(x)? {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            self.files.push(path);
+            return Ok(x);
+        }
+        bail!("no free subnet {}.{}.X.0/24 after 64 tries", NET[0], NET[1])
+    }
+
+    fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(NET[0], NET[1], self.subnet, 1)
+    }
+
+    /// Creates namespace `i` with its veth pair: the host end joins the bridge, the
+    /// other end gets `.(10+i)`.
+    fn add_namespace(&mut self, i: usize) -> Result<Link> {
+        let host_octet = u8::try_from(10 + i)
+            .ok()
+            .filter(|o| *o < 255)
+            .context("too many nodes for one /24")?;
+        let ns = format!("{PREFIX}{}n{i}", self.id);
+        let host_veth = format!("{PREFIX}{}h{i}", self.id);
+        let peer = format!("{PREFIX}{}p{i}", self.id);
+        let addr = Ipv4Addr::new(NET[0], NET[1], self.subnet, host_octet);
+        ip(&["netns", "add", &ns])?;
+        // Recorded at once: Drop deletes the namespace, and the veth pair with it.
+        self.namespaces.push(ns.clone());
+        ip(&[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", &peer, "netns", &ns,
+        ])?;
+        ip(&["link", "set", &host_veth, "master", &self.bridge, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &peer,
+        ])?;
+        ip(&["-n", &ns, "link", "set", &peer, "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(Link {
+            ns,
+            host_veth,
+            ip: addr,
+        })
+    }
+}
+
+/// Whether 10.231.X.0/24 overlaps an address or a route of the host.
+fn subnet_in_use(x: u8) -> Result<bool> {
+    let prefix = format!("{}.{}.{x}.", NET[0], NET[1]);
+    let addrs = ip(&["-4", "-o", "addr", "show"])?;
+    if addrs.contains(&format!("inet {prefix}")) {
+        return Ok(true);
+    }
+    // `match` lists every route covering the subnet; the default route always does.
+    let routes = ip(&["-4", "route", "show", "match", &format!("{prefix}0/24")])?;
+    Ok(routes
+        .lines()
+        .any(|l| !l.trim().is_empty() && !l.starts_with("default")))
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            // Anything still running in it (an agent a test started by hand) goes first.
+            for pid in ip(&["netns", "pids", ns])
+                .unwrap_or_default()
+                .split_whitespace()
+            {
+                kill9(pid);
+            }
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("netns cleanup: {e:#}");
+            }
+        }
+        if let Err(e) = ip(&["link", "del", &self.bridge]) {
+            // Absent when setup failed before creating it; nothing to report then.
+            if !format!("{e:#}").contains("Cannot find device") {
+                eprintln!("netns cleanup: {e:#}");
+            }
+        }
+        for f in &self.files {
+            let _ = fs::remove_file(f);
+        }
+    }
+}
+
+/// One node: its agent, and its namespace unless it runs in the host's.
+struct Node {
+    agent: Agent,
+    link: Option<Link>,
+}
+
+/// A controller and agents on one machine; see the module docs. Dropping it removes
+/// every process, container, namespace, link and claim it made.
+pub struct NetCluster {
+    // Field order is drop order: agents (with their containers) before the controller,
+    // and both before the network they use.
+    nodes: Vec<Node>,
+    controller: Controller,
+    net: Network,
+}
+
+impl NetCluster {
+    /// Starts a controller (no local agent, listening on the bridge address, with
+    /// `controller_args` such as [`HEALING_FLAGS`]) and `agents` agents, each in its own
+    /// namespace, and waits until every node is Ready. Makes sure the test image exists.
+    pub async fn start(agents: usize, controller_args: &[&str]) -> Result<NetCluster> {
+        crate::ensure_test_image().await?;
+        let mut net = Network::create()?;
+        let mut links = Vec::with_capacity(agents);
+        for i in 0..agents {
+            links.push(net.add_namespace(i)?);
+        }
+        let controller = Controller::start_on(
+            ControllerOpts {
+                local_node: None,
+                args: controller_args.iter().map(|a| a.to_string()).collect(),
+            },
+            &net.gateway().to_string(),
+        )
+        .await?;
+        let mut nodes = Vec::with_capacity(agents);
+        for (i, link) in links.into_iter().enumerate() {
+            let name = format!("{PREFIX}{}-{i}", net.id);
+            let agent = Agent::start_in(&link.ns, &controller.url(), &name)?;
+            nodes.push(Node {
+                agent,
+                link: Some(link),
+            });
+        }
+        let cluster = NetCluster {
+            nodes,
+            controller,
+            net,
+        };
+        for node in cluster.nodes() {
+            cluster.wait_ready(&node).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Adds a node whose agent runs in the host namespace, and waits until it is Ready.
+    /// For what only works there: HTTP and TCP probes connect to the container's address
+    /// on Docker's bridge, which other namespaces cannot reach. It can be powered off and
+    /// on, but not partitioned.
+    pub async fn add_host_node(&mut self) -> Result<String> {
+        let name = format!("{PREFIX}{}-h{}", self.net.id, self.nodes.len());
+        let agent = Agent::start(&self.controller.url(), &name)?;
+        self.nodes.push(Node { agent, link: None });
+        self.wait_ready(&name).await?;
+        Ok(name)
+    }
+
+    /// The node names, in start order.
+    pub fn nodes(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.agent.node.clone()).collect()
+    }
+
+    /// The `i`-th node's name.
+    pub fn node(&self, i: usize) -> &str {
+        &self.nodes[i].agent.node
+    }
+
+    /// The controller (its URL, logs, `bramblectl`).
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// The controller's base URL, on the bridge address.
+    pub fn url(&self) -> String {
+        self.controller.url()
+    }
+
+    /// The bridge's name.
+    pub fn bridge(&self) -> &str {
+        &self.net.bridge
+    }
+
+    /// The names of the network namespaces (one per netns node).
+    pub fn namespaces(&self) -> Vec<String> {
+        self.net.namespaces.clone()
+    }
+
+    /// A node's address on the bridge (`None` for a host node).
+    pub fn address(&self, node: &str) -> Result<Option<Ipv4Addr>> {
+        Ok(self.find(node)?.link.as_ref().map(|l| l.ip))
+    }
+
+    fn find(&self, node: &str) -> Result<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.agent.node == node)
+            .ok_or_else(|| anyhow!("no node {node} in this cluster"))
+    }
+
+    fn find_mut(&mut self, node: &str) -> Result<&mut Node> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.agent.node == node)
+            .ok_or_else(|| anyhow!("no node {node} in this cluster"))
+    }
+
+    /// The agent process of a node (pid, logs, whether it still runs).
+    pub fn agent(&mut self, node: &str) -> Result<&mut Agent> {
+        Ok(&mut self.find_mut(node)?.agent)
+    }
+
+    /// Power loss: SIGKILL the agent and force-remove every container of the node.
+    pub fn power_off(&mut self, node: &str) -> Result<()> {
+        self.find_mut(node)?.agent.kill9();
+        crate::harness::remove_node_containers(node);
+        Ok(())
+    }
+
+    /// Boots a powered-off node: its agent starts again with the same name and data
+    /// directory (in its namespace). Does not wait for it to be Ready.
+    pub fn power_on(&mut self, node: &str) -> Result<()> {
+        self.find_mut(node)?.agent.restart()
+    }
+
+    fn link(&self, node: &str) -> Result<&Link> {
+        self.find(node)?
+            .link
+            .as_ref()
+            .ok_or_else(|| anyhow!("{node} runs in the host namespace; it cannot be partitioned"))
+    }
+
+    /// Cuts the node off the network: the host end of its veth goes down. The agent keeps
+    /// running and keeps reaching Docker (a file), so only the link to the controller is
+    /// lost, both ways.
+    pub fn partition(&self, node: &str) -> Result<()> {
+        ip(&["link", "set", &self.link(node)?.host_veth, "down"]).map(drop)
+    }
+
+    /// Ends a [`NetCluster::partition`].
+    pub fn heal(&self, node: &str) -> Result<()> {
+        ip(&["link", "set", &self.link(node)?.host_veth, "up"]).map(drop)
+    }
+
+    /// SIGKILLs the controller (agents keep running).
+    pub fn kill_controller(&mut self) {
+        self.controller.kill9();
+    }
+
+    /// Starts the controller again on the same address, port and data directory, and
+    /// waits until its API answers (not until nodes are back: see [`Self::wait_ready`]).
+    pub async fn restart_controller(&mut self) -> Result<()> {
+        self.controller.restart().await
+    }
+
+    /// A node's status as the controller reports it (`Ready`, `NotReady`, `Dead`).
+    pub async fn node_status(&self, node: &str) -> Result<String> {
+        let v = self.get(&format!("/v1/nodes/{node}")).await?;
+        v["status"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("node {node} without a status: {v}"))
+    }
+
+    /// Waits until the controller reports `node` with `status`.
+    pub async fn wait_status(&self, node: &str, status: &str, timeout: Duration) -> Result<()> {
+        eventually(timeout, &format!("node {node} {status}"), || async {
+            let now = self.node_status(node).await?;
+            if now == status {
+                Ok(Some(()))
+            } else {
+                bail!("{node} is {now}")
+            }
+        })
+        .await
+    }
+
+    /// Waits (up to 30 s) until the node is Ready.
+    pub async fn wait_ready(&self, node: &str) -> Result<()> {
+        self.wait_status(node, "Ready", READY_TIMEOUT).await
+    }
+
+    /// GET a JSON document from the API.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        self.controller.get(path).await
+    }
+
+    /// POST without a body to the API; the answer as JSON.
+    pub async fn post(&self, path: &str) -> Result<Value> {
+        self.controller.post(path).await
+    }
+
+    /// Applies a manifest text (one or more YAML documents) through `POST /v1/apply`.
+    pub async fn apply(&self, manifest: &str) -> Result<Value> {
+        self.controller.apply("test.yaml", manifest).await
+    }
+
+    /// `POST /v1/nodes/{node}/cordon`: the node gets no new tasks.
+    pub async fn cordon(&self, node: &str) -> Result<Value> {
+        self.post(&format!("/v1/nodes/{node}/cordon")).await
+    }
+
+    /// `POST /v1/nodes/{node}/uncordon`.
+    pub async fn uncordon(&self, node: &str) -> Result<Value> {
+        self.post(&format!("/v1/nodes/{node}/uncordon")).await
+    }
+
+    /// `POST /v1/nodes/{node}/drain?timeout=…`: moves every task away; answers when the
+    /// node is empty or the timeout passed.
+    pub async fn drain(&self, node: &str, timeout: &str) -> Result<Value> {
+        self.post(&format!("/v1/nodes/{node}/drain?timeout={timeout}"))
+            .await
+    }
+
+    /// `GET /v1/events`.
+    pub async fn events(&self) -> Result<Vec<Value>> {
+        list(self.get("/v1/events").await?)
+    }
+
+    /// The tasks of a workload.
+    pub async fn tasks(&self, workload: &str) -> Result<Vec<Value>> {
+        list(self.get(&format!("/v1/tasks?workload={workload}")).await?)
+    }
+}
+
+fn list(v: Value) -> Result<Vec<Value>> {
+    match v {
+        Value::Array(a) => Ok(a),
+        other => bail!("expected a list, got {other}"),
+    }
+}
+
+/// A Bramble container as `docker ps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// Full container id.
+    pub id: String,
+    /// `bramble.node` label.
+    pub node: String,
+    /// `bramble.task` label.
+    pub task: String,
+    /// `running`, `exited`, `created`, …
+    pub state: String,
+}
+
+/// The containers carrying `label` (`key=value`, e.g. `bramble.workload=w`), including
+/// stopped ones when `all`.
+pub fn containers(label: &str, all: bool) -> Result<Vec<Container>> {
+    ps(label, if all { &["-a"] } else { &[] })
+}
+
+/// The running containers carrying `label`, as `docker ps --filter label=… --filter
+/// status=running` sees them (Docker's view, not the controller's).
+pub fn running_containers(label: &str) -> Result<Vec<Container>> {
+    ps(label, &["--filter", "status=running"])
+}
+
+fn ps(label: &str, extra: &[&str]) -> Result<Vec<Container>> {
+    let out = run(Command::new("docker")
+        .args(["ps", "--no-trunc", "--filter"])
+        .arg(format!("label={label}"))
+        .args(extra)
+        .args([
+            "--format",
+            "{{.ID}}\t{{.Label \"bramble.node\"}}\t{{.Label \"bramble.task\"}}\t{{.State}}",
+        ]))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            Some(Container {
+                id: f.next()?.to_string(),
+                node: f.next()?.to_string(),
+                task: f.next()?.to_string(),
+                state: f.next()?.to_string(),
+            })
+        })
+        .collect())
+}
+
+/// One Docker container event (`docker events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEvent {
+    /// `create`, `start`, `die`, `kill`, `stop`, `destroy`, …
+    pub action: String,
+    /// Container id.
+    pub id: String,
+    /// `bramble.node` label.
+    pub node: String,
+    /// `bramble.task` label.
+    pub task: String,
+    /// The exit code, on `die`.
+    pub exit_code: Option<i64>,
+    /// When, by the Docker daemon's clock (the same machine's).
+    pub at: SystemTime,
+}
+
+/// Records Docker's container events for a label from the moment it is created until
+/// it is dropped: the exact times of starts and exits, which polling would miss or blur.
+/// A stream rather than `docker events --since` afterwards, because the daemon keeps
+/// only its last 256 events, and parallel tests overflow that.
+pub struct EventRecorder {
+    child: Child,
+    events: Arc<Mutex<Vec<ContainerEvent>>>,
+}
+
+impl EventRecorder {
+    /// Starts recording container events carrying `label` (`key=value`).
+    pub fn start(label: &str) -> Result<EventRecorder> {
+        // --since now: events between the start of the process and its subscription
+        // are replayed from the daemon's buffer instead of lost.
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .context("clock before 1970")?
+            .as_secs_f64();
+        let mut child = Command::new("docker")
+            .args(["events", "--since", &format!("{since:.3}")])
+            .args(["--filter", "type=container", "--filter"])
+            .arg(format!("label={label}"))
+            .args(["--format", "{{json .}}"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting docker events")?;
+        let stdout = child.stdout.take().context("docker events stdout")?;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&events);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Some(event) = parse_event(&line) else {
+                    continue;
+                };
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+            }
+        });
+        Ok(EventRecorder { child, events })
+    }
+
+    /// Every event so far, oldest first.
+    pub fn events(&self) -> Vec<ContainerEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The events so far with this action (`start`, `die`, …), oldest first.
+    pub fn with_action(&self, action: &str) -> Vec<ContainerEvent> {
+        self.events()
+            .into_iter()
+            .filter(|e| e.action == action)
+            .collect()
+    }
+}
+
+impl Drop for EventRecorder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_event(line: &str) -> Option<ContainerEvent> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let attrs = &v["Actor"]["Attributes"];
+    let label = |k: &str| attrs[k].as_str().unwrap_or_default().to_string();
+    let nanos = v["timeNano"].as_u64()?;
+    Some(ContainerEvent {
+        action: v["Action"].as_str()?.to_string(),
+        id: v["Actor"]["ID"].as_str()?.to_string(),
+        node: label(bramble_api::task::labels::NODE),
+        task: label(bramble_api::task::labels::TASK),
+        exit_code: attrs["exitCode"].as_str().and_then(|c| c.parse().ok()),
+        at: UNIX_EPOCH + Duration::from_nanos(nanos),
+    })
+}
+
+/// One look at the running containers of a label.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// When `docker ps` answered.
+    pub at: SystemTime,
+    /// What was running.
+    pub running: Vec<Container>,
+}
+
+/// Samples `docker ps` for a label in a background thread until stopped: the way to
+/// check "never two at once" over a whole fault, which a final look cannot.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Sample>>>,
+}
+
+impl Sampler {
+    /// Starts sampling the running containers carrying `label` every `every` (plus the
+    /// time `docker ps` takes). A failed `docker ps` is skipped, not recorded.
+    pub fn start(label: &str, every: Duration) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let label = label.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(running) = running_containers(&label) {
+                    samples.push(Sample {
+                        at: SystemTime::now(),
+                        running,
+                    });
+                }
+                std::thread::sleep(every);
+            }
+            samples
+        });
+        Sampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling and returns the samples, oldest first.
+    pub fn stop(mut self) -> Vec<Sample> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Parses an RFC 3339 time as the API writes it (`2026-11-21T16:55:20.190903Z`, or
+/// with a `+HH:MM` offset), so tests can compare the controller's times with Docker's.
+pub fn parse_time(s: &str) -> Option<SystemTime> {
+    let (date, rest) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-');
+    let year: i64 = d.next()?.parse().ok()?;
+    let month: i64 = d.next()?.parse().ok()?;
+    let day: i64 = d.next()?.parse().ok()?;
+    let zone_at = rest.find(['Z', 'z', '+', '-'])?;
+    let (time, zone) = rest.split_at(zone_at);
+    let offset: i64 = match zone {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = if zone.starts_with('-') { -1 } else { 1 };
+            let (h, m) = zone[1..].split_once(':')?;
+            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60)
+        }
+    };
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':');
+    let h: i64 = t.next()?.parse().ok()?;
+    let m: i64 = t.next()?.parse().ok()?;
+    let sec: i64 = t.next()?.parse().ok()?;
+    let digits: String = frac.chars().take(9).collect();
+    let nanos: u32 = if digits.is_empty() {
+        0
+    } else {
+        format!("{digits:0<9}").parse().ok()?
+    };
+    let secs = days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec - offset;
+    Some(UNIX_EPOCH + Duration::new(u64::try_from(secs).ok()?, nanos))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_read_only_from_our_names() {
+        assert_eq!(id_of("brt1a2b3cb"), Some("1a2b3c"));
+        assert_eq!(id_of("brt1a2b3c-0"), Some("1a2b3c"));
+        assert_eq!(id_of("brt1a2b3ch12"), Some("1a2b3c"));
+        assert_eq!(id_of("brtzzzzzzb"), None);
+        assert_eq!(id_of("br-1a2b3c"), None);
+        assert_eq!(id_of("brt1A2B3Cb"), None);
+        assert_eq!(id_of("brt12"), None);
+    }
+
+    #[test]
+    fn longest_names_fit_in_an_interface_name() {
+        // IFNAMSIZ is 16 with the NUL: 15 characters at most.
+        for name in ["brtffffffb", "brtffffffh255", "brtffffffp255"] {
+            assert!(name.len() <= 15, "{name}");
+        }
+    }
+
+    #[test]
+    fn start_time_is_known_for_live_processes_only() {
+        let me = std::process::id();
+        assert!(start_time(me).is_some());
+        assert_eq!(start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn parses_a_docker_event() {
+        let line = r#"{"status":"die","id":"abc","Type":"container","Action":"die","Actor":{"ID":"abc","Attributes":{"bramble.node":"n1","bramble.task":"t-0","exitCode":"1"}},"time":1,"timeNano":1500000000}"#;
+        let e = parse_event(line).expect("parses");
+        assert_eq!(e.action, "die");
+        assert_eq!(e.node, "n1");
+        assert_eq!(e.task, "t-0");
+        assert_eq!(e.exit_code, Some(1));
+        assert_eq!(e.at, UNIX_EPOCH + Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn parses_api_times() {
+        let at = |secs: u64, nanos: u32| Some(UNIX_EPOCH + Duration::new(secs, nanos));
+        assert_eq!(parse_time("1970-01-01T00:00:00Z"), at(0, 0));
+        assert_eq!(parse_time("2000-03-01T00:00:00Z"), at(951_868_800, 0));
+        assert_eq!(
+            parse_time("2026-11-21T16:55:20.190903Z"),
+            at(1_795_280_120, 190_903_000)
+        );
+        assert_eq!(
+            parse_time("2026-11-21T18:55:20.5+02:00"),
+            at(1_795_280_120, 500_000_000)
+        );
+        assert_eq!(parse_time("yesterday"), None);
+    }
+}

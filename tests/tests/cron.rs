@@ -1,0 +1,222 @@
+//! CronJobs and Jobs on a real one-node cluster: slots fire exactly once, also while
+//! the controller is killed and restarted; Forbid never overlaps runs; Replace stops
+//! the running one; a failing Job is retried and then recorded as failed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bramble_tests::harness::{self, Controller, ControllerOpts, ADMIN_TOKEN};
+use bramble_tests::{ensure_test_image, eventually};
+use serde_json::Value;
+
+async fn cluster(prefix: &str) -> Result<(Controller, String)> {
+    ensure_test_image().await?;
+    let node = harness::unique(prefix);
+    let c = Controller::start(ControllerOpts {
+        local_node: Some(node.clone()),
+        args: vec![],
+    })
+    .await?;
+    Ok((c, node))
+}
+
+async fn apply(c: &Controller, yaml: &str) -> Result<()> {
+    let body = serde_json::json!({"sources": [{"name": "job.yaml", "content": yaml}]});
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/apply", c.url()))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "apply: {}", r.text().await?);
+    Ok(())
+}
+
+fn cronjob(name: &str, args: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: CronJob
+metadata: {{name: {name}}}
+spec:
+  image: bramble-testimg:latest
+  args: {args}
+  schedule: \"*/5 * * * * *\"
+  concurrencyPolicy: {policy}
+  startingDeadline: 30s
+  history: {{successful: 100, failed: 100}}
+"
+    )
+}
+
+/// Running containers of a workload on a node.
+fn running(node: &str, workload: &str) -> Result<usize> {
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=bramble.node={node}"),
+            "--filter",
+            &format!("label=bramble.workload={workload}"),
+        ])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_slot_fires_exactly_once_while_the_controller_is_killed_and_restarted() -> Result<()>
+{
+    let (mut c, _node) = cluster("cr").await?;
+    apply(&c, &cronjob("tick", "[\"exit\", \"0\", \"1\"]", "Allow")).await?;
+    let start = Instant::now();
+    let mut kills = 0;
+    while start.elapsed() < Duration::from_secs(70) {
+        tokio::time::sleep(Duration::from_millis(9_000 + (kills * 1_700) % 4_000)).await;
+        if kills < 5 {
+            c.kill9();
+            // Down for a moment, less than one 5 s period: every slot must still fire.
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            c.restart().await?;
+            kills += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let view = c.get("/v1/cronjobs/tick").await?;
+    let firings = view["firings"].as_array().cloned().unwrap_or_default();
+    let mut by_slot: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for f in &firings {
+        by_slot
+            .entry(f["slot"].as_str().unwrap_or_default().to_string())
+            .or_default()
+            .push(f["outcome"].as_str().unwrap_or_default().to_string());
+    }
+    // Firings are listed newest first, at most 20: enough for the last 100 s at 5 s.
+    assert!(by_slot.len() >= 12, "slots recorded: {by_slot:?}");
+    for (slot, outcomes) in &by_slot {
+        assert_eq!(outcomes, &["Fired"], "slot {slot}: {outcomes:?}");
+    }
+    // Consecutive: no gap between the oldest and newest slot listed.
+    let slots: Vec<chrono::DateTime<chrono::Utc>> =
+        by_slot.keys().filter_map(|s| s.parse().ok()).collect();
+    for w in slots.windows(2) {
+        assert_eq!(
+            (w[1] - w[0]).num_seconds(),
+            5,
+            "a slot is missing between {} and {}",
+            w[0],
+            w[1]
+        );
+    }
+    // Each fired slot ran exactly one task.
+    let tasks = c.get("/v1/tasks?workload=tick").await?;
+    let mut per_slot: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks.as_array().cloned().unwrap_or_default() {
+        *per_slot
+            .entry(t["slot"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    for slot in by_slot.keys() {
+        assert_eq!(
+            per_slot.get(slot),
+            Some(&1),
+            "slot {slot} has {:?} runs",
+            per_slot.get(slot)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbid_never_overlaps_runs_and_skips_busy_slots() -> Result<()> {
+    let (c, node) = cluster("cf").await?;
+    apply(&c, &cronjob("slow", "[\"sleep\", \"8\"]", "Forbid")).await?;
+    let start = Instant::now();
+    let mut max_running = 0;
+    while start.elapsed() < Duration::from_secs(25) {
+        max_running = max_running.max(running(&node, "slow")?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(max_running, 1, "Forbid must never run two at once");
+    let view = c.get("/v1/cronjobs/slow").await?;
+    let outcomes: BTreeSet<String> = view["firings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| f["outcome"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        outcomes.contains("Skipped") && outcomes.contains("Fired"),
+        "{view}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_stops_the_running_run_before_the_next() -> Result<()> {
+    let (c, node) = cluster("cp").await?;
+    apply(&c, &cronjob("long", "[\"sleep\", \"100\"]", "Replace")).await?;
+    // Several slots pass; each replaces the previous run.
+    let fired_runs = || async {
+        let view = c.get("/v1/cronjobs/long").await?;
+        Ok::<_, anyhow::Error>(
+            view["firings"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|f| f["outcome"] == "Fired").count()),
+        )
+    };
+    eventually(Duration::from_secs(40), "three slots fired", || async {
+        Ok((fired_runs().await? >= 3).then_some(()))
+    })
+    .await?;
+    let view = c.get("/v1/cronjobs/long").await?;
+    let fired = view["firings"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|f| f["outcome"] == "Fired").count());
+    assert!(fired >= 3, "{view}");
+    // Never more than a moment of overlap: sample for 12 s.
+    let start = Instant::now();
+    let mut overlaps = 0;
+    while start.elapsed() < Duration::from_secs(12) {
+        if running(&node, "long")? > 1 {
+            overlaps += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        overlaps <= 3,
+        "runs overlapped in {overlaps} samples of 100 ms"
+    );
+    assert!(running(&node, "long")? <= 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_is_retried_then_recorded_failed() -> Result<()> {
+    let (c, _node) = cluster("jb").await?;
+    apply(
+        &c,
+        "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: flaky}\nspec:\n  image: bramble-testimg:latest\n  args: [\"exit\", \"3\"]\n  retries: 2\n",
+    )
+    .await?;
+    let tasks: Vec<Value> =
+        eventually(Duration::from_secs(60), "three failed attempts", || async {
+            let tasks = c.get("/v1/tasks?workload=flaky").await?;
+            let all = tasks.as_array().cloned().unwrap_or_default();
+            let failed = all.iter().filter(|t| t["phase"] == "Failed").count();
+            Ok((failed == 3).then_some(all))
+        })
+        .await?;
+    let attempts: BTreeSet<u64> = tasks
+        .iter()
+        .map(|t| t["attempt"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(attempts, BTreeSet::from([0, 1, 2]));
+    assert!(tasks.iter().all(|t| t["exitCode"] == 3), "{tasks:?}");
+    // No fourth attempt comes.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again = c.get("/v1/tasks?workload=flaky").await?;
+    assert_eq!(again.as_array().map(Vec::len), Some(3), "{again}");
+    Ok(())
+}

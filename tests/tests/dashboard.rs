@@ -1,0 +1,240 @@
+//! The dashboard in a real headless Chromium against a live one-node cluster: sign-in,
+//! node card and tasks, live updates without reloads, quick actions, a viewer token's
+//! limits, `/metrics`. Needs `scripts/deps-browser.sh`; fails (does not skip) without.
+//! Leaves a screenshot in `target/test-artifacts/dashboard.png`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bramble_tests::browser::Browser;
+use bramble_tests::harness::{self, Controller, ControllerOpts, ADMIN_TOKEN};
+use bramble_tests::{ensure_test_image, eventually};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+const VIEWER_TOKEN: &str = "test-viewer-token-0123456789";
+
+fn service(name: &str) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  image: bramble-testimg:latest
+  args: [\"serve\", \"8080\"]
+  resources: {{cpu: 100m, memory: 16Mi}}
+  replicas: 1
+"
+    )
+}
+
+fn artifact(name: &str) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| harness::workspace_root().join("target"))
+        .join("test-artifacts")
+        .join(name)
+}
+
+async fn running_task(c: &Controller, workload: &str) -> Result<String> {
+    eventually(WAIT, &format!("{workload} running"), || async {
+        let tasks = c.get(&format!("/v1/tasks?workload={workload}")).await?;
+        Ok(tasks.as_array().and_then(|a| {
+            a.iter()
+                .find(|t| t["phase"] == "Running" && t["desired"] == "Running")
+                .and_then(|t| t["id"].as_str().map(str::to_string))
+        }))
+    })
+    .await
+}
+
+/// Polls a script in the page until it returns true.
+async fn until(b: &Browser, what: &str, script: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if b.exec(script).await? == Value::Bool(true) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let body = b.text("body").await.unwrap_or_default();
+            bail!("{what}: not within {WAIT:?}; the page says:\n{body}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn sign_in(b: &Browser, token: &str) -> Result<()> {
+    b.wait_for("#signin:not([hidden]) #token", WAIT).await?;
+    b.type_into("#token", token).await?;
+    b.click("#signin-button").await?;
+    b.wait_for("#app:not([hidden])", WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
+    ensure_test_image().await?;
+    let node = harness::unique("dash");
+    let c = Controller::start(ControllerOpts {
+        local_node: Some(node.clone()),
+        args: vec!["--viewer-token".into(), VIEWER_TOKEN.into()],
+    })
+    .await?;
+    c.apply("web.yaml", &service("web")).await?;
+    let web = running_task(&c, "web").await?;
+
+    let b = Browser::start(1400, 1150).await?;
+    b.goto(&format!("{}/", c.url())).await?;
+    sign_in(&b, ADMIN_TOKEN).await?;
+
+    // The node card, with its running task.
+    let card = format!("article[data-node=\"{node}\"]");
+    b.wait_for(&card, WAIT).await?;
+    b.wait_for(
+        &format!("{card} li.task[data-task=\"{web}\"][data-phase=\"Running\"]"),
+        WAIT,
+    )
+    .await?;
+    assert_eq!(b.text("#live").await?, "live");
+    assert_eq!(b.text("#role").await?, "admin");
+    let head = b.text(&format!("{card} .head")).await?;
+    assert!(head.contains("Ready"), "{head}");
+
+    // Changes arrive without a reload: a marker set in the page survives them.
+    b.exec("window.__noReload = 42; return true").await?;
+    c.apply("api.yaml", &service("api")).await?;
+    b.wait_for("tr[data-workload=\"Service/api\"]", WAIT)
+        .await?;
+    let api = running_task(&c, "api").await?;
+    b.wait_for(
+        &format!("li.task[data-task=\"{api}\"][data-phase=\"Running\"]"),
+        WAIT,
+    )
+    .await?;
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/workloads/service/api", c.url()))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?;
+    assert!(r.status().is_success(), "delete: {}", r.status());
+    b.wait_gone("tr[data-workload=\"Service/api\"]", WAIT)
+        .await?;
+    b.wait_gone(&format!("li.task[data-task=\"{api}\"]"), WAIT)
+        .await?;
+    until(
+        &b,
+        "the Deleted event in the feed",
+        "return [...document.querySelectorAll('#events li')].some(li => li.textContent.includes('Deleted') && li.textContent.includes('service/api'))",
+    )
+    .await?;
+    assert_eq!(
+        b.exec("return window.__noReload").await?,
+        42,
+        "the page reloaded"
+    );
+
+    // Quick actions: cordon and uncordon from the card.
+    b.click(&format!("{card} button[data-act=\"cordon\"]"))
+        .await?;
+    b.wait_for(&format!("{card} .pill.cordoned"), WAIT).await?;
+    assert_eq!(c.get(&format!("/v1/nodes/{node}")).await?["cordoned"], true);
+    b.click(&format!("{card} button[data-act=\"uncordon\"]"))
+        .await?;
+    b.wait_gone(&format!("{card} .pill.cordoned"), WAIT).await?;
+
+    // Restart (two clicks): the task is evicted and runs again.
+    let restart = "tr[data-workload=\"Service/web\"] button[data-act=\"restart\"]";
+    b.click(restart).await?;
+    b.click(restart).await?;
+    until(
+        &b,
+        "the Restarting event in the feed",
+        "return [...document.querySelectorAll('#events li b')].some(b => b.textContent === 'Restarting')",
+    )
+    .await?;
+    eventually(WAIT, "web running again after the restart", || async {
+        let t = &c.get(&format!("/v1/tasks/{web}")).await?;
+        Ok(
+            (t["phase"] == "Running" && t["desired"] == "Running" && t["restarts"] == 0)
+                .then_some(()),
+        )
+    })
+    .await?;
+    b.wait_for(
+        &format!("{card} li.task[data-task=\"{web}\"][data-phase=\"Running\"]"),
+        WAIT,
+    )
+    .await?;
+
+    // A task's logs in the modal.
+    b.click(&format!(
+        "li.task[data-task=\"{web}\"] button[data-act=\"logs\"]"
+    ))
+    .await?;
+    b.wait_for("#logs:not([hidden])", WAIT).await?;
+    until(
+        &b,
+        "logs loaded",
+        "return !document.querySelector('#logs-text').textContent.startsWith('loading')",
+    )
+    .await?;
+    let logs = b.text("#logs-text").await?;
+    assert!(!logs.starts_with("error"), "{logs}");
+    b.click("#logs-close").await?;
+
+    // Let the sparklines gather a few 10-second points before the picture.
+    until(
+        &b,
+        "two history points",
+        &format!("return document.querySelectorAll('{card} .spark.cpu path').length > 0 && (document.querySelector('{card} .spark.cpu path').getAttribute('d').match(/L/g) || []).length >= 1"),
+    )
+    .await?;
+    let png = artifact("dashboard.png");
+    b.screenshot(&png).await?;
+    let size = std::fs::metadata(&png).context("screenshot written")?.len();
+    assert!(
+        size > 10_000,
+        "screenshot of {size} bytes is suspiciously small"
+    );
+
+    // A viewer sees the cluster but no actions, and the API refuses them anyway.
+    b.click("#signout").await?;
+    sign_in(&b, VIEWER_TOKEN).await?;
+    b.wait_for(&format!("{card} li.task[data-task=\"{web}\"]"), WAIT)
+        .await?;
+    assert_eq!(b.text("#role").await?, "viewer · read-only");
+    assert!(b.find("button[data-act=\"cordon\"]").await?.is_none());
+    assert!(b.find("button[data-act=\"restart\"]").await?.is_none());
+    let status = b
+        .exec(&format!(
+            "return fetch('/v1/nodes/{node}/cordon', {{method: 'POST', headers: {{Authorization: 'Bearer ' + sessionStorage.getItem('bramble.token')}}}}).then(r => r.status)"
+        ))
+        .await?;
+    assert_eq!(status, 403);
+    b.screenshot(&artifact("dashboard-viewer.png")).await?;
+
+    // /metrics takes any token and speaks Prometheus.
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", c.url()))
+        .bearer_auth(VIEWER_TOKEN)
+        .send()
+        .await?
+        .text()
+        .await?;
+    for want in [
+        format!("bramble_node_status{{node=\"{node}\",status=\"Ready\"}} 1"),
+        format!("bramble_node_cpu_percent{{node=\"{node}\"}}"),
+        "bramble_tasks{phase=\"Running\"} 1".to_string(),
+        "bramble_store_writes_total ".to_string(),
+        "bramble_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/workloads/{kind}/{name}/restart\",le=\"+Inf\"} 1".to_string(),
+        // The viewer's stream (the admin's may not be noticed as closed yet).
+        "bramble_dashboard_clients ".to_string(),
+    ] {
+        assert!(text.contains(&want), "missing {want} in\n{text}");
+    }
+    let anonymous = reqwest::get(format!("{}/metrics", c.url())).await?;
+    assert_eq!(anonymous.status(), 401);
+    Ok(())
+}

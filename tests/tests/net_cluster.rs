@@ -1,0 +1,126 @@
+//! The multi-node harness itself ([`bramble_tests::netns::NetCluster`]): agents in their
+//! own network namespaces register over real TCP, spread work, and the faults it
+//! injects (power loss, partition) are seen by the controller. Uses only the node-health
+//! flags, so it holds whatever the self-healing work has reached.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use bramble_tests::eventually;
+use bramble_tests::netns::{self, NetCluster, HEALTH_FLAGS};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn service(name: &str, replicas: u32) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  image: bramble-testimg:latest
+  args: [\"serve\", \"8080\"]
+  resources: {{cpu: 100m, memory: 16Mi}}
+  replicas: {replicas}
+"
+    )
+}
+
+fn ip_output(args: &[&str]) -> String {
+    std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_in_namespaces_register_spread_replicas_and_are_seen_powered_off_and_partitioned() {
+    let mut cluster = NetCluster::start(2, HEALTH_FLAGS)
+        .await
+        .expect("the cluster starts");
+    // A panic while the cluster exists makes its Drop print the processes' logs.
+    if let Err(e) = smoke(&mut cluster).await {
+        panic!("{e:#}");
+    }
+}
+
+async fn smoke(cluster: &mut NetCluster) -> Result<()> {
+    let (a, b) = (cluster.node(0).to_string(), cluster.node(1).to_string());
+
+    // Each agent really is in its namespace, talking over the bridge.
+    for node in [&a, &b] {
+        let addr = cluster.address(node)?.expect("a netns node has an address");
+        let view = cluster.get(&format!("/v1/nodes/{node}")).await?;
+        // The controller reports the peer address, with or without its port.
+        let remote = view["address"].as_str().unwrap_or_default();
+        let host = remote.split(':').next().unwrap_or_default();
+        assert!(
+            host == addr.to_string(),
+            "{node} connects from {addr}, the controller saw {remote:?}"
+        );
+    }
+
+    let web = bramble_tests::unique_name("web");
+    cluster.apply(&service(&web, 2)).await?;
+    let label = format!("bramble.workload={web}");
+    let placed = eventually(WAIT, "one replica running on each node", || async {
+        let running = netns::running_containers(&label)?;
+        let nodes: BTreeSet<String> = running.iter().map(|c| c.node.clone()).collect();
+        if running.len() == 2 && nodes.len() == 2 {
+            Ok(Some(nodes))
+        } else {
+            bail!(
+                "running on {:?}",
+                running.iter().map(|c| &c.node).collect::<Vec<_>>()
+            )
+        }
+    })
+    .await?;
+    assert_eq!(placed, BTreeSet::from([a.clone(), b.clone()]));
+
+    // A partition: the agent lives on, the controller stops hearing it; healed, it is
+    // back.
+    cluster.partition(&b)?;
+    cluster.wait_status(&b, "NotReady", WAIT).await?;
+    assert!(cluster.agent(&b)?.is_running(), "partitioned agent exited");
+    cluster.heal(&b)?;
+    cluster.wait_ready(&b).await?;
+
+    // Power loss: the agent and the node's containers are gone, and the node goes
+    // NotReady, then Dead.
+    cluster.power_off(&a)?;
+    assert!(!cluster.agent(&a)?.is_running());
+    assert!(netns::containers(&format!("bramble.node={a}"), true)?.is_empty());
+    cluster.wait_status(&a, "Dead", WAIT).await?;
+    cluster.power_on(&a)?;
+    cluster.wait_ready(&a).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_cluster_removes_its_namespaces_links_and_containers() -> Result<()> {
+    let cluster = NetCluster::start(1, HEALTH_FLAGS).await?;
+    let node = cluster.node(0).to_string();
+    let namespaces = cluster.namespaces();
+    let bridge = cluster.bridge().to_string();
+    let web = bramble_tests::unique_name("web");
+    cluster.apply(&service(&web, 1)).await?;
+    let label = format!("bramble.workload={web}");
+    eventually(WAIT, "the replica running", || async {
+        Ok((netns::running_containers(&label)?.len() == 1).then_some(()))
+    })
+    .await?;
+
+    drop(cluster);
+    let listed = ip_output(&["netns", "list"]);
+    for ns in &namespaces {
+        assert!(!listed.contains(ns.as_str()), "{ns} left behind");
+    }
+    assert!(
+        !ip_output(&["-o", "link", "show"]).contains(&bridge),
+        "{bridge} left behind"
+    );
+    assert!(netns::containers(&format!("bramble.node={node}"), true)?.is_empty());
+    Ok(())
+}
