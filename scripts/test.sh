@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs Bramble's whole test suite, installing what it needs first.
+# Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+rustup component add rustfmt clippy >/dev/null 2>&1 || echo "note: could not add rustfmt/clippy via rustup; using what is installed"
+# The test image is a fully static binary, so it runs in a FROM-scratch container.
+musl="$(uname -m)-unknown-linux-musl"
+if ! rustup target list --installed | grep -qx "$musl"; then
+    rustup target add "$musl"
+fi
+
+step "docker"
+if ! docker info >/dev/null 2>&1; then
+    echo "error: the Docker Engine is not reachable (docker info failed); the runtime and cluster tests need it" >&2
+    exit 1
+fi
+docker version --format 'engine {{.Server.Version}} (API {{.Server.APIVersion}})'
+
+step "format"
+cargo fmt --all -- --check
+
+step "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --workspace --bins --locked
+
+step "test"
+cargo test --workspace --locked "$@"
