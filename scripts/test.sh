@@ -14,6 +14,17 @@ if ! rustup target list --installed | grep -qx "$musl"; then
     rustup target add "$musl"
 fi
 
+step "system packages"
+# Network namespaces for the multi-node harness, debugfs for bramble-image, headless
+# Chromium for the dashboard test. Each script is idempotent.
+if ! command -v ip >/dev/null 2>&1; then
+    sudo_=(); [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
+    "${sudo_[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -qq iproute2 >/dev/null
+fi
+scripts/deps-image.sh
+scripts/deps-browser.sh
+
 step "docker"
 if ! docker info >/dev/null 2>&1; then
     echo "error: the Docker Engine is not reachable (docker info failed); the runtime and cluster tests need it" >&2
@@ -31,4 +42,11 @@ step "build"
 cargo build --workspace --bins --locked
 
 step "test"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"
+
+step "arm: cross-build, run under qemu-user, join a controller"
+if [ "${BRAMBLE_SKIP_ARM:-0}" = 1 ]; then
+    echo "skipped (BRAMBLE_SKIP_ARM=1)"
+else
+    scripts/test-arm.sh
+fi

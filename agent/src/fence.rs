@@ -31,7 +31,7 @@ use tracing::warn;
 use crate::supervisor::Desired;
 
 /// The fence timeout before the controller has said one (its default too).
-pub const DEFAULT_FENCE: Duration = Duration::from_secs(2);
+pub const DEFAULT_FENCE: Duration = Duration::from_millis(1500);
 
 /// How often the fence watcher looks at the clock (`g` in `HealthConfig`'s argument).
 pub const CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -198,10 +198,11 @@ mod tests {
     fn an_agent_that_never_reaches_the_controller_fences_after_the_default() {
         let t0 = Instant::now();
         let mut c = Contact::new(t0);
-        assert!(!c.check(at(t0, 1999)));
-        assert!(c.check(at(t0, 2000)));
+        let f = u64::try_from(DEFAULT_FENCE.as_millis()).expect("small");
+        assert!(!c.check(at(t0, f - 1)));
+        assert!(c.check(at(t0, f)));
         assert!(c.is_fenced());
-        assert!(!c.check(at(t0, 3000)), "fencing is reported once");
+        assert!(!c.check(at(t0, f + 1000)), "fencing is reported once");
     }
 
     #[test]

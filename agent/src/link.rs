@@ -32,6 +32,9 @@ use crate::runtime::Runtime;
 use crate::supervisor::{Desired, Supervisor};
 use crate::{Config, Error};
 
+/// How often the node is measured; heartbeats in between repeat the last measurement.
+const METRICS_EVERY: Duration = Duration::from_secs(1);
+
 /// The longest wait between two dial attempts.
 const MAX_REDIAL: Duration = Duration::from_secs(5);
 
@@ -293,9 +296,19 @@ async fn session(
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A send that blocks this long means the link is gone (a full socket buffer).
     let send_timeout = fence.max(fence::CHECK_EVERY);
+    let mut sampled: Option<(std::time::Instant, bramble_api::wire::NodeMetrics)> = None;
     let result = loop {
         let outgoing = tokio::select! {
-            _ = ticker.tick() => AgentMessage::Heartbeat { metrics: metrics.sample() },
+            _ = ticker.tick() => {
+                // Heartbeats are frequent (fast failover); measuring is not: a Pi's CPU
+                // is for its tasks, and the dashboard draws 10-second points.
+                let stale = sampled.as_ref().is_none_or(|(at, _)| at.elapsed() >= METRICS_EVERY);
+                if stale {
+                    sampled = Some((std::time::Instant::now(), metrics.sample()));
+                }
+                let m = sampled.as_ref().map(|(_, m)| m.clone()).unwrap_or_default();
+                AgentMessage::Heartbeat { metrics: m }
+            }
             _ = check.tick() => {
                 let c = fence::lock(contact);
                 if c.must_redial(session, fence::now()) {

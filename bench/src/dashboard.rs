@@ -57,7 +57,7 @@ pub async fn dashboard(minutes: u64, nodes: usize) -> Result<()> {
     let pid = c.pid().context("controller pid")?;
     let rss_before = harness::rss_bytes(pid).context("controller RSS")?;
 
-    let http = reqwest::Client::new();
+    let http = bramble_tests::http();
     let base = c.url();
     let html = get_len(&http, &format!("{base}/")).await?;
     let js = get_len(&http, &format!("{base}/dashboard/app.js")).await?;

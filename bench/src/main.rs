@@ -51,6 +51,13 @@ enum What {
         #[arg(long, default_value_t = 12)]
         nodes: usize,
     },
+    /// CronJob firing lateness: scheduled time -> container started (p50/p99), on a
+    /// controller with its local agent and a 6-field every-2-seconds schedule.
+    Cron {
+        /// Firings to measure.
+        #[arg(long, default_value_t = 100)]
+        firings: usize,
+    },
     /// Scheduler placements per second on 1,000 nodes.
     Scheduler {
         /// Nodes.
@@ -86,7 +93,7 @@ fn manifest(name: &str) -> String {
 
 async fn apply(c: &Controller, name: &str) -> Result<()> {
     let body = serde_json::json!({"sources": [{"name": format!("{name}.yaml"), "content": manifest(name)}]});
-    let r = reqwest::Client::new()
+    let r = bramble_tests::http()
         .post(format!("{}/v1/apply", c.url()))
         .bearer_auth(ADMIN_TOKEN)
         .json(&body)
@@ -99,7 +106,7 @@ async fn apply(c: &Controller, name: &str) -> Result<()> {
 }
 
 async fn delete(c: &Controller, name: &str) -> Result<()> {
-    reqwest::Client::new()
+    bramble_tests::http()
         .delete(format!("{}/v1/workloads/service/{name}", c.url()))
         .bearer_auth(ADMIN_TOKEN)
         .send()
@@ -226,6 +233,72 @@ async fn memory() -> Result<()> {
         mib(ctl_busy)
     );
     rerun("memory");
+    Ok(())
+}
+
+/// Scheduled time -> container started over `firings` firings of one CronJob.
+async fn cron_lateness(firings: usize) -> Result<()> {
+    bramble_tests::ensure_test_image().await?;
+    let node = harness::unique("cronbench");
+    let c = Controller::start(ControllerOpts {
+        local_node: Some(node.clone()),
+        args: vec![],
+    })
+    .await?;
+    wait_ready(&c, &node).await?;
+    let name = unique_name("lateness");
+    let yaml = format!(
+        "apiVersion: bramble/v1\nkind: CronJob\nmetadata: {{name: {name}}}\nspec:\n  image: bramble-testimg:latest\n  args: [\"exit\", \"0\"]\n  resources: {{cpu: 10m, memory: 8Mi}}\n  schedule: \"*/2 * * * * *\"\n  concurrencyPolicy: Allow\n  startingDeadline: 30s\n  history: {{successful: {keep}, failed: {keep}}}\n",
+        keep = firings + 20
+    );
+    let body = serde_json::json!({"sources": [{"name": "lateness.yaml", "content": yaml}]});
+    let r = bramble_tests::http()
+        .post(format!("{}/v1/apply", c.url()))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("apply {name}: {}", r.text().await?);
+    }
+    let t = Instant::now();
+    let deadline = Duration::from_secs(firings as u64 * 2 + 120);
+    let mut late: Vec<Duration> = loop {
+        let tasks = c.get(&format!("/v1/tasks?workload={name}")).await?;
+        let seen: Vec<Duration> = tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| {
+                let slot = netns::parse_time(t["slot"].as_str()?)?;
+                let started = netns::parse_time(t["startedAt"].as_str()?)?;
+                Some(started.duration_since(slot).unwrap_or_default())
+            })
+            .collect();
+        if seen.len() >= firings {
+            break seen;
+        }
+        if t.elapsed() > deadline {
+            bail!(
+                "only {} of {firings} firings started after {deadline:?}",
+                seen.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    late.sort();
+    println!(
+        "cron firing lateness, scheduled time -> container started (Docker's clock), {} firings of \"*/2 * * * * *\", {} binaries:",
+        late.len(),
+        harness::PROFILE
+    );
+    println!(
+        "  p50 {:.0} ms   p99 {:.0} ms   max {:.0} ms",
+        percentile(&late, 0.5).as_secs_f64() * 1e3,
+        percentile(&late, 0.99).as_secs_f64() * 1e3,
+        late.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+    rerun(&format!("cron --firings {firings}"));
     Ok(())
 }
 
@@ -461,7 +534,9 @@ async fn main() -> Result<()> {
             apply_latency(50).await?;
             memory().await?;
             failover(20).await?;
+            cron_lateness(100).await?;
         }
+        What::Cron { firings } => cron_lateness(firings).await?,
         What::ApplyLatency { rounds } => apply_latency(rounds).await?,
         What::Memory => memory().await?,
         What::Failover { rounds } => failover(rounds).await?,

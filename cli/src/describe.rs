@@ -641,12 +641,22 @@ pub fn node(n: &NodeView, tasks: &[Task], events: Option<&[Event]>, now: DateTim
         .field("Labels", format_labels(&i.labels))
         .field("Address", or_none(n.address.as_deref()))
         .field("Registered", time(n.registered_at, now))
-        .field("Last Seen", opt_time(n.last_seen, now));
+        .field("Last Seen", opt_time(n.last_seen, now))
+        .field(
+            "Memory Limits",
+            crate::commands::get::memory_limits(i.memory_limits),
+        );
     page.section("System Info")
         .field_at(1, "Architecture", i.arch)
         .field_at(1, "OS", if i.os.is_empty() { "<unknown>" } else { &i.os })
         .field_at(1, "Docker", &i.docker_version)
         .field_at(1, "Agent", &i.agent_version);
+    if !i.warnings.is_empty() {
+        page.section("Warnings");
+        for w in &i.warnings {
+            page.text_at(1, format!("- {w}"));
+        }
+    }
     page.section("Capacity")
         .field_at(1, "CPU", format!("{} cores", i.cores))
         .field_at(1, "Memory", Memory(i.memory_bytes).human());
@@ -889,6 +899,9 @@ pub(crate) mod fixtures {
         .expect("valid event")
     }
 
+    /// What an agent on a stock Raspberry Pi OS reports.
+    pub const MEMORY_CGROUP_WARNING: &str = "memory limits are not enforced: add \"cgroup_memory=1 cgroup_enable=memory\" to /boot/firmware/cmdline.txt (one line) and reboot";
+
     pub fn node_view(cordoned: bool) -> NodeView {
         serde_json::from_value(serde_json::json!({
             "info": {
@@ -1063,6 +1076,22 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn node_page_shows_the_memory_cgroup_fix() {
+        let mut n = node_view(false);
+        n.info.memory_limits = Some(false);
+        n.info.warnings = vec![MEMORY_CGROUP_WARNING.into()];
+        let text = node(&n, &[], None, now());
+        assert!(text.contains("\nMemory Limits:  NOT-ENFORCED\n"), "{text}");
+        assert!(
+            text.contains("\nWarnings:\n  - memory limits are not enforced: add \"cgroup_memory=1 cgroup_enable=memory\" to /boot/firmware/cmdline.txt (one line) and reboot\n"),
+            "{text}"
+        );
+        let plain = node(&node_view(false), &[], None, now());
+        assert!(plain.contains("\nMemory Limits:  <unknown>\n"), "{plain}");
+        assert!(!plain.contains("Warnings:"), "{plain}");
     }
 
     #[test]

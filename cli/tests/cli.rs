@@ -585,7 +585,7 @@ fn get_nodes_prints_an_aligned_table() {
     );
 
     let r = run.run(&["get", "nodes", "-o", "wide", "--server", &stub.url()]);
-    assert!(r.stdout.lines().next().expect("header").ends_with("VERSION   OS                               DOCKER     CPU%        MEM-USED    LABELS     ADDRESS"), "{}", r.stdout);
+    assert!(r.stdout.lines().next().expect("header").ends_with("VERSION   OS                               DOCKER     CPU%        MEM-USED    MEM-LIMITS   LABELS     ADDRESS           WARNINGS"), "{}", r.stdout);
 }
 
 #[test]

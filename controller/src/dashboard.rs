@@ -226,6 +226,8 @@ pub fn node_warnings(n: &NodeView) -> Vec<String> {
         NodeStatus::NotReady => w.push("heartbeats late: no new tasks".to_string()),
         NodeStatus::Dead => w.push("down: no heartbeats; its tasks run elsewhere".to_string()),
     }
+    // Setup problems the agent found (the memory-cgroup trap), each with its fix.
+    w.extend(n.info.warnings.iter().cloned());
     if n.status == NodeStatus::Dead {
         // Old figures of a dead node would only mislead.
         return w;
@@ -550,6 +552,25 @@ mod tests {
                 "{status} {m:?}"
             );
         }
+    }
+
+    #[test]
+    fn setup_warnings_of_the_agent_are_shown_with_their_fix() {
+        let mut v = view(NodeStatus::Ready, None);
+        v.info.warnings = vec![bramble_agent_warning()];
+        assert_eq!(node_warnings(&v), vec![bramble_agent_warning()]);
+        v.status = NodeStatus::Dead;
+        assert_eq!(
+            node_warnings(&v),
+            vec![
+                "down: no heartbeats; its tasks run elsewhere".to_string(),
+                bramble_agent_warning()
+            ]
+        );
+    }
+
+    fn bramble_agent_warning() -> String {
+        "memory limits are not enforced: add \"cgroup_memory=1 cgroup_enable=memory\" to /boot/firmware/cmdline.txt (one line) and reboot".to_string()
     }
 
     #[test]

@@ -242,6 +242,13 @@ pub fn task_change(old: Option<&Task>, new: Option<&Task>) -> Vec<Draft> {
             DesiredState::Running => {}
         }
     }
+    // The agent restarts a hung container itself and says why in the task's message; a
+    // new restart with a probe message is a fresh probe failure even if the text repeats.
+    if let Some(m) = t.message.as_deref().filter(|m| m.contains("probe failed")) {
+        if t.message != o.message || t.restarts > o.restarts {
+            out.push(Draft::warning(&obj, "ProbeFailed", m.to_string()));
+        }
+    }
     if t.restarts > o.restarts {
         out.push(Draft::warning(
             &obj,
@@ -361,6 +368,21 @@ mod tests {
             reasons(&task_change(Some(&running), Some(&restarted))),
             ["Restarted"]
         );
+        let mut hung = running.clone();
+        hung.restarts = 1;
+        hung.message = Some("liveness probe failed 3 times: GET /healthz: timed out".into());
+        assert_eq!(
+            reasons(&task_change(Some(&running), Some(&hung))),
+            ["ProbeFailed", "Restarted"]
+        );
+        let mut hung_again = hung.clone();
+        hung_again.restarts = 2;
+        assert_eq!(
+            reasons(&task_change(Some(&hung), Some(&hung_again))),
+            ["ProbeFailed", "Restarted"],
+            "the same probe message on a new restart is a new failure"
+        );
+        assert!(task_change(Some(&hung), Some(&hung)).is_empty());
         let mut lost = running.clone();
         lost.node = None;
         lost.phase = TaskPhase::Pending;

@@ -280,8 +280,9 @@ impl Controller {
     }
 }
 
-/// Reconciles on every wake-up and at least every `resync`; a failed pass is retried
-/// with capped, jittered back-off and never ends the loop.
+/// Reconciles on every wake-up, when a silent node crosses a health threshold, and at
+/// least every `resync`; a failed pass is retried with capped, jittered back-off and
+/// never ends the loop.
 async fn reconcile_loop(
     c: Arc<Cluster>,
     resync: Duration,
@@ -289,9 +290,13 @@ async fn reconcile_loop(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        let mut wake = tokio::time::Instant::now() + resync;
+        if let Ok(Some(at)) = c.next_node_change() {
+            wake = wake.min(tokio::time::Instant::from_std(at));
+        }
         tokio::select! {
             () = c.woken() => {}
-            () = tokio::time::sleep(resync) => {}
+            () = tokio::time::sleep_until(wake) => {}
             _ = stop.changed() => return,
         }
         match c.reconcile_once() {
@@ -304,4 +309,11 @@ async fn reconcile_loop(
             }
         }
     }
+}
+
+/// Makes rustls use ring for HTTPS clients (webhooks). Idempotent; reqwest panics on a
+/// client built before a provider is installed.
+pub fn install_tls_provider() {
+    // Fails only when a provider is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

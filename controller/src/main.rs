@@ -52,20 +52,20 @@ struct Args {
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// How often agents send heartbeats (and the controller pings them).
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     heartbeat: Duration,
     /// A node silent this long is NotReady (gets no new tasks).
-    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     node_not_ready_after: Duration,
     /// A node silent this long is Dead: its Services and Jobs run elsewhere.
-    #[arg(long, default_value = "2500ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
     node_dead_after: Duration,
     /// An agent that hears nothing from the controller this long stops its Wallets.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
     fence_timeout: Duration,
     /// Extra wait before a silent node's Wallet starts elsewhere; must exceed the
     /// heartbeat plus the time to stop a container (see HealthConfig in nodes.rs).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
     fence_margin: Duration,
 }
 

@@ -27,10 +27,11 @@ use tokio::sync::mpsc;
 /// `T_a + fence + g + k` (g: the agent's check period, 100 ms; k: the stop, at most
 /// about 700 ms with the fencing grace of 500 ms). The controller starts a new one at
 /// `T_c + fence + fence_margin`. So the old one is gone first whenever
-/// `fence_margin > heartbeat + 2d + g + k`: with the defaults (heartbeat 500 ms,
-/// margin 2 s) that holds for any delay under about 350 ms. A powered-off node's wallet
-/// thus runs elsewhere `fence + fence_margin` (4 s) after its last heartbeat, plus the
-/// time to start the container. Raise both for flaky links; keep the inequality.
+/// `fence_margin > heartbeat + 2d + g + k`: with the defaults (heartbeat 250 ms,
+/// margin 1.5 s) that holds for any delay under about 225 ms. A powered-off node's
+/// wallet thus runs elsewhere `fence + fence_margin` (3 s) after its last heartbeat,
+/// plus the time to start the container. Raise both for flaky links; keep the
+/// inequality.
 #[derive(Debug, Clone, Copy)]
 pub struct HealthConfig {
     /// How often agents send heartbeats (and the controller pings).
@@ -49,11 +50,11 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
-            heartbeat: Duration::from_millis(500),
-            not_ready_after: Duration::from_millis(1500),
-            dead_after: Duration::from_millis(2500),
-            fence: Duration::from_secs(2),
-            fence_margin: Duration::from_secs(2),
+            heartbeat: Duration::from_millis(250),
+            not_ready_after: Duration::from_secs(1),
+            dead_after: Duration::from_secs(2),
+            fence: Duration::from_millis(1500),
+            fence_margin: Duration::from_millis(1500),
         }
     }
 }
@@ -68,6 +69,30 @@ pub fn wallets_fenced(
 ) -> bool {
     now.saturating_duration_since(last_seen.unwrap_or(controller_start))
         > cfg.fence + cfg.fence_margin
+}
+
+/// The next instant after `now` at which a node last heard of at `last_seen` changes
+/// status or has its Wallets surely fenced, so the controller acts on a silent node at
+/// that moment rather than at its next periodic pass. `None` once nothing is left to
+/// change.
+pub fn next_change(
+    last_seen: Option<Instant>,
+    controller_start: Instant,
+    now: Instant,
+    cfg: &HealthConfig,
+) -> Option<Instant> {
+    let from = last_seen.unwrap_or(controller_start);
+    // Both predicates above flip just *after* their threshold.
+    let tick = Duration::from_millis(1);
+    [
+        cfg.not_ready_after,
+        cfg.dead_after,
+        cfg.fence + cfg.fence_margin,
+    ]
+    .into_iter()
+    .filter_map(|d| from.checked_add(d + tick))
+    .filter(|t| *t > now)
+    .min()
 }
 
 /// A node's health from the time since it was last heard of. A node the controller has
@@ -190,6 +215,19 @@ impl Nodes {
         wallets_fenced(last, self.started, Instant::now(), &self.cfg)
     }
 
+    /// The earliest instant at which any known node's status or fencing changes.
+    pub fn next_change(&self, nodes: &[String]) -> Option<Instant> {
+        let live = self.lock();
+        let now = Instant::now();
+        nodes
+            .iter()
+            .filter_map(|n| {
+                let last = live.get(n).and_then(|l| l.last_seen);
+                next_change(last, self.started, now, &self.cfg)
+            })
+            .min()
+    }
+
     /// Records the status last reported in events; returns the previous one if it changed.
     pub fn note_status(&self, node: &str, now: NodeStatus) -> Option<Option<NodeStatus>> {
         let mut live = self.lock();
@@ -281,10 +319,10 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         assert_eq!(status(Some(t0), t0, at(0), &cfg), NodeStatus::Ready);
-        assert_eq!(status(Some(t0), t0, at(1500), &cfg), NodeStatus::Ready);
-        assert_eq!(status(Some(t0), t0, at(1501), &cfg), NodeStatus::NotReady);
-        assert_eq!(status(Some(t0), t0, at(2500), &cfg), NodeStatus::NotReady);
-        assert_eq!(status(Some(t0), t0, at(2501), &cfg), NodeStatus::Dead);
+        assert_eq!(status(Some(t0), t0, at(1000), &cfg), NodeStatus::Ready);
+        assert_eq!(status(Some(t0), t0, at(1001), &cfg), NodeStatus::NotReady);
+        assert_eq!(status(Some(t0), t0, at(2000), &cfg), NodeStatus::NotReady);
+        assert_eq!(status(Some(t0), t0, at(2001), &cfg), NodeStatus::Dead);
     }
 
     #[test]
@@ -307,10 +345,38 @@ mod tests {
             !wallets_fenced(Some(t0), t0, at(2500), &cfg),
             "dead is not yet fenced"
         );
-        assert!(!wallets_fenced(Some(t0), t0, at(4000), &cfg));
-        assert!(wallets_fenced(Some(t0), t0, at(4001), &cfg));
+        assert!(!wallets_fenced(Some(t0), t0, at(3000), &cfg));
+        assert!(wallets_fenced(Some(t0), t0, at(3001), &cfg));
         // After a controller restart the clock starts at the restart.
         assert!(!wallets_fenced(None, at(10_000), at(12_000), &cfg));
+    }
+
+    #[test]
+    fn defaults_fail_over_within_the_budgets() {
+        let cfg = HealthConfig::default();
+        // Services move when the node is Dead, Wallets when surely fenced; both leave
+        // room for detection and a container start within 5 s.
+        assert!(cfg.dead_after <= Duration::from_secs(2));
+        assert!(cfg.fence + cfg.fence_margin <= Duration::from_secs(3));
+        assert!(cfg.fence + cfg.fence_margin > cfg.dead_after);
+    }
+
+    #[test]
+    fn the_next_change_is_the_next_threshold_crossed() {
+        let cfg = HealthConfig::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let next = |now: u64| next_change(Some(t0), t0, at(now), &cfg);
+        assert_eq!(next(0), Some(at(1001)), "NotReady first");
+        assert_eq!(next(1001), Some(at(2001)), "then Dead");
+        assert_eq!(next(2001), Some(at(3001)), "then fenced");
+        assert_eq!(next(3001), None, "then nothing");
+        // At each instant returned, the status or fencing has just changed.
+        assert_eq!(status(Some(t0), t0, at(1001), &cfg), NodeStatus::NotReady);
+        assert_eq!(status(Some(t0), t0, at(2001), &cfg), NodeStatus::Dead);
+        assert!(wallets_fenced(Some(t0), t0, at(3001), &cfg));
+        // A node not heard from since the controller started counts from the start.
+        assert_eq!(next_change(None, at(500), at(600), &cfg), Some(at(1501)));
     }
 
     #[test]

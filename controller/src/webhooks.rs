@@ -351,6 +351,7 @@ impl Webhooks {
 
     fn client(&self) -> &reqwest::Client {
         self.client.get_or_init(|| {
+            crate::install_tls_provider();
             reqwest::Client::builder()
                 .timeout(TIMEOUT)
                 .connect_timeout(Duration::from_secs(3))

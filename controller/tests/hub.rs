@@ -106,15 +106,18 @@ async fn a_second_machine_cannot_take_a_connected_nodes_name() {
     let api = url
         .replace("ws://", "http://")
         .replace("/v1/agent", "/v1/nodes");
-    let nodes: serde_json::Value = reqwest::Client::new()
-        .get(&api)
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("GET /v1/nodes")
-        .json()
-        .await
-        .expect("JSON");
+    let nodes: serde_json::Value = {
+        bramble_controller::install_tls_provider();
+        reqwest::Client::new()
+    }
+    .get(&api)
+    .bearer_auth(ADMIN)
+    .send()
+    .await
+    .expect("GET /v1/nodes")
+    .json()
+    .await
+    .expect("JSON");
     let info = &nodes[0]["info"];
     assert_eq!(info["machineId"], "10000000aaaaaa11", "{nodes}");
     assert_eq!(info["memoryLimits"], false, "{nodes}");

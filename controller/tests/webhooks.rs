@@ -169,6 +169,7 @@ async fn warning_events_reach_webhooks_signed_and_retried() -> Result<()> {
     let server = tokio::spawn(ctl.run(listener, async move {
         let _ = stop_rx.await;
     }));
+    bramble_controller::install_tls_provider();
     let http = reqwest::Client::new();
 
     // No node can take it: a FailedScheduling Warning (and a Normal "Applied").

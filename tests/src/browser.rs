@@ -76,7 +76,7 @@ impl Browser {
             driver,
             port,
             session: String::new(),
-            http: reqwest::Client::new(),
+            http: crate::http(),
             _profile: profile,
         };
         // chromedriver takes a moment to listen.

@@ -192,7 +192,7 @@ impl Controller {
         };
         self.child = Some(cmd.spawn().context("starting bramble-controller")?);
         let deadline = Instant::now() + Duration::from_secs(20);
-        let client = reqwest::Client::new();
+        let client = crate::http();
         loop {
             let r = client
                 .get(format!("{}/v1/version", self.url()))
@@ -244,7 +244,7 @@ impl Controller {
 
     /// GET a JSON document with the admin token.
     pub async fn get(&self, path: &str) -> Result<Value> {
-        let r = reqwest::Client::new()
+        let r = crate::http()
             .get(format!("{}{path}", self.url()))
             .bearer_auth(ADMIN_TOKEN)
             .send()
@@ -264,7 +264,7 @@ impl Controller {
 
     /// POST with the admin token and no body; the answer as JSON (`null` when empty).
     pub async fn post(&self, path: &str) -> Result<Value> {
-        let r = reqwest::Client::new()
+        let r = crate::http()
             .post(format!("{}{path}", self.url()))
             .bearer_auth(ADMIN_TOKEN)
             .send()
@@ -276,7 +276,7 @@ impl Controller {
     /// `name` in error messages; the [`bramble_api::rest::ApplyResponse`] as JSON.
     pub async fn apply(&self, name: &str, manifest: &str) -> Result<Value> {
         let body = serde_json::json!({"sources": [{"name": name, "content": manifest}]});
-        let r = reqwest::Client::new()
+        let r = crate::http()
             .post(format!("{}/v1/apply", self.url()))
             .bearer_auth(ADMIN_TOKEN)
             .json(&body)
@@ -334,6 +334,8 @@ pub struct Agent {
     starts: u32,
     /// The network namespace it runs in (`ip netns exec`), `None` for the host's.
     netns: Option<String>,
+    /// Finds the controller over mDNS on this interface instead of `--controller`.
+    mdns_interface: Option<String>,
 }
 
 impl Agent {
@@ -346,6 +348,7 @@ impl Agent {
             data_dir: tempfile::tempdir()?,
             starts: 0,
             netns: None,
+            mdns_interface: None,
         };
         a.spawn()?;
         Ok(a)
@@ -362,6 +365,23 @@ impl Agent {
             data_dir: tempfile::tempdir()?,
             starts: 0,
             netns: Some(netns.to_string()),
+            mdns_interface: None,
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// Starts an agent for `node` inside `netns` with no `--controller`: it must find
+    /// the controller over mDNS, browsing on `interface` only.
+    pub fn start_discovering_in(netns: &str, interface: &str, node: &str) -> Result<Agent> {
+        let mut a = Agent {
+            child: None,
+            node: node.to_string(),
+            controller: String::new(),
+            data_dir: tempfile::tempdir()?,
+            starts: 0,
+            netns: Some(netns.to_string()),
+            mdns_interface: Some(interface.to_string()),
         };
         a.spawn()?;
         Ok(a)
@@ -389,15 +409,12 @@ impl Agent {
             }
             None => Command::new(bin("bramble-agent")),
         };
+        match &self.mdns_interface {
+            Some(i) => cmd.args(["--mdns-interface", i]),
+            None => cmd.args(["--controller", &self.controller]),
+        };
         let child = cmd
-            .args([
-                "--controller",
-                &self.controller,
-                "--join-token",
-                JOIN_TOKEN,
-                "--node-name",
-                &self.node,
-            ])
+            .args(["--join-token", JOIN_TOKEN, "--node-name", &self.node])
             .arg("--data-dir")
             .arg(self.data_dir.path())
             .env("BRAMBLE_LOG", "info,bramble_agent=debug")

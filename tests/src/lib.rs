@@ -307,6 +307,14 @@ pub fn docker_inspect(id: &str) -> anyhow::Result<serde_json::Value> {
     Ok(all.swap_remove(0))
 }
 
+/// An HTTP client for the tests. Installs rustls's ring provider first: the workspace
+/// builds reqwest with rustls but no provider, and reqwest panics without one.
+pub fn http() -> reqwest::Client {
+    // Fails only when a provider is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

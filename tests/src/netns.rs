@@ -54,32 +54,33 @@ use crate::harness::{Agent, Controller, ControllerOpts};
 /// The first characters of every bridge, namespace, veth and node name made here.
 pub const PREFIX: &str = "brt";
 
-/// Controller timing for self-healing tests: heartbeats every 500 ms, NotReady after
-/// 1.5 s and Dead after 2.5 s of silence; agents fence (stop their wallets) after 2 s
-/// without hearing from the controller, and the controller respawns a silent node's
-/// wallet only after fence timeout + margin (4 s) since its last heartbeat.
+/// Controller timing for self-healing tests, spelled out so the tests do not move when
+/// a default does (they are the defaults): heartbeats every 250 ms, NotReady after 1 s
+/// and Dead after 2 s of silence; agents fence (stop their wallets) after 1.5 s without
+/// hearing from the controller, and the controller respawns a silent node's wallet
+/// only after fence timeout + margin (3 s) since its last heartbeat.
 pub const HEALING_FLAGS: &[&str] = &[
     "--heartbeat",
-    "500ms",
+    "250ms",
     "--node-not-ready-after",
-    "1500ms",
+    "1s",
     "--node-dead-after",
-    "2500ms",
+    "2s",
     "--fence-timeout",
-    "2s",
+    "1500ms",
     "--fence-margin",
-    "2s",
+    "1500ms",
 ];
 
 /// The node-health part of [`HEALING_FLAGS`] only, for tests of the harness itself,
 /// which must not depend on the fencing flags.
 pub const HEALTH_FLAGS: &[&str] = &[
     "--heartbeat",
-    "500ms",
+    "250ms",
     "--node-not-ready-after",
-    "1500ms",
+    "1s",
     "--node-dead-after",
-    "2500ms",
+    "2s",
 ];
 
 /// The first two octets of every cluster's subnet; the third is picked per cluster.
@@ -529,7 +530,11 @@ impl NetCluster {
         let controller = Controller::start_on(
             ControllerOpts {
                 local_node: None,
-                args: controller_args.iter().map(|a| a.to_string()).collect(),
+                // `{bridge}` stands for the bridge's name, which is made here.
+                args: controller_args
+                    .iter()
+                    .map(|a| a.replace("{bridge}", &net.bridge))
+                    .collect(),
             },
             &net.gateway().to_string(),
         )
@@ -552,6 +557,22 @@ impl NetCluster {
             cluster.wait_ready(&node).await?;
         }
         Ok(cluster)
+    }
+
+    /// Adds a node in a namespace of its own whose agent is given no controller URL: it
+    /// must find the controller over mDNS on its link. The controller must advertise
+    /// on the bridge (`--mdns-interface {bridge}` in the start arguments). Does not wait.
+    pub fn add_discovering_node(&mut self) -> Result<String> {
+        let i = self.nodes.len();
+        let link = self.net.add_namespace(i)?;
+        let name = format!("{PREFIX}{}-{i}", self.net.id);
+        let peer = format!("{PREFIX}{}p{i}", self.net.id);
+        let agent = Agent::start_discovering_in(&link.ns, &peer, &name)?;
+        self.nodes.push(Node {
+            agent,
+            link: Some(link),
+        });
+        Ok(name)
     }
 
     /// Adds a node whose agent runs in the host namespace, and waits until it is Ready.

@@ -23,7 +23,7 @@ async fn cluster(prefix: &str) -> Result<(Controller, String)> {
 
 async fn apply(c: &Controller, yaml: &str) -> Result<()> {
     let body = serde_json::json!({"sources": [{"name": "job.yaml", "content": yaml}]});
-    let r = reqwest::Client::new()
+    let r = bramble_tests::http()
         .post(format!("{}/v1/apply", c.url()))
         .bearer_auth(ADMIN_TOKEN)
         .json(&body)

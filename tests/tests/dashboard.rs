@@ -113,7 +113,7 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
         WAIT,
     )
     .await?;
-    let r = reqwest::Client::new()
+    let r = bramble_tests::http()
         .delete(format!("{}/v1/workloads/service/api", c.url()))
         .bearer_auth(ADMIN_TOKEN)
         .send()
@@ -216,7 +216,7 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
     b.screenshot(&artifact("dashboard-viewer.png")).await?;
 
     // /metrics takes any token and speaks Prometheus.
-    let text = reqwest::Client::new()
+    let text = bramble_tests::http()
         .get(format!("{}/metrics", c.url()))
         .bearer_auth(VIEWER_TOKEN)
         .send()

@@ -124,3 +124,39 @@ async fn dropping_a_cluster_removes_its_namespaces_links_and_containers() -> Res
     assert!(netns::containers(&format!("bramble.node={node}"), true)?.is_empty());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_controller_url_finds_it_over_mdns_and_runs_work() -> Result<()> {
+    // The controller advertises `_bramble._tcp.local.` on the bridge only, and the agent
+    // browses on its own link only: multicast never leaves the test network.
+    let mut args = vec!["--mdns-interface", "{bridge}"];
+    args.extend_from_slice(HEALTH_FLAGS);
+    let mut cluster = NetCluster::start(0, &args).await?;
+    let node = cluster.add_discovering_node()?;
+    if let Err(e) = cluster.wait_status(&node, "Ready", WAIT).await {
+        bail!(
+            "{e:#}\n--- agent log:\n{}",
+            cluster.agent(&node).map(|a| a.logs()).unwrap_or_default()
+        );
+    }
+    let logs = cluster.agent(&node)?.logs();
+    assert!(
+        logs.contains("found the controller over mDNS"),
+        "the agent did not log a discovery:\n{logs}"
+    );
+    let web = bramble_tests::unique_name("mdns-web");
+    cluster.apply(&service(&web, 1)).await?;
+    let label = format!("bramble.workload={web}");
+    eventually(
+        WAIT,
+        "the replica running on the discovered node",
+        || async {
+            Ok(netns::running_containers(&label)?
+                .iter()
+                .any(|c| c.node == node)
+                .then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}

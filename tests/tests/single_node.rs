@@ -320,7 +320,7 @@ async fn bad_manifests_are_rejected_with_file_line_column_and_field_and_nothing_
 
         // The API itself (bypassing the CLI's own check) rejects it the same way.
         let body = serde_json::json!({"sources": [{"name": file, "content": text}]});
-        let r = reqwest::Client::new()
+        let r = bramble_tests::http()
             .post(format!("{}/v1/apply", c.url()))
             .bearer_auth(ADMIN_TOKEN)
             .json(&body)
@@ -382,7 +382,7 @@ async fn every_endpoint_needs_a_valid_token_and_a_refused_request_changes_nothin
         ("GET", "/v1/agent"),
         ("GET", "/v1/no-such-endpoint"),
     ];
-    let client = reqwest::Client::new();
+    let client = bramble_tests::http();
     for (method, path) in &endpoints {
         for token in [None, Some("wrong-token-wrong-token"), Some(JOIN_TOKEN)] {
             if token == Some(JOIN_TOKEN) && *path == "/v1/agent" {

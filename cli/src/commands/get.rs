@@ -174,6 +174,15 @@ pub fn sort_tasks(tasks: &mut [Task]) {
     });
 }
 
+/// Whether Docker enforces `resources.memory` on a node, in a word.
+pub fn memory_limits(enforced: Option<bool>) -> &'static str {
+    match enforced {
+        Some(true) => "enforced",
+        Some(false) => "NOT-ENFORCED",
+        None => "<unknown>",
+    }
+}
+
 /// `get nodes`.
 pub fn nodes_table(nodes: &[NodeView], wide: bool, now: DateTime<Utc>) -> Table {
     let mut headers = vec![
@@ -187,7 +196,16 @@ pub fn nodes_table(nodes: &[NodeView], wide: bool, now: DateTime<Utc>) -> Table 
         "VERSION",
     ];
     if wide {
-        headers.extend(["OS", "DOCKER", "CPU%", "MEM-USED", "LABELS", "ADDRESS"]);
+        headers.extend([
+            "OS",
+            "DOCKER",
+            "CPU%",
+            "MEM-USED",
+            "MEM-LIMITS",
+            "LABELS",
+            "ADDRESS",
+            "WARNINGS",
+        ]);
     }
     let mut t = Table::new(headers);
     for n in nodes {
@@ -219,8 +237,14 @@ pub fn nodes_table(nodes: &[NodeView], wide: bool, now: DateTime<Utc>) -> Table 
                 i.docker_version.clone(),
                 cpu,
                 mem,
+                memory_limits(i.memory_limits).to_string(),
                 format_labels(&i.labels),
                 or_none(n.address.as_deref()),
+                if i.warnings.is_empty() {
+                    "<none>".into()
+                } else {
+                    i.warnings.join("; ")
+                },
             ]);
         }
         t.row(row);
@@ -360,8 +384,22 @@ mod tests {
     fn wide_node_table_adds_system_and_load() {
         let t = nodes_table(&[node_view(false)], true, now()).to_string();
         let lines: Vec<&str> = t.lines().collect();
-        assert!(lines[0].ends_with("VERSION   OS                               DOCKER   CPU%   MEM-USED   LABELS     ADDRESS"), "{t}");
-        assert!(lines[1].ends_with("0.1.0     Debian GNU/Linux 12 (bookworm)   24.0.5   12%    410Mi      disk=ssd   10.0.0.11:51234"), "{t}");
+        assert!(lines[0].ends_with("VERSION   OS                               DOCKER   CPU%   MEM-USED   MEM-LIMITS   LABELS     ADDRESS           WARNINGS"), "{t}");
+        assert!(lines[1].ends_with("0.1.0     Debian GNU/Linux 12 (bookworm)   24.0.5   12%    410Mi      <unknown>    disk=ssd   10.0.0.11:51234   <none>"), "{t}");
+    }
+
+    #[test]
+    fn wide_node_table_shows_the_memory_cgroup_fix() {
+        let mut n = node_view(false);
+        n.info.memory_limits = Some(false);
+        n.info.warnings = vec![crate::describe::fixtures::MEMORY_CGROUP_WARNING.into()];
+        let t = nodes_table(&[n], true, now()).to_string();
+        let row = t.lines().nth(1).unwrap_or_default();
+        assert!(row.contains("   NOT-ENFORCED   "), "{t}");
+        assert!(
+            row.ends_with(crate::describe::fixtures::MEMORY_CGROUP_WARNING),
+            "{t}"
+        );
     }
 
     #[test]
