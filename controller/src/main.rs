@@ -67,6 +67,10 @@ struct Args {
     /// heartbeat plus the time to stop a container (see HealthConfig in nodes.rs).
     #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
     fence_margin: Duration,
+    /// After a controller start, extra time a node that has not reconnected yet gets
+    /// before it counts as Dead (agents redial with back-off of up to 5 s).
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    startup_grace: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -145,6 +149,7 @@ fn config(args: Args) -> Result<Config, String> {
             dead_after: args.node_dead_after,
             fence: args.fence_timeout,
             fence_margin: args.fence_margin,
+            startup_grace: args.startup_grace,
         },
         resync: Duration::from_millis(500),
         mdns: (!args.no_mdns).then(|| bramble_controller::Mdns {

@@ -45,6 +45,10 @@ pub struct HealthConfig {
     /// Extra wait on the controller's side before a silent node's Wallet is placed
     /// elsewhere (see above).
     pub fence_margin: Duration,
+    /// After a controller (re)start, how much longer than usual a node that has not
+    /// reconnected yet is given before it counts as Dead or fenced: agents redial with
+    /// back-off (up to 5 s), and a restart must not move work off live nodes.
+    pub startup_grace: Duration,
 }
 
 impl Default for HealthConfig {
@@ -55,6 +59,7 @@ impl Default for HealthConfig {
             dead_after: Duration::from_secs(2),
             fence: Duration::from_millis(1500),
             fence_margin: Duration::from_millis(1500),
+            startup_grace: Duration::from_secs(6),
         }
     }
 }
@@ -68,7 +73,16 @@ pub fn wallets_fenced(
     cfg: &HealthConfig,
 ) -> bool {
     now.saturating_duration_since(last_seen.unwrap_or(controller_start))
-        > cfg.fence + cfg.fence_margin
+        > cfg.fence + cfg.fence_margin + grace(last_seen, cfg)
+}
+
+/// The extra wait for a node not heard from since the controller started.
+fn grace(last_seen: Option<Instant>, cfg: &HealthConfig) -> Duration {
+    if last_seen.is_some() {
+        Duration::ZERO
+    } else {
+        cfg.startup_grace
+    }
 }
 
 /// The next instant after `now` at which a node last heard of at `last_seen` changes
@@ -84,10 +98,11 @@ pub fn next_change(
     let from = last_seen.unwrap_or(controller_start);
     // Both predicates above flip just *after* their threshold.
     let tick = Duration::from_millis(1);
+    let grace = grace(last_seen, cfg);
     [
         cfg.not_ready_after,
-        cfg.dead_after,
-        cfg.fence + cfg.fence_margin,
+        cfg.dead_after + grace,
+        cfg.fence + cfg.fence_margin + grace,
     ]
     .into_iter()
     .filter_map(|d| from.checked_add(d + tick))
@@ -107,7 +122,7 @@ pub fn status(
     let since = now.saturating_duration_since(last_seen.unwrap_or(controller_start));
     if since <= cfg.not_ready_after && last_seen.is_some() {
         NodeStatus::Ready
-    } else if since <= cfg.dead_after {
+    } else if since <= cfg.dead_after + grace(last_seen, cfg) {
         NodeStatus::NotReady
     } else {
         NodeStatus::Dead
@@ -330,10 +345,21 @@ mod tests {
         let cfg = HealthConfig::default();
         let t0 = Instant::now();
         assert_eq!(status(None, t0, t0, &cfg), NodeStatus::NotReady);
+        // Agents redial with back-off: a node gets the startup grace to come back.
+        let dead = cfg.dead_after + cfg.startup_grace;
+        assert_eq!(status(None, t0, t0 + dead, &cfg), NodeStatus::NotReady);
         assert_eq!(
-            status(None, t0, t0 + Duration::from_secs(3), &cfg),
+            status(None, t0, t0 + dead + Duration::from_millis(1), &cfg),
             NodeStatus::Dead
         );
+        let fenced = cfg.fence + cfg.fence_margin + cfg.startup_grace;
+        assert!(!wallets_fenced(None, t0, t0 + fenced, &cfg));
+        assert!(wallets_fenced(
+            None,
+            t0,
+            t0 + fenced + Duration::from_millis(1),
+            &cfg
+        ));
     }
 
     #[test]
@@ -375,8 +401,14 @@ mod tests {
         assert_eq!(status(Some(t0), t0, at(1001), &cfg), NodeStatus::NotReady);
         assert_eq!(status(Some(t0), t0, at(2001), &cfg), NodeStatus::Dead);
         assert!(wallets_fenced(Some(t0), t0, at(3001), &cfg));
-        // A node not heard from since the controller started counts from the start.
+        // A node not heard from since the controller started counts from the start,
+        // with the startup grace.
+        let grace = u64::try_from(cfg.startup_grace.as_millis()).expect("small");
         assert_eq!(next_change(None, at(500), at(600), &cfg), Some(at(1501)));
+        assert_eq!(
+            next_change(None, at(500), at(1501), &cfg),
+            Some(at(2501 + grace))
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Fence timeout + fence margin ([`HEALING_FLAGS`]): how long after a silent node's last
 /// heartbeat the controller may start its wallet elsewhere.
-const WALLET_GRACE: Duration = Duration::from_secs(4);
+const WALLET_GRACE: Duration = Duration::from_secs(3);
 
 /// How often the "never two wallets" samplers look.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
