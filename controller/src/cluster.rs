@@ -23,7 +23,7 @@ use crate::http::ApiError;
 use crate::model::{self, StoredNode, StoredWorkload, Versioned};
 use crate::nodes::Nodes;
 use crate::reconcile::{self, NodeState};
-use crate::store::{Compare, Op, Store};
+use crate::store::{Compare, Op, Store, StoreExt};
 
 /// A piece of a log stream on its way from an agent to an HTTP client.
 #[derive(Debug)]
@@ -291,19 +291,7 @@ impl Cluster {
             let Some(next) = reconcile::apply_status(&cur.value, node, s) else {
                 return Ok(());
             };
-            let ok = self
-                .store
-                .txn(
-                    &[Compare::ModRevision {
-                        key: key.clone(),
-                        rev: cur.rev,
-                    }],
-                    &[Op::Put {
-                        key: key.clone(),
-                        value: model::encode(&next),
-                    }],
-                )?
-                .succeeded;
+            let ok = self.store.cas_json(&key, cur.rev, &next)?;
             if ok {
                 tracing::debug!(task = %s.task, node = %node, phase = %s.phase, exit_code = ?s.exit_code, message = ?s.message, "task status");
                 self.record(events::task_change(Some(&cur.value), Some(&next)));
@@ -586,19 +574,7 @@ impl Cluster {
                 cordoned,
                 ..cur.value
             };
-            let ok = self
-                .store
-                .txn(
-                    &[Compare::ModRevision {
-                        key: key.clone(),
-                        rev: cur.rev,
-                    }],
-                    &[Op::Put {
-                        key: key.clone(),
-                        value: model::encode(&next),
-                    }],
-                )?
-                .succeeded;
+            let ok = self.store.cas_json(&key, cur.rev, &next)?;
             if ok {
                 let (reason, msg) = if cordoned {
                     ("Cordoned", "no new tasks")

@@ -23,7 +23,7 @@ use crate::cron::{self, Concurrency};
 use crate::events::Draft;
 use crate::http::ApiError;
 use crate::model::{self, StoredWorkload, Versioned};
-use crate::store::{Compare, Op};
+use crate::store::{Compare, Op, StoreExt};
 
 /// Prefix of per-CronJob operator state (`cron suspend|resume`).
 pub const CRON_STATE: &str = "/cronstate/";
@@ -351,19 +351,7 @@ impl Cluster {
             }
             let id = retry_id(base, attempt);
             let task = run_task(w, id.clone(), t.slot, attempt, now);
-            let ok = self
-                .store
-                .txn(
-                    &[Compare::ModRevision {
-                        key: model::task_key(&id),
-                        rev: 0,
-                    }],
-                    &[Op::Put {
-                        key: model::task_key(&id),
-                        value: model::encode(&task),
-                    }],
-                )?
-                .succeeded;
+            let ok = self.store.cas_json(&model::task_key(&id), 0, &task)?;
             if ok {
                 self.record(vec![Draft::warning(
                     format!("task/{}", t.id),

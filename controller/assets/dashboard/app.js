@@ -216,7 +216,7 @@ function nodeBody(n) {
     `<div class="metric"><span class="k">CPU</span><span class="v">${pct(n.cpu)}` +
     (cores ? `<svg class="cores" viewBox="0 0 ${n.perCore.length * 9} 20"><title>per core</title>${cores}</svg>` : '') +
     `</span>${spark(h.cpu, 0, 100, 'cpu')}</div>` +
-    `<div class="metric"><span class="k">RAM</span><span class="v">${n.memUsed == null ? '<i>unavailable</i>' : mib(n.memUsed) + ' / ' + mib(n.memTotal)}</span>${spark(h.mem, 0, memMiB, 'mem')}</div>` +
+    `<div class="metric"><span class="k">RAM</span><span class="v">${n.memUsed == null ? '<i>unavailable</i>' : mib(n.memUsed) + ' <small>/ ' + mib(n.memTotal) + '</small>'}</span>${spark(h.mem, 0, memMiB, 'mem')}</div>` +
     `<div class="metric"><span class="k">Temp</span><span class="v">${temp}</span>${spark(h.temp, 20, 90, 'temp', 75)}</div>` +
     `<div class="facts"><span>load <b>${load}</b></span>${disk('data', n.dataDisk)}${disk('docker', n.dockerDisk)}${throttle}</div>`;
 }
