@@ -293,9 +293,17 @@ async fn cron_lateness(firings: usize) -> Result<()> {
             break seen;
         }
         if t.elapsed() > deadline {
+            let phases: Vec<String> = tasks
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| format!("{} {} {}", t["id"], t["phase"], t["startedAt"]))
+                .collect();
             bail!(
-                "only {} of {firings} firings started after {deadline:?}",
-                seen.len()
+                "only {} of {firings} firings started after {deadline:?}; tasks:\n{}\n--- controller log:\n{}",
+                seen.len(),
+                phases.join("\n"),
+                c.logs()
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;

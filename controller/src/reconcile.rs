@@ -265,11 +265,12 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState]) {
             let mut cpu = 0u64;
             let mut mem = 0u64;
             let mut per_workload: BTreeMap<(Kind, String), u32> = BTreeMap::new();
-            // Tasks still on a node hold their resources until confirmed gone.
-            for t in work
-                .values()
-                .filter(|t| t.node.as_deref() == Some(n.info.name.as_str()))
-            {
+            // Tasks still on a node hold their resources until confirmed gone; a finished
+            // Job or CronJob run (kept for its history) has exited and holds nothing.
+            for t in work.values().filter(|t| {
+                t.node.as_deref() == Some(n.info.name.as_str())
+                    && !(t.phase.is_terminal() && t.kind.runs_to_completion())
+            }) {
                 cpu += t.spec.resources.cpu.map_or(0, |c| c.millis());
                 mem += t.spec.resources.memory.map_or(0, |m| m.bytes());
                 if t.desired == DesiredState::Running {
@@ -562,6 +563,34 @@ mod tests {
         run_to_fixpoint(std::slice::from_ref(&job), &mut tasks, &nodes);
         tasks[0].value.phase = TaskPhase::Succeeded;
         assert!(plan(&[job], &tasks, &nodes, Utc::now()).is_empty());
+    }
+
+    #[test]
+    fn finished_runs_kept_for_history_hold_no_capacity() {
+        // Each run asks for the whole node; the first is done, so the second fits.
+        let job = |name: &str| {
+            workload(&format!(
+                "apiVersion: bramble/v1\nkind: Job\nmetadata: {{name: {name}}}\nspec:\n  image: j:1\n  resources: {{cpu: 4, memory: 512Mi}}\n"
+            ))
+        };
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&[job("a")], &mut tasks, &nodes);
+        assert_eq!(placed_on(&tasks), [Some("n1".to_string())]);
+        for (phase, fits) in [
+            (TaskPhase::Running, false),
+            (TaskPhase::Succeeded, true),
+            (TaskPhase::Failed, true),
+        ] {
+            let mut ts = tasks.clone();
+            ts[0].value.phase = phase;
+            run_to_fixpoint(&[job("a"), job("b")], &mut ts, &nodes);
+            let b = ts
+                .iter()
+                .find(|t| t.value.workload == "b")
+                .expect("b's task");
+            assert_eq!(b.value.node.is_some(), fits, "first run {phase:?}");
+        }
     }
 
     #[test]
