@@ -2,7 +2,7 @@
 //! and the dashboard open, and what the dashboard costs on the wire.
 //!
 //! Twelve real agent processes (different node names, one Docker) heartbeat every
-//! 500 ms, twelve one-replica Services run on them, and one client holds `GET
+//! 250 ms (the default), twelve one-replica Services run on them, and one client holds `GET
 //! /v1/stream` open for the whole time, reading everything as a browser tab would.
 
 use std::time::{Duration, Instant};

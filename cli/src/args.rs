@@ -79,6 +79,9 @@ pub enum Command {
     /// Start a CronJob's run by hand, or suspend and resume its schedule
     #[command(subcommand)]
     Cron(CronCommand),
+    /// List the controller's webhooks with their delivery counts, or send one a test event
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Print the client and server versions
     Version(VersionArgs),
     /// Manage contexts in the config file
@@ -264,6 +267,24 @@ pub enum CronCommand {
     /// Fire on schedule again (slots missed while suspended are not run)
     Resume {
         /// CronJob name
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
+/// `webhooks …`.
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// The webhooks of the controller's webhooks.yaml: URL, events, deliveries
+    #[command(visible_alias = "ls")]
+    List {
+        /// Output format (default: a table)
+        #[arg(short, long, value_enum, value_name = "FORMAT")]
+        output: Option<RawFormat>,
+    },
+    /// Send one test event to a webhook now and print what the receiver answered
+    Test {
+        /// Webhook name
         #[arg(value_name = "NAME")]
         name: String,
     },

@@ -10,7 +10,7 @@ use bramble_api::duration::Duration as ApiDuration;
 use bramble_api::manifest::Kind;
 use bramble_api::rest::{
     ApiErrorBody, ApplyRequest, ApplyResponse, CronJobView, DeleteResponse, DrainResponse, Event,
-    NodeView, VersionInfo, WorkloadView,
+    NodeView, VersionInfo, WebhookTestResponse, WebhookView, WorkloadView,
 };
 use bramble_api::task::Task;
 use bytes::Bytes;
@@ -412,6 +412,17 @@ impl Client {
     /// `GET /v1/cronjobs/{name}`.
     pub async fn cronjob(&self, name: &str) -> Result<CronJobView> {
         self.json(Method::GET, &["cronjobs", name], &[], None).await
+    }
+
+    /// `GET /v1/webhooks`.
+    pub async fn webhooks(&self) -> Result<Vec<WebhookView>> {
+        self.json(Method::GET, &["webhooks"], &[], None).await
+    }
+
+    /// `POST /v1/webhooks/{name}/test`: one synchronous delivery of a test event.
+    pub async fn webhook_test(&self, name: &str) -> Result<WebhookTestResponse> {
+        self.json(Method::POST, &["webhooks", name, "test"], &[], None)
+            .await
     }
 
     /// `POST /v1/cronjobs/{name}/run`: the run started now.

@@ -469,3 +469,121 @@ async fn a_cluster_at_rest_writes_nothing_to_the_store() -> Result<()> {
     assert_eq!(after - before, 0, "store writes during 10 s at rest");
     Ok(())
 }
+
+/// A receiver that answers every request with `status` and hands each request (head and
+/// body as text) to the returned channel.
+async fn receiver(status: u16) -> Result<(String, tokio::sync::mpsc::Receiver<String>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Head, then as much body as Content-Length says.
+                loop {
+                    let Ok(n) = sock.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            let _ = tx.send(text).await;
+                            break;
+                        }
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = sock.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok((url, rx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bramblectl_lists_webhooks_and_sends_a_signed_test_event() -> Result<()> {
+    let mut c = Controller::start(ControllerOpts {
+        local_node: None,
+        args: vec![],
+    })
+    .await?;
+    let (ok_url, mut received) = receiver(200).await?;
+    let (bad_url, _) = receiver(500).await?;
+    std::fs::write(c.data_dir.path().join("ops.secret"), "s3cret\n")?;
+    std::fs::write(
+        c.data_dir.path().join("webhooks.yaml"),
+        format!(
+            "- name: ops\n  url: {ok_url}\n  events: [Warning]\n  secretFile: ops.secret\n- name: broken\n  url: {bad_url}\n"
+        ),
+    )?;
+    // Webhooks are read at start.
+    c.restart().await?;
+
+    let list = ok(&c.ctl(&["webhooks", "list"]));
+    let lines: Vec<&str> = list.lines().collect();
+    assert!(lines[0].starts_with("NAME "), "{list}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ops ") && l.contains(&ok_url) && l.contains(" true ")),
+        "{list}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("broken ")), "{list}");
+
+    let test = {
+        let url = c.url();
+        tokio::task::spawn_blocking(move || harness::ctl(&url, &["webhooks", "test", "ops"]))
+            .await?
+    };
+    assert!(
+        ok(&test).starts_with("webhook/ops answered HTTP 200 in "),
+        "{test:?}"
+    );
+    let delivery = tokio::time::timeout(WAIT, received.recv())
+        .await?
+        .expect("the receiver got the test event");
+    assert!(
+        delivery
+            .to_ascii_lowercase()
+            .contains("x-bramble-signature: sha256="),
+        "{delivery}"
+    );
+    assert!(delivery.contains("\"test\":true"), "{delivery}");
+
+    let failed = {
+        let url = c.url();
+        tokio::task::spawn_blocking(move || harness::ctl(&url, &["webhooks", "test", "broken"]))
+            .await?
+    };
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        err.starts_with("error: webhook broken: test event not delivered:") && err.contains("500"),
+        "{err}"
+    );
+    let missing = c.ctl(&["webhooks", "test", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        "error: webhook \"nope\" not found\n"
+    );
+    Ok(())
+}

@@ -20,6 +20,7 @@ pub mod events;
 pub mod get;
 pub mod logs;
 pub mod version;
+pub mod webhooks;
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
@@ -38,6 +39,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Uncordon(a) => cordon::run(&connect(&global)?, &a.node, false, out).await,
         Command::Drain(a) => drain::run(&connect(&global)?, &a, out).await,
         Command::Cron(c) => cron::run(&connect(&global)?, &c, out).await,
+        Command::Webhooks(c) => webhooks::run(&connect(&global)?, &c, out).await,
     }
 }
 
