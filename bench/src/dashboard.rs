@@ -110,7 +110,7 @@ pub async fn dashboard(minutes: u64, nodes: usize) -> Result<()> {
     let per_minute = live_bytes as f64 * 60.0 / elapsed;
 
     println!(
-        "dashboard, {nodes} agents heartbeating every 500 ms, {nodes} tasks, one stream open for {minutes} min, {} binaries:",
+        "dashboard, {nodes} agents heartbeating every 250 ms, {nodes} tasks, one stream open for {minutes} min, {} binaries:",
         harness::PROFILE
     );
     println!(
