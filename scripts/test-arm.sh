@@ -95,7 +95,9 @@ for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
 done
 
 step "host controller and test image"
-cargo build --locked -p bramble-controller
+# The whole workspace, as scripts/test.sh builds it: a lone `-p bramble-controller`
+# unifies features differently and would rebuild much of the dependency tree.
+cargo build --locked --workspace --bins
 scripts/build-testimg.sh
 
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

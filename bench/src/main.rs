@@ -265,16 +265,7 @@ async fn cron_lateness(firings: usize) -> Result<()> {
         "apiVersion: bramble/v1\nkind: CronJob\nmetadata: {{name: {name}}}\nspec:\n  image: bramble-testimg:latest\n  args: [\"exit\", \"0\"]\n  resources: {{cpu: 100m, memory: 8Mi}}\n  schedule: \"*/2 * * * * *\"\n  concurrencyPolicy: Allow\n  startingDeadline: 30s\n  history: {{successful: {keep}, failed: {keep}}}\n",
         keep = firings + 20
     );
-    let body = serde_json::json!({"sources": [{"name": "lateness.yaml", "content": yaml}]});
-    let r = bramble_tests::http()
-        .post(format!("{}/v1/apply", c.url()))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&body)
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        bail!("apply {name}: {}", r.text().await?);
-    }
+    c.apply("lateness.yaml", &yaml).await?;
     let t = Instant::now();
     let deadline = Duration::from_secs(firings as u64 * 2 + 120);
     let mut late: Vec<Duration> = loop {

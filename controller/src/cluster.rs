@@ -244,7 +244,10 @@ impl Cluster {
         self.record(vec![Draft::normal(
             format!("{}/{name}", kind.path()),
             "Deleted",
-            format!("{stopped} tasks to stop"),
+            match stopped {
+                1 => "1 task to stop".to_string(),
+                n => format!("{n} tasks to stop"),
+            },
         )]);
         self.wake();
         Ok(DeleteResponse {
