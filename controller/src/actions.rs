@@ -130,28 +130,9 @@ mod tests {
         let docs = bramble_api::parse::parse_manifests("t.yaml", &yaml).expect("valid");
         let w = StoredWorkload::new(docs[0].manifest.clone(), chrono::Utc::now());
         Task {
-            id: format!("{workload}-abc-0"),
-            kind,
-            workload: workload.into(),
-            replica: 0,
-            spec_hash: w.spec_hash.clone(),
-            spec: bramble_api::task::TaskSpec::from_manifest(&w.manifest),
-            placement: Default::default(),
             node: node.map(str::to_string),
-            desired: DesiredState::Running,
             phase,
-            ready: None,
-            exit_code: None,
-            message: None,
-            container_id: None,
-            restarts: 0,
-            avoid: vec![],
-            slot: None,
-            attempt: 0,
-            output: None,
-            created_at: chrono::Utc::now(),
-            started_at: None,
-            finished_at: None,
+            ..crate::reconcile::new_task(&w, format!("{workload}-abc-0"), 0, chrono::Utc::now())
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bramble_api::manifest::Kind;
 use bramble_api::rest::{CronJobView, Firing, FiringOutcome};
 use bramble_api::schedule::Schedule;
-use bramble_api::task::{DesiredState, Task, TaskPhase, TaskSpec};
+use bramble_api::task::{DesiredState, Task, TaskPhase};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -54,7 +54,7 @@ fn firings_prefix(job: &str) -> String {
     format!("{}{job}/", cron::FIRINGS)
 }
 
-/// A new run of a workload.
+/// A new run of a workload: a pending task like a replica's, with its slot and attempt.
 fn run_task(
     w: &StoredWorkload,
     id: String,
@@ -63,28 +63,9 @@ fn run_task(
     now: DateTime<Utc>,
 ) -> Task {
     Task {
-        id,
-        kind: w.kind(),
-        workload: w.name().to_string(),
-        replica: 0,
-        spec_hash: w.spec_hash.clone(),
-        spec: TaskSpec::from_manifest(&w.manifest),
-        placement: w.manifest.spec.placement.clone(),
-        node: None,
-        desired: DesiredState::Running,
-        phase: TaskPhase::Pending,
-        ready: None,
-        exit_code: None,
-        message: None,
-        container_id: None,
-        restarts: 0,
-        avoid: Vec::new(),
         slot,
         attempt,
-        output: None,
-        created_at: now,
-        started_at: None,
-        finished_at: None,
+        ..crate::reconcile::new_task(w, id, 0, now)
     }
 }
 

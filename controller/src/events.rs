@@ -314,30 +314,7 @@ mod tests {
         )
         .expect("valid");
         let w = crate::model::StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
-        Task {
-            id: "web-abc-0".into(),
-            kind: w.kind(),
-            workload: "web".into(),
-            replica: 0,
-            spec_hash: w.spec_hash.clone(),
-            spec: bramble_api::task::TaskSpec::from_manifest(&w.manifest),
-            placement: Default::default(),
-            node: None,
-            desired: DesiredState::Running,
-            phase: TaskPhase::Pending,
-            ready: None,
-            exit_code: None,
-            message: None,
-            container_id: None,
-            restarts: 0,
-            avoid: vec![],
-            slot: None,
-            attempt: 0,
-            output: None,
-            created_at: Utc::now(),
-            started_at: None,
-            finished_at: None,
-        }
+        crate::reconcile::new_task(&w, "web-abc-0".into(), 0, Utc::now())
     }
 
     fn reasons(d: &[Draft]) -> Vec<&str> {

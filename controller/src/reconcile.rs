@@ -219,7 +219,8 @@ fn converge_workload(w: &StoredWorkload, work: &mut BTreeMap<String, Task>, now:
     }
 }
 
-fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTime<Utc>) -> Task {
+/// A pending, unplaced task of the workload.
+pub(crate) fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTime<Utc>) -> Task {
     Task {
         id,
         kind: w.kind(),
