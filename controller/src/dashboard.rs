@@ -455,34 +455,10 @@ pub fn cron_rows(cs: &[CronJobView]) -> Vec<CronRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bramble_api::manifest::Arch;
-    use bramble_api::wire::{NodeInfo, NodeMetrics};
+    use bramble_api::wire::NodeMetrics;
 
     fn view(status: NodeStatus, m: Option<NodeMetrics>) -> NodeView {
-        NodeView {
-            info: NodeInfo {
-                name: "pi1".into(),
-                arch: Arch::Arm64,
-                cores: 4,
-                memory_bytes: 1 << 30,
-                docker_version: "20.10".into(),
-                labels: Default::default(),
-                agent_version: "0.1.0".into(),
-                os: String::new(),
-                machine_id: None,
-                memory_limits: None,
-                warnings: Vec::new(),
-            },
-            status,
-            cordoned: false,
-            last_seen: None,
-            metrics: m,
-            tasks: 0,
-            allocated_cpu_millis: 0,
-            allocated_memory_bytes: 0,
-            address: None,
-            registered_at: DateTime::UNIX_EPOCH,
-        }
+        crate::telemetry::tests::node("pi1", status, m)
     }
 
     fn disk(free: u64, total: u64) -> Option<DiskUsage> {

@@ -566,12 +566,13 @@ pub async fn metrics(State(c): State<Arc<Cluster>>, headers: HeaderMap) -> Respo
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bramble_api::manifest::Arch;
     use bramble_api::wire::{NodeInfo, NodeMetrics};
 
-    fn node(name: &str, status: NodeStatus, metrics: Option<NodeMetrics>) -> NodeView {
+    /// A Ready-or-not Pi node with no tasks, for the controller's view tests.
+    pub(crate) fn node(name: &str, status: NodeStatus, metrics: Option<NodeMetrics>) -> NodeView {
         NodeView {
             info: NodeInfo {
                 name: name.into(),
