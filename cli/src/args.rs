@@ -119,6 +119,19 @@ pub struct ResourceArg {
     pub name: Option<String>,
 }
 
+impl ResourceArg {
+    /// The object's name from `TYPE/NAME` or from a separate `NAME` argument; both at
+    /// once is a usage error.
+    pub fn with_name(&self, name: &Option<String>) -> anyhow::Result<Option<String>> {
+        match (&self.name, name) {
+            (Some(_), Some(n)) => Err(crate::error::usage(format!(
+                "name {n:?} given twice: use either TYPE/NAME or TYPE NAME"
+            ))),
+            (a, b) => Ok(a.clone().or_else(|| b.clone())),
+        }
+    }
+}
+
 impl FromStr for ResourceArg {
     type Err = UnknownResource;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

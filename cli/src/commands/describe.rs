@@ -13,31 +13,16 @@ use super::not_found;
 use crate::args::DescribeArgs;
 use crate::client::Client;
 use crate::describe;
-use crate::error::usage;
 use crate::output::{ObjectRef, Resource};
 
 /// Prints one object's page, or every object's of the type when no name is given.
 pub async fn run(client: &Client, args: &DescribeArgs, out: &mut dyn Write) -> Result<()> {
-    let name = match (&args.resource.name, &args.name) {
-        (Some(_), Some(n)) => {
-            return Err(usage(format!(
-                "name {n:?} given twice: use either TYPE/NAME or TYPE NAME"
-            )))
-        }
-        (a, b) => a.clone().or_else(|| b.clone()),
-    };
+    let name = args.resource.with_name(&args.name)?;
     let now = Utc::now();
     let mut pages = Vec::new();
     match args.resource.resource {
         Resource::Nodes => {
-            let nodes = match &name {
-                Some(n) => vec![client.node(n).await.map_err(|e| not_found(e, "node", n))?],
-                None => {
-                    let mut v = client.nodes().await?;
-                    v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
-                    v
-                }
-            };
+            let nodes = super::nodes(client, name.as_deref()).await?;
             let mut events = Events::new(nodes.len());
             for n in &nodes {
                 let mut tasks = client.tasks(None, Some(&n.info.name)).await?;

@@ -23,14 +23,7 @@ use crate::table::{cell, Table};
 
 /// Lists or shows objects.
 pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<()> {
-    let name = match (&args.resource.name, &args.name) {
-        (Some(_), Some(n)) => {
-            return Err(usage(format!(
-                "name {n:?} given twice: use either TYPE/NAME or TYPE NAME"
-            )))
-        }
-        (a, b) => a.clone().or_else(|| b.clone()),
-    };
+    let name = args.resource.with_name(&args.name)?;
     let resource = args.resource.resource;
     let format = args.output.unwrap_or_default();
     let wide = format == Format::Wide;
@@ -62,14 +55,7 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
             })
         }
         Resource::Nodes => {
-            let nodes = match &name {
-                Some(n) => vec![client.node(n).await.map_err(|e| not_found(e, "node", n))?],
-                None => {
-                    let mut v = client.nodes().await?;
-                    v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
-                    v
-                }
-            };
+            let nodes = super::nodes(client, name.as_deref()).await?;
             emit(out, format, name.is_some(), resource, &nodes, || {
                 nodes_table(&nodes, wide, now)
             })

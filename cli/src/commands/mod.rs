@@ -5,6 +5,8 @@ use std::io::Write;
 use anyhow::Result;
 
 use crate::args::{Cli, Command, Global};
+use bramble_api::rest::NodeView;
+
 use crate::client::{self, Client};
 use crate::config::{self, ConfigFile, Overrides, Target};
 
@@ -72,6 +74,18 @@ pub fn connect(global: &Global) -> Result<Client> {
 }
 
 /// Turns the server's 404 into `task "x" not found`.
+/// One node by name, or all of them sorted by name.
+pub async fn nodes(client: &Client, name: Option<&str>) -> Result<Vec<NodeView>> {
+    Ok(match name {
+        Some(n) => vec![client.node(n).await.map_err(|e| not_found(e, "node", n))?],
+        None => {
+            let mut v = client.nodes().await?;
+            v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+            v
+        }
+    })
+}
+
 pub fn not_found(e: client::Error, what: &str, name: &str) -> anyhow::Error {
     if e.is_not_found() {
         anyhow::anyhow!("{what} {name:?} not found")
