@@ -368,20 +368,18 @@ impl Runtime {
         Ok(out)
     }
 
+    /// Docker's whole inspection of a container; a missing one is [`Error::NotFound`].
+    async fn inspect_raw(&self, id: &str) -> Result<ContainerInspectResponse> {
+        self.docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| container_error(id, e, |id, source| Error::Inspect { id, source }))
+    }
+
     /// One container's state and labels.
     #[instrument(skip(self))]
     pub async fn inspect(&self, id: &str) -> Result<Observed> {
-        let resp = self
-            .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await
-            .map_err(|e| match e {
-                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
-                source => Error::Inspect {
-                    id: id.to_string(),
-                    source,
-                },
-            })?;
+        let resp = self.inspect_raw(id).await?;
         observed_from(id, resp)
     }
 
@@ -487,13 +485,7 @@ impl Runtime {
         self.docker
             .start_container(id, None)
             .await
-            .map_err(|e| match e {
-                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
-                source => Error::Start {
-                    id: id.to_string(),
-                    source,
-                },
-            })
+            .map_err(|e| container_error(id, e, |id, source| Error::Start { id, source }))
     }
 
     /// Stops a container: SIGTERM, then SIGKILL after `grace`. Stopping a stopped
@@ -508,13 +500,7 @@ impl Runtime {
             .with_timeout(grace + STOP_SLACK)
             .stop_container(id, Some(options))
             .await
-            .map_err(|e| match e {
-                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
-                source => Error::Stop {
-                    id: id.to_string(),
-                    source,
-                },
-            })
+            .map_err(|e| container_error(id, e, |id, source| Error::Stop { id, source }))
     }
 
     /// Stops a container within `grace` and removes it: SIGTERM, at most `grace` for it to
@@ -566,10 +552,7 @@ impl Runtime {
                 },
             )
             .await
-            .map_err(|e| match e {
-                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
-                e => exec_err(e),
-            })?;
+            .map_err(|e| container_error(id, e, |_, e| exec_err(e)))?;
         match self
             .docker
             .start_exec(&created.id, None)
@@ -606,17 +589,7 @@ impl Runtime {
     /// host's network namespace, as it does on a Pi.
     #[instrument(skip(self))]
     pub async fn address(&self, id: &str) -> Result<Option<IpAddr>> {
-        let resp = self
-            .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await
-            .map_err(|e| match e {
-                e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
-                source => Error::Inspect {
-                    id: id.to_string(),
-                    source,
-                },
-            })?;
+        let resp = self.inspect_raw(id).await?;
         Ok(container_address(&resp))
     }
 
@@ -709,13 +682,7 @@ impl Runtime {
         let mut lines = 0usize;
         while let Some(chunk) = stream.next().await {
             let bytes = chunk
-                .map_err(|e| match e {
-                    e if is_status(&e, 404) => Error::NotFound { id: id.to_string() },
-                    source => Error::Logs {
-                        id: id.to_string(),
-                        source,
-                    },
-                })?
+                .map_err(|e| container_error(id, e, |id, source| Error::Logs { id, source }))?
                 .into_bytes();
             lines += bytes.iter().filter(|b| **b == b'\n').count();
             buf.extend_from_slice(&bytes);
@@ -853,6 +820,20 @@ fn container_address(resp: &ContainerInspectResponse) -> Option<IpAddr> {
 }
 
 /// Whether a bollard error is the engine answering with HTTP `status`.
+/// A Docker error about container `id`: 404 is [`Error::NotFound`], anything else what
+/// `other` makes of it.
+fn container_error(
+    id: &str,
+    e: DockerError,
+    other: impl FnOnce(String, DockerError) -> Error,
+) -> Error {
+    if is_status(&e, 404) {
+        Error::NotFound { id: id.to_string() }
+    } else {
+        other(id.to_string(), e)
+    }
+}
+
 fn is_status(e: &DockerError, status: u16) -> bool {
     matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == status)
 }
