@@ -522,16 +522,6 @@ impl Cluster {
     }
 
     /// Announces node health changes as events (in memory until something changes).
-    /// When the next node turns NotReady or Dead or has its Wallets surely fenced, if
-    /// nothing is heard from it before then.
-    pub fn next_node_change(&self) -> Result<Option<std::time::Instant>, crate::Error> {
-        let names: Vec<String> = model::list::<StoredNode>(self.store.as_ref(), model::NODES)?
-            .into_iter()
-            .map(|n| n.value.info.name)
-            .collect();
-        Ok(self.nodes.next_change(&names))
-    }
-
     fn note_node_statuses(&self, nodes: &[NodeState]) {
         let mut drafts = Vec::new();
         for n in nodes {

@@ -291,7 +291,7 @@ async fn reconcile_loop(
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut wake = tokio::time::Instant::now() + resync;
-        if let Ok(Some(at)) = c.next_node_change() {
+        if let Some(at) = c.nodes.next_change() {
             wake = wake.min(tokio::time::Instant::from_std(at));
         }
         tokio::select! {

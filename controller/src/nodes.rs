@@ -230,16 +230,13 @@ impl Nodes {
         wallets_fenced(last, self.started, Instant::now(), &self.cfg)
     }
 
-    /// The earliest instant at which any known node's status or fencing changes.
-    pub fn next_change(&self, nodes: &[String]) -> Option<Instant> {
-        let live = self.lock();
+    /// The earliest instant at which any known node's status or fencing changes. Every
+    /// stored node is known here once a reconcile pass has noted its status.
+    pub fn next_change(&self) -> Option<Instant> {
         let now = Instant::now();
-        nodes
-            .iter()
-            .filter_map(|n| {
-                let last = live.get(n).and_then(|l| l.last_seen);
-                next_change(last, self.started, now, &self.cfg)
-            })
+        self.lock()
+            .values()
+            .filter_map(|l| next_change(l.last_seen, self.started, now, &self.cfg))
             .min()
     }
 
