@@ -324,64 +324,53 @@ pub fn ctl(server: &str, args: &[&str]) -> Output {
         .expect("bramblectl runs")
 }
 
+/// How an agent finds its controller.
+enum Reach {
+    /// `--controller URL`.
+    Url(String),
+    /// Over mDNS, browsing on this network interface only.
+    Mdns(String),
+}
+
 /// A running `bramble-agent` process.
 pub struct Agent {
     child: Option<Child>,
     /// Node name.
     pub node: String,
-    controller: String,
+    reach: Reach,
     data_dir: tempfile::TempDir,
     starts: u32,
     /// The network namespace it runs in (`ip netns exec`), `None` for the host's.
     netns: Option<String>,
-    /// Finds the controller over mDNS on this interface instead of `--controller`.
-    mdns_interface: Option<String>,
 }
 
 impl Agent {
     /// Starts an agent for `node` against `controller` (base URL).
     pub fn start(controller: &str, node: &str) -> Result<Agent> {
-        let mut a = Agent {
-            child: None,
-            node: node.to_string(),
-            controller: controller.to_string(),
-            data_dir: tempfile::tempdir()?,
-            starts: 0,
-            netns: None,
-            mdns_interface: None,
-        };
-        a.spawn()?;
-        Ok(a)
+        Agent::spawned(node, None, Reach::Url(controller.to_string()))
     }
 
     /// Starts an agent for `node` inside the network namespace `netns`, through
     /// `ip netns exec` (which execs the agent, so [`Agent::pid`] is the agent's own
     /// pid). It still reaches Docker through `/var/run/docker.sock`, a file.
     pub fn start_in(netns: &str, controller: &str, node: &str) -> Result<Agent> {
-        let mut a = Agent {
-            child: None,
-            node: node.to_string(),
-            controller: controller.to_string(),
-            data_dir: tempfile::tempdir()?,
-            starts: 0,
-            netns: Some(netns.to_string()),
-            mdns_interface: None,
-        };
-        a.spawn()?;
-        Ok(a)
+        Agent::spawned(node, Some(netns), Reach::Url(controller.to_string()))
     }
 
     /// Starts an agent for `node` inside `netns` with no `--controller`: it must find
     /// the controller over mDNS, browsing on `interface` only.
     pub fn start_discovering_in(netns: &str, interface: &str, node: &str) -> Result<Agent> {
+        Agent::spawned(node, Some(netns), Reach::Mdns(interface.to_string()))
+    }
+
+    fn spawned(node: &str, netns: Option<&str>, reach: Reach) -> Result<Agent> {
         let mut a = Agent {
             child: None,
             node: node.to_string(),
-            controller: String::new(),
+            reach,
             data_dir: tempfile::tempdir()?,
             starts: 0,
-            netns: Some(netns.to_string()),
-            mdns_interface: Some(interface.to_string()),
+            netns: netns.map(str::to_string),
         };
         a.spawn()?;
         Ok(a)
@@ -409,9 +398,9 @@ impl Agent {
             }
             None => Command::new(bin("bramble-agent")),
         };
-        match &self.mdns_interface {
-            Some(i) => cmd.args(["--mdns-interface", i]),
-            None => cmd.args(["--controller", &self.controller]),
+        match &self.reach {
+            Reach::Url(url) => cmd.args(["--controller", url]),
+            Reach::Mdns(interface) => cmd.args(["--mdns-interface", interface]),
         };
         let child = cmd
             .args(["--join-token", JOIN_TOKEN, "--node-name", &self.node])
