@@ -117,6 +117,18 @@ async fn delete(c: &Controller, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A controller with its local agent, once the node is Ready; and the node's name.
+async fn local_cluster(prefix: &str) -> Result<(Controller, String)> {
+    let node = harness::unique(prefix);
+    let c = Controller::start(ControllerOpts {
+        local_node: Some(node.clone()),
+        args: vec![],
+    })
+    .await?;
+    wait_ready(&c, &node).await?;
+    Ok((c, node))
+}
+
 /// Waits until the node is Ready, or fails after 30 s.
 async fn wait_ready(c: &Controller, node: &str) -> Result<()> {
     let t = Instant::now();
@@ -149,14 +161,7 @@ async fn running_count(c: &Controller, workload: Option<&str>) -> Result<usize> 
 
 async fn apply_latency(rounds: usize) -> Result<()> {
     bramble_tests::ensure_test_image().await?;
-    let node = harness::unique("bench");
-    let c = Controller::start(ControllerOpts {
-        local_node: Some(node.clone()),
-        args: vec![],
-    })
-    .await?;
-    // Wait for the local agent.
-    wait_ready(&c, &node).await?;
+    let (c, node) = local_cluster("bench").await?;
     let mut samples = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let name = format!("lat-{i}");
@@ -253,13 +258,7 @@ async fn memory() -> Result<()> {
 /// Scheduled time -> container started over `firings` firings of one CronJob.
 async fn cron_lateness(firings: usize) -> Result<()> {
     bramble_tests::ensure_test_image().await?;
-    let node = harness::unique("cronbench");
-    let c = Controller::start(ControllerOpts {
-        local_node: Some(node.clone()),
-        args: vec![],
-    })
-    .await?;
-    wait_ready(&c, &node).await?;
+    let (c, _node) = local_cluster("cronbench").await?;
     let name = unique_name("lateness");
     let yaml = format!(
         "apiVersion: bramble/v1\nkind: CronJob\nmetadata: {{name: {name}}}\nspec:\n  image: bramble-testimg:latest\n  args: [\"exit\", \"0\"]\n  resources: {{cpu: 100m, memory: 8Mi}}\n  schedule: \"*/2 * * * * *\"\n  concurrencyPolicy: Allow\n  startingDeadline: 30s\n  history: {{successful: {keep}, failed: {keep}}}\n",
