@@ -15,12 +15,14 @@
 //! - [`manifest`]: the kinds and their fields.
 //! - [`parse`]: multi-document YAML parsing and validation with file:line:column errors.
 //! - [`quantity`], [`duration`]: `250m`, `64Mi`, `30s`.
+//! - [`backoff`]: the one exponential back-off schedule every retry uses.
 //! - [`schedule`]: CronJob schedules (cron expression + time zone) and their firings.
 //! - [`task`]: tasks, their specs, phases and Docker labels.
 //! - [`wire`]: agent⇄controller messages.
 //! - [`health`]: node health details (disks, containers, Pi throttling) and their decoding.
 //! - [`rest`]: REST request and response bodies.
 
+pub mod backoff;
 pub mod duration;
 pub mod health;
 pub mod manifest;
