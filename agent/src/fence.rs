@@ -4,10 +4,11 @@
 //! The controller pings every agent each heartbeat interval and says its fence timeout
 //! in Welcome. The link notes every frame that arrives (text, ping or pong) in a
 //! [`Contact`]; a watcher ([`watch()`]) looks at it every [`CHECK_EVERY`] and, once nothing
-//! has arrived for the fence timeout, marks the node fenced in the supervisor's
-//! [`Desired`] state. The supervisor then stops and removes every Wallet container of the
-//! node (SIGTERM, [`GRACE`], SIGKILL) and starts none, even before the controller ever
-//! sent a task set.
+//! has arrived for the fence timeout, marks the node fenced through a callback: the link
+//! passes one that sets the supervisor's `Desired::fenced`, so this module knows nothing
+//! of the supervisor (which depends on it, not the other way round). The supervisor then
+//! stops and removes every Wallet container of the node (SIGTERM, [`GRACE`], SIGKILL)
+//! and starts none, even before the controller ever sent a task set.
 //!
 //! The fence is lifted only by a task set (Assign) that arrives on a session welcomed
 //! after the node fenced: by then the controller has heard the agent's Hello, and its
@@ -25,10 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bramble_api::duration::Duration as ApiDuration;
-use tokio::sync::watch;
 use tracing::warn;
-
-use crate::supervisor::Desired;
 
 /// The fence timeout before the controller has said one (its default too).
 pub const DEFAULT_FENCE: Duration = Duration::from_millis(1500);
@@ -148,12 +146,13 @@ pub fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Marks the node fenced in `desired` once the controller has been silent for the fence
-/// timeout; checks every [`CHECK_EVERY`]. Runs until aborted.
+/// Calls `on_fence` once the controller has been silent for the fence timeout (once per
+/// fence: the next call needs a lift in between); checks every [`CHECK_EVERY`]. Runs
+/// until aborted.
 ///
-/// The flag is set while the contact is locked, as the link clears it, so the two can
-/// never disagree (see `link`).
-pub async fn watch(contact: SharedContact, desired: watch::Sender<Desired>) {
+/// `on_fence` runs while the contact is locked, as the link lifts the fence, so the flag
+/// it sets and the contact can never disagree (see `link`).
+pub async fn watch(contact: SharedContact, mut on_fence: impl FnMut() + Send) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -161,7 +160,7 @@ pub async fn watch(contact: SharedContact, desired: watch::Sender<Desired>) {
         let mut c = lock(&contact);
         let now = now();
         if c.check(now) {
-            desired.send_modify(|d| d.fenced = true);
+            on_fence();
             let fence = ApiDuration::from(c.fence());
             let silent_ms = u64::try_from(c.silence(now).as_millis()).unwrap_or(u64::MAX);
             drop(c);

@@ -135,7 +135,10 @@ pub async fn run(
     let sup = tokio::spawn(supervisor.run(desired_rx, async move {
         let _ = sup_stop.changed().await;
     }));
-    let fencer = tokio::spawn(fence::watch(Arc::clone(&contact), desired_tx.clone()));
+    let fencer = tokio::spawn(fence::watch(Arc::clone(&contact), {
+        let desired_tx = desired_tx.clone();
+        move || desired_tx.send_modify(|d| d.fenced = true)
+    }));
     let image_gc = tokio::spawn(crate::disk::watch(runtime.clone(), cfg.image_gc_threshold));
 
     let mut shutdown = std::pin::pin!(shutdown);
