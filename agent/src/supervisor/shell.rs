@@ -1,0 +1,590 @@
+//! The supervisor's I/O shell: observes Docker, runs the pure [`plan`], executes its
+//! actions and reports task states to the link.
+//!
+//! [`Supervisor::run`] converges on every change of the desired state, every Docker
+//! event of the node's containers, every probe verdict, when a back-off ends, and every
+//! [`RESYNC_INTERVAL`]. It starts one prober per probed container run (see
+//! [`crate::probe`]) and the fence sweeper (see `sweeper`), and Wallet starts go through
+//! the sweeper's gate. [`Observer`] reads the node's tasks for the link's Hello.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bramble_api::manifest::Kind;
+use bramble_api::task::{TaskPhase, MAX_OUTPUT_BYTES};
+use bramble_api::wire::{AgentMessage, Assignment, TaskStatus};
+use chrono::{DateTime, Utc};
+use futures_util::{FutureExt, Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, instrument, warn};
+
+use super::planner::{
+    observed_status, pick_keeper, plan, probe_targets, Action, RemoveReason, RestartTracker,
+};
+use super::sweeper::{enforce_fence, Gate};
+use super::{Desired, RESYNC_INTERVAL};
+use crate::fence;
+use crate::probe::{self, Run, Verdict};
+use crate::runtime::{self, error_chain, ContainerState, Observed, Runtime, RuntimeEvent};
+
+/// How long a removed container gets to stop after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long to wait before subscribing to Docker events again after the stream broke.
+const EVENTS_RETRY: Duration = Duration::from_secs(1);
+
+/// At most this much run output goes into one Hello, so it stays far below the frame
+/// limit ([`bramble_api::wire::MAX_FRAME_BYTES`]) however many finished runs the node
+/// keeps; runs beyond it are reported without output.
+pub const HELLO_OUTPUT_BUDGET: usize = 1 << 20;
+
+/// The last status sent per task, shared between the supervisor and its observers.
+type Sent = Arc<Mutex<HashMap<String, TaskStatus>>>;
+
+fn lock(sent: &Sent) -> std::sync::MutexGuard<'_, HashMap<String, TaskStatus>> {
+    // A panic while holding this lock cannot leave the map half-updated (single
+    // inserts and removes), so a poisoned lock is still usable.
+    sent.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads the node's current tasks, for the Hello message of each (re)connection.
+/// Cheap to clone; usable while the supervisor runs.
+#[derive(Debug, Clone)]
+pub struct Observer {
+    runtime: Runtime,
+    sent: Sent,
+}
+
+impl Observer {
+    /// The node's tasks: one status per task container found in Docker (the last status
+    /// the supervisor reported for it, which knows restarts and give-ups, or else one
+    /// derived from the container), plus the last status of tasks that have no container
+    /// (e.g. an image that cannot be pulled).
+    #[instrument(skip(self), fields(node = %self.runtime.node()))]
+    pub async fn observe(&self) -> runtime::Result<Vec<TaskStatus>> {
+        let observed = self.runtime.list().await?;
+        let sent = lock(&self.sent).clone();
+        let mut out: HashMap<String, TaskStatus> = HashMap::new();
+        let mut by_task: HashMap<&str, Vec<&Observed>> = HashMap::new();
+        for o in &observed {
+            by_task.entry(o.task.as_str()).or_default().push(o);
+        }
+        let mut budget = HELLO_OUTPUT_BUDGET;
+        for (task, containers) in by_task {
+            if let Some(c) = pick_keeper(&containers) {
+                let mut status = sent
+                    .get(task)
+                    .cloned()
+                    .unwrap_or_else(|| observed_status(c));
+                // A finished run's output again: its Status may have been lost with the
+                // link (reports queued while it was down are dropped for the Hello).
+                let finished_run = c.kind.is_some_and(|k| k.runs_to_completion())
+                    && c.state == ContainerState::Exited
+                    && is_finished(status.phase)
+                    && status.container_id.as_deref() == Some(c.id.as_str());
+                if finished_run && budget > 0 {
+                    status.output = read_output(&self.runtime, task, &c.id).await;
+                    let used = status.output.as_ref().map_or(0, String::len);
+                    if used > budget {
+                        // Over the frame's budget: left out (the controller may have it).
+                        status.output = None;
+                        budget = 0;
+                    } else {
+                        budget -= used;
+                    }
+                }
+                out.insert(task.to_string(), status);
+            }
+        }
+        for (task, status) in sent {
+            out.entry(task).or_insert(status);
+        }
+        let mut out: Vec<TaskStatus> = out.into_values().collect();
+        out.sort_by(|a, b| a.task.cmp(&b.task));
+        Ok(out)
+    }
+}
+
+type Events = Pin<Box<dyn Stream<Item = runtime::Result<RuntimeEvent>> + Send>>;
+
+/// A spawned task that is aborted when this handle is dropped, so no prober or sweeper
+/// outlives the supervisor, whichever way its `run` ends.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The prober of one task's current container run.
+#[derive(Debug)]
+struct Prober {
+    run: Run,
+    _task: AbortOnDrop,
+}
+
+/// The async shell around [`plan`]: observes Docker, executes the plan, reports.
+#[derive(Debug)]
+pub struct Supervisor {
+    runtime: Runtime,
+    node: String,
+    out: mpsc::Sender<AgentMessage>,
+    tracker: RestartTracker,
+    sent: Sent,
+    /// Held while a Wallet is created or started, and while the fence sweeper stops
+    /// Wallets: a start that raced a fence has finished before the sweep looks.
+    gate: Gate,
+    /// Probers by task.
+    probers: HashMap<String, Prober>,
+    probe_tx: mpsc::Sender<probe::Report>,
+    probe_rx: Option<mpsc::Receiver<probe::Report>>,
+}
+
+impl Supervisor {
+    /// A supervisor for `node`'s containers, sending task reports to `out`.
+    pub fn new(runtime: Runtime, node: String, out: mpsc::Sender<AgentMessage>) -> Self {
+        let (probe_tx, probe_rx) = mpsc::channel(64);
+        Supervisor {
+            runtime,
+            node,
+            out,
+            tracker: RestartTracker::new(),
+            sent: Sent::default(),
+            gate: Gate::default(),
+            probers: HashMap::new(),
+            probe_tx,
+            probe_rx: Some(probe_rx),
+        }
+    }
+
+    /// The runtime, e.g. for streaming logs (clone it: it is a cheap handle).
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// An observer of this supervisor's tasks that stays usable after [`Self::run`]
+    /// has taken the supervisor.
+    pub fn observer(&self) -> Observer {
+        Observer {
+            runtime: self.runtime.clone(),
+            sent: Arc::clone(&self.sent),
+        }
+    }
+
+    /// The node's current tasks, for the Hello message. See [`Observer::observe`].
+    pub async fn observe(&self) -> runtime::Result<Vec<TaskStatus>> {
+        self.observer().observe().await
+    }
+
+    /// Converges until `shutdown` completes, then returns, leaving every container as it
+    /// is (an agent restart is not a task kill); probers stop with it.
+    ///
+    /// Does nothing until `desired` holds a task set: before the controller has spoken,
+    /// the node keeps running what it has. Fencing is the exception: whenever `desired`
+    /// says fenced, the node's Wallets are stopped, task set or not. Then it converges on
+    /// every change of `desired`, every Docker event of the node's containers, every
+    /// probe verdict, when a back-off delay ends, and every [`RESYNC_INTERVAL`]. A failed
+    /// round (Docker unreachable) is logged and retried at the next trigger; it never
+    /// ends the loop.
+    #[instrument(skip_all, fields(node = %self.node))]
+    pub async fn run(
+        mut self,
+        mut desired: watch::Receiver<Desired>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let _sweeper = AbortOnDrop(tokio::spawn(enforce_fence(
+            self.runtime.clone(),
+            desired.clone(),
+            self.gate.clone(),
+        )));
+        let mut probe_rx = self
+            .probe_rx
+            .take()
+            .expect("run consumes the supervisor, so the receiver is still there");
+        let mut shutdown = std::pin::pin!(shutdown);
+        let (mut current, mut fenced) = loop {
+            let d = desired.borrow_and_update().clone();
+            if let Some(set) = d.tasks {
+                break (set, d.fenced);
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        // The controller link is gone before it ever spoke: nothing to do.
+                        shutdown.await;
+                        return;
+                    }
+                }
+            }
+        };
+        info!(
+            tasks = current.len(),
+            fenced, "first task set received; supervising"
+        );
+        let mut desired_open = true;
+        let mut events: Option<Events> = Some(Box::pin(self.runtime.events()));
+        let mut events_retry = tokio::time::Instant::now();
+        let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.reset();
+        loop {
+            let wake = self.converge(&current, fenced, &desired).await;
+            let wake_at = wake.map(|at| {
+                let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                tokio::time::Instant::now() + wait
+            });
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                changed = desired.changed(), if desired_open => {
+                    match changed {
+                        Ok(()) => {
+                            let d = desired.borrow_and_update().clone();
+                            // None never replaces a task set the controller sent.
+                            if let Some(set) = d.tasks {
+                                current = set;
+                            }
+                            fenced = d.fenced;
+                        }
+                        // The link is gone for good: keep running the last set.
+                        Err(_) => desired_open = false,
+                    }
+                }
+                Some(report) = probe_rx.recv() => self.probed(&report),
+                event = next_event(&mut events) => {
+                    match event {
+                        Some(Ok(e)) => {
+                            debug!(container = %e.id, task = ?e.task, action = ?e.action, exit_code = ?e.exit_code, "docker event");
+                            drain_ready(&mut events);
+                        }
+                        Some(Err(e)) => {
+                            warn!(error = %error_chain(&e), "docker event stream failed; resubscribing");
+                            events = None;
+                            events_retry = tokio::time::Instant::now() + EVENTS_RETRY;
+                        }
+                        None => {
+                            warn!("docker event stream ended; resubscribing");
+                            events = None;
+                            events_retry = tokio::time::Instant::now() + EVENTS_RETRY;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(events_retry), if events.is_none() => {
+                    events = Some(Box::pin(self.runtime.events()));
+                }
+                () = sleep_until_opt(wake_at), if wake_at.is_some() => {}
+                _ = resync.tick() => {}
+            }
+        }
+        info!("supervisor stopped; containers left running");
+    }
+
+    /// Folds a probe verdict into the history; the next round acts on it.
+    fn probed(&mut self, report: &probe::Report) {
+        match &report.verdict {
+            Verdict::LivenessFailed(message) => {
+                warn!(task = %report.task, container = %report.run.container, message = %message, "liveness probe failed; restarting the container");
+            }
+            Verdict::Ready(ready) => {
+                info!(task = %report.task, container = %report.run.container, ready, "readiness changed");
+            }
+        }
+        self.tracker.probed(report);
+    }
+
+    /// One or two rounds of observe → plan → execute; returns when the next back-off
+    /// ends, if any. A second round follows a round that changed something, so the
+    /// resulting states (e.g. Running) are reported at once.
+    async fn converge(
+        &mut self,
+        desired: &[Assignment],
+        fenced: bool,
+        latest: &watch::Receiver<Desired>,
+    ) -> Option<DateTime<Utc>> {
+        let mut wake = None;
+        for _ in 0..2 {
+            match self.round(desired, fenced, latest).await {
+                Ok((acted, w)) => {
+                    wake = w;
+                    if !acted {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "cannot observe containers; retrying later");
+                    break;
+                }
+            }
+        }
+        wake
+    }
+
+    /// Observes, plans and executes once. Returns whether anything was changed in
+    /// Docker and the earliest back-off end. `latest` is the desired state's channel, to
+    /// see a fence or a newer task set that arrives while the round runs.
+    #[instrument(skip_all, fields(node = %self.node))]
+    async fn round(
+        &mut self,
+        desired: &[Assignment],
+        fenced: bool,
+        latest: &watch::Receiver<Desired>,
+    ) -> runtime::Result<(bool, Option<DateTime<Utc>>)> {
+        let observed = self.runtime.list().await?;
+        let now = Utc::now();
+        self.tracker.retain(desired, now);
+        let actions = plan(desired, &observed, &self.tracker, now, fenced);
+        let wallets: HashSet<&str> = desired
+            .iter()
+            .filter(|a| a.kind == Kind::Wallet)
+            .map(|a| a.task.as_str())
+            .collect();
+        let completing: HashSet<&str> = desired
+            .iter()
+            .filter(|a| a.kind.runs_to_completion())
+            .map(|a| a.task.as_str())
+            .collect();
+        let mut acted = false;
+        let mut wake: Option<DateTime<Utc>> = None;
+        let mut not_removed: HashSet<String> = HashSet::new();
+        // Containers stopped or removed in this round: they get no prober.
+        let mut touched: HashSet<&str> = HashSet::new();
+        for action in &actions {
+            let wallet_start = match action {
+                Action::Create { assignment } => assignment.kind == Kind::Wallet,
+                Action::Start { task, .. } | Action::Restart { task, .. } => {
+                    wallets.contains(task.as_str())
+                }
+                _ => false,
+            };
+            // A Wallet's image is pulled before the gate is taken: a pull can take
+            // minutes, and a fence must not wait for it.
+            let pulled = match action {
+                Action::Create { assignment } if wallet_start => {
+                    self.runtime.ensure_image(&assignment.spec.image).await
+                }
+                _ => Ok(()),
+            };
+            let _gate = if wallet_start && pulled.is_ok() {
+                let Some(gate) = self.gate.admit(latest).await else {
+                    debug!(
+                        ?action,
+                        "wallet start skipped: fenced, or a newer task set arrived"
+                    );
+                    continue;
+                };
+                Some(gate)
+            } else {
+                None
+            };
+            let outcome = match (pulled, action) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Action::Report { status }) => {
+                    let completing = completing.contains(status.task.as_str());
+                    self.report(status, completing).await;
+                    continue;
+                }
+                (Ok(()), Action::Wait { until, .. }) => {
+                    wake = Some(wake.map_or(*until, |w| w.min(*until)));
+                    continue;
+                }
+                (Ok(()), Action::ReportRemoved { task }) => {
+                    if !not_removed.contains(task) {
+                        self.report_removed(task).await;
+                    }
+                    continue;
+                }
+                (Ok(()), Action::GiveUp { task, message }) => {
+                    warn!(task = %task, message = %message, "giving the task up");
+                    Ok(())
+                }
+                (Ok(()), Action::Create { assignment }) => {
+                    acted = true;
+                    info!(task = %assignment.task, image = %assignment.spec.image, "creating container");
+                    self.runtime.create_and_start(assignment).await.map(|_| ())
+                }
+                (Ok(()), Action::Start { id, task }) => {
+                    acted = true;
+                    info!(task = %task, container = %id, "starting container");
+                    self.runtime.start(id).await
+                }
+                (Ok(()), Action::Restart { id, task, .. }) => {
+                    acted = true;
+                    info!(task = %task, container = %id, restarts = self.tracker.restarts(task) + 1, "restarting container");
+                    self.runtime.start(id).await
+                }
+                (Ok(()), Action::Stop { id, task, cause }) => {
+                    acted = true;
+                    touched.insert(id.as_str());
+                    warn!(task = %task, container = %id, cause = %cause, "stopping an unhealthy container");
+                    self.runtime.stop(id, STOP_GRACE).await
+                }
+                (Ok(()), Action::Remove { id, task, reason }) => {
+                    acted = true;
+                    touched.insert(id.as_str());
+                    let r = if *reason == RemoveReason::Fenced {
+                        warn!(task = %task, container = %id, "removing a wallet: the node is fenced");
+                        self.runtime.terminate(id, fence::GRACE).await
+                    } else {
+                        info!(task = %task, container = %id, ?reason, "removing container");
+                        self.stop_and_remove(id).await
+                    };
+                    if r.is_err() {
+                        not_removed.insert(task.clone());
+                    }
+                    r
+                }
+            };
+            let outcome = outcome.map_err(|e| {
+                let msg = error_chain(&e);
+                warn!(error = %msg, ?action, "action failed");
+                msg
+            });
+            self.tracker.apply(action, outcome, Utc::now());
+        }
+
+        // Tasks reported earlier that are neither assigned nor in Docker any more (e.g.
+        // unassigned while their image could not be pulled): confirm them gone too.
+        let wanted: HashSet<&str> = desired.iter().map(|a| a.task.as_str()).collect();
+        let present: HashSet<&str> = observed.iter().map(|o| o.task.as_str()).collect();
+        let orphans: Vec<String> = lock(&self.sent)
+            .keys()
+            .filter(|t| !wanted.contains(t.as_str()) && !present.contains(t.as_str()))
+            .cloned()
+            .collect();
+        for task in orphans {
+            self.report_removed(&task).await;
+        }
+        let untouched: Vec<Observed> = observed
+            .iter()
+            .filter(|o| !touched.contains(o.id.as_str()))
+            .cloned()
+            .collect();
+        self.sync_probers(desired, &untouched);
+        Ok((acted, wake))
+    }
+
+    /// Keeps one prober per probed running container run: starts missing ones, aborts
+    /// those whose container stopped, went or restarted.
+    fn sync_probers(&mut self, desired: &[Assignment], observed: &[Observed]) {
+        let targets = probe_targets(desired, observed);
+        self.probers.retain(|task, p| {
+            targets
+                .iter()
+                .any(|(a, run)| a.task == *task && *run == p.run)
+        });
+        for (a, run) in targets {
+            if self.probers.contains_key(&a.task) {
+                continue;
+            }
+            debug!(task = %a.task, container = %run.container, "probing");
+            let handle = tokio::spawn(probe::watch(
+                self.runtime.clone(),
+                a.task.clone(),
+                run.clone(),
+                a.spec.probes.clone(),
+                self.probe_tx.clone(),
+            ));
+            self.probers.insert(
+                a.task.clone(),
+                Prober {
+                    run,
+                    _task: AbortOnDrop(handle),
+                },
+            );
+        }
+    }
+
+    async fn stop_and_remove(&self, id: &str) -> runtime::Result<()> {
+        match self.runtime.stop(id, STOP_GRACE).await {
+            Ok(()) | Err(runtime::Error::NotFound { .. }) => {}
+            // Removal is forced anyway; a failed stop only costs the grace period.
+            Err(e) => {
+                warn!(container = %id, error = %error_chain(&e), "stop failed; removing by force")
+            }
+        }
+        self.runtime.remove(id).await
+    }
+
+    /// Sends a status unless it equals the last one sent for the task. The final status
+    /// of a Job's or CronJob's run (`completing`) carries the run's output, read once
+    /// here: the statuses kept for comparison never hold output, so an unchanged final
+    /// status is not sent (nor read) again.
+    async fn report(&self, status: &TaskStatus, completing: bool) {
+        {
+            let mut sent = lock(&self.sent);
+            if sent.get(&status.task) == Some(status) {
+                return;
+            }
+            sent.insert(status.task.clone(), status.clone());
+        }
+        info!(task = %status.task, phase = %status.phase, exit_code = ?status.exit_code, message = ?status.message, "task status");
+        let mut status = status.clone();
+        if completing && is_finished(status.phase) {
+            if let Some(id) = &status.container_id {
+                status.output = read_output(&self.runtime, &status.task, id).await;
+            }
+        }
+        self.send(AgentMessage::Status { status }).await;
+    }
+
+    async fn report_removed(&self, task: &str) {
+        lock(&self.sent).remove(task);
+        info!(task = %task, "task removed");
+        self.send(AgentMessage::Removed {
+            task: task.to_string(),
+        })
+        .await;
+    }
+
+    async fn send(&self, msg: AgentMessage) {
+        if self.out.send(msg).await.is_err() {
+            // The link owns the receiver; without it there is no one to tell. The
+            // next Hello carries the current state.
+            debug!("report channel closed; report dropped");
+        }
+    }
+}
+
+/// Whether a run-to-completion task's phase ends its run (its output is final).
+fn is_finished(phase: TaskPhase) -> bool {
+    matches!(phase, TaskPhase::Succeeded | TaskPhase::Failed)
+}
+
+/// The last [`MAX_OUTPUT_BYTES`] of a finished run's output; None (logged) if the logs
+/// cannot be read, which must not hold up the status itself.
+async fn read_output(runtime: &Runtime, task: &str, container: &str) -> Option<String> {
+    match runtime.output(container, MAX_OUTPUT_BYTES).await {
+        Ok(text) => Some(text),
+        Err(e) => {
+            warn!(task = %task, container = %container, error = %error_chain(&e), "cannot read the output of a finished run");
+            None
+        }
+    }
+}
+
+async fn next_event(events: &mut Option<Events>) -> Option<runtime::Result<RuntimeEvent>> {
+    match events {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Swallows events that are already waiting: one round covers them all.
+fn drain_ready(events: &mut Option<Events>) {
+    if let Some(s) = events {
+        while let Some(Some(Ok(_))) = s.next().now_or_never() {}
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
