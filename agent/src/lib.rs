@@ -6,9 +6,12 @@
 //! - [`host`]: the machine's identity, the node name, memory-limit support.
 //! - [`link`]: the connection to the controller (hello, task sets, heartbeats, logs).
 //! - [`supervisor`]: converges containers onto the desired tasks; restarts with back-off.
-//! - [`fence`]: stops the node's Wallets when the controller falls silent.
+//!   A pure planner, an I/O shell generic over [`runtime::Engine`], and the fence
+//!   sweeper that stops Wallets while the node is fenced.
+//! - [`fence`]: when the node is fenced (the controller fell silent) and when that ends.
 //! - [`probe`]: liveness and readiness probes (exec, HTTP, TCP).
-//! - [`runtime`]: the Docker Engine, through bollard.
+//! - [`runtime`]: the Docker Engine, through bollard, and the [`runtime::Engine`] trait
+//!   (what the supervisor needs of it).
 //! - [`metrics`]: CPU, memory, load, temperature, Pi throttling, disks and container stats.
 //! - [`disk`]: removes unused images when Docker's disk fills up.
 

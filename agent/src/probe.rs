@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OnceCell};
 use tracing::{debug, warn};
 
-use crate::runtime::{error_chain, Observed, Runtime};
+use crate::runtime::{error_chain, Engine, Observed};
 
 /// The shortest period between two probes of one kind, whatever the manifest says: a Pi
 /// has better things to do.
@@ -220,8 +220,8 @@ pub struct Report {
 
 /// Probes one container run until aborted (or, for liveness, until it fails), sending
 /// verdicts to `out`. Liveness and readiness run side by side, each on its own schedule.
-pub async fn watch(
-    runtime: Runtime,
+pub async fn watch<R: Engine>(
+    runtime: R,
     task: String,
     run: Run,
     probes: Probes,
@@ -248,8 +248,8 @@ pub async fn watch(
 }
 
 /// One container run under probe.
-struct Target {
-    runtime: Runtime,
+struct Target<R> {
+    runtime: R,
     task: String,
     run: Run,
     /// The container's IP, looked up once per run (it does not change while it runs).
@@ -257,7 +257,7 @@ struct Target {
     out: mpsc::Sender<Report>,
 }
 
-impl Target {
+impl<R: Engine> Target<R> {
     async fn probe_loop(&self, which: Which, probe: &Probe) {
         let Some(check) = Check::of(probe) else {
             warn!(task = %self.task, probe = which.as_str(), "probe names no exec, http or tcp check; not probing");

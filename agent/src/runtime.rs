@@ -7,8 +7,15 @@
 //!
 //! Docker's own restart policy is always `no`: restarts, back-off and giving up are the
 //! supervisor's decisions, made with the whole picture (see `crate::supervisor`).
+//!
+//! The supervisor and its probers do not name [`Runtime`]: they are generic over
+//! [`Engine`], the few calls they make, which [`Runtime`] implements for Docker. That
+//! keeps the supervisor's own decisions (which containers to remove and report, when a
+//! Wallet may start) testable against an in-memory engine. Everything else (the link's
+//! log streaming, metrics, image GC) uses [`Runtime`] directly.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -266,6 +273,56 @@ pub struct RuntimeEvent {
     pub action: EventAction,
     /// Exit code, for `Die`.
     pub exit_code: Option<i64>,
+}
+
+/// What the supervisor and its probers need of the container engine, for one node's
+/// containers (those labelled `bramble.node=<node>`). [`Runtime`] is the real one; each
+/// method means what the [`Runtime`] method of the same name documents.
+///
+/// The futures are `Send`, as the supervisor runs in a spawned task. Static dispatch
+/// only: the supervisor is generic over its engine.
+pub trait Engine: Clone + Send + Sync + 'static {
+    /// The node whose containers this engine sees.
+    fn node(&self) -> &str;
+
+    /// All of the node's task containers, running or not, sorted by task, then by
+    /// creation time.
+    fn list(&self) -> impl Future<Output = Result<Vec<Observed>>> + Send;
+
+    /// The node's task containers of one kind, running or not.
+    fn list_kind(&self, kind: Kind) -> impl Future<Output = Result<Vec<Observed>>> + Send;
+
+    /// Makes sure `image` is on the node (pulls it if absent).
+    fn ensure_image(&self, image: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Creates and starts the container of an assigned task; returns its id. A failed
+    /// attempt leaves no container behind.
+    fn create_and_start(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send;
+
+    /// Starts an existing container (again).
+    fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// SIGTERM, then SIGKILL after `grace`; a missing container is [`Error::NotFound`].
+    fn stop(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send;
+
+    /// Stops within `grace` (sub-second graces honoured) and removes; a missing
+    /// container is no error.
+    fn terminate(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send;
+
+    /// Removes a container, killing it if it runs; a missing container is no error.
+    fn remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// The last `max` bytes of a container's output.
+    fn output(&self, id: &str, max: usize) -> impl Future<Output = Result<String>> + Send;
+
+    /// Runs `cmd` in a running container; its exit code (exec probes).
+    fn exec(&self, id: &str, cmd: &[String]) -> impl Future<Output = Result<i64>> + Send;
+
+    /// The container's IP address, if it has one (HTTP and TCP probes).
+    fn address(&self, id: &str) -> impl Future<Output = Result<Option<IpAddr>>> + Send;
+
+    /// Start, die and OOM events of the node's containers; ends if the engine restarts.
+    fn events(&self) -> impl Stream<Item = Result<RuntimeEvent>> + Send + 'static;
 }
 
 /// The Docker engine, as seen by one node's agent. Cheap to clone (one shared
@@ -744,6 +801,62 @@ impl Runtime {
                     Err(e) => Some(Err(Error::Events(e))),
                 }
             })
+    }
+}
+
+// Each method calls the inherent one of the same name (inherent methods win the path
+// lookup), so callers that hold a `Runtime` need not import the trait.
+impl Engine for Runtime {
+    fn node(&self) -> &str {
+        Runtime::node(self)
+    }
+
+    fn list(&self) -> impl Future<Output = Result<Vec<Observed>>> + Send {
+        Runtime::list(self)
+    }
+
+    fn list_kind(&self, kind: Kind) -> impl Future<Output = Result<Vec<Observed>>> + Send {
+        Runtime::list_kind(self, kind)
+    }
+
+    fn ensure_image(&self, image: &str) -> impl Future<Output = Result<()>> + Send {
+        Runtime::ensure_image(self, image)
+    }
+
+    fn create_and_start(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send {
+        Runtime::create_and_start(self, a)
+    }
+
+    fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send {
+        Runtime::start(self, id)
+    }
+
+    fn stop(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send {
+        Runtime::stop(self, id, grace)
+    }
+
+    fn terminate(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send {
+        Runtime::terminate(self, id, grace)
+    }
+
+    fn remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send {
+        Runtime::remove(self, id)
+    }
+
+    fn output(&self, id: &str, max: usize) -> impl Future<Output = Result<String>> + Send {
+        Runtime::output(self, id, max)
+    }
+
+    fn exec(&self, id: &str, cmd: &[String]) -> impl Future<Output = Result<i64>> + Send {
+        Runtime::exec(self, id, cmd)
+    }
+
+    fn address(&self, id: &str) -> impl Future<Output = Result<Option<IpAddr>>> + Send {
+        Runtime::address(self, id)
+    }
+
+    fn events(&self) -> impl Stream<Item = Result<RuntimeEvent>> + Send + 'static {
+        Runtime::events(self)
     }
 }
 

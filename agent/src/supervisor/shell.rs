@@ -28,7 +28,7 @@ use super::sweeper::{enforce_fence, Gate};
 use super::{Desired, RESYNC_INTERVAL};
 use crate::fence;
 use crate::probe::{self, Run, Verdict};
-use crate::runtime::{self, error_chain, ContainerState, Observed, Runtime, RuntimeEvent};
+use crate::runtime::{self, error_chain, ContainerState, Engine, Observed, Runtime, RuntimeEvent};
 
 /// How long a removed container gets to stop after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -52,13 +52,15 @@ fn lock(sent: &Sent) -> std::sync::MutexGuard<'_, HashMap<String, TaskStatus>> {
 
 /// Reads the node's current tasks, for the Hello message of each (re)connection.
 /// Cheap to clone; usable while the supervisor runs.
+///
+/// Generic over the container engine like [`Supervisor`]; Docker's by default.
 #[derive(Debug, Clone)]
-pub struct Observer {
-    runtime: Runtime,
+pub struct Observer<R = Runtime> {
+    runtime: R,
     sent: Sent,
 }
 
-impl Observer {
+impl<R: Engine> Observer<R> {
     /// The node's tasks: one status per task container found in Docker (the last status
     /// the supervisor reported for it, which knows restarts and give-ups, or else one
     /// derived from the container), plus the last status of tasks that have no container
@@ -129,9 +131,12 @@ struct Prober {
 }
 
 /// The async shell around [`plan`]: observes Docker, executes the plan, reports.
+///
+/// Generic over the container engine ([`Engine`]): Docker's [`Runtime`] in the agent
+/// (the default), an in-memory one in this module's tests.
 #[derive(Debug)]
-pub struct Supervisor {
-    runtime: Runtime,
+pub struct Supervisor<R = Runtime> {
+    runtime: R,
     node: String,
     out: mpsc::Sender<AgentMessage>,
     tracker: RestartTracker,
@@ -145,9 +150,9 @@ pub struct Supervisor {
     probe_rx: Option<mpsc::Receiver<probe::Report>>,
 }
 
-impl Supervisor {
+impl<R: Engine> Supervisor<R> {
     /// A supervisor for `node`'s containers, sending task reports to `out`.
-    pub fn new(runtime: Runtime, node: String, out: mpsc::Sender<AgentMessage>) -> Self {
+    pub fn new(runtime: R, node: String, out: mpsc::Sender<AgentMessage>) -> Self {
         let (probe_tx, probe_rx) = mpsc::channel(64);
         Supervisor {
             runtime,
@@ -163,13 +168,13 @@ impl Supervisor {
     }
 
     /// The runtime, e.g. for streaming logs (clone it: it is a cheap handle).
-    pub fn runtime(&self) -> &Runtime {
+    pub fn runtime(&self) -> &R {
         &self.runtime
     }
 
     /// An observer of this supervisor's tasks that stays usable after [`Self::run`]
     /// has taken the supervisor.
-    pub fn observer(&self) -> Observer {
+    pub fn observer(&self) -> Observer<R> {
         Observer {
             runtime: self.runtime.clone(),
             sent: Arc::clone(&self.sent),
@@ -558,7 +563,7 @@ fn is_finished(phase: TaskPhase) -> bool {
 
 /// The last [`MAX_OUTPUT_BYTES`] of a finished run's output; None (logged) if the logs
 /// cannot be read, which must not hold up the status itself.
-async fn read_output(runtime: &Runtime, task: &str, container: &str) -> Option<String> {
+async fn read_output<R: Engine>(runtime: &R, task: &str, container: &str) -> Option<String> {
     match runtime.output(container, MAX_OUTPUT_BYTES).await {
         Ok(text) => Some(text),
         Err(e) => {

@@ -16,7 +16,7 @@ use tracing::warn;
 
 use super::{Desired, RESYNC_INTERVAL};
 use crate::fence;
-use crate::runtime::{self, error_chain, Runtime};
+use crate::runtime::{self, error_chain, Engine};
 
 /// Held while a Wallet is created or started, and while the sweeper stops Wallets.
 #[derive(Debug, Clone, Default)]
@@ -51,8 +51,8 @@ fn wallets_barred(latest: &watch::Receiver<Desired>) -> bool {
 /// them as soon as the fence falls, retries every [`fence::CHECK_EVERY`] while Docker
 /// fails, and looks again every [`RESYNC_INTERVAL`] as a safety net. Runs beside the
 /// converge loop, which may be busy (an image pull, a slow stop), until aborted.
-pub(super) async fn enforce_fence(
-    runtime: Runtime,
+pub(super) async fn enforce_fence<R: Engine>(
+    runtime: R,
     mut desired: watch::Receiver<Desired>,
     gate: Gate,
 ) {
@@ -82,7 +82,7 @@ pub(super) async fn enforce_fence(
 
 /// Stops and removes every Wallet container of the node, all at once (the timing
 /// argument allows one grace period, not one per wallet).
-async fn stop_wallets(runtime: &Runtime) -> runtime::Result<()> {
+async fn stop_wallets<R: Engine>(runtime: &R) -> runtime::Result<()> {
     let wallets = runtime.list_kind(Kind::Wallet).await?;
     let stops = wallets.iter().map(|w| async move {
         let r = runtime.terminate(&w.id, fence::GRACE).await;
