@@ -16,6 +16,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bramble_api::backoff::{Backoff, Retry};
 use bramble_api::duration::Duration as ApiDuration;
 use bramble_api::manifest::{Arch, Kind};
 use bramble_api::task::container_name;
@@ -37,6 +38,18 @@ const METRICS_EVERY: Duration = Duration::from_secs(1);
 
 /// The longest wait between two dial attempts.
 const MAX_REDIAL: Duration = Duration::from_secs(5);
+
+/// Redials back off from 200 ms to [`MAX_REDIAL`], and start over at 200 ms after a
+/// session the controller welcomed (it was a working link).
+const REDIAL: Backoff = Backoff::new(Duration::from_millis(200), MAX_REDIAL);
+
+/// After a refusal (bad join token, node refused) every wait is [`MAX_REDIAL`] until a
+/// session is welcomed: retrying faster would not change the controller's mind.
+const REFUSED: Backoff = Backoff::new(MAX_REDIAL, MAX_REDIAL);
+
+/// Up to this much is added to each redial wait, so that agents that lost the
+/// controller together do not all dial at the same instant.
+const REDIAL_JITTER_MS: u64 = 200;
 
 /// The longest wait for the connection, the Hello to go out and the Welcome to come
 /// back: a partitioned network answers a TCP connect with silence, not a refusal.
@@ -143,7 +156,7 @@ pub async fn run(
 
     let mut shutdown = std::pin::pin!(shutdown);
     let mut metrics = metrics;
-    let mut delay = Duration::from_millis(200);
+    let mut redial = Retry::new(REDIAL);
     loop {
         let welcomed_before = fence::lock(&contact).session();
         let attempt = async {
@@ -168,26 +181,26 @@ pub async fn run(
             () = &mut shutdown => break,
             r = attempt => r,
         };
-        // A session the controller welcomed was a working link: dial again quickly.
-        if fence::lock(&contact).session() > welcomed_before {
-            delay = Duration::from_millis(200);
-        }
+        let welcomed = fence::lock(&contact).session() > welcomed_before;
+        let refused = matches!(
+            result,
+            Err(SessionError::Unauthorized | SessionError::Refused { .. })
+        );
+        let delay = next_redial(&mut redial, welcomed, refused);
         match result {
             Ok(()) => {}
-            Err(e @ (SessionError::Unauthorized | SessionError::Refused { .. })) => {
-                tracing::error!(error = %e, "controller refused the agent; retrying");
-                delay = MAX_REDIAL;
+            Err(e) if refused => {
+                tracing::error!(error = %e, retry_in = ?delay, "controller refused the agent; retrying");
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "controller link down; containers keep running")
             }
         }
-        let jitter = Duration::from_millis(rand::random::<u64>() % 200);
+        let jitter = Duration::from_millis(rand::random::<u64>() % REDIAL_JITTER_MS);
         tokio::select! {
             () = &mut shutdown => break,
             () = tokio::time::sleep(delay + jitter) => {}
         }
-        delay = (delay * 2).min(MAX_REDIAL);
     }
     fencer.abort();
     image_gc.abort();
@@ -195,6 +208,19 @@ pub async fn run(
     let _ = sup.await;
     tracing::info!("agent stopped; containers left running");
     Ok(())
+}
+
+/// The wait before the next dial, after a session that ended (`welcomed`: the
+/// controller had welcomed it; `refused`: the controller refused the agent). Without
+/// jitter; pure, so the schedule is tested.
+fn next_redial(redial: &mut Retry, welcomed: bool, refused: bool) -> Duration {
+    if welcomed {
+        *redial = Retry::new(REDIAL);
+    }
+    if refused {
+        *redial = Retry::new(REFUSED);
+    }
+    redial.failed()
 }
 
 /// One mDNS search for the controller; its agent URL.
@@ -440,6 +466,65 @@ async fn stream_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redials_back_off_to_5s_start_over_after_a_welcome_and_stay_slow_after_a_refusal() {
+        let ms = Duration::from_millis;
+        let mut r = Retry::new(REDIAL);
+        let waits: Vec<Duration> = (0..7).map(|_| next_redial(&mut r, false, false)).collect();
+        assert_eq!(
+            waits,
+            [
+                ms(200),
+                ms(400),
+                ms(800),
+                ms(1600),
+                ms(3200),
+                ms(5000),
+                ms(5000)
+            ]
+        );
+        assert_eq!(next_redial(&mut r, true, false), ms(200), "a working link");
+        assert_eq!(next_redial(&mut r, false, false), ms(400));
+        assert_eq!(next_redial(&mut r, false, true), MAX_REDIAL, "refused");
+        assert_eq!(
+            next_redial(&mut r, false, false),
+            MAX_REDIAL,
+            "slow until a session is welcomed"
+        );
+        assert_eq!(next_redial(&mut r, true, false), ms(200));
+    }
+
+    #[test]
+    fn the_redial_schedule_is_the_one_the_link_had_before_the_shared_backoff() {
+        // The link's own arithmetic before it used `Backoff`: reset on a welcome, jump to
+        // the cap on a refusal, wait, then double up to the cap.
+        fn before(delay: &mut Duration, welcomed: bool, refused: bool) -> Duration {
+            if welcomed {
+                *delay = Duration::from_millis(200);
+            }
+            if refused {
+                *delay = MAX_REDIAL;
+            }
+            let wait = *delay;
+            *delay = (*delay * 2).min(MAX_REDIAL);
+            wait
+        }
+        // Every sequence of 8 session endings (of 4 kinds) gives the same waits.
+        for n in 0..4u32.pow(8) {
+            let mut old = Duration::from_millis(200);
+            let mut new = Retry::new(REDIAL);
+            for i in 0..8 {
+                let kind = (n >> (2 * i)) & 3;
+                let (welcomed, refused) = (kind & 1 == 1, kind & 2 == 2);
+                assert_eq!(
+                    next_redial(&mut new, welcomed, refused),
+                    before(&mut old, welcomed, refused),
+                    "sequence {n:#x}, step {i}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn controller_urls() {

@@ -7,8 +7,8 @@
 //! module doc (see [`super`]) is tested here without Docker.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
+use bramble_api::backoff;
 use bramble_api::manifest::{Kind, RestartPolicy};
 use bramble_api::task::TaskPhase;
 use bramble_api::wire::{Assignment, TaskStatus};
@@ -272,11 +272,11 @@ impl Record {
     }
 }
 
-/// The delay before the `n`-th consecutive restart (n ≥ 1): `initial × 2^(n-1)`,
-/// capped at `max`.
-pub fn backoff_delay(initial: Duration, max: Duration, n: u32) -> Duration {
-    let factor = 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX);
-    initial.saturating_mul(factor).min(max)
+/// A task's restart schedule, Bramble's one back-off type: the `n`-th consecutive
+/// restart (n ≥ 1) waits `initial × 2^(n-1)`, capped at `max`.
+fn schedule(a: &Assignment) -> backoff::Backoff {
+    let b = a.spec.restart.backoff;
+    backoff::Backoff::new(b.initial.std(), b.max.std())
 }
 
 /// Decides what to do so that Docker runs exactly the `desired` tasks: a pure function
@@ -732,9 +732,9 @@ fn timeout_cause(a: &Assignment) -> String {
     }
 }
 
+/// The wait before the `n`-th consecutive restart (0 counts as 1).
 fn delay(a: &Assignment, n: u32) -> chrono::Duration {
-    let b = a.spec.restart.backoff;
-    let d = backoff_delay(b.initial.std(), b.max.std(), n.max(1));
+    let d = schedule(a).delay(n);
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
@@ -789,6 +789,7 @@ mod tests {
     use bramble_api::manifest::{Backoff, HttpProbe, Kind, Probe, Restart};
     use bramble_api::task::TaskSpec;
     use chrono::TimeZone;
+    use std::time::Duration;
 
     fn t(secs: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_800_000_000 + secs, 0)
@@ -1120,9 +1121,11 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_the_cap() {
         let s = Duration::from_secs;
-        let got: Vec<Duration> = (1..=6).map(|n| backoff_delay(s(1), s(8), n)).collect();
+        let mut a = service("web-0");
+        let got: Vec<Duration> = (1..=6).map(|n| schedule(&a).delay(n)).collect();
         assert_eq!(got, vec![s(1), s(2), s(4), s(8), s(8), s(8)]);
-        assert_eq!(backoff_delay(s(1), s(300), 200), s(300), "no overflow");
+        a.spec.restart.backoff.max = ApiDuration::from_secs(300);
+        assert_eq!(schedule(&a).delay(200), s(300), "no overflow");
     }
 
     /// Runs a crash loop: each restart's container exits again one second after it
