@@ -40,6 +40,9 @@ use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use tracing::{debug, info, instrument, warn};
 
+#[cfg(test)]
+pub(crate) mod fake;
+
 /// A failed runtime call. Each variant names the operation; the cause is its source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -593,3 +593,416 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// The shell's own decisions, against an in-memory engine: which Wallet starts the gate
+/// lets through, what a fenced node stops, which containers are removed and reported
+/// `Removed`, and what the Hello says about the containers found on the node.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::fake::{assignment, Call, Fake};
+    use tokio::sync::oneshot;
+
+    const NODE: &str = "pi-1";
+
+    /// A supervisor over `fake`, and the receiving end of its reports.
+    fn supervisor(fake: &Fake) -> (Supervisor<Fake>, mpsc::Receiver<AgentMessage>) {
+        let (tx, rx) = mpsc::channel(1024);
+        (Supervisor::new(fake.clone(), NODE.to_string(), tx), rx)
+    }
+
+    /// The desired state's channel, its value already seen by the supervisor.
+    fn desired(tasks: &[Assignment], fenced: bool) -> watch::Receiver<Desired> {
+        let (tx, rx) = watch::channel(Desired {
+            tasks: Some(tasks.to_vec()),
+            fenced,
+        });
+        // The round only reads the channel: without a sender it stays as it is.
+        drop(tx);
+        rx
+    }
+
+    /// The reports sent so far.
+    fn sent(rx: &mut mpsc::Receiver<AgentMessage>) -> Vec<AgentMessage> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
+    fn removed(msgs: &[AgentMessage]) -> Vec<&str> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                AgentMessage::Removed { task } => Some(task.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn last_status<'a>(msgs: &'a [AgentMessage], task: &str) -> Option<&'a TaskStatus> {
+        msgs.iter().rev().find_map(|m| match m {
+            AgentMessage::Status { status } if status.task == task => Some(status),
+            _ => None,
+        })
+    }
+
+    /// The calls that change containers (not lists or pulls).
+    fn changes(fake: &Fake) -> Vec<Call> {
+        fake.calls()
+            .into_iter()
+            .filter(|c| !matches!(c, Call::List | Call::ListKind(_) | Call::EnsureImage(_)))
+            .collect()
+    }
+
+    /// A Wallet's three ways to start: no container (create), a created container
+    /// (start), an exited one (restart); the service's container is created each time.
+    fn wallet_starts() -> Vec<(&'static str, Fake)> {
+        let w = assignment("ltc-0", Kind::Wallet);
+        let long_ago = Utc::now() - chrono::Duration::hours(1);
+        let created = Fake::new(NODE);
+        created.put(&w, ContainerState::Created, long_ago, None);
+        let exited = Fake::new(NODE);
+        let ran = Some((1, chrono::Duration::seconds(30)));
+        exited.put(&w, ContainerState::Exited, long_ago, ran);
+        vec![
+            ("create", Fake::new(NODE)),
+            ("start", created),
+            ("restart", exited),
+        ]
+    }
+
+    /// Whether the wallet was created, started or restarted.
+    fn started_wallet(fake: &Fake) -> bool {
+        fake.calls()
+            .iter()
+            .any(|c| matches!(c, Call::Create(t) if t == "ltc-0") || matches!(c, Call::Start(_)))
+    }
+
+    #[tokio::test]
+    async fn a_wallet_start_planned_before_a_fence_does_not_happen() {
+        let tasks = [
+            assignment("ltc-0", Kind::Wallet),
+            assignment("web-0", Kind::Service),
+        ];
+        for (how, fake) in wallet_starts() {
+            let (mut sup, _rx) = supervisor(&fake);
+            // Planned unfenced; the fence fell before the start.
+            let latest = desired(&tasks, true);
+            sup.round(&tasks, false, &latest).await.expect("round");
+            assert!(!started_wallet(&fake), "{how}: {:?}", fake.calls());
+            assert_eq!(fake.created(), ["web-0"], "{how}: other tasks go on");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wallet_start_planned_before_a_newer_task_set_waits_for_the_next_round() {
+        let tasks = [
+            assignment("ltc-0", Kind::Wallet),
+            assignment("web-0", Kind::Service),
+        ];
+        for (how, fake) in wallet_starts() {
+            let (mut sup, _rx) = supervisor(&fake);
+            let (tx, mut latest) = watch::channel(Desired {
+                tasks: Some(tasks.to_vec()),
+                fenced: false,
+            });
+            // A task set arrived after the round took its plan's inputs (the same set
+            // here: any newer one may have moved the wallet away).
+            tx.send_modify(|d| d.tasks = Some(tasks.to_vec()));
+            sup.round(&tasks, false, &latest).await.expect("round");
+            assert!(!started_wallet(&fake), "{how}: {:?}", fake.calls());
+            assert_eq!(fake.created(), ["web-0"], "{how}");
+
+            // The loop takes the newer set, and the next round starts the wallet.
+            latest.borrow_and_update();
+            sup.round(&tasks, false, &latest).await.expect("round");
+            assert!(started_wallet(&fake), "{how}: {:?}", fake.calls());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wallet_start_waiting_at_the_gate_is_dropped_when_the_fence_falls_meanwhile() {
+        let fake = Fake::new(NODE);
+        let (mut sup, _rx) = supervisor(&fake);
+        let tasks = [
+            assignment("ltc-0", Kind::Wallet),
+            assignment("web-0", Kind::Service),
+        ];
+        let (tx, latest) = watch::channel(Desired {
+            tasks: Some(tasks.to_vec()),
+            fenced: false,
+        });
+        // The fence sweeper is sweeping: it holds the gate.
+        let gate = sup.gate.clone();
+        let sweep = gate.hold().await;
+        let image = Call::EnsureImage(tasks[0].spec.image.clone());
+        let fence_then_release = async {
+            // The wallet's image is pulled before the gate: the start waits there now.
+            while !fake.calls().contains(&image) {
+                tokio::task::yield_now().await;
+            }
+            tx.send_modify(|d| d.fenced = true);
+            drop(sweep);
+        };
+        let both = async { tokio::join!(sup.round(&tasks, false, &latest), fence_then_release) };
+        let (round, ()) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("the round ends once the gate is free");
+        round.expect("round");
+        assert_eq!(fake.created(), ["web-0"], "{:?}", fake.calls());
+    }
+
+    #[tokio::test]
+    async fn a_fenced_round_removes_the_wallets_with_the_fence_grace_and_starts_none() {
+        let fake = Fake::new(NODE);
+        let ltc = assignment("ltc-0", Kind::Wallet);
+        let btc = assignment("btc-0", Kind::Wallet);
+        let web = assignment("web-0", Kind::Service);
+        let ltc_id = fake.running(&ltc);
+        let old_id = fake.running(&assignment("old-0", Kind::Wallet));
+        let web_id = fake.running(&web);
+        let (mut sup, mut rx) = supervisor(&fake);
+        let tasks = [ltc.clone(), btc.clone(), web.clone()];
+
+        sup.round(&tasks, true, &desired(&tasks, true))
+            .await
+            .expect("round");
+
+        let mut changes = changes(&fake);
+        changes.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            changes,
+            [
+                Call::Terminate(ltc_id, fence::GRACE),
+                Call::Terminate(old_id, fence::GRACE),
+            ],
+            "only the wallets are stopped, none is started or created"
+        );
+        assert!(fake.has(&web_id));
+        assert!(
+            !fake
+                .calls()
+                .iter()
+                .any(|c| matches!(c, Call::EnsureImage(_))),
+            "no image is even pulled: nothing is to start"
+        );
+        let msgs = sent(&mut rx);
+        for wallet in ["ltc-0", "btc-0"] {
+            let s = last_status(&msgs, wallet).expect("the wallet is reported");
+            assert_eq!(s.phase, TaskPhase::Stopped, "{wallet}");
+            assert_eq!(s.message.as_deref(), Some(super::super::FENCED_MESSAGE));
+        }
+        assert_eq!(
+            removed(&msgs),
+            ["old-0"],
+            "an unassigned wallet is reported gone"
+        );
+        let web_status = last_status(&msgs, "web-0").expect("web-0 is reported");
+        assert_eq!(web_status.phase, TaskPhase::Running);
+    }
+
+    #[tokio::test]
+    async fn containers_of_unassigned_tasks_are_stopped_removed_and_reported_removed() {
+        let fake = Fake::new(NODE);
+        let web = assignment("web-0", Kind::Service);
+        let old_id = fake.running(&assignment("old-0", Kind::Service));
+        let job_id = fake.put(
+            &assignment("job-0", Kind::Job),
+            ContainerState::Exited,
+            Utc::now() - chrono::Duration::hours(1),
+            Some((0, chrono::Duration::seconds(5))),
+        );
+        let web_id = fake.running(&web);
+        let (mut sup, mut rx) = supervisor(&fake);
+        let tasks = [web];
+
+        sup.round(&tasks, false, &desired(&tasks, false))
+            .await
+            .expect("round");
+
+        assert_eq!(
+            changes(&fake),
+            [
+                Call::Stop(job_id.clone(), STOP_GRACE),
+                Call::Remove(job_id),
+                Call::Stop(old_id.clone(), STOP_GRACE),
+                Call::Remove(old_id),
+            ],
+            "unassigned containers go in task order; the assigned one stays"
+        );
+        let msgs = sent(&mut rx);
+        assert_eq!(removed(&msgs), ["job-0", "old-0"]);
+        let web = last_status(&msgs, "web-0").expect("web-0 is reported");
+        assert_eq!(web.container_id.as_deref(), Some(web_id.as_str()));
+    }
+
+    #[tokio::test]
+    async fn an_unassigned_container_that_cannot_be_removed_is_reported_removed_only_once_gone() {
+        let fake = Fake::new(NODE);
+        let old_id = fake.running(&assignment("old-0", Kind::Service));
+        fake.stuck(&old_id, true);
+        let (mut sup, mut rx) = supervisor(&fake);
+        let latest = desired(&[], false);
+
+        sup.round(&[], false, &latest).await.expect("round");
+        assert!(fake.has(&old_id));
+        assert_eq!(removed(&sent(&mut rx)), Vec::<&str>::new());
+
+        fake.stuck(&old_id, false);
+        sup.round(&[], false, &latest).await.expect("round");
+        assert!(!fake.has(&old_id));
+        assert_eq!(removed(&sent(&mut rx)), ["old-0"]);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_never_got_a_container_is_reported_removed_once_unassigned() {
+        let fake = Fake::new(NODE);
+        let web = assignment("web-0", Kind::Service);
+        fake.missing_image(&web.spec.image);
+        let (mut sup, mut rx) = supervisor(&fake);
+        let tasks = [web];
+
+        sup.round(&tasks, false, &desired(&tasks, false))
+            .await
+            .expect("round");
+        assert!(fake.containers().is_empty());
+        let msgs = sent(&mut rx);
+        assert!(
+            last_status(&msgs, "web-0").is_some(),
+            "reported while it tries"
+        );
+
+        let latest = desired(&[], false);
+        sup.round(&[], false, &latest).await.expect("round");
+        assert_eq!(removed(&sent(&mut rx)), ["web-0"]);
+        sup.round(&[], false, &latest).await.expect("round");
+        assert_eq!(removed(&sent(&mut rx)), Vec::<&str>::new(), "once");
+    }
+
+    #[tokio::test]
+    async fn running_containers_are_adopted_not_copied() {
+        let fake = Fake::new(NODE);
+        let web = assignment("web-0", Kind::Service);
+        let ltc = assignment("ltc-0", Kind::Wallet);
+        let web_id = fake.running(&web);
+        let ltc_id = fake.running(&ltc);
+        // A new supervisor: the agent restarted.
+        let (mut sup, mut rx) = supervisor(&fake);
+        let tasks = [web, ltc];
+        let latest = desired(&tasks, false);
+
+        sup.round(&tasks, false, &latest).await.expect("round");
+        assert_eq!(changes(&fake), [], "nothing created, started or removed");
+        let msgs = sent(&mut rx);
+        for (task, id) in [("web-0", &web_id), ("ltc-0", &ltc_id)] {
+            let s = last_status(&msgs, task).expect("reported");
+            assert_eq!(s.phase, TaskPhase::Running, "{task}");
+            assert_eq!(s.container_id.as_deref(), Some(id.as_str()), "{task}");
+        }
+
+        sup.round(&tasks, false, &latest).await.expect("round");
+        assert_eq!(changes(&fake), []);
+        assert!(
+            sent(&mut rx).is_empty(),
+            "an unchanged status is not sent again"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_hello_reports_the_containers_found_on_the_node() {
+        let fake = Fake::new(NODE);
+        let hour_ago = Utc::now() - chrono::Duration::hours(1);
+        let web_id = fake.running(&assignment("web-0", Kind::Service));
+        let job_id = fake.put(
+            &assignment("job-0", Kind::Job),
+            ContainerState::Exited,
+            hour_ago,
+            Some((0, chrono::Duration::seconds(5))),
+        );
+        fake.output_of(&job_id, "paid 3 miners\n");
+        let crash = assignment("crash-0", Kind::Service);
+        let crash_id = fake.put(
+            &crash,
+            ContainerState::Exited,
+            hour_ago,
+            Some((2, chrono::Duration::seconds(5))),
+        );
+        fake.output_of(&crash_id, "not a job: no output in the hello\n");
+        // Two containers of one task: the running one is the task's.
+        let dup = assignment("dup-0", Kind::Service);
+        fake.put(
+            &dup,
+            ContainerState::Exited,
+            hour_ago,
+            Some((1, chrono::Duration::seconds(5))),
+        );
+        let dup_id = fake.running(&dup);
+        let (sup, _rx) = supervisor(&fake);
+
+        let hello = sup.observe().await.expect("observe");
+
+        let got: Vec<(&str, TaskPhase, Option<&str>)> = hello
+            .iter()
+            .map(|s| (s.task.as_str(), s.phase, s.container_id.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("crash-0", TaskPhase::Failed, Some(crash_id.as_str())),
+                ("dup-0", TaskPhase::Running, Some(dup_id.as_str())),
+                ("job-0", TaskPhase::Succeeded, Some(job_id.as_str())),
+                ("web-0", TaskPhase::Running, Some(web_id.as_str())),
+            ]
+        );
+        assert_eq!(hello[0].message.as_deref(), Some("exited with code 2"));
+        assert_eq!(hello[0].output, None);
+        assert_eq!(hello[2].output.as_deref(), Some("paid 3 miners\n"));
+        assert_eq!(changes(&fake), [], "observing changes nothing");
+    }
+
+    #[tokio::test]
+    async fn the_hello_carries_the_last_status_of_a_task_without_a_container() {
+        let fake = Fake::new(NODE);
+        let web = assignment("web-0", Kind::Service);
+        fake.missing_image(&web.spec.image);
+        let (mut sup, _rx) = supervisor(&fake);
+        let tasks = [web];
+        let latest = desired(&tasks, false);
+        // Twice: the first attempt's failure is reported by the next round.
+        sup.round(&tasks, false, &latest).await.expect("round");
+        sup.round(&tasks, false, &latest).await.expect("round");
+
+        let hello = sup.observe().await.expect("observe");
+
+        assert_eq!(hello.len(), 1);
+        assert_eq!(hello[0].task, "web-0");
+        assert_eq!(hello[0].container_id, None);
+        let message = hello[0].message.as_deref().unwrap_or_default();
+        assert!(message.contains("pull failed"), "{message}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_the_first_task_set_only_a_fence_touches_the_nodes_containers() {
+        let fake = Fake::new(NODE);
+        let ltc_id = fake.running(&assignment("ltc-0", Kind::Wallet));
+        let web_id = fake.running(&assignment("web-0", Kind::Service));
+        let (sup, _rx) = supervisor(&fake);
+        let (tx, rx) = watch::channel(Desired::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = tokio::spawn(sup.run(rx, async {
+            let _ = stopped.await;
+        }));
+
+        tokio::time::sleep(RESYNC_INTERVAL * 3).await;
+        assert_eq!(fake.calls(), [], "no task set: the node keeps what it has");
+
+        tx.send_modify(|d| d.fenced = true);
+        tokio::time::sleep(fence::CHECK_EVERY).await;
+        assert_eq!(changes(&fake), [Call::Terminate(ltc_id, fence::GRACE)]);
+        assert!(fake.has(&web_id));
+
+        let _ = stop.send(());
+        run.await.expect("the supervisor stops");
+    }
+}

@@ -96,3 +96,150 @@ async fn stop_wallets<R: Engine>(runtime: &R) -> runtime::Result<()> {
         .into_iter()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::fake::{assignment, Call, Fake};
+    use std::time::Duration;
+
+    /// A node with a running Wallet and a running Service; the sweeper watching it.
+    struct Node {
+        fake: Fake,
+        wallet: String,
+        service: String,
+        desired: watch::Sender<Desired>,
+        gate: Gate,
+        sweeper: tokio::task::JoinHandle<()>,
+    }
+
+    impl Node {
+        fn new() -> Node {
+            let fake = Fake::new("pi-1");
+            let wallet = fake.running(&assignment("ltc-0", Kind::Wallet));
+            let service = fake.running(&assignment("web-0", Kind::Service));
+            let (desired, rx) = watch::channel(Desired::default());
+            let gate = Gate::default();
+            let sweeper = tokio::spawn(enforce_fence(fake.clone(), rx, gate.clone()));
+            Node {
+                fake,
+                wallet,
+                service,
+                desired,
+                gate,
+                sweeper,
+            }
+        }
+
+        fn fence(&self, fenced: bool) {
+            self.desired.send_modify(|d| d.fenced = fenced);
+        }
+
+        /// The containers stopped so far.
+        fn terminated(&self) -> Vec<String> {
+            self.fake
+                .calls()
+                .into_iter()
+                .filter_map(|c| match c {
+                    Call::Terminate(id, grace) if grace == fence::GRACE => Some(id),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn listings(&self) -> usize {
+            self.fake
+                .calls()
+                .iter()
+                .filter(|c| matches!(c, Call::ListKind(Kind::Wallet)))
+                .count()
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            self.sweeper.abort();
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_stops_the_wallets_at_once_and_leaves_other_containers_alone() {
+        let node = Node::new();
+        tokio::time::sleep(RESYNC_INTERVAL * 3).await;
+        assert_eq!(node.fake.calls(), [], "unfenced: the sweeper only waits");
+
+        node.fence(true);
+        tokio::time::sleep(ms(1)).await;
+        assert_eq!(node.terminated(), [node.wallet.as_str()]);
+        assert!(node.fake.has(&node.service));
+        assert_eq!(node.fake.containers().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_docker_fails_the_sweeper_retries_every_check_interval() {
+        let node = Node::new();
+        node.fake.failing_lists(2);
+
+        node.fence(true);
+        tokio::time::sleep(fence::CHECK_EVERY + fence::CHECK_EVERY / 2).await;
+        assert_eq!(node.listings(), 2, "two failed attempts so far");
+        assert!(node.fake.has(&node.wallet));
+
+        tokio::time::sleep(fence::CHECK_EVERY).await;
+        assert_eq!(node.listings(), 3);
+        assert_eq!(node.terminated(), [node.wallet.as_str()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_fenced_the_sweeper_looks_again_every_resync_interval() {
+        let node = Node::new();
+        node.fence(true);
+        tokio::time::sleep(ms(1)).await;
+        assert_eq!(node.terminated(), [node.wallet.as_str()]);
+
+        // A wallet that appears anyway (started by hand, say) goes at the next look.
+        let again = node.fake.running(&assignment("ltc-0", Kind::Wallet));
+        tokio::time::sleep(RESYNC_INTERVAL - ms(10)).await;
+        assert!(node.fake.has(&again));
+        tokio::time::sleep(ms(20)).await;
+        assert!(!node.fake.has(&again));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_the_fence_is_lifted_the_sweeper_leaves_wallets_alone() {
+        let node = Node::new();
+        node.fence(true);
+        tokio::time::sleep(ms(1)).await;
+        node.fence(false);
+        let again = node.fake.running(&assignment("ltc-0", Kind::Wallet));
+
+        tokio::time::sleep(RESYNC_INTERVAL * 3).await;
+        assert!(node.fake.has(&again));
+        assert_eq!(node.listings(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_waits_for_a_wallet_start_under_way_and_then_stops_that_wallet() {
+        let node = Node::new();
+        let (_tx, latest) = watch::channel(Desired::default());
+        let start = node.gate.admit(&latest).await.expect("unfenced: admitted");
+
+        node.fence(true);
+        tokio::time::sleep(RESYNC_INTERVAL).await;
+        assert_eq!(node.listings(), 0, "the sweep waits at the gate");
+
+        // The start completes (a second wallet container, say) and leaves the gate.
+        let started = node.fake.running(&assignment("btc-0", Kind::Wallet));
+        drop(start);
+        tokio::time::sleep(ms(1)).await;
+        let mut stopped = node.terminated();
+        stopped.sort();
+        let mut want = vec![node.wallet.clone(), started];
+        want.sort();
+        assert_eq!(stopped, want);
+    }
+}
