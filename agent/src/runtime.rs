@@ -1175,6 +1175,7 @@ mod tests {
             workload: "ltc".into(),
             spec_hash: spec.hash(),
             spec,
+            deadline: None,
         }
     }
 

@@ -41,6 +41,7 @@ fn assignment(task: &str, kind: Kind, args: &[&str]) -> Assignment {
         workload: task.to_string(),
         spec_hash: spec.hash(),
         spec,
+        deadline: None,
     }
 }
 

@@ -58,6 +58,7 @@ fn assignment(task: &str, kind: Kind, spec: TaskSpec) -> Assignment {
         workload: task.rsplit_once('-').map_or(task, |(w, _)| w).to_string(),
         spec_hash: spec.hash(),
         spec,
+        deadline: None,
     }
 }
 

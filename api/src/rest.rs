@@ -249,10 +249,26 @@ pub struct Event {
 pub struct DrainResponse {
     /// The node.
     pub node: String,
-    /// Tasks moved away.
+    /// Tasks told to leave the node.
     pub moved: u32,
     /// Tasks still on the node when the timeout passed (0 when drained).
     pub remaining: u32,
+    /// Of the tasks that left, those placed on another node.
+    #[serde(default)]
+    pub placed: u32,
+    /// Of the tasks that left, those waiting for a node, with why (no other node fits,
+    /// say): their workloads are not running until one does.
+    #[serde(default)]
+    pub pending: Vec<PendingTask>,
+}
+
+/// A task waiting for a node, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingTask {
+    /// Task id.
+    pub task: String,
+    /// Why no node takes it (the scheduler's summary).
+    pub reason: String,
 }
 
 /// What happened to one CronJob slot.

@@ -197,6 +197,14 @@ pub struct Task {
     /// Job and CronJob: which attempt this is (0 = the first run, 1 = the first retry).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempt: u32,
+    /// A node gave this task up (too many failures there): it is placed again no
+    /// earlier than this, with back-off, so a task that fails everywhere is retried
+    /// slowly instead of never or in a tight loop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+    /// How many times in a row nodes gave this task up; the exponent of its back-off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub give_ups: u32,
     /// Job and CronJob: the last 64 KiB of output, kept once the run has finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,

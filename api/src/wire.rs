@@ -183,6 +183,11 @@ pub struct Assignment {
     pub spec_hash: String,
     /// What to run.
     pub spec: TaskSpec,
+    /// Job and CronJob runs: when the run has failed if it has not finished, counted
+    /// from its firing (`timeout` after it), whether or not it has started by then.
+    /// Added after protocol version 1 shipped: optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// A task's observed state on a node.

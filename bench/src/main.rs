@@ -323,7 +323,7 @@ fn docker_version() -> String {
 }
 
 fn scheduler(nodes: usize, tasks: usize) {
-    use bramble_controller::scheduler::{bench_snapshot, schedule};
+    use bramble_controller::core::scheduler::{bench_snapshot, schedule};
     let snap = bench_snapshot(nodes, tasks);
     // Warm up once, then time a few runs.
     let _ = schedule(&snap);

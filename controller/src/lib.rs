@@ -1,72 +1,60 @@
 //! The Bramble controller: stores the desired state (workloads), turns it into tasks,
 //! places them on nodes and keeps every agent's task set current.
 //!
+//! This file is the composition root: it opens the store, starts the loops and serves;
+//! it decides nothing. Imports go one way: `http` → `loops` → `state` → `core`, and
+//! `state` → `store`; `core` and `store` import nothing else of the crate, and only this
+//! file imports `http`.
+//!
 //! # Layout
-//! - [`http`]: the REST API under `/v1` and its error type.
-//! - [`hub`]: the `/v1/agent` WebSocket, one per node.
-//! - [`cluster`]: shared state and the operations on it.
-//! - [`reconcile`]: the pure decision from workloads and tasks to task writes.
-//! - [`scheduler`]: the pure placement of tasks on nodes.
-//! - [`cron`]: the pure CronJob decisions: due and missed slots, firing keys, concurrency, history, retries.
-//! - [`cronjobs`]: fires CronJob slots exactly once; retries and prunes runs.
-//! - [`nodes`]: node health, in memory only, and the Wallet fencing timing argument.
-//! - [`events`]: the bounded event log.
-//! - [`model`]: what is stored under which key.
-//! - [`store`]: the key-value store with revisions and compare-and-swap (SQLite).
-//! - [`auth`]: admin, join and viewer tokens, and who may do what.
+//! - [`config`]: the configuration and its checks (the Wallet timing inequality).
+//! - [`core`]: every decision, pure: reconcile, scheduler, cron, health, operations.
+//! - [`store`]: the key-value store contract (revisions, transactions, watches, leases)
+//!   and its SQLite backend.
+//! - [`state`]: the only writer of the store; snapshots at one revision, kept current
+//!   by a watch; node liveness and metric history in memory.
+//! - [`loops`]: the reconcile and cron loops, the dashboard feed, webhooks.
+//! - [`http`]: the REST API, the agent link, the dashboard, `/metrics`.
 //! - [`mdns`]: the `_bramble._tcp.local.` advertisement agents find the controller by.
-//! - [`history`]: an hour of node CPU, RAM and temperature in ring buffers (memory only).
-//! - [`dashboard`]: the web dashboard at `/` (embedded assets) and its views.
-//! - [`feed`]: `GET /v1/stream`, the dashboard's live Server-Sent Events.
-//! - [`telemetry`]: `/metrics` in the Prometheus text format; REST latency.
-//! - [`webhooks`]: event notifications POSTed to `webhooks.yaml` receivers, signed.
-//! - [`actions`]: operator actions (restart a workload).
 
-pub mod actions;
-pub mod auth;
-pub mod cluster;
-pub mod cron;
-pub mod cronjobs;
-pub mod dashboard;
-pub mod events;
-pub mod feed;
-pub mod history;
+pub mod config;
+pub mod core;
 pub mod http;
-pub mod hub;
+pub mod loops;
 pub mod mdns;
-pub mod model;
-pub mod nodes;
-pub mod reconcile;
-pub mod scheduler;
+pub mod state;
 pub mod store;
-pub mod telemetry;
-pub mod webhooks;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::auth::{TokenFiles, Tokens};
-use crate::cluster::Cluster;
-use crate::nodes::{HealthConfig, Nodes};
+pub use config::{Config, LocalAgent, Mdns};
+
+use crate::http::auth::{TokenFiles, Tokens};
+use crate::loops::feed::Feed;
+use crate::loops::webhooks::{self, Webhooks};
+use crate::state::{Solo, State};
+use crate::store::Store;
 
 /// What can stop the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The configuration cannot work.
+    #[error("invalid configuration")]
+    Config(#[from] config::Invalid),
     /// The store failed.
     #[error("store")]
     Store(#[from] store::Error),
-    /// A stored value does not decode.
-    #[error(transparent)]
-    Decode(#[from] model::DecodeError),
+    /// The state could not be loaded.
+    #[error("state")]
+    State(#[from] state::Error),
     /// Token files.
     #[error("tokens")]
-    Tokens(#[from] auth::TokenError),
+    Tokens(#[from] http::auth::TokenError),
     /// The data directory cannot be created.
     #[error("data directory {path}")]
     DataDir {
@@ -84,90 +72,46 @@ pub enum Error {
     Webhooks(#[from] webhooks::ConfigError),
 }
 
-/// The controller's configuration (see `main.rs` for flags and defaults).
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Where the store and tokens live.
-    pub data_dir: PathBuf,
-    /// Admin token to use instead of the stored or generated one.
-    pub admin_token: Option<String>,
-    /// Join token to use instead of the stored or generated one.
-    pub join_token: Option<String>,
-    /// Viewer (read-only) token to use instead of the stored or generated one.
-    pub viewer_token: Option<String>,
-    /// Run an agent for this machine in the same process.
-    pub local_agent: Option<LocalAgent>,
-    /// Heartbeat and node-loss timings.
-    pub health: HealthConfig,
-    /// Full reconcile at least this often, whatever happens.
-    pub resync: Duration,
-    /// Advertise over mDNS; `None` turns it off.
-    pub mdns: Option<Mdns>,
-}
-
-/// mDNS advertisement settings.
-#[derive(Debug, Clone, Default)]
-pub struct Mdns {
-    /// Instance name (the host name).
-    pub instance: String,
-    /// Network interfaces to advertise on; empty means all.
-    pub interfaces: Vec<String>,
-    /// Base URL to put in the TXT record, when the addresses alone are not enough
-    /// (NAT, a reverse proxy).
-    pub url: Option<String>,
-}
-
-/// The embedded agent's settings.
-#[derive(Debug, Clone)]
-pub struct LocalAgent {
-    /// Node name.
-    pub node_name: String,
-    /// Node labels.
-    pub labels: BTreeMap<String, String>,
-}
-
-/// An opened controller: store and tokens ready, not yet serving.
+/// An opened controller: configuration checked, store and tokens ready, not yet
+/// serving.
 pub struct Controller {
     cfg: Config,
-    cluster: Arc<Cluster>,
+    store: Arc<dyn Store>,
+    tokens: Tokens,
     files: TokenFiles,
+    webhooks: Arc<Webhooks>,
 }
 
 impl Controller {
-    /// Creates the data directory, opens the store and loads or creates the tokens.
+    /// Checks the configuration, creates the data directory, opens the store and loads
+    /// or creates the tokens.
     pub fn open(cfg: Config) -> Result<Controller, Error> {
+        cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|source| Error::DataDir {
             path: cfg.data_dir.clone(),
             source,
         })?;
-        let store = store::sqlite::SqliteStore::open(&cfg.data_dir.join("bramble.db"))?;
+        let store = store::SqliteStore::open(&cfg.data_dir.join("bramble.db"))?;
         let (tokens, files) = Tokens::load_with_viewer(
             &cfg.data_dir,
             cfg.admin_token.clone(),
             cfg.join_token.clone(),
             cfg.viewer_token.clone(),
         )?;
-        let cluster = Arc::new(Cluster::new(
-            Arc::new(store),
-            Nodes::new(cfg.health),
-            tokens,
-        )?);
-        cluster.webhooks.configure(webhooks::load(&cfg.data_dir)?);
+        let hooks = Webhooks::default();
+        hooks.configure(webhooks::load(&cfg.data_dir)?);
         Ok(Controller {
             cfg,
-            cluster,
+            store: Arc::new(store),
+            tokens,
             files,
+            webhooks: Arc::new(hooks),
         })
     }
 
     /// Where the tokens are kept.
     pub fn token_files(&self) -> &TokenFiles {
         &self.files
-    }
-
-    /// The shared state (for tests and benchmarks).
-    pub fn cluster(&self) -> Arc<Cluster> {
-        self.cluster.clone()
     }
 
     /// Serves the API on `listener` and runs the loops until `shutdown` completes. On
@@ -178,18 +122,35 @@ impl Controller {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
         let addr = listener.local_addr().map_err(Error::Serve)?;
+        let state = State::open(
+            Arc::clone(&self.store),
+            self.cfg.health,
+            Arc::new(Solo::default()),
+        )
+        .await?;
+        let feed = Arc::new(Feed::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-        let crons = tokio::spawn(cronjobs::run(self.cluster.clone(), stop_rx.clone()));
-        let reconciler = tokio::spawn(reconcile_loop(
-            self.cluster.clone(),
-            self.cfg.resync,
-            stop_rx.clone(),
-        ));
-        // Both end on stop; the feed closes the dashboards' streams so the HTTP server's
-        // graceful shutdown does not wait on them.
-        tokio::spawn(feed::run(self.cluster.clone(), stop_rx.clone()));
-        tokio::spawn(webhooks::run(self.cluster.clone(), stop_rx.clone()));
+        let loops = [
+            tokio::spawn(loops::reconcile::run(
+                Arc::clone(&state),
+                self.cfg.resync,
+                stop_rx.clone(),
+            )),
+            tokio::spawn(loops::cron::run(Arc::clone(&state), stop_rx.clone())),
+            // Both end on stop; the feed closes the dashboards' streams so the HTTP
+            // server's graceful shutdown does not wait on them.
+            tokio::spawn(loops::feed::run(
+                Arc::clone(&state),
+                Arc::clone(&feed),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(webhooks::run(
+                Arc::clone(&state),
+                Arc::clone(&self.webhooks),
+                stop_rx.clone(),
+            )),
+        ];
 
         // A failed advertisement is not fatal: agents can still be pointed at the URL.
         let _advertisement = self.cfg.mdns.as_ref().and_then(|m| {
@@ -203,12 +164,17 @@ impl Controller {
             None => None,
         };
 
-        let app =
-            http::router(self.cluster.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let app = Arc::new(http::App {
+            state,
+            tokens: self.tokens.clone(),
+            feed: Arc::clone(&feed),
+            webhooks: Arc::clone(&self.webhooks),
+            latency: Default::default(),
+        });
+        let service = http::router(app).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %addr, "controller listening");
         let mut stop_for_http = stop_rx.clone();
-        let streams = self.cluster.clone();
-        let served = axum::serve(listener, app)
+        let served = axum::serve(listener, service)
             .with_graceful_shutdown(async move {
                 tokio::select! {
                     () = shutdown => {}
@@ -216,15 +182,16 @@ impl Controller {
                 }
                 // Dashboard streams never end by themselves; graceful shutdown waits
                 // for every open connection.
-                streams.feed.close_all();
+                feed.close_all();
             })
             .await;
         let _ = stop_tx.send(true);
         if let Some(a) = agent {
             let _ = a.await;
         }
-        let _ = reconciler.await;
-        let _ = crons.await;
+        for l in loops {
+            let _ = l.await;
+        }
         tracing::info!("controller stopped");
         served.map_err(Error::Serve)
     }
@@ -251,7 +218,7 @@ impl Controller {
         };
         let cfg = bramble_agent::Config {
             controller: Some(format!("http://{host}:{}", addr.port())),
-            join_token: self.cluster.tokens.join().to_string(),
+            join_token: self.tokens.join().to_string(),
             node_name: la.node_name.clone(),
             data_dir: self.cfg.data_dir.join("agent"),
             labels: la.labels.clone(),
@@ -277,37 +244,6 @@ impl Controller {
     ) -> Option<tokio::task::JoinHandle<()>> {
         tracing::warn!("built without the local-agent feature; not running a local agent");
         None
-    }
-}
-
-/// Reconciles on every wake-up, when a silent node crosses a health threshold, and at
-/// least every `resync`; a failed pass is retried with capped, jittered back-off and
-/// never ends the loop.
-async fn reconcile_loop(
-    c: Arc<Cluster>,
-    resync: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut wake = tokio::time::Instant::now() + resync;
-        if let Some(at) = c.nodes.next_change() {
-            wake = wake.min(tokio::time::Instant::from_std(at));
-        }
-        tokio::select! {
-            () = c.woken() => {}
-            () = tokio::time::sleep_until(wake) => {}
-            _ = stop.changed() => return,
-        }
-        match c.reconcile_once() {
-            Ok(_) => backoff = Duration::from_millis(100),
-            Err(e) => {
-                let jitter = Duration::from_millis(rand::random::<u64>() % 100);
-                tracing::warn!(error = %e, retry_in = ?(backoff + jitter), "reconcile failed");
-                tokio::time::sleep(backoff + jitter).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
     }
 }
 

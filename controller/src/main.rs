@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use bramble_controller::nodes::HealthConfig;
+use bramble_controller::config::HealthConfig;
 use bramble_controller::{Config, Controller, LocalAgent};
 use clap::Parser;
 
@@ -107,37 +107,13 @@ fn hostname() -> String {
         .unwrap_or_else(|| "local".to_string())
 }
 
+/// The configuration the flags ask for, checked ([`Config::validate`]).
 fn config(args: Args) -> Result<Config, String> {
-    if args.node_not_ready_after >= args.node_dead_after {
-        return Err("--node-not-ready-after must be shorter than --node-dead-after".into());
-    }
-    if args.heartbeat >= args.node_not_ready_after {
-        return Err("--heartbeat must be shorter than --node-not-ready-after".into());
-    }
-    if args.heartbeat >= args.fence_timeout {
-        return Err("--heartbeat must be shorter than --fence-timeout".into());
-    }
-    // The wallet-safety inequality (nodes.rs): the margin covers a heartbeat interval,
-    // the agent's check period and a fencing stop.
-    if args.fence_margin <= args.heartbeat + Duration::from_millis(800) {
-        return Err(format!(
-            "--fence-margin must exceed --heartbeat + 800ms ({}ms) so a fenced Wallet is surely stopped before it starts elsewhere",
-            (args.heartbeat + Duration::from_millis(800)).as_millis()
-        ));
-    }
-    let local_agent = if args.no_local_agent {
-        None
-    } else {
-        let node_name = args.node_name.unwrap_or_else(hostname);
-        node_name
-            .parse::<bramble_api::manifest::Name>()
-            .map_err(|e| format!("--node-name: {e}"))?;
-        Some(LocalAgent {
-            node_name,
-            labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
-        })
-    };
-    Ok(Config {
+    let local_agent = (!args.no_local_agent).then(|| LocalAgent {
+        node_name: args.node_name.unwrap_or_else(hostname),
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    });
+    let cfg = Config {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         admin_token: args.admin_token,
         join_token: args.join_token,
@@ -157,7 +133,9 @@ fn config(args: Args) -> Result<Config, String> {
             interfaces: args.mdns_interfaces,
             url: args.advertise_url,
         }),
-    })
+    };
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
 }
 
 fn main() -> ExitCode {

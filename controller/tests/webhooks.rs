@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bramble_controller::nodes::HealthConfig;
+use bramble_controller::config::HealthConfig;
 use bramble_controller::{Config, Controller};
 use hmac::{Hmac, Mac};
 use serde_json::Value;

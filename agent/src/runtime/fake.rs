@@ -93,6 +93,7 @@ pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
         workload: task.rsplit_once('-').map_or(task, |(w, _)| w).into(),
         spec_hash: spec.hash(),
         spec,
+        deadline: None,
     }
 }
 

@@ -462,6 +462,30 @@ fn plan_task(
         output: None,
     };
 
+    let never_started = c.is_none_or(|c| c.state == ContainerState::Created);
+    if never_started {
+        if let Some(deadline) = unstarted_past_deadline(a, now) {
+            let why = rec
+                .and_then(|r| r.last_error.as_deref())
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default();
+            status.phase = TaskPhase::Failed;
+            status.message = Some(format!(
+                "timed out: not started by its deadline {}{why}",
+                deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ));
+            status.finished_at = Some(deadline);
+            actions.push(Action::Report { status });
+            return;
+        }
+        if let Some(deadline) = a.deadline.filter(|_| a.kind.runs_to_completion()) {
+            actions.push(Action::Wait {
+                task: a.task.clone(),
+                until: deadline,
+            });
+        }
+    }
+
     let Some(c) = c else {
         let create = Action::Create {
             assignment: Box::new(a.clone()),
@@ -703,14 +727,23 @@ fn plan_exited(
     }
 }
 
-/// When a Job's or CronJob's current run must end: its start plus `spec.timeout`.
-/// None for other kinds, without a timeout, or before the run started.
+/// When a Job's or CronJob's current run must end: its start plus `spec.timeout`, or
+/// the controller's deadline (`timeout` after the firing) if that is earlier. None for
+/// other kinds, without a timeout, or before the run started.
 fn run_deadline(a: &Assignment, c: &Observed) -> Option<DateTime<Utc>> {
     if !a.kind.runs_to_completion() {
         return None;
     }
     let timeout = chrono::Duration::from_std(a.spec.timeout?.std()).ok()?;
-    c.started_at?.checked_add_signed(timeout)
+    let from_start = c.started_at?.checked_add_signed(timeout)?;
+    Some(a.deadline.map_or(from_start, |d| d.min(from_start)))
+}
+
+/// A run that has not started by the controller's deadline has failed: it is not
+/// started late (its slot may be long gone), and it must not hold the next slots.
+fn unstarted_past_deadline(a: &Assignment, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    a.deadline
+        .filter(|d| a.kind.runs_to_completion() && now >= *d)
 }
 
 /// Whether an exited run lasted its timeout or longer: then the agent stopped it, or
@@ -824,6 +857,7 @@ mod tests {
             workload: "w".into(),
             spec_hash: spec.hash(),
             spec,
+            deadline: None,
         }
     }
 
@@ -1434,6 +1468,54 @@ mod tests {
             false,
         );
         assert_eq!(moves(&actions), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_controllers_deadline_counts_from_the_firing_not_the_start() {
+        let mut job = assignment("cron-0", Kind::CronJob, RestartPolicy::OnFailure);
+        job.spec.timeout = Some(ApiDuration::from_secs(10));
+        job.spec_hash = job.spec.hash();
+        // Fired at t(0); its deadline is t(10) whenever it starts.
+        job.deadline = Some(t(10));
+        let tracker = RestartTracker::new();
+        let one = |observed: &[Observed], now| {
+            plan(std::slice::from_ref(&job), observed, &tracker, now, false)
+        };
+
+        // Not started yet: created, and woken at the deadline.
+        let actions = one(&[], t(3));
+        assert_eq!(moves(&actions), vec!["wait cron-0 10s", "create cron-0"]);
+
+        // Not started by the deadline (its image would not pull, say): failed, and not
+        // started late.
+        for observed in [vec![], vec![container(&job, "c0", ContainerState::Created)]] {
+            let actions = one(&observed, t(10));
+            assert_eq!(moves(&actions), Vec::<String>::new(), "{observed:?}");
+            let s = &reports(&actions)[0];
+            assert_eq!(s.phase, TaskPhase::Failed);
+            assert_eq!(
+                s.message.as_deref(),
+                Some("timed out: not started by its deadline 2027-01-15T08:00:10Z")
+            );
+            assert!(!s.gave_up, "retries, not the scheduler, decide");
+        }
+
+        // Started late at t(1): stopped at the firing's deadline, not at t(11).
+        let running = container(&job, "c1", ContainerState::Running);
+        assert_eq!(
+            moves(&one(std::slice::from_ref(&running), t(5))),
+            vec!["wait cron-0 10s"]
+        );
+        assert_eq!(
+            moves(&one(std::slice::from_ref(&running), t(10))),
+            vec!["stop c1"]
+        );
+        let stopped = exited(&job, "c1", 143, 1, 10);
+        let s = &reports(&one(std::slice::from_ref(&stopped), t(10)))[0];
+        assert_eq!(
+            (s.phase, s.message.as_deref()),
+            (TaskPhase::Failed, Some("timed out after 10s"))
+        );
     }
 
     #[test]

@@ -77,12 +77,28 @@ pub fn outcome(
             tasks(answer.remaining)
         );
     }
+    if answer.pending.is_empty() {
+        writeln!(
+            out,
+            "node/{} drained ({} moved)",
+            answer.node,
+            tasks(answer.moved)
+        )?;
+        return Ok(());
+    }
+    // Tasks that found no other node are not running: say so, and why, rather than
+    // count them as moved.
     writeln!(
         out,
-        "node/{} drained ({} moved)",
+        "node/{} drained: {} left it; {} placed on other nodes, {} waiting for a node (not running):",
         answer.node,
-        tasks(answer.moved)
+        tasks(answer.moved),
+        answer.placed,
+        answer.pending.len()
     )?;
+    for p in &answer.pending {
+        writeln!(out, "  {}: {}", p.task, p.reason)?;
+    }
     Ok(())
 }
 
@@ -95,7 +111,35 @@ mod tests {
             node: "pi-1".into(),
             moved,
             remaining,
+            placed: moved,
+            pending: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_drain_whose_tasks_found_no_node_says_they_are_not_running() {
+        let a = DrainResponse {
+            node: "pi-1".into(),
+            moved: 2,
+            remaining: 0,
+            placed: 0,
+            pending: vec![
+                bramble_api::rest::PendingTask {
+                    task: "hello-abc-0".into(),
+                    reason: "0/1 node fit: 1 cordoned".into(),
+                },
+                bramble_api::rest::PendingTask {
+                    task: "w-abc-0".into(),
+                    reason: "0/1 node fit: 1 cordoned".into(),
+                },
+            ],
+        };
+        let mut out = Vec::new();
+        outcome(&a, "5m".parse().expect("duration"), &mut out).expect("drained");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "node/pi-1 drained: 2 tasks left it; 0 placed on other nodes, 2 waiting for a node (not running):\n  hello-abc-0: 0/1 node fit: 1 cordoned\n  w-abc-0: 0/1 node fit: 1 cordoned\n"
+        );
     }
 
     #[test]

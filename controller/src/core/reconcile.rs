@@ -2,16 +2,29 @@
 //! create, stop, delete and place. Pure and level-triggered: it re-reads everything on
 //! each pass and running it twice on its own output changes nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
+use bramble_api::backoff::Backoff;
 use bramble_api::manifest::Kind;
 use bramble_api::rest::NodeStatus;
 use bramble_api::task::{task_id, DesiredState, Task, TaskPhase, TaskSpec};
-use bramble_api::wire::{NodeInfo, TaskStatus};
-use chrono::{DateTime, Utc};
+use bramble_api::wire::{Assignment, NodeInfo, TaskStatus};
+use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::model::{StoredWorkload, Versioned};
-use crate::scheduler;
+use super::events;
+use super::model::{StoredWorkload, Versioned};
+use super::scheduler;
+use super::snapshot::{self, Change, Snapshot};
+
+/// How long a task waits before it may go back to a node that gave it up, doubling
+/// with each give-up in a row. A task that fails on every node is retried, slowly,
+/// for as long as its workload exists (never given up for good, never in a tight
+/// loop), and tells why and when it tries next.
+pub const GIVE_UP_BACKOFF: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+
+/// A task that ran this long after its last give-up starts a fresh back-off.
+pub const GIVE_UP_FORGOTTEN_AFTER: Duration = Duration::from_secs(600);
 
 /// A node as the reconciler sees it.
 #[derive(Debug, Clone)]
@@ -70,7 +83,8 @@ pub fn plan(
     // A stopped task that never reached a node has nothing to clean up.
     work.retain(|_, t| !(t.desired == DesiredState::Stopped && t.node.is_none()));
 
-    place(&mut work, nodes);
+    fail_runs_past_their_deadline(&mut work, now);
+    place(&mut work, nodes, now);
 
     let mut writes = Vec::new();
     let before: BTreeMap<&str, &Versioned<Task>> =
@@ -100,6 +114,103 @@ pub fn plan(
         }
     }
     writes
+}
+
+/// The most task writes one reconcile commit carries: with its events and their
+/// pruning it stays under the 128 ops a store takes in one transaction.
+pub const MAX_WRITES_PER_COMMIT: usize = 100;
+
+/// The reconcile pass over a snapshot: the task writes [`plan`] decides, in commits of
+/// at most [`MAX_WRITES_PER_COMMIT`] writes each with the events that describe them, and
+/// the earliest instant at which a waiting task (one backing off after a give-up)
+/// becomes placeable, so the caller can wake then. Each write is compared against the
+/// snapshot on its own, so the commits are independent: one that loses a race leaves
+/// the others valid, and the next pass redoes it.
+pub fn change(
+    snap: &Snapshot,
+    nodes: &[NodeState],
+    now: DateTime<Utc>,
+) -> (Vec<Change>, Option<DateTime<Utc>>) {
+    let workloads: Vec<StoredWorkload> = snap.workloads.values().map(|w| w.value.clone()).collect();
+    let tasks: Vec<Versioned<Task>> = snap.tasks.values().map(|t| (**t).clone()).collect();
+    let writes = plan(&workloads, &tasks, nodes, now);
+    let mut changes: Vec<Change> = Vec::new();
+    for chunk in writes.chunks(MAX_WRITES_PER_COMMIT) {
+        let mut c = Change::default();
+        for w in chunk {
+            let before = snap.task(&w.id).map(|t| &t.value);
+            c.drafts
+                .extend(events::task_change(before, w.value.as_ref()));
+            c.writes.push(match &w.value {
+                Some(t) => snapshot::Write::task(t.clone(), w.rev),
+                None => snapshot::Write::delete_task(&w.id, w.rev),
+            });
+        }
+        changes.push(c);
+    }
+    let next = snap
+        .tasks
+        .values()
+        .filter(|t| t.value.node.is_none() && t.value.desired == DesiredState::Running)
+        .filter_map(|t| t.value.retry_at)
+        .filter(|at| *at > now)
+        .min();
+    (changes, next)
+}
+
+/// The deadline of a Job or CronJob run: `timeout` after its firing (a CronJob's slot,
+/// a Job's creation), whether or not it has started by then.
+pub fn run_deadline(t: &Task) -> Option<DateTime<Utc>> {
+    if !t.kind.runs_to_completion() {
+        return None;
+    }
+    let timeout = chrono::Duration::from_std(t.spec.timeout?.std()).ok()?;
+    t.slot.unwrap_or(t.created_at).checked_add_signed(timeout)
+}
+
+/// What `node` should run: its placed tasks meant to run, sorted by id, each with its
+/// deadline. Sent to the node's agent whenever it changes.
+pub fn assignments(snap: &Snapshot, node: &str) -> Vec<Assignment> {
+    snap.tasks
+        .values()
+        .map(|t| &t.value)
+        .filter(|t| t.node.as_deref() == Some(node) && t.desired == DesiredState::Running)
+        .map(|t| Assignment {
+            task: t.id.clone(),
+            kind: t.kind,
+            workload: t.workload.clone(),
+            spec_hash: t.spec_hash.clone(),
+            spec: t.spec.clone(),
+            deadline: run_deadline(t),
+        })
+        .collect()
+}
+
+/// Job and CronJob runs still waiting for a node when their deadline passes have
+/// failed: a run that cannot start must not hold its slot (or, under `Forbid`, the
+/// next slots) hostage. Runs on a node are ended by their agent at the same deadline.
+fn fail_runs_past_their_deadline(work: &mut BTreeMap<String, Task>, now: DateTime<Utc>) {
+    for t in work.values_mut() {
+        if t.node.is_some() || t.desired != DesiredState::Running || t.phase.is_terminal() {
+            continue;
+        }
+        let Some(deadline) = run_deadline(t) else {
+            continue;
+        };
+        if deadline <= now {
+            let why = t
+                .message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            t.phase = TaskPhase::Failed;
+            t.finished_at = Some(now);
+            t.message = Some(format!(
+                "timed out: not started by its deadline {}{why}",
+                deadline.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ));
+        }
+    }
 }
 
 /// Tasks on a node that is gone are placed elsewhere: Services once the node is Dead,
@@ -240,6 +351,8 @@ pub(crate) fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTi
         avoid: Vec::new(),
         slot: None,
         attempt: 0,
+        retry_at: None,
+        give_ups: 0,
         output: None,
         created_at: now,
         started_at: None,
@@ -248,7 +361,10 @@ pub(crate) fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTi
 }
 
 /// Places pending tasks with the scheduler and records why the others cannot be placed.
-fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState]) {
+/// A task backing off after a give-up (`retry_at` in the future) may go to any other
+/// node at once, but not back to the nodes that gave it up; while it waits, its message
+/// keeps saying why it failed and when it tries again.
+fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState], now: DateTime<Utc>) {
     let mut pending: Vec<&Task> = work
         .values()
         .filter(|t| {
@@ -266,6 +382,7 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState]) {
             let mut cpu = 0u64;
             let mut mem = 0u64;
             let mut per_workload: BTreeMap<(Kind, String), u32> = BTreeMap::new();
+            let mut host_ports = BTreeSet::new();
             // Tasks still on a node hold their resources until confirmed gone; a finished
             // Job or CronJob run (kept for its history) has exited and holds nothing.
             for t in work.values().filter(|t| {
@@ -274,6 +391,7 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState]) {
             }) {
                 cpu += t.spec.resources.cpu.map_or(0, |c| c.millis());
                 mem += t.spec.resources.memory.map_or(0, |m| m.bytes());
+                host_ports.extend(host_ports_of(t));
                 if t.desired == DesiredState::Running {
                     *per_workload
                         .entry((t.kind, t.workload.clone()))
@@ -291,6 +409,7 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState]) {
                 cpu_allocated: bramble_api::quantity::Cpu(cpu),
                 memory_allocated: bramble_api::quantity::Memory(mem),
                 workload_tasks: per_workload,
+                host_ports,
             }
         })
         .collect();
@@ -303,6 +422,8 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState]) {
             resources: t.spec.resources,
             placement: t.placement.clone(),
             avoid: t.avoid.clone(),
+            avoid_strictly: backing_off(t, now),
+            host_ports: host_ports_of(t).collect(),
         })
         .collect();
     let result = scheduler::schedule(&scheduler::Snapshot {
@@ -318,14 +439,34 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState]) {
     }
     for u in result.unplaced {
         if let Some(t) = work.get_mut(&u.task) {
-            t.message = Some(u.summary());
+            if !backing_off(t, now) {
+                t.message = Some(u.summary());
+            }
         }
     }
 }
 
-/// The task after its node reported `s`, or `None` if nothing changes or the report
-/// comes from a node the task is not on (a stale agent must not rewrite history).
-pub fn apply_status(task: &Task, node: &str, s: &TaskStatus) -> Option<Task> {
+/// Whether `t` is waiting out its give-up back-off at `now`.
+fn backing_off(t: &Task, now: DateTime<Utc>) -> bool {
+    t.retry_at.is_some_and(|at| at > now)
+}
+
+/// The host ports a task publishes.
+fn host_ports_of(t: &Task) -> impl Iterator<Item = (u16, bramble_api::manifest::Protocol)> + '_ {
+    t.spec
+        .ports
+        .iter()
+        .filter_map(|p| p.host.map(|h| (h, p.protocol)))
+}
+
+/// The task after its node reported `s` at `now`, or `None` if nothing changes or the
+/// report comes from a node the task is not on (a stale agent must not rewrite history).
+///
+/// A node that gave a task up (too many failures there): a Service or Wallet task is
+/// placed again, on another node at once if one fits, back on a node that gave it up
+/// only after [`GIVE_UP_BACKOFF`]; a Job or CronJob run has failed, and its retries
+/// decide what follows.
+pub fn apply_status(task: &Task, node: &str, s: &TaskStatus, now: DateTime<Utc>) -> Option<Task> {
     if task.node.as_deref() != Some(node) {
         return None;
     }
@@ -358,19 +499,43 @@ pub fn apply_status(task: &Task, node: &str, s: &TaskStatus) -> Option<Task> {
     if t.desired == DesiredState::Stopped {
         t.message = task.message.clone().or(t.message);
     }
-    // The node gave up on it: place it on another node, avoiding this one. Its old
-    // container has exited and will not be restarted there, so even a Wallet can move
-    // right away.
+    // Running well long after its last give-up: the next give-up starts over.
+    if s.phase == TaskPhase::Running
+        && t.retry_at.is_some_and(|at| {
+            (now - at)
+                .to_std()
+                .is_ok_and(|d| d >= GIVE_UP_FORGOTTEN_AFTER)
+        })
+    {
+        t.retry_at = None;
+        t.give_ups = 0;
+    }
     if s.gave_up && t.desired == DesiredState::Running {
-        if !t.avoid.iter().any(|n| n == node) {
-            t.avoid.push(node.to_string());
+        let cause = s.message.as_deref().unwrap_or("too many failures");
+        if t.kind.runs_to_completion() {
+            // A run that cannot start (or keeps failing) on its node has failed; its
+            // retries, not the scheduler, decide whether it runs again.
+            t.phase = TaskPhase::Failed;
+            t.finished_at = Some(s.finished_at.unwrap_or(now));
+            t.message = Some(format!("failed on node {node}: {cause}"));
+        } else {
+            // Its old container has exited and will not be restarted there, so even a
+            // Wallet can move right away.
+            if !t.avoid.iter().any(|n| n == node) {
+                t.avoid.push(node.to_string());
+            }
+            t.give_ups = t.give_ups.saturating_add(1);
+            let wait = chrono::Duration::from_std(GIVE_UP_BACKOFF.delay(t.give_ups))
+                .unwrap_or_else(|_| chrono::Duration::seconds(300));
+            let retry_at = now + wait;
+            let why = format!(
+                "gave up on node {node}: {cause}; retrying there at {} unless another node takes it first",
+                retry_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+            );
+            reset_to_pending(&mut t, why);
+            t.retry_at = Some(retry_at);
+            t.restarts = 0;
         }
-        let why = format!(
-            "gave up on node {node}: {}",
-            s.message.as_deref().unwrap_or("too many failures")
-        );
-        reset_to_pending(&mut t, why);
-        t.restarts = 0;
     }
     (t != *task).then_some(t)
 }
@@ -425,6 +590,7 @@ mod tests {
                 tasks.push(Versioned {
                     value: v.clone(),
                     rev: w.rev + 1,
+                    created: w.rev + 1,
                 });
             }
         }
@@ -612,11 +778,11 @@ mod tests {
             gave_up: false,
             output: None,
         };
-        assert!(apply_status(t, "n2", &s).is_none());
-        let updated = apply_status(t, "n1", &s).expect("changes");
+        assert!(apply_status(t, "n2", &s, Utc::now()).is_none());
+        let updated = apply_status(t, "n1", &s, Utc::now()).expect("changes");
         assert_eq!(updated.phase, TaskPhase::Running);
         assert!(
-            apply_status(&updated, "n1", &s).is_none(),
+            apply_status(&updated, "n1", &s, Utc::now()).is_none(),
             "same report twice writes nothing"
         );
     }
@@ -704,7 +870,7 @@ mod tests {
             gave_up: true,
             output: None,
         };
-        let moved = apply_status(&t, &first, &s).expect("changes");
+        let moved = apply_status(&t, &first, &s, Utc::now()).expect("changes");
         assert_eq!(moved.node, None);
         assert_eq!(moved.avoid, std::slice::from_ref(&first));
         tasks[0].value = moved;

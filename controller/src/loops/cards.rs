@@ -1,38 +1,17 @@
-//! The web dashboard at `/`: static assets compiled into the binary (`include_str!`: no
-//! CDN, no framework, no build step, works offline) and the compact views the live
-//! feed ([`crate::feed`]) sends it. The page signs in with a token kept in the tab's
-//! sessionStorage and reads `GET /v1/stream` with `fetch()`, so the token travels in
-//! the Authorization header and never in a URL.
-//!
-//! The views are smaller than the REST types on purpose: a browser tab on a laptop
-//! gets a node card every second, and the controller shares a Pi with real work.
+//! The dashboard's views: compact cards and rows the live feed sends (smaller than the
+//! REST types on purpose: a browser tab gets a node card every second, and the
+//! controller shares a Pi with real work). Pure functions of the API's views, so the
+//! thresholds are tested.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use bramble_api::health::{decode_throttled, ContainerUsage, DiskUsage};
 use bramble_api::rest::{CronJobView, NodeStatus, NodeView, WorkloadView};
 use bramble_api::task::{DesiredState, Task, TaskPhase};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::cluster::Cluster;
-use crate::history::{self, Point};
-
-const INDEX: &str = include_str!("../assets/dashboard/index.html");
-const SCRIPT: &str = include_str!("../assets/dashboard/app.js");
-const STYLE: &str = include_str!("../assets/dashboard/style.css");
-
-/// Bytes of the first page load (HTML, script and style), for benchmarks.
-pub const ASSET_BYTES: usize = INDEX.len() + SCRIPT.len() + STYLE.len();
-
-// The first load must stay small (a Pi serves it, maybe over Wi-Fi): the build fails
-// when the assets outgrow 40 KB.
-const _: () = assert!(ASSET_BYTES < 40 * 1024, "dashboard assets exceed 40 KB");
+use crate::state::history::{self, Point};
 
 /// At or above this SoC temperature a node is "hot" (a Pi's firmware starts capping
 /// at 80 °C; this leaves time to act).
@@ -46,57 +25,6 @@ pub const LOW_DISK_BYTES: u64 = 1 << 30;
 
 /// Below this share of available RAM a node is short of memory.
 pub const LOW_MEMORY_PERCENT: f64 = 10.0;
-
-/// The dashboard's routes: the page and its assets (no token: they hold no data), the
-/// live feed, `/metrics`, and the workload restart action.
-pub fn routes() -> Router<Arc<Cluster>> {
-    Router::new()
-        .route("/", get(index))
-        .route("/dashboard/app.js", get(script))
-        .route("/dashboard/style.css", get(style))
-        .route("/favicon.ico", get(favicon))
-        .route("/v1/stream", get(crate::feed::stream))
-        .route("/metrics", get(crate::telemetry::metrics))
-        .route(
-            "/v1/workloads/{kind}/{name}/restart",
-            post(crate::actions::restart),
-        )
-}
-
-/// Assets change only with the binary: the version is their validator.
-fn asset(body: &'static str, content_type: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::ETAG, concat!("\"", env!("CARGO_PKG_VERSION"), "\"")),
-            // The page talks only to its own origin and runs only its own script.
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
-            ),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body,
-    )
-        .into_response()
-}
-
-async fn index() -> Response {
-    asset(INDEX, "text/html; charset=utf-8")
-}
-
-async fn script() -> Response {
-    asset(SCRIPT, "text/javascript; charset=utf-8")
-}
-
-async fn style() -> Response {
-    asset(STYLE, "text/css; charset=utf-8")
-}
-
-async fn favicon() -> Response {
-    StatusCode::NO_CONTENT.into_response()
-}
 
 /// A throttling condition in words, and whether it is active now.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -453,12 +381,41 @@ pub fn cron_rows(cs: &[CronJobView]) -> Vec<CronRow> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use bramble_api::wire::NodeMetrics;
+    use bramble_api::manifest::Arch;
+    use bramble_api::wire::{NodeInfo, NodeMetrics};
+
+    /// A Ready-or-not Pi node with no tasks, for the controller's view tests.
+    pub(crate) fn node(name: &str, status: NodeStatus, metrics: Option<NodeMetrics>) -> NodeView {
+        NodeView {
+            info: NodeInfo {
+                name: name.into(),
+                arch: Arch::Arm64,
+                cores: 4,
+                memory_bytes: 1 << 30,
+                docker_version: "20.10".into(),
+                labels: Default::default(),
+                agent_version: "0.1.0".into(),
+                os: String::new(),
+                machine_id: None,
+                memory_limits: None,
+                warnings: Vec::new(),
+            },
+            status,
+            cordoned: false,
+            last_seen: None,
+            metrics,
+            tasks: 0,
+            allocated_cpu_millis: 0,
+            allocated_memory_bytes: 0,
+            address: None,
+            registered_at: chrono::DateTime::UNIX_EPOCH,
+        }
+    }
 
     fn view(status: NodeStatus, m: Option<NodeMetrics>) -> NodeView {
-        crate::telemetry::tests::node("pi1", status, m)
+        node("pi1", status, m)
     }
 
     fn disk(free: u64, total: u64) -> Option<DiskUsage> {
@@ -587,10 +544,5 @@ mod tests {
         assert_eq!(v.cpu, [Some(1.0), Some(2.0), None, None, Some(5.0)]);
         assert_eq!(v.mem[0], Some(3));
         assert_eq!(history_view(&[]).cpu, Vec::<Option<f32>>::new());
-    }
-
-    #[test]
-    fn the_page_loads_its_own_assets() {
-        assert!(INDEX.contains("/dashboard/app.js"));
     }
 }

@@ -1,14 +1,12 @@
-//! Node health, kept in memory only: last heartbeat, metrics, the agent's connection and
-//! what was last sent to it. A heartbeat never touches the store.
+//! Node health as a pure function of the time since a node was last heard, and the
+//! timing argument that keeps a Wallet from running twice. The `state` layer keeps the
+//! last-heard instants in memory (a heartbeat never touches the store).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bramble_api::rest::NodeStatus;
-use bramble_api::wire::{Assignment, ControllerMessage, NodeMetrics};
-use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+
+use super::events::Draft;
 
 /// How quickly a silent node is given up.
 ///
@@ -129,195 +127,26 @@ pub fn status(
     }
 }
 
-/// The open link to one agent.
-#[derive(Debug, Clone)]
-pub struct Connection {
-    /// Distinguishes a reconnect from the connection it replaces.
-    pub id: u64,
-    /// Frames to send.
-    pub tx: mpsc::Sender<ControllerMessage>,
-    /// Remote address.
-    pub address: String,
-}
-
-/// What is known in memory of one node.
-#[derive(Debug, Default)]
-pub struct Live {
-    /// The agent's link, if connected.
-    pub conn: Option<Connection>,
-    /// Last frame received.
-    pub last_seen: Option<Instant>,
-    /// The same, in wall-clock time for display.
-    pub last_seen_at: Option<DateTime<Utc>>,
-    /// Last heartbeat's metrics.
-    pub metrics: Option<NodeMetrics>,
-    /// The task set last sent, so an unchanged set is not sent again.
-    pub sent: Option<Vec<Assignment>>,
-    /// The status last announced as an event.
-    pub noted: Option<NodeStatus>,
-}
-
-/// All nodes' in-memory state.
-pub struct Nodes {
-    started: Instant,
-    cfg: HealthConfig,
-    live: Mutex<HashMap<String, Live>>,
-}
-
-impl Nodes {
-    /// Empty, counting health from now.
-    pub fn new(cfg: HealthConfig) -> Nodes {
-        Nodes {
-            started: Instant::now(),
-            cfg,
-            live: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The health settings.
-    pub fn config(&self) -> &HealthConfig {
-        &self.cfg
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
-        // A panic while holding this lock leaves plain data behind; keep serving.
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Registers a new connection, replacing (and so closing) any older one.
-    pub fn connect(&self, node: &str, conn: Connection) {
-        let mut live = self.lock();
-        let entry = live.entry(node.to_string()).or_default();
-        entry.conn = Some(conn);
-        entry.sent = None;
-        entry.last_seen = Some(Instant::now());
-        entry.last_seen_at = Some(Utc::now());
-    }
-
-    /// Forgets a connection, unless a newer one already replaced it.
-    pub fn disconnect(&self, node: &str, conn_id: u64) {
-        let mut live = self.lock();
-        if let Some(entry) = live.get_mut(node) {
-            if entry.conn.as_ref().is_some_and(|c| c.id == conn_id) {
-                entry.conn = None;
-                entry.sent = None;
-            }
-        }
-    }
-
-    /// Notes that a frame arrived from the node.
-    pub fn seen(&self, node: &str, metrics: Option<NodeMetrics>) {
-        let mut live = self.lock();
-        let entry = live.entry(node.to_string()).or_default();
-        entry.last_seen = Some(Instant::now());
-        entry.last_seen_at = Some(Utc::now());
-        if metrics.is_some() {
-            entry.metrics = metrics;
-        }
-    }
-
-    /// Health of one node now.
-    pub fn status(&self, node: &str) -> NodeStatus {
-        let live = self.lock();
-        let last = live.get(node).and_then(|l| l.last_seen);
-        status(last, self.started, Instant::now(), &self.cfg)
-    }
-
-    /// Whether the node has surely stopped its Wallets (see [`HealthConfig`]).
-    pub fn wallets_fenced(&self, node: &str) -> bool {
-        let live = self.lock();
-        let last = live.get(node).and_then(|l| l.last_seen);
-        wallets_fenced(last, self.started, Instant::now(), &self.cfg)
-    }
-
-    /// The earliest instant at which any known node's status or fencing changes. Every
-    /// stored node is known here once a reconcile pass has noted its status.
-    pub fn next_change(&self) -> Option<Instant> {
-        let now = Instant::now();
-        self.lock()
-            .values()
-            .filter_map(|l| next_change(l.last_seen, self.started, now, &self.cfg))
-            .min()
-    }
-
-    /// Records the status last reported in events; returns the previous one if it changed.
-    pub fn note_status(&self, node: &str, now: NodeStatus) -> Option<Option<NodeStatus>> {
-        let mut live = self.lock();
-        let entry = live.entry(node.to_string()).or_default();
-        if entry.noted == Some(now) {
-            None
-        } else {
-            Some(entry.noted.replace(now))
-        }
-    }
-
-    /// Health, last-seen time, metrics and address of one node.
-    pub fn view(
-        &self,
-        node: &str,
-    ) -> (
-        NodeStatus,
-        Option<DateTime<Utc>>,
-        Option<NodeMetrics>,
-        Option<String>,
-    ) {
-        let live = self.lock();
-        let l = live.get(node);
-        let st = status(
-            l.and_then(|l| l.last_seen),
-            self.started,
-            Instant::now(),
-            &self.cfg,
-        );
-        (
-            st,
-            l.and_then(|l| l.last_seen_at),
-            l.and_then(|l| l.metrics.clone()),
-            l.and_then(|l| l.conn.as_ref().map(|c| c.address.clone())),
-        )
-    }
-
-    /// The connection to a node, if it has one.
-    pub fn connection(&self, node: &str) -> Option<Connection> {
-        self.lock().get(node).and_then(|l| l.conn.clone())
-    }
-
-    /// Sends `tasks` to the node if it is connected and they differ from what it last got.
-    /// Returns whether something was sent.
-    pub fn push(&self, node: &str, tasks: Vec<Assignment>, revision: u64) -> bool {
-        let mut live = self.lock();
-        let Some(entry) = live.get_mut(node) else {
-            return false;
-        };
-        let Some(conn) = entry.conn.clone() else {
-            return false;
-        };
-        if entry.sent.as_ref() == Some(&tasks) {
-            return false;
-        }
-        match conn.tx.try_send(ControllerMessage::Assign {
-            revision,
-            tasks: tasks.clone(),
-        }) {
-            Ok(()) => {
-                entry.sent = Some(tasks);
-                true
-            }
-            Err(e) => {
-                // A full queue means a stuck link; the next pass retries, so nothing is lost.
-                tracing::warn!(node = %node, error = %e, "could not queue task set for node");
-                false
-            }
-        }
-    }
-
-    /// Names of connected nodes.
-    pub fn connected(&self) -> Vec<String> {
-        self.lock()
-            .iter()
-            .filter(|(_, l)| l.conn.is_some())
-            .map(|(n, _)| n.clone())
-            .collect()
+/// The event a node's change of health means: `prev` the status last announced (`None`
+/// before the first), `now` the current one. A controller that just started and does
+/// not hear a node yet has no news to tell.
+pub fn status_event(node: &str, prev: Option<NodeStatus>, now: NodeStatus) -> Option<Draft> {
+    let obj = format!("node/{node}");
+    match (prev, now) {
+        (p, n) if p == Some(n) => None,
+        (None, NodeStatus::NotReady) => None,
+        (None, NodeStatus::Ready) => Some(Draft::normal(obj, "NodeReady", "agent connected")),
+        (Some(_), NodeStatus::Ready) => Some(Draft::normal(obj, "NodeBack", "heartbeats again")),
+        (_, NodeStatus::NotReady) => Some(Draft::warning(
+            obj,
+            "NodeNotReady",
+            "heartbeats late; no new tasks",
+        )),
+        (_, NodeStatus::Dead) => Some(Draft::warning(
+            obj,
+            "NodeDead",
+            "silent too long; its tasks go elsewhere",
+        )),
     }
 }
 
@@ -406,6 +235,23 @@ mod tests {
             next_change(None, at(500), at(1501), &cfg),
             Some(at(2501 + grace))
         );
+    }
+
+    #[test]
+    fn health_changes_make_events_only_when_there_is_news() {
+        use NodeStatus::*;
+        let reason = |p, n| status_event("pi1", p, n).map(|d| d.reason);
+        assert_eq!(
+            reason(None, NotReady),
+            None,
+            "a fresh controller knows nothing"
+        );
+        assert_eq!(reason(None, Ready), Some("NodeReady"));
+        assert_eq!(reason(Some(Dead), Ready), Some("NodeBack"));
+        assert_eq!(reason(Some(Ready), NotReady), Some("NodeNotReady"));
+        assert_eq!(reason(Some(NotReady), Dead), Some("NodeDead"));
+        assert_eq!(reason(None, Dead), Some("NodeDead"));
+        assert_eq!(reason(Some(Ready), Ready), None);
     }
 
     #[test]

@@ -1,27 +1,13 @@
 //! Events: a record of every decision and change (scheduled, started, exited,
-//! restarted, node lost, rescheduled, drained…), kept in the store under
-//! `/events/{seq}` so they survive a controller restart, bounded to the newest
-//! [`RETAIN`], and broadcast live to watchers. Nothing here is written while the
-//! cluster is at rest: heartbeats make no events.
+//! restarted, node lost, rescheduled, drained…). The core drafts them beside the change
+//! they describe ([`Draft`], [`task_change`]); the `state` layer stores them in the same
+//! transaction. Nothing here is drafted while the cluster is at rest: heartbeats make no
+//! events.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
-use bramble_api::rest::{Event, Severity};
+use bramble_api::rest::Severity;
 use bramble_api::task::{DesiredState, Task, TaskPhase};
-use chrono::{DateTime, Utc};
-use tokio::sync::broadcast;
 
-use crate::model;
-use crate::store::{Op, Store};
-
-/// Prefix of event keys.
-pub const EVENTS: &str = "/events/";
-
-/// How many events are kept.
-pub const RETAIN: usize = 1000;
-
-/// An event before it gets its sequence number and time.
+/// An event before it gets its time and sequence number (at commit).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Draft {
     /// Normal or Warning.
@@ -60,109 +46,6 @@ impl Draft {
             reason,
             message: message.into(),
         }
-    }
-}
-
-fn key(seq: u64) -> String {
-    format!("{EVENTS}{seq:016}")
-}
-
-/// The event log.
-pub struct Events {
-    next: AtomicU64,
-    live: broadcast::Sender<Event>,
-    /// Events recorded since start by reason, for `/metrics`.
-    pub counts: crate::telemetry::EventCounts,
-}
-
-impl Events {
-    /// Continues the sequence after the newest stored event.
-    pub fn open(store: &dyn Store) -> Result<Events, crate::Error> {
-        let last = store
-            .list(EVENTS)?
-            .last()
-            .and_then(|kv| {
-                kv.key
-                    .strip_prefix(EVENTS)
-                    .and_then(|s| s.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        let (live, _) = broadcast::channel(256);
-        Ok(Events {
-            next: AtomicU64::new(last + 1),
-            live,
-            counts: Default::default(),
-        })
-    }
-
-    /// Stores and broadcasts events in one write. Failing to record an event is logged,
-    /// never allowed to fail the decision it describes.
-    pub fn record(&self, store: &Arc<dyn Store>, drafts: Vec<Draft>, now: DateTime<Utc>) {
-        if drafts.is_empty() {
-            return;
-        }
-        let events: Vec<Event> = drafts
-            .into_iter()
-            .map(|d| Event {
-                seq: self.next.fetch_add(1, Ordering::Relaxed),
-                at: now,
-                severity: d.severity,
-                object: d.object,
-                reason: d.reason.to_string(),
-                message: d.message,
-            })
-            .collect();
-        let mut ops: Vec<Op> = events
-            .iter()
-            .map(|e| Op::Put {
-                key: key(e.seq),
-                value: model::encode(e),
-            })
-            .collect();
-        let first = events.first().map_or(0, |e| e.seq);
-        let last = events.last().map_or(0, |e| e.seq);
-        // Prune once per hundred events rather than on every write.
-        if first / 100 != (last + 1) / 100 || events.len() >= 100 {
-            if let Ok(all) = store.list(EVENTS) {
-                let excess = (all.len() + events.len()).saturating_sub(RETAIN);
-                ops.extend(
-                    all.into_iter()
-                        .take(excess)
-                        .map(|kv| Op::Delete { key: kv.key }),
-                );
-            }
-        }
-        if let Err(e) = store.txn(&[], &ops) {
-            tracing::warn!(error = %e, "could not store events");
-        }
-        self.counts.add(&events);
-        for e in events {
-            tracing::info!(object = %e.object, reason = %e.reason, message = %e.message, "event");
-            let _ = self.live.send(e);
-        }
-    }
-
-    /// Stored events after `since`, optionally only for one object.
-    pub fn list(
-        &self,
-        store: &dyn Store,
-        since: u64,
-        object: Option<&str>,
-    ) -> Result<Vec<Event>, crate::Error> {
-        Ok(model::list::<Event>(store, EVENTS)?
-            .into_iter()
-            .map(|v| v.value)
-            .filter(|e| {
-                e.seq > since
-                    && object
-                        .is_none_or(|o| e.object == o || e.object.starts_with(&format!("{o}-")))
-            })
-            .collect())
-    }
-
-    /// New events as they happen.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.live.subscribe()
     }
 }
 
@@ -306,6 +189,7 @@ pub fn task_change(old: Option<&Task>, new: Option<&Task>) -> Vec<Draft> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
 
     fn task() -> Task {
         let docs = bramble_api::parse::parse_manifests(
@@ -313,8 +197,8 @@ mod tests {
             "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: web}\nspec: {image: a}\n",
         )
         .expect("valid");
-        let w = crate::model::StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
-        crate::reconcile::new_task(&w, "web-abc-0".into(), 0, Utc::now())
+        let w = crate::core::model::StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
+        crate::core::reconcile::new_task(&w, "web-abc-0".into(), 0, Utc::now())
     }
 
     fn reasons(d: &[Draft]) -> Vec<&str> {

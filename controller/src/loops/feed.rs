@@ -1,43 +1,34 @@
-//! `GET /v1/stream`: the dashboard's live feed, as Server-Sent Events
-//! (`text/event-stream`). On connect a client gets one `snapshot` event with everything
-//! (nodes with their hour of history, tasks, workloads, cron jobs, recent events and
-//! its role); then, pushed as they change, `nodes` (at most once per second),
-//! `tasks`, `workloads`, `cronjobs` (full lists, when the store changed) and `events`
-//! (new ones only). No polling by the client, no reloads.
+//! The dashboard's live feed, as Server-Sent Events (`text/event-stream`; the HTTP
+//! side is `GET /v1/stream`). On connect a client gets one `snapshot` event with
+//! everything (nodes with their hour of history, tasks, workloads, cron jobs, recent
+//! events and its role); then, pushed as they change, `nodes` (at most once per
+//! second), `tasks`, `workloads`, `cronjobs` (full lists, when the store changed) and
+//! `events` (new ones only). No polling by the client, no reloads.
 //!
 //! One publisher task ([`run`]) computes and serializes every frame once and hands the
 //! same bytes to every client, and only while someone is connected. Each client has a
 //! small bounded queue; a client that cannot keep up (its queue is full) is dropped
 //! rather than buffered for: its browser reconnects and starts over from a snapshot.
 //! So the controller's memory does not grow with slow or many tabs.
-//!
-//! The browser reads the stream with `fetch()` and an Authorization header, since
-//! `EventSource` cannot send one and a token must not go into a URL.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{header, HeaderMap};
-use axum::response::Response;
 use bramble_api::rest::Event;
-use futures_util::StreamExt;
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::auth::Role;
-use crate::cluster::Cluster;
-use crate::dashboard::{self, CronRow, HistoryView, NodeCard, TaskRow, WorkloadRow};
-use crate::http::ApiError;
+use super::cards::{self, CronRow, HistoryView, NodeCard, TaskRow, WorkloadRow};
+use crate::core::{cron, views, Snapshot};
+use crate::state::State;
 
 /// Frames queued per client before it counts as too slow and is dropped.
 pub const CLIENT_QUEUE: usize = 32;
 
-/// Streams open at once; more are refused (503) so tabs cannot exhaust a Pi.
+/// Streams open at once; more are refused so tabs cannot exhaust a Pi.
 pub const MAX_CLIENTS: usize = 32;
 
 /// How often the publisher looks for news.
@@ -59,7 +50,7 @@ pub fn frame(event: &str, data: &impl Serialize) -> Bytes {
 /// The first event a client gets.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Snapshot {
+pub struct Opening {
     /// `admin` or `viewer`: the page hides actions a viewer may not take.
     pub role: &'static str,
     /// Controller release.
@@ -76,6 +67,17 @@ pub struct Snapshot {
     pub cronjobs: Vec<CronRow>,
     /// The newest events, oldest first.
     pub events: Vec<Event>,
+}
+
+/// Why a client cannot join.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// [`MAX_CLIENTS`] streams are open.
+    #[error("too many dashboard streams open ({MAX_CLIENTS}); close a tab")]
+    TooMany,
+    /// The stream closed before its first frame.
+    #[error("the stream closed at once")]
+    Closed,
 }
 
 #[derive(Default)]
@@ -109,11 +111,9 @@ impl Feed {
     pub fn broadcast(&self, frame: &Bytes) {
         let mut inner = self.lock();
         let before = inner.clients.len();
-        inner.clients.retain(|tx| match tx.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => false,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        inner
+            .clients
+            .retain(|tx| tx.try_send(frame.clone()).is_ok());
         let dropped = before - inner.clients.len();
         if dropped > 0 {
             tracing::debug!(
@@ -140,22 +140,19 @@ impl Feed {
         inner.clients.retain(|tx| tx.try_send(f.clone()).is_ok());
     }
 
-    /// Adds a client whose first frame is the snapshot `build` makes with the recent
+    /// Adds a client whose first frame is the opening `build` makes with the recent
     /// events; refuses when [`MAX_CLIENTS`] are connected.
-    fn join(
+    pub fn join(
         &self,
         build: impl FnOnce(Vec<Event>) -> Bytes,
-    ) -> Result<mpsc::Receiver<Bytes>, ApiError> {
+    ) -> Result<mpsc::Receiver<Bytes>, JoinError> {
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let mut inner = self.lock();
         if inner.clients.len() >= MAX_CLIENTS {
-            return Err(ApiError::unavailable(format!(
-                "too many dashboard streams open ({MAX_CLIENTS}); close a tab"
-            )));
+            return Err(JoinError::TooMany);
         }
-        let snapshot = build(inner.recent.iter().cloned().collect());
-        tx.try_send(snapshot)
-            .map_err(|_| ApiError::unavailable("the stream closed at once"))?;
+        let opening = build(inner.recent.iter().cloned().collect());
+        tx.try_send(opening).map_err(|_| JoinError::Closed)?;
         inner.clients.push(tx);
         drop(inner);
         self.resync.store(true, Ordering::Relaxed);
@@ -170,80 +167,59 @@ impl Feed {
 }
 
 /// Node cards with their newest history points.
-fn node_cards(c: &Cluster) -> Result<Vec<NodeCard>, ApiError> {
-    Ok(c.node_views()?
+pub fn node_cards(state: &State, snap: &Snapshot) -> Vec<NodeCard> {
+    views::nodes(snap, |n| state.live.view(n))
         .iter()
-        .map(|n| dashboard::node_card(n, c.history.last(&n.info.name)))
-        .collect())
+        .map(|n| cards::node_card(n, state.history.last(&n.info.name)))
+        .collect()
 }
 
 /// The lists every client shows, computed once per change for all of them.
-struct Lists {
-    tasks: Vec<TaskRow>,
-    workloads: Vec<WorkloadRow>,
-    cronjobs: Vec<CronRow>,
+pub struct Lists {
+    /// Task rows.
+    pub tasks: Vec<TaskRow>,
+    /// Workload rows.
+    pub workloads: Vec<WorkloadRow>,
+    /// Cron job rows.
+    pub cronjobs: Vec<CronRow>,
 }
 
-fn lists(c: &Cluster) -> Result<Lists, ApiError> {
-    Ok(Lists {
-        tasks: dashboard::task_rows(&c.tasks(None, None, None)?),
-        workloads: dashboard::workload_rows(&c.workloads(None)?),
-        cronjobs: dashboard::cron_rows(&c.cronjobs(chrono::Utc::now())?),
-    })
+/// The lists of a snapshot.
+pub fn lists(snap: &Snapshot) -> Lists {
+    Lists {
+        tasks: cards::task_rows(&views::tasks(snap, None, None, None)),
+        workloads: cards::workload_rows(&views::workloads(snap, None)),
+        cronjobs: cards::cron_rows(&cron::views(snap, chrono::Utc::now())),
+    }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
-/// `GET /v1/stream`.
-pub async fn stream(
-    State(c): State<Arc<Cluster>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let role = match bearer(&headers).and_then(|t| c.tokens.role(t)) {
-        Some(Role::Admin) => "admin",
-        _ => "viewer",
-    };
-    let nodes = node_cards(&c)?;
+/// The opening frame for a client with `role`.
+pub fn opening(state: &State, role: &'static str, recent: Vec<Event>) -> Bytes {
+    let snap = state.snapshot();
+    let nodes = node_cards(state, &snap);
     let history = nodes
         .iter()
         .map(|n| {
             (
                 n.name.clone(),
-                dashboard::history_view(&c.history.points(&n.name)),
+                cards::history_view(&state.history.points(&n.name)),
             )
         })
         .collect();
-    let l = lists(&c)?;
-    let rx = c.feed.join(|events| {
-        frame(
-            "snapshot",
-            &Snapshot {
-                role,
-                version: bramble_api::VERSION,
-                nodes,
-                history,
-                tasks: l.tasks,
-                workloads: l.workloads,
-                cronjobs: l.cronjobs,
-                events,
-            },
-        )
-    })?;
-    let body = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        // Tells nginx-like proxies not to buffer the stream.
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(body))
-        .map_err(|e| ApiError::bad_request(e.to_string()))
+    let l = lists(&snap);
+    frame(
+        "snapshot",
+        &Opening {
+            role,
+            version: bramble_api::VERSION,
+            nodes,
+            history,
+            tasks: l.tasks,
+            workloads: l.workloads,
+            cronjobs: l.cronjobs,
+            events: recent,
+        },
+    )
 }
 
 /// What the publisher last sent, to skip unchanged lists.
@@ -257,19 +233,17 @@ struct Sent {
 }
 
 /// The publisher: once per [`TICK`], while clients are connected, sends node cards if
-/// heartbeats arrived (or health may have changed), the lists if the store changed,
-/// and the events recorded since the last tick. Ends all streams on `stop`.
-pub async fn run(c: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
-    let mut events = c.events.subscribe();
+/// they changed (a silent node's status changes without any heartbeat), the lists if
+/// the store changed, and the events recorded since the last tick. Ends all streams on
+/// `stop`.
+pub async fn run(state: Arc<State>, feed: Arc<Feed>, mut stop: watch::Receiver<bool>) {
+    let mut events = state.subscribe_events();
     // Seed the snapshot's recent events from the store, so a fresh controller's first
     // visitor still sees what happened before it started.
-    match c.events.list(c.store.as_ref(), 0, None) {
-        Ok(stored) => {
-            let from = stored.len().saturating_sub(RECENT_EVENTS);
-            let mut inner = c.feed.lock();
-            inner.recent = stored[from..].iter().cloned().collect();
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot read stored events for the dashboard"),
+    {
+        let stored: Vec<Event> = state.snapshot().events().collect();
+        let from = stored.len().saturating_sub(RECENT_EVENTS);
+        feed.lock().recent = stored[from..].iter().cloned().collect();
     }
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,44 +261,40 @@ pub async fn run(c: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
                 Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = ticker.tick() => {
-                c.feed.publish_events(std::mem::take(&mut pending));
-                if c.feed.clients() == 0 {
+                feed.publish_events(std::mem::take(&mut pending));
+                if feed.clients() == 0 {
                     sent = Sent::default();
                     continue;
                 }
-                match publish(&c, &mut sent) {
-                    Ok(true) => quiet = tokio::time::Instant::now(),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = ?e, "dashboard feed update failed"),
+                if publish(&state, &feed, &mut sent) {
+                    quiet = tokio::time::Instant::now();
                 }
                 if quiet.elapsed() >= KEEPALIVE {
-                    c.feed.broadcast(&Bytes::from_static(b": keepalive\n\n"));
+                    feed.broadcast(&Bytes::from_static(b": keepalive\n\n"));
                     quiet = tokio::time::Instant::now();
                 }
             }
         }
     }
-    c.feed.close_all();
+    feed.close_all();
 }
 
 /// One tick's frames; whether anything was sent.
-fn publish(c: &Cluster, sent: &mut Sent) -> Result<bool, ApiError> {
-    let resync = c.feed.resync.swap(false, Ordering::Relaxed);
-    // Node cards are looked at every tick, not only after heartbeats: a silent node's
-    // status changes without any.
-    let nodes = frame("nodes", &node_cards(c)?);
+fn publish(state: &State, feed: &Feed, sent: &mut Sent) -> bool {
+    let resync = feed.resync.swap(false, Ordering::Relaxed);
+    let snap = state.snapshot();
+    let nodes = frame("nodes", &node_cards(state, &snap));
     let mut any = false;
     if resync || nodes != sent.nodes {
-        c.feed.broadcast(&nodes);
+        feed.broadcast(&nodes);
         sent.nodes = nodes;
         any = true;
     }
-    let revision = c.store.revision()?;
-    if revision == sent.revision && !resync {
-        return Ok(any);
+    if snap.revision == sent.revision && !resync {
+        return any;
     }
-    sent.revision = revision;
-    let l = lists(c)?;
+    sent.revision = snap.revision;
+    let l = lists(&snap);
     for (name, bytes, last) in [
         ("tasks", frame("tasks", &l.tasks), &mut sent.tasks),
         (
@@ -340,12 +310,12 @@ fn publish(c: &Cluster, sent: &mut Sent) -> Result<bool, ApiError> {
     ] {
         if resync || bytes != *last {
             tracing::trace!(list = name, bytes = bytes.len(), "dashboard list changed");
-            c.feed.broadcast(&bytes);
+            feed.broadcast(&bytes);
             *last = bytes;
             any = true;
         }
     }
-    Ok(any)
+    any
 }
 
 #[cfg(test)]
@@ -406,9 +376,9 @@ mod tests {
         for _ in 0..MAX_CLIENTS {
             let _ = feed.join(|_| Bytes::new());
         }
-        assert!(
-            feed.join(|_| Bytes::new()).is_err(),
-            "bounded number of streams"
+        assert_eq!(
+            feed.join(|_| Bytes::new()).expect_err("bounded"),
+            JoinError::TooMany
         );
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Modelled on Nomad's scheduler: for each task, first **filter** the nodes, giving
 //! every rejected node a reason (the first check it fails, in this order):
-//! ready, not cordoned, architecture, node selector labels, free CPU, free memory.
+//! ready, not cordoned, architecture, node selector labels, free host ports, free CPU,
+//! free memory.
 //! Then **rank** the feasible nodes, best first:
 //! 1. nodes the task should avoid (where it just failed) last, so it goes back there
 //!    only if nothing else fits;
@@ -18,10 +19,10 @@
 //! before the next task is considered, so one plan never overcommits a node nor stacks
 //! replicas needlessly. The cost is O(tasks × nodes) with no allocation per node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use bramble_api::manifest::{self, Arch, Kind, Resources};
+use bramble_api::manifest::{self, Arch, Kind, Protocol, Resources};
 use bramble_api::quantity::{Cpu, Memory};
 
 /// A node as the scheduler sees it.
@@ -47,6 +48,8 @@ pub struct NodeInfo {
     pub memory_allocated: Memory,
     /// Tasks already on this node, per workload (kind, name).
     pub workload_tasks: BTreeMap<(Kind, String), u32>,
+    /// Host ports the tasks already on this node publish.
+    pub host_ports: BTreeSet<(u16, Protocol)>,
 }
 
 /// A task waiting for a node.
@@ -64,6 +67,11 @@ pub struct Request {
     pub placement: manifest::Placement,
     /// Nodes to avoid (where it just failed); used only if no other node fits.
     pub avoid: Vec<String>,
+    /// Never use the nodes in `avoid`, even if nothing else fits (the task is backing off
+    /// after they gave it up).
+    pub avoid_strictly: bool,
+    /// Host ports the task publishes: a node where one is taken cannot run it.
+    pub host_ports: Vec<(u16, Protocol)>,
 }
 
 /// Everything one scheduling pass looks at.
@@ -82,6 +90,8 @@ pub enum Rejection {
     NotReady,
     /// The operator cordoned the node.
     Cordoned,
+    /// The node gave the task up recently; it waits before going back there.
+    GaveUp,
     /// The task's image needs another architecture.
     Architecture {
         /// The architectures the task accepts.
@@ -97,6 +107,13 @@ pub enum Rejection {
         want: String,
         /// The node's value, if it has the label.
         have: Option<String>,
+    },
+    /// A host port the task publishes is taken on the node.
+    PortInUse {
+        /// The port.
+        port: u16,
+        /// Its protocol.
+        protocol: Protocol,
     },
     /// Not enough CPU left.
     InsufficientCpu {
@@ -118,9 +135,11 @@ impl Rejection {
     /// The reason without node-specific figures, for grouping in [`Unplaced::summary`].
     fn summary_phrase(&self) -> String {
         match self {
-            Rejection::NotReady | Rejection::Cordoned | Rejection::Architecture { .. } => {
-                self.to_string()
-            }
+            Rejection::NotReady
+            | Rejection::Cordoned
+            | Rejection::GaveUp
+            | Rejection::Architecture { .. }
+            | Rejection::PortInUse { .. } => self.to_string(),
             Rejection::Labels { key, want, .. } => format!("without label {key}={want}"),
             Rejection::InsufficientCpu { requested, .. } => {
                 format!("insufficient cpu (requested {requested})")
@@ -137,6 +156,7 @@ impl fmt::Display for Rejection {
         match self {
             Rejection::NotReady => f.write_str("not ready"),
             Rejection::Cordoned => f.write_str("cordoned"),
+            Rejection::GaveUp => f.write_str("gave the task up recently"),
             Rejection::Architecture { want, have } => {
                 write!(f, "architecture {have} not in [")?;
                 for (i, a) in want.iter().enumerate() {
@@ -161,6 +181,10 @@ impl fmt::Display for Rejection {
             } => {
                 write!(f, "label {key} is missing (want {want})")
             }
+            Rejection::PortInUse { port, protocol } => match protocol {
+                Protocol::Tcp => write!(f, "port {port} in use"),
+                Protocol::Udp => write!(f, "port {port}/udp in use"),
+            },
             Rejection::InsufficientCpu { requested, free } => {
                 write!(f, "insufficient cpu: requested {requested}, {free} free")
             }
@@ -244,8 +268,10 @@ struct Charged {
 enum Misfit<'a> {
     NotReady,
     Cordoned,
+    GaveUp,
     Architecture,
     Label { key: &'a str, want: &'a str },
+    Port { port: u16, protocol: Protocol },
     Cpu { requested: u64, free: u64 },
     Memory { requested: u64, free: u64 },
 }
@@ -255,6 +281,7 @@ impl Misfit<'_> {
         match *self {
             Misfit::NotReady => Rejection::NotReady,
             Misfit::Cordoned => Rejection::Cordoned,
+            Misfit::GaveUp => Rejection::GaveUp,
             Misfit::Architecture => Rejection::Architecture {
                 want: req.placement.architectures.clone(),
                 have: node.arch,
@@ -264,6 +291,7 @@ impl Misfit<'_> {
                 want: want.to_string(),
                 have: node.labels.get(key).cloned(),
             },
+            Misfit::Port { port, protocol } => Rejection::PortInUse { port, protocol },
             Misfit::Cpu { requested, free } => Rejection::InsufficientCpu {
                 requested: Cpu(requested),
                 free: Cpu(free),
@@ -283,13 +311,22 @@ fn requested(req: &Request) -> (u64, u64) {
     )
 }
 
-/// The first filter `node` fails for `req`, given what this pass already charged to it.
-fn misfit<'a>(node: &NodeInfo, charged: Charged, req: &'a Request) -> Option<Misfit<'a>> {
+/// The first filter `node` fails for `req`, given what this pass already charged to it
+/// (resources, and the host ports of the tasks it placed there).
+fn misfit<'a>(
+    node: &NodeInfo,
+    charged: Charged,
+    ports: &BTreeSet<(u16, Protocol)>,
+    req: &'a Request,
+) -> Option<Misfit<'a>> {
     if !node.ready {
         return Some(Misfit::NotReady);
     }
     if node.cordoned {
         return Some(Misfit::Cordoned);
+    }
+    if req.avoid_strictly && req.avoid.contains(&node.name) {
+        return Some(Misfit::GaveUp);
     }
     let archs = &req.placement.architectures;
     if !archs.is_empty() && !archs.contains(&node.arch) {
@@ -298,6 +335,11 @@ fn misfit<'a>(node: &NodeInfo, charged: Charged, req: &'a Request) -> Option<Mis
     for (key, want) in &req.placement.node_selector {
         if node.labels.get(key) != Some(want) {
             return Some(Misfit::Label { key, want });
+        }
+    }
+    for &(port, protocol) in &req.host_ports {
+        if node.host_ports.contains(&(port, protocol)) || ports.contains(&(port, protocol)) {
+            return Some(Misfit::Port { port, protocol });
         }
     }
     let (cpu, memory) = requested(req);
@@ -390,6 +432,7 @@ impl Rank {
 pub fn schedule(snapshot: &Snapshot) -> Plan {
     let nodes = &snapshot.nodes;
     let mut charged = vec![Charged::default(); nodes.len()];
+    let mut ports: Vec<BTreeSet<(u16, Protocol)>> = vec![BTreeSet::new(); nodes.len()];
     let total_tasks: Vec<u32> = nodes
         .iter()
         .map(|n| {
@@ -417,7 +460,7 @@ pub fn schedule(snapshot: &Snapshot) -> Plan {
 
         let mut best: Option<(usize, Rank)> = None;
         for (i, node) in nodes.iter().enumerate() {
-            if misfit(node, charged[i], req).is_some() {
+            if misfit(node, charged[i], &ports[i], req).is_some() {
                 continue;
             }
             let used_cpu = node
@@ -452,6 +495,7 @@ pub fn schedule(snapshot: &Snapshot) -> Plan {
                 charged[i].memory += memory;
                 charged[i].tasks += 1;
                 counts[i] += 1;
+                ports[i].extend(req.host_ports.iter().copied());
                 plan.placements.push(Placement {
                     task: req.task.clone(),
                     node: nodes[i].name.clone(),
@@ -463,7 +507,7 @@ pub fn schedule(snapshot: &Snapshot) -> Plan {
                     .iter()
                     .enumerate()
                     .filter_map(|(i, node)| {
-                        misfit(node, charged[i], req)
+                        misfit(node, charged[i], &ports[i], req)
                             .map(|m| (node.name.clone(), m.rejection(node, req)))
                     })
                     .collect();
@@ -499,6 +543,7 @@ pub fn bench_snapshot(nodes: usize, tasks: usize) -> Snapshot {
             cpu_allocated: Cpu((i as u64 % 5) * 100),
             memory_allocated: Memory::mib((i as u64 % 7) * 16),
             workload_tasks: BTreeMap::new(),
+            host_ports: BTreeSet::new(),
         })
         .collect();
     let pending = (0..tasks)
@@ -527,6 +572,8 @@ pub fn bench_snapshot(nodes: usize, tasks: usize) -> Snapshot {
                 },
                 placement,
                 avoid: Vec::new(),
+                avoid_strictly: false,
+                host_ports: Vec::new(),
             }
         })
         .collect();
@@ -553,6 +600,7 @@ mod tests {
             cpu_allocated: Cpu(0),
             memory_allocated: Memory(0),
             workload_tasks: BTreeMap::new(),
+            host_ports: BTreeSet::new(),
         }
     }
 
@@ -564,7 +612,14 @@ mod tests {
             resources: Resources::default(),
             placement: manifest::Placement::default(),
             avoid: Vec::new(),
+            avoid_strictly: false,
+            host_ports: Vec::new(),
         }
+    }
+
+    fn with_port(mut r: Request, port: u16, protocol: Protocol) -> Request {
+        r.host_ports.push((port, protocol));
+        r
     }
 
     fn with_resources(mut r: Request, cpu: u64, mib: u64) -> Request {
@@ -624,8 +679,31 @@ mod tests {
         busy.memory_allocated = Memory::mib(1000);
         let mut over = node("n");
         over.memory_allocated = Memory::mib(2048);
+        let mut stratum = node("n");
+        stratum.host_ports.insert((3333, Protocol::Tcp));
 
         let cases = vec![
+            Case {
+                name: "host port taken",
+                node: stratum.clone(),
+                req: with_port(req("t", "w"), 3333, Protocol::Tcp),
+                want: Some(Rejection::PortInUse {
+                    port: 3333,
+                    protocol: Protocol::Tcp,
+                }),
+            },
+            Case {
+                name: "same number, other protocol",
+                node: stratum.clone(),
+                req: with_port(req("t", "w"), 3333, Protocol::Udp),
+                want: None,
+            },
+            Case {
+                name: "other port",
+                node: stratum,
+                req: with_port(req("t", "w"), 3334, Protocol::Tcp),
+                want: None,
+            },
             Case {
                 name: "not ready",
                 node: not_ready,
@@ -815,7 +893,18 @@ mod tests {
         a.workload_tasks.insert((Kind::Service, "other".into()), 3);
         let mut b = node("b");
         b.workload_tasks.insert((Kind::Service, "w".into()), 3);
-        assert_eq!(place_one(vec![a, b], r), Ok("b".into()));
+        assert_eq!(place_one(vec![a, b], r.clone()), Ok("b".into()));
+        // Backing off: an avoided node is not used at all, and says why.
+        let mut strict = r;
+        strict.avoid_strictly = true;
+        assert_eq!(
+            place_one(vec![node("a"), node("b")], strict.clone()),
+            Ok("b".into())
+        );
+        assert_eq!(
+            place_one(vec![node("a")], strict),
+            Err(vec![("a".to_string(), Rejection::GaveUp)])
+        );
     }
 
     #[test]
@@ -834,6 +923,34 @@ mod tests {
             u.summary(),
             "0/3 nodes fit: 3 insufficient memory (requested 400Mi)"
         );
+    }
+
+    #[test]
+    fn two_replicas_wanting_one_host_port_never_share_a_node() {
+        // The example stratum.yaml: two replicas publish 3333. With one node, the second
+        // waits with a reason instead of failing at run time.
+        let pending: Vec<Request> = (0..2)
+            .map(|i| with_port(req(&format!("t{i}"), "stratum"), 3333, Protocol::Tcp))
+            .collect();
+        let plan = schedule(&Snapshot {
+            nodes: vec![node("a"), node("b")],
+            pending: pending.clone(),
+        });
+        assert_eq!(nodes_of(&plan), ["a", "b"]);
+        let plan = schedule(&Snapshot {
+            nodes: vec![node("a")],
+            pending,
+        });
+        assert_eq!(nodes_of(&plan), ["a"]);
+        assert_eq!(
+            plan.unplaced[0].summary(),
+            "0/1 node fit: 1 port 3333 in use"
+        );
+        let udp = Rejection::PortInUse {
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        assert_eq!(udp.to_string(), "port 53/udp in use");
     }
 
     #[test]
@@ -930,6 +1047,7 @@ mod tests {
             0u64..5000,
             0u64..2048,
             prop::collection::btree_map((0usize..3).prop_map(|w| format!("w{w}")), 0u32..3, 0..3),
+            prop::collection::btree_set(3330u16..3334, 0..2),
         )
             .prop_map(
                 move |(
@@ -942,6 +1060,7 @@ mod tests {
                     cpu_alloc,
                     mem_alloc,
                     on,
+                    ports,
                 )| NodeInfo {
                     name: format!("n{i:02}"),
                     ready: !not_ready || i % 2 == 0,
@@ -959,6 +1078,7 @@ mod tests {
                         .into_iter()
                         .map(|(w, n)| ((Kind::Service, w), n))
                         .collect(),
+                    host_ports: ports.into_iter().map(|p| (p, Protocol::Tcp)).collect(),
                 },
             )
     }
@@ -974,8 +1094,9 @@ mod tests {
             ),
             prop::option::of(prop::sample::select(vec!["ssd", "hdd"])),
             prop::option::of(0usize..8),
+            prop::option::of(3330u16..3334),
         )
-            .prop_map(move |(w, cpu, mib, archs, disk, avoid)| Request {
+            .prop_map(move |(w, cpu, mib, archs, disk, avoid, port)| Request {
                 task: format!("t{i:03}"),
                 kind: Kind::Service,
                 workload: format!("w{w}"),
@@ -991,6 +1112,8 @@ mod tests {
                     architectures: archs,
                 },
                 avoid: avoid.map(|n| format!("n{n:02}")).into_iter().collect(),
+                avoid_strictly: false,
+                host_ports: port.map(|p| (p, Protocol::Tcp)).into_iter().collect(),
             })
     }
 
@@ -1010,10 +1133,15 @@ mod tests {
             let by_task: BTreeMap<&str, &Request> = snap.pending.iter().map(|r| (r.task.as_str(), r)).collect();
             let mut cpu: BTreeMap<&str, u64> = BTreeMap::new();
             let mut mem: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut ports: BTreeSet<(&str, (u16, Protocol))> = BTreeSet::new();
             for p in &plan.placements {
                 let n = by_name[p.node.as_str()];
                 let r = by_task[p.task.as_str()];
                 prop_assert!(n.ready && !n.cordoned);
+                for port in &r.host_ports {
+                    prop_assert!(!n.host_ports.contains(port), "port {:?} already used on {}", port, n.name);
+                    prop_assert!(ports.insert((p.node.as_str(), *port)), "port {:?} placed twice on {}", port, n.name);
+                }
                 prop_assert!(r.placement.architectures.is_empty() || r.placement.architectures.contains(&n.arch));
                 for (k, v) in &r.placement.node_selector {
                     prop_assert_eq!(n.labels.get(k), Some(v));

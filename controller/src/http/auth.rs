@@ -44,10 +44,16 @@ pub enum Access {
     Forbidden,
 }
 
-/// Who may do what under `/v1` (other paths check their own tokens): the admin token
-/// everything, the join token only the agent link, a viewer token reads (`GET`,
-/// `HEAD`) except the agent link. A join token elsewhere is refused as if invalid, so
-/// an agent's token reveals nothing about the API.
+/// Whether `path` needs a token: the API under `/v1` and `/metrics`. The dashboard's
+/// page and assets hold no data.
+pub fn protected(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/") || path == "/metrics"
+}
+
+/// Who may do what on a [`protected`] path: the admin token everything, the join token
+/// only the agent link, a viewer token reads (`GET`, `HEAD`) except the agent link. A
+/// join token elsewhere is refused as if invalid, so an agent's token reveals nothing
+/// about the API (nor its metrics).
 pub fn access(role: Option<Role>, method: &axum::http::Method, path: &str) -> Access {
     use axum::http::Method;
     match role {
@@ -280,6 +286,22 @@ mod tests {
     }
 
     #[test]
+    fn only_the_api_and_metrics_need_a_token() {
+        for p in ["/v1", "/v1/nodes", "/v1/agent", "/metrics"] {
+            assert!(protected(p), "{p}");
+        }
+        for p in [
+            "/",
+            "/dashboard/app.js",
+            "/favicon.ico",
+            "/v1x",
+            "/metricsx",
+        ] {
+            assert!(!protected(p), "{p}");
+        }
+    }
+
+    #[test]
     fn who_may_do_what() {
         use axum::http::Method;
         use Access::*;
@@ -308,6 +330,10 @@ mod tests {
             (v, Method::DELETE, "/v1/workloads/service/web", Forbidden),
             (v, Method::POST, "/v1/webhooks/ops/test", Forbidden),
             (v, Method::PUT, "/v1/nodes/pi1", Forbidden),
+            (a, Method::GET, "/metrics", Allowed),
+            (v, Method::GET, "/metrics", Allowed),
+            (j, Method::GET, "/metrics", Unauthenticated),
+            (None, Method::GET, "/metrics", Unauthenticated),
             (None, Method::GET, "/v1/nodes", Unauthenticated),
             (None, Method::GET, "/v1/stream", Unauthenticated),
         ];

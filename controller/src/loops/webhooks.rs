@@ -32,11 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path as UrlPath, State};
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use bramble_api::backoff::Backoff;
 use bramble_api::rest::{Event, Severity, WebhookPayload, WebhookTestResponse, WebhookView};
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
@@ -44,9 +40,8 @@ use serde::Deserialize;
 use sha2::Sha256;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::auth::Role;
-use crate::cluster::Cluster;
-use crate::http::ApiError;
+use crate::core::DomainError;
+use crate::state::State;
 
 /// The configuration file's name in the data directory.
 pub const FILE: &str = "webhooks.yaml";
@@ -313,7 +308,7 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 pub fn retry_delay(tries: u32, first: Duration) -> Option<Duration> {
     (1..MAX_TRIES)
         .contains(&tries)
-        .then(|| first * 2u32.pow(tries - 1))
+        .then(|| Backoff::new(first, Duration::MAX).delay(tries))
 }
 
 /// Whether an answer is worth another try: the receiver is overloaded or broken, not
@@ -431,17 +426,13 @@ impl Webhooks {
     }
 
     /// Sends a test event to one webhook now, once, and reports the answer.
-    pub async fn test(&self, name: &str) -> Result<WebhookTestResponse, ApiError> {
+    pub async fn test(&self, name: &str) -> Result<WebhookTestResponse, DomainError> {
         let hook = self
             .hooks()
             .iter()
             .find(|h| h.name == name)
             .cloned()
-            .ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "webhook {name:?} not found (see {FILE} in the data directory)"
-                ))
-            })?;
+            .ok_or_else(|| DomainError::not_found("webhook", name))?;
         let event = Event {
             seq: 0,
             at: Utc::now(),
@@ -494,26 +485,27 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// Hands each new event to the workers of the webhooks it matches; a full queue drops
-/// it for that webhook (counted). Ends on `stop`.
-pub async fn run(c: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
-    let hooks: Vec<Arc<Hook>> = c.webhooks.hooks().to_vec();
+/// Hands each new event to the workers of the webhooks it matches, while this
+/// controller leads (so an event is delivered once, not once per controller); a full
+/// queue drops it for that webhook (counted). Ends on `stop`.
+pub async fn run(state: Arc<State>, webhooks: Arc<Webhooks>, mut stop: watch::Receiver<bool>) {
+    let hooks: Vec<Arc<Hook>> = webhooks.hooks().to_vec();
     if hooks.is_empty() {
         return;
     }
-    let mut events = c.events.subscribe();
+    let mut events = state.subscribe_events();
     let mut queues = Vec::with_capacity(hooks.len());
     let mut workers = Vec::with_capacity(hooks.len());
     for h in &hooks {
         let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
-        let (c, h2) = (c.clone(), h.clone());
+        let (w, h2) = (Arc::clone(&webhooks), Arc::clone(h));
         workers.push(tokio::spawn(async move {
             while let Some(e) = rx.recv().await {
                 h2.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                c.webhooks.deliver(&h2, &e).await;
+                w.deliver(&h2, &e).await;
             }
         }));
-        queues.push((h.clone(), tx));
+        queues.push((Arc::clone(h), tx));
     }
     tracing::info!(webhooks = hooks.len(), "webhooks ready");
     loop {
@@ -523,6 +515,9 @@ pub async fn run(c: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
         };
         match e {
             Ok(e) => {
+                if !state.leadership().is_leader() {
+                    continue;
+                }
                 for (h, tx) in &queues {
                     if !matches(&h.events, &e) {
                         continue;
@@ -549,31 +544,6 @@ pub async fn run(c: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
     for w in workers {
         w.abort();
     }
-}
-
-/// `/v1/webhooks` routes.
-pub fn routes() -> Router<Arc<Cluster>> {
-    Router::new()
-        .route("/v1/webhooks", get(list))
-        .route("/v1/webhooks/{name}/test", post(test))
-}
-
-async fn list(State(c): State<Arc<Cluster>>, headers: HeaderMap) -> Response {
-    let admin = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|t| c.tokens.role(t.trim()))
-        == Some(Role::Admin);
-    Json(c.webhooks.views(!admin)).into_response()
-}
-
-#[tracing::instrument(skip(c))]
-async fn test(
-    State(c): State<Arc<Cluster>>,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Response, ApiError> {
-    Ok(Json(c.webhooks.test(&name).await?).into_response())
 }
 
 #[cfg(test)]

@@ -1,20 +1,38 @@
-//! The pure decisions of CronJob scheduling: which slot fires now and which were
-//! missed, the unique key and task id of a firing, the concurrency policy, history
-//! pruning and retries. Time is always an argument; the I/O shell records a firing
-//! under [`firing_key`] (create-if-absent) before it dispatches the task, so a second
-//! controller that computes the same slot fails on the key instead of firing twice.
+//! The pure decisions of CronJob and Job scheduling: which slot fires now and which
+//! were missed, the unique key and task id of a firing, the concurrency policy, history
+//! pruning, retries, and the operator's `cron run|suspend|resume`. Time is always an
+//! argument.
+//!
+//! Exactly once: a slot's firing record (`/cronfirings/{job}/{slot}`, [`firing_key`])
+//! is created "only if absent" in the same transaction as the run's task. A second
+//! controller (or this one after a restart) trying the same slot fails on the key and
+//! does nothing; a controller that crashed before the transaction left nothing, and the
+//! slot fires on the next pass if it is still within its starting deadline.
 //!
 //! Slots are the instants of [`Schedule::next_after`]: whole seconds, with the
 //! daylight-saving rule documented in [`bramble_api::schedule`].
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use bramble_api::manifest::ConcurrencyPolicy;
+use bramble_api::backoff::Backoff;
+use bramble_api::manifest::{ConcurrencyPolicy, Kind};
+use bramble_api::rest::{CronJobView, Firing, FiringOutcome};
 use bramble_api::schedule::Schedule;
+use bramble_api::task::{DesiredState, Task, TaskPhase};
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 
-/// Prefix of all firing keys in the store.
-pub const FIRINGS: &str = "/cronfirings/";
+use super::error::DomainError;
+use super::events::Draft;
+use super::model::{self, CronState, StoredWorkload, Versioned, FIRINGS};
+use super::reconcile;
+use super::snapshot::{Change, Expect, Item, Snapshot, Write};
+
+/// Firing records kept per job (the newest is what makes a slot fire once).
+pub const KEEP_FIRINGS: usize = 100;
+
+/// The wait before each retry of a failed run: 1 s, doubling, at most a minute.
+pub const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// At most this many missed slots are listed in a [`Due`]. A Pi without a real-time
 /// clock boots at 1970 and then jumps to today with NTP; a per-second schedule would
@@ -198,21 +216,426 @@ pub fn prune_history(
     delete
 }
 
-/// The wait before retry number `attempt` (1 = the first retry) of a failed run:
-/// `initial`, doubling each time, never more than `max`.
-pub fn retry_delay(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let doublings = attempt.saturating_sub(1);
-    // 2^31 times any delay overflows or exceeds any sane cap; saturate to `max`.
-    2u32.checked_pow(doublings)
-        .and_then(|factor| initial.checked_mul(factor))
-        .map_or(max, |d| d.min(max))
-}
-
 /// Whether a run that failed after `attempts_so_far` attempts (the first run counts as
 /// one) is tried again: a job with `retries: n` runs at most `1 + n` times; no
 /// `retries` means no retry.
 pub fn should_retry(attempts_so_far: u32, retries: Option<u32>) -> bool {
     attempts_so_far <= retries.unwrap_or(0)
+}
+
+/// A new run of a workload: a pending task like a replica's, with its slot and attempt.
+pub fn run_task(
+    w: &StoredWorkload,
+    id: String,
+    slot: Option<DateTime<Utc>>,
+    attempt: u32,
+    now: DateTime<Utc>,
+) -> Task {
+    Task {
+        slot,
+        attempt,
+        ..reconcile::new_task(w, id, 0, now)
+    }
+}
+
+/// Whether a run is still going (counts for the concurrency policy).
+fn active(t: &Task) -> bool {
+    t.desired == DesiredState::Running && !t.phase.is_terminal()
+}
+
+/// The id of retry `attempt` of the run whose first attempt is `base`.
+fn retry_id(base: &str, attempt: u32) -> String {
+    format!("{base}-r{attempt}")
+}
+
+fn base_id(t: &Task) -> &str {
+    match t.id.rsplit_once("-r") {
+        Some((b, n)) if t.attempt > 0 && n.parse::<u32>().is_ok() => b,
+        _ => &t.id,
+    }
+}
+
+/// One pass over every CronJob and Job: fire due slots, record missed ones, retry
+/// failed runs, prune history. Returns one change per job (so a conflict on one job
+/// does not hold up the others) and the earliest time something is due next.
+pub fn pass(snap: &Snapshot, now: DateTime<Utc>) -> (Vec<Change>, Option<DateTime<Utc>>) {
+    let mut next: Option<DateTime<Utc>> = None;
+    let mut soonest = |t: Option<DateTime<Utc>>| {
+        if let Some(t) = t {
+            next = Some(next.map_or(t, |n: DateTime<Utc>| n.min(t)));
+        }
+    };
+    let mut changes = Vec::new();
+    for w in snap.workloads.values() {
+        let w = &w.value;
+        let runs: Vec<&Versioned<Task>> = snap
+            .tasks_of(w.kind(), w.name())
+            .map(|t| t.as_ref())
+            .collect();
+        let mut change = Change::default();
+        match w.kind() {
+            Kind::CronJob => {
+                let (c, n) = fire(snap, w, &runs, now);
+                change.extend(c);
+                soonest(n);
+                let (c, n) = retry(w, &runs, now);
+                change.extend(c);
+                soonest(n);
+                change.extend(prune(w, &runs));
+            }
+            Kind::Job => {
+                let (c, n) = retry(w, &runs, now);
+                change.extend(c);
+                soonest(n);
+            }
+            _ => {}
+        }
+        if !change.is_empty() {
+            changes.push(change);
+        }
+    }
+    (changes, next)
+}
+
+/// Fires a CronJob's due slot and records its missed ones; returns when it is due next.
+fn fire(
+    snap: &Snapshot,
+    w: &StoredWorkload,
+    runs: &[&Versioned<Task>],
+    now: DateTime<Utc>,
+) -> (Change, Option<DateTime<Utc>>) {
+    let job = w.name();
+    let spec = &w.manifest.spec;
+    let Some(expr) = spec.schedule.as_deref() else {
+        return (Change::default(), None);
+    };
+    let Ok(schedule) = Schedule::parse(expr, spec.timezone.as_deref()) else {
+        // Validated at apply; a stored one that no longer parses is shown by its view
+        // (no next slot) and never fired.
+        return (Change::default(), None);
+    };
+    let state = snap.cron_state(job);
+    if spec.suspend == Some(true) || state.suspended {
+        return (Change::default(), None);
+    }
+    let firings = snap.firings_of(job);
+    let last = firings
+        .iter()
+        .filter(|f| f.value.outcome != FiringOutcome::Manual)
+        .map(|f| f.value.slot)
+        .max();
+    let created = state
+        .resumed_at
+        .map_or(w.created_at, |r| r.max(w.created_at));
+    let due = due(
+        &schedule,
+        last,
+        created,
+        now,
+        spec.starting_deadline.map(|d| d.std()),
+    );
+
+    let mut change = Change::default();
+    let obj = format!("cronjob/{job}");
+    let record = |slot: DateTime<Utc>, outcome, task: Option<String>| Write {
+        key: firing_key(job, slot),
+        expect: Expect::Absent,
+        value: Some(Item::Firing(Firing {
+            slot,
+            outcome,
+            task,
+            decided_at: now,
+        })),
+    };
+    for slot in &due.missed {
+        change
+            .writes
+            .push(record(*slot, FiringOutcome::Missed, None));
+    }
+    if let Some(latest) = due.missed.last() {
+        let more = if due.more_missed {
+            " (and older ones)"
+        } else {
+            ""
+        };
+        change.drafts.push(Draft::warning(
+            &obj,
+            "Missed",
+            format!(
+                "{} slots missed beyond the starting deadline{more}; latest {latest}",
+                due.missed.len()
+            ),
+        ));
+    }
+    if let Some(slot) = due.fire {
+        let running: Vec<&&Versioned<Task>> = runs.iter().filter(|t| active(&t.value)).collect();
+        let policy = spec.concurrency_policy.unwrap_or_default();
+        match concurrency(policy, running.len()) {
+            Concurrency::Skip => {
+                change
+                    .writes
+                    .push(record(slot, FiringOutcome::Skipped, None));
+                change.drafts.push(Draft::warning(
+                    &obj,
+                    "Skipped",
+                    format!("slot {slot}: the previous run is still active (Forbid)"),
+                ));
+            }
+            c @ (Concurrency::Fire | Concurrency::ReplaceThenFire) => {
+                if c == Concurrency::ReplaceThenFire {
+                    for t in &running {
+                        let mut stopped = t.value.clone();
+                        stopped.desired = DesiredState::Stopped;
+                        stopped.message = Some(format!("replaced by the run for {slot}"));
+                        change.writes.push(Write::task(stopped, t.rev));
+                    }
+                }
+                let id = task_id_for(job, slot);
+                change
+                    .writes
+                    .push(Write::task(run_task(w, id.clone(), Some(slot), 0, now), 0));
+                change
+                    .writes
+                    .push(record(slot, FiringOutcome::Fired, Some(id.clone())));
+                let late = (now - slot).num_milliseconds();
+                change.drafts.push(Draft::normal(
+                    &obj,
+                    "Fired",
+                    format!("slot {slot} → task {id} ({late} ms after the slot)"),
+                ));
+            }
+        }
+    }
+    // Old records go, never the newest (it is what keeps a slot from firing twice).
+    if firings.len() > KEEP_FIRINGS + 20 {
+        for f in firings.iter().take(firings.len() - KEEP_FIRINGS) {
+            change.writes.push(Write {
+                key: firing_key(job, f.value.slot),
+                expect: Expect::Any,
+                value: None,
+            });
+        }
+    }
+    (change, due.next)
+}
+
+/// Failed runs with retries left get a new attempt after a back-off ([`RETRY`]).
+fn retry(
+    w: &StoredWorkload,
+    runs: &[&Versioned<Task>],
+    now: DateTime<Utc>,
+) -> (Change, Option<DateTime<Utc>>) {
+    let retries = w.manifest.spec.retries;
+    let mut next = None;
+    let mut change = Change::default();
+    // The newest attempt of each run decides.
+    let mut newest: HashMap<&str, &Task> = HashMap::new();
+    for t in runs.iter().map(|v| &v.value) {
+        let e = newest.entry(base_id(t)).or_insert(t);
+        if t.attempt > e.attempt {
+            *e = t;
+        }
+    }
+    let mut newest: Vec<(&str, &Task)> = newest.into_iter().collect();
+    newest.sort_by_key(|(b, _)| *b);
+    for (base, t) in newest {
+        if t.phase != TaskPhase::Failed
+            || t.desired != DesiredState::Running
+            || t.spec_hash != w.spec_hash
+        {
+            continue;
+        }
+        if !should_retry(t.attempt + 1, retries) {
+            continue;
+        }
+        let attempt = t.attempt + 1;
+        let at = t.finished_at.unwrap_or(t.created_at)
+            + chrono::Duration::from_std(RETRY.delay(attempt)).unwrap_or_default();
+        if at > now {
+            next = Some(next.map_or(at, |n: DateTime<Utc>| n.min(at)));
+            continue;
+        }
+        let id = retry_id(base, attempt);
+        let mut task = run_task(w, id.clone(), t.slot, attempt, now);
+        // A node that could not run it is avoided, as for replicas.
+        task.avoid = t.avoid.clone();
+        change.writes.push(Write::task(task, 0));
+        change.drafts.push(Draft::warning(
+            format!("task/{}", t.id),
+            "Retrying",
+            format!(
+                "attempt {} of {} as task {id}",
+                attempt + 1,
+                retries.unwrap_or(0) + 1
+            ),
+        ));
+    }
+    (change, next)
+}
+
+/// Finished runs beyond the history limits are stopped (their containers go, then
+/// their records).
+fn prune(w: &StoredWorkload, runs: &[&Versioned<Task>]) -> Change {
+    let history = w.manifest.spec.history.unwrap_or_default();
+    let finished: Vec<(String, DateTime<Utc>, bool)> = runs
+        .iter()
+        .filter(|t| t.value.desired == DesiredState::Running && t.value.phase.is_terminal())
+        .map(|t| {
+            (
+                t.value.id.clone(),
+                t.value.slot.unwrap_or(t.value.created_at),
+                t.value.phase == TaskPhase::Succeeded,
+            )
+        })
+        .collect();
+    let mut change = Change::default();
+    for id in prune_history(&finished, history.successful, history.failed) {
+        let Some(t) = runs.iter().find(|t| t.value.id == id) else {
+            continue;
+        };
+        let mut next = t.value.clone();
+        next.desired = DesiredState::Stopped;
+        next.message = Some("pruned by the history limit".into());
+        change.writes.push(Write::task(next, t.rev));
+    }
+    change
+}
+
+/// Every CronJob with its recent slots.
+pub fn views(snap: &Snapshot, now: DateTime<Utc>) -> Vec<CronJobView> {
+    snap.workloads
+        .values()
+        .filter(|w| w.value.kind() == Kind::CronJob)
+        .map(|w| view(snap, &w.value, now))
+        .collect()
+}
+
+/// One CronJob.
+pub fn job(snap: &Snapshot, name: &str, now: DateTime<Utc>) -> Result<CronJobView, DomainError> {
+    let w = snap
+        .workload(Kind::CronJob, name)
+        .ok_or_else(|| DomainError::not_found("cronjob", name))?;
+    Ok(view(snap, &w.value, now))
+}
+
+fn view(snap: &Snapshot, w: &StoredWorkload, now: DateTime<Utc>) -> CronJobView {
+    let name = w.name();
+    let spec = &w.manifest.spec;
+    let state = snap.cron_state(name);
+    let suspended = spec.suspend == Some(true) || state.suspended;
+    let mut firings: Vec<Firing> = snap
+        .firings_of(name)
+        .into_iter()
+        .map(|v| v.value.clone())
+        .collect();
+    firings.sort_by_key(|f| std::cmp::Reverse(f.slot));
+    let runs: Vec<&Task> = snap
+        .tasks_of(Kind::CronJob, name)
+        .map(|t| &t.value)
+        .collect();
+    let newest = runs.iter().max_by_key(|t| (t.slot, t.attempt));
+    let schedule = spec
+        .schedule
+        .as_deref()
+        .and_then(|e| Schedule::parse(e, spec.timezone.as_deref()).ok());
+    CronJobView {
+        name: name.to_string(),
+        schedule: spec.schedule.clone().unwrap_or_default(),
+        timezone: spec.timezone.clone().unwrap_or_else(|| "UTC".into()),
+        suspended,
+        last_slot: firings
+            .iter()
+            .find(|f| f.outcome != FiringOutcome::Manual)
+            .map(|f| f.slot),
+        last_result: newest.map(|t| t.phase),
+        next: if suspended {
+            None
+        } else {
+            schedule.and_then(|s| s.next_after(now))
+        },
+        active: u32::try_from(runs.iter().filter(|t| active(t)).count()).unwrap_or(u32::MAX),
+        firings: firings.into_iter().take(20).collect(),
+    }
+}
+
+/// Starts a run now, whatever the schedule (`bramblectl cron run`). Manual runs are
+/// keyed by the current second, so a double click runs once.
+pub fn run_now(
+    snap: &Snapshot,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<(Change, Task), DomainError> {
+    let w = snap
+        .workload(Kind::CronJob, name)
+        .ok_or_else(|| DomainError::not_found("cronjob", name))?;
+    let slot = DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now);
+    let id = format!("{}-manual", task_id_for(name, slot));
+    let key = format!(
+        "{}manual-{}",
+        model::firings_prefix(name),
+        slot.to_rfc3339_opts(SecondsFormat::Secs, true)
+    );
+    if snap.firings.contains_key(&key) || snap.task(&id).is_some() {
+        return Err(DomainError::Conflict(format!(
+            "cronjob {name:?} was already started by hand this second"
+        )));
+    }
+    let task = run_task(&w.value, id.clone(), Some(slot), 0, now);
+    let change = Change::new(
+        vec![
+            Write {
+                key,
+                expect: Expect::Absent,
+                value: Some(Item::Firing(Firing {
+                    slot,
+                    outcome: FiringOutcome::Manual,
+                    task: Some(id.clone()),
+                    decided_at: now,
+                })),
+            },
+            Write::task(task.clone(), 0),
+        ],
+        vec![Draft::normal(
+            format!("cronjob/{name}"),
+            "Fired",
+            format!("started by hand as task {id}"),
+        )],
+    );
+    Ok((change, task))
+}
+
+/// Suspends or resumes a CronJob without touching its manifest; an empty change when
+/// it already is.
+pub fn suspend(
+    snap: &Snapshot,
+    name: &str,
+    suspended: bool,
+    now: DateTime<Utc>,
+) -> Result<Change, DomainError> {
+    snap.workload(Kind::CronJob, name)
+        .ok_or_else(|| DomainError::not_found("cronjob", name))?;
+    let cur = snap.cron_state.get(name);
+    let (mut state, rev) = cur.map_or((CronState::default(), 0), |v| (v.value.clone(), v.rev));
+    if state.suspended == suspended {
+        return Ok(Change::default());
+    }
+    state.suspended = suspended;
+    if !suspended {
+        state.resumed_at = Some(now);
+    }
+    let reason = if suspended { "Suspended" } else { "Resumed" };
+    Ok(Change::new(
+        vec![Write {
+            key: model::cron_state_key(name),
+            expect: Expect::of(rev),
+            value: Some(Item::CronState(state)),
+        }],
+        vec![Draft::normal(
+            format!("cronjob/{name}"),
+            reason,
+            "by the operator",
+        )],
+    ))
 }
 
 #[cfg(test)]
@@ -633,6 +1056,21 @@ mod tests {
     }
 
     #[test]
+    fn retry_ids_round_trip_to_their_base() {
+        let docs = bramble_api::parse::parse_manifests(
+            "j.yaml",
+            "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: j}\nspec: {image: a, retries: 2}\n",
+        )
+        .expect("valid");
+        let w = StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
+        let mut t = run_task(&w, "j-abc-0".into(), None, 0, Utc::now());
+        assert_eq!(base_id(&t), "j-abc-0");
+        t.id = retry_id("j-abc-0", 2);
+        t.attempt = 2;
+        assert_eq!(base_id(&t), "j-abc-0");
+    }
+
+    #[test]
     fn retries_back_off_exponentially_up_to_a_cap() {
         let (initial, max) = (Duration::from_secs(1), Duration::from_secs(60));
         let cases = [
@@ -645,15 +1083,16 @@ mod tests {
             (40, 60),
             (u32::MAX, 60),
         ];
+        assert_eq!(RETRY, Backoff::new(initial, max));
         for (attempt, secs) in cases {
             assert_eq!(
-                retry_delay(attempt, initial, max),
+                RETRY.delay(attempt),
                 Duration::from_secs(secs),
                 "attempt {attempt}"
             );
         }
         assert_eq!(
-            retry_delay(1, Duration::from_secs(90), max),
+            Backoff::new(Duration::from_secs(90), max).delay(1),
             max,
             "the cap wins over initial"
         );

@@ -1,0 +1,184 @@
+//! The controller's configuration and its checks, made before any port is bound.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use crate::core::health::HealthConfig;
+
+/// The controller's configuration (see `main.rs` for flags and defaults).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the store and tokens live.
+    pub data_dir: PathBuf,
+    /// Admin token to use instead of the stored or generated one.
+    pub admin_token: Option<String>,
+    /// Join token to use instead of the stored or generated one.
+    pub join_token: Option<String>,
+    /// Viewer (read-only) token to use instead of the stored or generated one.
+    pub viewer_token: Option<String>,
+    /// Run an agent for this machine in the same process.
+    pub local_agent: Option<LocalAgent>,
+    /// Heartbeat and node-loss timings.
+    pub health: HealthConfig,
+    /// Full reconcile at least this often, whatever happens.
+    pub resync: Duration,
+    /// Advertise over mDNS; `None` turns it off.
+    pub mdns: Option<Mdns>,
+}
+
+/// mDNS advertisement settings.
+#[derive(Debug, Clone, Default)]
+pub struct Mdns {
+    /// Instance name (the host name).
+    pub instance: String,
+    /// Network interfaces to advertise on; empty means all.
+    pub interfaces: Vec<String>,
+    /// Base URL to put in the TXT record, when the addresses alone are not enough
+    /// (NAT, a reverse proxy).
+    pub url: Option<String>,
+}
+
+/// The embedded agent's settings.
+#[derive(Debug, Clone)]
+pub struct LocalAgent {
+    /// Node name.
+    pub node_name: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A configuration that cannot work, said in terms of its flags.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// The agent's check period plus the longest fencing stop (SIGTERM, a 500 ms grace,
+/// SIGKILL and removal): `g + k` in [`HealthConfig`]'s argument.
+pub const FENCE_CHECK_AND_STOP: Duration = Duration::from_millis(800);
+
+impl Config {
+    /// Checks the timings against each other, the Wallet safety inequality among them
+    /// (see [`HealthConfig`]): the margin must cover a heartbeat interval, the agent's
+    /// check period and a fencing stop, so a fenced Wallet is surely stopped before it
+    /// starts elsewhere.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let h = &self.health;
+        if h.not_ready_after >= h.dead_after {
+            return Err(Invalid(
+                "--node-not-ready-after must be shorter than --node-dead-after".into(),
+            ));
+        }
+        if h.heartbeat >= h.not_ready_after {
+            return Err(Invalid(
+                "--heartbeat must be shorter than --node-not-ready-after".into(),
+            ));
+        }
+        if h.heartbeat >= h.fence {
+            return Err(Invalid(
+                "--heartbeat must be shorter than --fence-timeout".into(),
+            ));
+        }
+        let needed = h.heartbeat + FENCE_CHECK_AND_STOP;
+        if h.fence_margin <= needed {
+            return Err(Invalid(format!(
+                "--fence-margin must exceed --heartbeat + {}ms ({}ms) so a fenced Wallet is surely stopped before it starts elsewhere",
+                FENCE_CHECK_AND_STOP.as_millis(),
+                needed.as_millis()
+            )));
+        }
+        if self.resync.is_zero() {
+            return Err(Invalid("the resync period must be positive".into()));
+        }
+        if let Some(la) = &self.local_agent {
+            la.node_name
+                .parse::<bramble_api::manifest::Name>()
+                .map_err(|e| Invalid(format!("--node-name: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            data_dir: PathBuf::from("/tmp/x"),
+            admin_token: None,
+            join_token: None,
+            viewer_token: None,
+            local_agent: None,
+            health: HealthConfig::default(),
+            resync: Duration::from_millis(500),
+            mdns: None,
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn refuses_timings_that_break_the_wallet_argument() {
+        fn ms(n: u64) -> Duration {
+            Duration::from_millis(n)
+        }
+        type Tweak = fn(&mut HealthConfig);
+        let cases: [(&str, Tweak, &str); 5] = [
+            (
+                "not ready after dead",
+                |h| h.not_ready_after = ms(3000),
+                "--node-not-ready-after",
+            ),
+            (
+                "heartbeat slower than not ready",
+                |h| h.heartbeat = ms(1200),
+                "--heartbeat must be shorter than --node-not-ready-after",
+            ),
+            (
+                "heartbeat slower than the fence",
+                |h| {
+                    h.heartbeat = ms(900);
+                    h.fence = ms(800)
+                },
+                "--fence-timeout",
+            ),
+            (
+                "margin too small",
+                |h| h.fence_margin = ms(1050),
+                "--fence-margin must exceed --heartbeat + 800ms (1050ms)",
+            ),
+            (
+                "margin equal to the need",
+                |h| {
+                    h.heartbeat = ms(500);
+                    h.fence_margin = ms(1300)
+                },
+                "(1300ms)",
+            ),
+        ];
+        for (name, tweak, want) in cases {
+            let mut c = config();
+            tweak(&mut c.health);
+            let err = c.validate().expect_err(name);
+            assert!(err.0.contains(want), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_bad_node_name() {
+        let mut c = config();
+        c.local_agent = Some(LocalAgent {
+            node_name: "Not A Name".into(),
+            labels: BTreeMap::new(),
+        });
+        assert!(c
+            .validate()
+            .expect_err("bad name")
+            .0
+            .starts_with("--node-name:"));
+    }
+}

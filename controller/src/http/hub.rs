@@ -1,0 +1,402 @@
+//! The `/v1/agent` WebSocket: one per node, opened by the agent. See `bramble_api::wire`.
+//!
+//! Per connection, three tasks:
+//! - the reader notes every frame (a heartbeat touches memory only), hands log frames to
+//!   their streams and queues task reports in order;
+//! - the reporter writes the reports through the state layer, each retried until it is
+//!   written: a report is never dropped. If they back up (the store is down), the link
+//!   is closed, and the agent's next Hello carries every task's state again;
+//! - the writer sends pings (an agent that hears nothing fences its Wallets), the
+//!   controller's requests, and the node's task set whenever it changes in the snapshot
+//!   (level-triggered: every controller sharing the store serves its agents the same
+//!   way).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use bramble_api::backoff::{Backoff, Retry};
+use bramble_api::manifest::Name;
+use bramble_api::wire::{
+    self, AgentMessage, ControllerMessage, NodeInfo, TaskStatus, MAX_FRAME_BYTES,
+};
+use chrono::Utc;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use super::App;
+use crate::core::{ops, reconcile, Change};
+use crate::state::live::Connection;
+use crate::state::logs::LogEvent;
+use crate::state::{Scope, State as ClusterState};
+
+/// How long a new connection may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reports queued per node before the link is closed for the agent to resend.
+const REPORT_QUEUE: usize = 1024;
+
+/// How a report that cannot be written is retried.
+const REPORT_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
+/// Upgrades to the agent protocol.
+pub async fn agent(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ws.max_message_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| serve(socket, app, addr))
+}
+
+async fn send_error(socket: &mut WebSocket, code: &str, message: String) {
+    tracing::warn!(code = %code, message = %message, "refusing agent");
+    let frame = wire::encode(&ControllerMessage::Error {
+        code: code.into(),
+        message,
+    });
+    let _ = socket.send(Message::Text(frame.into())).await;
+    let _ = socket.close().await;
+}
+
+async fn hello(socket: &mut WebSocket) -> Result<(NodeInfo, Vec<TaskStatus>), (String, String)> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
+        .await
+        .map_err(|_| ("timeout".to_string(), "no hello within 10s".to_string()))?;
+    let text = match first {
+        Some(Ok(Message::Text(t))) => t,
+        Some(Ok(_)) => {
+            return Err((
+                "bad_message".into(),
+                "expected a text frame with hello".into(),
+            ))
+        }
+        Some(Err(e)) => return Err(("bad_message".into(), e.to_string())),
+        None => return Err(("closed".into(), "closed before hello".into())),
+    };
+    match wire::decode::<AgentMessage>(text.as_str()) {
+        Ok(AgentMessage::Hello { node, tasks }) => {
+            if let Err(e) = node.name.parse::<Name>() {
+                return Err(("bad_node_name".into(), format!("node name: {e}")));
+            }
+            Ok((node, tasks))
+        }
+        Ok(_) => Err((
+            "bad_message".into(),
+            "the first message must be hello".into(),
+        )),
+        Err(e @ wire::WireError::Version { .. }) => {
+            Err(("unsupported_version".into(), e.to_string()))
+        }
+        Err(e) => Err(("bad_message".into(), e.to_string())),
+    }
+}
+
+/// What an agent reports about its tasks, written in the order it came.
+#[derive(Debug)]
+enum Report {
+    /// A task's state.
+    Status(TaskStatus),
+    /// A task's container is gone.
+    Removed(String),
+    /// After Hello: stopped tasks the node no longer has are gone for good.
+    Present(Vec<TaskStatus>),
+}
+
+#[tracing::instrument(skip_all, fields(addr = %addr))]
+async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr) {
+    let state = Arc::clone(&app.state);
+    let (node, tasks) = match hello(&mut socket).await {
+        Ok(h) => h,
+        Err((code, msg)) => return send_error(&mut socket, &code, msg).await,
+    };
+    let name = node.name.clone();
+    let registered = state
+        .snapshot()
+        .nodes
+        .get(&name)
+        .and_then(|n| n.value.info.machine_id.clone());
+    if let Some(msg) = name_in_use(
+        &name,
+        state.live.connection(&name).is_some(),
+        registered.as_deref(),
+        node.machine_id.as_deref(),
+    ) {
+        return send_error(&mut socket, "name_in_use", msg).await;
+    }
+    let now = Utc::now();
+    let registering = state
+        .update("node registration", Scope::Any, |snap| {
+            Ok((ops::register_node(snap, &node, now).unwrap_or_default(), ()))
+        })
+        .await;
+    if let Err(e) = registering {
+        return send_error(
+            &mut socket,
+            "internal",
+            format!("cannot register node: {}", super::error::chain(&e)),
+        )
+        .await;
+    }
+    tracing::info!(node = %name, arch = %node.arch, cores = node.cores, memory = node.memory_bytes, "node registered");
+    let health = *state.live.config();
+    let welcome = ControllerMessage::Welcome {
+        node: name.clone(),
+        heartbeat_ms: u64::try_from(health.heartbeat.as_millis()).unwrap_or(u64::MAX),
+        fence_ms: u64::try_from(health.fence.as_millis()).unwrap_or(u64::MAX),
+    };
+    if socket
+        .send(Message::Text(wire::encode(&welcome).into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+
+    let (tx, rx) = mpsc::channel::<ControllerMessage>(256);
+    let conn_id = state.next_id();
+    state.live.connect(
+        &name,
+        Connection {
+            id: conn_id,
+            tx: tx.clone(),
+            address: addr.ip().to_string(),
+        },
+    );
+    drop(tx);
+    tracing::info!(node = %name, tasks = tasks.len(), "agent connected");
+
+    let (reports, report_rx) = mpsc::channel::<Report>(REPORT_QUEUE);
+    let present = tasks.clone();
+    for s in tasks {
+        // The queue is empty and larger than any Hello the frame limit allows.
+        let _ = reports.try_send(Report::Status(s));
+    }
+    let _ = reports.try_send(Report::Present(present));
+    let reporter = tokio::spawn(reporter(
+        Arc::clone(&state),
+        name.clone(),
+        conn_id,
+        report_rx,
+    ));
+    state.wake();
+
+    let (sink, mut stream) = socket.split();
+    let mut writer = tokio::spawn(writer(Arc::clone(&state), name.clone(), sink, rx));
+
+    // A link that stays silent past the dead timeout is dead even if TCP has not
+    // noticed (a partition sends no reset).
+    let silence = health.dead_after;
+    loop {
+        tokio::select! {
+            frame = tokio::time::timeout(silence, stream.next()) => match frame.unwrap_or_else(|_| {
+                tracing::info!(node = %name, "agent link silent; closing it");
+                None
+            }) {
+                Some(Ok(Message::Text(t))) => {
+                    if !handle(&state, &name, t.as_str(), &reports) {
+                        tracing::warn!(node = %name, "task reports backed up; closing the link so the agent resends them");
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => state.live.seen(&name, None),
+                Some(Ok(Message::Binary(_))) => tracing::warn!(node = %name, "ignoring binary frame"),
+                Some(Err(e)) => {
+                    tracing::info!(node = %name, error = %e, "agent link failed");
+                    break;
+                }
+            },
+            _ = &mut writer => break,
+        }
+    }
+    writer.abort();
+    drop(reports);
+    // Reports already queued are still written; the reporter ends when they are.
+    drop(reporter);
+    state.live.disconnect(&name, conn_id);
+    tracing::info!(node = %name, "agent disconnected");
+    state.wake();
+}
+
+/// Sends pings, the controller's requests and the node's task set when it changes.
+async fn writer(
+    state: Arc<ClusterState>,
+    node: String,
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<ControllerMessage>,
+) {
+    // Pings tell the agent the controller is there: an agent that hears nothing for the
+    // fence timeout stops its Wallets (see HealthConfig).
+    let mut ping = tokio::time::interval(state.live.config().heartbeat);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut world = state.subscribe();
+    let mut sent: Option<Vec<bramble_api::wire::Assignment>> = None;
+    loop {
+        // The task set first, whenever the snapshot has changed (and at the start).
+        let snap = world.borrow_and_update().clone();
+        let set = reconcile::assignments(&snap, &node);
+        if sent.as_ref() != Some(&set) {
+            let frame = wire::encode(&ControllerMessage::Assign {
+                revision: snap.revision,
+                tasks: set.clone(),
+            });
+            if sink.send(Message::Text(frame.into())).await.is_err() {
+                break;
+            }
+            tracing::debug!(node = %node, revision = snap.revision, tasks = set.len(), "task set sent");
+            sent = Some(set);
+        }
+        let frame = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => Message::Text(wire::encode(&m).into()),
+                // The connection was replaced or dropped (all senders gone).
+                None => break,
+            },
+            _ = ping.tick() => Message::Ping(Default::default()),
+            r = world.changed() => match r {
+                Ok(()) => continue,
+                Err(_) => break,
+            },
+        };
+        if sink.send(frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Writes a node's reports in order, each until it is written, while the connection
+/// that made them is the node's current one (a newer connection's Hello carries every
+/// task's state again).
+async fn reporter(
+    state: Arc<ClusterState>,
+    node: String,
+    conn_id: u64,
+    mut reports: mpsc::Receiver<Report>,
+) {
+    while let Some(r) = reports.recv().await {
+        let mut retry = Retry::new(REPORT_RETRY);
+        loop {
+            let now = Utc::now();
+            let written = state
+                .update("task report", Scope::Any, |snap| {
+                    let change = match &r {
+                        Report::Status(s) => ops::task_status(snap, &node, s, now),
+                        Report::Removed(id) => ops::task_removed(snap, &node, id),
+                        Report::Present(present) => Some(ops::forget_missing(snap, &node, present)),
+                    };
+                    Ok((change.unwrap_or_else(Change::default), ()))
+                })
+                .await;
+            match written {
+                Ok(()) => break,
+                Err(e) => {
+                    let current = state
+                        .live
+                        .connection(&node)
+                        .is_some_and(|c| c.id == conn_id);
+                    if !current && reports.is_closed() {
+                        tracing::info!(node = %node, report = ?r, "dropping a report of a replaced link; the agent resends it");
+                        break;
+                    }
+                    let wait = retry.failed_jittered(0.2, rand::random::<f64>());
+                    tracing::warn!(node = %node, report = ?r, error = %super::error::chain(&e), retry_in = ?wait, "could not record a task report; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+/// Why a Hello for node `name` must be refused: the name is connected now from an
+/// agent on another machine (both machine ids known and different). Boards flashed
+/// from one image would otherwise take turns being one node, each Hello replacing the
+/// other's connection and task set. An unknown id on either side (an older agent)
+/// gives the benefit of the doubt: the new connection replaces the old one, as before.
+/// The answer never names the other machine's identity.
+pub fn name_in_use(
+    name: &str,
+    connected: bool,
+    current: Option<&str>,
+    hello: Option<&str>,
+) -> Option<String> {
+    let current = current.filter(|s| !s.is_empty());
+    let hello = hello.filter(|s| !s.is_empty());
+    match (connected, current, hello) {
+        (true, Some(theirs), Some(ours)) if theirs != ours => Some(format!(
+            "node name {name} is in use by another machine; give this one --node-name"
+        )),
+        _ => None,
+    }
+}
+
+/// Handles one frame; false when the reports have backed up and the link must close.
+fn handle(state: &ClusterState, node: &str, text: &str, reports: &mpsc::Sender<Report>) -> bool {
+    let msg = match wire::decode::<AgentMessage>(text) {
+        Ok(m) => m,
+        Err(e) => {
+            // One bad frame is reported back and skipped; the link stays up.
+            tracing::warn!(node = %node, error = %e, "bad frame from agent");
+            if let Some(conn) = state.live.connection(node) {
+                let _ = conn.tx.try_send(ControllerMessage::Error {
+                    code: "bad_message".into(),
+                    message: e.to_string(),
+                });
+            }
+            return true;
+        }
+    };
+    let report = match msg {
+        AgentMessage::Heartbeat { metrics } => {
+            state.history.record(node, &metrics);
+            state.live.seen(node, Some(metrics));
+            return true;
+        }
+        AgentMessage::Status { status } => Report::Status(status),
+        AgentMessage::Removed { task } => Report::Removed(task),
+        AgentMessage::LogData { request, data } => {
+            state.live.seen(node, None);
+            if !state.logs.deliver(node, request, LogEvent::Data(data)) {
+                tracing::warn!(node = %node, request, "refusing a log frame for another node's request");
+            }
+            return true;
+        }
+        AgentMessage::LogEnd { request, error } => {
+            state.live.seen(node, None);
+            if !state.logs.deliver(node, request, LogEvent::End(error)) {
+                tracing::warn!(node = %node, request, "refusing a log frame for another node's request");
+            }
+            return true;
+        }
+        AgentMessage::Hello { .. } => {
+            tracing::warn!(node = %node, "ignoring a second hello");
+            return true;
+        }
+    };
+    state.live.seen(node, None);
+    reports.try_send(report).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connected_name_is_refused_to_another_machine_only() {
+        let refused = |connected, current, hello| name_in_use("pi1", connected, current, hello);
+        assert_eq!(
+            refused(true, Some("aaa111"), Some("bbb222")).as_deref(),
+            Some("node name pi1 is in use by another machine; give this one --node-name")
+        );
+        // The same machine reconnecting, a name nobody holds, unknown ids: welcome.
+        assert_eq!(refused(true, Some("aaa111"), Some("aaa111")), None);
+        assert_eq!(refused(false, Some("aaa111"), Some("bbb222")), None);
+        assert_eq!(refused(true, None, Some("bbb222")), None);
+        assert_eq!(refused(true, Some("aaa111"), None), None);
+        assert_eq!(refused(true, Some(""), Some("bbb222")), None);
+    }
+}

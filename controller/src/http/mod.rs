@@ -1,0 +1,140 @@
+//! The HTTP edge: one router for the REST API under `/v1` (see `bramble_api::rest`),
+//! the agent link, the dashboard and its stream, `/metrics`; one bearer-token check for
+//! all of it ([`authenticate`]); one error answer ([`ApiError`]) made from the domain's
+//! errors. Nothing outside this module knows about axum.
+//!
+//! # Layout
+//! - [`auth`]: the tokens and who may do what.
+//! - [`error`]: the one error answer, `ApiError`.
+//! - [`handlers`]: the REST handlers.
+//! - [`hub`]: the `/v1/agent` WebSocket, one per node.
+//! - [`dashboard`]: the page, its assets and its live stream.
+//! - [`metrics`]: `/metrics` and request latency.
+
+pub mod auth;
+pub mod dashboard;
+pub mod error;
+pub mod handlers;
+pub mod hub;
+pub mod metrics;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use error::ApiError;
+
+use crate::loops::feed::Feed;
+use crate::loops::webhooks::Webhooks;
+use auth::{Access, Role, Tokens};
+
+/// What the handlers share.
+pub struct App {
+    /// The cluster's state.
+    pub state: Arc<crate::state::State>,
+    /// Bearer tokens.
+    pub tokens: Tokens,
+    /// The dashboard's live streams.
+    pub feed: Arc<Feed>,
+    /// Event notifications.
+    pub webhooks: Arc<Webhooks>,
+    /// Request latency, for `/metrics`.
+    pub latency: metrics::Latency,
+}
+
+/// The handlers' state.
+pub type Shared = State<Arc<App>>;
+
+/// The HTTP routes. Everything under `/v1` and `/metrics` needs a bearer token.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/version", get(handlers::version))
+        .route("/v1/status", get(handlers::status))
+        .route("/v1/apply", post(handlers::apply))
+        .route("/v1/workloads", get(handlers::list_workloads))
+        .route(
+            "/v1/workloads/{kind}/{name}",
+            get(handlers::get_workload).delete(handlers::delete_workload),
+        )
+        .route(
+            "/v1/workloads/{kind}/{name}/restart",
+            post(handlers::restart),
+        )
+        .route("/v1/nodes", get(handlers::list_nodes))
+        .route("/v1/nodes/{name}", get(handlers::get_node))
+        .route("/v1/nodes/{name}/cordon", post(handlers::cordon))
+        .route("/v1/nodes/{name}/uncordon", post(handlers::uncordon))
+        .route("/v1/nodes/{name}/drain", post(handlers::drain))
+        .route("/v1/events", get(handlers::events))
+        .route("/v1/cronjobs", get(handlers::list_cronjobs))
+        .route("/v1/cronjobs/{name}", get(handlers::get_cronjob))
+        .route("/v1/cronjobs/{name}/run", post(handlers::cron_run))
+        .route("/v1/cronjobs/{name}/suspend", post(handlers::cron_suspend))
+        .route("/v1/cronjobs/{name}/resume", post(handlers::cron_resume))
+        .route("/v1/tasks", get(handlers::list_tasks))
+        .route("/v1/tasks/{id}", get(handlers::get_task))
+        .route("/v1/tasks/{id}/logs", get(handlers::task_logs))
+        .route("/v1/webhooks", get(handlers::list_webhooks))
+        .route("/v1/webhooks/{name}/test", post(handlers::test_webhook))
+        .route("/v1/stream", get(dashboard::stream))
+        .route("/v1/agent", get(hub::agent))
+        .route("/metrics", get(metrics::metrics))
+        .merge(dashboard::routes())
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(app.clone(), metrics::track))
+        .with_state(app)
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Who a request is, by its token.
+pub fn role(app: &App, headers: &HeaderMap) -> Option<Role> {
+    bearer(headers).and_then(|t| app.tokens.role(t))
+}
+
+/// The one check of every request: the admin token everywhere, the join token only on
+/// the agent link, a viewer token on reads (see [`auth::access`]). The page and its
+/// assets hold no data and need no token.
+async fn authenticate(State(app): Shared, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !auth::protected(path) {
+        return next.run(req).await;
+    }
+    match auth::access(role(&app, req.headers()), req.method(), path) {
+        Access::Allowed => next.run(req).await,
+        Access::Forbidden => {
+            tracing::debug!(path = %path, method = %req.method(), "refused a viewer token");
+            ApiError::forbidden(format!(
+                "the viewer token is read-only: {} {path} needs the admin token",
+                req.method()
+            ))
+            .into_response()
+        }
+        Access::Unauthenticated => {
+            tracing::debug!(path = %path, "rejected request without a valid token");
+            ApiError::unauthorized().into_response()
+        }
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no such endpoint: {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}

@@ -1,0 +1,172 @@
+//! What is known of each node in memory only: when it was last heard, its last
+//! metrics and the agent's link. A heartbeat touches nothing else: no store read, no
+//! store write.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use bramble_api::rest::NodeStatus;
+use bramble_api::wire::{ControllerMessage, NodeMetrics};
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+
+use crate::core::health::{self, HealthConfig};
+use crate::core::views::Liveness;
+
+/// The open link to one agent.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// Distinguishes a reconnect from the connection it replaces.
+    pub id: u64,
+    /// Frames to send.
+    pub tx: mpsc::Sender<ControllerMessage>,
+    /// Remote address.
+    pub address: String,
+}
+
+/// What is known in memory of one node.
+#[derive(Debug, Default)]
+struct Entry {
+    conn: Option<Connection>,
+    last_seen: Option<Instant>,
+    last_seen_at: Option<DateTime<Utc>>,
+    metrics: Option<NodeMetrics>,
+    /// The status last announced as an event.
+    noted: Option<NodeStatus>,
+}
+
+/// All nodes' in-memory state.
+pub struct Live {
+    started: Instant,
+    cfg: HealthConfig,
+    nodes: Mutex<HashMap<String, Entry>>,
+}
+
+impl Live {
+    /// Empty, counting health from now.
+    pub fn new(cfg: HealthConfig) -> Live {
+        Live {
+            started: Instant::now(),
+            cfg,
+            nodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The health settings.
+    pub fn config(&self) -> &HealthConfig {
+        &self.cfg
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock leaves plain data behind; keep serving.
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new connection, replacing (and so closing) any older one.
+    pub fn connect(&self, node: &str, conn: Connection) {
+        let mut nodes = self.lock();
+        let entry = nodes.entry(node.to_string()).or_default();
+        entry.conn = Some(conn);
+        entry.last_seen = Some(Instant::now());
+        entry.last_seen_at = Some(Utc::now());
+    }
+
+    /// Forgets a connection, unless a newer one already replaced it.
+    pub fn disconnect(&self, node: &str, conn_id: u64) {
+        let mut nodes = self.lock();
+        if let Some(entry) = nodes.get_mut(node) {
+            if entry.conn.as_ref().is_some_and(|c| c.id == conn_id) {
+                entry.conn = None;
+            }
+        }
+    }
+
+    /// Forgets a node entirely (it was deleted).
+    pub fn forget(&self, node: &str) {
+        self.lock().remove(node);
+    }
+
+    /// Notes that a frame arrived from the node.
+    pub fn seen(&self, node: &str, metrics: Option<NodeMetrics>) {
+        let mut nodes = self.lock();
+        let entry = nodes.entry(node.to_string()).or_default();
+        entry.last_seen = Some(Instant::now());
+        entry.last_seen_at = Some(Utc::now());
+        if metrics.is_some() {
+            entry.metrics = metrics;
+        }
+    }
+
+    /// Health of one node now.
+    pub fn status(&self, node: &str) -> NodeStatus {
+        let nodes = self.lock();
+        let last = nodes.get(node).and_then(|l| l.last_seen);
+        health::status(last, self.started, Instant::now(), &self.cfg)
+    }
+
+    /// Whether the node has surely stopped its Wallets (see [`HealthConfig`]).
+    pub fn wallets_fenced(&self, node: &str) -> bool {
+        let nodes = self.lock();
+        let last = nodes.get(node).and_then(|l| l.last_seen);
+        health::wallets_fenced(last, self.started, Instant::now(), &self.cfg)
+    }
+
+    /// The earliest instant at which the status or fencing of one of `nodes` changes.
+    pub fn next_change<'a>(&self, nodes: impl Iterator<Item = &'a str>) -> Option<Instant> {
+        let now = Instant::now();
+        let live = self.lock();
+        nodes
+            .filter_map(|n| {
+                let last = live.get(n).and_then(|l| l.last_seen);
+                health::next_change(last, self.started, now, &self.cfg)
+            })
+            .min()
+    }
+
+    /// Records the status last announced in events; returns the previous one if it
+    /// changed.
+    pub fn note_status(&self, node: &str, now: NodeStatus) -> Option<Option<NodeStatus>> {
+        let mut nodes = self.lock();
+        let entry = nodes.entry(node.to_string()).or_default();
+        if entry.noted == Some(now) {
+            None
+        } else {
+            Some(entry.noted.replace(now))
+        }
+    }
+
+    /// Puts back the status last announced (its announcement could not be stored).
+    pub fn restore_status(&self, node: &str, prev: Option<NodeStatus>) {
+        if let Some(entry) = self.lock().get_mut(node) {
+            entry.noted = prev;
+        }
+    }
+
+    /// Health, last-seen time, metrics and address of one node.
+    pub fn view(&self, node: &str) -> Liveness {
+        let nodes = self.lock();
+        let l = nodes.get(node);
+        Liveness {
+            status: health::status(
+                l.and_then(|l| l.last_seen),
+                self.started,
+                Instant::now(),
+                &self.cfg,
+            ),
+            last_seen: l.and_then(|l| l.last_seen_at),
+            metrics: l.and_then(|l| l.metrics.clone()),
+            address: l.and_then(|l| l.conn.as_ref().map(|c| c.address.clone())),
+        }
+    }
+
+    /// The connection to a node, if it has one.
+    pub fn connection(&self, node: &str) -> Option<Connection> {
+        self.lock().get(node).and_then(|l| l.conn.clone())
+    }
+
+    /// Nodes connected now.
+    pub fn connected(&self) -> usize {
+        self.lock().values().filter(|l| l.conn.is_some()).count()
+    }
+}

@@ -1,0 +1,542 @@
+//! The only caller of [`Store::txn`]: everything else reads [`Snapshot`]s and hands
+//! back [`Change`]s.
+//!
+//! - **Snapshots at one revision.** A reflector (as kube-runtime's) lists the whole
+//!   store once, then follows its watch: the decoded [`Snapshot`] in memory is always
+//!   exactly the store at some revision. Reads (the API, the loops, the agent links)
+//!   cost no store read at all, and every controller sharing a store sees every write,
+//!   its own and the others', the same way.
+//! - **Commits carry their events.** [`State::commit`] turns a change into one
+//!   transaction: each write compared against the revision it was decided on, plus the
+//!   change's events under a key no other writer can pick (this controller's random id
+//!   and a counter), so two controllers never overwrite each other's events. After a
+//!   commit, it waits until the snapshot shows it, so the next decision sees it.
+//! - **Conflicts are decided again.** [`State::update`] runs a decision on a fresh
+//!   snapshot until its commit goes through: a request never acts on stale state, and
+//!   none is lost to a race.
+//! - **The leader hook.** A commit made for the leader's loops ([`Scope::Leader`]) also
+//!   carries the [`Leadership`]'s compares, so a controller that lost leadership cannot
+//!   write on its behalf.
+//!
+//! Memory-only state lives here too: node liveness ([`live`]), metric history
+//! ([`history`]) and log streams ([`logs`]).
+//!
+//! # Layout
+//! - [`live`]: node health and agent links, in memory.
+//! - [`history`]: an hour of node metrics per node, in ring buffers.
+//! - [`logs`]: log streams from agents to HTTP clients.
+//! - [`leader`]: who may run the loops.
+
+pub mod history;
+pub mod leader;
+pub mod live;
+pub mod logs;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bramble_api::backoff::{Backoff, Retry};
+use bramble_api::rest::Event;
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+
+use crate::core::error::DomainError;
+use crate::core::health::HealthConfig;
+use crate::core::model::{self, event_seq, KeyKind, StoredEvent, StoredEvents};
+use crate::core::snapshot::{Expect, Item};
+use crate::core::{Change, Snapshot};
+use crate::store::{self, Compare, EventKind, KeyValue, Op, Store, Txn, WatchBatch};
+
+pub use leader::{Leadership, Solo};
+
+/// How many events are kept in the store (the oldest go first).
+pub const RETAIN_EVENTS: usize = 1000;
+
+/// Events beyond [`RETAIN_EVENTS`] before a commit prunes them, so pruning is an
+/// occasional extra op rather than one on every commit.
+const PRUNE_SLACK: usize = 100;
+
+/// How many times [`State::update`] decides again after losing a race.
+const UPDATE_ATTEMPTS: usize = 10;
+
+/// How long a commit waits for the snapshot to show it.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// How the reflector retries after losing the store.
+const RELIST: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
+/// Why the state layer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store failed.
+    #[error("store")]
+    Store(#[from] store::Error),
+    /// The request is refused by the cluster's state.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// A leader-only commit by a controller that is not (or no longer) the leader.
+    #[error("this controller is not the leader")]
+    NotLeader,
+    /// A value does not encode (a map with non-string keys, say): a bug, named.
+    #[error("value for {key} does not encode")]
+    Encode {
+        /// The key.
+        key: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Who a commit is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// A request any controller serves (apply, an agent's report).
+    Any,
+    /// The leader's loops: the commit fails unless this controller still leads.
+    Leader,
+}
+
+/// What became of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written at this revision (or nothing to write at this one).
+    Committed(u64),
+    /// Something it read had changed; the store was at this revision. Decide again.
+    Conflict(u64),
+}
+
+/// Everything the controller keeps, in the store and in memory.
+pub struct State {
+    store: Arc<dyn Store>,
+    world: watch::Sender<Arc<Snapshot>>,
+    /// This controller's id in event keys: random, so keys never collide.
+    writer: String,
+    next_events: AtomicU64,
+    events: broadcast::Sender<Event>,
+    counts: Mutex<BTreeMap<(String, &'static str), u64>>,
+    leader: Arc<dyn Leadership>,
+    wake: watch::Sender<u64>,
+    started: Instant,
+    ids: AtomicU64,
+    reflector: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Node health and links, in memory.
+    pub live: live::Live,
+    /// Node metrics history, in memory.
+    pub history: history::History,
+    /// Log streams.
+    pub logs: logs::LogStreams,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if let Some(h) = self
+            .reflector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            h.abort();
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(&kv.value)
+}
+
+/// Decodes a stored value by its key's kind; `None` (logged) for one that does not
+/// decode or a key Bramble does not own. One bad value cannot stop the controller; it
+/// stays in the store untouched.
+fn decode_item(kv: &KeyValue) -> Option<Item> {
+    let kind = KeyKind::of(&kv.key)?;
+    let item = match kind {
+        KeyKind::Workload => decode(kv).map(Item::Workload),
+        KeyKind::Task => decode(kv).map(Item::Task),
+        KeyKind::Node => decode(kv).map(Item::Node),
+        KeyKind::Firing => decode(kv).map(Item::Firing),
+        KeyKind::CronState => decode(kv).map(Item::CronState),
+        KeyKind::Events => decode(kv).map(Item::Events),
+    };
+    match item {
+        Ok(i) => Some(i),
+        Err(e) => {
+            tracing::error!(key = %kv.key, error = %e, "skipping undecodable store value");
+            None
+        }
+    }
+}
+
+fn encode_item(key: &str, item: &Item) -> Result<Vec<u8>, Error> {
+    fn enc<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(v).map_err(|source| Error::Encode {
+            key: key.to_string(),
+            source,
+        })
+    }
+    match item {
+        Item::Workload(v) => enc(key, v),
+        Item::Task(v) => enc(key, v),
+        Item::Node(v) => enc(key, v),
+        Item::Firing(v) => enc(key, v),
+        Item::CronState(v) => enc(key, v),
+        Item::Events(v) => enc(key, v),
+    }
+}
+
+/// The events a stored record holds, with their sequence numbers.
+fn events_of(revision: u64, stored: &StoredEvents) -> impl Iterator<Item = Event> + '_ {
+    stored.events.iter().enumerate().map(move |(i, e)| Event {
+        seq: event_seq(revision, i),
+        at: e.at,
+        severity: e.severity,
+        object: e.object.clone(),
+        reason: e.reason.clone(),
+        message: e.message.clone(),
+    })
+}
+
+impl State {
+    /// Reads the whole store into a snapshot and starts following its changes.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        health: HealthConfig,
+        leader: Arc<dyn Leadership>,
+    ) -> Result<Arc<State>, Error> {
+        let listing = store.list("/").await?;
+        let mut snap = Snapshot {
+            revision: listing.revision,
+            ..Snapshot::default()
+        };
+        for kv in &listing.kvs {
+            if let Some(item) = decode_item(kv) {
+                snap.insert(&kv.key, item, kv.create_revision, kv.mod_revision);
+            }
+        }
+        let from = snap.revision;
+        let (world, _) = watch::channel(Arc::new(snap));
+        let (events, _) = broadcast::channel(1024);
+        let writer = format!("{:016x}", rand::random::<u64>());
+        let state = Arc::new(State {
+            store: Arc::clone(&store),
+            world,
+            writer,
+            next_events: AtomicU64::new(1),
+            events,
+            counts: Mutex::new(BTreeMap::new()),
+            leader,
+            wake: watch::channel(0).0,
+            started: Instant::now(),
+            ids: AtomicU64::new(1),
+            reflector: Mutex::new(None),
+            live: live::Live::new(health),
+            history: history::History::default(),
+            logs: logs::LogStreams::default(),
+        });
+        let handle = tokio::spawn(reflect(Arc::downgrade(&state), store, from));
+        *state.reflector.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        tracing::info!(revision = from, writer = %state.writer, "state loaded");
+        Ok(state)
+    }
+
+    /// The store (for its counters and location; writes go through [`State::commit`]).
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The newest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.world.borrow().clone()
+    }
+
+    /// Snapshots as they change (for loops and agent links that act on every change).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.world.subscribe()
+    }
+
+    /// New events as they are stored (by any controller sharing the store).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Events seen since this controller started, by (reason, severity).
+    pub fn event_counts(&self) -> Vec<((String, &'static str), u64)> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// How many events with `reason` were seen since this controller started.
+    pub fn event_count(&self, reason: &str) -> u64 {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((r, _), _)| r == reason)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Who may run the loops.
+    pub fn leadership(&self) -> &dyn Leadership {
+        self.leader.as_ref()
+    }
+
+    /// When this controller started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// A fresh id for connections and log requests.
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks the loops for a pass soon (a node came or went).
+    pub fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wake-ups as they are asked for; a loop that is busy when one comes sees it as
+    /// soon as it looks (a watch never loses the latest value).
+    pub fn wake_signal(&self) -> watch::Receiver<u64> {
+        self.wake.subscribe()
+    }
+
+    /// Waits until the snapshot is at `revision` or later (at most [`CATCH_UP`]).
+    pub async fn catch_up(&self, revision: u64) {
+        let mut rx = self.world.subscribe();
+        let caught = tokio::time::timeout(CATCH_UP, rx.wait_for(|s| s.revision >= revision)).await;
+        if caught.is_err() {
+            tracing::warn!(revision, "the snapshot did not reach the revision in time");
+        }
+    }
+
+    /// Writes `change` in one transaction (see the module documentation). An empty
+    /// change writes nothing.
+    pub async fn commit(&self, change: Change, scope: Scope) -> Result<Outcome, Error> {
+        if change.is_empty() {
+            return Ok(Outcome::Committed(self.snapshot().revision));
+        }
+        if scope == Scope::Leader && !self.leader.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        let mut txn = Txn::default();
+        for w in &change.writes {
+            match w.expect {
+                Expect::Absent => txn.compares.push(Compare::ModRevision {
+                    key: w.key.clone(),
+                    rev: 0,
+                }),
+                Expect::Rev(rev) => txn.compares.push(Compare::ModRevision {
+                    key: w.key.clone(),
+                    rev,
+                }),
+                Expect::Any => {}
+            }
+            txn.ops.push(match &w.value {
+                Some(item) => Op::put(w.key.clone(), encode_item(&w.key, item)?),
+                None => Op::delete(w.key.clone()),
+            });
+        }
+        if !change.drafts.is_empty() {
+            let at = Utc::now();
+            let stored = StoredEvents {
+                events: change
+                    .drafts
+                    .iter()
+                    .map(|d| StoredEvent {
+                        at,
+                        severity: d.severity,
+                        object: d.object.clone(),
+                        reason: d.reason.to_string(),
+                        message: d.message.clone(),
+                    })
+                    .collect(),
+            };
+            let key = format!(
+                "{}{}-{:012}",
+                model::EVENTS,
+                self.writer,
+                self.next_events.fetch_add(1, Ordering::Relaxed)
+            );
+            txn.compares.push(Compare::ModRevision {
+                key: key.clone(),
+                rev: 0,
+            });
+            let value = encode_item(&key, &Item::Events(stored))?;
+            txn.ops.push(Op::put(key, value));
+            txn.ops.extend(self.prune_events(change.drafts.len()));
+        }
+        if scope == Scope::Leader {
+            txn.compares.extend(self.leader.compares());
+        }
+        let r = self.store.txn(txn).await?;
+        if !r.succeeded {
+            return Ok(Outcome::Conflict(r.revision));
+        }
+        self.catch_up(r.revision).await;
+        self.wake();
+        Ok(Outcome::Committed(r.revision))
+    }
+
+    /// Deletes of the oldest event records once more than [`RETAIN_EVENTS`] (plus the
+    /// slack) would be stored.
+    fn prune_events(&self, adding: usize) -> Vec<Op> {
+        let snap = self.snapshot();
+        let total = snap.event_count() + adding;
+        if total <= RETAIN_EVENTS + PRUNE_SLACK {
+            return Vec::new();
+        }
+        let mut excess = total - RETAIN_EVENTS;
+        let mut ops = Vec::new();
+        for ((_, key), stored) in &snap.events {
+            if excess == 0 || ops.len() >= 16 {
+                break;
+            }
+            excess = excess.saturating_sub(stored.events.len());
+            ops.push(Op::delete(key.clone()));
+        }
+        ops
+    }
+
+    /// Runs `decide` on the newest snapshot and commits its change, deciding again on
+    /// a fresh snapshot whenever the commit loses a race; `what` names the request in
+    /// the error when it keeps losing.
+    pub async fn update<R>(
+        &self,
+        what: &str,
+        scope: Scope,
+        mut decide: impl FnMut(&Snapshot) -> Result<(Change, R), DomainError>,
+    ) -> Result<R, Error> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let snap = self.snapshot();
+            let (change, answer) = decide(&snap)?;
+            match self.commit(change, scope).await? {
+                Outcome::Committed(_) => return Ok(answer),
+                Outcome::Conflict(rev) => {
+                    tracing::debug!(what, revision = rev, "lost a race; deciding again");
+                    self.catch_up(rev.max(snap.revision + 1)).await;
+                }
+            }
+        }
+        Err(DomainError::Conflict(format!(
+            "the cluster kept changing during {what}; try again"
+        ))
+        .into())
+    }
+
+    /// Applies one watched batch to the snapshot and announces its new events.
+    fn apply(&self, batch: &WatchBatch) {
+        let mut new_events: Vec<Event> = Vec::new();
+        self.world.send_modify(|arc| {
+            let snap = Arc::make_mut(arc);
+            for e in &batch.events {
+                match e.kind {
+                    EventKind::Put => match decode_item(&e.kv) {
+                        Some(item) => {
+                            if let Item::Events(stored) = &item {
+                                new_events.extend(events_of(e.kv.create_revision, stored));
+                            }
+                            snap.insert(&e.kv.key, item, e.kv.create_revision, e.kv.mod_revision);
+                        }
+                        None => snap.remove(&e.kv.key),
+                    },
+                    EventKind::Delete => snap.remove(&e.kv.key),
+                }
+            }
+            snap.revision = snap.revision.max(batch.revision);
+        });
+        self.announce(new_events);
+    }
+
+    /// Replaces the snapshot with a fresh listing (after a lost watch), announcing the
+    /// events stored meanwhile.
+    fn replace(&self, listing: store::Listing) {
+        let mut snap = Snapshot {
+            revision: listing.revision,
+            ..Snapshot::default()
+        };
+        for kv in &listing.kvs {
+            if let Some(item) = decode_item(kv) {
+                snap.insert(&kv.key, item, kv.create_revision, kv.mod_revision);
+            }
+        }
+        let old = self.snapshot();
+        let new_events: Vec<Event> = snap
+            .events
+            .iter()
+            .filter(|(k, _)| !old.events.contains_key(*k))
+            .flat_map(|((rev, _), stored)| events_of(*rev, stored).collect::<Vec<_>>())
+            .collect();
+        self.world.send_replace(Arc::new(snap));
+        self.announce(new_events);
+    }
+
+    fn announce(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        {
+            let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            for e in &events {
+                let severity = match e.severity {
+                    bramble_api::rest::Severity::Normal => "Normal",
+                    bramble_api::rest::Severity::Warning => "Warning",
+                };
+                *counts.entry((e.reason.clone(), severity)).or_default() += 1;
+            }
+        }
+        for e in events {
+            tracing::info!(object = %e.object, reason = %e.reason, message = %e.message, "event");
+            // No subscriber is fine: nobody is listening.
+            let _ = self.events.send(e);
+        }
+    }
+}
+
+/// Follows the store's changes into the snapshot; lists again after a lost watch.
+async fn reflect(state: Weak<State>, store: Arc<dyn Store>, mut from: u64) {
+    let mut retry = Retry::new(RELIST);
+    loop {
+        match store.watch("/", from + 1).await {
+            Ok(mut changes) => {
+                while let Some(item) = changes.next().await {
+                    match item {
+                        Ok(batch) => {
+                            let Some(state) = state.upgrade() else { return };
+                            state.apply(&batch);
+                            from = batch.revision;
+                            retry.succeeded();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "store watch lost; listing again");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch the store; listing again"),
+        }
+        if state.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(retry.failed_jittered(0.2, rand::random::<f64>())).await;
+        match store.list("/").await {
+            Ok(listing) => {
+                let Some(state) = state.upgrade() else { return };
+                from = listing.revision;
+                state.replace(listing);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the store; retrying"),
+        }
+    }
+}
