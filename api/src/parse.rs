@@ -14,7 +14,6 @@ use yaml_rust2::scanner::Marker;
 
 use crate::manifest::{Kind, Manifest, RestartPolicy, API_VERSION};
 use crate::quantity::Memory;
-use crate::rest::Source;
 
 /// One problem in a manifest, with its place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +41,16 @@ impl fmt::Display for ManifestError {
 }
 
 impl std::error::Error for ManifestError {}
+
+/// One file (or stdin) of manifests, as text, so that errors can point at file, line and
+/// column. Also the body of `POST /v1/apply` (see [`crate::rest::ApplyRequest`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// File name as the user gave it.
+    pub name: String,
+    /// YAML text, one or more documents.
+    pub content: String,
+}
 
 /// A parsed, validated manifest and where it came from.
 #[derive(Debug, Clone, PartialEq)]
