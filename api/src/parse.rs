@@ -183,7 +183,9 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 fn is_empty_document(doc: &str) -> bool {
     doc.lines().all(|l| {
         let t = l.trim();
-        t.is_empty() || t.starts_with('#') || t.starts_with("---") || t == "..."
+        // `--- {kind: Job, ...}` has its content on the marker line.
+        let t = t.strip_prefix("---").map_or(t, str::trim_start);
+        t.is_empty() || t.starts_with('#') || t == "..."
     })
 }
 
@@ -562,6 +564,20 @@ spec:
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[0].line, 3);
         assert_eq!(docs[1].line, 3 + GOOD.lines().count() + 3);
+    }
+
+    #[test]
+    fn a_document_may_start_on_its_marker_line() {
+        let flow = "{apiVersion: bramble/v1, kind: Job, metadata: {name: j}, spec: {image: a}}";
+        let docs = parse_manifests("m.yaml", &format!("{GOOD}--- {flow}\n")).expect("valid");
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1].line, GOOD.lines().count() + 1);
+        let e = one(&format!("--- {}\n", flow.replace("image: a", "image: ''")));
+        assert_eq!(
+            (e.line, e.column, e.field.as_str()),
+            (1, 69, "spec.image"),
+            "{e}"
+        );
     }
 
     #[test]
