@@ -1029,10 +1029,172 @@ spec:
         }
     }
 
+    /// Runs `f` on a thread with a 2 MiB stack: Rust's default for spawned threads and
+    /// tokio's for its workers, where the controller parses manifests.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(f)
+            .expect("spawns a thread")
+            .join()
+            .expect("does not panic or overflow")
+    }
+
+    #[test]
+    fn refuses_deep_nesting_of_every_form_on_a_2_mib_stack() {
+        let closed = |open: &str, close: &str, n: usize| open.repeat(n) + &close.repeat(n);
+        let block_maps: String = (0..100)
+            .map(|i| format!("{}a:\n", "  ".repeat(i)))
+            .collect();
+        let cases: Vec<(&str, String, (usize, usize))> = vec![
+            // Where the 65th level opens...
+            ("block sequences", "- ".repeat(4096), (1, 129)),
+            ("block mappings", block_maps, (65, 129)),
+            ("closed flow sequences", closed("[", "]", 100), (1, 65)),
+            ("closed flow mappings", closed("{a: ", "}", 100), (1, 257)),
+            // The document and `spec` are two levels already.
+            (
+                "in a manifest",
+                format!("{GOOD}  args: {}", closed("[", "]", 70)),
+                (12, 71),
+            ),
+            (
+                "through an alias",
+                format!(
+                    "{GOOD}  args: &x {}\n  command: [*x]\n",
+                    closed("[", "]", 62)
+                ),
+                (13, 13),
+            ),
+            // ...or, for flow collections deeper than the YAML scanner reads ahead
+            // (255 levels), where it stops.
+            ("flow sequences", "[".repeat(8192), (1, 256)),
+            ("flow mappings", "{a: ".repeat(2048), (1, 1021)),
+            ("a MiB of flow sequences", "[".repeat(1 << 20), (1, 256)),
+            ("a MiB of flow mappings", "{a: ".repeat(1 << 18), (1, 1021)),
+            ("a MiB of block sequences", "- ".repeat(1 << 19), (1, 129)),
+        ];
+        for (what, text, (line, column)) in cases {
+            let errors =
+                on_small_stack(move || parse_manifests("deep.yaml", &text)).expect_err("refused");
+            assert_eq!(errors.len(), 1, "{what}: {errors:?}");
+            let e = &errors[0];
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "deep.yaml:{line}:{column}: nested too deeply: more than {MAX_DEPTH} levels"
+                ),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_inputs_are_refused_or_read_in_linear_time_on_a_2_mib_stack() {
+        const MIB: usize = 1 << 20;
+        let cases: Vec<(&str, String, &str)> = vec![
+            (
+                "many list items",
+                "- a\n".repeat(MIB / 4),
+                "too many values",
+            ),
+            (
+                "many keys",
+                (0..MIB / 12).map(|i| format!("k{i:07}: v\n")).collect(),
+                "too many values",
+            ),
+            ("one long line", "a".repeat(MIB), "invalid type: string"),
+            (
+                "one long quoted string",
+                format!("\"{}\"", "a".repeat(MIB)),
+                "invalid type: string",
+            ),
+            (
+                "one long flow list",
+                format!("[{}]", "a, ".repeat(MIB / 3)),
+                "too many values",
+            ),
+            ("a long comment", format!("#{}\n", "a".repeat(MIB)), ""),
+            (
+                "many documents",
+                format!("---\n{}\n", "a".repeat(60)).repeat(MIB / 64),
+                "invalid type: string",
+            ),
+            (
+                "many anchors",
+                format!("[{}]", "&a a, ".repeat(MIB / 6)),
+                "too many values",
+            ),
+            (
+                "a long image name",
+                GOOD.replace("pool/web:1", &"w".repeat(MIB)),
+                "",
+            ),
+            (
+                "long quantities and durations",
+                GOOD.replace("250m", &"5".repeat(MIB))
+                    .replace("64Mi", &"6".repeat(MIB))
+                    + &format!(
+                        "  restart: {{policy: Always, window: {}s}}\n",
+                        "9".repeat(MIB)
+                    ),
+                "",
+            ),
+            (
+                "a long schedule and zone",
+                format!(
+                    "apiVersion: bramble/v1\nkind: CronJob\nmetadata: {{name: c}}\nspec:\n  image: a\n  schedule: '{}0 * * * *'\n  timezone: {}\n",
+                    "1,".repeat(MIB / 2),
+                    "Europe/".repeat(MIB / 7)
+                ),
+                "unknown time zone",
+            ),
+        ];
+        for (what, text, message) in cases {
+            let result = on_small_stack(move || parse_manifests("huge.yaml", &text));
+            match result {
+                Ok(docs) => assert!(message.is_empty(), "{what}: {} documents", docs.len()),
+                Err(errors) => assert!(
+                    errors.iter().any(|e| e.message.contains(message)),
+                    "{what}: {:?}",
+                    errors.first()
+                ),
+            }
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn arbitrary_text_never_panics(s in "\\PC{0,200}") {
             let _ = parse_manifests("p.yaml", &s);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000)) {
+            let _ = parse_manifests("p.yaml", &String::from_utf8_lossy(&bytes));
+        }
+
+        /// Text made of YAML's own punctuation reaches far more of the parser than
+        /// random characters do.
+        #[test]
+        fn yaml_punctuation_never_panics(
+            s in "([-\\[\\]{}:,?&*!|>'\"#%@` \\t\\n\\r\\\\.~]|a|1|&a|\\*a|!!str|---|\\.\\.\\.){0,300}"
+        ) {
+            let _ = parse_manifests("p.yaml", &s);
+        }
+
+        #[test]
+        fn a_manifest_with_random_edits_never_panics(
+            edits in proptest::collection::vec((0..GOOD.len(), "[-\\[\\]{}:,&*!|>'\"# \\t\\na]{0,3}"), 1..6)
+        ) {
+            let mut text = GOOD.to_string();
+            for (at, insert) in edits {
+                let at = at.min(text.len());
+                if text.is_char_boundary(at) {
+                    text.insert_str(at, &insert);
+                }
+            }
+            let _ = parse_manifests("p.yaml", &text);
         }
     }
 }
