@@ -1177,10 +1177,19 @@ spec:
         /// Text made of YAML's own punctuation reaches far more of the parser than
         /// random characters do.
         #[test]
-        fn yaml_punctuation_never_panics(
+        fn yaml_punctuation_never_panics_and_errors_point_into_the_text(
             s in "([-\\[\\]{}:,?&*!|>'\"#%@` \\t\\n\\r\\\\.~]|a|1|&a|\\*a|!!str|---|\\.\\.\\.){0,300}"
         ) {
-            let _ = parse_manifests("p.yaml", &s);
+            if let Err(errors) = parse_manifests("p.yaml", &s) {
+                // YAML breaks lines at \n, \r\n and a lone \r.
+                let lines = s.replace("\r\n", "\n").split(['\n', '\r']).count();
+                for e in errors {
+                    proptest::prop_assert!(
+                        (1..=lines).contains(&e.line) && e.column >= 1,
+                        "{e} is outside the {lines} lines of {s:?}"
+                    );
+                }
+            }
         }
 
         #[test]

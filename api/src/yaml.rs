@@ -114,13 +114,23 @@ pub fn load(text: &str) -> Result<Vec<Document<'_>>, Error> {
     let mut parser = Parser::new_from_str(text);
     let mut docs = Vec::new();
     let mut builder = Builder::default();
+    // Where the current document starts: the place of an empty one.
+    let mut start = Place { line: 1, column: 1 };
+    // saphyr-parser puts the end of a text without a final line break on the line after
+    // it; every place is kept inside the text.
+    let end = end_of(text);
     while let Some(next) = parser.next_event() {
-        let (event, span) = next.map_err(|e| syntax_error(text, &e))?;
-        let at = Place::of(&span.start);
+        let (event, span) = next.map_err(|e| {
+            let mut e = syntax_error(text, &e);
+            e.place = e.place.min(end);
+            e
+        })?;
+        let at = Place::of(&span.start).min(end);
         match event {
-            Event::Nothing | Event::StreamStart | Event::DocumentStart(_) => {}
+            Event::Nothing | Event::StreamStart => {}
+            Event::DocumentStart(_) => start = at,
             Event::StreamEnd => break,
-            Event::DocumentEnd => docs.push(std::mem::take(&mut builder).finish(at)),
+            Event::DocumentEnd => docs.push(std::mem::take(&mut builder).finish(start)),
             Event::Alias(id) => builder.alias(id, at)?,
             Event::Scalar(value, style, anchor, tag) => {
                 let style = scalar_style(style, tag.as_deref(), at)?;
@@ -138,6 +148,26 @@ pub fn load(text: &str) -> Result<Vec<Document<'_>>, Error> {
         }
     }
     Ok(docs)
+}
+
+/// The place just after the last character, with YAML's line breaks (`\n`, `\r\n`, `\r`).
+fn end_of(text: &str) -> Place {
+    let mut end = Place { line: 1, column: 1 };
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\n' || c == '\r' {
+            if c == '\r' && chars.peek() == Some(&'\n') {
+                chars.next();
+            }
+            end = Place {
+                line: end.line + 1,
+                column: 1,
+            };
+        } else {
+            end.column += 1;
+        }
+    }
+    end
 }
 
 /// A syntax error, with the place the reader should look at. saphyr-parser's own place is
@@ -466,11 +496,11 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn finish(mut self, end: Place) -> Document<'a> {
+    fn finish(mut self, start: Place) -> Document<'a> {
         let root = match self.root {
             Some(r) => r,
             // A document with no node at all reads as an empty (null) scalar.
-            None => self.push(end, Content::Scalar("".into(), Style::Plain)),
+            None => self.push(start, Content::Scalar("".into(), Style::Plain)),
         };
         Document {
             nodes: self.nodes,
