@@ -21,6 +21,8 @@
 //! - [`wire`]: agent⇄controller messages.
 //! - [`health`]: node health details (disks, containers, Pi throttling) and their decoding.
 //! - [`rest`]: REST request and response bodies.
+//! - `yaml` (private): YAML text as placed nodes and the serde deserializer over them that
+//!   [`parse`] uses, with nesting and size limits.
 
 pub mod backoff;
 pub mod duration;
@@ -32,6 +34,7 @@ pub mod rest;
 pub mod schedule;
 pub mod task;
 pub mod wire;
+mod yaml;
 
 /// This release's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

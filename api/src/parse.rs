@@ -4,17 +4,32 @@
 //! as a [`ManifestError`] that names the file, line, column and field, and all problems
 //! of all documents are reported at once, so a user fixes a file in one go. Nothing is
 //! half-accepted: a caller gets either every document or the list of errors.
+//!
+//! # Where an error points
+//! - A field that is not known, or a key given twice: its key.
+//! - A value of the wrong type (`replicas: two`) or not one of the allowed words
+//!   (`kind: Deployment`): the value.
+//! - A value that fails its own check (`cpu: fast`, `period: 5x`, a bad name) or a check
+//!   made after parsing: the key of its field, `spec.resources.cpu`.
+//! - A missing field: the key of the mapping that lacks it, or that mapping when it has
+//!   no key (a list item, the document).
+//! - A syntax error: where the YAML parser stopped, or the character at fault.
+//!
+//! Lines count from 1 in the file, columns from 1 in characters (not bytes).
+//!
+//! # Limits
+//! Nesting deeper than [`MAX_DEPTH`] and documents of more than [`MAX_NODES`] values
+//! (aliases counted as copies) are refused with an error at their place, so no text can
+//! exhaust the stack or the memory of the controller that parses it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
-use yaml_rust2::scanner::Marker;
 
 use crate::manifest::{Kind, Manifest, RestartPolicy, API_VERSION};
 use crate::quantity::Memory;
-use crate::rest::Source;
+use crate::yaml;
 
 /// One problem in a manifest, with its place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +58,16 @@ impl fmt::Display for ManifestError {
 
 impl std::error::Error for ManifestError {}
 
+/// One file (or stdin) of manifests, as text, so that errors can point at file, line and
+/// column. Also the body of `POST /v1/apply` (see [`crate::rest::ApplyRequest`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// File name as the user gave it.
+    pub name: String,
+    /// YAML text, one or more documents.
+    pub content: String,
+}
+
 /// A parsed, validated manifest and where it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
@@ -54,21 +79,11 @@ pub struct Document {
     pub manifest: Manifest,
 }
 
+pub use crate::yaml::{MAX_DEPTH, MAX_NODES};
+
 /// Parses and validates every document of one file.
 pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Document>, Vec<ManifestError>> {
-    let mut docs = Vec::new();
-    let mut errors = Vec::new();
-    for (offset, doc) in split_documents(text) {
-        match parse_document(file, offset, doc) {
-            Ok(d) => docs.push(d),
-            Err(mut e) => errors.append(&mut e),
-        }
-    }
-    if errors.is_empty() {
-        Ok(docs)
-    } else {
-        Err(errors)
-    }
+    parse_file(file, text).map(|docs| docs.into_iter().map(|p| p.doc).collect())
 }
 
 /// Parses and validates the documents of several files as one apply: on top of each
@@ -77,17 +92,35 @@ pub fn parse_sources(sources: &[Source]) -> Result<Vec<Document>, Vec<ManifestEr
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for s in sources {
-        match parse_manifests(&s.name, &s.content) {
+        match parse_file(&s.name, &s.content) {
             Ok(mut d) => docs.append(&mut d),
             Err(mut e) => errors.append(&mut e),
         }
     }
     if errors.is_empty() {
-        let mut texts: HashMap<&str, &str> = HashMap::new();
-        for s in sources {
-            texts.insert(&s.name, &s.content);
+        errors = duplicate_errors(&docs);
+    }
+    if errors.is_empty() {
+        Ok(docs.into_iter().map(|p| p.doc).collect())
+    } else {
+        Err(errors)
+    }
+}
+
+/// A valid document and where its name is written, for the duplicate check.
+struct Parsed {
+    doc: Document,
+    name_at: (usize, usize),
+}
+
+fn parse_file(file: &str, text: &str) -> Result<Vec<Parsed>, Vec<ManifestError>> {
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for (offset, piece) in split_documents(text) {
+        match parse_piece(file, offset, piece) {
+            Ok(mut d) => docs.append(&mut d),
+            Err(mut e) => errors.append(&mut e),
         }
-        errors = duplicate_errors(&docs, &texts);
     }
     if errors.is_empty() {
         Ok(docs)
@@ -96,29 +129,16 @@ pub fn parse_sources(sources: &[Source]) -> Result<Vec<Document>, Vec<ManifestEr
     }
 }
 
-fn duplicate_errors(docs: &[Document], texts: &HashMap<&str, &str>) -> Vec<ManifestError> {
+fn duplicate_errors(docs: &[Parsed]) -> Vec<ManifestError> {
     let mut seen: BTreeMap<(Kind, &str), &Document> = BTreeMap::new();
     let mut errors = Vec::new();
-    for d in docs {
+    for Parsed { doc: d, name_at } in docs {
         let key = (d.manifest.kind, d.manifest.metadata.name.as_str());
         if let Some(first) = seen.get(&key) {
-            let (line, column) = texts
-                .get(d.file.as_str())
-                .and_then(|t| {
-                    split_documents(t)
-                        .into_iter()
-                        .take_while(|(off, _)| *off < d.line)
-                        .last()
-                        .map(|(off, doc)| {
-                            let (l, c) = Locator::scan(doc).find("metadata.name");
-                            (l + off, c)
-                        })
-                })
-                .unwrap_or((d.line, 1));
             errors.push(ManifestError {
                 file: d.file.clone(),
-                line,
-                column,
+                line: name_at.0,
+                column: name_at.1,
                 field: "metadata.name".into(),
                 message: format!(
                     "duplicate {} {:?}: already defined at {}:{}",
@@ -133,7 +153,9 @@ fn duplicate_errors(docs: &[Document], texts: &HashMap<&str, &str>) -> Vec<Manif
 }
 
 /// Splits a YAML stream at `---` lines. Returns each document's first line (from 0) and
-/// text; documents with nothing but comments and blank lines are dropped.
+/// text; documents with nothing but comments and blank lines are dropped. Each piece is
+/// parsed on its own, so a syntax error in one document does not hide the problems of
+/// the others.
 fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut out = Vec::new();
     let mut start_byte = 0;
@@ -161,105 +183,57 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 fn is_empty_document(doc: &str) -> bool {
     doc.lines().all(|l| {
         let t = l.trim();
-        t.is_empty() || t.starts_with('#') || t.starts_with("---") || t == "..."
+        // `--- {kind: Job, ...}` has its content on the marker line.
+        let t = t.strip_prefix("---").map_or(t, str::trim_start);
+        t.is_empty() || t.starts_with('#') || t == "..."
     })
 }
 
-fn parse_document(file: &str, offset: usize, doc: &str) -> Result<Document, Vec<ManifestError>> {
-    let manifest: Manifest = match serde_yaml::from_str(doc) {
-        Ok(m) => m,
-        Err(e) => return Err(vec![yaml_error(file, offset, doc, &e)]),
-    };
-    let problems = check(&manifest);
-    if problems.is_empty() {
-        let first = doc
-            .lines()
-            .position(|l| {
-                let t = l.trim();
-                !(t.is_empty() || t.starts_with('#') || t.starts_with("---"))
-            })
-            .unwrap_or(0);
-        return Ok(Document {
-            file: file.to_string(),
-            line: offset + first + 1,
-            manifest,
-        });
-    }
-    let locator = Locator::scan(doc);
-    Err(problems
-        .into_iter()
-        .map(|(field, message)| {
-            let (line, column) = locator.find(&field);
-            ManifestError {
-                file: file.to_string(),
-                line: line + offset,
-                column,
-                field,
-                message,
-            }
-        })
-        .collect())
-}
-
-/// Turns serde_yaml's error (`spec.ports[0]: unknown field ``x``, expected … at line 3
-/// column 5`) into file, line, column, field and message.
-fn yaml_error(file: &str, offset: usize, doc: &str, e: &serde_yaml::Error) -> ManifestError {
-    let text = e.to_string();
-    let text = match text.rfind(" at line ") {
-        Some(i) if e.location().is_some() => &text[..i],
-        _ => text.as_str(),
-    };
-    let (mut field, message) = match text.split_once(": ") {
-        Some((p, m)) if !p.is_empty() && !p.contains(char::is_whitespace) => {
-            (p.to_string(), m.to_string())
-        }
-        _ => (String::new(), text.to_string()),
-    };
-    for prefix in ["unknown field `", "missing field `"] {
-        if let Some(rest) = message.strip_prefix(prefix) {
-            if let Some((name, _)) = rest.split_once('`') {
-                field = if field.is_empty() {
-                    name.to_string()
-                } else {
-                    format!("{field}.{name}")
-                };
-            }
-        }
-    }
-    if !message.starts_with("unknown field") && !message.starts_with("missing field") {
-        // Errors raised by a value's own type (a bad quantity, name or duration) carry
-        // the path of the mapping that holds the value; find the value it quotes.
-        let locator = Locator::scan(doc);
-        if let Some((path, (line, column))) = locator.child_quoted_in(&field, &message) {
-            return ManifestError {
-                file: file.to_string(),
-                line: line + offset,
-                column,
-                field: path.to_string(),
-                message,
-            };
-        }
-    }
-    let (line, column) = match e.location() {
-        Some(l) if !message.starts_with("missing field") => (l.line(), l.column()),
-        // A missing field has no place of its own: point at its parent mapping.
-        _ => {
-            let parent = field.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
-            if parent.is_empty() {
-                e.location()
-                    .map(|l| (l.line(), l.column()))
-                    .unwrap_or((1, 1))
-            } else {
-                Locator::scan(doc).find(parent)
-            }
-        }
-    };
-    ManifestError {
+/// Parses and validates the documents of one piece of a file that starts on line
+/// `offset + 1`.
+fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Vec<Parsed>, Vec<ManifestError>> {
+    let error = |place: yaml::Place, field: String, message: String| ManifestError {
         file: file.to_string(),
-        line: line + offset,
-        column,
+        line: offset + place.line,
+        column: place.column,
         field,
         message,
+    };
+    let from_yaml = |e: yaml::Error| error(e.place, e.field, e.message);
+    let docs = yaml::load(text).map_err(|e| vec![from_yaml(e)])?;
+    let mut parsed = Vec::new();
+    let mut errors = Vec::new();
+    for doc in docs {
+        let manifest: Manifest = match doc.decode() {
+            Ok(m) => m,
+            Err(e) => {
+                errors.push(from_yaml(e));
+                continue;
+            }
+        };
+        let problems = check(&manifest);
+        if problems.is_empty() {
+            let name = doc.place_of("metadata.name");
+            parsed.push(Parsed {
+                doc: Document {
+                    file: file.to_string(),
+                    line: offset + doc.start().line,
+                    manifest,
+                },
+                name_at: (offset + name.line, name.column),
+            });
+        } else {
+            errors.extend(
+                problems
+                    .into_iter()
+                    .map(|(field, message)| error(doc.place_of(&field), field, message)),
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(errors)
     }
 }
 
@@ -539,143 +513,6 @@ fn is_clean_absolute(p: &str) -> bool {
     p.starts_with('/') && !p.split('/').any(|seg| seg == "..") && !p.contains('\0')
 }
 
-/// Where each field of a YAML document is: dotted paths (`spec.ports[0].host`, the same
-/// spelling serde_yaml uses in its errors) to the line and column of the key.
-struct Locator {
-    places: HashMap<String, (usize, usize)>,
-    values: HashMap<String, String>,
-}
-
-enum Frame {
-    Map { path: String, key: Option<String> },
-    Seq { path: String, index: usize },
-}
-
-struct Collector {
-    stack: Vec<Frame>,
-    places: HashMap<String, (usize, usize)>,
-    values: HashMap<String, String>,
-}
-
-impl Collector {
-    /// Handles a node at the current position; returns its path if it is a value.
-    fn node(&mut self, mark: Marker, scalar: Option<&str>) -> Option<String> {
-        // yaml-rust2 counts columns from 0, people from 1.
-        let at = (mark.line(), mark.col() + 1);
-        match self.stack.last_mut() {
-            None => Some(String::new()),
-            Some(Frame::Map { path, key }) => match key.take() {
-                None => {
-                    let name = scalar.unwrap_or("?").to_string();
-                    let p = if path.is_empty() {
-                        name.clone()
-                    } else {
-                        format!("{path}.{name}")
-                    };
-                    self.places.entry(p).or_insert(at);
-                    *key = Some(name);
-                    None
-                }
-                Some(k) => Some(if path.is_empty() {
-                    k
-                } else {
-                    format!("{path}.{k}")
-                }),
-            },
-            Some(Frame::Seq { path, index }) => {
-                let p = format!("{path}[{index}]");
-                *index += 1;
-                self.places.entry(p.clone()).or_insert(at);
-                Some(p)
-            }
-        }
-    }
-}
-
-impl MarkedEventReceiver for Collector {
-    fn on_event(&mut self, ev: Event, mark: Marker) {
-        match ev {
-            Event::Scalar(ref v, ..) => {
-                if let Some(path) = self.node(mark, Some(v)) {
-                    self.values.insert(path, v.clone());
-                }
-            }
-            Event::MappingStart(..) => {
-                if let Some(path) = self.node(mark, None) {
-                    self.stack.push(Frame::Map { path, key: None });
-                } else {
-                    // A complex key; track it so the stack stays balanced.
-                    self.stack.push(Frame::Map {
-                        path: "?".into(),
-                        key: None,
-                    });
-                }
-            }
-            Event::SequenceStart(..) => {
-                let path = self.node(mark, None).unwrap_or_else(|| "?".into());
-                self.stack.push(Frame::Seq { path, index: 0 });
-            }
-            Event::MappingEnd | Event::SequenceEnd => {
-                self.stack.pop();
-            }
-            _ => {}
-        }
-    }
-}
-
-impl Locator {
-    fn scan(doc: &str) -> Locator {
-        let mut c = Collector {
-            stack: Vec::new(),
-            places: HashMap::new(),
-            values: HashMap::new(),
-        };
-        // A document that does not parse has no places; lookups then fall back to 1:1.
-        let _ = Parser::new_from_str(doc).load(&mut c, false);
-        Locator {
-            places: c.places,
-            values: c.values,
-        }
-    }
-
-    /// The direct child of mapping `parent` whose scalar value the message quotes
-    /// (`invalid cpu quantity "lots"`), in document order.
-    fn child_quoted_in(&self, parent: &str, message: &str) -> Option<(&str, (usize, usize))> {
-        let prefix = if parent.is_empty() {
-            String::new()
-        } else {
-            format!("{parent}.")
-        };
-        let mut hits: Vec<(&str, (usize, usize))> = self
-            .values
-            .iter()
-            .filter(|(path, value)| {
-                path.strip_prefix(&prefix)
-                    .is_some_and(|rest| !rest.contains(['.', '[']))
-                    && message.contains(&format!("{value:?}"))
-            })
-            .filter_map(|(path, _)| self.places.get(path).map(|at| (path.as_str(), *at)))
-            .collect();
-        hits.sort_by_key(|(_, at)| *at);
-        hits.into_iter().next()
-    }
-
-    /// The place of `path`, or of its nearest ancestor that exists.
-    fn find(&self, path: &str) -> (usize, usize) {
-        let mut p = path;
-        loop {
-            if let Some(at) = self.places.get(p) {
-                return *at;
-            }
-            let cut = p.rfind(['.', '[']);
-            match cut {
-                Some(i) => p = &p[..i],
-                None => return (1, 1),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -727,6 +564,20 @@ spec:
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[0].line, 3);
         assert_eq!(docs[1].line, 3 + GOOD.lines().count() + 3);
+    }
+
+    #[test]
+    fn a_document_may_start_on_its_marker_line() {
+        let flow = "{apiVersion: bramble/v1, kind: Job, metadata: {name: j}, spec: {image: a}}";
+        let docs = parse_manifests("m.yaml", &format!("{GOOD}--- {flow}\n")).expect("valid");
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1].line, GOOD.lines().count() + 1);
+        let e = one(&format!("--- {}\n", flow.replace("image: a", "image: ''")));
+        assert_eq!(
+            (e.line, e.column, e.field.as_str()),
+            (1, 69, "spec.image"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -941,10 +792,418 @@ spec:
         }
     }
 
+    /// One bad manifest: what it is, its text, and the error it must give: line, column,
+    /// field and a part of the message.
+    type Case = (
+        &'static str,
+        String,
+        (usize, usize),
+        &'static str,
+        &'static str,
+    );
+
+    #[test]
+    fn every_kind_of_error_names_the_place_to_look_at() {
+        let r = |from: &str, to: &str| GOOD.replace(from, to);
+        let cases: Vec<Case> = vec![
+            // The key of a field that is not known.
+            (
+                "unknown field",
+                r("  replicas: 2\n", "  replicas: 2\n  replcas: 3\n"),
+                (9, 3),
+                "spec.replcas",
+                "unknown field `replcas`, expected one of `image`",
+            ),
+            (
+                "unknown field in a flow list item",
+                r("host: 18080", "hots: 1"),
+                (10, 29),
+                "spec.ports[0].hots",
+                "unknown field `hots`, expected one of `container`, `host`, `protocol`",
+            ),
+            // The value, when it has the wrong type or is not one of the variants.
+            (
+                "wrong type",
+                r("replicas: 2", "replicas: two"),
+                (8, 13),
+                "spec.replicas",
+                "invalid type: string \"two\", expected u32",
+            ),
+            (
+                "a quoted number is text",
+                r("container: 8080", "container: '8080'"),
+                (10, 23),
+                "spec.ports[0].container",
+                "invalid type: string \"8080\", expected u16",
+            ),
+            (
+                "a number out of range",
+                r("host: 18080", "host: 70000"),
+                (10, 35),
+                "spec.ports[0].host",
+                "invalid value: integer `70000`, expected u16",
+            ),
+            (
+                "unknown variant",
+                r("kind: Service", "kind: Deployment"),
+                (2, 7),
+                "kind",
+                "unknown variant `Deployment`, expected one of `Service`",
+            ),
+            (
+                "unknown variant in a list",
+                format!("{GOOD}  placement: {{architectures: [arm64, mips]}}\n"),
+                (12, 38),
+                "spec.placement.architectures[1]",
+                "unknown variant `mips`",
+            ),
+            // The key of a field whose value fails its own check, as for the checks
+            // after parsing.
+            (
+                "bad quantity, flow style",
+                r("cpu: 250m", "cpu: lots"),
+                (11, 15),
+                "spec.resources.cpu",
+                "invalid cpu quantity \"lots\": expected cores",
+            ),
+            (
+                "bad quantity, block style",
+                r(
+                    "  resources: {cpu: 250m, memory: 64Mi}\n",
+                    "  resources:\n    memory: 64MB\n",
+                ),
+                (12, 5),
+                "spec.resources.memory",
+                "invalid memory quantity \"64MB\"",
+            ),
+            (
+                "bad duration",
+                format!("{GOOD}  probes:\n    liveness: {{exec: [a], period: 5x}}\n"),
+                (13, 27),
+                "spec.probes.liveness.period",
+                "invalid duration \"5x\"",
+            ),
+            (
+                "bad name",
+                r("name: web", "name: Web_1"),
+                (4, 3),
+                "metadata.name",
+                "invalid name \"Web_1\"",
+            ),
+            (
+                "a list where a map of text is wanted",
+                r("env: {PORT: 8080, DEBUG: true}", "env: [a]"),
+                (9, 3),
+                "spec.env",
+                "expected a mapping of names to text, numbers or booleans",
+            ),
+            // The key of the mapping that lacks a field, or the mapping itself.
+            (
+                "missing field",
+                r("  image: pool/web:1\n", ""),
+                (6, 1),
+                "spec.image",
+                "missing field `image`",
+            ),
+            (
+                "missing field of the document",
+                r("metadata:\n  name: web\n  labels: {app: pool}\n", ""),
+                (1, 1),
+                "metadata",
+                "missing field `metadata`",
+            ),
+            (
+                "missing field in a list item",
+                r("{container: 8080, host: 18080}", "{host: 1}"),
+                (10, 11),
+                "spec.ports[0].container",
+                "missing field `container`",
+            ),
+            // The second of two equal keys.
+            (
+                "duplicate field",
+                r("  replicas: 2\n", "  replicas: 2\n  image: x\n"),
+                (9, 3),
+                "spec.image",
+                "duplicate key \"image\": already given at line 7",
+            ),
+            (
+                "duplicate key in a map",
+                r("DEBUG: true", "PORT: 1"),
+                (9, 21),
+                "spec.env.PORT",
+                "duplicate key \"PORT\": already given at line 9",
+            ),
+            // Syntax: where the parser stops, or the character at fault.
+            (
+                "mapping value in a plain scalar",
+                r("kind: Service", "kind: Service: x"),
+                (2, 14),
+                "",
+                "mapping values are not allowed in this context",
+            ),
+            (
+                "unclosed flow mapping",
+                r("memory: 64Mi}", "memory: 64Mi"),
+                (12, 1),
+                "",
+                "did not find expected ',' or '}'",
+            ),
+            (
+                "tab in indentation",
+                r("  image: pool/web:1\n", "\timage: pool/web:1\n"),
+                (7, 1),
+                "",
+                "tabs disallowed",
+            ),
+            (
+                "unknown escape",
+                r("image: pool/web:1", "image: \"pool\\qweb\""),
+                (7, 15),
+                "",
+                "unknown escape character",
+            ),
+            (
+                "unclosed quote, at its opening",
+                r("image: pool/web:1", "image: \"pool/web:1"),
+                (7, 10),
+                "",
+                "quoted scalar",
+            ),
+            (
+                "control character",
+                r("image: pool/web:1", "image: pool\u{0}web"),
+                (7, 14),
+                "",
+                "unprintable character",
+            ),
+            (
+                "unsupported tag",
+                r("image: pool/web:1", "image: !Secret web"),
+                (7, 10),
+                "",
+                "unsupported tag `!Secret`",
+            ),
+            // Checks after parsing: the field's key, found through flow style, dotted
+            // keys and multi-byte characters (columns count characters).
+            (
+                "check in a flow list item",
+                r("host: 18080", "host: 0"),
+                (10, 29),
+                "spec.ports[0].host",
+                "port must be between 1 and 65535",
+            ),
+            (
+                "check of a key with dots",
+                r(
+                    "labels: {app: pool}",
+                    "labels: {app.kubernetes.io/name: 'a,b'}",
+                ),
+                (5, 12),
+                "metadata.labels.app.kubernetes.io/name",
+                "invalid label value \"a,b\"",
+            ),
+            (
+                "columns count characters",
+                r("labels: {app: pool}", "labels: {app: pööl, 'b c': x}"),
+                (5, 23),
+                "metadata.labels.b c",
+                "invalid label key \"b c\"",
+            ),
+            (
+                "error in the second document",
+                format!("{GOOD}---\n{}", r("cpu: 250m", "cpu: lots")),
+                (23, 15),
+                "spec.resources.cpu",
+                "invalid cpu quantity",
+            ),
+        ];
+        for (what, text, (line, column), field, message) in cases {
+            let e = one(&text);
+            assert_eq!(
+                (e.line, e.column, e.field.as_str()),
+                (line, column, field),
+                "{what}: {e}"
+            );
+            assert!(e.message.contains(message), "{what}: {e}");
+        }
+    }
+
+    /// Runs `f` on a thread with a 2 MiB stack: Rust's default for spawned threads and
+    /// tokio's for its workers, where the controller parses manifests.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(f)
+            .expect("spawns a thread")
+            .join()
+            .expect("does not panic or overflow")
+    }
+
+    #[test]
+    fn refuses_deep_nesting_of_every_form_on_a_2_mib_stack() {
+        let closed = |open: &str, close: &str, n: usize| open.repeat(n) + &close.repeat(n);
+        let block_maps: String = (0..100)
+            .map(|i| format!("{}a:\n", "  ".repeat(i)))
+            .collect();
+        let cases: Vec<(&str, String, (usize, usize))> = vec![
+            // Where the 65th level opens...
+            ("block sequences", "- ".repeat(4096), (1, 129)),
+            ("block mappings", block_maps, (65, 129)),
+            ("closed flow sequences", closed("[", "]", 100), (1, 65)),
+            ("closed flow mappings", closed("{a: ", "}", 100), (1, 257)),
+            // The document and `spec` are two levels already.
+            (
+                "in a manifest",
+                format!("{GOOD}  args: {}", closed("[", "]", 70)),
+                (12, 71),
+            ),
+            (
+                "through an alias",
+                format!(
+                    "{GOOD}  args: &x {}\n  command: [*x]\n",
+                    closed("[", "]", 62)
+                ),
+                (13, 13),
+            ),
+            // ...or, for flow collections deeper than the YAML scanner reads ahead
+            // (255 levels), where it stops.
+            ("flow sequences", "[".repeat(8192), (1, 256)),
+            ("flow mappings", "{a: ".repeat(2048), (1, 1021)),
+            ("a MiB of flow sequences", "[".repeat(1 << 20), (1, 256)),
+            ("a MiB of flow mappings", "{a: ".repeat(1 << 18), (1, 1021)),
+            ("a MiB of block sequences", "- ".repeat(1 << 19), (1, 129)),
+        ];
+        for (what, text, (line, column)) in cases {
+            let errors =
+                on_small_stack(move || parse_manifests("deep.yaml", &text)).expect_err("refused");
+            assert_eq!(errors.len(), 1, "{what}: {errors:?}");
+            let e = &errors[0];
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "deep.yaml:{line}:{column}: nested too deeply: more than {MAX_DEPTH} levels"
+                ),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_inputs_are_refused_or_read_in_linear_time_on_a_2_mib_stack() {
+        const MIB: usize = 1 << 20;
+        let cases: Vec<(&str, String, &str)> = vec![
+            (
+                "many list items",
+                "- a\n".repeat(MIB / 4),
+                "too many values",
+            ),
+            (
+                "many keys",
+                (0..MIB / 12).map(|i| format!("k{i:07}: v\n")).collect(),
+                "too many values",
+            ),
+            ("one long line", "a".repeat(MIB), "invalid type: string"),
+            (
+                "one long quoted string",
+                format!("\"{}\"", "a".repeat(MIB)),
+                "invalid type: string",
+            ),
+            (
+                "one long flow list",
+                format!("[{}]", "a, ".repeat(MIB / 3)),
+                "too many values",
+            ),
+            ("a long comment", format!("#{}\n", "a".repeat(MIB)), ""),
+            (
+                "many documents",
+                format!("---\n{}\n", "a".repeat(60)).repeat(MIB / 64),
+                "invalid type: string",
+            ),
+            (
+                "many anchors",
+                format!("[{}]", "&a a, ".repeat(MIB / 6)),
+                "too many values",
+            ),
+            (
+                "a long image name",
+                GOOD.replace("pool/web:1", &"w".repeat(MIB)),
+                "",
+            ),
+            (
+                "long quantities and durations",
+                GOOD.replace("250m", &"5".repeat(MIB))
+                    .replace("64Mi", &"6".repeat(MIB))
+                    + &format!(
+                        "  restart: {{policy: Always, window: {}s}}\n",
+                        "9".repeat(MIB)
+                    ),
+                "",
+            ),
+            (
+                "a long schedule and zone",
+                format!(
+                    "apiVersion: bramble/v1\nkind: CronJob\nmetadata: {{name: c}}\nspec:\n  image: a\n  schedule: '{}0 * * * *'\n  timezone: {}\n",
+                    "1,".repeat(MIB / 2),
+                    "Europe/".repeat(MIB / 7)
+                ),
+                "unknown time zone",
+            ),
+        ];
+        for (what, text, message) in cases {
+            let result = on_small_stack(move || parse_manifests("huge.yaml", &text));
+            match result {
+                Ok(docs) => assert!(message.is_empty(), "{what}: {} documents", docs.len()),
+                Err(errors) => assert!(
+                    errors.iter().any(|e| e.message.contains(message)),
+                    "{what}: {:?}",
+                    errors.first()
+                ),
+            }
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn arbitrary_text_never_panics(s in "\\PC{0,200}") {
             let _ = parse_manifests("p.yaml", &s);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000)) {
+            let _ = parse_manifests("p.yaml", &String::from_utf8_lossy(&bytes));
+        }
+
+        /// Text made of YAML's own punctuation reaches far more of the parser than
+        /// random characters do.
+        #[test]
+        fn yaml_punctuation_never_panics_and_errors_point_into_the_text(
+            s in "([-\\[\\]{}:,?&*!|>'\"#%@` \\t\\n\\r\\\\.~]|a|1|&a|\\*a|!!str|---|\\.\\.\\.){0,300}"
+        ) {
+            if let Err(errors) = parse_manifests("p.yaml", &s) {
+                // YAML breaks lines at \n, \r\n and a lone \r.
+                let lines = s.replace("\r\n", "\n").split(['\n', '\r']).count();
+                for e in errors {
+                    proptest::prop_assert!(
+                        (1..=lines).contains(&e.line) && e.column >= 1,
+                        "{e} is outside the {lines} lines of {s:?}"
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn a_manifest_with_random_edits_never_panics(
+            edits in proptest::collection::vec((0..GOOD.len(), "[-\\[\\]{}:,&*!|>'\"# \\t\\na]{0,3}"), 1..6)
+        ) {
+            let mut text = GOOD.to_string();
+            for (at, insert) in edits {
+                let at = at.min(text.len());
+                if text.is_char_boundary(at) {
+                    text.insert_str(at, &insert);
+                }
+            }
+            let _ = parse_manifests("p.yaml", &text);
         }
     }
 }

@@ -35,6 +35,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Kind, Manifest};
 use crate::parse::ManifestError;
+// `Source` is what `parse` reads, so it lives there; it is also the body of
+// `POST /v1/apply`, so it is found here too.
+pub use crate::parse::Source;
 use crate::wire::{NodeInfo, NodeMetrics};
 
 /// Release and protocol versions.
@@ -47,16 +50,6 @@ pub struct VersionInfo {
     pub api_version: String,
     /// Agent protocol version.
     pub protocol: u32,
-}
-
-/// One file (or stdin) of manifests, as text, so the controller can point at file,
-/// line and column.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Source {
-    /// File name as the user gave it.
-    pub name: String,
-    /// YAML text, one or more documents.
-    pub content: String,
 }
 
 /// `POST /v1/apply`: create or update every workload in the sources, all or nothing.

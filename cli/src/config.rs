@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::describe_io;
+use crate::output::describe_io;
 
 /// Where the controller is when nothing says otherwise.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7878";

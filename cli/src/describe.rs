@@ -1,5 +1,8 @@
 //! `describe` pages: pure renderers from API objects to kubectl-style `Key: value`
 //! blocks, so they can be tested from fixtures.
+//!
+//! The words for a state (`node_status`, `ready`, `memory_limits`, `firing_outcome`) live
+//! here too, and `get`'s tables take them from here, so a page and a table say the same.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -631,6 +634,15 @@ pub fn node_status(n: &NodeView) -> String {
     }
 }
 
+/// Whether Docker enforces `resources.memory` on a node, in a word.
+pub fn memory_limits(enforced: Option<bool>) -> &'static str {
+    match enforced {
+        Some(true) => "enforced",
+        Some(false) => "NOT-ENFORCED",
+        None => "<unknown>",
+    }
+}
+
 /// `describe node NAME`, with the tasks placed on it and its events.
 pub fn node(n: &NodeView, tasks: &[Task], events: Option<&[Event]>, now: DateTime<Utc>) -> String {
     let i = &n.info;
@@ -642,10 +654,7 @@ pub fn node(n: &NodeView, tasks: &[Task], events: Option<&[Event]>, now: DateTim
         .field("Address", or_none(n.address.as_deref()))
         .field("Registered", time(n.registered_at, now))
         .field("Last Seen", opt_time(n.last_seen, now))
-        .field(
-            "Memory Limits",
-            crate::commands::get::memory_limits(i.memory_limits),
-        );
+        .field("Memory Limits", memory_limits(i.memory_limits));
     page.section("System Info")
         .field_at(1, "Architecture", i.arch)
         .field_at(1, "OS", if i.os.is_empty() { "<unknown>" } else { &i.os })

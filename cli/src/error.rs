@@ -52,26 +52,6 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
     Failure::Usage(message.into()).into()
 }
 
-/// An io error for a one-line message: lower case, without the `(os error 2)` suffix.
-pub fn describe_io(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::NotFound => "no such file or directory".into(),
-        io::ErrorKind::PermissionDenied => "permission denied".into(),
-        _ => {
-            let s = e.to_string();
-            let s = match s.rfind(" (os error ") {
-                Some(i) => &s[..i],
-                None => s.as_str(),
-            };
-            let mut chars = s.chars();
-            match chars.next() {
-                Some(c) => c.to_lowercase().chain(chars).collect(),
-                None => String::new(),
-            }
-        }
-    }
-}
-
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|e| {
         e.downcast_ref::<io::Error>()
@@ -182,11 +162,5 @@ mod tests {
     fn a_closed_stdout_is_not_an_error() {
         let err = anyhow::Error::from(io::Error::from(io::ErrorKind::BrokenPipe));
         assert_eq!(reported(err), (0, String::new()));
-    }
-
-    #[test]
-    fn io_errors_read_as_one_lower_case_line() {
-        let e = io::Error::from_raw_os_error(21);
-        assert_eq!(describe_io(&e), "is a directory");
     }
 }

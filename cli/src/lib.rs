@@ -10,7 +10,7 @@
 //! - [`commands`]: one module per command, doing the I/O.
 //! - [`describe`]: `describe` pages, rendered from API objects (pure).
 //! - [`table`]: borderless aligned tables (pure).
-//! - [`output`]: ages, output formats, resource names (pure).
+//! - [`output`]: ages, output formats, resource names, one-line io errors (pure).
 //! - [`sources`]: reading manifest files and directories for `apply -f`.
 //! - [`error`]: exit codes and error reporting.
 

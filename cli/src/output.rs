@@ -1,7 +1,8 @@
-//! Small pieces of output shared by the commands: ages, output formats, resource names.
+//! Small pieces of output shared by the commands: ages, output formats, resource names,
+//! io errors in one line.
 
 use std::fmt;
-use std::io::Write;
+use std::io::{self, Write};
 use std::str::FromStr;
 
 use bramble_api::manifest::Kind;
@@ -319,6 +320,26 @@ pub fn or_none<T: fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "<none>".to_string(), |v| v.to_string())
 }
 
+/// An io error for a one-line message: lower case, without the `(os error 2)` suffix.
+pub fn describe_io(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => "no such file or directory".into(),
+        io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => {
+            let s = e.to_string();
+            let s = match s.rfind(" (os error ") {
+                Some(i) => &s[..i],
+                None => s.as_str(),
+            };
+            let mut chars = s.chars();
+            match chars.next() {
+                Some(c) => c.to_lowercase().chain(chars).collect(),
+                None => String::new(),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,5 +491,11 @@ mod tests {
             Resource::parse_with_name("tasks"),
             Ok((Resource::Tasks, None))
         );
+    }
+
+    #[test]
+    fn io_errors_read_as_one_lower_case_line() {
+        let e = io::Error::from_raw_os_error(21);
+        assert_eq!(describe_io(&e), "is a directory");
     }
 }

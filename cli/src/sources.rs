@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use bramble_api::rest::Source;
 
-use crate::error::describe_io;
+use crate::output::describe_io;
 
 /// Why manifests could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::not_found;
 use crate::args::GetArgs;
 use crate::client::Client;
-use crate::describe::{firing_outcome, node_status, ready};
+use crate::describe::{firing_outcome, memory_limits, node_status, ready};
 use crate::error::usage;
 use crate::output::{age, ago, or_none, timestamp, until, write_structured, Format, Resource};
 use crate::table::{cell, Table};
@@ -158,15 +158,6 @@ pub fn sort_tasks(tasks: &mut [Task]) {
             &b.id,
         ))
     });
-}
-
-/// Whether Docker enforces `resources.memory` on a node, in a word.
-pub fn memory_limits(enforced: Option<bool>) -> &'static str {
-    match enforced {
-        Some(true) => "enforced",
-        Some(false) => "NOT-ENFORCED",
-        None => "<unknown>",
-    }
 }
 
 /// `get nodes`.
