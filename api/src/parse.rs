@@ -75,6 +75,9 @@ pub struct Document {
     pub file: String,
     /// Line where the document starts, from 1.
     pub line: usize,
+    /// Line and column (from 1) where `metadata.name` is written, for errors about
+    /// the name that only the cluster's state can find.
+    pub name_at: (usize, usize),
     /// The manifest.
     pub manifest: Manifest,
 }
@@ -83,11 +86,12 @@ pub use crate::yaml::{MAX_DEPTH, MAX_NODES};
 
 /// Parses and validates every document of one file.
 pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Document>, Vec<ManifestError>> {
-    parse_file(file, text).map(|docs| docs.into_iter().map(|p| p.doc).collect())
+    parse_file(file, text)
 }
 
 /// Parses and validates the documents of several files as one apply: on top of each
-/// document's own checks, a kind and name may appear only once.
+/// document's own checks, a name may appear only once, whatever the kind (workload names
+/// are unique across kinds: they are also the names containers reach workloads by).
 pub fn parse_sources(sources: &[Source]) -> Result<Vec<Document>, Vec<ManifestError>> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
@@ -101,19 +105,13 @@ pub fn parse_sources(sources: &[Source]) -> Result<Vec<Document>, Vec<ManifestEr
         errors = duplicate_errors(&docs);
     }
     if errors.is_empty() {
-        Ok(docs.into_iter().map(|p| p.doc).collect())
+        Ok(docs)
     } else {
         Err(errors)
     }
 }
 
-/// A valid document and where its name is written, for the duplicate check.
-struct Parsed {
-    doc: Document,
-    name_at: (usize, usize),
-}
-
-fn parse_file(file: &str, text: &str) -> Result<Vec<Parsed>, Vec<ManifestError>> {
+fn parse_file(file: &str, text: &str) -> Result<Vec<Document>, Vec<ManifestError>> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for (offset, piece) in split_documents(text) {
@@ -129,24 +127,32 @@ fn parse_file(file: &str, text: &str) -> Result<Vec<Parsed>, Vec<ManifestError>>
     }
 }
 
-fn duplicate_errors(docs: &[Parsed]) -> Vec<ManifestError> {
-    let mut seen: BTreeMap<(Kind, &str), &Document> = BTreeMap::new();
+fn duplicate_errors(docs: &[Document]) -> Vec<ManifestError> {
+    let mut seen: BTreeMap<&str, &Document> = BTreeMap::new();
     let mut errors = Vec::new();
-    for Parsed { doc: d, name_at } in docs {
-        let key = (d.manifest.kind, d.manifest.metadata.name.as_str());
-        if let Some(first) = seen.get(&key) {
+    for d in docs {
+        let name = d.manifest.metadata.name.as_str();
+        if let Some(first) = seen.get(name) {
+            let message = if first.manifest.kind == d.manifest.kind {
+                format!(
+                    "duplicate {} {name:?}: already defined at {}:{}",
+                    d.manifest.kind, first.file, first.line
+                )
+            } else {
+                format!(
+                    "the name {name:?} is already used by the {} at {}:{}; workload names are unique across kinds",
+                    first.manifest.kind, first.file, first.line
+                )
+            };
             errors.push(ManifestError {
                 file: d.file.clone(),
-                line: name_at.0,
-                column: name_at.1,
+                line: d.name_at.0,
+                column: d.name_at.1,
                 field: "metadata.name".into(),
-                message: format!(
-                    "duplicate {} {:?}: already defined at {}:{}",
-                    d.manifest.kind, key.1, first.file, first.line
-                ),
+                message,
             });
         } else {
-            seen.insert(key, d);
+            seen.insert(name, d);
         }
     }
     errors
@@ -191,7 +197,7 @@ fn is_empty_document(doc: &str) -> bool {
 
 /// Parses and validates the documents of one piece of a file that starts on line
 /// `offset + 1`.
-fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Vec<Parsed>, Vec<ManifestError>> {
+fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Vec<Document>, Vec<ManifestError>> {
     let error = |place: yaml::Place, field: String, message: String| ManifestError {
         file: file.to_string(),
         line: offset + place.line,
@@ -214,13 +220,11 @@ fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Vec<Parsed>, Vec
         let problems = check(&manifest);
         if problems.is_empty() {
             let name = doc.place_of("metadata.name");
-            parsed.push(Parsed {
-                doc: Document {
-                    file: file.to_string(),
-                    line: offset + doc.start().line,
-                    manifest,
-                },
+            parsed.push(Document {
+                file: file.to_string(),
+                line: offset + doc.start().line,
                 name_at: (offset + name.line, name.column),
+                manifest,
             });
         } else {
             errors.extend(

@@ -11,7 +11,7 @@
 //! briefly down, as with `docker restart`.
 
 use bramble_api::manifest::Kind;
-use bramble_api::parse::Document;
+use bramble_api::parse::{Document, ManifestError};
 use bramble_api::rest::{
     ApplyOutcome, ApplyResponse, ApplyResult, DeleteResponse, PendingTask, RestartResponse,
 };
@@ -37,6 +37,29 @@ pub fn apply(
     dry_run: bool,
     now: DateTime<Utc>,
 ) -> Result<(Change, ApplyResponse), DomainError> {
+    let taken: Vec<ManifestError> = docs
+        .iter()
+        .filter_map(|d| {
+            let name = d.manifest.metadata.name.as_str();
+            let other = snap
+                .workloads
+                .keys()
+                .find(|(k, n)| n == name && *k != d.manifest.kind)?;
+            Some(ManifestError {
+                file: d.file.clone(),
+                line: d.name_at.0,
+                column: d.name_at.1,
+                field: "metadata.name".into(),
+                message: format!(
+                    "the name {name:?} is already used by {} {name:?}; workload names are unique across kinds (delete that one first)",
+                    other.0.path()
+                ),
+            })
+        })
+        .collect();
+    if !taken.is_empty() {
+        return Err(DomainError::InvalidManifest(taken));
+    }
     let mut writes = Vec::new();
     let mut drafts = Vec::new();
     let mut results = Vec::new();
@@ -443,6 +466,7 @@ mod tests {
         let docs = vec![Document {
             file: "w.yaml".into(),
             line: 1,
+            name_at: (3, 11),
             manifest: manifest(Kind::Service, "web"),
         }];
         let snap = Snapshot::default();
@@ -464,11 +488,50 @@ mod tests {
     }
 
     #[test]
+    fn a_name_taken_by_another_kind_is_refused_where_it_is_written() {
+        let wallet = Document {
+            file: "w.yaml".into(),
+            line: 1,
+            name_at: (3, 11),
+            manifest: manifest(Kind::Wallet, "ltc"),
+        };
+        let (c, _) = apply(
+            &Snapshot::default(),
+            std::slice::from_ref(&wallet),
+            false,
+            Utc::now(),
+        )
+        .expect("applies");
+        let mut snap = Snapshot::default();
+        let Some(Item::Workload(w)) = c.writes[0].value.clone() else {
+            panic!("a workload write");
+        };
+        snap.insert(&c.writes[0].key, Item::Workload(w), 2, 2);
+        let service = Document {
+            file: "s.yaml".into(),
+            line: 5,
+            name_at: (7, 9),
+            manifest: manifest(Kind::Service, "ltc"),
+        };
+        let err = apply(&snap, &[service], false, Utc::now()).expect_err("refused");
+        let DomainError::InvalidManifest(details) = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(
+            details[0].to_string(),
+            "s.yaml:7:9: metadata.name: the name \"ltc\" is already used by wallet \"ltc\"; workload names are unique across kinds (delete that one first)"
+        );
+        // The same kind is an update, as before.
+        assert!(apply(&snap, &[wallet], false, Utc::now()).is_ok());
+    }
+
+    #[test]
     fn too_many_workloads_in_one_apply_is_refused_with_the_limit() {
         let docs: Vec<Document> = (0..=MAX_APPLY_CHANGES)
             .map(|i| Document {
                 file: "w.yaml".into(),
                 line: 1,
+                name_at: (3, 11),
                 manifest: manifest(Kind::Service, &format!("w{i}")),
             })
             .collect();

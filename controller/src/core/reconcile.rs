@@ -901,4 +901,210 @@ mod tests {
         assert!(tasks[0].value.node.is_some());
         assert_ne!(tasks[0].value.node, on);
     }
+
+    /// What `node`'s agent reports when it gives `t` up.
+    fn gave_up(t: &Task, node: &str, message: &str) -> TaskStatus {
+        assert_eq!(
+            t.node.as_deref(),
+            Some(node),
+            "a report from the task's node"
+        );
+        TaskStatus {
+            task: t.id.clone(),
+            phase: TaskPhase::Failed,
+            exit_code: None,
+            message: Some(message.into()),
+            container_id: None,
+            restarts: 0,
+            ready: None,
+            started_at: None,
+            finished_at: None,
+            gave_up: true,
+            output: None,
+        }
+    }
+
+    #[test]
+    fn a_task_given_up_on_the_only_node_waits_visibly_then_goes_back_with_backoff() {
+        let ws = [service("web", 1, "missing:1")];
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        let t0 = Utc::now();
+        let mut waits = Vec::new();
+        for round in 1..=4u32 {
+            let t = tasks[0].value.clone();
+            let s = gave_up(&t, "n1", "image missing:1 not found");
+            let now = t0 + chrono::Duration::seconds(1000 * i64::from(round));
+            let next = apply_status(&t, "n1", &s, now).expect("a change");
+            assert_eq!(next.give_ups, round);
+            let retry_at = next.retry_at.expect("a retry time");
+            waits.push((retry_at - now).num_seconds());
+            tasks[0].value = next;
+            // Before the retry time: not placed, and it says why and when.
+            let writes = plan(&ws, &tasks, &nodes, now + chrono::Duration::seconds(1));
+            assert!(writes.is_empty(), "waits: {writes:?}");
+            let msg = tasks[0].value.message.clone().expect("a message");
+            assert!(
+                msg.starts_with(
+                    "gave up on node n1: image missing:1 not found; retrying there at "
+                ),
+                "{msg}"
+            );
+            assert_eq!(tasks[0].value.phase, TaskPhase::Pending);
+            // The pass that wakes at the retry time places it back on the node.
+            let (changes, wake) = change(&snapshot_of(&ws, &tasks), &nodes, now);
+            assert!(changes.is_empty());
+            assert_eq!(wake, Some(retry_at));
+            let writes = plan(&ws, &tasks, &nodes, retry_at);
+            assert_eq!(writes.len(), 1);
+            let placed = writes[0].value.clone().expect("placed");
+            assert_eq!(placed.node.as_deref(), Some("n1"));
+            assert_eq!(placed.phase, TaskPhase::Scheduled);
+            tasks[0].value = placed;
+        }
+        assert_eq!(waits, [5, 10, 20, 40], "exponential back-off from 5 s");
+        // Running well for longer than the window: the next give-up starts over.
+        let running = TaskStatus {
+            phase: TaskPhase::Running,
+            gave_up: false,
+            message: None,
+            ..gave_up(&tasks[0].value, "n1", "")
+        };
+        let later = tasks[0].value.retry_at.expect("set") + chrono::Duration::minutes(11);
+        let healthy = apply_status(&tasks[0].value, "n1", &running, later).expect("a change");
+        assert_eq!((healthy.give_ups, healthy.retry_at), (0, None));
+    }
+
+    #[test]
+    fn a_run_that_cannot_start_fails_instead_of_moving() {
+        let job = workload(
+            "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  image: missing:1\n  retries: 2\n",
+        );
+        let nodes = [node("n1"), node("n2")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(std::slice::from_ref(&job), &mut tasks, &nodes);
+        let t = tasks[0].value.clone();
+        let node = t.node.clone().expect("placed");
+        let now = Utc::now();
+        let next =
+            apply_status(&t, &node, &gave_up(&t, &node, "image not found"), now).expect("a change");
+        assert_eq!(next.phase, TaskPhase::Failed);
+        assert_eq!(
+            next.node.as_deref(),
+            Some(node.as_str()),
+            "stays as history"
+        );
+        assert_eq!(next.finished_at, Some(now));
+        assert_eq!(
+            next.message.as_deref(),
+            Some(format!("failed on node {node}: image not found").as_str())
+        );
+    }
+
+    #[test]
+    fn an_unplaced_run_past_its_deadline_fails_and_frees_its_slot() {
+        let job = workload(
+            "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  image: a:1\n  timeout: 10m\n  resources: {memory: 900Gi}\n",
+        );
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(std::slice::from_ref(&job), &mut tasks, &nodes);
+        let t = &tasks[0].value;
+        assert_eq!(t.node, None, "nothing fits");
+        let deadline = run_deadline(t).expect("a deadline");
+        assert_eq!(deadline, t.created_at + chrono::Duration::minutes(10));
+        assert!(plan(
+            std::slice::from_ref(&job),
+            &tasks,
+            &nodes,
+            deadline - chrono::Duration::seconds(1)
+        )
+        .is_empty());
+        let writes = plan(std::slice::from_ref(&job), &tasks, &nodes, deadline);
+        let failed = writes[0].value.clone().expect("a write");
+        assert_eq!(failed.phase, TaskPhase::Failed);
+        let msg = failed.message.expect("why");
+        assert!(
+            msg.starts_with("timed out: not started by its deadline "),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("0/1 node fit"),
+            "keeps the reason it never started: {msg}"
+        );
+    }
+
+    #[test]
+    fn assignments_carry_the_deadline_of_runs_only() {
+        let job = workload(
+            "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  image: a:1\n  timeout: 90s\n",
+        );
+        let ws = [job, service("web", 1, "a:1")];
+        let nodes = [node("n1")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        let set = assignments(&snapshot_of(&ws, &tasks), "n1");
+        assert_eq!(set.len(), 2);
+        for a in &set {
+            let t = tasks.iter().find(|t| t.value.id == a.task).expect("a task");
+            match a.kind {
+                Kind::Job => assert_eq!(
+                    a.deadline,
+                    Some(t.value.created_at + chrono::Duration::seconds(90))
+                ),
+                _ => assert_eq!(a.deadline, None),
+            }
+        }
+        assert!(assignments(&snapshot_of(&ws, &tasks), "n2").is_empty());
+    }
+
+    #[test]
+    fn two_replicas_wanting_one_host_port_wait_for_a_second_node() {
+        let stratum = workload(
+            "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: stratum}\nspec:\n  image: s:1\n  replicas: 2\n  ports: [{container: 3333, host: 3333}]\n",
+        );
+        let mut tasks = Vec::new();
+        run_to_fixpoint(std::slice::from_ref(&stratum), &mut tasks, &[node("n1")]);
+        let placed: Vec<_> = tasks.iter().filter(|t| t.value.node.is_some()).collect();
+        assert_eq!(placed.len(), 1);
+        let waiting = tasks
+            .iter()
+            .find(|t| t.value.node.is_none())
+            .expect("one waits");
+        assert_eq!(
+            waiting.value.message.as_deref(),
+            Some("0/1 node fit: 1 port 3333 in use")
+        );
+        run_to_fixpoint(
+            std::slice::from_ref(&stratum),
+            &mut tasks,
+            &[node("n1"), node("n2")],
+        );
+        let nodes: HashSet<_> = tasks.iter().filter_map(|t| t.value.node.clone()).collect();
+        assert_eq!(nodes.len(), 2, "one replica per node");
+    }
+
+    fn snapshot_of(ws: &[StoredWorkload], tasks: &[Versioned<Task>]) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for (i, w) in ws.iter().enumerate() {
+            let key = crate::core::model::workload_key(w.kind(), w.name());
+            snap.insert(
+                &key,
+                crate::core::snapshot::Item::Workload(w.clone()),
+                i as u64 + 1,
+                i as u64 + 1,
+            );
+        }
+        for t in tasks {
+            let key = crate::core::model::task_key(&t.value.id);
+            snap.insert(
+                &key,
+                crate::core::snapshot::Item::Task(t.value.clone()),
+                t.created,
+                t.rev,
+            );
+        }
+        snap
+    }
 }
