@@ -174,7 +174,8 @@ pub fn task_change(old: Option<&Task>, new: Option<&Task>) -> Vec<Draft> {
             _ => {}
         }
     }
-    if t.avoid.len() > o.avoid.len() {
+    // Every give-up is news, also a second one by the same node after the back-off.
+    if t.give_ups > o.give_ups || t.avoid.len() > o.avoid.len() {
         out.push(Draft::warning(
             &obj,
             "GaveUp",
@@ -253,6 +254,22 @@ mod tests {
             ["Rescheduling"]
         );
         assert_eq!(reasons(&task_change(Some(&running), None)), ["Removed"]);
+        let mut given_up = lost.clone();
+        given_up.give_ups = 1;
+        given_up.avoid = vec!["n1".into()];
+        assert_eq!(
+            reasons(&task_change(Some(&running), Some(&given_up))),
+            ["Rescheduling", "GaveUp"]
+        );
+        let mut placed_back = given_up.clone();
+        placed_back.node = Some("n1".into());
+        let mut again = given_up.clone();
+        again.give_ups = 2;
+        assert_eq!(
+            reasons(&task_change(Some(&placed_back), Some(&again))),
+            ["Rescheduling", "GaveUp"],
+            "the same node giving it up again is news too"
+        );
         assert!(
             task_change(Some(&running), Some(&running)).is_empty(),
             "no change, no event"

@@ -384,6 +384,156 @@ fn handle(state: &ClusterState, node: &str, text: &str, reports: &mpsc::Sender<R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bramble_api::manifest::Arch;
+    use bramble_api::task::TaskPhase;
+
+    use crate::config::HealthConfig;
+    use crate::state::Solo;
+    use crate::store::{self, Lease, LeaseId, Listing, SqliteStore, Store, Txn, TxnResult, Watch};
+
+    /// A store whose next `failures` transactions fail, as a disk or a link might.
+    struct Flaky {
+        inner: SqliteStore,
+        failures: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Flaky {
+        async fn get(&self, key: &str) -> store::Result<(Option<store::KeyValue>, u64)> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> store::Result<Listing> {
+            self.inner.list(prefix).await
+        }
+        async fn txn(&self, txn: Txn) -> store::Result<TxnResult> {
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                return Err(store::Error::Backend {
+                    location: "flaky".into(),
+                    op: "write",
+                    source: "disk I/O error".into(),
+                });
+            }
+            self.inner.txn(txn).await
+        }
+        async fn watch(&self, prefix: &str, from: u64) -> store::Result<Watch> {
+            self.inner.watch(prefix, from).await
+        }
+        async fn grant(&self, ttl: Duration) -> store::Result<Lease> {
+            self.inner.grant(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> store::Result<Duration> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke(&self, lease: LeaseId) -> store::Result<()> {
+            self.inner.revoke(lease).await
+        }
+        async fn revision(&self) -> store::Result<u64> {
+            self.inner.revision().await
+        }
+        fn write_count(&self) -> u64 {
+            self.inner.write_count()
+        }
+        fn location(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_report_is_retried_until_the_store_takes_it() {
+        let flaky = Arc::new(Flaky {
+            inner: SqliteStore::open_in_memory().expect("store"),
+            failures: AtomicUsize::new(0),
+        });
+        let state = ClusterState::open(
+            flaky.clone(),
+            HealthConfig::default(),
+            Arc::new(Solo::default()),
+        )
+        .await
+        .expect("state");
+        // A node and a task placed on it, as the reconcile loop would leave them.
+        let info = NodeInfo {
+            name: "pi1".into(),
+            arch: Arch::Arm64,
+            cores: 4,
+            memory_bytes: 1 << 30,
+            docker_version: "20.10".into(),
+            labels: Default::default(),
+            agent_version: "0".into(),
+            os: String::new(),
+            machine_id: None,
+            memory_limits: None,
+            warnings: Vec::new(),
+        };
+        let yaml =
+            "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: web}\nspec: {image: a}\n";
+        let docs = bramble_api::parse::parse_manifests("w.yaml", yaml).expect("valid");
+        let w = crate::core::model::StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
+        let mut task = reconcile::new_task(&w, "web-abc-0".into(), 0, Utc::now());
+        task.node = Some("pi1".into());
+        task.phase = TaskPhase::Scheduled;
+        state
+            .update("setup", Scope::Any, |snap| {
+                let mut c = ops::register_node(snap, &info, Utc::now()).unwrap_or_default();
+                c.writes
+                    .push(crate::core::snapshot::Write::task(task.clone(), 0));
+                Ok((c, ()))
+            })
+            .await
+            .expect("setup");
+
+        // The node's link is up (a report of a link that is gone is left to the agent's
+        // next Hello, which carries every task's state).
+        let (link, _frames) = mpsc::channel(8);
+        state.live.connect(
+            "pi1",
+            Connection {
+                id: 1,
+                tx: link,
+                address: "10.0.0.11".into(),
+            },
+        );
+        // The store fails the next writes; the report still gets through.
+        flaky.failures.store(5, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(8);
+        let running = TaskStatus {
+            task: "web-abc-0".into(),
+            phase: TaskPhase::Running,
+            exit_code: None,
+            message: None,
+            container_id: Some("c1".into()),
+            restarts: 0,
+            ready: None,
+            started_at: Some(Utc::now()),
+            finished_at: None,
+            gave_up: false,
+            output: None,
+        };
+        tx.send(Report::Status(running)).await.expect("queued");
+        drop(tx);
+        let done = tokio::spawn(reporter(Arc::clone(&state), "pi1".into(), 1, rx));
+        tokio::time::timeout(Duration::from_secs(60), done)
+            .await
+            .expect("written within the back-off")
+            .expect("reporter");
+        assert_eq!(
+            flaky.failures.load(Ordering::SeqCst),
+            0,
+            "every failure was met"
+        );
+        let t = state
+            .snapshot()
+            .task("web-abc-0")
+            .expect("task")
+            .value
+            .clone();
+        assert_eq!(t.phase, TaskPhase::Running);
+        assert_eq!(t.container_id.as_deref(), Some("c1"));
+    }
 
     #[test]
     fn a_connected_name_is_refused_to_another_machine_only() {
