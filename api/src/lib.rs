@@ -18,6 +18,7 @@
 //! - [`backoff`]: the one exponential back-off schedule every retry uses.
 //! - [`schedule`]: CronJob schedules (cron expression + time zone) and their firings.
 //! - [`task`]: tasks, their specs, phases and Docker labels.
+//! - [`token`]: the join token, with the cluster CA's fingerprint.
 //! - [`wire`]: agent⇄controller messages.
 //! - [`health`]: node health details (disks, containers, Pi throttling) and their decoding.
 //! - [`rest`]: REST request and response bodies.
@@ -33,6 +34,7 @@ pub mod quantity;
 pub mod rest;
 pub mod schedule;
 pub mod task;
+pub mod token;
 pub mod wire;
 mod yaml;
 
