@@ -1,6 +1,9 @@
 //! Finds the controller over mDNS (`_bramble._tcp.local.`) when no `--controller` is
 //! given: the controller advertises itself, the agent browses, and the first advertised
-//! address that accepts a TCP connection wins.
+//! address of a controller of its own cluster (the `ca` in the TXT record is the one in
+//! its join token) that accepts a TCP connection wins. Anyone can advertise anything
+//! over mDNS: the TLS handshake, pinned to that CA, is what decides, before any
+//! credential is sent.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,9 +24,10 @@ pub enum Error {
     NotFound(Duration),
 }
 
-/// Browses for a controller for up to `timeout`; returns its base URL
-/// (`http://ADDR:PORT`). With `interfaces`, only those network interfaces are used.
-pub async fn discover(timeout: Duration, interfaces: &[String]) -> Result<String, Error> {
+/// Browses for a controller of the cluster whose CA is `ca` for up to `timeout`;
+/// returns its base URL (`https://ADDR:PORT`). With `interfaces`, only those network
+/// interfaces are used.
+pub async fn discover(timeout: Duration, interfaces: &[String], ca: &str) -> Result<String, Error> {
     let daemon = ServiceDaemon::new()?;
     if !interfaces.is_empty() {
         daemon.disable_interface(IfKind::All)?;
@@ -35,6 +39,10 @@ pub async fn discover(timeout: Duration, interfaces: &[String]) -> Result<String
     let found = tokio::time::timeout(timeout, async {
         while let Ok(ev) = events.recv_async().await {
             let ServiceEvent::ServiceResolved(info) = ev else { continue };
+            if info.get_property_val_str("ca") != Some(ca) {
+                tracing::debug!(instance = %info.fullname, "a controller of another cluster (or an older one); skipping it");
+                continue;
+            }
             let port = info.get_port();
             let mut candidates: Vec<String> = Vec::new();
             if let Some(url) = info.get_property_val_str("url") {
@@ -42,7 +50,7 @@ pub async fn discover(timeout: Duration, interfaces: &[String]) -> Result<String
             }
             let mut addrs: Vec<_> = info.get_addresses_v4().into_iter().collect();
             addrs.sort();
-            candidates.extend(addrs.into_iter().map(|a| format!("http://{a}:{port}")));
+            candidates.extend(addrs.into_iter().map(|a| format!("https://{a}:{port}")));
             for url in candidates {
                 if reachable(&url).await {
                     tracing::info!(controller = %url, instance = %info.fullname, "found the controller over mDNS");
@@ -63,7 +71,7 @@ pub async fn discover(timeout: Duration, interfaces: &[String]) -> Result<String
 }
 
 async fn reachable(url: &str) -> bool {
-    let Some(hostport) = url.strip_prefix("http://") else {
+    let Some(hostport) = url.strip_prefix("https://") else {
         return false;
     };
     let Ok(addr) = hostport.parse::<SocketAddr>() else {

@@ -2,6 +2,7 @@
 //! controller, converges Docker onto the node's desired task set and reports back.
 //!
 //! # Layout
+//! - [`credential`]: this node's own credential, kept 0600 in the data dir.
 //! - [`discovery`]: finds the controller over mDNS when no URL is given.
 //! - [`host`]: the machine's identity, the node name, memory-limit support.
 //! - [`link`]: the connection to the controller (hello, task sets, heartbeats, logs).
@@ -15,6 +16,7 @@
 //! - [`metrics`]: CPU, memory, load, temperature, Pi throttling, disks and container stats.
 //! - [`disk`]: removes unused images when Docker's disk fills up.
 
+pub mod credential;
 pub mod discovery;
 pub mod disk;
 pub mod fence;
@@ -43,6 +45,18 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The join token is unusable.
+    #[error("--join-token")]
+    JoinToken(#[from] bramble_api::token::BadToken),
+    /// The node's own credential cannot be read or written.
+    #[error("node credential {path}")]
+    Credential {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The data directory cannot be created.
     #[error("data directory {path}")]
     DataDir {
@@ -57,9 +71,9 @@ pub enum Error {
 /// The agent's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Controller base URL (`http://host:7878`).
+    /// Controller base URL (`https://host:7878`).
     pub controller: Option<String>,
-    /// Join token.
+    /// Join token, whole (`BRAMBLE1-<CA fingerprint>-<secret>`).
     pub join_token: String,
     /// This node's name.
     pub node_name: String,
@@ -80,10 +94,12 @@ pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| Error::DataDir {
+    let token: bramble_api::token::JoinToken = cfg.join_token.parse()?;
+    credential::private_dir(&cfg.data_dir).map_err(|source| Error::DataDir {
         path: cfg.data_dir.clone(),
         source,
     })?;
+    let credential = credential::load_or_create(&cfg.data_dir)?;
     let url = cfg.controller.as_deref().map(link::agent_url).transpose()?;
-    link::run(cfg, url, shutdown).await
+    link::run(cfg, token, credential, url, shutdown).await
 }

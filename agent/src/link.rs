@@ -20,11 +20,14 @@ use bramble_api::backoff::{Backoff, Retry};
 use bramble_api::duration::Duration as ApiDuration;
 use bramble_api::manifest::{Arch, Kind};
 use bramble_api::task::container_name;
-use bramble_api::wire::{self, AgentMessage, ControllerMessage, NodeInfo};
+use bramble_api::token::JoinToken;
+use bramble_api::wire::{self, AgentMessage, ControllerMessage, NodeInfo, MAX_FRAME_BYTES};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::fence::{self, Contact, SharedContact};
@@ -58,31 +61,50 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one mDNS search for the controller lasts before the next dial attempt.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `http://host:port[/]` → `ws://host:port/v1/agent` (and https → wss).
+/// `https://host:port[/]` (or a bare `host:port`) → `wss://host:port/v1/agent`.
+/// Plain `http://` is refused: controllers serve TLS only, and the agent sends its
+/// credentials only to a controller of its cluster's CA.
 pub fn agent_url(base: &str) -> Result<String, Error> {
     let bad = |reason: &str| Error::ControllerUrl {
         url: base.to_string(),
         reason: reason.to_string(),
     };
-    // The scheme first: trimming slashes before would eat the `//` of a bare `http://`.
-    let host = if let Some(r) = base.strip_prefix("http://") {
+    // The scheme first: trimming slashes before would eat the `//` of a bare `https://`.
+    let host = if let Some(r) = base.strip_prefix("https://") {
         r
-    } else if let Some(r) = base.strip_prefix("ws://") {
+    } else if let Some(r) = base.strip_prefix("wss://") {
         r
-    } else if base.starts_with("https://") || base.starts_with("wss://") {
+    } else if base.starts_with("http://") || base.starts_with("ws://") {
         return Err(bad(
-            "TLS is not supported by this agent build; use http:// on a trusted network",
+            "plain HTTP is refused: the controller serves TLS only; use https://",
         ));
     } else if base.contains("://") {
-        return Err(bad("expected an http:// URL"));
+        return Err(bad("expected an https:// URL"));
     } else {
         base
     };
     let host = host.trim_end_matches('/');
     if host.is_empty() || host.contains(['/', ' ']) {
-        return Err(bad("expected http://HOST:PORT"));
+        return Err(bad("expected https://HOST:PORT"));
     }
-    Ok(format!("ws://{host}/v1/agent"))
+    Ok(format!("wss://{host}/v1/agent"))
+}
+
+/// The host and port of a `wss://host:port/...` URL; the port defaults to 443.
+fn host_port(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("wss://")?;
+    let authority = rest.split('/').next()?;
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, port) = v6.split_once(']')?;
+        let port = port
+            .strip_prefix(':')
+            .map_or(Some(443), |p| p.parse().ok())?;
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        None => Some((authority.to_string(), 443)),
+    }
 }
 
 /// Why a session ended.
@@ -90,8 +112,10 @@ pub fn agent_url(base: &str) -> Result<String, Error> {
 enum SessionError {
     #[error("cannot connect: {0}")]
     Connect(String),
-    #[error("the controller rejected the join token (HTTP 401); check --join-token")]
-    Unauthorized,
+    #[error("not a controller of this cluster, nothing sent: {0}")]
+    Untrusted(String),
+    #[error("the controller rejected the {0} (HTTP 401)")]
+    Unauthorized(&'static str),
     #[error("the controller refused this agent: {code}: {message}")]
     Refused { code: String, message: String },
     #[error("link lost: {0}")]
@@ -106,6 +130,8 @@ enum SessionError {
 /// the start, so an agent that never reaches a controller still fences its Wallets.
 pub async fn run(
     cfg: Config,
+    token: JoinToken,
+    credential: String,
     url: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
@@ -157,15 +183,28 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut metrics = metrics;
     let mut redial = Retry::new(REDIAL);
+    let tls = std::sync::Arc::new(bramble_tls::client_config(bramble_tls::Pins::one(
+        token.ca.clone(),
+    )));
+    // The node's own credential first; the join token only when the controller does not
+    // know it (a new node, or one an operator deleted).
+    let mut use_join = false;
     loop {
         let welcomed_before = fence::lock(&contact).session();
+        let auth = if use_join {
+            Auth::Join(&token.secret)
+        } else {
+            Auth::Node
+        };
         let attempt = async {
             let url = match &url {
                 Some(u) => u.clone(),
-                None => discover(&cfg).await?,
+                None => discover(&cfg, &token).await?,
             };
             session(
-                &cfg,
+                &tls,
+                auth,
+                &credential,
                 &url,
                 &info,
                 &runtime,
@@ -182,9 +221,22 @@ pub async fn run(
             r = attempt => r,
         };
         let welcomed = fence::lock(&contact).session() > welcomed_before;
+        if matches!(result, Err(SessionError::Unauthorized(_))) && !use_join {
+            // Not known by its credential: join (once) with the join token.
+            tracing::info!(
+                "the controller does not know this node's credential; joining with the join token"
+            );
+            use_join = true;
+            continue;
+        }
+        if welcomed {
+            use_join = false;
+        }
         let refused = matches!(
             result,
-            Err(SessionError::Unauthorized | SessionError::Refused { .. })
+            Err(SessionError::Unauthorized(_)
+                | SessionError::Refused { .. }
+                | SessionError::Untrusted(_))
         );
         let delay = next_redial(&mut redial, welcomed, refused);
         match result {
@@ -223,18 +275,73 @@ fn next_redial(redial: &mut Retry, welcomed: bool, refused: bool) -> Duration {
     redial.failed()
 }
 
-/// One mDNS search for the controller; its agent URL.
-async fn discover(cfg: &Config) -> Result<String, SessionError> {
+/// One mDNS search for a controller of this cluster; its agent URL.
+async fn discover(cfg: &Config, token: &JoinToken) -> Result<String, SessionError> {
     tracing::info!("no --controller given; looking for one over mDNS (_bramble._tcp.local.)");
-    let found = crate::discovery::discover(DISCOVERY_TIMEOUT, &cfg.mdns_interfaces)
-        .await
-        .map_err(|e| SessionError::Connect(crate::runtime::error_chain(&e)))?;
+    let found =
+        crate::discovery::discover(DISCOVERY_TIMEOUT, &cfg.mdns_interfaces, token.ca.as_str())
+            .await
+            .map_err(|e| SessionError::Connect(crate::runtime::error_chain(&e)))?;
     agent_url(&found).map_err(|e| SessionError::Connect(e.to_string()))
+}
+
+/// How a session authenticates.
+#[derive(Debug, Clone, Copy)]
+enum Auth<'a> {
+    /// With the node's own credential.
+    Node,
+    /// With the join token's secret (a first join).
+    Join(&'a str),
+}
+
+/// Opens TLS to the controller, verified against the cluster CA before anything is
+/// sent, and upgrades it to the agent WebSocket with `bearer`.
+async fn dial(
+    tls: &std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    url: &str,
+    bearer: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    SessionError,
+> {
+    let (host, port) = host_port(url)
+        .ok_or_else(|| SessionError::Connect(format!("cannot read host and port of {url}")))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| SessionError::Connect(format!("{host}:{port}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(host.clone())
+        .map_err(|e| SessionError::Connect(format!("{host}: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| SessionError::Untrusted(format!("{url}: {e}")))?;
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| SessionError::Connect(e.to_string()))?;
+    let auth = HeaderValue::from_str(&format!("Bearer {bearer}")).map_err(|_| {
+        SessionError::Connect("the credential has characters not allowed in a header".into())
+    })?;
+    req.headers_mut().insert("authorization", auth);
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(MAX_FRAME_BYTES);
+    config.max_frame_size = Some(MAX_FRAME_BYTES);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        .await
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 401 => {
+                SessionError::Unauthorized("credential")
+            }
+            e => SessionError::Connect(e.to_string()),
+        })?;
+    Ok(ws)
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn session(
-    cfg: &Config,
+    tls: &std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    auth: Auth<'_>,
+    credential: &str,
     url: &str,
     info: &NodeInfo,
     runtime: &Runtime,
@@ -244,14 +351,11 @@ async fn session(
     contact: &SharedContact,
     metrics: &mut Metrics,
 ) -> Result<(), SessionError> {
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| SessionError::Connect(e.to_string()))?;
-    let auth = HeaderValue::from_str(&format!("Bearer {}", cfg.join_token)).map_err(|_| {
-        SessionError::Connect("the join token has characters not allowed in a header".into())
-    })?;
-    req.headers_mut().insert("authorization", auth);
-    let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::connect_async(req))
+    let bearer = match auth {
+        Auth::Node => credential,
+        Auth::Join(secret) => secret,
+    };
+    let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial(tls, url, bearer))
         .await
         .map_err(|_| {
             SessionError::Connect(format!(
@@ -259,11 +363,11 @@ async fn session(
                 ApiDuration::from(HANDSHAKE_TIMEOUT)
             ))
         })?
-        .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 401 => {
-                SessionError::Unauthorized
+        .map_err(|e| match (e, auth) {
+            (SessionError::Unauthorized(_), Auth::Join(_)) => {
+                SessionError::Unauthorized("join token; check --join-token")
             }
-            e => SessionError::Connect(e.to_string()),
+            (e, _) => e,
         })?;
     let (mut sink, mut stream) = ws.split();
 
@@ -273,6 +377,7 @@ async fn session(
     let hello = AgentMessage::Hello {
         node: info.clone(),
         tasks,
+        credential: Some(bramble_api::token::Secret(credential.to_string())),
     };
     tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -527,23 +632,38 @@ mod tests {
     }
 
     #[test]
-    fn controller_urls() {
+    fn controller_urls_are_tls_only() {
         let ok = |u: &str| agent_url(u).expect("valid");
-        assert_eq!(ok("http://10.0.0.1:7878"), "ws://10.0.0.1:7878/v1/agent");
-        assert_eq!(ok("http://pi1.local:7878/"), "ws://pi1.local:7878/v1/agent");
-        assert_eq!(ok("127.0.0.1:7878"), "ws://127.0.0.1:7878/v1/agent");
-        assert_eq!(ok("ws://pi1:7878//"), "ws://pi1:7878/v1/agent");
+        assert_eq!(ok("https://10.0.0.1:7878"), "wss://10.0.0.1:7878/v1/agent");
+        assert_eq!(
+            ok("https://pi1.local:7878/"),
+            "wss://pi1.local:7878/v1/agent"
+        );
+        assert_eq!(ok("127.0.0.1:7878"), "wss://127.0.0.1:7878/v1/agent");
+        assert_eq!(ok("wss://pi1:7878//"), "wss://pi1:7878/v1/agent");
+        for plain in ["http://10.0.0.1:7878", "ws://pi1:7878"] {
+            let e = agent_url(plain).expect_err("plain");
+            assert!(
+                e.to_string().contains("plain HTTP is refused")
+                    || format!("{e:?}").contains("plain HTTP is refused"),
+                "{e:?}"
+            );
+        }
         for bad in [
             "ftp://x",
-            "http://",
-            "http:///",
-            "ws://",
-            "https://x:1",
-            "http://a b",
-            "http://a/b",
+            "https://",
+            "https:///",
+            "wss://",
+            "https://a b",
+            "https://a/b",
             "",
         ] {
             assert!(agent_url(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            host_port("wss://[::1]:7878/v1/agent"),
+            Some(("::1".into(), 7878))
+        );
+        assert_eq!(host_port("wss://pi1/v1/agent"), Some(("pi1".into(), 443)));
     }
 }

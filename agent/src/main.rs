@@ -19,9 +19,24 @@ struct Args {
     /// Look for the controller over mDNS only on this interface (repeatable).
     #[arg(long = "mdns-interface")]
     mdns_interfaces: Vec<String>,
-    /// Join token (printed by the controller on first start; in its data dir as join-token).
-    #[arg(long, env = "BRAMBLE_JOIN_TOKEN", hide_env_values = true)]
-    join_token: String,
+    /// Join token, `BRAMBLE1-<CA fingerprint>-<secret>` (the controller's data dir,
+    /// join-token). Prefer --join-token-file or the environment: argv is readable by
+    /// every user of the machine.
+    #[arg(
+        long,
+        env = "BRAMBLE_JOIN_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "join_token_file"
+    )]
+    join_token: Option<String>,
+    /// A file holding the join token (e.g. a 0600 file the SD-card image set up).
+    #[arg(
+        long,
+        env = "BRAMBLE_JOIN_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "join_token"
+    )]
+    join_token_file: Option<PathBuf>,
     /// This node's name, kept in the data dir's node-name file [default: the kept name,
     /// else the host name, else pi-<serial> if the host name is a stock image default].
     #[arg(long, env = "BRAMBLE_NODE_NAME")]
@@ -103,10 +118,29 @@ fn main() -> ExitCode {
         &hostname(),
         bramble_agent::host::machine_id().as_deref(),
     );
+    let join_token = match (args.join_token, &args.join_token_file) {
+        (Some(t), _) => t,
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(t) => t.trim().to_string(),
+            Err(e) => {
+                eprintln!("error: --join-token-file {}: {e}", path.display());
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give the join token: --join-token-file FILE or BRAMBLE_JOIN_TOKEN");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    // Checked before anything starts: a token without the CA fingerprint cannot be used.
+    if let Err(e) = join_token.parse::<bramble_api::token::JoinToken>() {
+        eprintln!("error: --join-token: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
     let cfg = bramble_agent::Config {
         controller: args.controller,
         mdns_interfaces: args.mdns_interfaces,
-        join_token: args.join_token,
+        join_token,
         node_name,
         data_dir,
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),

@@ -33,7 +33,7 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
-use bramble_api::manifest::Kind;
+use bramble_api::manifest::{EnvValue, Kind};
 use bramble_api::task::{container_name, labels};
 use bramble_api::wire::Assignment;
 use chrono::{DateTime, Utc};
@@ -95,6 +95,16 @@ pub enum Error {
         /// Cause.
         #[source]
         source: DockerError,
+    },
+    /// A Secret reference without its value: never started with the variable missing.
+    #[error("env {var}: the controller sent no value for Secret {secret:?} key {key:?}; not started without it")]
+    SecretMissing {
+        /// The variable.
+        var: String,
+        /// The Secret.
+        secret: String,
+        /// Its key.
+        key: String,
     },
     /// A volume's host directory could not be created.
     #[error("cannot create host directory {path} for a volume")]
@@ -492,6 +502,17 @@ impl Runtime {
     /// container is removed again, so a failed attempt leaves nothing behind.
     #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
     pub async fn create_and_start(&self, a: &Assignment) -> Result<String> {
+        if let Some((var, r)) = a
+            .spec
+            .secret_refs()
+            .find(|(var, _)| !a.secrets.contains_key(*var))
+        {
+            return Err(Error::SecretMissing {
+                var: var.to_string(),
+                secret: r.secret.to_string(),
+                key: r.key.clone(),
+            });
+        }
         self.ensure_image(&a.spec.image).await?;
         for v in &a.spec.volumes {
             tokio::fs::create_dir_all(&v.host_path)
@@ -975,7 +996,16 @@ fn container_config(a: &Assignment, node: &str) -> ContainerCreateBody {
         (labels::NODE.to_string(), node.to_string()),
         (labels::SPEC_HASH.to_string(), a.spec_hash.clone()),
     ]);
-    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // Secret references take the values sent with this assignment (checked present
+    // before anything is created).
+    let env: Vec<String> = spec
+        .env
+        .iter()
+        .filter_map(|(k, v)| match v {
+            EnvValue::Text(t) => Some(format!("{k}={t}")),
+            EnvValue::Secret(_) => a.secrets.get(k).map(|s| format!("{k}={}", s.0)),
+        })
+        .collect();
     let exposed: Vec<String> = spec
         .ports
         .iter()
@@ -1143,7 +1173,7 @@ mod tests {
             image: "pool/ltc:1".into(),
             command: Some(vec!["/bin/ltcd".into()]),
             args: Some(vec!["-x".into()]),
-            env: [("A".to_string(), "1".to_string())].into(),
+            env: [("A".to_string(), EnvValue::from("1"))].into(),
             ports: vec![
                 Port {
                     container: 9332,
@@ -1176,7 +1206,59 @@ mod tests {
             spec_hash: spec.hash(),
             spec,
             deadline: None,
+            secrets: Default::default(),
         }
+    }
+
+    fn with_secret_ref(mut a: Assignment) -> Assignment {
+        a.spec.env.insert(
+            "RPC_PASSWORD".into(),
+            EnvValue::Secret(bramble_api::manifest::SecretRef {
+                secret: "ltc-rpc".parse().expect("name"),
+                key: "password".into(),
+            }),
+        );
+        a
+    }
+
+    #[test]
+    fn secret_references_take_the_values_sent_with_the_assignment() {
+        let mut a = with_secret_ref(assignment());
+        a.secrets.insert(
+            "RPC_PASSWORD".into(),
+            bramble_api::token::Secret("hunter2".into()),
+        );
+        let env = container_config(&a, "pi-1").env.expect("env");
+        assert_eq!(
+            env,
+            vec!["A=1".to_string(), "RPC_PASSWORD=hunter2".to_string()]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_task_whose_secret_value_was_not_sent_is_refused_before_anything_is_made() {
+        let a = with_secret_ref(assignment());
+        // An engine nobody listens on: the refusal comes before any call to it.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sock = dir.path().join("docker.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("socket");
+        let docker = bollard::Docker::connect_with_unix(
+            &sock.display().to_string(),
+            5,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .expect("client");
+        let rt = Runtime {
+            docker,
+            node: "pi-1".into(),
+        };
+        let e = rt.create_and_start(&a).await.expect_err("refused");
+        assert!(matches!(e, Error::SecretMissing { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("RPC_PASSWORD") && msg.contains("ltc-rpc"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The agent's link against a fake controller (a WebSocket server in the test) and the
-//! real Docker engine: pings keep a node unfenced, silence fences its Wallet, and only a
-//! task set on a new session brings it back.
+//! The agent's link against a fake controller (a WebSocket server over TLS, with a CA
+//! of its own pinned in the join token) and the real Docker engine: pings keep a node
+//! unfenced, silence fences its Wallet, and only a task set on a new session brings it
+//! back.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -20,7 +21,15 @@ use tokio_tungstenite::WebSocketStream;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// A join token for the fake controller's CA.
+fn token(ca: &bramble_api::token::Fingerprint) -> String {
+    format!(
+        "{}{ca}-secret-of-the-fake-controller",
+        bramble_api::token::PREFIX
+    )
+}
 
 fn assignment(task: &str, kind: Kind, args: &[&str]) -> Assignment {
     let spec = TaskSpec {
@@ -42,13 +51,18 @@ fn assignment(task: &str, kind: Kind, args: &[&str]) -> Assignment {
         spec_hash: spec.hash(),
         spec,
         deadline: None,
+        secrets: BTreeMap::new(),
     }
 }
 
-/// Accepts the agent's next connection and reads its Hello.
-async fn accept(listener: &TcpListener) -> anyhow::Result<(Ws, AgentMessage)> {
+/// Accepts the agent's next connection (TLS, then the WebSocket) and reads its Hello.
+async fn accept(
+    listener: &TcpListener,
+    tls: &tokio_rustls::TlsAcceptor,
+) -> anyhow::Result<(Ws, AgentMessage)> {
     let (tcp, _) = tokio::time::timeout(WAIT, listener.accept()).await??;
-    let mut ws = tokio_tungstenite::accept_async(tcp).await?;
+    let stream = tokio::time::timeout(WAIT, tls.accept(tcp)).await??;
+    let mut ws = tokio_tungstenite::accept_async(stream).await?;
     loop {
         match tokio::time::timeout(WAIT, ws.next()).await? {
             Some(Ok(Message::Text(t))) => {
@@ -100,10 +114,11 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
     let rt = Runtime::connect(&node).await.expect("docker");
     let data = tempfile::tempdir().expect("temp dir");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let base = format!("https://{}", listener.local_addr().expect("addr"));
+    let (ca, tls) = bramble_tests::tls_identity().expect("a CA");
     let cfg = bramble_agent::Config {
         controller: Some(base.clone()),
-        join_token: "token".into(),
+        join_token: token(&ca),
         node_name: node.clone(),
         data_dir: data.path().to_path_buf(),
         labels: BTreeMap::new(),
@@ -124,7 +139,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
         fence_ms: 1000,
     };
 
-    let (mut ws, hello) = accept(&listener).await.expect("first session");
+    let (mut ws, hello) = accept(&listener, &tls).await.expect("first session");
     assert!(matches!(hello, AgentMessage::Hello { .. }), "{hello:?}");
     send(&mut ws, &welcome).await.expect("welcome");
     let assign = ControllerMessage::Assign {
@@ -178,7 +193,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
     );
 
     // The agent hangs up the silent session and dials again; its Hello tells the fence.
-    let (mut ws2, hello) = accept(&listener).await.expect("second session");
+    let (mut ws2, hello) = accept(&listener, &tls).await.expect("second session");
     drop(ws);
     let AgentMessage::Hello { tasks: seen, .. } = hello else {
         panic!("expected hello, got {hello:?}");
@@ -239,9 +254,10 @@ async fn an_agent_that_never_reaches_the_controller_fences_its_wallets() {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let data = tempfile::tempdir().expect("temp dir");
+    let (ca, _) = bramble_tests::tls_identity().expect("a CA");
     let cfg = bramble_agent::Config {
-        controller: Some(format!("http://{closed}")),
-        join_token: "token".into(),
+        controller: Some(format!("https://{closed}")),
+        join_token: token(&ca),
         node_name: node.clone(),
         data_dir: data.path().to_path_buf(),
         labels: BTreeMap::new(),

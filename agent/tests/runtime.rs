@@ -59,6 +59,7 @@ fn assignment(task: &str, kind: Kind, spec: TaskSpec) -> Assignment {
         spec_hash: spec.hash(),
         spec,
         deadline: None,
+        secrets: Default::default(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The manifest kinds (`apiVersion: bramble/v1`): [`Kind::Service`], [`Kind::Wallet`],
-//! [`Kind::CronJob`] and [`Kind::Job`], with every field a user can write.
+//! [`Kind::CronJob`] and [`Kind::Job`], with every field a user can write, and
+//! [`SecretManifest`] (`kind: Secret`), the values their env entries may reference.
 //!
 //! Parsing and validation live in [`crate::parse`]; the types here only describe the
 //! shape, so they can be serialized back (`bramblectl get -o yaml`) and sent over the API.
@@ -218,13 +219,14 @@ pub struct WorkloadSpec {
     /// Replaces the image CMD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
-    /// Environment variables; numbers and booleans are taken as their text.
+    /// Environment variables; numbers and booleans are taken as their text, and
+    /// `{secret: NAME, key: KEY}` takes the value from a Secret.
     #[serde(
         default,
         skip_serializing_if = "BTreeMap::is_empty",
-        deserialize_with = "string_map"
+        deserialize_with = "env_map"
     )]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     /// Published ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<Port>,
@@ -565,6 +567,169 @@ impl Default for History {
             failed: default_history_failed(),
         }
     }
+}
+
+/// One environment variable's value: text, or a reference to a Secret's key, resolved
+/// by the controller for the one node that runs the task.
+///
+/// Text serializes as a plain string, as it always has, so the specs (and hashes) of
+/// workloads without references do not change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EnvValue {
+    /// The value itself.
+    Text(String),
+    /// The value of a Secret's key.
+    Secret(SecretRef),
+}
+
+/// `{secret: ltc-rpc, key: password}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SecretRef {
+    /// The Secret's name.
+    pub secret: Name,
+    /// The key in its `data`.
+    pub key: String,
+}
+
+impl EnvValue {
+    /// The reference, if the value is one.
+    pub fn secret_ref(&self) -> Option<&SecretRef> {
+        match self {
+            EnvValue::Secret(r) => Some(r),
+            EnvValue::Text(_) => None,
+        }
+    }
+}
+
+impl From<&str> for EnvValue {
+    fn from(s: &str) -> EnvValue {
+        EnvValue::Text(s.to_string())
+    }
+}
+
+impl Serialize for EnvValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            EnvValue::Text(t) => s.serialize_str(t),
+            EnvValue::Secret(r) => r.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EnvValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("text, a number, a boolean or a {secret, key} reference")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<EnvValue, A::Error> {
+                const FIELDS: &[&str] = &["secret", "key"];
+                let mut secret: Option<Name> = None;
+                let mut key: Option<String> = None;
+                while let Some(k) = map.next_key::<String>()? {
+                    match k.as_str() {
+                        "secret" if secret.is_none() => secret = Some(map.next_value()?),
+                        "key" if key.is_none() => key = Some(map.next_value()?),
+                        "secret" | "key" => {
+                            return Err(serde::de::Error::duplicate_field(
+                                FIELDS[usize::from(k == "key")],
+                            ))
+                        }
+                        other => return Err(serde::de::Error::unknown_field(other, FIELDS)),
+                    }
+                }
+                Ok(EnvValue::Secret(SecretRef {
+                    secret: secret.ok_or_else(|| serde::de::Error::missing_field("secret"))?,
+                    key: key.ok_or_else(|| serde::de::Error::missing_field("key"))?,
+                }))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The environment mapping, with the error every other map of text gives when it is not
+/// a mapping at all.
+fn env_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, EnvValue>, D::Error> {
+    struct M;
+    impl<'de> serde::de::Visitor<'de> for M {
+        type Value = BTreeMap<String, EnvValue>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a mapping of names to text, numbers, booleans or {secret, key} references")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, EnvValue>()? {
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(M)
+}
+
+/// `kind: Secret`: named values that workloads' env entries reference. Only the
+/// controller reads `data`; it is stored encrypted and never served back.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretManifest {
+    /// Must be [`API_VERSION`].
+    pub api_version: String,
+    /// Always `Secret`.
+    pub kind: SecretKind,
+    /// Name (unique among Secrets) and labels.
+    pub metadata: Metadata,
+    /// The values, by key; numbers and booleans are taken as their text.
+    #[serde(default, deserialize_with = "secret_map")]
+    pub data: BTreeMap<String, crate::token::Secret>,
+}
+
+/// The one spelling of a Secret's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecretKind {
+    /// `kind: Secret`.
+    Secret,
+}
+
+fn secret_map<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, crate::token::Secret>, D::Error> {
+    Ok(string_map(d)?
+        .into_iter()
+        .map(|(k, v)| (k, crate::token::Secret(v)))
+        .collect())
 }
 
 /// A mapping whose values may be written as any YAML scalar (`PORT: 8080`,

@@ -27,7 +27,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Kind, Manifest, RestartPolicy, API_VERSION};
+use crate::manifest::{Kind, Manifest, RestartPolicy, SecretManifest, API_VERSION};
 use crate::quantity::Memory;
 use crate::yaml;
 
@@ -78,22 +78,70 @@ pub struct Document {
     /// Line and column (from 1) where `metadata.name` is written, for errors about
     /// the name that only the cluster's state can find.
     pub name_at: (usize, usize),
+    /// Where each env entry that references a Secret is written, by variable, for
+    /// references only the cluster can check.
+    pub env_at: BTreeMap<String, (usize, usize)>,
     /// The manifest.
     pub manifest: Manifest,
 }
 
+/// A parsed, validated Secret and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretDocument {
+    /// File name.
+    pub file: String,
+    /// Line where the document starts, from 1.
+    pub line: usize,
+    /// Where `metadata.name` is written.
+    pub name_at: (usize, usize),
+    /// The Secret.
+    pub secret: SecretManifest,
+}
+
+/// Every document of an apply, by what it is, each list in the order given.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Parsed {
+    /// Services, Wallets, CronJobs and Jobs.
+    pub workloads: Vec<Document>,
+    /// Secrets.
+    pub secrets: Vec<SecretDocument>,
+}
+
+impl Parsed {
+    /// How many documents there are.
+    pub fn len(&self) -> usize {
+        self.workloads.len() + self.secrets.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, other: &mut Parsed) {
+        self.workloads.append(&mut other.workloads);
+        self.secrets.append(&mut other.secrets);
+    }
+}
+
+/// The most bytes of one Secret value: certificates and keys fit, disk images do not.
+pub const MAX_SECRET_VALUE_BYTES: usize = 64 * 1024;
+/// The most bytes of all values of one Secret.
+pub const MAX_SECRET_BYTES: usize = 256 * 1024;
+
 pub use crate::yaml::{MAX_DEPTH, MAX_NODES};
 
 /// Parses and validates every document of one file.
-pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Document>, Vec<ManifestError>> {
+pub fn parse_manifests(file: &str, text: &str) -> Result<Parsed, Vec<ManifestError>> {
     parse_file(file, text)
 }
 
 /// Parses and validates the documents of several files as one apply: on top of each
 /// document's own checks, a name may appear only once, whatever the kind (workload names
-/// are unique across kinds: they are also the names containers reach workloads by).
-pub fn parse_sources(sources: &[Source]) -> Result<Vec<Document>, Vec<ManifestError>> {
-    let mut docs = Vec::new();
+/// are unique across kinds: they are also the names containers reach workloads by), and
+/// a Secret name once among Secrets.
+pub fn parse_sources(sources: &[Source]) -> Result<Parsed, Vec<ManifestError>> {
+    let mut docs = Parsed::default();
     let mut errors = Vec::new();
     for s in sources {
         match parse_file(&s.name, &s.content) {
@@ -102,7 +150,8 @@ pub fn parse_sources(sources: &[Source]) -> Result<Vec<Document>, Vec<ManifestEr
         }
     }
     if errors.is_empty() {
-        errors = duplicate_errors(&docs);
+        errors = duplicate_errors(&docs.workloads);
+        errors.extend(duplicate_secret_errors(&docs.secrets));
     }
     if errors.is_empty() {
         Ok(docs)
@@ -111,8 +160,8 @@ pub fn parse_sources(sources: &[Source]) -> Result<Vec<Document>, Vec<ManifestEr
     }
 }
 
-fn parse_file(file: &str, text: &str) -> Result<Vec<Document>, Vec<ManifestError>> {
-    let mut docs = Vec::new();
+fn parse_file(file: &str, text: &str) -> Result<Parsed, Vec<ManifestError>> {
+    let mut docs = Parsed::default();
     let mut errors = Vec::new();
     for (offset, piece) in split_documents(text) {
         match parse_piece(file, offset, piece) {
@@ -125,6 +174,28 @@ fn parse_file(file: &str, text: &str) -> Result<Vec<Document>, Vec<ManifestError
     } else {
         Err(errors)
     }
+}
+
+fn duplicate_secret_errors(docs: &[SecretDocument]) -> Vec<ManifestError> {
+    let mut seen: BTreeMap<&str, &SecretDocument> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for d in docs {
+        let name = d.secret.metadata.name.as_str();
+        if let Some(first) = seen.insert(name, d) {
+            errors.push(ManifestError {
+                file: d.file.clone(),
+                line: d.name_at.0,
+                column: d.name_at.1,
+                field: "metadata.name".into(),
+                message: format!(
+                    "duplicate Secret {name:?}: already defined at {}:{}",
+                    first.file, first.line
+                ),
+            });
+            seen.insert(name, first);
+        }
+    }
+    errors
 }
 
 fn duplicate_errors(docs: &[Document]) -> Vec<ManifestError> {
@@ -195,9 +266,26 @@ fn is_empty_document(doc: &str) -> bool {
     })
 }
 
+/// Every kind a document may have, to tell a Secret from a workload before decoding
+/// the rest (and to list them all when the kind is unknown).
+#[derive(Deserialize)]
+enum DocKind {
+    Service,
+    Wallet,
+    CronJob,
+    Job,
+    Secret,
+}
+
+#[derive(Deserialize)]
+struct Head {
+    #[serde(default)]
+    kind: Option<DocKind>,
+}
+
 /// Parses and validates the documents of one piece of a file that starts on line
 /// `offset + 1`.
-fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Vec<Document>, Vec<ManifestError>> {
+fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Parsed, Vec<ManifestError>> {
     let error = |place: yaml::Place, field: String, message: String| ManifestError {
         file: file.to_string(),
         line: offset + place.line,
@@ -207,9 +295,45 @@ fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Vec<Document>, V
     };
     let from_yaml = |e: yaml::Error| error(e.place, e.field, e.message);
     let docs = yaml::load(text).map_err(|e| vec![from_yaml(e)])?;
-    let mut parsed = Vec::new();
+    let mut parsed = Parsed::default();
     let mut errors = Vec::new();
     for doc in docs {
+        match doc.decode::<Head>() {
+            Ok(Head {
+                kind: Some(DocKind::Secret),
+            }) => {
+                let secret: SecretManifest = match doc.decode() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        errors.push(from_yaml(e));
+                        continue;
+                    }
+                };
+                let problems = check_secret(&secret);
+                if problems.is_empty() {
+                    let name = doc.place_of("metadata.name");
+                    parsed.secrets.push(SecretDocument {
+                        file: file.to_string(),
+                        line: offset + doc.start().line,
+                        name_at: (offset + name.line, name.column),
+                        secret,
+                    });
+                } else {
+                    errors.extend(
+                        problems
+                            .into_iter()
+                            .map(|(field, message)| error(doc.place_of(&field), field, message)),
+                    );
+                }
+                continue;
+            }
+            // An unknown kind: say so with every kind there is.
+            Err(e) if e.field == "kind" => {
+                errors.push(from_yaml(e));
+                continue;
+            }
+            _ => {}
+        }
         let manifest: Manifest = match doc.decode() {
             Ok(m) => m,
             Err(e) => {
@@ -220,10 +344,21 @@ fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Vec<Document>, V
         let problems = check(&manifest);
         if problems.is_empty() {
             let name = doc.place_of("metadata.name");
-            parsed.push(Document {
+            let env_at = manifest
+                .spec
+                .env
+                .iter()
+                .filter(|(_, v)| v.secret_ref().is_some())
+                .map(|(k, _)| {
+                    let at = doc.place_of(&format!("spec.env.{k}"));
+                    (k.clone(), (offset + at.line, at.column))
+                })
+                .collect();
+            parsed.workloads.push(Document {
                 file: file.to_string(),
                 line: offset + doc.start().line,
                 name_at: (offset + name.line, name.column),
+                env_at,
                 manifest,
             });
         } else {
@@ -239,6 +374,66 @@ fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Vec<Document>, V
     } else {
         Err(errors)
     }
+}
+
+/// A Secret's checks: its name and labels as for any object, data keys that can be
+/// referenced, and values of bounded size.
+pub fn check_secret(m: &SecretManifest) -> Vec<(String, String)> {
+    let mut p: Vec<(String, String)> = Vec::new();
+    let mut bad = |field: &str, msg: String| p.push((field.to_string(), msg));
+    if m.api_version != API_VERSION {
+        bad(
+            "apiVersion",
+            format!(
+                "unsupported apiVersion {:?}: expected {API_VERSION:?}",
+                m.api_version
+            ),
+        );
+    }
+    for (k, v) in &m.metadata.labels {
+        check_label(&format!("metadata.labels.{k}"), k, v, &mut bad);
+    }
+    let mut total = 0;
+    for (k, v) in &m.data {
+        if !valid_data_key(k) {
+            bad(
+                &format!("data.{k}"),
+                format!("invalid key {k:?}: use 1 to 253 letters, digits, '-', '_' and '.'"),
+            );
+        }
+        // The value's size only: the value never appears in an error.
+        if v.0.len() > MAX_SECRET_VALUE_BYTES {
+            bad(
+                &format!("data.{k}"),
+                format!(
+                    "the value is {} bytes; at most {MAX_SECRET_VALUE_BYTES}",
+                    v.0.len()
+                ),
+            );
+        }
+        if v.0.contains('\0') {
+            bad(
+                &format!("data.{k}"),
+                "the value holds a NUL byte, which no environment variable can carry".into(),
+            );
+        }
+        total += v.0.len();
+    }
+    if total > MAX_SECRET_BYTES {
+        bad(
+            "data",
+            format!("the values add up to {total} bytes; at most {MAX_SECRET_BYTES}"),
+        );
+    }
+    p
+}
+
+/// A Secret's data key: what `{secret: NAME, key: KEY}` may name.
+pub fn valid_data_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 253
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Semantic checks that the types cannot express. Returns (field path, message) pairs.
@@ -274,12 +469,26 @@ pub fn check(m: &Manifest) -> Vec<(String, String)> {
             "must not be an empty list (leave it out to use the image ENTRYPOINT)".into(),
         );
     }
-    for k in s.env.keys() {
+    for (k, v) in &s.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             bad(
                 &format!("spec.env.{k}"),
                 format!("invalid variable name {k:?}"),
             );
+        }
+        match v {
+            crate::manifest::EnvValue::Text(t) if t.contains('\0') => bad(
+                &format!("spec.env.{k}"),
+                "the value holds a NUL byte, which no environment variable can carry".into(),
+            ),
+            crate::manifest::EnvValue::Secret(r) if !valid_data_key(&r.key) => bad(
+                &format!("spec.env.{k}.key"),
+                format!(
+                    "invalid key {:?}: use 1 to 253 letters, digits, '-', '_' and '.'",
+                    r.key
+                ),
+            ),
+            _ => {}
         }
     }
 
@@ -520,6 +729,7 @@ fn is_clean_absolute(p: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::EnvValue;
 
     const GOOD: &str = "\
 apiVersion: bramble/v1
@@ -547,13 +757,13 @@ spec:
 
     #[test]
     fn parses_a_good_manifest_with_scalar_env() {
-        let docs = parse_manifests("m.yaml", GOOD).expect("valid");
+        let docs = parse_manifests("m.yaml", GOOD).expect("valid").workloads;
         assert_eq!(docs.len(), 1);
         let m = &docs[0].manifest;
         assert_eq!(m.kind, Kind::Service);
         assert_eq!(m.replicas(), 2);
-        assert_eq!(m.spec.env["PORT"], "8080");
-        assert_eq!(m.spec.env["DEBUG"], "true");
+        assert_eq!(m.spec.env["PORT"], EnvValue::from("8080"));
+        assert_eq!(m.spec.env["DEBUG"], EnvValue::from("true"));
         assert_eq!(m.spec.resources.cpu.map(|c| c.millis()), Some(250));
         assert_eq!(docs[0].line, 1);
     }
@@ -564,7 +774,7 @@ spec:
             "# header\n---\n{GOOD}---\n# nothing\n---\n{}",
             GOOD.replace("name: web", "name: web2")
         );
-        let docs = parse_manifests("m.yaml", &text).expect("valid");
+        let docs = parse_manifests("m.yaml", &text).expect("valid").workloads;
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[0].line, 3);
         assert_eq!(docs[1].line, 3 + GOOD.lines().count() + 3);
@@ -573,7 +783,9 @@ spec:
     #[test]
     fn a_document_may_start_on_its_marker_line() {
         let flow = "{apiVersion: bramble/v1, kind: Job, metadata: {name: j}, spec: {image: a}}";
-        let docs = parse_manifests("m.yaml", &format!("{GOOD}--- {flow}\n")).expect("valid");
+        let docs = parse_manifests("m.yaml", &format!("{GOOD}--- {flow}\n"))
+            .expect("valid")
+            .workloads;
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[1].line, GOOD.lines().count() + 1);
         let e = one(&format!("--- {}\n", flow.replace("image: a", "image: ''")));
@@ -730,14 +942,23 @@ spec:
             "{}",
             e[0]
         );
-        // Same name, other kind: fine.
+        // Same name, other kind: refused too (workload names are unique across kinds:
+        // they are the names containers reach workloads by).
         let c = Source {
             name: "c.yaml".into(),
             content: GOOD
                 .replace("kind: Service", "kind: Wallet")
                 .replace("  replicas: 2\n", ""),
         };
-        assert!(parse_sources(&[a, c]).is_ok());
+        let e = parse_sources(&[a, c]).expect_err("same name, other kind");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].message.contains(
+                "already used by the Service at a.yaml:1; workload names are unique across kinds"
+            ),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]
@@ -897,9 +1118,9 @@ spec:
             (
                 "a list where a map of text is wanted",
                 r("env: {PORT: 8080, DEBUG: true}", "env: [a]"),
-                (9, 3),
+                (9, 8),
                 "spec.env",
-                "expected a mapping of names to text, numbers or booleans",
+                "invalid type: sequence, expected a mapping of names to text, numbers, booleans or {secret, key} references",
             ),
             // The key of the mapping that lacks a field, or the mapping itself.
             (
@@ -1165,6 +1386,154 @@ spec:
                 ),
             }
         }
+    }
+
+    const SECRET: &str = "\
+apiVersion: bramble/v1
+kind: Secret
+metadata: {name: ltc-rpc}
+data:
+  password: hunter2-but-long
+  pin: 1234
+";
+
+    const REF: &str = "\
+apiVersion: bramble/v1
+kind: Wallet
+metadata: {name: ltc}
+spec:
+  image: w:1
+  env:
+    RPC_USER: pool
+    RPC_PASSWORD: {secret: ltc-rpc, key: password}
+";
+
+    #[test]
+    fn secrets_parse_apart_from_workloads_with_their_values_as_text() {
+        let p = parse_manifests("s.yaml", &format!("{SECRET}---\n{REF}")).expect("valid");
+        assert_eq!((p.workloads.len(), p.secrets.len()), (1, 1));
+        let s = &p.secrets[0];
+        assert_eq!(s.secret.metadata.name.as_str(), "ltc-rpc");
+        assert_eq!(s.secret.data["password"].0, "hunter2-but-long");
+        assert_eq!(s.secret.data["pin"].0, "1234");
+        assert_eq!(s.name_at, (3, 12));
+        // Never in debug output.
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let w = &p.workloads[0];
+        let r = w.manifest.spec.env["RPC_PASSWORD"]
+            .secret_ref()
+            .expect("a reference");
+        assert_eq!((r.secret.as_str(), r.key.as_str()), ("ltc-rpc", "password"));
+        assert_eq!(w.manifest.spec.env["RPC_USER"], EnvValue::from("pool"));
+        assert_eq!(w.env_at["RPC_PASSWORD"], (15, 5));
+    }
+
+    #[test]
+    fn an_unknown_kind_names_every_kind_including_secret() {
+        let e = one(&GOOD.replace("kind: Service", "kind: Deployment"));
+        assert_eq!(e.field, "kind");
+        assert!(e.message.contains("`Secret`"), "{e}");
+    }
+
+    #[test]
+    fn bad_secrets_are_refused_without_repeating_their_values() {
+        let cases = [
+            (
+                SECRET.replace("pin: 1234", "bad key!: x"),
+                "data.bad key!",
+                "invalid key",
+            ),
+            (
+                SECRET.replace(
+                    "pin: 1234",
+                    &format!("big: {}", "v".repeat(MAX_SECRET_VALUE_BYTES + 1)),
+                ),
+                "data.big",
+                "at most 65536",
+            ),
+            (
+                SECRET.replace("\ndata:", "\nspec: {}\ndata:"),
+                "spec",
+                "unknown field `spec`",
+            ),
+            (
+                SECRET.replace("ltc-rpc", "LTC_rpc"),
+                "metadata.name",
+                "invalid name",
+            ),
+            (
+                SECRET.replace("bramble/v1", "bramble/v0"),
+                "apiVersion",
+                "unsupported apiVersion",
+            ),
+            (
+                SECRET.replace("pin: 1234", "pin: [1, 2]"),
+                "data",
+                "expected a mapping",
+            ),
+        ];
+        for (text, field, message) in cases {
+            let e = one(&text);
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(message), "{e}");
+            assert!(
+                !e.message.contains("hunter2") && !e.message.contains("vvvv"),
+                "{e}"
+            );
+        }
+        let big = (0..5)
+            .map(|i| format!("  k{i}: {}\n", "v".repeat(MAX_SECRET_VALUE_BYTES - 10)))
+            .collect::<String>();
+        let e = one(&format!("{SECRET}{big}"));
+        assert_eq!(e.field, "data");
+        assert!(e.message.contains("at most 262144"), "{e}");
+    }
+
+    #[test]
+    fn bad_references_point_at_the_reference() {
+        let cases = [
+            ("{secret: ltc-rpc}", "missing field `key`"),
+            ("{key: password}", "missing field `secret`"),
+            (
+                "{secret: ltc-rpc, key: password, x: 1}",
+                "unknown field `x`",
+            ),
+            ("{secret: LTC, key: password}", "invalid name"),
+            ("{secret: ltc-rpc, key: 'a b'}", "invalid key"),
+            ("[a]", "a {secret, key} reference"),
+        ];
+        for (value, message) in cases {
+            let e = one(&REF.replace("{secret: ltc-rpc, key: password}", value));
+            assert!(e.field.starts_with("spec.env.RPC_PASSWORD"), "{value}: {e}");
+            assert!(e.message.contains(message), "{value}: {e}");
+            assert_eq!(e.line, 8, "{value}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_secret_name_is_given_once_per_apply() {
+        let errors = parse_sources(&[
+            Source {
+                name: "a.yaml".into(),
+                content: SECRET.into(),
+            },
+            Source {
+                name: "b.yaml".into(),
+                content: SECRET.into(),
+            },
+        ])
+        .expect_err("duplicate");
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .message
+                .contains("duplicate Secret \"ltc-rpc\": already defined at a.yaml:1"),
+            "{}",
+            errors[0]
+        );
+        // A Secret and a workload may share a name: they are reached differently.
+        let same = REF.replace("name: ltc}", "name: ltc-rpc}");
+        assert!(parse_manifests("x.yaml", &format!("{SECRET}---\n{same}")).is_ok());
     }
 
     proptest::proptest! {

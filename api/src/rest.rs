@@ -99,8 +99,50 @@ pub struct ApplyResult {
 /// `POST /v1/apply` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApplyResponse {
-    /// One per workload, in the order given.
+    /// One per workload, in the order given, then the stored workloads reconfigured
+    /// because a Secret they reference changed.
     pub results: Vec<ApplyResult>,
+    /// One per Secret, in the order given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretApplyResult>,
+}
+
+/// One Secret's apply result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretApplyResult {
+    /// Name.
+    pub name: String,
+    /// What happened.
+    pub outcome: ApplyOutcome,
+}
+
+/// A Secret as the API shows it: its keys, never its values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretView {
+    /// Name.
+    pub name: String,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The keys of its data.
+    pub keys: Vec<String>,
+    /// Bumped on every change.
+    pub generation: u64,
+    /// The workloads (`kind/name`) whose env references it.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+    /// First applied.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `DELETE /v1/secrets/{name}` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretDeleteResponse {
+    /// Name.
+    pub name: String,
 }
 
 /// A workload with its desired and observed counts.

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
-use crate::manifest::{Kind, Manifest, Placement, Port, Probes, Resources, Restart, Volume};
+use crate::manifest::{
+    EnvValue, Kind, Manifest, Placement, Port, Probes, Resources, Restart, SecretRef, Volume,
+};
 
 /// What the agent needs to run one task's container. Two tasks with equal specs run
 /// equal containers; a changed spec (image, env, …) means a new container.
@@ -23,9 +25,11 @@ pub struct TaskSpec {
     /// Replaces the image CMD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
-    /// Environment.
+    /// Environment. Secret references stay references here (so a spec, its hash and every
+    /// view of it hold no secret value); the values travel in
+    /// [`crate::wire::Assignment::secrets`], to the task's node only.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     /// Published ports.
     #[serde(default)]
     pub ports: Vec<Port>,
@@ -61,6 +65,13 @@ impl TaskSpec {
             probes: s.probes.clone(),
             timeout: s.timeout,
         }
+    }
+
+    /// The Secret references of the environment, by variable.
+    pub fn secret_refs(&self) -> impl Iterator<Item = (&str, &SecretRef)> {
+        self.env
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.secret_ref()?)))
     }
 
     /// A stable fingerprint of the spec (16 hex digits). Equal specs give equal hashes on
@@ -251,7 +262,9 @@ mod tests {
     use crate::parse::parse_manifests;
 
     fn spec(yaml: &str) -> TaskSpec {
-        let docs = parse_manifests("t.yaml", yaml).expect("valid manifest");
+        let docs = parse_manifests("t.yaml", yaml)
+            .expect("valid manifest")
+            .workloads;
         TaskSpec::from_manifest(&docs[0].manifest)
     }
 

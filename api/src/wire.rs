@@ -1,7 +1,8 @@
 //! The agent⇄controller protocol: JSON text frames over the `/v1/agent` WebSocket.
 //!
-//! The agent opens the connection (outbound only, so NAT is fine), authenticates with
-//! the join token as a bearer token, and sends [`AgentMessage::Hello`] with its node
+//! The agent opens the connection (outbound only, so NAT is fine) over TLS, checks the
+//! controller's certificate against the CA pinned in its join token, authenticates with
+//! its node credential (or, once, the join token) as a bearer token, and sends [`AgentMessage::Hello`] with its node
 //! and the tasks it already runs (adopted containers). The controller answers
 //! [`ControllerMessage::Welcome`] and then, whenever it changes, the node's full
 //! desired task set ([`ControllerMessage::Assign`]): level-triggered, so a lost
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::health::{ContainerUsage, DiskUsage};
 use crate::manifest::{Arch, Kind};
 use crate::task::{TaskPhase, TaskSpec};
+use crate::token::Secret;
 
 /// The protocol version this release speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -188,6 +190,10 @@ pub struct Assignment {
     /// Added after protocol version 1 shipped: optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
+    /// The values of the spec's Secret references, by variable: sent to this task's node
+    /// only, never stored by the agent, never in any view.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Secret>,
 }
 
 /// A task's observed state on a node.
@@ -243,6 +249,11 @@ pub enum AgentMessage {
         node: NodeInfo,
         /// Tasks found running or stopped on the node (adopted by label).
         tasks: Vec<TaskStatus>,
+        /// The node's own credential, made at its first start: at a first join (with
+        /// the join token) the controller keeps its hash, and admits the name only with
+        /// it from then on. Added after protocol version 1 shipped: optional.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential: Option<Secret>,
     },
     /// Periodic liveness and load.
     Heartbeat {

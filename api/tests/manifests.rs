@@ -24,12 +24,14 @@ fn every_example_manifest_is_valid() {
     match bramble_api::parse::parse_sources(&sources) {
         Ok(docs) => {
             let kinds: std::collections::BTreeSet<_> =
-                docs.iter().map(|d| d.manifest.kind).collect();
+                docs.workloads.iter().map(|d| d.manifest.kind).collect();
             assert_eq!(
                 kinds.len(),
                 3,
                 "a Service, a Wallet and a CronJob: {kinds:?}"
             );
+            // The wallet's RPC password comes from a Secret, not the manifest.
+            assert_eq!(docs.secrets.len(), 1);
         }
         Err(errors) => panic!(
             "{}",

@@ -37,7 +37,7 @@ pub async fn dashboard(minutes: u64, nodes: usize) -> Result<()> {
     let prefix = harness::unique("dash");
     let mut agents = Vec::with_capacity(nodes);
     for i in 0..nodes {
-        agents.push(Agent::start(&c.url(), &format!("{prefix}-{i}"))?);
+        agents.push(Agent::start(&c, &format!("{prefix}-{i}"))?);
     }
     for a in &agents {
         wait_ready(&c, &a.node).await?;

@@ -212,7 +212,7 @@ async fn memory() -> Result<()> {
     })
     .await?;
     let node = harness::unique("mem");
-    let agent = Agent::start(&c.url(), &node)?;
+    let agent = Agent::start(&c, &node)?;
     wait_ready(&c, &node).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let agent_pid = agent.pid().context("agent pid")?;

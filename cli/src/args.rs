@@ -16,9 +16,12 @@ use crate::output::{Format, ObjectRef, Resource, UnknownResource};
     name = "bramblectl",
     version,
     propagate_version = true,
-    after_help = "The controller is picked from, last one winning: http://127.0.0.1:7878 < the \
+    after_help = "The controller is picked from, last one winning: https://127.0.0.1:7878 < the \
                   context (--context, BRAMBLE_CONTEXT or current-context in $BRAMBLE_CONFIG or \
-                  ~/.bramble/config.yaml) < BRAMBLE_SERVER and BRAMBLE_TOKEN < --server and --token."
+                  ~/.bramble/config.yaml) < BRAMBLE_SERVER and BRAMBLE_TOKEN < --server and --token. \
+                  The controller must hold the cluster CA pinned in the context (bramblectl login), \
+                  BRAMBLE_CA_FINGERPRINT, --ca-fingerprint or --certificate-authority: nothing is \
+                  sent to it before it proves so."
 )]
 pub struct Cli {
     /// Where and as whom to connect.
@@ -33,7 +36,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Default, Args)]
 pub struct Global {
     /// Controller URL, e.g. https://pi-1:7878 (default: from the context, BRAMBLE_SERVER,
-    /// or http://127.0.0.1:7878)
+    /// or https://127.0.0.1:7878)
     #[arg(long, global = true, value_name = "URL")]
     pub server: Option<String>,
     /// Bearer token (default: from the context or BRAMBLE_TOKEN)
@@ -42,6 +45,14 @@ pub struct Global {
     /// Context of the config file to use (default: BRAMBLE_CONTEXT or current-context)
     #[arg(long, global = true, value_name = "NAME")]
     pub context: Option<String>,
+    /// SHA-256 fingerprint of the cluster CA the controller must hold (default: from the
+    /// context or BRAMBLE_CA_FINGERPRINT)
+    #[arg(long, global = true, value_name = "SHA256")]
+    pub ca_fingerprint: Option<String>,
+    /// Trust the CA certificate in this PEM file for this call (the controller's
+    /// DATA_DIR/ca.crt), as kubectl's flag does
+    #[arg(long, global = true, value_name = "FILE")]
+    pub certificate_authority: Option<PathBuf>,
 }
 
 /// The commands.
@@ -59,7 +70,7 @@ pub enum Command {
     Get(GetArgs),
     /// Show a node, task or workload in detail, with its tasks and events
     Describe(DescribeArgs),
-    /// Delete workloads by kind and name, or those in manifest files
+    /// Delete workloads by kind and name, those in manifest files, or a node
     Delete(DeleteArgs),
     /// Print a task's logs (or a workload's task's)
     Logs(LogsArgs),
@@ -84,6 +95,8 @@ pub enum Command {
     Webhooks(WebhooksCommand),
     /// Print the client and server versions
     Version(VersionArgs),
+    /// Pin a controller's cluster CA in a context: shows its fingerprint and asks
+    Login(LoginArgs),
     /// Manage contexts in the config file
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -92,6 +105,17 @@ pub enum Command {
                             zsh:  bramblectl completion zsh > \"${fpath[1]}/_bramblectl\"\n\
                             fish: bramblectl completion fish > ~/.config/fish/completions/bramblectl.fish")]
     Completion(CompletionArgs),
+}
+
+/// `login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The controller, e.g. https://pi-1:7878
+    #[arg(value_name = "URL")]
+    pub server: String,
+    /// The context to save it in (default: the current one, else "default")
+    #[arg(long = "as", value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 /// `apply`.

@@ -10,7 +10,8 @@ use bramble_api::duration::Duration as ApiDuration;
 use bramble_api::manifest::Kind;
 use bramble_api::rest::{
     ApiErrorBody, ApplyRequest, ApplyResponse, CronJobView, DeleteResponse, DrainResponse, Event,
-    NodeView, VersionInfo, WebhookTestResponse, WebhookView, WorkloadView,
+    NodeView, SecretDeleteResponse, SecretView, VersionInfo, WebhookTestResponse, WebhookView,
+    WorkloadView,
 };
 use bramble_api::task::Task;
 use bytes::Bytes;
@@ -19,7 +20,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::config::Target;
+use crate::config::{Target, Trust};
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +44,24 @@ pub enum Error {
     /// The token cannot be sent in an HTTP header.
     #[error("invalid token: it must be printable ASCII without line breaks")]
     BadToken,
+    /// Nothing says which CA the controller must hold: no credential is sent to a
+    /// controller that has not proved who it is.
+    #[error("the cluster CA of {server} is not pinned: run `bramblectl login {server}` (it shows the CA's fingerprint and asks), or give --ca-fingerprint, BRAMBLE_CA_FINGERPRINT or --certificate-authority (the controller's DATA_DIR/ca.crt)")]
+    NotPinned {
+        /// Base URL.
+        server: String,
+    },
+    /// The CA given cannot be used.
+    #[error("{0}")]
+    BadCa(String),
+    /// The server is not of the pinned cluster: nothing was sent.
+    #[error("the controller at {server} is not the one pinned (nothing was sent): {reason}")]
+    Untrusted {
+        /// Base URL.
+        server: String,
+        /// What the TLS check found.
+        reason: String,
+    },
     /// Nothing answers at the server's address.
     #[error("cannot reach the controller at {server}: {reason} (is bramble-controller running? set --server or BRAMBLE_SERVER)")]
     Unreachable {
@@ -121,7 +140,8 @@ pub struct Client {
     auth: Option<HeaderValue>,
 }
 
-/// Parses a server setting; `host:port` without a scheme means `http://host:port`.
+/// Parses a server setting; `host:port` without a scheme means `https://host:port`.
+/// Plain `http://` is refused: controllers serve TLS only.
 pub fn parse_server(server: &str) -> Result<Url> {
     let bad = |reason: &str| Error::BadServer {
         server: server.to_string(),
@@ -131,11 +151,16 @@ pub fn parse_server(server: &str) -> Result<Url> {
     let text = if has_scheme {
         server.to_string()
     } else {
-        format!("http://{server}")
+        format!("https://{server}")
     };
     let url = Url::parse(&text).map_err(|e| bad(&e.to_string()))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad("expected an http:// or https:// URL"));
+    if url.scheme() == "http" {
+        return Err(bad(
+            "plain HTTP is refused: the controller serves TLS only; use https://",
+        ));
+    }
+    if url.scheme() != "https" {
+        return Err(bad("expected an https:// URL"));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(bad("no host"));
@@ -150,8 +175,65 @@ pub fn parse_server(server: &str) -> Result<Url> {
 /// for the Pis). Idempotent; [`Client::new`] calls it too, as reqwest panics without a
 /// provider.
 pub fn install_tls_provider() {
-    // Fails only when a provider is already installed, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    bramble_tls::install_provider();
+}
+
+/// The fingerprint `trust` pins: given, or that of the first certificate of a file.
+pub fn pinned(trust: &Trust) -> Result<bramble_tls::Fingerprint> {
+    match trust {
+        Trust::Fingerprint(f) => f.parse().map_err(|e: bramble_api::token::BadFingerprint| {
+            Error::BadCa(format!("--ca-fingerprint: {e}"))
+        }),
+        Trust::File(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                Error::BadCa(format!(
+                    "--certificate-authority {}: {}",
+                    path.display(),
+                    crate::output::describe_io(&e)
+                ))
+            })?;
+            let certs = bramble_tls::certificates(&pem).map_err(|e| {
+                Error::BadCa(format!("--certificate-authority {}: {e}", path.display()))
+            })?;
+            Ok(bramble_tls::fingerprint(&certs[0]))
+        }
+    }
+}
+
+/// Connects to `server` and returns the fingerprint of the CA its certificate chain
+/// ends with, without trusting it or sending anything over the connection (for
+/// `bramblectl login`, which shows it to the user first).
+pub async fn probe_ca(server: &str) -> Result<bramble_tls::Fingerprint> {
+    install_tls_provider();
+    let url = parse_server(server)?;
+    let host = url.host_str().unwrap_or_default().to_string();
+    let port = url.port_or_known_default().unwrap_or(443);
+    let unreachable = |reason: String| Error::Unreachable {
+        server: server.to_string(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)),
+    )
+    .await
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(crate::output::describe_io(&e)))?;
+    let seen = bramble_tls::Seen::default();
+    let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+        .map_err(|e| Error::BadServer {
+        server: server.to_string(),
+        reason: e.to_string(),
+    })?;
+    // The recorder refuses every server once it has its chain: the handshake fails by
+    // design, and nothing is ever sent.
+    let _ = tokio_rustls::TlsConnector::from(std::sync::Arc::new(seen.client_config()))
+        .connect(name, tcp)
+        .await;
+    seen.ca().ok_or_else(|| Error::Connect {
+        server: server.to_string(),
+        reason: "the server sent no certificate: is it a Bramble controller?".into(),
+    })
 }
 
 impl Client {
@@ -159,6 +241,10 @@ impl Client {
     pub fn new(target: &Target) -> Result<Client> {
         install_tls_provider();
         let base = parse_server(&target.server)?;
+        let trust = target.trust.as_ref().ok_or_else(|| Error::NotPinned {
+            server: target.server.clone(),
+        })?;
+        let tls = bramble_tls::client_config(bramble_tls::Pins::one(pinned(trust)?));
         let auth = match &target.token {
             Some(t) => {
                 let mut v =
@@ -170,6 +256,7 @@ impl Client {
         };
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            .tls_backend_preconfigured(tls)
             .build()
             .map_err(|e| Error::Connect {
                 server: target.server.clone(),
@@ -258,10 +345,18 @@ impl Client {
                 )
             })
             || chain(e).any(|m| m.starts_with("dns error"));
+        let untrusted = chain(e).find(|m| {
+            m.contains("not from the pinned cluster CA") || m.contains("invalid peer certificate")
+        });
         if unreachable {
             Error::Unreachable {
                 server,
                 reason: reason(e),
+            }
+        } else if let Some(why) = untrusted {
+            Error::Untrusted {
+                server,
+                reason: why,
             }
         } else if e.is_connect() {
             Error::Connect {
@@ -325,6 +420,27 @@ impl Client {
     /// `GET /v1/workloads/{kind}/{name}`.
     pub async fn workload(&self, kind: Kind, name: &str) -> Result<WorkloadView> {
         self.json(Method::GET, &["workloads", kind.path(), name], &[], None)
+            .await
+    }
+
+    /// `DELETE /v1/nodes/{name}`: the node and its credential.
+    pub async fn delete_node(&self, name: &str) -> Result<serde_json::Value> {
+        self.json(Method::DELETE, &["nodes", name], &[], None).await
+    }
+
+    /// `GET /v1/secrets`: names and keys.
+    pub async fn secrets(&self) -> Result<Vec<SecretView>> {
+        self.json(Method::GET, &["secrets"], &[], None).await
+    }
+
+    /// `GET /v1/secrets/{name}`: names and keys.
+    pub async fn secret(&self, name: &str) -> Result<SecretView> {
+        self.json(Method::GET, &["secrets", name], &[], None).await
+    }
+
+    /// `DELETE /v1/secrets/{name}`.
+    pub async fn delete_secret(&self, name: &str) -> Result<SecretDeleteResponse> {
+        self.json(Method::DELETE, &["secrets", name], &[], None)
             .await
     }
 
@@ -595,21 +711,27 @@ fn first_line(text: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
-    fn client(server: &str) -> Client {
-        Client::new(&Target {
+    const FP: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn target(server: &str, token: Option<&str>) -> Target {
+        Target {
             server: server.into(),
-            token: None,
+            token: token.map(str::to_string),
             context: None,
-        })
-        .expect("valid server")
+            trust: Some(Trust::Fingerprint(FP.into())),
+        }
+    }
+
+    fn client(server: &str) -> Client {
+        Client::new(&target(server, None)).expect("valid server")
     }
 
     #[test]
     fn urls_are_built_under_v1_with_encoded_segments() {
-        let c = client("http://pi:7878");
+        let c = client("https://pi:7878");
         assert_eq!(
             c.url(&["tasks", "a b/c"], &[("follow", "true")]).as_str(),
-            "http://pi:7878/v1/tasks/a%20b%2Fc?follow=true"
+            "https://pi:7878/v1/tasks/a%20b%2Fc?follow=true"
         );
         let c = client("https://host/bramble/");
         assert_eq!(
@@ -620,24 +742,29 @@ mod tests {
     }
 
     #[test]
-    fn a_server_without_scheme_is_http() {
+    fn a_server_without_scheme_is_https_and_plain_http_is_refused() {
         assert_eq!(
             parse_server("pi-1:7878").map(|u| u.to_string()).ok(),
-            Some("http://pi-1:7878/".to_string())
+            Some("https://pi-1:7878/".to_string())
         );
         assert!(parse_server("ftp://x").is_err());
-        assert!(parse_server("http://").is_err());
+        assert!(parse_server("https://").is_err());
+        let e = parse_server("http://pi-1:7878").expect_err("plain http");
+        assert!(e.to_string().contains("plain HTTP is refused"), "{e}");
     }
 
     #[test]
     fn a_token_with_a_line_break_is_refused() {
-        let err = Client::new(&Target {
-            server: "http://x".into(),
-            token: Some("a\nb".into()),
-            context: None,
-        })
-        .expect_err("must fail");
+        let err = Client::new(&target("https://x", Some("a\nb"))).expect_err("must fail");
         assert!(matches!(err, Error::BadToken));
+    }
+
+    #[test]
+    fn an_unpinned_controller_is_not_contacted() {
+        let mut t = target("https://x", Some("t"));
+        t.trust = None;
+        let err = Client::new(&t).expect_err("must fail");
+        assert!(matches!(err, Error::NotPinned { .. }), "{err}");
     }
 
     #[test]

@@ -8,11 +8,15 @@
 //!   - name: pool
 //!     server: https://bramble.local:7878
 //!     token: s3cret
+//!     certificate-authority-fingerprint: 9f86d081884c7d65…
 //! ```
 //!
 //! The controller and token come from, last one winning: the default
-//! (`http://127.0.0.1:7878`, no token) < the context (`--context`, `BRAMBLE_CONTEXT` or
+//! (`https://127.0.0.1:7878`, no token) < the context (`--context`, `BRAMBLE_CONTEXT` or
 //! `current-context`) < `BRAMBLE_SERVER` / `BRAMBLE_TOKEN` < `--server` / `--token`.
+//! The cluster CA the controller must prove it holds comes the same way:
+//! the context's `certificate-authority-fingerprint` < `BRAMBLE_CA_FINGERPRINT` <
+//! `--ca-fingerprint` or `--certificate-authority FILE` (as kubectl's, for one call).
 
 use std::fs;
 use std::io::{self, Write};
@@ -23,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::output::describe_io;
 
 /// Where the controller is when nothing says otherwise.
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7878";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7878";
 
 /// What `config view` shows instead of a token.
 pub const REDACTED: &str = "REDACTED";
@@ -91,6 +95,14 @@ pub struct Context {
     /// Bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The SHA-256 of the cluster CA certificate the controller must prove it holds
+    /// (64 hex digits), pinned by `login` or `config set-context --ca-fingerprint`.
+    #[serde(
+        default,
+        rename = "certificate-authority-fingerprint",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ca_fingerprint: Option<String>,
 }
 
 /// The config file's path: `$BRAMBLE_CONFIG`, else `$HOME/.bramble/config.yaml`.
@@ -165,6 +177,7 @@ impl ConfigFile {
         name: &str,
         server: Option<String>,
         token: Option<String>,
+        ca_fingerprint: Option<String>,
     ) -> bool {
         if let Some(c) = self.contexts.iter_mut().find(|c| c.name == name) {
             if let Some(s) = server {
@@ -173,12 +186,16 @@ impl ConfigFile {
             if token.is_some() {
                 c.token = token.filter(|t| !t.is_empty());
             }
+            if ca_fingerprint.is_some() {
+                c.ca_fingerprint = ca_fingerprint.filter(|t| !t.is_empty());
+            }
             return false;
         }
         self.contexts.push(Context {
             name: name.to_string(),
             server: server.unwrap_or_else(|| DEFAULT_SERVER.to_string()),
             token: token.filter(|t| !t.is_empty()),
+            ca_fingerprint: ca_fingerprint.filter(|t| !t.is_empty()),
         });
         if self.current_context.is_none() {
             self.current_context = Some(name.to_string());
@@ -244,6 +261,21 @@ pub struct Overrides {
     pub flag_server: Option<String>,
     /// `--token`.
     pub flag_token: Option<String>,
+    /// `BRAMBLE_CA_FINGERPRINT`.
+    pub env_ca_fingerprint: Option<String>,
+    /// `--ca-fingerprint`.
+    pub flag_ca_fingerprint: Option<String>,
+    /// `--certificate-authority FILE`.
+    pub flag_ca_file: Option<PathBuf>,
+}
+
+/// How the controller's certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Its chain must hold the CA with this SHA-256 (hex, as given).
+    Fingerprint(String),
+    /// Its chain must hold the CA certificate in this PEM file.
+    File(PathBuf),
 }
 
 /// The controller a command talks to.
@@ -255,6 +287,8 @@ pub struct Target {
     pub token: Option<String>,
     /// The context it came from, if any.
     pub context: Option<String>,
+    /// The CA to check the controller against; `None` until pinned.
+    pub trust: Option<Trust>,
 }
 
 /// Picks server and token: default < context < environment < flags. Empty values count
@@ -276,10 +310,21 @@ pub fn resolve(file: &ConfigFile, path: &Path, o: &Overrides) -> Result<Target, 
     let token = nonempty(&o.flag_token)
         .or_else(|| nonempty(&o.env_token))
         .or_else(|| ctx.and_then(|c| nonempty(&c.token)));
+    let trust = o
+        .flag_ca_file
+        .clone()
+        .map(Trust::File)
+        .or_else(|| nonempty(&o.flag_ca_fingerprint).map(Trust::Fingerprint))
+        .or_else(|| nonempty(&o.env_ca_fingerprint).map(Trust::Fingerprint))
+        .or_else(|| {
+            ctx.and_then(|c| nonempty(&c.ca_fingerprint))
+                .map(Trust::Fingerprint)
+        });
     Ok(Target {
         server,
         token,
         context: name,
+        trust,
     })
 }
 
@@ -293,13 +338,15 @@ mod tests {
             contexts: vec![
                 Context {
                     name: "home".into(),
-                    server: "http://home:7878".into(),
+                    server: "https://home:7878".into(),
                     token: Some("home-token".into()),
+                    ca_fingerprint: Some("ab".repeat(32)),
                 },
                 Context {
                     name: "lab".into(),
                     server: "https://lab:7878".into(),
                     token: None,
+                    ca_fingerprint: None,
                 },
             ],
         }
@@ -320,9 +367,10 @@ mod tests {
     #[test]
     fn current_context_is_used() {
         let t = resolve_ok(&file(), Overrides::default());
-        assert_eq!(t.server, "http://home:7878");
+        assert_eq!(t.server, "https://home:7878");
         assert_eq!(t.token.as_deref(), Some("home-token"));
         assert_eq!(t.context.as_deref(), Some("home"));
+        assert_eq!(t.trust, Some(Trust::Fingerprint("ab".repeat(32))));
     }
 
     #[test]
@@ -357,6 +405,48 @@ mod tests {
         let t = resolve_ok(&file(), flags);
         assert_eq!(t.server, "http://flag:2");
         assert_eq!(t.token.as_deref(), Some("flag-token"));
+    }
+
+    #[test]
+    fn the_ca_comes_from_a_file_the_flag_the_environment_or_the_context() {
+        let base = Overrides::default();
+        let t = resolve_ok(
+            &file(),
+            Overrides {
+                env_ca_fingerprint: Some("ef".repeat(32)),
+                ..base.clone()
+            },
+        );
+        assert_eq!(t.trust, Some(Trust::Fingerprint("ef".repeat(32))));
+        let t = resolve_ok(
+            &file(),
+            Overrides {
+                env_ca_fingerprint: Some("ef".repeat(32)),
+                flag_ca_fingerprint: Some("01".repeat(32)),
+                ..base.clone()
+            },
+        );
+        assert_eq!(t.trust, Some(Trust::Fingerprint("01".repeat(32))));
+        let t = resolve_ok(
+            &file(),
+            Overrides {
+                flag_ca_fingerprint: Some("01".repeat(32)),
+                flag_ca_file: Some(PathBuf::from("/var/lib/bramble/ca.crt")),
+                ..base.clone()
+            },
+        );
+        assert_eq!(
+            t.trust,
+            Some(Trust::File(PathBuf::from("/var/lib/bramble/ca.crt")))
+        );
+        let t = resolve_ok(
+            &file(),
+            Overrides {
+                context: Some("lab".into()),
+                ..base
+            },
+        );
+        assert_eq!(t.trust, None, "not pinned yet");
     }
 
     #[test]
@@ -434,12 +524,17 @@ mod tests {
     #[test]
     fn set_context_creates_then_updates() {
         let mut f = ConfigFile::default();
-        assert!(f.set_context("a", Some("http://a".into()), Some("t".into())));
+        assert!(f.set_context("a", Some("https://a".into()), Some("t".into()), None));
         assert_eq!(f.current_context.as_deref(), Some("a"));
-        assert!(!f.set_context("a", None, Some("u".into())));
-        assert_eq!(f.context("a").map(|c| c.server.as_str()), Some("http://a"));
+        assert!(!f.set_context("a", None, Some("u".into()), Some("cd".repeat(32))));
+        assert_eq!(f.context("a").map(|c| c.server.as_str()), Some("https://a"));
         assert_eq!(f.context("a").and_then(|c| c.token.as_deref()), Some("u"));
-        assert!(f.set_context("b", None, None));
+        assert_eq!(
+            f.context("a").and_then(|c| c.ca_fingerprint.clone()),
+            Some("cd".repeat(32)),
+            "the pinned CA is kept with the context"
+        );
+        assert!(f.set_context("b", None, None, None));
         assert_eq!(f.current_context.as_deref(), Some("a"));
         assert_eq!(
             f.context("b").map(|c| c.server.as_str()),
@@ -452,6 +547,10 @@ mod tests {
         let r = file().redacted();
         assert_eq!(r.contexts[0].token.as_deref(), Some(REDACTED));
         assert_eq!(r.contexts[1].token, None);
-        assert_eq!(r.contexts[0].server, "http://home:7878");
+        assert_eq!(r.contexts[0].server, "https://home:7878");
+        assert!(
+            r.contexts[0].ca_fingerprint.is_some(),
+            "a fingerprint is no secret"
+        );
     }
 }

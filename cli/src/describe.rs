@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use bramble_api::manifest::{
-    Arch, ConcurrencyPolicy, Kind, Placement, Port, Probe, Probes, Resources, Restart,
+    Arch, ConcurrencyPolicy, EnvValue, Kind, Placement, Port, Probe, Probes, Resources, Restart,
     RestartPolicy, Volume,
 };
 use bramble_api::quantity::Memory;
 use bramble_api::rest::{
-    format_labels, CronJobView, Event, Firing, FiringOutcome, NodeView, Severity, WorkloadView,
+    format_labels, CronJobView, Event, Firing, FiringOutcome, NodeView, SecretView, Severity,
+    WorkloadView,
 };
 use bramble_api::task::{DesiredState, Task, TaskSpec};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -240,7 +241,7 @@ struct Container<'a> {
     image: &'a str,
     command: Option<&'a [String]>,
     args: Option<&'a [String]>,
-    env: &'a BTreeMap<String, String>,
+    env: &'a BTreeMap<String, EnvValue>,
     ports: &'a [Port],
     volumes: &'a [Volume],
     resources: &'a Resources,
@@ -266,7 +267,15 @@ impl Container<'_> {
         } else {
             page.section("Environment");
             for (k, v) in self.env {
-                page.field_at(1, k, if v.is_empty() { "\"\"" } else { v });
+                let shown = match v {
+                    EnvValue::Text(t) if t.is_empty() => "\"\"".to_string(),
+                    EnvValue::Text(t) => t.clone(),
+                    // As kubectl says it: where the value comes from, never the value.
+                    EnvValue::Secret(r) => {
+                        format!("<set to the key '{}' in secret '{}'>", r.key, r.secret)
+                    }
+                };
+                page.field_at(1, k, shown);
             }
         }
         page.field(
@@ -614,6 +623,33 @@ pub fn task(t: &Task, events: Option<&[Event]>, now: DateTime<Utc>) -> String {
     if let Some(timeout) = s.timeout {
         page.field("Timeout", timeout);
     }
+    events_section(&mut page, events, now);
+    page.render()
+}
+
+/// `describe secret NAME`: keys and users, never values.
+pub fn secret(s: &SecretView, events: Option<&[Event]>, now: DateTime<Utc>) -> String {
+    let mut page = Page::default();
+    page.field("Name", &s.name)
+        .field(
+            "Labels",
+            or_none((!s.labels.is_empty()).then(|| format_labels(&s.labels))),
+        )
+        .field("Generation", s.generation)
+        .field("Created", time(s.created_at, now))
+        .field("Updated", time(s.updated_at, now));
+    if s.keys.is_empty() {
+        page.field("Data", "<none>");
+    } else {
+        page.section("Data");
+        for k in &s.keys {
+            page.field_at(1, k, "<hidden>");
+        }
+    }
+    page.field(
+        "Used By",
+        or_none((!s.used_by.is_empty()).then(|| s.used_by.join(", "))),
+    );
     events_section(&mut page, events, now);
     page.render()
 }

@@ -138,11 +138,13 @@ pub enum Resource {
     Workloads(Option<Kind>),
     /// `task`, `tasks`.
     Tasks,
+    /// `secret`, `secrets`: names and keys only.
+    Secrets,
 }
 
 /// A resource type the command line does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs or jobs")]
+#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs, jobs or secrets")]
 pub struct UnknownResource(pub String);
 
 impl FromStr for Resource {
@@ -152,6 +154,7 @@ impl FromStr for Resource {
             "node" | "nodes" | "no" => Ok(Resource::Nodes),
             "workload" | "workloads" | "wl" => Ok(Resource::Workloads(None)),
             "task" | "tasks" => Ok(Resource::Tasks),
+            "secret" | "secrets" => Ok(Resource::Secrets),
             other => other
                 .parse::<Kind>()
                 .map(|k| Resource::Workloads(Some(k)))
@@ -176,6 +179,7 @@ impl Resource {
             Resource::Workloads(None) => "workload",
             Resource::Workloads(Some(k)) => k.path(),
             Resource::Tasks => "task",
+            Resource::Secrets => "secret",
         }
     }
 }
@@ -190,6 +194,7 @@ impl fmt::Display for Resource {
             Resource::Workloads(Some(Kind::CronJob)) => "cronjobs",
             Resource::Workloads(Some(Kind::Job)) => "jobs",
             Resource::Tasks => "tasks",
+            Resource::Secrets => "secrets",
         })
     }
 }
@@ -203,7 +208,7 @@ pub fn object_ref(kind: Kind, name: &str) -> String {
 /// `service/web`. Parsed from what people type (`svc/web`, `no/pi3`, `tasks/x`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectRef {
-    /// `node`, `task` or a kind's path (`service`, `wallet`, `cronjob`, `job`).
+    /// `node`, `task`, `secret` or a kind's path (`service`, `wallet`, `cronjob`, `job`).
     pub kind: &'static str,
     /// The node's name, the task's id or the workload's name.
     pub name: String,
@@ -233,6 +238,7 @@ impl FromStr for ObjectRef {
         let kind = match resource {
             Resource::Nodes => "node",
             Resource::Tasks => "task",
+            Resource::Secrets => "secret",
             Resource::Workloads(Some(k)) => k.path(),
             Resource::Workloads(None) => return Err(BadObject::NoKind(name)),
         };
@@ -260,6 +266,14 @@ impl ObjectRef {
         ObjectRef {
             kind: "task",
             name: id.to_string(),
+        }
+    }
+
+    /// A Secret.
+    pub fn secret(name: &str) -> ObjectRef {
+        ObjectRef {
+            kind: "secret",
+            name: name.to_string(),
         }
     }
 

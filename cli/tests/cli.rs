@@ -1,6 +1,7 @@
 //! End-to-end tests of the `bramblectl` binary against a stub controller: a
-//! `std::net::TcpListener` on 127.0.0.1:0 answering canned JSON in the shapes of
-//! `bramble_api::rest`, and recording every request it gets.
+//! `std::net::TcpListener` on 127.0.0.1:0 serving TLS (a certificate from a test CA,
+//! which the binary is told to pin) and answering canned JSON in the shapes of
+//! `bramble_api::rest`, recording every request it gets.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -50,6 +51,44 @@ type Route = (&'static str, String, u16, Body);
 /// How long a test waits for the binary before failing.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// The stubs' TLS: a CA, a server certificate for 127.0.0.1 signed by it, and the CA's
+/// fingerprint bramblectl is told to pin.
+struct StubTls {
+    server: Arc<rustls::ServerConfig>,
+    ca: String,
+    ca_pem: String,
+}
+
+fn stub_tls() -> &'static StubTls {
+    static TLS: std::sync::OnceLock<StubTls> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        bramble_tls::install_provider();
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("leaf");
+        let chain = vec![leaf.der().clone(), ca_cert.der().clone()];
+        let key_der =
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key_der)
+            .expect("server config");
+        StubTls {
+            server: Arc::new(server),
+            ca: bramble_tls::fingerprint(ca_cert.der()).to_string(),
+            ca_pem: ca_cert.pem(),
+        }
+    })
+}
+
 /// A stub controller; stopped and joined on drop.
 struct Stub {
     addr: SocketAddr,
@@ -74,7 +113,13 @@ impl Stub {
                     let Ok(conn) = conn else { continue };
                     let (seen, routes) = (seen.clone(), routes.clone());
                     // One thread per connection, so `logs --all` can hold several open.
-                    std::thread::spawn(move || serve(conn, &routes, &seen));
+                    std::thread::spawn(move || {
+                        let Ok(tls) = rustls::ServerConnection::new(stub_tls().server.clone())
+                        else {
+                            return;
+                        };
+                        serve(rustls::StreamOwned::new(tls, conn), &routes, &seen)
+                    });
                 }
             })
         };
@@ -87,7 +132,7 @@ impl Stub {
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -106,8 +151,10 @@ impl Drop for Stub {
     }
 }
 
-fn serve(conn: TcpStream, routes: &[Route], seen: &Mutex<Vec<Seen>>) {
-    let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
+type Tls = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
+fn serve(mut conn: Tls, routes: &[Route], seen: &Mutex<Vec<Seen>>) {
+    let mut reader = BufReader::new(&mut conn);
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
         return; // the drop guard's wake-up connection
@@ -132,6 +179,7 @@ fn serve(conn: TcpStream, routes: &[Route], seen: &Mutex<Vec<Seen>>) {
         .unwrap_or(0);
     let mut body = vec![0; len];
     reader.read_exact(&mut body).expect("read body");
+    drop(reader);
     let req = Seen {
         method,
         target,
@@ -159,7 +207,6 @@ fn serve(conn: TcpStream, routes: &[Route], seen: &Mutex<Vec<Seen>>) {
     } else {
         "application/json"
     };
-    let mut conn = conn;
     match body {
         Body::Whole(body) => {
             let _ = write!(
@@ -167,6 +214,9 @@ fn serve(conn: TcpStream, routes: &[Route], seen: &Mutex<Vec<Seen>>) {
                 "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
+            let _ = conn.flush();
+            conn.conn.send_close_notify();
+            let _ = conn.flush();
         }
         Body::Stream(pieces, go) => {
             // No length: the body ends when the connection closes.
@@ -187,6 +237,9 @@ fn serve(conn: TcpStream, routes: &[Route], seen: &Mutex<Vec<Seen>>) {
                 let _ = conn.write_all(piece.as_bytes());
                 let _ = conn.flush();
             }
+            // The body ends with the connection: end TLS cleanly, so it is not a cut.
+            conn.conn.send_close_notify();
+            let _ = conn.flush();
         }
     }
 }
@@ -236,6 +289,8 @@ impl Run {
             .env_remove("BRAMBLE_TOKEN")
             .env_remove("BRAMBLE_CONTEXT")
             .env_remove("RUST_BACKTRACE")
+            // The stubs' CA, pinned as `bramblectl login` would.
+            .env("BRAMBLE_CA_FINGERPRINT", &stub_tls().ca)
             .stdin(Stdio::null());
         c
     }
@@ -562,12 +617,167 @@ fn an_unreachable_server_is_explained() {
         l.local_addr().expect("addr").port()
     }; // closed again: nothing listens there now
     let run = Run::new();
-    let server = format!("http://127.0.0.1:{port}");
+    let server = format!("https://127.0.0.1:{port}");
     let r = run.run(&["get", "workloads", "--server", &server]);
     assert_eq!(r.code, 1, "{r:?}");
     assert_eq!(
         r.stderr,
         format!("error: cannot reach the controller at {server}: connection refused (is bramble-controller running? set --server or BRAMBLE_SERVER)\n")
+    );
+}
+
+#[test]
+fn plain_http_is_refused_before_anything_is_sent() {
+    let stub = Stub::start(vec![]);
+    let run = Run::new();
+    let plain = stub.url().replace("https://", "http://");
+    let r = run.run(&[
+        "get",
+        "nodes",
+        "--server",
+        &plain,
+        "--token",
+        "secret-admin-token",
+    ]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("plain HTTP is refused: the controller serves TLS only; use https://"),
+        "{r:?}"
+    );
+    assert!(stub.seen().is_empty(), "nothing was sent");
+}
+
+#[test]
+fn a_controller_of_another_ca_gets_no_token() {
+    let stub = Stub::start(vec![route("GET", "/v1/nodes", 200, "[]")]);
+    let run = Run::new();
+    let other = "ab".repeat(32);
+    let r = run.run(&[
+        "get",
+        "nodes",
+        "--server",
+        &stub.url(),
+        "--token",
+        "secret-admin-token",
+        "--ca-fingerprint",
+        &other,
+    ]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("is not the one pinned (nothing was sent)"),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("secret-admin-token"));
+    assert!(
+        stub.seen().is_empty(),
+        "no request, so no token, reached it"
+    );
+}
+
+#[test]
+fn an_unpinned_controller_is_not_contacted() {
+    let stub = Stub::start(vec![route("GET", "/v1/nodes", 200, "[]")]);
+    let run = Run::new();
+    let r = Result::from(
+        run.cmd(&[
+            "get",
+            "nodes",
+            "--server",
+            &stub.url(),
+            "--token",
+            "secret-admin-token",
+        ])
+        .env_remove("BRAMBLE_CA_FINGERPRINT")
+        .output()
+        .expect("runs"),
+    );
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("is not pinned: run `bramblectl login"),
+        "{r:?}"
+    );
+    assert!(stub.seen().is_empty());
+}
+
+#[test]
+fn a_ca_file_is_trusted_for_one_call() {
+    let stub = Stub::start(vec![route("GET", "/v1/nodes", 200, "[]")]);
+    let run = Run::new();
+    let ca = run.write("ca.crt", &stub_tls().ca_pem);
+    let r = Result::from(
+        run.cmd(&[
+            "get",
+            "nodes",
+            "--server",
+            &stub.url(),
+            "--certificate-authority",
+            s(&ca),
+        ])
+        .env_remove("BRAMBLE_CA_FINGERPRINT")
+        .output()
+        .expect("runs"),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+#[test]
+fn login_pins_the_controllers_ca_in_a_context() {
+    let stub = Stub::start(vec![route("GET", "/v1/nodes", 200, "[]")]);
+    let run = Run::new();
+    let login = |extra: &[&str]| {
+        let mut args = vec!["login", stub.url().leak() as &str, "--as", "lab"];
+        args.extend_from_slice(extra);
+        Result::from(
+            run.cmd(&args)
+                .env_remove("BRAMBLE_CA_FINGERPRINT")
+                .output()
+                .expect("runs"),
+        )
+    };
+    // No terminal to ask on: it shows the fingerprint and saves nothing.
+    let r = login(&[]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains(&stub_tls().ca),
+        "the fingerprint is shown: {r:?}"
+    );
+    assert!(r.stderr.contains("not saved"), "{r:?}");
+    assert!(!run.config_path().exists());
+    // The wrong fingerprint: refused.
+    let r = login(&["--ca-fingerprint", &"cd".repeat(32)]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("is not the one you gave"), "{r:?}");
+    // The right one: saved, with the token.
+    let r = login(&[
+        "--ca-fingerprint",
+        &stub_tls().ca,
+        "--token",
+        "lab-token-0123456789",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let saved = std::fs::read_to_string(run.config_path()).expect("config written");
+    assert!(
+        saved.contains(&format!(
+            "certificate-authority-fingerprint: {}",
+            stub_tls().ca
+        )),
+        "{saved}"
+    );
+    // From then on the context alone reaches it.
+    let r = Result::from(
+        run.cmd(&["get", "nodes", "--context", "lab"])
+            .env_remove("BRAMBLE_CA_FINGERPRINT")
+            .output()
+            .expect("runs"),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        stub.seen()
+            .last()
+            .and_then(|q| q.header("authorization").map(str::to_string)),
+        Some("Bearer lab-token-0123456789".to_string())
     );
 }
 
@@ -1235,16 +1445,20 @@ fn contexts_are_kept_in_the_config_file_and_flags_and_env_override_them() {
     assert_eq!(
         lines[0],
         format!(
-            "CURRENT   NAME   SERVER{}TOKEN",
+            "CURRENT   NAME   SERVER{}TOKEN    CA",
             " ".repeat(a.url().len() - 3)
         )
     );
     assert!(
-        lines[1].starts_with("*         pool   http://"),
+        lines[1].starts_with("*         pool   https://"),
         "{}",
         r.stdout
     );
-    assert!(lines[2].ends_with("   <none>"), "{}", r.stdout);
+    assert!(
+        lines[2].ends_with("   <none>   <not pinned>"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(run.run(&["config", "current-context"]).stdout, "pool\n");
 
     let view = run.run(&["config", "view"]).stdout;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use crate::core::health::HealthConfig;
+pub use crate::http::tls::TlsOptions;
 
 /// The controller's configuration (see `main.rs` for flags and defaults).
 #[derive(Debug, Clone)]
@@ -25,6 +26,10 @@ pub struct Config {
     pub resync: Duration,
     /// Advertise over mDNS; `None` turns it off.
     pub mdns: Option<Mdns>,
+    /// Where the TLS certificate comes from (the own CA by default).
+    pub tls: TlsOptions,
+    /// Let the viewer token read task logs and job output (they may hold secrets).
+    pub viewer_logs: bool,
 }
 
 /// mDNS advertisement settings.
@@ -113,6 +118,8 @@ mod tests {
             health: HealthConfig::default(),
             resync: Duration::from_millis(500),
             mdns: None,
+            tls: TlsOptions::default(),
+            viewer_logs: false,
         }
     }
 

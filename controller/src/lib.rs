@@ -16,9 +16,11 @@
 //! - [`loops`]: the reconcile and cron loops, the dashboard feed, webhooks.
 //! - [`http`]: the REST API, the agent link, the dashboard, `/metrics`.
 //! - [`mdns`]: the `_bramble._tcp.local.` advertisement agents find the controller by.
+//! - [`files`]: owner-only files and directories (data dir, keys, tokens).
 
 pub mod config;
 pub mod core;
+pub mod files;
 pub mod http;
 pub mod loops;
 pub mod mdns;
@@ -35,6 +37,7 @@ use tokio::net::TcpListener;
 pub use config::{Config, LocalAgent, Mdns};
 
 use crate::http::auth::{TokenFiles, Tokens};
+use crate::http::tls::{Identity, TlsError};
 use crate::loops::feed::Feed;
 use crate::loops::webhooks::{self, Webhooks};
 use crate::state::{Solo, State};
@@ -70,6 +73,12 @@ pub enum Error {
     /// `webhooks.yaml` is unusable.
     #[error("webhooks")]
     Webhooks(#[from] webhooks::ConfigError),
+    /// The TLS certificate or the CA cannot be set up.
+    #[error("TLS")]
+    Tls(#[from] TlsError),
+    /// The key Secrets are sealed with cannot be loaded.
+    #[error("Secrets key")]
+    Vault(#[from] state::vault::VaultError),
 }
 
 /// An opened controller: configuration checked, store and tokens ready, not yet
@@ -80,24 +89,29 @@ pub struct Controller {
     tokens: Tokens,
     files: TokenFiles,
     webhooks: Arc<Webhooks>,
+    identity: Identity,
+    vault: Arc<state::vault::Vault>,
 }
 
 impl Controller {
-    /// Checks the configuration, creates the data directory, opens the store and loads
-    /// or creates the tokens.
+    /// Checks the configuration, creates the data directory, opens the store, sets up
+    /// the CA and the server certificate, and loads or creates the tokens.
     pub fn open(cfg: Config) -> Result<Controller, Error> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| Error::DataDir {
+        files::private_dir(&cfg.data_dir).map_err(|source| Error::DataDir {
             path: cfg.data_dir.clone(),
             source,
         })?;
         let store = store::SqliteStore::open(&cfg.data_dir.join("bramble.db"))?;
-        let (tokens, files) = Tokens::load_with_viewer(
+        let identity = Identity::load(&cfg.data_dir, &cfg.tls)?;
+        let (tokens, files) = Tokens::load(
             &cfg.data_dir,
             cfg.admin_token.clone(),
             cfg.join_token.clone(),
             cfg.viewer_token.clone(),
+            &identity.ca,
         )?;
+        let vault = state::vault::Vault::load(&cfg.data_dir)?;
         let hooks = Webhooks::default();
         hooks.configure(webhooks::load(&cfg.data_dir)?);
         Ok(Controller {
@@ -106,12 +120,24 @@ impl Controller {
             tokens,
             files,
             webhooks: Arc::new(hooks),
+            identity,
+            vault: Arc::new(vault),
         })
     }
 
     /// Where the tokens are kept.
     pub fn token_files(&self) -> &TokenFiles {
         &self.files
+    }
+
+    /// The cluster CA's fingerprint (agents and `bramblectl` pin it).
+    pub fn ca_fingerprint(&self) -> &bramble_api::token::Fingerprint {
+        &self.identity.ca
+    }
+
+    /// The names and addresses the server certificate is for.
+    pub fn certificate_names(&self) -> &[String] {
+        &self.identity.names
     }
 
     /// Serves the API on `listener` and runs the loops until `shutdown` completes. On
@@ -128,6 +154,14 @@ impl Controller {
             Arc::new(Solo::default()),
         )
         .await?;
+        let unreadable = self.vault.unreadable(&state.snapshot());
+        if !unreadable.is_empty() {
+            tracing::error!(
+                secrets = ?unreadable,
+                key = %self.cfg.data_dir.join(state::vault::KEY_FILE).display(),
+                "these Secrets were sealed with another key (the key file was lost or replaced): tasks referencing them cannot start until they are applied again"
+            );
+        }
         let feed = Arc::new(Feed::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -154,7 +188,13 @@ impl Controller {
 
         // A failed advertisement is not fatal: agents can still be pointed at the URL.
         let _advertisement = self.cfg.mdns.as_ref().and_then(|m| {
-            mdns::Advertisement::start(&m.instance, addr.port(), m.url.as_deref(), &m.interfaces)
+            mdns::Advertisement::start(
+                &m.instance,
+                addr.port(),
+                m.url.as_deref(),
+                self.identity.ca.as_str(),
+                &m.interfaces,
+            )
                 .map_err(|e| tracing::warn!(error = %e, "cannot advertise over mDNS; agents need --controller"))
                 .ok()
         });
@@ -170,12 +210,18 @@ impl Controller {
             feed: Arc::clone(&feed),
             webhooks: Arc::clone(&self.webhooks),
             latency: Default::default(),
+            viewer_logs: self.cfg.viewer_logs,
+            vault: Arc::clone(&self.vault),
         });
-        let service = http::router(app).into_make_service_with_connect_info::<SocketAddr>();
-        tracing::info!(addr = %addr, "controller listening");
+        let router = http::router(app);
+        tracing::info!(addr = %addr, ca = %self.identity.ca.short(), "controller listening (TLS)");
+        http::serve::raise_file_limit();
         let mut stop_for_http = stop_rx.clone();
-        let served = axum::serve(listener, service)
-            .with_graceful_shutdown(async move {
+        let served = http::serve::serve(
+            listener,
+            Arc::clone(&self.identity.server),
+            router,
+            async move {
                 tokio::select! {
                     () = shutdown => {}
                     _ = stop_for_http.changed() => {}
@@ -183,8 +229,9 @@ impl Controller {
                 // Dashboard streams never end by themselves; graceful shutdown waits
                 // for every open connection.
                 feed.close_all();
-            })
-            .await;
+            },
+        )
+        .await;
         let _ = stop_tx.send(true);
         if let Some(a) = agent {
             let _ = a.await;
@@ -217,8 +264,8 @@ impl Controller {
             addr.ip().to_string()
         };
         let cfg = bramble_agent::Config {
-            controller: Some(format!("http://{host}:{}", addr.port())),
-            join_token: self.tokens.join().to_string(),
+            controller: Some(format!("https://{host}:{}", addr.port())),
+            join_token: self.tokens.join(),
             node_name: la.node_name.clone(),
             data_dir: self.cfg.data_dir.join("agent"),
             labels: la.labels.clone(),
@@ -250,6 +297,5 @@ impl Controller {
 /// Makes rustls use ring for HTTPS clients (webhooks). Idempotent; reqwest panics on a
 /// client built before a provider is installed.
 pub fn install_tls_provider() {
-    // Fails only when a provider is installed already, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    bramble_tls::install_provider();
 }

@@ -71,6 +71,30 @@ struct Args {
     /// before it counts as Dead (agents redial with back-off of up to 5 s).
     #[arg(long, default_value = "6s", value_parser = parse_duration)]
     startup_grace: Duration,
+    /// Serve this certificate chain (PEM, leaf first, ending with the CA agents are to
+    /// pin) instead of one from the controller's own CA.
+    #[arg(
+        long,
+        env = "BRAMBLE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(
+        long,
+        env = "BRAMBLE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Another name or address to put in the server certificate (repeatable); the host
+    /// name, `.local` and every interface address are there already.
+    #[arg(long = "tls-san", value_name = "NAME")]
+    tls_sans: Vec<String>,
+    /// Let the viewer token read task logs and job output (they may hold secrets).
+    #[arg(long)]
+    viewer_logs: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -133,6 +157,12 @@ fn config(args: Args) -> Result<Config, String> {
             interfaces: args.mdns_interfaces,
             url: args.advertise_url,
         }),
+        tls: bramble_controller::config::TlsOptions {
+            cert: args.tls_cert,
+            key: args.tls_key,
+            names: args.tls_sans,
+        },
+        viewer_logs: args.viewer_logs,
     };
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -187,19 +217,27 @@ async fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     } else {
         listen.to_string()
     };
+    let ca = controller.ca_fingerprint().clone();
     println!(
-        "Bramble controller {} on http://{listen}",
+        "Bramble controller {} on https://{listen}",
         bramble_api::VERSION
     );
     println!("  data dir:     {}", data_dir.display());
-    println!("  dashboard:    http://{shown}/");
     println!(
-        "  admin token:  {}  (bramblectl: export BRAMBLE_TOKEN=$(cat {}))",
+        "  cluster CA:   sha256 {ca}  ({}/ca.crt)",
+        data_dir.display()
+    );
+    println!(
+        "  dashboard:    https://{shown}/  (trust {}/ca.crt in the browser)",
+        data_dir.display()
+    );
+    println!(
+        "  admin token:  {}  (bramblectl login https://{shown}; export BRAMBLE_TOKEN=$(cat {}))",
         files.admin.display(),
         files.admin.display()
     );
     println!(
-        "  join token:   {}  (agents: --join-token)",
+        "  join token:   {}  (agents: --join-token-file or BRAMBLE_JOIN_TOKEN; it carries the CA)",
         files.join.display()
     );
     println!(

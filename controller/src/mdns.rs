@@ -19,10 +19,13 @@ pub struct Advertisement {
 impl Advertisement {
     /// Starts advertising `port` under `instance` (the host name). With `interfaces`,
     /// only those network interfaces are used; otherwise all but loopback.
+    /// The TXT record also carries `ca`, the cluster CA's fingerprint, so an agent
+    /// looks only at controllers of its own cluster (it still verifies the certificate).
     pub fn start(
         instance: &str,
         port: u16,
         url: Option<&str>,
+        ca: &str,
         interfaces: &[String],
     ) -> Result<Advertisement, mdns_sd::Error> {
         let daemon = ServiceDaemon::new()?;
@@ -35,6 +38,8 @@ impl Advertisement {
         let mut props = vec![
             ("version", bramble_api::VERSION.to_string()),
             ("proto", bramble_api::wire::PROTOCOL_VERSION.to_string()),
+            ("tls", "1".to_string()),
+            ("ca", ca.to_string()),
         ];
         if let Some(u) = url {
             props.push(("url", u.to_string()));

@@ -14,6 +14,7 @@ use bramble_api::wire::NodeInfo;
 use bramble_controller::config::HealthConfig;
 use bramble_controller::core::{ops, Change};
 use bramble_controller::loops::reconcile;
+use bramble_controller::state::vault::Vault;
 use bramble_controller::state::{Scope, Solo, State};
 use bramble_controller::store::{SqliteStore, Store};
 use chrono::Utc;
@@ -104,7 +105,7 @@ async fn apply(state: &State, ws: &[Workload]) {
     let docs = parse_sources(&sources).expect("valid manifests");
     state
         .update("apply", Scope::Any, |snap| {
-            ops::apply(snap, &docs, false, Utc::now())
+            ops::apply(snap, &docs, &Vault::from_key(&[7; 32]), false, Utc::now())
         })
         .await
         .expect("apply");
@@ -213,7 +214,14 @@ async fn scenario(steps: Vec<Step>, interleave: usize) -> Result<(), TestCaseErr
         let info = node(name);
         a.update("register", Scope::Any, |snap| {
             Ok((
-                ops::register_node(snap, &info, Utc::now()).unwrap_or_default(),
+                ops::register_node(
+                    snap,
+                    &info,
+                    Some(&format!("credential-of-{name}")),
+                    &ops::Admission::Join,
+                    Utc::now(),
+                )?
+                .unwrap_or_default(),
                 (),
             ))
         })

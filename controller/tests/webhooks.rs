@@ -162,15 +162,20 @@ async fn warning_events_reach_webhooks_signed_and_retried() -> Result<()> {
         health: HealthConfig::default(),
         resync: Duration::from_millis(500),
         mdns: None,
+        tls: Default::default(),
+        viewer_logs: false,
     })?;
+    let pins = bramble_tls::Pins::one(ctl.ca_fingerprint().clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let base = format!("https://{}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(ctl.run(listener, async move {
         let _ = stop_rx.await;
     }));
     bramble_controller::install_tls_provider();
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(bramble_tls::client_config(pins))
+        .build()?;
 
     // No node can take it: a FailedScheduling Warning (and a Normal "Applied").
     let manifest = "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: web}\nspec: {image: x, replicas: 1}\n";

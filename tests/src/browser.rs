@@ -50,8 +50,16 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// Starts chromedriver and a headless Chromium with a `width`×`height` window.
-    pub async fn start(width: u32, height: u32) -> Result<Browser> {
+    /// Starts chromedriver and a headless Chromium with a `width`×`height` window that
+    /// trusts the TLS certificate `controller` serves now (and no other untrusted one):
+    /// Chromium is given the certificate's public key to accept, as a browser would be
+    /// once its user imported the cluster CA.
+    pub async fn start(
+        width: u32,
+        height: u32,
+        controller: &crate::harness::Controller,
+    ) -> Result<Browser> {
+        let spki = controller.spki_sha256_base64().await?;
         let missing = || {
             anyhow!(
                 "chromium and chromedriver are needed for the dashboard browser test: run scripts/deps-browser.sh (apt-get install chromium chromium-driver)"
@@ -105,6 +113,7 @@ impl Browser {
                     "--hide-scrollbars",
                     "--force-device-scale-factor=1",
                     format!("--window-size={width},{height}"),
+                    format!("--ignore-certificate-errors-spki-list={spki}"),
                     format!("--user-data-dir={}", b._profile.path().display()),
                 ],
             },

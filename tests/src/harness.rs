@@ -149,7 +149,46 @@ impl Controller {
 
     /// Base URL.
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.host, self.port)
+        format!("https://{}:{}", self.host, self.port)
+    }
+
+    /// The cluster CA's fingerprint (from `ca.crt` in its data dir).
+    pub fn ca_fingerprint(&self) -> Result<String> {
+        let path = self.data_dir.path().join("ca.crt");
+        let pem = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let certs = bramble_tls::certificates(&pem).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(bramble_tls::fingerprint(&certs[0]).to_string())
+    }
+
+    /// The SHA-256 of the public key of the certificate it serves now, base64 (what
+    /// Chromium's `--ignore-certificate-errors-spki-list` takes). Read from a handshake
+    /// that records the chain and sends nothing.
+    pub async fn spki_sha256_base64(&self) -> Result<String> {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let seen = bramble_tls::Seen::default();
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())?;
+        let _ = tokio_rustls::TlsConnector::from(std::sync::Arc::new(seen.client_config()))
+            .connect(name, tcp)
+            .await;
+        let chain = seen.chain();
+        let leaf = chain
+            .first()
+            .context("the controller sent no certificate")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| anyhow::anyhow!("the controller's certificate does not parse: {e}"))?;
+        let spki = cert.tbs_certificate.subject_pki.raw;
+        Ok(base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(spki)))
+    }
+
+    /// The whole join token (`BRAMBLE1-<CA fingerprint>-<secret>`), from its data dir.
+    pub fn join_token(&self) -> Result<String> {
+        let path = self.data_dir.path().join("join-token");
+        Ok(fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_string())
     }
 
     /// The node name of its local agent.
@@ -192,6 +231,20 @@ impl Controller {
         };
         self.child = Some(cmd.spawn().context("starting bramble-controller")?);
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Its CA is made (or read) before it listens: pin it for the tests' clients.
+        loop {
+            if let Ok(fp) = self.ca_fingerprint() {
+                crate::pins().add(fp.parse().map_err(|e| anyhow::anyhow!("{e}"))?);
+                break;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                bail!("controller exited with {status}:\n{}", self.logs());
+            }
+            if Instant::now() > deadline {
+                bail!("controller made no CA within 20s:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let client = crate::http();
         loop {
             let r = client
@@ -259,7 +312,11 @@ impl Controller {
 
     /// Runs `bramblectl` against this controller.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        ctl(&self.url(), args)
+        ctl(
+            &self.url(),
+            &self.ca_fingerprint().unwrap_or_default(),
+            args,
+        )
     }
 
     /// POST with the admin token and no body; the answer as JSON (`null` when empty).
@@ -312,12 +369,14 @@ impl Drop for Controller {
     }
 }
 
-/// Runs `bramblectl` with the admin token against `server`, ignoring any user config.
-pub fn ctl(server: &str, args: &[&str]) -> Output {
+/// Runs `bramblectl` with the admin token against `server`, whose cluster CA has the
+/// fingerprint `ca`, ignoring any user config.
+pub fn ctl(server: &str, ca: &str, args: &[&str]) -> Output {
     Command::new(bin("bramblectl"))
         .args(args)
         .env("BRAMBLE_SERVER", server)
         .env("BRAMBLE_TOKEN", ADMIN_TOKEN)
+        .env("BRAMBLE_CA_FINGERPRINT", ca)
         .env("BRAMBLE_CONFIG", "/nonexistent/bramble-test-config.yaml")
         .current_dir(workspace_root())
         .output()
@@ -338,6 +397,8 @@ pub struct Agent {
     /// Node name.
     pub node: String,
     reach: Reach,
+    /// The whole join token of its controller.
+    token: String,
     data_dir: tempfile::TempDir,
     starts: u32,
     /// The network namespace it runs in (`ip netns exec`), `None` for the host's.
@@ -345,29 +406,56 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent for `node` against `controller` (base URL).
-    pub fn start(controller: &str, node: &str) -> Result<Agent> {
-        Agent::spawned(node, None, Reach::Url(controller.to_string()))
+    /// Starts an agent for `node` against `controller`, with its join token.
+    pub fn start(controller: &Controller, node: &str) -> Result<Agent> {
+        Agent::spawned(
+            node,
+            None,
+            Reach::Url(controller.url()),
+            controller.join_token()?,
+        )
+    }
+
+    /// Starts an agent for `node` that dials `url` (a relay, an impostor) with the join
+    /// token `token`.
+    pub fn start_with(url: &str, token: &str, node: &str) -> Result<Agent> {
+        Agent::spawned(node, None, Reach::Url(url.to_string()), token.to_string())
     }
 
     /// Starts an agent for `node` inside the network namespace `netns`, through
     /// `ip netns exec` (which execs the agent, so [`Agent::pid`] is the agent's own
     /// pid). It still reaches Docker through `/var/run/docker.sock`, a file.
-    pub fn start_in(netns: &str, controller: &str, node: &str) -> Result<Agent> {
-        Agent::spawned(node, Some(netns), Reach::Url(controller.to_string()))
+    pub fn start_in(netns: &str, controller: &Controller, node: &str) -> Result<Agent> {
+        Agent::spawned(
+            node,
+            Some(netns),
+            Reach::Url(controller.url()),
+            controller.join_token()?,
+        )
     }
 
     /// Starts an agent for `node` inside `netns` with no `--controller`: it must find
     /// the controller over mDNS, browsing on `interface` only.
-    pub fn start_discovering_in(netns: &str, interface: &str, node: &str) -> Result<Agent> {
-        Agent::spawned(node, Some(netns), Reach::Mdns(interface.to_string()))
+    pub fn start_discovering_in(
+        netns: &str,
+        interface: &str,
+        controller: &Controller,
+        node: &str,
+    ) -> Result<Agent> {
+        Agent::spawned(
+            node,
+            Some(netns),
+            Reach::Mdns(interface.to_string()),
+            controller.join_token()?,
+        )
     }
 
-    fn spawned(node: &str, netns: Option<&str>, reach: Reach) -> Result<Agent> {
+    fn spawned(node: &str, netns: Option<&str>, reach: Reach, token: String) -> Result<Agent> {
         let mut a = Agent {
             child: None,
             node: node.to_string(),
             reach,
+            token,
             data_dir: tempfile::tempdir()?,
             starts: 0,
             netns: netns.map(str::to_string),
@@ -403,7 +491,9 @@ impl Agent {
             Reach::Mdns(interface) => cmd.args(["--mdns-interface", interface]),
         };
         let child = cmd
-            .args(["--join-token", JOIN_TOKEN, "--node-name", &self.node])
+            .args(["--node-name", &self.node])
+            // In the environment, not in argv (which anyone on the machine can read).
+            .env("BRAMBLE_JOIN_TOKEN", &self.token)
             .arg("--data-dir")
             .arg(self.data_dir.path())
             .env("BRAMBLE_LOG", "info,bramble_agent=debug")

@@ -307,12 +307,55 @@ pub fn docker_inspect(id: &str) -> anyhow::Result<serde_json::Value> {
     Ok(all.swap_remove(0))
 }
 
-/// An HTTP client for the tests. Installs rustls's ring provider first: the workspace
-/// builds reqwest with rustls but no provider, and reqwest panics without one.
+/// The cluster CAs the tests' clients trust: every test controller's, pinned as it
+/// starts (see [`harness::Controller`]). Real TLS verification, against the tests' own
+/// clusters only.
+pub fn pins() -> &'static bramble_tls::Pins {
+    static PINS: std::sync::OnceLock<bramble_tls::Pins> = std::sync::OnceLock::new();
+    PINS.get_or_init(bramble_tls::Pins::default)
+}
+
+/// An HTTPS client for the tests that trusts the tests' controllers (by their pinned
+/// CAs) and nothing else. Installs rustls's ring provider first: reqwest panics
+/// without one.
 pub fn http() -> reqwest::Client {
-    // Fails only when a provider is installed already, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
+    bramble_tls::install_provider();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(bramble_tls::client_config(pins().clone()))
+        .build()
+        .expect("a TLS client builds")
+}
+
+/// A TLS server identity of a CA of its own, as a controller (or an impostor) has: the
+/// CA's fingerprint, for join tokens, and an acceptor serving a certificate for
+/// `127.0.0.1` and `localhost` signed by that CA.
+pub fn tls_identity() -> anyhow::Result<(bramble_api::token::Fingerprint, tokio_rustls::TlsAcceptor)>
+{
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    bramble_tls::install_provider();
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test cluster CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate()?;
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?
+        .signed_by(&leaf_key, &issuer)?;
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], key)?;
+    Ok((
+        bramble_tls::fingerprint(ca.der()),
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)),
+    ))
 }
 
 #[cfg(test)]

@@ -542,7 +542,7 @@ impl NetCluster {
         let mut nodes = Vec::with_capacity(agents);
         for (i, link) in links.into_iter().enumerate() {
             let name = format!("{PREFIX}{}-{i}", net.id);
-            let agent = Agent::start_in(&link.ns, &controller.url(), &name)?;
+            let agent = Agent::start_in(&link.ns, &controller, &name)?;
             nodes.push(Node {
                 agent,
                 link: Some(link),
@@ -567,7 +567,7 @@ impl NetCluster {
         let link = self.net.add_namespace(i)?;
         let name = format!("{PREFIX}{}-{i}", self.net.id);
         let peer = format!("{PREFIX}{}p{i}", self.net.id);
-        let agent = Agent::start_discovering_in(&link.ns, &peer, &name)?;
+        let agent = Agent::start_discovering_in(&link.ns, &peer, &self.controller, &name)?;
         self.nodes.push(Node {
             agent,
             link: Some(link),
@@ -581,7 +581,7 @@ impl NetCluster {
     /// on, but not partitioned.
     pub async fn add_host_node(&mut self) -> Result<String> {
         let name = format!("{PREFIX}{}-h{}", self.net.id, self.nodes.len());
-        let agent = Agent::start(&self.controller.url(), &name)?;
+        let agent = Agent::start(&self.controller, &name)?;
         self.nodes.push(Node { agent, link: None });
         self.wait_ready(&name).await?;
         Ok(name)

@@ -85,7 +85,7 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
     c.apply("web.yaml", &service("web")).await?;
     let web = running_task(&c, "web").await?;
 
-    let b = Browser::start(1400, 1150).await?;
+    let b = Browser::start(1400, 1150, &c).await?;
     b.goto(&format!("{}/", c.url())).await?;
     sign_in(&b, ADMIN_TOKEN).await?;
 
@@ -234,7 +234,10 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
     ] {
         assert!(text.contains(&want), "missing {want} in\n{text}");
     }
-    let anonymous = reqwest::get(format!("{}/metrics", c.url())).await?;
+    let anonymous = bramble_tests::http()
+        .get(format!("{}/metrics", c.url()))
+        .send()
+        .await?;
     assert_eq!(anonymous.status(), 401);
     Ok(())
 }

@@ -229,7 +229,7 @@ async fn restarted_agent_adopts_its_containers_instead_of_starting_copies() -> R
     })
     .await?;
     let node = harness::unique("ag");
-    let mut agent = Agent::start(&c.url(), &node)?;
+    let mut agent = Agent::start(&c, &node)?;
     let dir = tempfile::tempdir()?;
     let file = write(&dir, "web.yaml", &service("web", 3, "hi"));
     ok(&c.ctl(&["apply", "-f", &file]));
@@ -412,6 +412,7 @@ async fn every_endpoint_needs_a_valid_token_and_a_refused_request_changes_nothin
         .args(["get", "workloads"])
         .env("BRAMBLE_SERVER", c.url())
         .env("BRAMBLE_TOKEN", "wrong-token-wrong-token")
+        .env("BRAMBLE_CA_FINGERPRINT", c.ca_fingerprint()?)
         .env("BRAMBLE_CONFIG", "/nonexistent/x.yaml")
         .output()?;
     assert!(!out.status.success());
@@ -549,8 +550,8 @@ async fn bramblectl_lists_webhooks_and_sends_a_signed_test_event() -> Result<()>
     assert!(lines.iter().any(|l| l.starts_with("broken ")), "{list}");
 
     let test = {
-        let url = c.url();
-        tokio::task::spawn_blocking(move || harness::ctl(&url, &["webhooks", "test", "ops"]))
+        let (url, ca) = (c.url(), c.ca_fingerprint()?);
+        tokio::task::spawn_blocking(move || harness::ctl(&url, &ca, &["webhooks", "test", "ops"]))
             .await?
     };
     assert!(
@@ -569,9 +570,11 @@ async fn bramblectl_lists_webhooks_and_sends_a_signed_test_event() -> Result<()>
     assert!(delivery.contains("\"test\":true"), "{delivery}");
 
     let failed = {
-        let url = c.url();
-        tokio::task::spawn_blocking(move || harness::ctl(&url, &["webhooks", "test", "broken"]))
-            .await?
+        let (url, ca) = (c.url(), c.ca_fingerprint()?);
+        tokio::task::spawn_blocking(move || {
+            harness::ctl(&url, &ca, &["webhooks", "test", "broken"])
+        })
+        .await?
     };
     assert_eq!(failed.status.code(), Some(1), "{failed:?}");
     let err = String::from_utf8_lossy(&failed.stderr);

@@ -94,6 +94,7 @@ pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
         spec_hash: spec.hash(),
         spec,
         deadline: None,
+        secrets: Default::default(),
     }
 }
 

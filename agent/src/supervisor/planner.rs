@@ -858,6 +858,7 @@ mod tests {
             spec_hash: spec.hash(),
             spec,
             deadline: None,
+            secrets: Default::default(),
         }
     }
 

@@ -30,6 +30,9 @@ pub async fn run(client: &Client, args: &ApplyArgs, out: &mut dyn Write) -> Resu
         })
         .await?;
     let suffix = if args.dry_run { " (dry run)" } else { "" };
+    for r in &resp.secrets {
+        writeln!(out, "secret/{} {}{suffix}", r.name, r.outcome)?;
+    }
     for r in &resp.results {
         writeln!(out, "{} {}{suffix}", object_ref(r.kind, &r.name), r.outcome)?;
     }

@@ -5,8 +5,8 @@ use std::io::Write;
 use anyhow::{bail, Result};
 
 use crate::args::{ConfigCommand, Global};
-use crate::client::parse_server;
-use crate::config::{self, ConfigFile};
+use crate::client::{parse_server, pinned};
+use crate::config::{self, ConfigFile, Trust};
 use crate::error::usage;
 use crate::table::Table;
 
@@ -22,7 +22,22 @@ pub fn run(cmd: &ConfigCommand, global: &Global, out: &mut dyn Write) -> Result<
             if let Some(s) = &global.server {
                 parse_server(s).map_err(|e| usage(e.to_string()))?;
             }
-            let created = file.set_context(name, global.server.clone(), global.token.clone());
+            // A CA file is stored as its fingerprint: the file may move, the CA may not.
+            let trust = match (&global.certificate_authority, &global.ca_fingerprint) {
+                (Some(f), _) => Some(Trust::File(f.clone())),
+                (None, Some(fp)) => Some(Trust::Fingerprint(fp.clone())),
+                (None, None) => None,
+            };
+            let fingerprint = trust
+                .map(|t| pinned(&t).map(|f| f.to_string()))
+                .transpose()
+                .map_err(|e| usage(e.to_string()))?;
+            let created = file.set_context(
+                name,
+                global.server.clone(),
+                global.token.clone(),
+                fingerprint,
+            );
             file.save(&path)?;
             let what = if created { "created" } else { "modified" };
             writeln!(out, "Context {name:?} {what}.")?;
@@ -60,19 +75,25 @@ pub fn run(cmd: &ConfigCommand, global: &Global, out: &mut dyn Write) -> Result<
             if file.contexts.is_empty() {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "No contexts in {}: add one with `bramblectl config set-context NAME --server URL --token TOKEN`.",
+                    "No contexts in {}: add one with `bramblectl login URL` or `bramblectl config set-context NAME --server URL --token TOKEN --ca-fingerprint SHA256`.",
                     path.display()
                 );
                 return Ok(());
             }
-            let mut t = Table::new(["CURRENT", "NAME", "SERVER", "TOKEN"]);
+            let mut t = Table::new(["CURRENT", "NAME", "SERVER", "TOKEN", "CA"]);
             for c in &file.contexts {
                 let current = file.current_context.as_deref() == Some(c.name.as_str());
+                let ca = c
+                    .ca_fingerprint
+                    .as_deref()
+                    .and_then(|f| f.parse::<bramble_api::token::Fingerprint>().ok())
+                    .map_or_else(|| "<not pinned>".to_string(), |f| f.short());
                 t.row([
                     if current { "*" } else { "" }.to_string(),
                     c.name.clone(),
                     c.server.clone(),
                     if c.token.is_some() { "set" } else { "<none>" }.to_string(),
+                    ca,
                 ]);
             }
             write!(out, "{t}")?;

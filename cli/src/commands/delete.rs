@@ -1,4 +1,5 @@
-//! `delete KIND NAME…` and `delete -f FILE|DIR|-`.
+//! `delete KIND NAME…`, `delete -f FILE|DIR|-`, `delete node NAME…` and
+//! `delete secret NAME…`.
 
 use std::io::Write;
 
@@ -12,13 +13,34 @@ use crate::error::{usage, Failure, EXIT_FAILURE};
 use crate::output::{object_ref, Resource};
 use crate::sources;
 
-/// Deletes each workload in turn; a missing one is reported and the rest still go.
+/// What to delete.
+enum Target {
+    Workload(Kind, String),
+    Node(String),
+    Secret(String),
+}
+
+/// Deletes each workload (or node) in turn; a missing one is reported and the rest
+/// still go.
 pub async fn run(client: &Client, args: &DeleteArgs, out: &mut dyn Write) -> Result<()> {
     let targets = targets(args)?;
     let mut missing = 0;
-    for (kind, name) in &targets {
-        let r = object_ref(*kind, name);
-        match client.delete_workload(*kind, name).await {
+    for target in &targets {
+        let (r, result) = match target {
+            Target::Workload(kind, name) => (
+                object_ref(*kind, name),
+                client.delete_workload(*kind, name).await.map(|_| ()),
+            ),
+            Target::Node(name) => (
+                format!("node/{name}"),
+                client.delete_node(name).await.map(|_| ()),
+            ),
+            Target::Secret(name) => (
+                format!("secret/{name}"),
+                client.delete_secret(name).await.map(|_| ()),
+            ),
+        };
+        match result {
             Ok(_) => writeln!(out, "{r} deleted")?,
             Err(e) if e.is_not_found() => {
                 if !args.ignore_not_found {
@@ -36,8 +58,8 @@ pub async fn run(client: &Client, args: &DeleteArgs, out: &mut dyn Write) -> Res
     Ok(())
 }
 
-/// The workloads the arguments name, in order.
-fn targets(args: &DeleteArgs) -> Result<Vec<(Kind, String)>> {
+/// What the arguments name, in order.
+fn targets(args: &DeleteArgs) -> Result<Vec<Target>> {
     if !args.files.is_empty() {
         if !args.names.is_empty() {
             return Err(usage("give either -f or KIND NAME, not both"));
@@ -50,10 +72,16 @@ fn targets(args: &DeleteArgs) -> Result<Vec<(Kind, String)>> {
         if docs.is_empty() {
             anyhow::bail!("no objects passed to delete: the files hold no manifests");
         }
-        return Ok(docs
+        // Workloads first: a Secret still referenced cannot go.
+        let workloads = docs
+            .workloads
             .into_iter()
-            .map(|d| (d.manifest.kind, d.manifest.metadata.name.to_string()))
-            .collect());
+            .map(|d| Target::Workload(d.manifest.kind, d.manifest.metadata.name.to_string()));
+        let secrets = docs
+            .secrets
+            .into_iter()
+            .map(|d| Target::Secret(d.secret.metadata.name.to_string()));
+        return Ok(workloads.chain(secrets).collect());
     }
     let Some(resource) = &args.resource else {
         return Err(usage(
@@ -72,15 +100,29 @@ fn targets(args: &DeleteArgs) -> Result<Vec<(Kind, String)>> {
                 "tasks cannot be deleted: delete or change the workload that owns them",
             ))
         }
+        Resource::Secrets => {
+            let names: Vec<String> = resource.name.iter().chain(&args.names).cloned().collect();
+            if names.is_empty() {
+                return Err(usage("name the secret to delete"));
+            }
+            return Ok(names.into_iter().map(Target::Secret).collect());
+        }
         Resource::Nodes => {
-            return Err(usage(
-                "nodes cannot be deleted with bramblectl: stop the node's agent",
-            ))
+            // A node (and its credential) goes only once its agent is stopped; the
+            // controller refuses otherwise.
+            let names: Vec<String> = resource.name.iter().chain(&args.names).cloned().collect();
+            if names.is_empty() {
+                return Err(usage("name the node to delete"));
+            }
+            return Ok(names.into_iter().map(Target::Node).collect());
         }
     };
     let names: Vec<String> = resource.name.iter().chain(&args.names).cloned().collect();
     if names.is_empty() {
         return Err(usage(format!("name the {} to delete", kind.path())));
     }
-    Ok(names.into_iter().map(|n| (kind, n)).collect())
+    Ok(names
+        .into_iter()
+        .map(|n| Target::Workload(kind, n))
+        .collect())
 }

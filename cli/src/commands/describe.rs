@@ -31,6 +31,20 @@ pub async fn run(client: &Client, args: &DescribeArgs, out: &mut dyn Write) -> R
                 pages.push(describe::node(n, &tasks, ev.as_deref(), now));
             }
         }
+        Resource::Secrets => {
+            let secrets = match &name {
+                Some(n) => vec![client
+                    .secret(n)
+                    .await
+                    .map_err(|e| not_found(e, "secret", n))?],
+                None => client.secrets().await?,
+            };
+            let mut events = Events::new(secrets.len());
+            for s in &secrets {
+                let ev = events.of(client, &[ObjectRef::secret(&s.name)]).await?;
+                pages.push(describe::secret(s, ev.as_deref(), now));
+            }
+        }
         Resource::Tasks => {
             let tasks = match &name {
                 Some(id) => vec![client

@@ -1,4 +1,4 @@
-//! `get nodes|workloads|tasks|services|wallets|cronjobs|jobs [NAME]`.
+//! `get nodes|workloads|tasks|services|wallets|cronjobs|jobs|secrets [NAME]`.
 //!
 //! `get cronjobs` asks the cronjob endpoint (schedules, last and next runs); the other
 //! kinds, and `get workloads --kind cronjob`, list workloads.
@@ -8,7 +8,7 @@ use std::io::Write;
 use anyhow::Result;
 use bramble_api::manifest::Kind;
 use bramble_api::quantity::Memory;
-use bramble_api::rest::{format_labels, CronJobView, NodeView, WorkloadView};
+use bramble_api::rest::{format_labels, CronJobView, NodeView, SecretView, WorkloadView};
 use bramble_api::task::Task;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -31,7 +31,7 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
     if resource != Resource::Tasks && (args.workload.is_some() || args.node.is_some()) {
         return Err(usage("--workload and --node apply to tasks only"));
     }
-    if resource == Resource::Nodes && args.kind.is_some() {
+    if matches!(resource, Resource::Nodes | Resource::Secrets) && args.kind.is_some() {
         return Err(usage("--kind applies to workloads and tasks only"));
     }
     match resource {
@@ -97,6 +97,18 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
             let single = name.is_some() && workloads.len() == 1;
             emit(out, format, single, what, &workloads, || {
                 workloads_table(&workloads, wide, now)
+            })
+        }
+        Resource::Secrets => {
+            let secrets = match &name {
+                Some(n) => vec![client
+                    .secret(n)
+                    .await
+                    .map_err(|e| not_found(e, "secret", n))?],
+                None => client.secrets().await?,
+            };
+            emit(out, format, name.is_some(), resource, &secrets, || {
+                secrets_table(&secrets, wide, now)
             })
         }
         Resource::Tasks => {
@@ -248,6 +260,28 @@ pub fn workloads_table(workloads: &[WorkloadView], wide: bool, now: DateTime<Utc
         ];
         if wide {
             row.extend([format_labels(&m.metadata.labels), w.generation.to_string()]);
+        }
+        t.row(row);
+    }
+    t
+}
+
+/// `get secrets`: names, keys and users; the values never leave the controller.
+pub fn secrets_table(secrets: &[SecretView], wide: bool, now: DateTime<Utc>) -> Table {
+    let mut headers = vec!["NAME", "KEYS", "USED BY", "AGE"];
+    if wide {
+        headers.extend(["LABELS", "GENERATION"]);
+    }
+    let mut t = Table::new(headers);
+    for s in secrets {
+        let mut row = vec![
+            s.name.clone(),
+            or_none((!s.keys.is_empty()).then(|| s.keys.join(","))),
+            or_none((!s.used_by.is_empty()).then(|| s.used_by.join(","))),
+            age(s.created_at, now),
+        ];
+        if wide {
+            row.extend([format_labels(&s.labels), s.generation.to_string()]);
         }
         t.row(row);
     }

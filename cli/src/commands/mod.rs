@@ -20,6 +20,7 @@ pub mod describe;
 pub mod drain;
 pub mod events;
 pub mod get;
+pub mod login;
 pub mod logs;
 pub mod version;
 pub mod webhooks;
@@ -31,6 +32,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Completion(a) => completion::run(&a, out),
         Command::Config(c) => config_cmd::run(&c, &global, out),
         Command::Version(a) => version::run(&a, &global, out).await,
+        Command::Login(a) => login::run(&a, &global, out).await,
         Command::Apply(a) => apply::run(&connect(&global)?, &a, out).await,
         Command::Get(a) => get::run(&connect(&global)?, &a, out).await,
         Command::Describe(a) => describe::run(&connect(&global)?, &a, out).await,
@@ -57,6 +59,9 @@ pub fn target(global: &Global) -> Result<Target> {
         env_token: env("BRAMBLE_TOKEN"),
         flag_server: global.server.clone(),
         flag_token: global.token.clone(),
+        env_ca_fingerprint: env("BRAMBLE_CA_FINGERPRINT"),
+        flag_ca_fingerprint: global.ca_fingerprint.clone(),
+        flag_ca_file: global.certificate_authority.clone(),
     };
     let (file, path) = match config::path_from_env() {
         Ok(path) => (ConfigFile::load(&path)?, path),

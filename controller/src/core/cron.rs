@@ -1061,7 +1061,7 @@ mod tests {
             "j.yaml",
             "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: j}\nspec: {image: a, retries: 2}\n",
         )
-        .expect("valid");
+        .expect("valid").workloads;
         let w = StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
         let mut t = run_task(&w, "j-abc-0".into(), None, 0, Utc::now());
         assert_eq!(base_id(&t), "j-abc-0");

@@ -197,7 +197,8 @@ mod tests {
             "t.yaml",
             "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: web}\nspec: {image: a}\n",
         )
-        .expect("valid");
+        .expect("valid")
+        .workloads;
         let w = crate::core::model::StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
         crate::core::reconcile::new_task(&w, "web-abc-0".into(), 0, Utc::now())
     }

@@ -9,6 +9,7 @@
 //! - [`error`]: why a request is refused.
 //! - [`ops`]: apply, delete, cordon, drain, restart; what agents report.
 //! - [`reconcile`]: from workloads and tasks to task writes and placements.
+//! - [`secrets`]: Secrets sealed at apply, resolved for one node, followed by spec hashes.
 //! - [`scheduler`]: which node each pending task goes to, with a reason per rejection.
 //! - [`cron`]: CronJob firings exactly once, missed slots, retries, history.
 //! - [`health`]: node health from silence, and the Wallet fencing argument.
@@ -23,6 +24,7 @@ pub mod model;
 pub mod ops;
 pub mod reconcile;
 pub mod scheduler;
+pub mod secrets;
 pub mod snapshot;
 pub mod views;
 

@@ -8,10 +8,13 @@
 //! | `/cronfirings/{job}/{slot}` | [`bramble_api::rest::Firing`] (see [`super::cron`]) |
 //! | `/cronstate/{job}` | [`CronState`] |
 //! | `/events/{writer}-{n}` | [`StoredEvents`]: the events of one commit |
+//! | `/secrets/{name}` | [`StoredSecret`]: values sealed (see [`super::secrets`]) |
 //!
 //! Values are JSON (the `state` layer encodes them). Heartbeats and metrics are never
 //! stored: the store is written only when desired or observed state really changes, so
 //! an SD card is not worn out by a cluster at rest.
+
+use std::collections::BTreeMap;
 
 use bramble_api::manifest::{Kind, Manifest};
 use bramble_api::rest::Severity;
@@ -32,6 +35,13 @@ pub const FIRINGS: &str = "/cronfirings/";
 pub const CRON_STATE: &str = "/cronstate/";
 /// Prefix of event records.
 pub const EVENTS: &str = "/events/";
+/// Prefix of Secrets.
+pub const SECRETS: &str = "/secrets/";
+
+/// Key of a Secret.
+pub fn secret_key(name: &str) -> String {
+    format!("{SECRETS}{name}")
+}
 
 /// Key of a workload.
 pub fn workload_key(kind: Kind, name: &str) -> String {
@@ -73,6 +83,8 @@ pub enum KeyKind {
     CronState,
     /// `/events/…`
     Events,
+    /// `/secrets/…`
+    Secret,
 }
 
 impl KeyKind {
@@ -85,6 +97,7 @@ impl KeyKind {
             (FIRINGS, KeyKind::Firing),
             (CRON_STATE, KeyKind::CronState),
             (EVENTS, KeyKind::Events),
+            (SECRETS, KeyKind::Secret),
         ]
         .into_iter()
         .find(|(p, _)| key.starts_with(p))
@@ -121,13 +134,26 @@ impl StoredWorkload {
         }
     }
 
-    /// The same workload with a new manifest, or `None` if the manifest is unchanged.
-    pub fn updated(&self, manifest: Manifest, now: DateTime<Utc>) -> Option<StoredWorkload> {
-        if manifest == self.manifest {
+    /// The same workload with its spec hash set (a hash that also follows the Secrets
+    /// it references, see [`super::secrets::spec_hash`]).
+    pub fn with_spec_hash(mut self, spec_hash: String) -> StoredWorkload {
+        self.spec_hash = spec_hash;
+        self
+    }
+
+    /// The same workload with a new manifest and spec hash, or `None` if neither
+    /// changed.
+    pub fn updated(
+        &self,
+        manifest: Manifest,
+        spec_hash: String,
+        now: DateTime<Utc>,
+    ) -> Option<StoredWorkload> {
+        if manifest == self.manifest && spec_hash == self.spec_hash {
             return None;
         }
         Some(StoredWorkload {
-            spec_hash: TaskSpec::from_manifest(&manifest).hash(),
+            spec_hash,
             manifest,
             generation: self.generation + 1,
             created_at: self.created_at,
@@ -146,6 +172,44 @@ impl StoredWorkload {
     }
 }
 
+/// A sealed value as stored: `v1:` then base64 of nonce, ciphertext and tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Sealed(pub String);
+
+/// A Secret as stored: labels in the clear, values sealed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredSecret {
+    /// Name.
+    pub name: String,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Sealed values by key.
+    pub data: BTreeMap<String, Sealed>,
+    /// Bumped whenever a value, a key or a label changes.
+    pub generation: u64,
+    /// First applied.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl StoredSecret {
+    /// What goes into the spec hash of the workloads that reference this Secret: it
+    /// changes whenever a value does (and when the Secret is made anew), and says
+    /// nothing about the values.
+    pub fn version(&self) -> String {
+        format!(
+            "{}@{}.{}",
+            self.name,
+            self.generation,
+            self.created_at.timestamp_millis()
+        )
+    }
+}
+
 /// A node as stored: what it reported at registration, and the operator's cordon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -157,6 +221,10 @@ pub struct StoredNode {
     pub cordoned: bool,
     /// First registration.
     pub registered_at: DateTime<Utc>,
+    /// SHA-256 (hex) of the node's own credential, set at its first join; the name is
+    /// admitted only with that credential. Never shown by the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// Operator overrides for one CronJob.

@@ -10,10 +10,13 @@
 //! either. A restart stops all of a workload's tasks at once (not rolling): a Service is
 //! briefly down, as with `docker restart`.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use bramble_api::manifest::Kind;
-use bramble_api::parse::{Document, ManifestError};
+use bramble_api::parse::{ManifestError, Parsed};
 use bramble_api::rest::{
     ApplyOutcome, ApplyResponse, ApplyResult, DeleteResponse, PendingTask, RestartResponse,
+    SecretApplyResult,
 };
 use bramble_api::task::{DesiredState, Task};
 use bramble_api::wire::{NodeInfo, TaskStatus};
@@ -21,23 +24,31 @@ use chrono::{DateTime, Utc};
 
 use super::error::DomainError;
 use super::events::{self, Draft};
-use super::model::{self, StoredNode, StoredWorkload};
+use super::model::{self, StoredNode, StoredSecret, StoredWorkload};
 use super::reconcile;
+use super::secrets::{self, Sealer, SecretApply};
 use super::snapshot::{Change, Expect, Item, Snapshot, Write};
 
 /// The most workloads one apply may create or change: its writes and its events go in
 /// one transaction, and a store takes at most 128 ops in one.
 pub const MAX_APPLY_CHANGES: usize = 100;
 
-/// Creates or updates every workload in `docs`, all or nothing. With `dry_run` the
-/// answer says what would happen and the change is empty.
+/// Creates or updates every workload and Secret in `docs`, all or nothing. With
+/// `dry_run` the answer says what would happen and the change is empty.
+///
+/// Every Secret reference must resolve once the apply is done: a workload cannot name a
+/// Secret or key that is not there (or in the same apply), and a Secret cannot lose a
+/// key a stored workload uses. Workloads referencing a Secret whose values change get a
+/// new spec hash, so their tasks are replaced and start with the new values.
 pub fn apply(
     snap: &Snapshot,
-    docs: &[Document],
+    docs: &Parsed,
+    sealer: &dyn Sealer,
     dry_run: bool,
     now: DateTime<Utc>,
 ) -> Result<(Change, ApplyResponse), DomainError> {
     let taken: Vec<ManifestError> = docs
+        .workloads
         .iter()
         .filter_map(|d| {
             let name = d.manifest.metadata.name.as_str();
@@ -63,17 +74,118 @@ pub fn apply(
     let mut writes = Vec::new();
     let mut drafts = Vec::new();
     let mut results = Vec::new();
-    for d in docs {
+    let mut secret_results = Vec::new();
+
+    // Secrets first: the workloads' hashes and references are checked against them as
+    // they will be.
+    let mut after: BTreeMap<String, StoredSecret> = snap
+        .secrets
+        .iter()
+        .map(|(k, v)| (k.clone(), v.value.clone()))
+        .collect();
+    let mut changed: BTreeSet<String> = BTreeSet::new();
+    for d in &docs.secrets {
+        let name = d.secret.metadata.name.as_str();
+        let existing = snap.secrets.get(name);
+        let outcome =
+            match secrets::apply_secret(existing.map(|v| &v.value), &d.secret, sealer, now)? {
+                SecretApply::Unchanged => ApplyOutcome::Unchanged,
+                SecretApply::Store(s) => {
+                    let outcome = if existing.is_some() {
+                        ApplyOutcome::Configured
+                    } else {
+                        ApplyOutcome::Created
+                    };
+                    writes.push(Write {
+                        key: model::secret_key(name),
+                        expect: Expect::of(existing.map_or(0, |v| v.rev)),
+                        value: Some(Item::Secret((*s).clone())),
+                    });
+                    // Which keys, never a value.
+                    drafts.push(Draft::normal(
+                        format!("secret/{name}"),
+                        "Applied",
+                        format!(
+                            "{outcome}: keys {}",
+                            s.data.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                    after.insert(name.to_string(), *s);
+                    changed.insert(name.to_string());
+                    outcome
+                }
+            };
+        secret_results.push(SecretApplyResult {
+            name: name.to_string(),
+            outcome,
+        });
+    }
+
+    let keys: BTreeMap<&str, Vec<&str>> = after
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.data.keys().map(String::as_str).collect()))
+        .collect();
+    let applied: BTreeSet<(Kind, &str)> = docs
+        .workloads
+        .iter()
+        .map(|d| (d.manifest.kind, d.manifest.metadata.name.as_str()))
+        .collect();
+    let mut dangling = Vec::new();
+    for d in &docs.workloads {
+        for dg in secrets::dangling(&d.manifest, &keys) {
+            let at = d.env_at.get(&dg.var).copied().unwrap_or(d.name_at);
+            dangling.push(ManifestError {
+                file: d.file.clone(),
+                line: at.0,
+                column: at.1,
+                field: format!("spec.env.{}", dg.var),
+                message: dg.message(),
+            });
+        }
+    }
+    for w in snap.workloads.values() {
+        if applied.contains(&(w.value.kind(), w.value.name())) {
+            continue;
+        }
+        for dg in secrets::dangling(&w.value.manifest, &keys) {
+            let Some(d) = docs
+                .secrets
+                .iter()
+                .find(|d| d.secret.metadata.name.as_str() == dg.reference.secret.as_str())
+            else {
+                continue;
+            };
+            dangling.push(ManifestError {
+                file: d.file.clone(),
+                line: d.line,
+                column: 1,
+                field: "data".into(),
+                message: format!(
+                    "key {:?} is used by {}/{} (spec.env.{}): keep it, or change that workload in the same apply",
+                    dg.reference.key,
+                    w.value.kind().path(),
+                    w.value.name(),
+                    dg.var
+                ),
+            });
+        }
+    }
+    if !dangling.is_empty() {
+        return Err(DomainError::InvalidManifest(dangling));
+    }
+
+    for d in &docs.workloads {
         let m = &d.manifest;
         let name = m.metadata.name.as_str();
+        let hash = secrets::spec_hash(m, &after);
         let existing = snap.workload(m.kind, name);
         let (outcome, new, rev) = match existing {
             None => (
                 ApplyOutcome::Created,
-                Some(StoredWorkload::new(m.clone(), now)),
+                Some(StoredWorkload::new(m.clone(), now).with_spec_hash(hash)),
                 0,
             ),
-            Some(v) => match v.value.updated(m.clone(), now) {
+            Some(v) => match v.value.updated(m.clone(), hash, now) {
                 None => (ApplyOutcome::Unchanged, None, v.rev),
                 Some(n) => (ApplyOutcome::Configured, Some(n), v.rev),
             },
@@ -96,9 +208,37 @@ pub fn apply(
             outcome,
         });
     }
+    // Stored workloads whose Secrets changed: new values mean new tasks.
+    for w in snap.workloads.values() {
+        let (kind, name) = (w.value.kind(), w.value.name());
+        if applied.contains(&(kind, name))
+            || !changed.iter().any(|s| secrets::references(&w.value, s))
+        {
+            continue;
+        }
+        let hash = secrets::spec_hash(&w.value.manifest, &after);
+        let Some(new) = w.value.updated(w.value.manifest.clone(), hash, now) else {
+            continue;
+        };
+        writes.push(Write {
+            key: model::workload_key(kind, name),
+            expect: Expect::Rev(w.rev),
+            value: Some(Item::Workload(new)),
+        });
+        drafts.push(Draft::normal(
+            format!("{}/{name}", kind.path()),
+            "SecretChanged",
+            "a referenced Secret changed: tasks are replaced to use its new values",
+        ));
+        results.push(ApplyResult {
+            kind,
+            name: name.to_string(),
+            outcome: ApplyOutcome::Configured,
+        });
+    }
     if writes.len() > MAX_APPLY_CHANGES {
         return Err(DomainError::BadRequest(format!(
-            "{} workloads would change in one apply; at most {MAX_APPLY_CHANGES}: apply them in parts",
+            "{} objects would change in one apply; at most {MAX_APPLY_CHANGES}: apply them in parts",
             writes.len()
         )));
     }
@@ -107,7 +247,40 @@ pub fn apply(
     } else {
         Change::new(writes, drafts)
     };
-    Ok((change, ApplyResponse { results }))
+    Ok((
+        change,
+        ApplyResponse {
+            results,
+            secrets: secret_results,
+        },
+    ))
+}
+
+/// Deletes a Secret that no workload references.
+pub fn delete_secret(snap: &Snapshot, name: &str) -> Result<Change, DomainError> {
+    let s = snap
+        .secrets
+        .get(name)
+        .ok_or_else(|| DomainError::not_found("secret", name))?;
+    let users = secrets::used_by(snap, name);
+    if !users.is_empty() {
+        return Err(DomainError::Conflict(format!(
+            "secret {name:?} is used by {}: change or delete those first",
+            users.join(", ")
+        )));
+    }
+    Ok(Change::new(
+        vec![Write {
+            key: model::secret_key(name),
+            expect: Expect::Rev(s.rev),
+            value: None,
+        }],
+        vec![Draft::normal(
+            format!("secret/{name}"),
+            "Deleted",
+            "deleted",
+        )],
+    ))
 }
 
 /// Deletes a workload; the reconcile loop stops its tasks.
@@ -350,34 +523,136 @@ pub fn forget_missing(snap: &Snapshot, node: &str, present: &[TaskStatus]) -> Ch
     change
 }
 
-/// Records what a connecting agent reports; `None` when it is what is stored already.
-pub fn register_node(snap: &Snapshot, info: &NodeInfo, now: DateTime<Utc>) -> Option<Change> {
-    let cur = snap.nodes.get(&info.name);
+/// How an agent's connection was admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// With the join token: it may only join a name that has no credential yet.
+    Join,
+    /// With the credential of this node.
+    Node(String),
+}
+
+/// Records what a connecting agent reports, and its credential at its first join;
+/// `Ok(None)` when that is what is stored already. `credential` is the hash of the
+/// credential the agent's Hello carries. No refusal names another node's identity.
+pub fn register_node(
+    snap: &Snapshot,
+    info: &NodeInfo,
+    credential: Option<&str>,
+    admission: &Admission,
+    now: DateTime<Utc>,
+) -> Result<Option<Change>, DomainError> {
+    let name = info.name.as_str();
+    let cur = snap.nodes.get(name);
+    match admission {
+        Admission::Node(owner) if owner != name => {
+            return Err(DomainError::BadRequest(format!(
+                "the credential this agent presented is not node {name}'s"
+            )))
+        }
+        Admission::Node(_) => {}
+        Admission::Join => {
+            let known = cur.and_then(|n| n.value.credential.as_deref());
+            if known.is_some() && known != credential {
+                return Err(DomainError::Conflict(format!(
+                    "node {name} has already joined this cluster and connects with its own credential; to give the name to another machine, delete the node first (bramblectl delete node {name})"
+                )));
+            }
+            if credential.is_none() {
+                return Err(DomainError::BadRequest(
+                    "this agent sent no node credential with its join token: upgrade it".into(),
+                ));
+            }
+        }
+    }
     let (next, rev) = match cur {
-        Some(v) if v.value.info == *info => return None,
-        Some(v) => (
-            StoredNode {
+        Some(v) => {
+            let keep = v.value.credential.clone();
+            let next = StoredNode {
                 info: info.clone(),
+                credential: keep.or_else(|| credential.map(str::to_string)),
                 ..v.value.clone()
-            },
-            v.rev,
-        ),
+            };
+            if next == v.value {
+                return Ok(None);
+            }
+            (next, v.rev)
+        }
         None => (
             StoredNode {
                 info: info.clone(),
                 cordoned: false,
                 registered_at: now,
+                credential: credential.map(str::to_string),
             },
             0,
         ),
     };
-    Some(Change::new(
+    Ok(Some(Change::new(
         vec![Write {
-            key: model::node_key(&info.name),
+            key: model::node_key(name),
             expect: Expect::of(rev),
             value: Some(Item::Node(next)),
         }],
-        Vec::new(),
+        if rev == 0 {
+            vec![Draft::normal(
+                format!("node/{name}"),
+                "Joined",
+                "a new node joined the cluster",
+            )]
+        } else {
+            Vec::new()
+        },
+    )))
+}
+
+/// The node whose credential hashes to `hash`, if any.
+pub fn node_of_credential<'a>(snap: &'a Snapshot, hash: &str) -> Option<&'a str> {
+    snap.nodes
+        .values()
+        .find(|n| n.value.credential.as_deref() == Some(hash))
+        .map(|n| n.value.info.name.as_str())
+}
+
+/// Deletes a node and its credential (the name can then be joined again). Refused
+/// while the node's agent is connected or its Wallets are not surely fenced yet: its
+/// tasks are placed elsewhere as for a lost node, and a Wallet must not run twice.
+pub fn delete_node(
+    snap: &Snapshot,
+    name: &str,
+    connected: bool,
+    fenced: bool,
+) -> Result<Change, DomainError> {
+    let cur = snap
+        .nodes
+        .get(name)
+        .ok_or_else(|| DomainError::not_found("node", name))?;
+    if connected || !fenced {
+        return Err(DomainError::Conflict(format!(
+            "node {name} is connected (or was, too recently for its Wallets to have stopped); stop its agent or power it off, then delete it"
+        )));
+    }
+    let tasks = snap
+        .tasks
+        .values()
+        .filter(|t| {
+            t.value.node.as_deref() == Some(name) && t.value.desired == DesiredState::Running
+        })
+        .count();
+    Ok(Change::new(
+        vec![Write {
+            key: model::node_key(name),
+            expect: Expect::Rev(cur.rev),
+            value: None,
+        }],
+        vec![Draft::warning(
+            format!("node/{name}"),
+            "Deleted",
+            match tasks {
+                0 => "node and its credential deleted".to_string(),
+                n => format!("node and its credential deleted; its {n} tasks go elsewhere"),
+            },
+        )],
     ))
 }
 
@@ -388,12 +663,17 @@ mod tests {
     use std::sync::Arc;
 
     use crate::core::model::Versioned;
+    use crate::core::secrets::tests::Mirror;
+    use bramble_api::manifest::Manifest;
+    use bramble_api::parse::Document;
 
     fn manifest(kind: Kind, name: &str) -> bramble_api::manifest::Manifest {
         let yaml = format!(
             "apiVersion: bramble/v1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {{image: a}}\n"
         );
-        bramble_api::parse::parse_manifests("t.yaml", &yaml).expect("valid")[0]
+        bramble_api::parse::parse_manifests("t.yaml", &yaml)
+            .expect("valid")
+            .workloads[0]
             .manifest
             .clone()
     }
@@ -461,59 +741,72 @@ mod tests {
         assert!(!restartable(&stopping, Kind::Service, "web"));
     }
 
+    fn doc(file: &str, line: usize, name_at: (usize, usize), manifest: Manifest) -> Document {
+        Document {
+            file: file.into(),
+            line,
+            name_at,
+            env_at: Default::default(),
+            manifest,
+        }
+    }
+
+    fn of(workloads: Vec<Document>) -> Parsed {
+        Parsed {
+            workloads,
+            secrets: vec![],
+        }
+    }
+
+    /// The snapshot after `c`'s writes, at revision `rev`.
+    fn commit(mut snap: Snapshot, c: &Change, rev: u64) -> Snapshot {
+        for w in &c.writes {
+            match &w.value {
+                Some(item) => snap.insert(&w.key, item.clone(), rev, rev),
+                None => snap.remove(&w.key),
+            }
+        }
+        snap.revision = rev;
+        snap
+    }
+
     #[test]
     fn applying_the_same_manifest_twice_changes_nothing_the_second_time() {
-        let docs = vec![Document {
-            file: "w.yaml".into(),
-            line: 1,
-            name_at: (3, 11),
-            manifest: manifest(Kind::Service, "web"),
-        }];
+        let docs = of(vec![doc(
+            "w.yaml",
+            1,
+            (3, 11),
+            manifest(Kind::Service, "web"),
+        )]);
         let snap = Snapshot::default();
-        let (c, r) = apply(&snap, &docs, false, Utc::now()).expect("applies");
+        let (c, r) = apply(&snap, &docs, &Mirror, false, Utc::now()).expect("applies");
         assert_eq!(r.results[0].outcome, ApplyOutcome::Created);
         assert_eq!(c.writes.len(), 1);
         assert_eq!(c.writes[0].expect, Expect::Absent);
-        let (dry, _) = apply(&snap, &docs, true, Utc::now()).expect("dry run");
+        let (dry, _) = apply(&snap, &docs, &Mirror, true, Utc::now()).expect("dry run");
         assert!(dry.is_empty(), "a dry run writes nothing");
 
-        let mut after = Snapshot::default();
-        let Some(Item::Workload(w)) = c.writes[0].value.clone() else {
-            panic!("a workload write");
-        };
-        after.insert(&c.writes[0].key, Item::Workload(w), 3, 3);
-        let (c, r) = apply(&after, &docs, false, Utc::now()).expect("applies");
+        let after = commit(Snapshot::default(), &c, 3);
+        let (c, r) = apply(&after, &docs, &Mirror, false, Utc::now()).expect("applies");
         assert_eq!(r.results[0].outcome, ApplyOutcome::Unchanged);
         assert!(c.is_empty());
     }
 
     #[test]
     fn a_name_taken_by_another_kind_is_refused_where_it_is_written() {
-        let wallet = Document {
-            file: "w.yaml".into(),
-            line: 1,
-            name_at: (3, 11),
-            manifest: manifest(Kind::Wallet, "ltc"),
-        };
+        let wallet = doc("w.yaml", 1, (3, 11), manifest(Kind::Wallet, "ltc"));
         let (c, _) = apply(
             &Snapshot::default(),
-            std::slice::from_ref(&wallet),
+            &of(vec![wallet.clone()]),
+            &Mirror,
             false,
             Utc::now(),
         )
         .expect("applies");
-        let mut snap = Snapshot::default();
-        let Some(Item::Workload(w)) = c.writes[0].value.clone() else {
-            panic!("a workload write");
-        };
-        snap.insert(&c.writes[0].key, Item::Workload(w), 2, 2);
-        let service = Document {
-            file: "s.yaml".into(),
-            line: 5,
-            name_at: (7, 9),
-            manifest: manifest(Kind::Service, "ltc"),
-        };
-        let err = apply(&snap, &[service], false, Utc::now()).expect_err("refused");
+        let snap = commit(Snapshot::default(), &c, 2);
+        let service = doc("s.yaml", 5, (7, 9), manifest(Kind::Service, "ltc"));
+        let err =
+            apply(&snap, &of(vec![service]), &Mirror, false, Utc::now()).expect_err("refused");
         let DomainError::InvalidManifest(details) = &err else {
             panic!("{err:?}");
         };
@@ -522,21 +815,172 @@ mod tests {
             "s.yaml:7:9: metadata.name: the name \"ltc\" is already used by wallet \"ltc\"; workload names are unique across kinds (delete that one first)"
         );
         // The same kind is an update, as before.
-        assert!(apply(&snap, &[wallet], false, Utc::now()).is_ok());
+        assert!(apply(&snap, &of(vec![wallet]), &Mirror, false, Utc::now()).is_ok());
     }
 
     #[test]
     fn too_many_workloads_in_one_apply_is_refused_with_the_limit() {
         let docs: Vec<Document> = (0..=MAX_APPLY_CHANGES)
-            .map(|i| Document {
-                file: "w.yaml".into(),
-                line: 1,
-                name_at: (3, 11),
-                manifest: manifest(Kind::Service, &format!("w{i}")),
+            .map(|i| {
+                doc(
+                    "w.yaml",
+                    1,
+                    (3, 11),
+                    manifest(Kind::Service, &format!("w{i}")),
+                )
             })
             .collect();
-        let err = apply(&Snapshot::default(), &docs, false, Utc::now()).expect_err("refused");
+        let err = apply(&Snapshot::default(), &of(docs), &Mirror, false, Utc::now())
+            .expect_err("refused");
         assert!(err.to_string().contains("at most 100"), "{err}");
+    }
+
+    const SECRET: &str = "apiVersion: bramble/v1\nkind: Secret\nmetadata: {name: ltc-rpc}\ndata: {password: hunter2, user: pool}\n";
+    const WALLET: &str = "apiVersion: bramble/v1\nkind: Wallet\nmetadata: {name: ltc}\nspec:\n  image: w:1\n  env:\n    RPC_PASSWORD: {secret: ltc-rpc, key: password}\n";
+
+    fn parsed(text: &str) -> Parsed {
+        bramble_api::parse::parse_manifests("a.yaml", text).expect("valid")
+    }
+
+    #[test]
+    fn a_reference_must_resolve_after_the_apply() {
+        // Alone, the wallet names a Secret that is not there: refused at the reference.
+        let err = apply(
+            &Snapshot::default(),
+            &parsed(WALLET),
+            &Mirror,
+            false,
+            Utc::now(),
+        )
+        .expect_err("refused");
+        let DomainError::InvalidManifest(d) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            d[0].to_string(),
+            "a.yaml:7:5: spec.env.RPC_PASSWORD: no Secret \"ltc-rpc\" (apply it first, or in the same apply)"
+        );
+        // Together: both stored, the value sealed.
+        let (c, r) = apply(
+            &Snapshot::default(),
+            &parsed(&format!("{SECRET}---\n{WALLET}")),
+            &Mirror,
+            false,
+            Utc::now(),
+        )
+        .expect("applies");
+        assert_eq!(r.secrets[0].outcome, ApplyOutcome::Created);
+        assert_eq!(r.results[0].outcome, ApplyOutcome::Created);
+        let snap = commit(Snapshot::default(), &c, 2);
+        let s = &snap.secrets["ltc-rpc"].value;
+        assert!(!s.data["password"].0.ends_with("hunter2"), "sealed");
+        // A missing key, in a later apply.
+        let other_key = WALLET.replace("key: password", "key: pass");
+        let err =
+            apply(&snap, &parsed(&other_key), &Mirror, false, Utc::now()).expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("Secret \"ltc-rpc\" has no key \"pass\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_changed_value_replaces_the_tasks_of_stored_workloads_that_use_it() {
+        let (c, _) = apply(
+            &Snapshot::default(),
+            &parsed(&format!("{SECRET}---\n{WALLET}")),
+            &Mirror,
+            false,
+            Utc::now(),
+        )
+        .expect("applies");
+        let snap = commit(Snapshot::default(), &c, 2);
+        let before = snap
+            .workload(Kind::Wallet, "ltc")
+            .expect("stored")
+            .value
+            .clone();
+        // The same values: nothing changes.
+        let (c, r) = apply(&snap, &parsed(SECRET), &Mirror, false, Utc::now()).expect("applies");
+        assert!(c.is_empty());
+        assert_eq!(r.secrets[0].outcome, ApplyOutcome::Unchanged);
+        assert!(r.results.is_empty());
+        // A new value: the Secret and the wallet that uses it, a new spec hash.
+        let (c, r) = apply(
+            &snap,
+            &parsed(&SECRET.replace("hunter2", "hunter3")),
+            &Mirror,
+            false,
+            Utc::now(),
+        )
+        .expect("applies");
+        assert_eq!(r.secrets[0].outcome, ApplyOutcome::Configured);
+        assert_eq!(r.results[0].outcome, ApplyOutcome::Configured);
+        assert_eq!(
+            (r.results[0].kind, r.results[0].name.as_str()),
+            (Kind::Wallet, "ltc")
+        );
+        let after = commit(snap.clone(), &c, 3);
+        let w = &after.workload(Kind::Wallet, "ltc").expect("stored").value;
+        assert_ne!(w.spec_hash, before.spec_hash);
+        assert_eq!(w.generation, before.generation + 1);
+        assert_eq!(w.manifest, before.manifest);
+        assert!(
+            c.drafts.iter().all(|d| !d.message.contains("hunter")),
+            "no value in events"
+        );
+        // Removing the key the wallet uses is refused, and names the wallet.
+        let err = apply(
+            &snap,
+            &parsed(&SECRET.replace("password: hunter2, ", "")),
+            &Mirror,
+            false,
+            Utc::now(),
+        )
+        .expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("key \"password\" is used by wallet/ltc (spec.env.RPC_PASSWORD)"),
+            "{err}"
+        );
+        // ...unless the wallet stops using it in the same apply.
+        let plain = WALLET.replace("{secret: ltc-rpc, key: password}", "x");
+        assert!(apply(
+            &snap,
+            &parsed(&format!(
+                "{}---\n{plain}",
+                SECRET.replace("password: hunter2, ", "")
+            )),
+            &Mirror,
+            false,
+            Utc::now()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_secret_in_use_cannot_be_deleted() {
+        let (c, _) = apply(
+            &Snapshot::default(),
+            &parsed(&format!("{SECRET}---\n{WALLET}")),
+            &Mirror,
+            false,
+            Utc::now(),
+        )
+        .expect("applies");
+        let snap = commit(Snapshot::default(), &c, 2);
+        let err = delete_secret(&snap, "ltc-rpc").expect_err("in use");
+        assert!(matches!(err, DomainError::Conflict(_)), "{err:?}");
+        assert!(err.to_string().contains("wallet/ltc"), "{err}");
+        let (c, _) = delete_workload(&snap, Kind::Wallet, "ltc").expect("deleted");
+        let snap = commit(snap, &c, 3);
+        let c = delete_secret(&snap, "ltc-rpc").expect("no longer used");
+        assert_eq!(c.writes[0].key, "/secrets/ltc-rpc");
+        assert!(matches!(
+            delete_secret(&Snapshot::default(), "x"),
+            Err(DomainError::NotFound { .. })
+        ));
     }
 
     #[test]
@@ -559,6 +1003,128 @@ mod tests {
                 task: "w-a-0".into(),
                 reason: "0/1 node fit: 1 cordoned".into()
             }]
+        );
+    }
+
+    fn info(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            arch: bramble_api::manifest::Arch::Arm64,
+            cores: 4,
+            memory_bytes: 1 << 30,
+            docker_version: "20.10".into(),
+            labels: Default::default(),
+            agent_version: "0".into(),
+            os: String::new(),
+            machine_id: None,
+            memory_limits: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn with_change(snap: &Snapshot, c: &Change) -> Snapshot {
+        let mut next = snap.clone();
+        for w in &c.writes {
+            match &w.value {
+                Some(item) => next.insert(&w.key, item.clone(), 9, 9),
+                None => next.remove(&w.key),
+            }
+        }
+        next
+    }
+
+    #[test]
+    fn a_join_token_joins_a_new_name_once_and_never_takes_a_joined_one() {
+        let now = Utc::now();
+        let empty = Snapshot::default();
+        let join = Admission::Join;
+        let first = register_node(&empty, &info("pi1"), Some("h1"), &join, now)
+            .expect("joins")
+            .expect("a change");
+        assert_eq!(first.drafts[0].reason, "Joined");
+        let joined = with_change(&empty, &first);
+        assert_eq!(node_of_credential(&joined, "h1"), Some("pi1"));
+        assert_eq!(node_of_credential(&joined, "h2"), None);
+
+        // Another machine with the join token, under the same name: refused, and the
+        // refusal names no identity.
+        let err =
+            register_node(&joined, &info("pi1"), Some("h2"), &join, now).expect_err("refused");
+        assert!(matches!(err, DomainError::Conflict(_)), "{err}");
+        assert!(!err.to_string().contains("h1"));
+        // Without a credential: refused.
+        assert!(register_node(&empty, &info("pi9"), None, &join, now).is_err());
+        // The node itself, with its credential: welcome, nothing to write.
+        let own = Admission::Node("pi1".into());
+        assert_eq!(
+            register_node(&joined, &info("pi1"), Some("h1"), &own, now),
+            Ok(None)
+        );
+        // Its credential under another name: refused.
+        assert!(register_node(&joined, &info("pi2"), Some("h1"), &own, now).is_err());
+        // A changed report is recorded, the credential kept.
+        let mut relabelled = info("pi1");
+        relabelled.labels.insert("disk".into(), "ssd".into());
+        let c = register_node(&joined, &relabelled, Some("h1"), &own, now)
+            .expect("ok")
+            .expect("a change");
+        let Some(Item::Node(n)) = &c.writes[0].value else {
+            panic!("a node write");
+        };
+        assert_eq!(n.credential.as_deref(), Some("h1"));
+    }
+
+    #[test]
+    fn a_node_from_before_credentials_takes_its_first_one() {
+        let now = Utc::now();
+        let empty = Snapshot::default();
+        let mut legacy = with_change(
+            &empty,
+            &register_node(&empty, &info("pi1"), Some("h1"), &Admission::Join, now)
+                .expect("ok")
+                .expect("change"),
+        );
+        let mut stored = legacy.nodes["pi1"].value.clone();
+        stored.credential = None;
+        legacy.insert(&model::node_key("pi1"), Item::Node(stored), 9, 9);
+        let c = register_node(&legacy, &info("pi1"), Some("h7"), &Admission::Join, now)
+            .expect("adopted")
+            .expect("a change");
+        let Some(Item::Node(n)) = &c.writes[0].value else {
+            panic!("a node write");
+        };
+        assert_eq!(n.credential.as_deref(), Some("h7"));
+    }
+
+    #[test]
+    fn a_connected_or_unfenced_node_cannot_be_deleted() {
+        let now = Utc::now();
+        let empty = Snapshot::default();
+        let snap = with_change(
+            &empty,
+            &register_node(&empty, &info("pi1"), Some("h1"), &Admission::Join, now)
+                .expect("ok")
+                .expect("change"),
+        );
+        assert!(matches!(
+            delete_node(&snap, "pi1", true, true),
+            Err(DomainError::Conflict(_))
+        ));
+        assert!(matches!(
+            delete_node(&snap, "pi1", false, false),
+            Err(DomainError::Conflict(_))
+        ));
+        assert!(matches!(
+            delete_node(&snap, "pi9", false, true),
+            Err(DomainError::NotFound { .. })
+        ));
+        let c = delete_node(&snap, "pi1", false, true).expect("deleted");
+        let gone = with_change(&snap, &c);
+        assert!(gone.nodes.is_empty());
+        assert_eq!(
+            node_of_credential(&gone, "h1"),
+            None,
+            "its credential went with it"
         );
     }
 

@@ -15,6 +15,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use super::events;
 use super::model::{StoredWorkload, Versioned};
 use super::scheduler;
+use super::secrets::{self, Sealer};
 use super::snapshot::{self, Change, Snapshot};
 
 /// How long a task waits before it may go back to a node that gave it up, doubling
@@ -169,8 +170,9 @@ pub fn run_deadline(t: &Task) -> Option<DateTime<Utc>> {
 }
 
 /// What `node` should run: its placed tasks meant to run, sorted by id, each with its
-/// deadline. Sent to the node's agent whenever it changes.
-pub fn assignments(snap: &Snapshot, node: &str) -> Vec<Assignment> {
+/// deadline and the values of its Secret references (this node's tasks' only). Sent to
+/// the node's agent whenever it changes.
+pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assignment> {
     snap.tasks
         .values()
         .map(|t| &t.value)
@@ -182,6 +184,7 @@ pub fn assignments(snap: &Snapshot, node: &str) -> Vec<Assignment> {
             spec_hash: t.spec_hash.clone(),
             spec: t.spec.clone(),
             deadline: run_deadline(t),
+            secrets: secrets::resolve(snap, t, sealer),
         })
         .collect()
 }
@@ -547,7 +550,9 @@ mod tests {
     use bramble_api::parse::parse_manifests;
 
     fn workload(yaml: &str) -> StoredWorkload {
-        let docs = parse_manifests("t.yaml", yaml).expect("valid manifest");
+        let docs = parse_manifests("t.yaml", yaml)
+            .expect("valid manifest")
+            .workloads;
         StoredWorkload::new(docs[0].manifest.clone(), Utc::now())
     }
 
@@ -1044,7 +1049,11 @@ mod tests {
         let nodes = [node("n1")];
         let mut tasks = Vec::new();
         run_to_fixpoint(&ws, &mut tasks, &nodes);
-        let set = assignments(&snapshot_of(&ws, &tasks), "n1");
+        let set = assignments(
+            &snapshot_of(&ws, &tasks),
+            "n1",
+            &crate::core::secrets::tests::Mirror,
+        );
         assert_eq!(set.len(), 2);
         for a in &set {
             let t = tasks.iter().find(|t| t.value.id == a.task).expect("a task");
@@ -1056,7 +1065,12 @@ mod tests {
                 _ => assert_eq!(a.deadline, None),
             }
         }
-        assert!(assignments(&snapshot_of(&ws, &tasks), "n2").is_empty());
+        assert!(assignments(
+            &snapshot_of(&ws, &tasks),
+            "n2",
+            &crate::core::secrets::tests::Mirror
+        )
+        .is_empty());
     }
 
     #[test]

@@ -13,7 +13,8 @@ use bramble_api::task::Task;
 
 use super::events::Draft;
 use super::model::{
-    self, event_seq, CronState, KeyKind, StoredEvents, StoredNode, StoredWorkload, Versioned,
+    self, event_seq, CronState, KeyKind, StoredEvents, StoredNode, StoredSecret, StoredWorkload,
+    Versioned,
 };
 
 /// A decoded stored value.
@@ -31,6 +32,8 @@ pub enum Item {
     CronState(CronState),
     /// The events of one commit.
     Events(StoredEvents),
+    /// A Secret, values sealed.
+    Secret(StoredSecret),
 }
 
 impl Item {
@@ -43,6 +46,7 @@ impl Item {
             Item::Firing(_) => KeyKind::Firing,
             Item::CronState(_) => KeyKind::CronState,
             Item::Events(_) => KeyKind::Events,
+            Item::Secret(_) => KeyKind::Secret,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct Snapshot {
     pub cron_state: BTreeMap<String, Arc<Versioned<CronState>>>,
     /// Event records by (revision, key): oldest first.
     pub events: BTreeMap<(u64, String), Arc<StoredEvents>>,
+    /// Secrets by name.
+    pub secrets: BTreeMap<String, Arc<Versioned<StoredSecret>>>,
 }
 
 impl Snapshot {
@@ -132,6 +138,16 @@ impl Snapshot {
                 self.events.retain(|(_, k), _| k != key);
                 self.events.insert((created, key.to_string()), Arc::new(e));
             }
+            Item::Secret(s) => {
+                self.secrets.insert(
+                    s.name.clone(),
+                    Arc::new(Versioned {
+                        value: s,
+                        rev,
+                        created,
+                    }),
+                );
+            }
         }
     }
 
@@ -162,6 +178,11 @@ impl Snapshot {
                 }
             }
             KeyKind::Events => self.events.retain(|(_, k), _| k != key),
+            KeyKind::Secret => {
+                if let Some(name) = key.strip_prefix(model::SECRETS) {
+                    self.secrets.remove(name);
+                }
+            }
         }
     }
 

@@ -4,14 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use bramble_api::manifest::Kind;
-use bramble_api::rest::{Event, NodeStatus, NodeView, WorkloadView};
+use bramble_api::manifest::{EnvValue, Kind};
+use bramble_api::rest::{Event, NodeStatus, NodeView, SecretView, WorkloadView};
 use bramble_api::task::{DesiredState, Task, TaskPhase};
 use bramble_api::wire::NodeMetrics;
 use chrono::{DateTime, Utc};
 
 use super::error::DomainError;
-use super::model::StoredWorkload;
+use super::model::{StoredSecret, StoredWorkload};
+use super::secrets;
 use super::snapshot::Snapshot;
 
 /// What memory knows of a node: health, last contact, metrics, address.
@@ -141,4 +142,62 @@ pub fn events(snap: &Snapshot, since: u64, object: Option<&str>) -> Vec<Event> {
     snap.events()
         .filter(|e| e.seq > since && event_matches(e, object))
         .collect()
+}
+
+/// What a viewer (the read-only token) sees in place of an env value: names are shown,
+/// values never (a wallet's RPC password may be one).
+pub const REDACTED: &str = "<redacted>";
+
+/// Env values as a viewer sees them: text redacted; Secret references (names, never
+/// values) kept.
+fn redact_env(env: &mut BTreeMap<String, EnvValue>) {
+    for v in env.values_mut() {
+        if let EnvValue::Text(t) = v {
+            *t = REDACTED.to_string();
+        }
+    }
+}
+
+/// A workload as a viewer sees it: env values redacted.
+pub fn redact_workload(mut w: WorkloadView) -> WorkloadView {
+    redact_env(&mut w.manifest.spec.env);
+    w
+}
+
+/// A task as a viewer sees it: env values redacted; a finished run's output only when
+/// the admin allows viewers logs.
+pub fn redact_task(mut t: Task, logs: bool) -> Task {
+    redact_env(&mut t.spec.env);
+    if !logs {
+        t.output = None;
+    }
+    t
+}
+
+fn secret_view(snap: &Snapshot, s: &StoredSecret) -> SecretView {
+    SecretView {
+        name: s.name.clone(),
+        labels: s.labels.clone(),
+        keys: s.data.keys().cloned().collect(),
+        generation: s.generation,
+        used_by: secrets::used_by(snap, &s.name),
+        created_at: s.created_at,
+        updated_at: s.updated_at,
+    }
+}
+
+/// Every Secret, by name: keys, never values.
+pub fn secrets_list(snap: &Snapshot) -> Vec<SecretView> {
+    snap.secrets
+        .values()
+        .map(|s| secret_view(snap, &s.value))
+        .collect()
+}
+
+/// One Secret: keys, never values.
+pub fn secret(snap: &Snapshot, name: &str) -> Result<SecretView, DomainError> {
+    snap.secrets
+        .get(name)
+        .map(|s| secret_view(snap, &s.value))
+        .ok_or_else(|| DomainError::not_found("secret", name))
 }

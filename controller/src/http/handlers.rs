@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bramble_api::manifest::Kind;
 use bramble_api::parse::parse_sources;
-use bramble_api::rest::{ApplyRequest, DrainResponse, Event, StatusInfo, VersionInfo};
+use bramble_api::rest::{
+    ApplyRequest, DrainResponse, Event, SecretDeleteResponse, StatusInfo, VersionInfo,
+};
 use bramble_api::wire::ControllerMessage;
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -68,10 +70,37 @@ pub async fn apply(
     let answer = app
         .state
         .update("apply", Scope::Any, |snap| {
-            ops::apply(snap, &docs, req.dry_run, now)
+            ops::apply(snap, &docs, app.vault.as_ref(), req.dry_run, now)
         })
         .await?;
     json(answer)
+}
+
+/// Whether a request reads as the viewer does (anything but the admin token): env values
+/// redacted, and no logs or job output unless `--viewer-logs`.
+fn viewer(app: &App, headers: &HeaderMap) -> bool {
+    role(app, headers) != Some(Role::Admin)
+}
+
+/// `GET /v1/secrets`: names and keys, never values.
+pub async fn list_secrets(axum::extract::State(app): Shared) -> Answer {
+    json(views::secrets_list(&app.state.snapshot()))
+}
+
+/// `GET /v1/secrets/{name}`: names and keys, never values.
+pub async fn get_secret(axum::extract::State(app): Shared, Path(name): Path<String>) -> Answer {
+    json(views::secret(&app.state.snapshot(), &name)?)
+}
+
+/// `DELETE /v1/secrets/{name}`: refused while a workload references it.
+#[tracing::instrument(skip(app))]
+pub async fn delete_secret(axum::extract::State(app): Shared, Path(name): Path<String>) -> Answer {
+    app.state
+        .update("secret delete", Scope::Any, |snap| {
+            Ok((ops::delete_secret(snap, &name)?, ()))
+        })
+        .await?;
+    json(SecretDeleteResponse { name })
 }
 
 #[derive(Deserialize)]
@@ -79,25 +108,32 @@ pub struct KindQuery {
     kind: Option<String>,
 }
 
-/// `GET /v1/workloads`.
+/// `GET /v1/workloads`: env values redacted for the viewer token.
 pub async fn list_workloads(
     axum::extract::State(app): Shared,
+    headers: HeaderMap,
     Query(q): Query<KindQuery>,
 ) -> Answer {
     let kind = q.kind.as_deref().map(parse_kind).transpose()?;
-    json(views::workloads(&app.state.snapshot(), kind))
+    let mut ws = views::workloads(&app.state.snapshot(), kind);
+    if viewer(&app, &headers) {
+        ws = ws.into_iter().map(views::redact_workload).collect();
+    }
+    json(ws)
 }
 
-/// `GET /v1/workloads/{kind}/{name}`.
+/// `GET /v1/workloads/{kind}/{name}`: env values redacted for the viewer token.
 pub async fn get_workload(
     axum::extract::State(app): Shared,
+    headers: HeaderMap,
     Path((kind, name)): Path<(String, String)>,
 ) -> Answer {
-    json(views::workload(
-        &app.state.snapshot(),
-        parse_kind(&kind)?,
-        &name,
-    )?)
+    let w = views::workload(&app.state.snapshot(), parse_kind(&kind)?, &name)?;
+    json(if viewer(&app, &headers) {
+        views::redact_workload(w)
+    } else {
+        w
+    })
 }
 
 /// `DELETE /v1/workloads/{kind}/{name}`.
@@ -148,6 +184,21 @@ pub async fn list_nodes(axum::extract::State(app): Shared) -> Answer {
 /// `GET /v1/nodes/{name}`.
 pub async fn get_node(axum::extract::State(app): Shared, Path(name): Path<String>) -> Answer {
     node_view(&app, &name)
+}
+
+/// `DELETE /v1/nodes/{name}`: the node and its credential go (its name can be joined
+/// again); refused while its agent is connected or its Wallets may still run.
+#[tracing::instrument(skip(app))]
+pub async fn delete_node(axum::extract::State(app): Shared, Path(name): Path<String>) -> Answer {
+    let connected = app.state.live.connection(&name).is_some();
+    let fenced = app.state.live.wallets_fenced(&name);
+    app.state
+        .update("node deletion", Scope::Any, |snap| {
+            ops::delete_node(snap, &name, connected, fenced).map(|c| (c, ()))
+        })
+        .await?;
+    app.state.live.forget(&name);
+    json(serde_json::json!({"node": name, "deleted": true}))
 }
 
 async fn set_cordon(app: &App, name: &str, cordoned: bool) -> Answer {
@@ -361,19 +412,39 @@ pub struct TaskQuery {
 }
 
 /// `GET /v1/tasks`.
-pub async fn list_tasks(axum::extract::State(app): Shared, Query(q): Query<TaskQuery>) -> Answer {
+pub async fn list_tasks(
+    axum::extract::State(app): Shared,
+    headers: HeaderMap,
+    Query(q): Query<TaskQuery>,
+) -> Answer {
     let kind = q.kind.as_deref().map(parse_kind).transpose()?;
-    json(views::tasks(
+    let mut ts = views::tasks(
         &app.state.snapshot(),
         q.workload.as_deref(),
         q.node.as_deref(),
         kind,
-    ))
+    );
+    if viewer(&app, &headers) {
+        ts = ts
+            .into_iter()
+            .map(|t| views::redact_task(t, app.viewer_logs))
+            .collect();
+    }
+    json(ts)
 }
 
 /// `GET /v1/tasks/{id}`.
-pub async fn get_task(axum::extract::State(app): Shared, Path(id): Path<String>) -> Answer {
-    json(views::task(&app.state.snapshot(), &id)?)
+pub async fn get_task(
+    axum::extract::State(app): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Answer {
+    let t = views::task(&app.state.snapshot(), &id)?;
+    json(if viewer(&app, &headers) {
+        views::redact_task(t, app.viewer_logs)
+    } else {
+        t
+    })
 }
 
 #[derive(Deserialize)]
@@ -403,12 +474,18 @@ impl Drop for LogGuard {
 
 /// `GET /v1/tasks/{id}/logs`: a finished run's kept output, or the container's log
 /// streamed from its node.
-#[tracing::instrument(skip(app, q))]
+#[tracing::instrument(skip(app, q, headers))]
 pub async fn task_logs(
     axum::extract::State(app): Shared,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Answer {
+    if viewer(&app, &headers) && !app.viewer_logs {
+        return Err(ApiError::forbidden(
+            "task logs may hold secrets: the viewer token reads them only when the controller runs with --viewer-logs",
+        ));
+    }
     let task = views::task(&app.state.snapshot(), &id)?;
     // A finished run's output outlives its container and its node's link.
     if let Some(out) = &task.output {

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use bramble_api::backoff::{Backoff, Retry};
 use bramble_api::manifest::Name;
 use bramble_api::wire::{
@@ -27,10 +28,13 @@ use chrono::Utc;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
+use super::auth::{credential_hash, Role};
 use super::App;
-use crate::core::{ops, reconcile, Change};
+use crate::core::ops::Admission;
+use crate::core::{ops, reconcile, Change, DomainError};
 use crate::state::live::Connection;
 use crate::state::logs::LogEvent;
+use crate::state::vault::Vault;
 use crate::state::{Scope, State as ClusterState};
 
 /// How long a new connection may take to say Hello.
@@ -42,14 +46,23 @@ const REPORT_QUEUE: usize = 1024;
 /// How a report that cannot be written is retried.
 const REPORT_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
-/// Upgrades to the agent protocol.
+/// Upgrades to the agent protocol. The bearer is the join token (a first join) or the
+/// node's own credential: which node that is is settled here, before the upgrade.
 pub async fn agent(
     State(app): State<Arc<App>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let admission = match super::role(&app, &headers) {
+        Some(Role::Node) => match super::node_of(&app, &headers) {
+            Some(name) => Admission::Node(name),
+            None => return super::ApiError::unauthorized().into_response(),
+        },
+        _ => Admission::Join,
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| serve(socket, app, addr))
+        .on_upgrade(move |socket| serve(socket, app, addr, admission))
 }
 
 async fn send_error(socket: &mut WebSocket, code: &str, message: String) {
@@ -62,7 +75,10 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: String) {
     let _ = socket.close().await;
 }
 
-async fn hello(socket: &mut WebSocket) -> Result<(NodeInfo, Vec<TaskStatus>), (String, String)> {
+/// What a Hello says: the node, the tasks it has, the hash of its credential.
+type Hello = (NodeInfo, Vec<TaskStatus>, Option<String>);
+
+async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
         .await
         .map_err(|_| ("timeout".to_string(), "no hello within 10s".to_string()))?;
@@ -78,11 +94,16 @@ async fn hello(socket: &mut WebSocket) -> Result<(NodeInfo, Vec<TaskStatus>), (S
         None => return Err(("closed".into(), "closed before hello".into())),
     };
     match wire::decode::<AgentMessage>(text.as_str()) {
-        Ok(AgentMessage::Hello { node, tasks }) => {
+        Ok(AgentMessage::Hello {
+            node,
+            tasks,
+            credential,
+        }) => {
             if let Err(e) = node.name.parse::<Name>() {
                 return Err(("bad_node_name".into(), format!("node name: {e}")));
             }
-            Ok((node, tasks))
+            let hash = credential.map(|c| credential_hash(&c.0));
+            Ok((node, tasks, hash))
         }
         Ok(_) => Err((
             "bad_message".into(),
@@ -107,9 +128,9 @@ enum Report {
 }
 
 #[tracing::instrument(skip_all, fields(addr = %addr))]
-async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr) {
+async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr, admission: Admission) {
     let state = Arc::clone(&app.state);
-    let (node, tasks) = match hello(&mut socket).await {
+    let (node, tasks, credential) = match hello(&mut socket).await {
         Ok(h) => h,
         Err((code, msg)) => return send_error(&mut socket, &code, msg).await,
     };
@@ -130,16 +151,26 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr) {
     let now = Utc::now();
     let registering = state
         .update("node registration", Scope::Any, |snap| {
-            Ok((ops::register_node(snap, &node, now).unwrap_or_default(), ()))
+            let change = ops::register_node(snap, &node, credential.as_deref(), &admission, now)?;
+            Ok((change.unwrap_or_default(), ()))
         })
         .await;
-    if let Err(e) = registering {
-        return send_error(
-            &mut socket,
-            "internal",
-            format!("cannot register node: {}", super::error::chain(&e)),
-        )
-        .await;
+    match registering {
+        Ok(()) => {}
+        Err(crate::state::Error::Domain(DomainError::Conflict(msg))) => {
+            return send_error(&mut socket, "name_taken", msg).await
+        }
+        Err(crate::state::Error::Domain(e)) => {
+            return send_error(&mut socket, "refused", e.to_string()).await
+        }
+        Err(e) => {
+            return send_error(
+                &mut socket,
+                "internal",
+                format!("cannot register node: {}", super::error::chain(&e)),
+            )
+            .await
+        }
     }
     tracing::info!(node = %name, arch = %node.arch, cores = node.cores, memory = node.memory_bytes, "node registered");
     let health = *state.live.config();
@@ -185,7 +216,13 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr) {
     state.wake();
 
     let (sink, mut stream) = socket.split();
-    let mut writer = tokio::spawn(writer(Arc::clone(&state), name.clone(), sink, rx));
+    let mut writer = tokio::spawn(writer(
+        Arc::clone(&state),
+        Arc::clone(&app.vault),
+        name.clone(),
+        sink,
+        rx,
+    ));
 
     // A link that stays silent past the dead timeout is dead even if TCP has not
     // noticed (a partition sends no reset).
@@ -225,6 +262,7 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr) {
 /// Sends pings, the controller's requests and the node's task set when it changes.
 async fn writer(
     state: Arc<ClusterState>,
+    vault: Arc<Vault>,
     node: String,
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<ControllerMessage>,
@@ -238,7 +276,7 @@ async fn writer(
     loop {
         // The task set first, whenever the snapshot has changed (and at the start).
         let snap = world.borrow_and_update().clone();
-        let set = reconcile::assignments(&snap, &node);
+        let set = reconcile::assignments(&snap, &node, vault.as_ref());
         if sent.as_ref() != Some(&set) {
             let frame = wire::encode(&ControllerMessage::Assign {
                 revision: snap.revision,
@@ -471,14 +509,19 @@ mod tests {
         };
         let yaml =
             "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: web}\nspec: {image: a}\n";
-        let docs = bramble_api::parse::parse_manifests("w.yaml", yaml).expect("valid");
+        let docs = bramble_api::parse::parse_manifests("w.yaml", yaml)
+            .expect("valid")
+            .workloads;
         let w = crate::core::model::StoredWorkload::new(docs[0].manifest.clone(), Utc::now());
         let mut task = reconcile::new_task(&w, "web-abc-0".into(), 0, Utc::now());
         task.node = Some("pi1".into());
         task.phase = TaskPhase::Scheduled;
         state
             .update("setup", Scope::Any, |snap| {
-                let mut c = ops::register_node(snap, &info, Utc::now()).unwrap_or_default();
+                let mut c =
+                    ops::register_node(snap, &info, Some("h"), &Admission::Join, Utc::now())
+                        .expect("joins")
+                        .unwrap_or_default();
                 c.writes
                     .push(crate::core::snapshot::Write::task(task.clone(), 0));
                 Ok((c, ()))

@@ -10,6 +10,8 @@
 //! - [`hub`]: the `/v1/agent` WebSocket, one per node.
 //! - [`dashboard`]: the page, its assets and its live stream.
 //! - [`metrics`]: `/metrics` and request latency.
+//! - [`serve`]: HTTP over TLS, with bounds on handshakes, headers and connections.
+//! - [`tls`]: the cluster CA and this controller's certificate.
 
 pub mod auth;
 pub mod dashboard;
@@ -17,6 +19,8 @@ pub mod error;
 pub mod handlers;
 pub mod hub;
 pub mod metrics;
+pub mod serve;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -45,6 +49,10 @@ pub struct App {
     pub webhooks: Arc<Webhooks>,
     /// Request latency, for `/metrics`.
     pub latency: metrics::Latency,
+    /// Whether the viewer token may read task logs and job output.
+    pub viewer_logs: bool,
+    /// Opens Secret values for apply and for the nodes whose tasks reference them.
+    pub vault: Arc<crate::state::vault::Vault>,
 }
 
 /// The handlers' state.
@@ -57,6 +65,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/status", get(handlers::status))
         .route("/v1/apply", post(handlers::apply))
         .route("/v1/workloads", get(handlers::list_workloads))
+        .route("/v1/secrets", get(handlers::list_secrets))
+        .route(
+            "/v1/secrets/{name}",
+            get(handlers::get_secret).delete(handlers::delete_secret),
+        )
         .route(
             "/v1/workloads/{kind}/{name}",
             get(handlers::get_workload).delete(handlers::delete_workload),
@@ -66,7 +79,10 @@ pub fn router(app: Arc<App>) -> Router {
             post(handlers::restart),
         )
         .route("/v1/nodes", get(handlers::list_nodes))
-        .route("/v1/nodes/{name}", get(handlers::get_node))
+        .route(
+            "/v1/nodes/{name}",
+            get(handlers::get_node).delete(handlers::delete_node),
+        )
         .route("/v1/nodes/{name}/cordon", post(handlers::cordon))
         .route("/v1/nodes/{name}/uncordon", post(handlers::uncordon))
         .route("/v1/nodes/{name}/drain", post(handlers::drain))
@@ -101,9 +117,20 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Who a request is, by its token.
+/// Who a request is, by its token: one of the controller's tokens, or a node's own
+/// credential (known by its hash).
 pub fn role(app: &App, headers: &HeaderMap) -> Option<Role> {
-    bearer(headers).and_then(|t| app.tokens.role(t))
+    let token = bearer(headers)?;
+    app.tokens.role(token).or_else(|| {
+        let hash = auth::credential_hash(token);
+        crate::core::ops::node_of_credential(&app.state.snapshot(), &hash).map(|_| Role::Node)
+    })
+}
+
+/// The node a request's credential belongs to, if it is a node's credential.
+pub fn node_of(app: &App, headers: &HeaderMap) -> Option<String> {
+    let hash = auth::credential_hash(bearer(headers)?);
+    crate::core::ops::node_of_credential(&app.state.snapshot(), &hash).map(str::to_string)
 }
 
 /// The one check of every request: the admin token everywhere, the join token only on

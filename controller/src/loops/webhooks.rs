@@ -8,10 +8,12 @@
 //!
 //! ```yaml
 //! - name: ops                      # DNS-label style, unique
-//!   url: http://10.0.0.5:9000/hook # http:// only (this build has no TLS client)
+//!   url: https://10.0.0.5:9000/hook # https:// (or http:// on a trusted network)
 //!   events: [Warning, Missed]      # reasons or severities; empty = every Warning event;
 //!                                  # "*" = every event
 //!   secretFile: ops.secret         # optional; relative to the data directory
+//!   caFile: receiver-ca.pem        # optional: trust only this CA (PEM) for this
+//!                                  # receiver, instead of the system's CAs
 //! ```
 //!
 //! # Delivery
@@ -21,7 +23,9 @@
 //! with a secret, `X-Bramble-Signature: sha256=<hex HMAC-SHA256 of the body>` (verify it
 //! over the raw body bytes, in constant time). A receiver that answers 2xx has it; 408,
 //! 429, 5xx, a timeout (5 s) or no connection is retried after 1, 2, 4 and 8 s (five
-//! tries in all); any other answer is a permanent failure.
+//! tries in all); any other answer is a permanent failure. Redirects are not followed
+//! (a 3xx is a permanent failure): an event and its signature go to the configured
+//! receiver only.
 //!
 //! Every webhook has its own worker and a bounded queue ([`QUEUE`]): a slow or dead
 //! receiver delays only its own deliveries, never the controller or other webhooks.
@@ -104,6 +108,9 @@ pub struct Entry {
     /// File holding the signing secret.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// PEM file of the CA to trust for an https receiver (default: the system's CAs).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Delivery counters and the last failure.
@@ -126,6 +133,9 @@ pub struct Hook {
     /// Event filter.
     pub events: Vec<String>,
     secret: Option<Vec<u8>>,
+    /// PEM of the only CA trusted for this receiver.
+    ca: Option<Vec<u8>>,
+    client: OnceLock<reqwest::Client>,
     stats: Stats,
 }
 
@@ -137,8 +147,16 @@ impl Hook {
             url: url.to_string(),
             events,
             secret,
+            ca: None,
+            client: OnceLock::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Trusts only the CA in `pem` for this receiver.
+    pub fn with_ca(mut self, pem: Vec<u8>) -> Hook {
+        self.ca = Some(pem);
+        self
     }
 
     fn view(&self, redact: bool) -> WebhookView {
@@ -225,19 +243,33 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Vec<Hook>, ConfigEr
         if hooks.iter().any(|h| h.name == e.name) {
             return Err(invalid(&e.name, "name used twice".into()));
         }
-        if e.url.starts_with("https://") {
-            return Err(invalid(
-                &e.name,
-                "https:// is not supported: this build has no TLS client; use http:// on a trusted network or a local relay".into(),
-            ));
-        }
-        let host = e.url.strip_prefix("http://").unwrap_or("");
+        let host = e
+            .url
+            .strip_prefix("https://")
+            .or_else(|| e.url.strip_prefix("http://"))
+            .unwrap_or("");
         if host.is_empty() || host.starts_with('/') || host.contains(char::is_whitespace) {
             return Err(invalid(
                 &e.name,
-                format!("url {:?}: expected http://HOST[:PORT]/PATH", e.url),
+                format!("url {:?}: expected https://HOST[:PORT]/PATH", e.url),
             ));
         }
+        if e.url.starts_with("http://") {
+            tracing::warn!(webhook = %e.name, "webhook url is plain http://: events and signatures cross the network in clear");
+        }
+        let ca = match &e.ca_file {
+            None => None,
+            Some(f) => {
+                let p = base.join(f);
+                let pem = std::fs::read(&p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                bramble_tls::certificates(&pem)
+                    .map_err(|err| invalid(&e.name, format!("caFile {}: {err}", p.display())))?;
+                Some(pem)
+            }
+        };
         let secret = match &e.secret_file {
             None => None,
             Some(f) => {
@@ -259,7 +291,11 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Vec<Hook>, ConfigEr
         if secret.is_none() {
             tracing::warn!(webhook = %e.name, "webhook has no secretFile: deliveries are not signed");
         }
-        hooks.push(Hook::new(&e.name, &e.url, e.events, secret));
+        let mut hook = Hook::new(&e.name, &e.url, e.events, secret);
+        if let Some(pem) = ca {
+            hook = hook.with_ca(pem);
+        }
+        hooks.push(hook);
     }
     Ok(hooks)
 }
@@ -321,7 +357,6 @@ pub fn retryable(status: u16) -> bool {
 #[derive(Default)]
 pub struct Webhooks {
     hooks: OnceLock<Vec<Arc<Hook>>>,
-    client: OnceLock<reqwest::Client>,
     first_retry: OnceLock<Duration>,
 }
 
@@ -344,15 +379,27 @@ impl Webhooks {
         self.hooks.get().map_or(&[], Vec::as_slice)
     }
 
-    fn client(&self) -> &reqwest::Client {
-        self.client.get_or_init(|| {
+    /// The hook's HTTP client: no redirects, its own CA if it has one.
+    fn client<'a>(&self, hook: &'a Hook) -> &'a reqwest::Client {
+        hook.client.get_or_init(|| {
             crate::install_tls_provider();
-            reqwest::Client::builder()
+            let mut b = reqwest::Client::builder()
                 .timeout(TIMEOUT)
                 .connect_timeout(Duration::from_secs(3))
-                .user_agent(concat!("bramble-controller/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .unwrap_or_default()
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("bramble-controller/", env!("CARGO_PKG_VERSION")));
+            if let Some(pem) = &hook.ca {
+                match reqwest::Certificate::from_pem_bundle(pem) {
+                    Ok(certs) => b = b.tls_certs_only(certs),
+                    Err(e) => {
+                        tracing::error!(webhook = %hook.name, error = %e, "unusable caFile; deliveries will fail")
+                    }
+                }
+            }
+            b.build().unwrap_or_else(|e| {
+                tracing::error!(webhook = %hook.name, error = %e, "cannot build the webhook client");
+                reqwest::Client::new()
+            })
         })
     }
 
@@ -379,7 +426,7 @@ impl Webhooks {
     /// One try: the receiver's status, or why there was none.
     async fn post(&self, hook: &Hook, event: &Event, body: Vec<u8>) -> Result<u16, String> {
         let mut req = self
-            .client()
+            .client(hook)
             .post(&hook.url)
             .header("content-type", "application/json")
             .header("x-bramble-event", &event.reason)
@@ -644,8 +691,11 @@ mod tests {
                 "- name: a\n  url: http://h/\n- name: a\n  url: http://h/\n",
                 "twice",
             ),
-            ("- name: a\n  url: https://h/\n", "TLS"),
-            ("- name: a\n  url: ftp://h/\n", "expected http://"),
+            ("- name: a\n  url: ftp://h/\n", "expected https://"),
+            (
+                "- name: a\n  url: https://h/\n  caFile: missing.pem\n",
+                "reading",
+            ),
             (
                 "- name: a\n  url: http://h/\n  secretFile: missing\n",
                 "reading",

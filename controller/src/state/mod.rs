@@ -26,11 +26,13 @@
 //! - [`history`]: an hour of node metrics per node, in ring buffers.
 //! - [`logs`]: log streams from agents to HTTP clients.
 //! - [`leader`]: who may run the loops.
+//! - [`vault`]: the key Secrets are sealed with, kept 0600 in the data dir.
 
 pub mod history;
 pub mod leader;
 pub mod live;
 pub mod logs;
+pub mod vault;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,6 +164,7 @@ fn decode_item(kv: &KeyValue) -> Option<Item> {
         KeyKind::Firing => decode(kv).map(Item::Firing),
         KeyKind::CronState => decode(kv).map(Item::CronState),
         KeyKind::Events => decode(kv).map(Item::Events),
+        KeyKind::Secret => decode(kv).map(Item::Secret),
     };
     match item {
         Ok(i) => Some(i),
@@ -186,6 +189,7 @@ fn encode_item(key: &str, item: &Item) -> Result<Vec<u8>, Error> {
         Item::Firing(v) => enc(key, v),
         Item::CronState(v) => enc(key, v),
         Item::Events(v) => enc(key, v),
+        Item::Secret(v) => enc(key, v),
     }
 }
 

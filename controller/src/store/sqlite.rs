@@ -149,11 +149,18 @@ impl SqliteStore {
     /// WAL with `synchronous=NORMAL`: a commit is one append to the WAL and no fsync of
     /// the database, which spares the SD card; a power cut may lose the last commits but
     /// never corrupts the file, and the level-triggered loops redo lost work.
+    ///
+    /// The file is its owner's only (0600): it holds the cluster's secrets, sealed, and
+    /// its WAL and shared-memory files take the database file's mode.
     pub fn open(path: &Path) -> Result<SqliteStore> {
         let open_err = |source: rusqlite::Error| Error::Open {
             location: path.display().to_string(),
             source: boxed(source),
         };
+        private_files(path).map_err(|e| Error::Open {
+            location: path.display().to_string(),
+            source: boxed(e),
+        })?;
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         // The first statement that reads the file: a file that is not a database (or is
@@ -832,6 +839,35 @@ impl Store for SqliteStore {
     fn location(&self) -> String {
         self.inner.location()
     }
+}
+
+/// Creates the database file readable by its owner only, and tightens it and its WAL
+/// and shared-memory files if they exist (SQLite gives those the database's mode).
+fn private_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if !path.exists() {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        if let Ok(meta) = std::fs::metadata(&p) {
+            if meta.permissions().mode() & 0o777 != 0o600 {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Creates the schema in a new file, checks or migrates it in an existing one. Runs in
