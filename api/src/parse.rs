@@ -730,14 +730,23 @@ spec:
             "{}",
             e[0]
         );
-        // Same name, other kind: fine.
+        // Same name, other kind: an error too, since names are unique across kinds (they
+        // are the names containers reach workloads by, and make task ids).
         let c = Source {
             name: "c.yaml".into(),
             content: GOOD
                 .replace("kind: Service", "kind: Wallet")
                 .replace("  replicas: 2\n", ""),
         };
-        assert!(parse_sources(&[a, c]).is_ok());
+        let e = parse_sources(&[a, c]).expect_err("a name used by another kind");
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].file.as_str(), e[0].line), ("c.yaml", 4), "{}", e[0]);
+        assert!(
+            e[0].message
+                .contains("is already used by the Service at a.yaml:1; workload names are unique across kinds"),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]
