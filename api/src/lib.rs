@@ -20,6 +20,7 @@
 //! - [`task`]: tasks, their specs, phases and Docker labels.
 //! - [`wire`]: agent⇄controller messages.
 //! - [`health`]: node health details (disks, containers, Pi throttling) and their decoding.
+//! - [`host_path`]: the rules every `hostPath` volume follows on every node.
 //! - [`rest`]: REST request and response bodies.
 //! - `yaml` (private): YAML text as placed nodes and the serde deserializer over them that
 //!   [`parse`] uses, with nesting and size limits.
@@ -27,6 +28,7 @@
 pub mod backoff;
 pub mod duration;
 pub mod health;
+pub mod host_path;
 pub mod manifest;
 pub mod parse;
 pub mod quantity;
