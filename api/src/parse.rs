@@ -514,18 +514,11 @@ pub fn check(m: &Manifest) -> Vec<(String, String)> {
 }
 
 fn check_label(field: &str, k: &str, v: &str, bad: &mut impl FnMut(&str, String)) {
-    let key_ok = !k.is_empty()
-        && k.len() <= 63
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-    if !key_ok {
-        bad(
-            field,
-            format!("invalid label key {k:?}: use up to 63 letters, digits, '-', '_', '.', '/'"),
-        );
+    if let Err(e) = crate::manifest::check_label_key(k) {
+        bad(field, e);
     }
-    if v.len() > 253 || v.chars().any(|c| c.is_control() || c == ',' || c == '=') {
-        bad(field, format!("invalid label value {v:?}"));
+    if let Err(e) = crate::manifest::check_label_value(v) {
+        bad(field, e);
     }
 }
 
