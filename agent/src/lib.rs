@@ -4,6 +4,9 @@
 //! # Layout
 //! - [`discovery`]: finds the controller over mDNS when no URL is given.
 //! - [`host`]: the machine's identity, the node name, memory-limit support.
+//! - [`host_paths`]: which `hostPath` volumes this node lets containers mount (its own
+//!   allow list, on top of the universal rules), checked before any container or
+//!   directory is made.
 //! - [`link`]: the connection to the controller (hello, task sets, heartbeats, logs).
 //! - [`supervisor`]: converges containers onto the desired tasks; restarts with back-off.
 //!   A pure planner, an I/O shell generic over [`runtime::Engine`], and the fence
@@ -19,6 +22,7 @@ pub mod discovery;
 pub mod disk;
 pub mod fence;
 pub mod host;
+pub mod host_paths;
 pub mod link;
 pub mod metrics;
 pub mod probe;
@@ -43,6 +47,9 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// An allowed host path prefix is unusable.
+    #[error("host path rules")]
+    HostPaths(#[from] host_paths::BadPrefix),
     /// The data directory cannot be created.
     #[error("data directory {path}")]
     DataDir {
@@ -72,18 +79,39 @@ pub struct Config {
     /// Remove unused images when Docker's disk is more than this many percent used
     /// (see [`disk`]); 100 turns it off. [`disk::DEFAULT_THRESHOLD`] by default.
     pub image_gc_threshold: u8,
+    /// Prefixes under which `hostPath` volumes are allowed on this node (see
+    /// [`host_paths`]); empty means [`host_paths::DEFAULT_ALLOWED`] alone. System paths
+    /// stay refused whatever is allowed here.
+    pub allow_host_paths: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Checks the allowed host path prefixes. Returns the node's host path rules, with
+    /// the data dir and the Docker socket's directory (from `DOCKER_HOST`) reserved.
+    pub fn validate(&self) -> Result<host_paths::Policy, Error> {
+        let docker_host = std::env::var("DOCKER_HOST").ok();
+        let mut policy =
+            host_paths::Policy::new(self.allow_host_paths.clone())?.reserve(&self.data_dir);
+        // A container that mounts the engine's socket owns the node.
+        if let Some(dir) = host_paths::docker_socket_dir(docker_host.as_deref()) {
+            policy = policy.reserve(dir);
+        }
+        Ok(policy)
+    }
 }
 
 /// Runs the agent until `shutdown` completes. Containers keep running after it returns.
 /// Without a controller URL the link looks for the controller over mDNS.
+/// Bad configuration ([`Config::validate`]) is refused before anything is done.
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let host_paths = cfg.validate()?;
+    let url = cfg.controller.as_deref().map(link::agent_url).transpose()?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| Error::DataDir {
         path: cfg.data_dir.clone(),
         source,
     })?;
-    let url = cfg.controller.as_deref().map(link::agent_url).transpose()?;
-    link::run(cfg, url, shutdown).await
+    link::run(cfg, url, host_paths, shutdown).await
 }

@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::fence::{self, Contact, SharedContact};
+use crate::host_paths::Policy as HostPaths;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::supervisor::{Desired, Supervisor};
@@ -107,9 +108,13 @@ enum SessionError {
 pub async fn run(
     cfg: Config,
     url: Option<String>,
+    host_paths: HostPaths,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let runtime = Runtime::connect(&cfg.node_name).await?;
+    tracing::info!(host_paths = %host_paths, "host path rules");
+    let runtime = Runtime::connect(&cfg.node_name)
+        .await?
+        .with_host_paths(host_paths);
     let docker_version = runtime.version().await?;
     let metrics = Metrics::new();
     metrics.watch(&runtime, &cfg.data_dir);

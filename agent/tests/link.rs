@@ -109,6 +109,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
         labels: BTreeMap::new(),
         mdns_interfaces: vec![],
         image_gc_threshold: 100,
+        allow_host_paths: vec![],
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(bramble_agent::run(cfg, async {
@@ -247,6 +248,7 @@ async fn an_agent_that_never_reaches_the_controller_fences_its_wallets() {
         labels: BTreeMap::new(),
         mdns_interfaces: vec![],
         image_gc_threshold: 100,
+        allow_host_paths: vec![],
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();

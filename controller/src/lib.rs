@@ -224,6 +224,7 @@ impl Controller {
             labels: la.labels.clone(),
             mdns_interfaces: Vec::new(),
             image_gc_threshold: bramble_agent::disk::DEFAULT_THRESHOLD,
+            allow_host_paths: vec![bramble_agent::host_paths::DEFAULT_ALLOWED.into()],
         };
         Some(tokio::spawn(async move {
             let shutdown = async move {
