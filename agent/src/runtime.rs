@@ -355,6 +355,11 @@ pub struct Runtime {
     host_paths: Arc<host_paths::Policy>,
 }
 
+/// Docker's security option that keeps every process of a container from gaining
+/// privileges it did not start with (setuid and setgid binaries, file capabilities):
+/// a task running as an ordinary user stays one.
+pub const NO_NEW_PRIVILEGES: &str = "no-new-privileges";
+
 /// Log rotation for every container: the SD card must not fill up with logs.
 const LOG_MAX_SIZE: &str = "10m";
 const LOG_MAX_FILES: &str = "3";
@@ -1077,6 +1082,7 @@ fn container_config(a: &Assignment, node: &str) -> ContainerCreateBody {
         memory_swap: memory,
         port_bindings: (!bindings.is_empty()).then_some(bindings),
         mounts: (!mounts.is_empty()).then_some(mounts),
+        security_opt: Some(vec![NO_NEW_PRIVILEGES.to_string()]),
         restart_policy: Some(RestartPolicy {
             name: Some(RestartPolicyNameEnum::NO),
             maximum_retry_count: None,
@@ -1279,6 +1285,7 @@ mod tests {
                 ..Default::default()
             }])
         );
+        assert_eq!(h.security_opt, Some(vec!["no-new-privileges".to_string()]));
         assert_eq!(
             h.restart_policy.and_then(|p| p.name),
             Some(RestartPolicyNameEnum::NO)
@@ -1305,6 +1312,11 @@ mod tests {
         let h = c.host_config.expect("host config");
         assert_eq!((h.nano_cpus, h.memory, h.memory_swap), (None, None, None));
         assert_eq!((h.binds, h.mounts), (None, None));
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges".to_string()]),
+            "on every container"
+        );
     }
 
     #[test]

@@ -199,6 +199,7 @@ async fn creates_a_container_with_labels_env_limits_ports_and_mounts() {
     assert_eq!(m["Source"], host_dir.display().to_string());
     assert_eq!(m["Target"], "/data");
     assert_eq!(m["ReadOnly"], true);
+    assert_eq!(h["SecurityOpt"], serde_json::json!(["no-new-privileges"]));
 
     let listed = rt.list().await.expect("list");
     assert_eq!(listed.len(), 1);
@@ -212,6 +213,25 @@ async fn creates_a_container_with_labels_env_limits_ports_and_mounts() {
     assert_eq!(o.state, ContainerState::Running);
     assert!(o.started_at.is_some() && o.finished_at.is_none(), "{o:?}");
     assert_eq!(o.exit_code, None);
+}
+
+#[tokio::test]
+async fn every_container_runs_with_no_new_privileges() {
+    let (_, rt, _guard) = node().await;
+    let a = assignment("nnp-aaaaaa-0", Kind::Service, spec(&["sleep", "60"]));
+    let id = rt.create_and_start(&a).await.expect("created");
+    let j = docker_inspect(&id).expect("inspect");
+    assert_eq!(
+        j["HostConfig"]["SecurityOpt"],
+        serde_json::json!(["no-new-privileges"])
+    );
+    // And the kernel agrees: the container's process can never gain privileges (a
+    // setuid binary in its image runs with the caller's).
+    let pid = j["State"]["Pid"]
+        .as_u64()
+        .expect("a running container has a pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");
 }
 
 /// The ids of every container (of any node) labelled with `task`.
