@@ -50,6 +50,14 @@ pub enum Error {
     /// An allowed host path prefix is unusable.
     #[error("host path rules")]
     HostPaths(#[from] host_paths::BadPrefix),
+    /// A node label is invalid (it could never be matched by a node selector).
+    #[error("node label {key:?}: {reason}")]
+    Label {
+        /// The label's key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The data directory cannot be created.
     #[error("data directory {path}")]
     DataDir {
@@ -86,9 +94,26 @@ pub struct Config {
 }
 
 impl Config {
-    /// Checks the allowed host path prefixes. Returns the node's host path rules, with
-    /// the data dir and the Docker socket's directory (from `DOCKER_HOST`) reserved.
+    /// Checks what the agent would otherwise send the controller and have refused: at
+    /// most [`bramble_api::wire::MAX_NODE_LABELS`] labels, each one a node selector can
+    /// match; and the allowed host path prefixes. Returns the node's host path rules,
+    /// with the data dir and the Docker socket's directory (from `DOCKER_HOST`) reserved.
     pub fn validate(&self) -> Result<host_paths::Policy, Error> {
+        let max = bramble_api::wire::MAX_NODE_LABELS;
+        if self.labels.len() > max {
+            return Err(Error::Label {
+                key: self.labels.keys().nth(max).cloned().unwrap_or_default(),
+                reason: format!("{} labels, more than the limit of {max}", self.labels.len()),
+            });
+        }
+        for (k, v) in &self.labels {
+            let label = |reason| Error::Label {
+                key: k.clone(),
+                reason,
+            };
+            bramble_api::manifest::check_label_key(k).map_err(label)?;
+            bramble_api::manifest::check_label_value(v).map_err(label)?;
+        }
         let docker_host = std::env::var("DOCKER_HOST").ok();
         let mut policy =
             host_paths::Policy::new(self.allow_host_paths.clone())?.reserve(&self.data_dir);

@@ -19,7 +19,9 @@ fn agent(data_dir: &std::path::Path, args: &[&str]) -> Output {
 }
 
 #[test]
-fn bad_host_path_prefixes_are_refused_with_exit_64() {
+fn bad_host_path_prefixes_and_labels_are_refused_with_exit_64() {
+    let labels: Vec<String> = (0..65).map(|i| format!("--label=k{i}=v")).collect();
+    let long_value = format!("--label=disk={}", "x".repeat(254));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--allow-host-path", "/"],
@@ -46,6 +48,18 @@ fn bad_host_path_prefixes_are_refused_with_exit_64() {
         (
             vec!["--allow-host-path", "/srv/../etc"],
             "has a '..' segment",
+        ),
+        (
+            vec!["--label", "bad key=v"],
+            "node label \"bad key\": invalid label key",
+        ),
+        (
+            vec![long_value.as_str()],
+            "node label \"disk\": invalid label value",
+        ),
+        (
+            labels.iter().map(String::as_str).collect(),
+            "65 labels, more than the limit of 64",
         ),
     ];
     for (args, want) in cases {
