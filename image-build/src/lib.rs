@@ -43,7 +43,8 @@
 //!
 //! The input is never modified: it is copied (or decompressed, sparsely) to `OUT.partial`,
 //! which is edited and renamed to `OUT` only when everything worked; on any error the
-//! partial file is removed.
+//! partial file is removed. Both are mode 0600 (owner only) from their creation on,
+//! whatever the umask: the image holds the join token.
 //!
 //! # Layout
 //!
@@ -65,6 +66,7 @@ pub mod rootfs;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -275,6 +277,10 @@ fn wifi(ssid: &str, password_file: &Path, country: &str) -> Result<Wifi> {
     })
 }
 
+/// The mode of the image written (and of its partial file while it is written): it
+/// holds the join token and the Wi-Fi password, so only its owner may read it.
+pub const OUTPUT_MODE: u32 = 0o600;
+
 /// Removes the partial output unless the build got to the end.
 struct Partial {
     path: PathBuf,
@@ -312,11 +318,20 @@ pub fn build(opts: &Options) -> Result<Report> {
         path: partial_path.clone(),
         source,
     };
+    // The image holds the join token: owner-only from the first byte, whatever the
+    // umask. A leftover partial file (an interrupted build) is removed rather than
+    // reused, so its mode cannot carry over, and the file is made anew (`create_new`
+    // refuses to follow a link planted in its place).
+    match std::fs::remove_file(&partial_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(write_err(e)),
+    }
     let mut out = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .mode(OUTPUT_MODE)
         .open(&partial_path)
         .map_err(write_err)?;
 

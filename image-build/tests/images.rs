@@ -133,6 +133,7 @@ fn builds(flavor: Flavor, arm64: bool, xz: bool) {
     assert_ok(&o);
     assert_eq!(support::hash_file(&base), before, "the base image changed");
     assert!(!w.path("out.img.partial").exists());
+    assert_eq!(mode_of(&out), 0o600, "it holds the join token");
     let summary = text(&o.stdout);
     assert!(
         summary.contains(if arm64 { "(arm64)" } else { "(armhf)" }),
@@ -650,6 +651,71 @@ fn rejects_a_missing_agent_or_one_for_another_architecture() {
         "is for armhf, but the image's userland is arm64",
         &out,
     );
+}
+
+/// A file's permission bits.
+fn mode_of(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o7777
+}
+
+#[test]
+fn the_image_is_readable_by_its_owner_only_whatever_the_umask_and_leftovers() {
+    let w = Work::new();
+    let base = support::make_image(w.dir.path(), "base", &Spec::new(Flavor::Bookworm), false);
+    let out = w.path("out.img");
+    // An earlier image, world-readable, and an interrupted build's partial file, also
+    // world-readable: neither mode may carry over to the new image.
+    std::fs::write(&out, b"the previous image").expect("write");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let partial = w.path("out.img.partial");
+    std::fs::write(&partial, b"half an image").expect("write");
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+
+    // A umask that would let everyone read (and write) what is created.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_bramble-image"))
+        .arg("build")
+        .arg("--base")
+        .arg(&base)
+        .arg("--out")
+        .arg(&out)
+        .arg("--quiet")
+        .args(w.args(true))
+        .current_dir(w.dir.path())
+        .env_remove("BRAMBLE_CONTROLLER")
+        .env_remove("BRAMBLE_JOIN_TOKEN")
+        .output()
+        .expect("run bramble-image");
+    assert_ok(&o);
+    assert_eq!(mode_of(&out), 0o600, "{:o}", mode_of(&out));
+    assert!(!partial.exists());
+    let boot = support::read_boot(&out);
+    let env = text(boot.get("bramble/agent.env").expect("agent.env"));
+    assert!(env.contains(TOKEN), "the token is in there: hence the mode");
+}
+
+#[test]
+fn a_link_planted_as_the_partial_file_is_not_followed() {
+    let w = Work::new();
+    let base = support::make_image(w.dir.path(), "base", &Spec::new(Flavor::Bookworm), false);
+    let out = w.path("out.img");
+    // Someone who can write the output's directory points the partial file at a file
+    // of the operator's, hoping the build writes the image (and token) through it.
+    let victim = w.path("victim.txt");
+    std::fs::write(&victim, b"keep me").expect("write");
+    std::os::unix::fs::symlink(&victim, w.path("out.img.partial")).expect("symlink");
+
+    assert_ok(&w.build(&base, &out, &w.args(true)));
+    // (Not assert_eq: a failure would print a whole image.)
+    assert!(
+        std::fs::read(&victim).expect("read") == b"keep me",
+        "the image was written through the link"
+    );
+    assert_eq!(mode_of(&victim), mode_of(&w.path("id.pub")), "untouched");
+    assert_eq!(mode_of(&out), 0o600);
+    assert!(std::fs::symlink_metadata(&out).expect("out").is_file());
 }
 
 #[test]
