@@ -101,19 +101,22 @@ cargo build --locked --workspace --bins
 scripts/build-testimg.sh
 
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-api="http://127.0.0.1:$port"
-NO_COLOR=1 target/debug/bramble-controller --no-local-agent --no-mdns --listen "127.0.0.1:$port" \
-    --data-dir "$tmp/controller" --admin-token "$admin_token" --join-token "$join_token" \
-    >"$tmp/controller.log" 2>&1 &
+api="https://127.0.0.1:$port"
+# Tokens through the environment, as the README says: argv is readable by every user.
+NO_COLOR=1 BRAMBLE_ADMIN_TOKEN="$admin_token" BRAMBLE_JOIN_TOKEN="$join_token" \
+    target/debug/bramble-controller --no-local-agent --no-mdns --listen "127.0.0.1:$port" \
+    --data-dir "$tmp/controller" >"$tmp/controller.log" 2>&1 &
 controller_pid=$!
 
-get() { curl -fsS -H "Authorization: Bearer $admin_token" "$api$1"; }
+# The controller serves TLS with its own CA (DATA_DIR/ca.crt), which curl trusts here.
+get() { curl -fsS --cacert "$tmp/controller/ca.crt" -H "Authorization: Bearer $admin_token" "$api$1"; }
 wait_for 30 get /v1/version >/dev/null 2>&1 || die "the controller did not answer on $api within 30 s"
 
 step "aarch64 agent under qemu-aarch64"
+# The whole join token (with the CA's fingerprint the agent checks) from the data dir.
 NO_COLOR=1 BRAMBLE_LOG=info qemu-aarch64 -L /usr/aarch64-linux-gnu "$a64_agent" \
-    --controller "$api" --join-token "$join_token" --node-name "$node" --data-dir "$tmp/agent" \
-    >"$tmp/agent.log" 2>&1 &
+    --controller "$api" --join-token-file "$tmp/controller/join-token" --node-name "$node" \
+    --data-dir "$tmp/agent" >"$tmp/agent.log" 2>&1 &
 agent_pid=$!
 
 node_is_ready_arm64() {
@@ -133,7 +136,7 @@ apply_service() {
     local yaml body
     yaml="$(printf 'apiVersion: bramble/v1\nkind: Service\nmetadata:\n  name: %s\nspec:\n  image: bramble-testimg:latest\n  args: ["sleep", "1000"]\n  resources: {cpu: 10m, memory: 8Mi}\n  replicas: %d\n' "$workload" "$1")"
     body="$(jq -n --arg c "$yaml" '{sources: [{name: "arm-test.yaml", content: $c}]}')"
-    curl -fsS -H "Authorization: Bearer $admin_token" -H 'Content-Type: application/json' \
+    curl -fsS --cacert "$tmp/controller/ca.crt" -H "Authorization: Bearer $admin_token" -H 'Content-Type: application/json' \
         -d "$body" "$api/v1/apply" >"$tmp/apply.json" \
         || die "POST /v1/apply failed: $(cat "$tmp/apply.json" 2>/dev/null)"
 }

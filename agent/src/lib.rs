@@ -5,6 +5,9 @@
 //! - [`credential`]: this node's own credential, kept 0600 in the data dir.
 //! - [`discovery`]: finds the controller over mDNS when no URL is given.
 //! - [`host`]: the machine's identity, the node name, memory-limit support.
+//! - [`host_paths`]: which `hostPath` volumes this node lets containers mount (its own
+//!   allow list, on top of the universal rules), checked before any container or
+//!   directory is made.
 //! - [`link`]: the connection to the controller (hello, task sets, heartbeats, logs).
 //! - [`supervisor`]: converges containers onto the desired tasks; restarts with back-off.
 //!   A pure planner, an I/O shell generic over [`runtime::Engine`], and the fence
@@ -21,6 +24,7 @@ pub mod discovery;
 pub mod disk;
 pub mod fence;
 pub mod host;
+pub mod host_paths;
 pub mod link;
 pub mod metrics;
 pub mod probe;
@@ -57,6 +61,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An allowed host path prefix is unusable.
+    #[error("host path rules")]
+    HostPaths(#[from] host_paths::BadPrefix),
+    /// A node label is invalid (it could never be matched by a node selector).
+    #[error("node label {key:?}: {reason}")]
+    Label {
+        /// The label's key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The data directory cannot be created.
     #[error("data directory {path}")]
     DataDir {
@@ -86,20 +101,58 @@ pub struct Config {
     /// Remove unused images when Docker's disk is more than this many percent used
     /// (see [`disk`]); 100 turns it off. [`disk::DEFAULT_THRESHOLD`] by default.
     pub image_gc_threshold: u8,
+    /// Prefixes under which `hostPath` volumes are allowed on this node (see
+    /// [`host_paths`]); empty means [`host_paths::DEFAULT_ALLOWED`] alone. System paths
+    /// stay refused whatever is allowed here.
+    pub allow_host_paths: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Checks what the agent would otherwise send the controller and have refused: at
+    /// most [`bramble_api::wire::MAX_NODE_LABELS`] labels, each one a node selector can
+    /// match; and the allowed host path prefixes. Returns the node's host path rules,
+    /// with the data dir and the Docker socket's directory (from `DOCKER_HOST`) reserved.
+    pub fn validate(&self) -> Result<host_paths::Policy, Error> {
+        let max = bramble_api::wire::MAX_NODE_LABELS;
+        if self.labels.len() > max {
+            return Err(Error::Label {
+                key: self.labels.keys().nth(max).cloned().unwrap_or_default(),
+                reason: format!("{} labels, more than the limit of {max}", self.labels.len()),
+            });
+        }
+        for (k, v) in &self.labels {
+            let label = |reason| Error::Label {
+                key: k.clone(),
+                reason,
+            };
+            bramble_api::manifest::check_label_key(k).map_err(label)?;
+            bramble_api::manifest::check_label_value(v).map_err(label)?;
+        }
+        let docker_host = std::env::var("DOCKER_HOST").ok();
+        let mut policy =
+            host_paths::Policy::new(self.allow_host_paths.clone())?.reserve(&self.data_dir);
+        // A container that mounts the engine's socket owns the node.
+        if let Some(dir) = host_paths::docker_socket_dir(docker_host.as_deref()) {
+            policy = policy.reserve(dir);
+        }
+        Ok(policy)
+    }
 }
 
 /// Runs the agent until `shutdown` completes. Containers keep running after it returns.
 /// Without a controller URL the link looks for the controller over mDNS.
+/// Bad configuration ([`Config::validate`]) is refused before anything is done.
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let host_paths = cfg.validate()?;
     let token: bramble_api::token::JoinToken = cfg.join_token.parse()?;
+    let url = cfg.controller.as_deref().map(link::agent_url).transpose()?;
     credential::private_dir(&cfg.data_dir).map_err(|source| Error::DataDir {
         path: cfg.data_dir.clone(),
         source,
     })?;
     let credential = credential::load_or_create(&cfg.data_dir)?;
-    let url = cfg.controller.as_deref().map(link::agent_url).transpose()?;
-    link::run(cfg, token, credential, url, shutdown).await
+    link::run(cfg, token, credential, url, host_paths, shutdown).await
 }

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::fence::{self, Contact, SharedContact};
+use crate::host_paths::Policy as HostPaths;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::supervisor::{Desired, Supervisor};
@@ -133,9 +135,13 @@ pub async fn run(
     token: JoinToken,
     credential: String,
     url: Option<String>,
+    host_paths: HostPaths,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let runtime = Runtime::connect(&cfg.node_name).await?;
+    tracing::info!(host_paths = %host_paths, "host path rules");
+    let runtime = Runtime::connect(&cfg.node_name)
+        .await?
+        .with_host_paths(host_paths);
     let docker_version = runtime.version().await?;
     let metrics = Metrics::new();
     metrics.watch(&runtime, &cfg.data_dir);
@@ -379,13 +385,10 @@ async fn session(
         tasks,
         credential: Some(bramble_api::token::Secret(credential.to_string())),
     };
-    tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        sink.send(Message::text(wire::encode(&hello))),
-    )
-    .await
-    .map_err(|_| SessionError::Lost("the hello could not be sent".into()))?
-    .map_err(|e| SessionError::Lost(e.to_string()))?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.send(Message::text(frame(hello))))
+        .await
+        .map_err(|_| SessionError::Lost("the hello could not be sent".into()))?
+        .map_err(|e| SessionError::Lost(e.to_string()))?;
 
     let (heartbeat, session, fence) = loop {
         let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next())
@@ -507,12 +510,7 @@ async fn session(
                 continue;
             }
         };
-        match tokio::time::timeout(
-            send_timeout,
-            sink.send(Message::text(wire::encode(&outgoing))),
-        )
-        .await
-        {
+        match tokio::time::timeout(send_timeout, sink.send(Message::text(frame(outgoing)))).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => break Err(SessionError::Lost(e.to_string())),
             Err(_) => {
@@ -527,6 +525,39 @@ async fn session(
         h.abort();
     }
     result
+}
+
+/// A message as a frame, cut to the wire's limits first (see [`wire`]'s Limits): what
+/// this node measures or is told by Docker may be odd (a many-core machine, a long error
+/// text), and the controller refuses a message beyond a limit as a whole.
+fn frame(mut msg: AgentMessage) -> String {
+    // Said once loudly: a machine that needs it once (many cores) needs it every beat.
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if msg.cap() {
+        if WARNED.swap(true, Ordering::Relaxed) {
+            tracing::debug!(
+                kind = msg_kind(&msg),
+                "a message was cut to the wire's limits"
+            );
+        } else {
+            tracing::warn!(
+                kind = msg_kind(&msg),
+                "a message was cut to the wire's limits"
+            );
+        }
+    }
+    wire::encode(&msg)
+}
+
+fn msg_kind(msg: &AgentMessage) -> &'static str {
+    match msg {
+        AgentMessage::Hello { .. } => "hello",
+        AgentMessage::Heartbeat { .. } => "heartbeat",
+        AgentMessage::Status { .. } => "status",
+        AgentMessage::Removed { .. } => "removed",
+        AgentMessage::LogData { .. } => "logData",
+        AgentMessage::LogEnd { .. } => "logEnd",
+    }
 }
 
 /// Streams a task's container logs back to the controller.
@@ -629,6 +660,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn what_the_agent_sends_is_cut_to_the_limits_the_controller_checks() {
+        // A machine with more cores than a heartbeat may carry, and a long Docker error.
+        let beat = AgentMessage::Heartbeat {
+            metrics: wire::NodeMetrics {
+                cores_percent: Some(vec![1.5; 300]),
+                ..Default::default()
+            },
+        };
+        let status = AgentMessage::Status {
+            status: wire::TaskStatus {
+                task: "web-0123ab-0".into(),
+                phase: bramble_api::task::TaskPhase::Starting,
+                exit_code: None,
+                message: Some("cannot create container: ".repeat(1000)),
+                container_id: None,
+                restarts: 0,
+                ready: None,
+                started_at: None,
+                finished_at: None,
+                gave_up: false,
+                output: None,
+            },
+        };
+        for msg in [beat, status] {
+            assert!(msg.validate().is_err(), "over a limit before");
+            let text = frame(msg);
+            assert!(wire::decode_agent(&text).is_ok(), "{}", &text[..100]);
+        }
+        assert!(crate::host::MEMORY_LIMITS_WARNING.len() <= wire::MAX_WARNING_BYTES);
     }
 
     #[test]

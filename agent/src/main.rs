@@ -47,6 +47,17 @@ struct Args {
     /// Node label `key=value` (repeatable), matched by workloads' placement.nodeSelector.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Allow `hostPath` volumes under this directory (repeatable; the variable takes a
+    /// comma-separated list). System paths (/, /etc, /proc, /sys, /dev, /run, /var/run,
+    /// /boot, /root, /usr, /bin, /sbin, /lib, /var/lib/docker, ...), the data directory
+    /// and the Docker socket's directory stay refused whatever is allowed
+    /// [default: /var/lib/bramble/volumes].
+    #[arg(
+        long = "allow-host-path",
+        env = "BRAMBLE_ALLOW_HOST_PATH",
+        value_delimiter = ','
+    )]
+    allow_host_paths: Vec<PathBuf>,
     /// Remove images no container uses when Docker's disk is more than this many
     /// percent used (at most every 10 minutes); 100 turns it off.
     #[arg(long, env = "BRAMBLE_IMAGE_GC_THRESHOLD", default_value_t = bramble_agent::disk::DEFAULT_THRESHOLD,
@@ -112,12 +123,6 @@ fn main() -> ExitCode {
                 .join(".local/share/bramble-agent")
         }
     });
-    let node_name = bramble_agent::host::resolve_node_name(
-        args.node_name.as_deref(),
-        &data_dir,
-        &hostname(),
-        bramble_agent::host::machine_id().as_deref(),
-    );
     let join_token = match (args.join_token, &args.join_token_file) {
         (Some(t), _) => t,
         (None, Some(path)) => match std::fs::read_to_string(path) {
@@ -137,15 +142,29 @@ fn main() -> ExitCode {
         eprintln!("error: --join-token: {e}");
         return ExitCode::from(EX_USAGE);
     }
-    let cfg = bramble_agent::Config {
+    let mut cfg = bramble_agent::Config {
         controller: args.controller,
         mdns_interfaces: args.mdns_interfaces,
         join_token,
-        node_name,
+        // Resolved below, once the rest is known to be good: resolving may write the
+        // data dir, and a bad configuration must change nothing.
+        node_name: String::new(),
         data_dir,
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         image_gc_threshold: args.image_gc_threshold,
+        allow_host_paths: args.allow_host_paths,
     };
+    // Refused here, before anything starts, rather than by the controller later.
+    if let Err(e) = cfg.validate() {
+        eprintln!("error: {}", chain(&e));
+        return ExitCode::from(EX_USAGE);
+    }
+    cfg.node_name = bramble_agent::host::resolve_node_name(
+        args.node_name.as_deref(),
+        &cfg.data_dir,
+        &hostname(),
+        bramble_agent::host::machine_id().as_deref(),
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -174,15 +193,20 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error with its causes, `outer: inner`.
+fn chain(e: &bramble_agent::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }

@@ -18,13 +18,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EventMessage,
-    HostConfig, HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    HostConfig, HostConfigLogConfig, Mount, MountType, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
@@ -39,6 +41,8 @@ use bramble_api::wire::Assignment;
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use tracing::{debug, info, instrument, warn};
+
+use crate::host_paths;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -105,6 +109,15 @@ pub enum Error {
         secret: String,
         /// Its key.
         key: String,
+    },
+    /// A volume's host path is one this node refuses (see [`crate::host_paths`]).
+    #[error("cannot create a container for task {task}")]
+    HostPath {
+        /// The task.
+        task: String,
+        /// The volume and the rule it breaks.
+        #[source]
+        refused: host_paths::Refused,
     },
     /// A volume's host directory could not be created.
     #[error("cannot create host directory {path} for a volume")]
@@ -298,6 +311,10 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// The node whose containers this engine sees.
     fn node(&self) -> &str;
 
+    /// The host paths this node lets containers mount; [`Self::create_and_start`]
+    /// refuses a task that breaks them.
+    fn host_paths(&self) -> &host_paths::Policy;
+
     /// All of the node's task containers, running or not, sorted by task, then by
     /// creation time.
     fn list(&self) -> impl Future<Output = Result<Vec<Observed>>> + Send;
@@ -309,7 +326,8 @@ pub trait Engine: Clone + Send + Sync + 'static {
     fn ensure_image(&self, image: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// Creates and starts the container of an assigned task; returns its id. A failed
-    /// attempt leaves no container behind.
+    /// attempt leaves no container behind; a task whose volumes break
+    /// [`Self::host_paths`] is [`Error::HostPath`], with no directory made.
     fn create_and_start(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send;
 
     /// Starts an existing container (again).
@@ -344,7 +362,13 @@ pub trait Engine: Clone + Send + Sync + 'static {
 pub struct Runtime {
     docker: Docker,
     node: String,
+    host_paths: Arc<host_paths::Policy>,
 }
+
+/// Docker's security option that keeps every process of a container from gaining
+/// privileges it did not start with (setuid and setgid binaries, file capabilities):
+/// a task running as an ordinary user stays one.
+pub const NO_NEW_PRIVILEGES: &str = "no-new-privileges";
 
 /// Log rotation for every container: the SD card must not fill up with logs.
 const LOG_MAX_SIZE: &str = "10m";
@@ -358,6 +382,8 @@ const STOP_SLACK: Duration = Duration::from_secs(30);
 impl Runtime {
     /// Connects to the local engine (`DOCKER_HOST` or the default socket) and negotiates
     /// the API version, since bollard speaks a newer API than Debian's docker.io (1.41).
+    /// Host paths are allowed by the default [`host_paths::Policy`] until
+    /// [`Self::with_host_paths`] says otherwise.
     #[instrument]
     pub async fn connect(node: &str) -> Result<Runtime> {
         let docker = Docker::connect_with_local_defaults()
@@ -370,12 +396,34 @@ impl Runtime {
         Ok(Runtime {
             docker,
             node: node.to_string(),
+            host_paths: Arc::new(host_paths::Policy::default()),
         })
+    }
+
+    /// This runtime with `policy` deciding which host paths containers may mount.
+    pub fn with_host_paths(mut self, policy: host_paths::Policy) -> Runtime {
+        self.host_paths = Arc::new(policy);
+        self
     }
 
     /// The node this runtime acts for.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The host paths containers may mount on this node.
+    pub fn host_paths(&self) -> &host_paths::Policy {
+        &self.host_paths
+    }
+
+    /// Refuses a task whose volumes break this node's host path rules.
+    fn check_host_paths(&self, a: &Assignment) -> Result<()> {
+        self.host_paths
+            .check_volumes(&a.spec.volumes)
+            .map_err(|refused| Error::HostPath {
+                task: a.task.clone(),
+                refused,
+            })
     }
 
     /// The engine client, for read-only queries outside task supervision (node
@@ -500,6 +548,11 @@ impl Runtime {
     /// agent that crashed mid-create) is removed first, but only if it belongs to this
     /// node. If the start fails, the created
     /// container is removed again, so a failed attempt leaves nothing behind.
+    ///
+    /// A task with a volume this node refuses (see [`crate::host_paths`]) is
+    /// [`Error::HostPath`] before anything is pulled, made or created. The check runs
+    /// again after the pull, right before the directories are made: a pull may take
+    /// minutes, and a link planted meanwhile must not be followed.
     #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
     pub async fn create_and_start(&self, a: &Assignment) -> Result<String> {
         if let Some((var, r)) = a
@@ -513,7 +566,9 @@ impl Runtime {
                 key: r.key.clone(),
             });
         }
+        self.check_host_paths(a)?;
         self.ensure_image(&a.spec.image).await?;
+        self.check_host_paths(a)?;
         for v in &a.spec.volumes {
             tokio::fs::create_dir_all(&v.host_path)
                 .await
@@ -835,6 +890,10 @@ impl Engine for Runtime {
         Runtime::node(self)
     }
 
+    fn host_paths(&self) -> &host_paths::Policy {
+        Runtime::host_paths(self)
+    }
+
     fn list(&self) -> impl Future<Output = Result<Vec<Observed>>> + Send {
         Runtime::list(self)
     }
@@ -1024,12 +1083,18 @@ fn container_config(a: &Assignment, node: &str) -> ContainerCreateBody {
                 });
         }
     }
-    let binds: Vec<String> = spec
+    // Structured mounts, not `src:dst:opts` bind strings: a path is a field of its own,
+    // so no ':' in it can add options or another path. (The host path has passed this
+    // node's rules anyway; the container path has not, and needs no such rule.)
+    let mounts: Vec<Mount> = spec
         .volumes
         .iter()
-        .map(|v| {
-            let ro = if v.read_only { ":ro" } else { "" };
-            format!("{}:{}{ro}", v.host_path, v.path)
+        .map(|v| Mount {
+            typ: Some(MountType::BIND),
+            source: Some(v.host_path.clone()),
+            target: Some(v.path.clone()),
+            read_only: Some(v.read_only),
+            ..Default::default()
         })
         .collect();
     let memory = spec
@@ -1046,7 +1111,8 @@ fn container_config(a: &Assignment, node: &str) -> ContainerCreateBody {
         // grinding the node's SD card.
         memory_swap: memory,
         port_bindings: (!bindings.is_empty()).then_some(bindings),
-        binds: (!binds.is_empty()).then_some(binds),
+        mounts: (!mounts.is_empty()).then_some(mounts),
+        security_opt: Some(vec![NO_NEW_PRIVILEGES.to_string()]),
         restart_policy: Some(RestartPolicy {
             name: Some(RestartPolicyNameEnum::NO),
             maximum_retry_count: None,
@@ -1251,6 +1317,7 @@ mod tests {
         let rt = Runtime {
             docker,
             node: "pi-1".into(),
+            host_paths: Arc::new(host_paths::Policy::default()),
         };
         let e = rt.create_and_start(&a).await.expect_err("refused");
         assert!(matches!(e, Error::SecretMissing { .. }), "{e}");
@@ -1290,7 +1357,18 @@ mod tests {
                 host_port: Some("19332".into())
             }])
         );
-        assert_eq!(h.binds, Some(vec!["/var/lib/x:/data:ro".to_string()]));
+        assert_eq!(h.binds, None, "never the `src:dst:opts` text");
+        assert_eq!(
+            h.mounts,
+            Some(vec![Mount {
+                typ: Some(MountType::BIND),
+                source: Some("/var/lib/x".into()),
+                target: Some("/data".into()),
+                read_only: Some(true),
+                ..Default::default()
+            }])
+        );
+        assert_eq!(h.security_opt, Some(vec!["no-new-privileges".to_string()]));
         assert_eq!(
             h.restart_policy.and_then(|p| p.name),
             Some(RestartPolicyNameEnum::NO)
@@ -1316,6 +1394,26 @@ mod tests {
         assert_eq!(c.exposed_ports, None);
         let h = c.host_config.expect("host config");
         assert_eq!((h.nano_cpus, h.memory, h.memory_swap), (None, None, None));
+        assert_eq!((h.binds, h.mounts), (None, None));
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges".to_string()]),
+            "on every container"
+        );
+    }
+
+    #[test]
+    fn a_colon_in_a_mount_stays_inside_its_own_field() {
+        let mut a = assignment();
+        a.spec.volumes[0].path = "/data:rw,rshared".into();
+        let h = container_config(&a, "pi-1")
+            .host_config
+            .expect("host config");
+        let m = h.mounts.expect("mounts");
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].target.as_deref(), Some("/data:rw,rshared"));
+        assert_eq!(m[0].read_only, Some(true));
+        assert_eq!(m[0].bind_options, None, "no propagation option smuggled in");
         assert_eq!(h.binds, None);
     }
 

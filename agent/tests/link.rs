@@ -124,6 +124,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
         labels: BTreeMap::new(),
         mdns_interfaces: vec![],
         image_gc_threshold: 100,
+        allow_host_paths: vec![],
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(bramble_agent::run(cfg, async {
@@ -263,6 +264,7 @@ async fn an_agent_that_never_reaches_the_controller_fences_its_wallets() {
         labels: BTreeMap::new(),
         mdns_interfaces: vec![],
         image_gc_threshold: 100,
+        allow_host_paths: vec![],
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
@@ -291,4 +293,130 @@ async fn an_agent_that_never_reaches_the_controller_fences_its_wallets() {
         .expect("the agent stops")
         .expect("no panic")
         .expect("no error");
+}
+
+/// A controller (the real one compromised, or one the operator was tricked into
+/// pinning) asks the agent to mount the node's root, the Docker socket's directory and
+/// a path with bind options in it: the agent refuses each by its own rules, reports
+/// it Failed with the reason, and creates no container and no directory.
+#[tokio::test]
+async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
+    let node = unique_name("rogue");
+    let _guard = ContainerGuard::node(&node);
+    ensure_test_image().await.expect("test image");
+    let rt = Runtime::connect(&node).await.expect("docker");
+    let data = tempfile::tempdir().expect("temp dir");
+    let allowed = tempfile::tempdir().expect("allowed dir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (ca, tls) = bramble_tests::tls_identity().expect("a CA");
+    let cfg = bramble_agent::Config {
+        controller: Some(format!("https://{}", listener.local_addr().expect("addr"))),
+        join_token: token(&ca),
+        node_name: node.clone(),
+        data_dir: data.path().to_path_buf(),
+        labels: BTreeMap::new(),
+        mdns_interfaces: vec![],
+        image_gc_threshold: 100,
+        allow_host_paths: vec![allowed.path().to_path_buf()],
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(bramble_agent::run(cfg, async {
+        let _ = stopped.await;
+    }));
+    let (mut ws, _) = accept(&listener, &tls).await.expect("session");
+    send(
+        &mut ws,
+        &ControllerMessage::Welcome {
+            node: node.clone(),
+            heartbeat_ms: 200,
+            fence_ms: 5000,
+        },
+    )
+    .await
+    .expect("welcome");
+    let outside = std::env::temp_dir().join(unique_name("not-allowed"));
+    let evil: Vec<Assignment> = [
+        ("root", "/".to_string()),
+        ("sock", "/var/run".to_string()),
+        ("opts", format!("{}/x:/etc:rw", allowed.path().display())),
+        ("outside", outside.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(name, path)| {
+        let mut a = assignment(
+            &format!("{name}-aaaaaa-0"),
+            Kind::Service,
+            &["sleep", "600"],
+        );
+        a.spec.volumes = vec![bramble_api::manifest::Volume {
+            host_path: path.clone(),
+            path: "/host".into(),
+            read_only: false,
+        }];
+        a.spec_hash = a.spec.hash();
+        a
+    })
+    .collect();
+    // One allowed task alongside: the agent works, it only refuses.
+    let mut fine = assignment("fine-aaaaaa-0", Kind::Service, &["sleep", "600"]);
+    fine.spec.volumes = vec![bramble_api::manifest::Volume {
+        host_path: allowed.path().join("data").display().to_string(),
+        path: "/data".into(),
+        read_only: false,
+    }];
+    fine.spec_hash = fine.spec.hash();
+    let mut tasks = evil.clone();
+    tasks.push(fine.clone());
+    send(&mut ws, &ControllerMessage::Assign { revision: 1, tasks })
+        .await
+        .expect("assign");
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while failed.len() < evil.len() {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("every refusal reported in time");
+        if let Some(Ok(Message::Text(t))) = frame {
+            if let Ok(AgentMessage::Status { status }) = wire::decode::<AgentMessage>(t.as_str()) {
+                if status.phase == TaskPhase::Failed {
+                    failed.insert(status.task.clone(), status.message.unwrap_or_default());
+                }
+            }
+        }
+    }
+    for a in &evil {
+        let msg = &failed[&a.task];
+        assert!(
+            msg.contains("hostPath") || msg.contains("host path"),
+            "{}: {msg}",
+            a.task
+        );
+        assert_eq!(
+            running(&rt, &a.task).await.expect("list"),
+            None,
+            "{}",
+            a.task
+        );
+        assert!(
+            rt.list()
+                .await
+                .expect("list")
+                .iter()
+                .all(|o| o.task != a.task),
+            "no container at all for {}",
+            a.task
+        );
+    }
+    assert!(
+        !outside.exists(),
+        "no directory made outside the allowed prefix"
+    );
+    assert!(!allowed.path().join("x:").exists());
+    eventually(WAIT, "the allowed task to run", || async {
+        running(&rt, &fine.task).await
+    })
+    .await
+    .expect("the allowed task runs");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, agent).await;
 }

@@ -6,10 +6,13 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
+use bramble_agent::host_paths::Policy;
 use bramble_agent::runtime::{
     error_chain, ContainerState, Error, EventAction, Runtime, RuntimeEvent,
 };
@@ -125,11 +128,17 @@ async fn subscribe(rt: &Runtime) -> mpsc::UnboundedReceiver<RuntimeEvent> {
     rx
 }
 
+/// `rt` allowing host paths under `dir` only.
+fn allowing(rt: Runtime, dir: &Path) -> Runtime {
+    rt.with_host_paths(Policy::new(vec![dir.to_path_buf()]).expect("a valid prefix"))
+}
+
 #[tokio::test]
 async fn creates_a_container_with_labels_env_limits_ports_and_mounts() {
     let (node, rt, _guard) = node().await;
     let port = free_port();
     let dir = tempfile::tempdir().expect("temp dir");
+    let rt = allowing(rt, dir.path());
     let host_dir = dir.path().join("missing/yet");
     let mut s = spec(&["serve", "8080"]);
     s.env.insert("GREETING".into(), "hej".into());
@@ -183,8 +192,15 @@ async fn creates_a_container_with_labels_env_limits_ports_and_mounts() {
     );
     assert_eq!(
         h["Binds"],
-        serde_json::json!([format!("{}:/data:ro", host_dir.display())])
+        serde_json::Value::Null,
+        "no `src:dst:opts` text"
     );
+    let m = &h["Mounts"][0];
+    assert_eq!(m["Type"], "bind");
+    assert_eq!(m["Source"], host_dir.display().to_string());
+    assert_eq!(m["Target"], "/data");
+    assert_eq!(m["ReadOnly"], true);
+    assert_eq!(h["SecurityOpt"], serde_json::json!(["no-new-privileges"]));
 
     let listed = rt.list().await.expect("list");
     assert_eq!(listed.len(), 1);
@@ -198,6 +214,160 @@ async fn creates_a_container_with_labels_env_limits_ports_and_mounts() {
     assert_eq!(o.state, ContainerState::Running);
     assert!(o.started_at.is_some() && o.finished_at.is_none(), "{o:?}");
     assert_eq!(o.exit_code, None);
+}
+
+#[tokio::test]
+async fn every_container_runs_with_no_new_privileges() {
+    let (_, rt, _guard) = node().await;
+    let a = assignment("nnp-aaaaaa-0", Kind::Service, spec(&["sleep", "60"]));
+    let id = rt.create_and_start(&a).await.expect("created");
+    let j = docker_inspect(&id).expect("inspect");
+    assert_eq!(
+        j["HostConfig"]["SecurityOpt"],
+        serde_json::json!(["no-new-privileges"])
+    );
+    // And the kernel agrees: the container's process can never gain privileges (a
+    // setuid binary in its image runs with the caller's).
+    let pid = j["State"]["Pid"]
+        .as_u64()
+        .expect("a running container has a pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");
+}
+
+/// The ids of every container (of any node) labelled with `task`.
+fn containers_labelled(task: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "-q", "--filter"])
+        .arg(format!("label={}={task}", labels::TASK))
+        .output()
+        .expect("docker ps");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_agent_refuses_host_paths_outside_its_rules_and_makes_nothing() {
+    let (node, rt, _guard) = node().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = std::fs::canonicalize(dir.path()).expect("resolves");
+    let allowed = root.join("volumes");
+    let outside = root.join("outside");
+    std::fs::create_dir_all(&allowed).expect("mkdir");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    // Planted by a container that mounts part of the allowed directory: a way out.
+    std::os::unix::fs::symlink(&outside, allowed.join("escape")).expect("symlink");
+    let rt = allowing(rt, &allowed);
+    let shown = allowed.display().to_string();
+
+    // (task, hostPath, the refusal, a directory that must not appear)
+    let run_dir = PathBuf::from(format!("/var/run/{node}"));
+    let cases: Vec<(&str, String, String, Option<PathBuf>)> = vec![
+        ("root-aaaaaa-0", "/".into(), "a system path".into(), None),
+        (
+            "run-aaaaaa-0",
+            "/var/run".into(),
+            "a system path".into(),
+            None,
+        ),
+        (
+            "rundir-aaaaaa-0",
+            run_dir.display().to_string(),
+            "under the system path /var/run".into(),
+            Some(run_dir.clone()),
+        ),
+        (
+            "colon-aaaaaa-0",
+            format!("{shown}/x:/etc"),
+            "contains ':', which Docker's bind syntax would read as a separator".into(),
+            Some(allowed.join("x:")),
+        ),
+        (
+            "link-aaaaaa-0",
+            format!("{shown}/escape/made"),
+            format!(
+                "it resolves through a symbolic link to {}, which is not under an allowed prefix",
+                outside.join("made").display()
+            ),
+            Some(outside.join("made")),
+        ),
+        (
+            "out-aaaaaa-0",
+            outside.join("direct").display().to_string(),
+            "not under an allowed prefix".into(),
+            Some(outside.join("direct")),
+        ),
+    ];
+    let volume = |host_path: &str| Volume {
+        host_path: host_path.to_string(),
+        path: "/data".into(),
+        read_only: false,
+    };
+    let mut tasks: Vec<Assignment> = cases
+        .iter()
+        .map(|(task, host_path, _, _)| {
+            let mut s = spec(&["sleep", "600"]);
+            s.volumes.push(volume(host_path));
+            assignment(task, Kind::Service, s)
+        })
+        .collect();
+    // An allowed one beside them: the supervisor is at work, so what is absent for the
+    // others is refused, not merely late.
+    let mut good = spec(&["sleep", "600"]);
+    good.volumes.push(volume(&format!("{shown}/good")));
+    tasks.push(assignment("good-aaaaaa-0", Kind::Service, good));
+
+    let sup = Sup::spawn(&rt, &node);
+    sup.assign(&tasks);
+    sup.reaches("good-aaaaaa-0", TaskPhase::Running).await;
+    assert!(allowed.join("good").is_dir());
+    for (task, host_path, rule, _) in &cases {
+        let s = sup.reaches(task, TaskPhase::Failed).await;
+        let want = format!("hostPath {host_path:?} is refused: {rule}; allowed: {shown}");
+        assert_eq!(s.message.as_deref(), Some(want.as_str()), "{task}");
+        assert!(
+            s.gave_up,
+            "{task}: given up, so the controller places it elsewhere"
+        );
+        assert_eq!(s.container_id, None, "{task}");
+    }
+    sup.shutdown().await;
+
+    // Straight to the runtime, as a supervisor bug would: refused all the same.
+    for a in &tasks[..cases.len()] {
+        let err = rt.create_and_start(a).await.expect_err("refused");
+        assert!(matches!(err, Error::HostPath { .. }), "{}: {err:?}", a.task);
+    }
+    for (task, host_path, _, made) in &cases {
+        assert_eq!(containers_labelled(task), Vec::<String>::new(), "{task}");
+        if let Some(dir) = made {
+            assert!(
+                std::fs::symlink_metadata(dir).is_err(),
+                "{task}: {} was made for {host_path}",
+                dir.display()
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(&outside).expect("outside").count(),
+        0,
+        "nothing appeared outside the allowed prefix"
+    );
+    let listed: Vec<String> = rt
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.task)
+        .collect();
+    assert_eq!(listed, ["good-aaaaaa-0"]);
 }
 
 #[tokio::test]

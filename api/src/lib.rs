@@ -21,6 +21,7 @@
 //! - [`token`]: the join token, with the cluster CA's fingerprint.
 //! - [`wire`]: agent⇄controller messages.
 //! - [`health`]: node health details (disks, containers, Pi throttling) and their decoding.
+//! - [`host_path`]: the rules every `hostPath` volume follows on every node.
 //! - [`rest`]: REST request and response bodies.
 //! - `yaml` (private): YAML text as placed nodes and the serde deserializer over them that
 //!   [`parse`] uses, with nesting and size limits.
@@ -28,6 +29,7 @@
 pub mod backoff;
 pub mod duration;
 pub mod health;
+pub mod host_path;
 pub mod manifest;
 pub mod parse;
 pub mod quantity;

@@ -127,6 +127,39 @@ impl fmt::Display for Arch {
     }
 }
 
+/// The longest label key, in bytes (node labels and node selectors alike).
+pub const MAX_LABEL_KEY: usize = 63;
+
+/// The longest label value, in bytes.
+pub const MAX_LABEL_VALUE: usize = 253;
+
+/// Checks a label key (of `metadata.labels`, `placement.nodeSelector` or a node's
+/// `--label`): 1 to [`MAX_LABEL_KEY`] ASCII letters, digits, `-`, `_`, `.` and `/`.
+/// The error is the message for people.
+pub fn check_label_key(k: &str) -> Result<(), String> {
+    let ok = !k.is_empty()
+        && k.len() <= MAX_LABEL_KEY
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid label key {k:?}: use up to 63 letters, digits, '-', '_', '.', '/'"
+        ))
+    }
+}
+
+/// Checks a label value: at most [`MAX_LABEL_VALUE`] bytes, no control characters, no
+/// `,` and no `=` (which would break `key=value,key=value` lists).
+pub fn check_label_value(v: &str) -> Result<(), String> {
+    if v.len() > MAX_LABEL_VALUE || v.chars().any(|c| c.is_control() || c == ',' || c == '=') {
+        Err(format!("invalid label value {v:?}"))
+    } else {
+        Ok(())
+    }
+}
+
 /// A DNS-label style name: 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a
 /// letter and ending with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -518,14 +518,30 @@ pub fn check(m: &Manifest) -> Vec<(String, String)> {
         }
     }
     for (i, v) in s.volumes.iter().enumerate() {
-        if !is_clean_absolute(&v.host_path) {
-            bad(
+        match crate::host_path::check(&v.host_path) {
+            Ok(()) => {}
+            Err(r) if r.is_malformed() => bad(
                 &format!("spec.volumes[{i}].hostPath"),
                 format!(
                     "must be an absolute path without '..', got {:?}",
                     v.host_path
                 ),
-            );
+            ),
+            // The rules every node applies anyway: refused here, at apply, rather than
+            // as a task that fails on every node. Each node's own allow list is checked
+            // only by its agent.
+            Err(r) => {
+                let hint = match r {
+                    crate::host_path::Refusal::System { .. } => {
+                        "; no node lets a container mount it (agents allow /var/lib/bramble/volumes by default)"
+                    }
+                    _ => "",
+                };
+                bad(
+                    &format!("spec.volumes[{i}].hostPath"),
+                    format!("{:?} is refused: {r}{hint}", v.host_path),
+                )
+            }
         }
         if !is_clean_absolute(&v.path) {
             bad(
@@ -707,18 +723,11 @@ pub fn check(m: &Manifest) -> Vec<(String, String)> {
 }
 
 fn check_label(field: &str, k: &str, v: &str, bad: &mut impl FnMut(&str, String)) {
-    let key_ok = !k.is_empty()
-        && k.len() <= 63
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-    if !key_ok {
-        bad(
-            field,
-            format!("invalid label key {k:?}: use up to 63 letters, digits, '-', '_', '.', '/'"),
-        );
+    if let Err(e) = crate::manifest::check_label_key(k) {
+        bad(field, e);
     }
-    if v.len() > 253 || v.chars().any(|c| c.is_control() || c == ',' || c == '=') {
-        bad(field, format!("invalid label value {v:?}"));
+    if let Err(e) = crate::manifest::check_label_value(v) {
+        bad(field, e);
     }
 }
 
@@ -942,20 +951,20 @@ spec:
             "{}",
             e[0]
         );
-        // Same name, other kind: refused too (workload names are unique across kinds:
-        // they are the names containers reach workloads by).
+        // Same name, other kind: an error too, since names are unique across kinds (they
+        // are the names containers reach workloads by, and make task ids).
         let c = Source {
             name: "c.yaml".into(),
             content: GOOD
                 .replace("kind: Service", "kind: Wallet")
                 .replace("  replicas: 2\n", ""),
         };
-        let e = parse_sources(&[a, c]).expect_err("same name, other kind");
+        let e = parse_sources(&[a, c]).expect_err("a name used by another kind");
         assert_eq!(e.len(), 1);
+        assert_eq!((e[0].file.as_str(), e[0].line), ("c.yaml", 4), "{}", e[0]);
         assert!(
-            e[0].message.contains(
-                "already used by the Service at a.yaml:1; workload names are unique across kinds"
-            ),
+            e[0].message
+                .contains("is already used by the Service at a.yaml:1; workload names are unique across kinds"),
             "{}",
             e[0]
         );
@@ -999,6 +1008,64 @@ spec:
             "{GOOD}  volumes: [{{hostPath: /a/../etc, path: /data}}]\n"
         ));
         assert_eq!(e.field, "spec.volumes[0].hostPath");
+        assert_eq!(
+            e.message,
+            "must be an absolute path without '..', got \"/a/../etc\""
+        );
+    }
+
+    #[test]
+    fn host_paths_no_node_may_mount_are_refused_at_apply_with_their_place() {
+        // (hostPath as written in YAML, the message's end)
+        let cases = [
+            ("/", r#""/" is refused: a system path; no node lets"#),
+            ("/etc", r#""/etc" is refused: a system path;"#),
+            (
+                "/etc/bramble/stratum",
+                r#""/etc/bramble/stratum" is refused: under the system path /etc;"#,
+            ),
+            ("/proc/1/root", "under the system path /proc"),
+            ("/sys/kernel", "under the system path /sys"),
+            ("/dev/sda", "under the system path /dev"),
+            ("/run/docker.sock", "under the system path /run"),
+            ("/var/run", r#""/var/run" is refused: a system path"#),
+            ("/var/run/docker.sock", "under the system path /var/run"),
+            ("/boot", "a system path"),
+            ("/root/.ssh", "under the system path /root"),
+            ("/usr/bin", "under the system path /usr"),
+            ("/bin", "a system path"),
+            ("/sbin", "a system path"),
+            ("/lib/modules", "under the system path /lib"),
+            ("/var/lib/docker", "a system path"),
+            (
+                "'/var/lib/bramble/volumes/x:/etc'",
+                "contains ':', which Docker's bind syntax would read as a separator",
+            ),
+            ("'/srv/data:rw'", "contains ':'"),
+            ("/srv/./data", "not a clean path (no '.' segments, no '//')"),
+            ("//etc", "not a clean path"),
+            ("/srv//data", "not a clean path"),
+            ("\"/srv/data\\0\"", "contains a control character"),
+        ];
+        for (path, want) in cases {
+            let text = format!("{GOOD}  volumes:\n    - {{hostPath: {path}, path: /data}}\n");
+            let e = one(&text);
+            assert_eq!(e.field, "spec.volumes[0].hostPath", "{path}");
+            assert_eq!((e.line, e.column), (13, 8), "{path}: the key's place");
+            assert!(e.message.contains(want), "{path}: {}", e.message);
+        }
+        // Paths a node may allow pass the manifest check (the node's own list decides).
+        for path in [
+            "/var/lib/bramble/volumes/ltc",
+            "/var/lib/bramble/volumes/ltc/",
+            "/srv/pool",
+            "/etcetera",
+            "/var/runner",
+            "/home/pi/wallet",
+        ] {
+            let text = format!("{GOOD}  volumes:\n    - {{hostPath: {path}, path: /data}}\n");
+            assert!(parse_manifests("m.yaml", &text).is_ok(), "{path}");
+        }
     }
 
     #[test]

@@ -11,6 +11,16 @@
 //!
 //! Every frame carries the protocol version `v`; a peer refuses a version it does not
 //! speak with a clear error instead of guessing.
+//!
+//! # Limits
+//! A controller keeps what agents send (node info, the last heartbeats, task statuses),
+//! so an agent must not be able to make it hold much: a fake node's 2.7 MB heartbeat,
+//! every 250 ms, once took a controller from 11 MB to 373 MB. Every agent message has
+//! named limits ([`MAX_NODE_LABELS`], [`MAX_INFO_TEXT`], [`MAX_WARNINGS`],
+//! [`MAX_CORES`], [`MAX_CONTAINERS`], [`MAX_MESSAGE_BYTES`], ...): [`decode_agent`]
+//! refuses a message beyond them (a heartbeat frame beyond [`MAX_HEARTBEAT_FRAME_BYTES`]
+//! before it is even decoded), with an error that names the field and the limit, and
+//! the agent cuts what it measures to them before sending ([`AgentMessage::cap`]).
 
 use std::collections::BTreeMap;
 
@@ -18,8 +28,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::health::{ContainerUsage, DiskUsage};
-use crate::manifest::{Arch, Kind};
-use crate::task::{TaskPhase, TaskSpec};
+use crate::manifest::{Arch, Kind, Name};
+use crate::task::{TaskPhase, TaskSpec, MAX_OUTPUT_BYTES};
 use crate::token::Secret;
 
 /// The protocol version this release speaks.
@@ -27,6 +37,46 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The largest frame either side accepts.
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
+
+/// The largest heartbeat frame a controller accepts. A heartbeat within every limit
+/// below ([`MAX_CORES`] cores, [`MAX_CONTAINERS`] containers with the longest task ids)
+/// is under 100 KiB; heartbeats come every few hundred milliseconds, so a larger one is
+/// refused before it is decoded.
+pub const MAX_HEARTBEAT_FRAME_BYTES: usize = 128 << 10;
+
+/// The most labels a node may have.
+pub const MAX_NODE_LABELS: usize = 64;
+
+/// The longest node-describing text, in bytes: `os`, `dockerVersion`, `agentVersion`,
+/// `machineId`, and the paths of disk figures.
+pub const MAX_INFO_TEXT: usize = 256;
+
+/// The most warnings a node may report.
+pub const MAX_WARNINGS: usize = 16;
+
+/// The longest warning, in bytes.
+pub const MAX_WARNING_BYTES: usize = 512;
+
+/// The most CPU cores a heartbeat may report figures for.
+pub const MAX_CORES: usize = 256;
+
+/// The most containers a heartbeat may report usage for.
+pub const MAX_CONTAINERS: usize = 256;
+
+/// The longest task id, in bytes (ids are `NAME-HASH6-N`, far shorter).
+pub const MAX_TASK_ID: usize = 253;
+
+/// The longest container id, in bytes (Docker's are 64 hex digits).
+pub const MAX_CONTAINER_ID: usize = 128;
+
+/// The longest task status message or log-stream error, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 10;
+
+/// The most tasks a Hello may list.
+pub const MAX_HELLO_TASKS: usize = 1024;
+
+/// A node credential's bytes in a Hello (the agent makes 64 hex digits).
+pub const MAX_CREDENTIAL_BYTES: usize = 256;
 
 /// A frame that could not be understood.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +93,117 @@ pub enum WireError {
         /// The version the peer sent.
         got: u32,
     },
+    /// A message of a kind with a smaller limit than [`MAX_FRAME_BYTES`] (a heartbeat).
+    #[error("{kind} frame of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLargeFor {
+        /// The message type, e.g. `heartbeat`.
+        kind: &'static str,
+        /// The frame's length.
+        len: usize,
+        /// The limit for that type.
+        limit: usize,
+    },
+    /// A well-formed message with a field beyond its limits.
+    #[error("invalid message: {0}")]
+    Invalid(#[from] FieldError),
+}
+
+/// A field of an agent message that breaks its limit or rule. Its text names the field
+/// (as written on the wire) and the limit, never the (possibly huge) value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct FieldError {
+    /// The field's path, e.g. `metrics.coresPercent` or `tasks[3].message`.
+    pub field: String,
+    /// What is wrong, e.g. `300 entries, more than the limit of 256`.
+    pub problem: String,
+}
+
+fn field_error(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Refuses text longer than `max` bytes.
+fn text_within(field: &str, text: &str, max: usize) -> Result<(), FieldError> {
+    if text.len() > max {
+        return Err(field_error(
+            field,
+            format!("{} bytes, more than the limit of {max} bytes", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a list longer than `max`.
+fn count_within(field: &str, count: usize, max: usize, what: &str) -> Result<(), FieldError> {
+    if count > max {
+        return Err(field_error(
+            field,
+            format!("{count} {what}, more than the limit of {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses NaN and infinities (JSON cannot carry them back out).
+fn finite(field: &str, x: f32) -> Result<(), FieldError> {
+    if x.is_finite() {
+        Ok(())
+    } else {
+        Err(field_error(field, "not a finite number"))
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary. Whether it cut.
+pub fn truncate(text: &mut String, max: usize) -> bool {
+    if text.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    true
+}
+
+/// Keeps the last `max` bytes of `text`, from a character boundary (output: its end
+/// matters most). Whether it cut.
+fn keep_tail(text: &mut String, max: usize) -> bool {
+    if text.len() <= max {
+        return false;
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text.drain(..start);
+    true
+}
+
+fn cap_list<T>(list: &mut Vec<T>, max: usize) -> bool {
+    let cut = list.len() > max;
+    list.truncate(max);
+    cut
+}
+
+fn cap_float(x: &mut f32) -> bool {
+    let bad = !x.is_finite();
+    if bad {
+        *x = 0.0;
+    }
+    bad
+}
+
+fn cap_opt_float(x: &mut Option<f32>) -> bool {
+    let bad = x.is_some_and(|v| !v.is_finite());
+    if bad {
+        *x = None;
+    }
+    bad
 }
 
 /// A frame: the protocol version and one message.
@@ -85,6 +246,31 @@ pub fn decode<M: for<'de> Deserialize<'de>>(text: &str) -> Result<M, WireError> 
     }
     let frame: Frame<M> = serde_json::from_str(text).map_err(WireError::Malformed)?;
     Ok(frame.msg)
+}
+
+/// Decodes a frame from an agent and checks it against the limits (see the module's
+/// Limits): a heartbeat frame over [`MAX_HEARTBEAT_FRAME_BYTES`] is refused before it is
+/// decoded, any frame over [`MAX_FRAME_BYTES`] too, and a decoded message must pass
+/// [`AgentMessage::validate`]. What a controller calls on every agent frame.
+pub fn decode_agent(text: &str) -> Result<AgentMessage, WireError> {
+    if text.len() > MAX_HEARTBEAT_FRAME_BYTES && text.len() <= MAX_FRAME_BYTES {
+        // Only the type is read here: serde skips the other values without keeping them.
+        #[derive(Deserialize)]
+        struct Type {
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        if serde_json::from_str::<Type>(text).is_ok_and(|t| t.kind == "heartbeat") {
+            return Err(WireError::TooLargeFor {
+                kind: "heartbeat",
+                len: text.len(),
+                limit: MAX_HEARTBEAT_FRAME_BYTES,
+            });
+        }
+    }
+    let msg: AgentMessage = decode(text)?;
+    msg.validate()?;
+    Ok(msg)
 }
 
 /// What a node is, as its agent reports it when it connects.
@@ -235,6 +421,272 @@ pub struct TaskStatus {
     pub output: Option<String>,
 }
 
+impl NodeInfo {
+    /// Checks the node's description against the limits: a valid node name, at most
+    /// [`MAX_NODE_LABELS`] labels each valid as a node selector would need it, texts up
+    /// to [`MAX_INFO_TEXT`] bytes, at most [`MAX_WARNINGS`] warnings of up to
+    /// [`MAX_WARNING_BYTES`] bytes.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.validate_at("node")
+    }
+
+    fn validate_at(&self, at: &str) -> Result<(), FieldError> {
+        if self.name.parse::<Name>().is_err() {
+            return Err(field_error(
+                format!("{at}.name"),
+                "not a valid node name: use 1 to 63 lowercase letters, digits and '-', starting with a letter and ending with a letter or digit",
+            ));
+        }
+        count_within(
+            &format!("{at}.labels"),
+            self.labels.len(),
+            MAX_NODE_LABELS,
+            "labels",
+        )?;
+        for (i, (k, v)) in self.labels.iter().enumerate() {
+            // The key may be garbage: the field names its position, not its text.
+            let field = format!("{at}.labels[{i}]");
+            if crate::manifest::check_label_key(k).is_err() {
+                return Err(field_error(
+                    field,
+                    format!(
+                        "invalid key: use 1 to {} letters, digits, '-', '_', '.', '/'",
+                        crate::manifest::MAX_LABEL_KEY
+                    ),
+                ));
+            }
+            if crate::manifest::check_label_value(v).is_err() {
+                return Err(field_error(
+                    field,
+                    format!(
+                        "invalid value: at most {} bytes, no control characters, ',' or '='",
+                        crate::manifest::MAX_LABEL_VALUE
+                    ),
+                ));
+            }
+        }
+        for (name, text) in [
+            ("dockerVersion", &self.docker_version),
+            ("agentVersion", &self.agent_version),
+            ("os", &self.os),
+        ] {
+            text_within(&format!("{at}.{name}"), text, MAX_INFO_TEXT)?;
+        }
+        if let Some(id) = &self.machine_id {
+            text_within(&format!("{at}.machineId"), id, MAX_INFO_TEXT)?;
+        }
+        count_within(
+            &format!("{at}.warnings"),
+            self.warnings.len(),
+            MAX_WARNINGS,
+            "warnings",
+        )?;
+        for (i, w) in self.warnings.iter().enumerate() {
+            text_within(&format!("{at}.warnings[{i}]"), w, MAX_WARNING_BYTES)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts what the agent measured or was told by the machine (texts, warnings) to the
+    /// limits, so an odd machine still gets through. The name and labels come from the
+    /// agent's flags and are checked there instead. Whether anything was cut.
+    pub fn cap(&mut self) -> bool {
+        let mut cut = false;
+        for text in [
+            &mut self.docker_version,
+            &mut self.agent_version,
+            &mut self.os,
+        ] {
+            cut |= truncate(text, MAX_INFO_TEXT);
+        }
+        if let Some(id) = &mut self.machine_id {
+            cut |= truncate(id, MAX_INFO_TEXT);
+        }
+        cut |= cap_list(&mut self.warnings, MAX_WARNINGS);
+        for w in &mut self.warnings {
+            cut |= truncate(w, MAX_WARNING_BYTES);
+        }
+        cut
+    }
+}
+
+impl NodeMetrics {
+    /// Checks a heartbeat's figures against the limits: finite numbers, at most
+    /// [`MAX_CORES`] per-core figures and [`MAX_CONTAINERS`] containers (task ids up to
+    /// [`MAX_TASK_ID`] bytes), disk paths up to [`MAX_INFO_TEXT`] bytes.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.validate_at("metrics")
+    }
+
+    fn validate_at(&self, at: &str) -> Result<(), FieldError> {
+        finite(&format!("{at}.cpuPercent"), self.cpu_percent)?;
+        finite(&format!("{at}.load1"), self.load1)?;
+        for (name, x) in [
+            ("load5", self.load5),
+            ("load15", self.load15),
+            ("temperatureCelsius", self.temperature_celsius),
+        ] {
+            if let Some(x) = x {
+                finite(&format!("{at}.{name}"), x)?;
+            }
+        }
+        if let Some(cores) = &self.cores_percent {
+            let field = format!("{at}.coresPercent");
+            count_within(&field, cores.len(), MAX_CORES, "entries")?;
+            for (i, x) in cores.iter().enumerate() {
+                finite(&format!("{field}[{i}]"), *x)?;
+            }
+        }
+        for (name, disk) in [
+            ("dataDisk", &self.data_disk),
+            ("dockerDisk", &self.docker_disk),
+        ] {
+            if let Some(d) = disk {
+                text_within(&format!("{at}.{name}.path"), &d.path, MAX_INFO_TEXT)?;
+            }
+        }
+        if let Some(containers) = &self.containers {
+            let field = format!("{at}.containers");
+            count_within(&field, containers.len(), MAX_CONTAINERS, "entries")?;
+            for (i, c) in containers.iter().enumerate() {
+                text_within(&format!("{field}[{i}].task"), &c.task, MAX_TASK_ID)?;
+                if let Some(x) = c.cpu_percent {
+                    finite(&format!("{field}[{i}].cpuPercent"), x)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts a measurement to the limits: per-core figures and containers beyond the
+    /// first [`MAX_CORES`] and [`MAX_CONTAINERS`], containers with over-long task ids, and
+    /// figures that are not finite numbers (as unknown). Whether anything was cut.
+    pub fn cap(&mut self) -> bool {
+        let mut cut = cap_float(&mut self.cpu_percent) | cap_float(&mut self.load1);
+        for x in [
+            &mut self.load5,
+            &mut self.load15,
+            &mut self.temperature_celsius,
+        ] {
+            cut |= cap_opt_float(x);
+        }
+        if let Some(cores) = &mut self.cores_percent {
+            cut |= cap_list(cores, MAX_CORES);
+            for x in cores.iter_mut() {
+                cut |= cap_float(x);
+            }
+        }
+        for d in [&mut self.data_disk, &mut self.docker_disk]
+            .into_iter()
+            .flatten()
+        {
+            cut |= truncate(&mut d.path, MAX_INFO_TEXT);
+        }
+        if let Some(containers) = &mut self.containers {
+            let before = containers.len();
+            containers.retain(|c| c.task.len() <= MAX_TASK_ID);
+            cut |= containers.len() != before;
+            cut |= cap_list(containers, MAX_CONTAINERS);
+            for c in containers.iter_mut() {
+                cut |= cap_opt_float(&mut c.cpu_percent);
+            }
+        }
+        cut
+    }
+}
+
+impl TaskStatus {
+    /// Checks a task status against the limits: task id up to [`MAX_TASK_ID`] bytes,
+    /// container id up to [`MAX_CONTAINER_ID`], message up to [`MAX_MESSAGE_BYTES`],
+    /// output up to [`MAX_OUTPUT_BYTES`].
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.validate_at("status")
+    }
+
+    fn validate_at(&self, at: &str) -> Result<(), FieldError> {
+        text_within(&format!("{at}.task"), &self.task, MAX_TASK_ID)?;
+        if let Some(id) = &self.container_id {
+            text_within(&format!("{at}.containerId"), id, MAX_CONTAINER_ID)?;
+        }
+        if let Some(m) = &self.message {
+            text_within(&format!("{at}.message"), m, MAX_MESSAGE_BYTES)?;
+        }
+        if let Some(o) = &self.output {
+            text_within(&format!("{at}.output"), o, MAX_OUTPUT_BYTES)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the message to [`MAX_MESSAGE_BYTES`] (its start says what happened) and the
+    /// output to its last [`MAX_OUTPUT_BYTES`]. Ids are left alone: they cannot be cut
+    /// and still name the task. Whether anything was cut.
+    pub fn cap(&mut self) -> bool {
+        let mut cut = false;
+        if let Some(m) = &mut self.message {
+            cut |= truncate(m, MAX_MESSAGE_BYTES);
+        }
+        if let Some(o) = &mut self.output {
+            cut |= keep_tail(o, MAX_OUTPUT_BYTES);
+        }
+        cut
+    }
+}
+
+impl AgentMessage {
+    /// Checks the message against the limits (see the module's Limits); the error names
+    /// the field, e.g. `tasks[3].message` of a Hello.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        match self {
+            AgentMessage::Hello {
+                node,
+                tasks,
+                credential,
+            } => {
+                node.validate_at("node")?;
+                if let Some(c) = credential {
+                    // The controller keeps only its hash; a credential is a token's size.
+                    text_within("credential", &c.0, MAX_CREDENTIAL_BYTES)?;
+                }
+                count_within("tasks", tasks.len(), MAX_HELLO_TASKS, "tasks")?;
+                for (i, t) in tasks.iter().enumerate() {
+                    t.validate_at(&format!("tasks[{i}]"))?;
+                }
+                Ok(())
+            }
+            AgentMessage::Heartbeat { metrics } => metrics.validate_at("metrics"),
+            AgentMessage::Status { status } => status.validate_at("status"),
+            AgentMessage::Removed { task } => text_within("task", task, MAX_TASK_ID),
+            AgentMessage::LogData { .. } => Ok(()),
+            AgentMessage::LogEnd { error, .. } => match error {
+                Some(e) => text_within("error", e, MAX_MESSAGE_BYTES),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Cuts what can be cut to the limits (see [`NodeInfo::cap`], [`NodeMetrics::cap`],
+    /// [`TaskStatus::cap`]; a Hello's tasks beyond [`MAX_HELLO_TASKS`]; a log stream's
+    /// error). What an agent does to every message before sending it. Whether anything
+    /// was cut.
+    pub fn cap(&mut self) -> bool {
+        match self {
+            AgentMessage::Hello { node, tasks, .. } => {
+                let mut cut = node.cap() | cap_list(tasks, MAX_HELLO_TASKS);
+                for t in tasks.iter_mut() {
+                    cut |= t.cap();
+                }
+                cut
+            }
+            AgentMessage::Heartbeat { metrics } => metrics.cap(),
+            AgentMessage::Status { status } => status.cap(),
+            AgentMessage::Removed { .. } | AgentMessage::LogData { .. } => false,
+            AgentMessage::LogEnd { error, .. } => error
+                .as_mut()
+                .is_some_and(|e| truncate(e, MAX_MESSAGE_BYTES)),
+        }
+    }
+}
+
 fn default_fence_ms() -> u64 {
     2_000
 }
@@ -383,6 +835,454 @@ mod tests {
             (node.machine_id, node.memory_limits, node.warnings),
             (None, None, vec![])
         );
+    }
+
+    /// A Raspberry Pi 3 as its agent describes itself.
+    fn pi_hello() -> AgentMessage {
+        AgentMessage::Hello {
+            node: NodeInfo {
+                name: "pool-1a2b3c".into(),
+                arch: Arch::Arm64,
+                cores: 4,
+                memory_bytes: 948 << 20,
+                docker_version: "20.10.24+dfsg1".into(),
+                labels: [
+                    ("disk".to_string(), "ssd".to_string()),
+                    ("zone".into(), "shelf-2".into()),
+                ]
+                .into(),
+                agent_version: "0.1.0".into(),
+                os: "Debian GNU/Linux 12 (bookworm)".into(),
+                machine_id: Some("00000000a1b2c3d4".into()),
+                memory_limits: Some(false),
+                warnings: vec![format!(
+                    "memory limits are not enforced: {}",
+                    "x".repeat(300)
+                )],
+            },
+            tasks: vec![TaskStatus {
+                task: "payout-0123ab-0".into(),
+                phase: TaskPhase::Succeeded,
+                exit_code: Some(0),
+                message: None,
+                container_id: Some("f".repeat(64)),
+                restarts: 0,
+                ready: None,
+                started_at: None,
+                finished_at: None,
+                gave_up: false,
+                output: Some("paid 3 miners\n".repeat(4000)),
+            }],
+            credential: Some(Secret("c".repeat(64))),
+        }
+    }
+
+    /// A Pi 3's heartbeat with a handful of tasks.
+    fn pi_heartbeat() -> NodeMetrics {
+        NodeMetrics {
+            at: "2026-11-21T16:31:02Z".parse().expect("time"),
+            cpu_percent: 37.5,
+            memory_used_bytes: 412 << 20,
+            memory_total_bytes: 948 << 20,
+            load1: 1.25,
+            cores_percent: Some(vec![40.0, 35.0, 30.0, 45.0]),
+            memory_available_bytes: Some(500 << 20),
+            load5: Some(1.0),
+            load15: Some(0.8),
+            data_disk: Some(DiskUsage {
+                path: "/var/lib/bramble-agent".into(),
+                free_bytes: 20 << 30,
+                total_bytes: 29 << 30,
+            }),
+            docker_disk: None,
+            temperature_celsius: Some(61.2),
+            throttled: Some(0x50000),
+            containers: Some(
+                (0..10)
+                    .map(|i| ContainerUsage {
+                        task: format!("stratum-0123ab-{i}"),
+                        cpu_percent: Some(12.5),
+                        memory_bytes: Some(30 << 20),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn status(task: &str) -> TaskStatus {
+        let AgentMessage::Hello { mut tasks, .. } = pi_hello() else {
+            unreachable!("pi_hello is a hello")
+        };
+        let mut t = tasks.remove(0);
+        t.task = task.into();
+        t
+    }
+
+    #[test]
+    fn a_normal_pi_hello_heartbeat_and_status_pass_the_limits() {
+        for msg in [
+            pi_hello(),
+            AgentMessage::Heartbeat {
+                metrics: pi_heartbeat(),
+            },
+            AgentMessage::Status {
+                status: status("web-0123ab-1"),
+            },
+            AgentMessage::Removed {
+                task: "web-0123ab-1".into(),
+            },
+            AgentMessage::LogEnd {
+                request: 1,
+                error: Some("container gone".into()),
+            },
+        ] {
+            assert_eq!(msg.validate(), Ok(()), "{msg:?}");
+            let text = encode(&msg);
+            assert_eq!(decode_agent(&text).expect("accepted"), msg);
+            let mut capped = msg.clone();
+            assert!(!capped.cap(), "nothing to cut");
+            assert_eq!(capped, msg);
+        }
+    }
+
+    /// A message with one field changed, the field the error must name and a part of its
+    /// problem.
+    type Oversize = (&'static str, AgentMessage, &'static str, &'static str);
+
+    fn oversizes() -> Vec<Oversize> {
+        let hello = |f: &dyn Fn(&mut NodeInfo)| {
+            let mut m = pi_hello();
+            if let AgentMessage::Hello { node, .. } = &mut m {
+                f(node);
+            }
+            m
+        };
+        let beat = |f: &dyn Fn(&mut NodeMetrics)| {
+            let mut m = pi_heartbeat();
+            f(&mut m);
+            AgentMessage::Heartbeat { metrics: m }
+        };
+        let stat = |f: &dyn Fn(&mut TaskStatus)| {
+            let mut s = status("web-0123ab-1");
+            f(&mut s);
+            AgentMessage::Status { status: s }
+        };
+        let long = |n: usize| "x".repeat(n);
+        vec![
+            (
+                "node name",
+                hello(&|n| n.name = long(64)),
+                "node.name",
+                "not a valid node name",
+            ),
+            (
+                "bad node name",
+                hello(&|n| n.name = "Pi 1".into()),
+                "node.name",
+                "not a valid node name",
+            ),
+            (
+                "65 labels",
+                hello(&|n| n.labels = (0..65).map(|i| (format!("k{i}"), "v".into())).collect()),
+                "node.labels",
+                "65 labels, more than the limit of 64",
+            ),
+            (
+                "label key",
+                hello(&|n| {
+                    n.labels.insert(long(64), "v".into());
+                }),
+                "node.labels[1]",
+                "invalid key: use 1 to 63",
+            ),
+            (
+                "label value",
+                hello(&|n| {
+                    n.labels.insert("disk".into(), long(254));
+                }),
+                "node.labels[0]",
+                "invalid value: at most 253 bytes",
+            ),
+            (
+                "os",
+                hello(&|n| n.os = long(257)),
+                "node.os",
+                "257 bytes, more than the limit of 256 bytes",
+            ),
+            (
+                "docker version",
+                hello(&|n| n.docker_version = long(2_700_000)),
+                "node.dockerVersion",
+                "2700000 bytes, more than the limit of 256 bytes",
+            ),
+            (
+                "agent version",
+                hello(&|n| n.agent_version = long(257)),
+                "node.agentVersion",
+                "limit of 256 bytes",
+            ),
+            (
+                "machine id",
+                hello(&|n| n.machine_id = Some(long(257))),
+                "node.machineId",
+                "limit of 256 bytes",
+            ),
+            (
+                "17 warnings",
+                hello(&|n| n.warnings = vec!["w".into(); 17]),
+                "node.warnings",
+                "17 warnings, more than the limit of 16",
+            ),
+            (
+                "a long warning",
+                hello(&|n| n.warnings = vec!["w".into(), long(513)]),
+                "node.warnings[1]",
+                "513 bytes, more than the limit of 512 bytes",
+            ),
+            (
+                "hello tasks",
+                {
+                    let mut m = pi_hello();
+                    if let AgentMessage::Hello { tasks, .. } = &mut m {
+                        *tasks = vec![status("a-0123ab-0"); 1025];
+                    }
+                    m
+                },
+                "tasks",
+                "1025 tasks, more than the limit of 1024",
+            ),
+            (
+                "a hello task's message",
+                {
+                    let mut m = pi_hello();
+                    if let AgentMessage::Hello { tasks, .. } = &mut m {
+                        tasks[0].message = Some(long(4097));
+                    }
+                    m
+                },
+                "tasks[0].message",
+                "4097 bytes, more than the limit of 4096 bytes",
+            ),
+            (
+                "cores",
+                beat(&|m| m.cores_percent = Some(vec![1.0; 257])),
+                "metrics.coresPercent",
+                "257 entries, more than the limit of 256",
+            ),
+            (
+                "containers",
+                beat(&|m| {
+                    m.containers = Some(
+                        (0..257)
+                            .map(|i| ContainerUsage {
+                                task: format!("t-{i}"),
+                                cpu_percent: None,
+                                memory_bytes: None,
+                            })
+                            .collect(),
+                    )
+                }),
+                "metrics.containers",
+                "257 entries, more than the limit of 256",
+            ),
+            (
+                "a container's task id",
+                beat(&|m| {
+                    if let Some(cs) = &mut m.containers {
+                        cs[3].task = long(254);
+                    }
+                }),
+                "metrics.containers[3].task",
+                "254 bytes, more than the limit of 253 bytes",
+            ),
+            (
+                "disk path",
+                beat(&|m| {
+                    if let Some(d) = &mut m.data_disk {
+                        d.path = long(257);
+                    }
+                }),
+                "metrics.dataDisk.path",
+                "limit of 256 bytes",
+            ),
+            (
+                "infinite CPU",
+                beat(&|m| m.cpu_percent = f32::INFINITY),
+                "metrics.cpuPercent",
+                "not a finite number",
+            ),
+            (
+                "NaN core",
+                beat(&|m| m.cores_percent = Some(vec![1.0, f32::NAN])),
+                "metrics.coresPercent[1]",
+                "not a finite number",
+            ),
+            (
+                "status message",
+                stat(&|s| s.message = Some(long(4097))),
+                "status.message",
+                "4097 bytes, more than the limit of 4096 bytes",
+            ),
+            (
+                "status output",
+                stat(&|s| s.output = Some(long(MAX_OUTPUT_BYTES + 1))),
+                "status.output",
+                "65537 bytes, more than the limit of 65536 bytes",
+            ),
+            (
+                "status task id",
+                stat(&|s| s.task = long(254)),
+                "status.task",
+                "limit of 253 bytes",
+            ),
+            (
+                "container id",
+                stat(&|s| s.container_id = Some(long(129))),
+                "status.containerId",
+                "limit of 128 bytes",
+            ),
+            (
+                "removed task id",
+                AgentMessage::Removed { task: long(254) },
+                "task",
+                "limit of 253 bytes",
+            ),
+            (
+                "log stream error",
+                AgentMessage::LogEnd {
+                    request: 1,
+                    error: Some(long(4097)),
+                },
+                "error",
+                "limit of 4096 bytes",
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_field_beyond_its_limit_is_refused_with_its_name_and_limit() {
+        for (what, msg, field, problem) in oversizes() {
+            let e = msg.validate().expect_err(what);
+            assert_eq!(e.field, field, "{what}: {e}");
+            assert!(e.problem.contains(problem), "{what}: {e}");
+            assert!(
+                e.to_string().len() < 200,
+                "{what}: the value is never echoed"
+            );
+            // Through the controller's decoder too (NaN cannot be written in JSON).
+            let text = encode(&msg);
+            if text.len() <= MAX_FRAME_BYTES && !what.contains("NaN") && !what.contains("infinite")
+            {
+                match decode_agent(&text) {
+                    Err(WireError::Invalid(got)) => assert_eq!(got, e, "{what}"),
+                    Err(WireError::TooLargeFor { .. }) => {}
+                    other => panic!("{what}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn what_an_agent_caps_passes_the_limits() {
+        for (what, mut msg, _, _) in oversizes() {
+            msg.cap();
+            match msg.validate() {
+                Ok(()) => {}
+                // Names, labels and ids cannot be cut and still mean the same: the agent
+                // refuses bad names and labels at start instead.
+                Err(e) => assert!(
+                    [
+                        "node.name",
+                        "node.labels",
+                        "node.labels[1]",
+                        "node.labels[0]",
+                        "status.task",
+                        "status.containerId",
+                        "task"
+                    ]
+                    .contains(&e.field.as_str()),
+                    "{what}: {e}"
+                ),
+            }
+        }
+        let mut s = status("w-0123ab-0");
+        s.message = Some("é".repeat(3000));
+        s.output = Some(format!("{}end\n", "ö".repeat(40_000)));
+        assert!(s.cap());
+        let m = s.message.as_deref().unwrap_or_default();
+        assert!(
+            m.len() <= MAX_MESSAGE_BYTES && m.starts_with('é'),
+            "cut at a character"
+        );
+        let o = s.output.as_deref().unwrap_or_default();
+        assert!(
+            o.len() <= MAX_OUTPUT_BYTES && o.ends_with("end\n"),
+            "the end is kept"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_within_every_limit_fits_its_frame_and_a_bigger_frame_is_refused_unread() {
+        let widest = NodeMetrics {
+            cores_percent: Some(vec![100.0; MAX_CORES]),
+            containers: Some(
+                (0..MAX_CONTAINERS)
+                    .map(|_| ContainerUsage {
+                        task: "t".repeat(MAX_TASK_ID),
+                        cpu_percent: Some(-1.234_567_8e-30),
+                        memory_bytes: Some(u64::MAX),
+                    })
+                    .collect(),
+            ),
+            data_disk: Some(DiskUsage {
+                path: "p".repeat(MAX_INFO_TEXT),
+                free_bytes: u64::MAX,
+                total_bytes: u64::MAX,
+            }),
+            docker_disk: Some(DiskUsage {
+                path: "p".repeat(MAX_INFO_TEXT),
+                free_bytes: u64::MAX,
+                total_bytes: u64::MAX,
+            }),
+            ..pi_heartbeat()
+        };
+        let text = encode(&AgentMessage::Heartbeat { metrics: widest });
+        assert!(
+            text.len() < MAX_HEARTBEAT_FRAME_BYTES,
+            "{} bytes",
+            text.len()
+        );
+        assert!(decode_agent(&text).is_ok());
+
+        // The fake node's heartbeat: 2.7 MB of per-core figures.
+        let fat = NodeMetrics {
+            cores_percent: Some(vec![99.999_99; 300_000]),
+            ..pi_heartbeat()
+        };
+        let text = encode(&AgentMessage::Heartbeat { metrics: fat });
+        assert!(text.len() > 2_000_000 && text.len() < MAX_FRAME_BYTES);
+        assert!(matches!(
+            decode_agent(&text),
+            Err(WireError::TooLargeFor {
+                kind: "heartbeat",
+                limit: MAX_HEARTBEAT_FRAME_BYTES,
+                ..
+            })
+        ));
+        // A Hello of that size is fine: it carries finished runs' output.
+        let AgentMessage::Hello { node, .. } = pi_hello() else {
+            unreachable!()
+        };
+        let big = AgentMessage::Hello {
+            node,
+            tasks: (0..40)
+                .map(|i| status(&format!("job-0123ab-{i}")))
+                .collect(),
+            credential: None,
+        };
+        let text = encode(&big);
+        assert!(text.len() > MAX_HEARTBEAT_FRAME_BYTES);
+        assert!(decode_agent(&text).is_ok());
     }
 
     #[test]

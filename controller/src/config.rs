@@ -51,6 +51,9 @@ pub struct LocalAgent {
     pub node_name: String,
     /// Node labels.
     pub labels: BTreeMap<String, String>,
+    /// Where its tasks' `hostPath` volumes may be (the agent's `--allow-host-path`);
+    /// empty means [`bramble_agent::host_paths::DEFAULT_ALLOWED`].
+    pub allow_host_paths: Vec<std::path::PathBuf>,
 }
 
 /// A configuration that cannot work, said in terms of its flags.
@@ -99,6 +102,8 @@ impl Config {
             la.node_name
                 .parse::<bramble_api::manifest::Name>()
                 .map_err(|e| Invalid(format!("--node-name: {e}")))?;
+            bramble_agent::host_paths::Policy::new(la.allow_host_paths.clone())
+                .map_err(|e| Invalid(format!("--allow-host-path: {e}")))?;
         }
         Ok(())
     }
@@ -181,11 +186,24 @@ mod tests {
         c.local_agent = Some(LocalAgent {
             node_name: "Not A Name".into(),
             labels: BTreeMap::new(),
+            allow_host_paths: vec![],
         });
         assert!(c
             .validate()
             .expect_err("bad name")
             .0
             .starts_with("--node-name:"));
+    }
+
+    #[test]
+    fn refuses_a_host_path_prefix_the_local_agent_would_refuse() {
+        let mut c = config();
+        c.local_agent = Some(LocalAgent {
+            node_name: "pi".into(),
+            labels: BTreeMap::new(),
+            allow_host_paths: vec!["/etc/bramble".into()],
+        });
+        let e = c.validate().expect_err("a system path");
+        assert!(e.0.starts_with("--allow-host-path:"), "{e}");
     }
 }

@@ -271,6 +271,7 @@ impl Controller {
             labels: la.labels.clone(),
             mdns_interfaces: Vec::new(),
             image_gc_threshold: bramble_agent::disk::DEFAULT_THRESHOLD,
+            allow_host_paths: la.allow_host_paths.clone(),
         };
         Some(tokio::spawn(async move {
             let shutdown = async move {

@@ -51,6 +51,14 @@ struct Args {
     /// Label of the local agent's node, `key=value` (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Where the local agent lets `hostPath` volumes be: a directory prefix
+    /// (repeatable) [default: /var/lib/bramble/volumes].
+    #[arg(
+        long = "allow-host-path",
+        env = "BRAMBLE_ALLOW_HOST_PATH",
+        value_delimiter = ','
+    )]
+    allow_host_paths: Vec<std::path::PathBuf>,
     /// How often agents send heartbeats (and the controller pings them).
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     heartbeat: Duration,
@@ -136,6 +144,7 @@ fn config(args: Args) -> Result<Config, String> {
     let local_agent = (!args.no_local_agent).then(|| LocalAgent {
         node_name: args.node_name.unwrap_or_else(hostname),
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        allow_host_paths: args.allow_host_paths,
     });
     let cfg = Config {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),

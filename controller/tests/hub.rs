@@ -641,3 +641,73 @@ async fn a_secret_reaches_only_the_node_that_runs_its_task_and_no_get_returns_it
     );
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_hellos_and_heartbeats_are_refused_with_the_field_named() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let c = controller(data.path()).await;
+    // 1,000 labels: refused at the Hello, nothing registered.
+    let mut fat = node("pi-fat", "ffff");
+    for i in 0..1000 {
+        fat.labels.insert(format!("l{i}"), "x".repeat(60));
+    }
+    let (_ws, answer) = hello(&c, JOIN, fat, Some(CRED_A)).await;
+    let (code, message) = refusal(&answer);
+    assert_eq!(code, "bad_message");
+    assert!(
+        message.contains("node.labels") && message.contains("limit"),
+        "{message}"
+    );
+    assert!(!message.contains("xxxxxxxx"), "no value echoed: {message}");
+
+    // A joined node's 2.7 MB heartbeat: refused unread, the link stays up.
+    let (ws, answer) = hello(&c, JOIN, node("pi-a", "aaaa"), Some(CRED_A)).await;
+    assert!(
+        matches!(answer, ControllerMessage::Welcome { .. }),
+        "{answer:?}"
+    );
+    let mut a = fake(ws);
+    let huge = format!(
+        "{{\"v\":{},\"type\":\"heartbeat\",\"metrics\":{{\"warnings\":[\"{}\"]}}}}",
+        wire::PROTOCOL_VERSION,
+        "w".repeat(2_700_000)
+    );
+    a.send.send(Message::text(huge)).await.expect("sent");
+    let m = a
+        .expect("the refusal", |m| {
+            matches!(m, ControllerMessage::Error { .. })
+        })
+        .await;
+    let (code, message) = refusal(&m);
+    assert_eq!(code, "bad_message");
+    assert!(
+        message.contains("heartbeat frame of") && message.contains("limit"),
+        "{message}"
+    );
+    // Still connected: a normal heartbeat is taken.
+    a.say(AgentMessage::Heartbeat {
+        metrics: Default::default(),
+    })
+    .await;
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured((*c.tls).clone())
+        .build()
+        .expect("client");
+    let nodes = http
+        .get(format!("https://{}/v1/nodes", c.addr))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("nodes")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        nodes.contains("pi-a") && !nodes.contains("pi-fat"),
+        "{nodes}"
+    );
+    assert!(
+        !nodes.contains("wwwwwwww"),
+        "nothing of the refused heartbeat kept"
+    );
+}

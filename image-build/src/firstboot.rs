@@ -384,7 +384,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
-            controller: Some("http://10.0.0.2:7878".into()),
+            controller: Some("https://10.0.0.2:7878".into()),
             join_token: "tok-123".into(),
             hostname_prefix: "bramble".into(),
             labels: vec![

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! bramble-image build --base 2025-05-13-raspios-bookworm-arm64-lite.img.xz --out bramble.img \
-//!     --controller http://10.0.0.2:7878 --join-token "$(cat /var/lib/bramble/join-token)" \
+//!     --controller https://10.0.0.2:7878 --join-token-file ./join-token \
 //!     --hostname-prefix pool --ssh-key ~/.ssh/id_ed25519.pub \
 //!     --wifi-ssid PoolNet --wifi-password-file wifi.txt --wifi-country SE --label disk=ssd
 //! ```
@@ -43,7 +43,8 @@
 //!
 //! The input is never modified: it is copied (or decompressed, sparsely) to `OUT.partial`,
 //! which is edited and renamed to `OUT` only when everything worked; on any error the
-//! partial file is removed.
+//! partial file is removed. Both are mode 0600 (owner only) from their creation on,
+//! whatever the umask: the image holds the join token.
 //!
 //! # Layout
 //!
@@ -65,6 +66,7 @@ pub mod rootfs;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -126,18 +128,29 @@ impl Options {
     pub fn settings(&self) -> Result<Settings> {
         let usage = |m: String| Error::Usage(m);
         let token = &self.join_token;
-        if token.is_empty() || token.len() > 512 || !token.chars().all(is_plain) {
+        // The agent checks the controller against the CA in the token before it sends
+        // anything; an image with a token it would refuse must not be written.
+        if let Err(e) = token.parse::<bramble_api::token::JoinToken>() {
+            return Err(usage(format!("join token: {e}")));
+        }
+        if !token.chars().all(is_plain) {
             return Err(usage(
-                "--join-token must be 1 to 512 printable ASCII characters without spaces, quotes, '\\', '$' or '`'".into(),
+                "the join token must be printable ASCII without spaces, quotes, '\\', '$' or '`'"
+                    .into(),
             ));
         }
         if let Some(c) = &self.controller {
-            let scheme_ok = ["http://", "https://", "ws://", "wss://"]
+            if c.starts_with("http://") || c.starts_with("ws://") {
+                return Err(usage(format!(
+                    "--controller {c:?}: plain HTTP is refused, the controller serves TLS only; use https://"
+                )));
+            }
+            let scheme_ok = ["https://", "wss://"]
                 .iter()
                 .any(|s| c.starts_with(s) && c.len() > s.len());
             if !scheme_ok || !c.chars().all(is_plain) {
                 return Err(usage(format!(
-                    "--controller {c:?} is not a URL like http://10.0.0.2:7878"
+                    "--controller {c:?} is not a URL like https://10.0.0.2:7878"
                 )));
             }
         }
@@ -275,6 +288,10 @@ fn wifi(ssid: &str, password_file: &Path, country: &str) -> Result<Wifi> {
     })
 }
 
+/// The mode of the image written (and of its partial file while it is written): it
+/// holds the join token and the Wi-Fi password, so only its owner may read it.
+pub const OUTPUT_MODE: u32 = 0o600;
+
 /// Removes the partial output unless the build got to the end.
 struct Partial {
     path: PathBuf,
@@ -312,11 +329,20 @@ pub fn build(opts: &Options) -> Result<Report> {
         path: partial_path.clone(),
         source,
     };
+    // The image holds the join token: owner-only from the first byte, whatever the
+    // umask. A leftover partial file (an interrupted build) is removed rather than
+    // reused, so its mode cannot carry over, and the file is made anew (`create_new`
+    // refuses to follow a link planted in its place).
+    match std::fs::remove_file(&partial_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(write_err(e)),
+    }
     let mut out = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .mode(OUTPUT_MODE)
         .open(&partial_path)
         .map_err(write_err)?;
 
@@ -589,9 +615,12 @@ mod tests {
         }
     }
 
+    const TOKEN: &str =
+        "BRAMBLE1-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08-join.secret_XYZ0123";
+
     fn opts() -> Options {
         Options {
-            join_token: "abc".into(),
+            join_token: TOKEN.into(),
             hostname_prefix: "bramble".into(),
             wifi_country: "GB".into(),
             ..Options::default()
@@ -611,7 +640,21 @@ mod tests {
             (
                 "quote in token",
                 Options {
-                    join_token: "a\"b".into(),
+                    join_token: format!("{TOKEN}\""),
+                    ..opts()
+                },
+            ),
+            (
+                "token without the CA fingerprint",
+                Options {
+                    join_token: "K10f00d.join-token_XYZ".into(),
+                    ..opts()
+                },
+            ),
+            (
+                "plain http",
+                Options {
+                    controller: Some("http://10.0.0.2:7878".into()),
                     ..opts()
                 },
             ),
@@ -662,7 +705,7 @@ mod tests {
             assert!(matches!(o.settings(), Err(Error::Usage(_))), "{what}");
         }
         let ok = Options {
-            controller: Some("http://10.0.0.2:7878".into()),
+            controller: Some("https://10.0.0.2:7878".into()),
             labels: vec!["disk=ssd".into()],
             ..opts()
         };

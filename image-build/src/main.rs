@@ -31,12 +31,22 @@ struct BuildArgs {
     /// The image to write (`.img`); written as OUT.partial and renamed when complete.
     #[arg(long)]
     out: PathBuf,
-    /// Controller URL, e.g. http://10.0.0.2:7878 [default: found over mDNS on the Pi].
+    /// Controller URL, e.g. https://10.0.0.2:7878 [default: found over mDNS on the Pi].
     #[arg(long, env = "BRAMBLE_CONTROLLER")]
     controller: Option<String>,
-    /// The cluster's join token (the controller's data dir has it as join-token).
-    #[arg(long, env = "BRAMBLE_JOIN_TOKEN", hide_env_values = true)]
-    join_token: String,
+    /// File with the cluster's join token, `BRAMBLE1-…` (the controller's data dir has it
+    /// as join-token).
+    #[arg(
+        long,
+        env = "BRAMBLE_JOIN_TOKEN_FILE",
+        value_name = "FILE",
+        required_unless_present = "join_token",
+        conflicts_with = "join_token"
+    )]
+    join_token_file: Option<PathBuf>,
+    /// The join token itself, from the environment (a flag would show it in argv).
+    #[arg(long, env = "BRAMBLE_JOIN_TOKEN", hide_env_values = true, hide = true)]
+    join_token: Option<String>,
     /// The agent binary [default: target/<triple>/release/bramble-agent for the image's
     /// architecture, as scripts/cross-build.sh --release makes it].
     #[arg(long)]
@@ -80,13 +90,27 @@ fn main() -> ExitCode {
         }
     };
     let Command::Build(a) = cli.command;
+    let join_token = match (a.join_token, &a.join_token_file) {
+        (Some(t), _) => t,
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(t) => t.trim().to_string(),
+            Err(e) => {
+                eprintln!("error: --join-token-file {}: {e}", path.display());
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give the join token: --join-token-file FILE or BRAMBLE_JOIN_TOKEN");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
     remove_partial_on_signal(&a.out);
     let opts = bramble_image::Options {
         base: a.base,
         out: a.out.clone(),
         agent: a.agent,
         controller: a.controller,
-        join_token: a.join_token,
+        join_token,
         hostname_prefix: a.hostname_prefix,
         labels: a.labels,
         ssh_key: a.ssh_key,

@@ -13,8 +13,9 @@ use std::process::{Command, Output};
 use serde_yaml::Value;
 use support::{Flavor, Spec};
 
-const TOKEN: &str = "K10f00d.join-token_XYZ";
-const CONTROLLER: &str = "http://10.0.0.2:7878";
+const TOKEN: &str =
+    "BRAMBLE1-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08-join.secret_XYZ0123";
+const CONTROLLER: &str = "https://10.0.0.2:7878";
 const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBramble operator@laptop";
 const WIFI_SSID: &str = "Pool Net";
 const WIFI_PASSWORD: &str = "correct horse battery";
@@ -40,6 +41,7 @@ impl Work {
         std::fs::write(dir.path().join("id.pub"), format!("{SSH_KEY}\n")).expect("write key");
         std::fs::write(dir.path().join("wifi.txt"), format!("{WIFI_PASSWORD}\n"))
             .expect("write pw");
+        std::fs::write(dir.path().join("join-token"), format!("{TOKEN}\n")).expect("write token");
         Work {
             dir,
             agent64,
@@ -57,8 +59,8 @@ impl Work {
         [
             "--controller",
             CONTROLLER,
-            "--join-token",
-            TOKEN,
+            "--join-token-file",
+            "join-token",
             "--hostname-prefix",
             "pool",
             "--wifi-ssid",
@@ -133,6 +135,7 @@ fn builds(flavor: Flavor, arm64: bool, xz: bool) {
     assert_ok(&o);
     assert_eq!(support::hash_file(&base), before, "the base image changed");
     assert!(!w.path("out.img.partial").exists());
+    assert_eq!(mode_of(&out), 0o600, "it holds the join token");
     let summary = text(&o.stdout);
     assert!(
         summary.contains(if arm64 { "(arm64)" } else { "(armhf)" }),
@@ -540,7 +543,11 @@ fn finds_the_agent_in_the_target_directory_by_default() {
     };
     let base = support::make_image(w.dir.path(), "base", &spec, false);
     let out = w.path("out.img");
-    let o = w.build(&base, &out, &["--join-token".into(), TOKEN.into()]);
+    let o = w.build(
+        &base,
+        &out,
+        &["--join-token-file".into(), "join-token".into()],
+    );
     assert_ok(&o);
     assert_eq!(support::read_boot(&out)["bramble/bramble-agent"], w.agent32);
     // Without --controller the agent finds the controller over mDNS.
@@ -652,6 +659,72 @@ fn rejects_a_missing_agent_or_one_for_another_architecture() {
     );
 }
 
+/// A file's permission bits.
+fn mode_of(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o7777
+}
+
+#[test]
+fn the_image_is_readable_by_its_owner_only_whatever_the_umask_and_leftovers() {
+    let w = Work::new();
+    let base = support::make_image(w.dir.path(), "base", &Spec::new(Flavor::Bookworm), false);
+    let out = w.path("out.img");
+    // An earlier image, world-readable, and an interrupted build's partial file, also
+    // world-readable: neither mode may carry over to the new image.
+    std::fs::write(&out, b"the previous image").expect("write");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let partial = w.path("out.img.partial");
+    std::fs::write(&partial, b"half an image").expect("write");
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+
+    // A umask that would let everyone read (and write) what is created.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_bramble-image"))
+        .arg("build")
+        .arg("--base")
+        .arg(&base)
+        .arg("--out")
+        .arg(&out)
+        .arg("--quiet")
+        .args(w.args(true))
+        .current_dir(w.dir.path())
+        .env_remove("BRAMBLE_CONTROLLER")
+        .env_remove("BRAMBLE_JOIN_TOKEN")
+        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
+        .output()
+        .expect("run bramble-image");
+    assert_ok(&o);
+    assert_eq!(mode_of(&out), 0o600, "{:o}", mode_of(&out));
+    assert!(!partial.exists());
+    let boot = support::read_boot(&out);
+    let env = text(boot.get("bramble/agent.env").expect("agent.env"));
+    assert!(env.contains(TOKEN), "the token is in there: hence the mode");
+}
+
+#[test]
+fn a_link_planted_as_the_partial_file_is_not_followed() {
+    let w = Work::new();
+    let base = support::make_image(w.dir.path(), "base", &Spec::new(Flavor::Bookworm), false);
+    let out = w.path("out.img");
+    // Someone who can write the output's directory points the partial file at a file
+    // of the operator's, hoping the build writes the image (and token) through it.
+    let victim = w.path("victim.txt");
+    std::fs::write(&victim, b"keep me").expect("write");
+    std::os::unix::fs::symlink(&victim, w.path("out.img.partial")).expect("symlink");
+
+    assert_ok(&w.build(&base, &out, &w.args(true)));
+    // (Not assert_eq: a failure would print a whole image.)
+    assert!(
+        std::fs::read(&victim).expect("read") == b"keep me",
+        "the image was written through the link"
+    );
+    assert_eq!(mode_of(&victim), mode_of(&w.path("id.pub")), "untouched");
+    assert_eq!(mode_of(&out), 0o600);
+    assert!(std::fs::symlink_metadata(&out).expect("out").is_file());
+}
+
 #[test]
 fn a_failed_build_leaves_an_existing_output_alone() {
     let w = Work::new();
@@ -670,13 +743,28 @@ fn rejects_bad_flags_with_exit_code_64() {
     let w = Work::new();
     let base = support::make_image(w.dir.path(), "base", &Spec::new(Flavor::Bookworm), false);
     let out = w.path("out.img");
+    std::fs::write(w.path("old-token"), "K10f00d.join-token_XYZ\n").expect("write");
     for (flag, value, needle) in [
         ("--label", "no-equals", "expected key=value"),
         ("--hostname-prefix", "Pi", "--hostname-prefix"),
         ("--controller", "10.0.0.2", "is not a URL"),
+        (
+            "--controller",
+            "http://10.0.0.2:7878",
+            "plain HTTP is refused",
+        ),
+        (
+            "--join-token-file",
+            "old-token",
+            "does not start with BRAMBLE1-",
+        ),
+        ("--join-token-file", "missing-token", "--join-token-file"),
     ] {
         let agent = w.path("agent-arm64").display().to_string();
-        let args = ["--join-token", TOKEN, "--agent", &agent, flag, value].map(String::from);
+        let mut args = vec!["--agent".to_string(), agent, flag.into(), value.into()];
+        if flag != "--join-token-file" {
+            args.extend(["--join-token-file".to_string(), "join-token".to_string()]);
+        }
         let o = w.build(&base, &out, &args);
         assert_eq!(o.status.code(), Some(64), "{flag}: {}", text(&o.stderr));
         assert_fails(&o, needle, &out);

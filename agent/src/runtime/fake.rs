@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use futures_util::Stream;
 
 use super::{last_output, ContainerState, Engine, Error, Observed, Result, RuntimeEvent};
+use crate::host_paths;
 
 /// A call the fake engine received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +64,7 @@ struct State {
 pub(crate) struct Fake {
     node: String,
     state: Arc<Mutex<State>>,
+    host_paths: host_paths::Policy,
 }
 
 /// An engine's answer with an HTTP status, as bollard reports it.
@@ -104,7 +106,14 @@ impl Fake {
         Fake {
             node: node.to_string(),
             state: Arc::default(),
+            host_paths: host_paths::Policy::default(),
         }
+    }
+
+    /// This engine with `policy` deciding which host paths containers may mount.
+    pub(crate) fn with_host_paths(mut self, policy: host_paths::Policy) -> Fake {
+        self.host_paths = policy;
+        self
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -243,6 +252,13 @@ impl Fake {
     }
 
     fn create(&self, a: &Assignment) -> Result<String> {
+        // As the runtime does: before anything is pulled or made.
+        self.host_paths
+            .check_volumes(&a.spec.volumes)
+            .map_err(|refused| Error::HostPath {
+                task: a.task.clone(),
+                refused,
+            })?;
         self.pull(&a.spec.image)?;
         let mut s = self.state();
         s.calls.push(Call::Create(a.task.clone()));
@@ -296,6 +312,10 @@ impl Fake {
 impl Engine for Fake {
     fn node(&self) -> &str {
         &self.node
+    }
+
+    fn host_paths(&self) -> &host_paths::Policy {
+        &self.host_paths
     }
 
     fn list(&self) -> impl Future<Output = Result<Vec<Observed>>> + Send {

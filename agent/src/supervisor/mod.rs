@@ -33,6 +33,17 @@
 //!   `maxFailures` failures within `window` the supervisor gives the task up: it stops
 //!   restarting it and reports it Failed with `gave_up` set and the message "gave up
 //!   after N failures in WINDOW: cause", so the controller places it elsewhere. Giving up sticks until the spec changes.
+//! - A task with a volume whose host path this node refuses (see [`crate::host_paths`])
+//!   is never created, started or restarted here, and no directory is made for it: it is
+//!   reported Failed with `gave_up` set and the refusal as its message (`hostPath "/" is
+//!   refused: a system path; allowed: /var/lib/bramble/volumes`). Given up, because it
+//!   can never start on this node while the node's rules stand, and another node's
+//!   rules may allow it: the controller moves it there (a Job's or CronJob's run fails,
+//!   and its retries decide), and comes back here only after its give-up back-off. The
+//!   refusal is checked afresh every round, not remembered. A container already running
+//!   it (adopted after the agent restarted with narrower rules) is left running, as
+//!   adoption never kills; once it exits it is not restarted. An outdated one is
+//!   removed, and not replaced.
 //! - Phase Failed is only reported when the node is done with the task (gave up, or the
 //!   policy says no restart). A crashed task awaiting its restart is reported Starting,
 //!   with the exit code and a message, so the controller does not move it too early.

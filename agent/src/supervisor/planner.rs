@@ -135,6 +135,9 @@ struct Record {
     liveness_failed: Option<(Run, String)>,
     /// The readiness probe's last verdict about a run.
     ready: Option<(Run, bool)>,
+    /// Why this node refuses to start the task (its volumes break the node's host path
+    /// rules), as the shell found it before this plan; None when it may start.
+    refused: Option<String>,
 }
 
 impl RestartTracker {
@@ -239,6 +242,26 @@ impl RestartTracker {
                 rec.liveness_failed = Some((report.run.clone(), message.clone()));
             }
             Verdict::Ready(ready) => rec.ready = Some((report.run.clone(), *ready)),
+        }
+    }
+
+    /// Marks `task` as one this node refuses to start, and why (see `Rules` in the
+    /// module doc of [`super`]), or clears that with None. Not sticky: the shell sets it
+    /// before every plan from the node's rules and file system as they are then. Whether
+    /// it changed.
+    pub fn refuse(&mut self, task: &str, why: Option<String>) -> bool {
+        match why {
+            Some(why) => {
+                let rec = self.tasks.entry(task.to_string()).or_default();
+                let changed = rec.refused.as_deref() != Some(why.as_str());
+                rec.refused = Some(why);
+                changed
+            }
+            None => self
+                .tasks
+                .get_mut(task)
+                .and_then(|r| r.refused.take())
+                .is_some(),
         }
     }
 
@@ -499,12 +522,19 @@ fn plan_task(
         status.started_at = None;
         status.restarts = 0;
         status.ready = readiness(a, None, None);
-        actions.push(Action::Report { status });
-        actions.push(Action::Remove {
+        // The old container goes either way: it runs a spec that is no longer wanted.
+        let remove = Action::Remove {
             id: c.id.clone(),
             task: a.task.clone(),
             reason: RemoveReason::Outdated,
-        });
+        };
+        if let Some(why) = rec.and_then(|r| r.refused.as_deref()) {
+            refuse(status, why, actions);
+            actions.push(remove);
+            return;
+        }
+        actions.push(Action::Report { status });
+        actions.push(remove);
         actions.push(Action::Create {
             assignment: Box::new(a.clone()),
         });
@@ -587,6 +617,10 @@ fn attempt(
     actions: &mut Vec<Action>,
 ) {
     if let Some(r) = rec {
+        if let Some(why) = &r.refused {
+            refuse(status, why, actions);
+            return;
+        }
         if let Some(msg) = &r.gave_up {
             status.phase = TaskPhase::Failed;
             status.message = Some(msg.clone());
@@ -676,6 +710,11 @@ fn plan_exited(
         return;
     }
 
+    if let Some(why) = rec.and_then(|r| r.refused.as_deref()) {
+        refuse(status, &format!("{cause}; not restarted: {why}"), actions);
+        return;
+    }
+
     // A failure to restart from. It may already be in the history, if a restart of it
     // was attempted and failed.
     let failed_at = c.finished_at.unwrap_or(DateTime::UNIX_EPOCH);
@@ -725,6 +764,16 @@ fn plan_exited(
             healthy_run,
         });
     }
+}
+
+/// Reports a task this node refuses to start (see [`RestartTracker::refuse`]): Failed
+/// and given up, so the controller places it on a node whose rules allow it. Nothing
+/// is created, started or restarted; the refusal is the whole message.
+fn refuse(mut status: TaskStatus, why: &str, actions: &mut Vec<Action>) {
+    status.phase = TaskPhase::Failed;
+    status.message = Some(why.to_string());
+    status.gave_up = true;
+    actions.push(Action::Report { status });
 }
 
 /// When a Job's or CronJob's current run must end: its start plus `spec.timeout`, or
@@ -1363,6 +1412,123 @@ mod tests {
             .expect("replaced");
         tracker.apply(remove, Ok(()), t(5));
         assert!(!tracker.gave_up(&a.task));
+    }
+
+    const REFUSED: &str =
+        "hostPath \"/\" is refused: a system path; allowed: /var/lib/bramble/volumes";
+
+    #[test]
+    fn a_refused_task_is_never_started_and_is_given_up_in_every_situation() {
+        let web = service("web-0");
+        let job = assignment("job-0", Kind::Job, RestartPolicy::OnFailure);
+        let mut changed = web.clone();
+        changed.spec_hash = "0000000000000000".into();
+        let mut tracker = RestartTracker::new();
+        for task in ["web-0", "job-0"] {
+            assert!(tracker.refuse(task, Some(REFUSED.into())), "newly refused");
+            assert!(!tracker.refuse(task, Some(REFUSED.into())), "unchanged");
+        }
+        // (what, desired, observed, moves, message)
+        type Case = (
+            &'static str,
+            Assignment,
+            Vec<Observed>,
+            Vec<&'static str>,
+            String,
+        );
+        let cases: Vec<Case> = vec![
+            ("no container", web.clone(), vec![], vec![], REFUSED.into()),
+            (
+                "created, never started",
+                web.clone(),
+                vec![container(&web, "c1", ContainerState::Created)],
+                vec![],
+                REFUSED.into(),
+            ),
+            (
+                "crashed, restart wanted",
+                web.clone(),
+                vec![exited(&web, "c1", 1, 1, 2)],
+                vec![],
+                format!("exited with code 1; not restarted: {REFUSED}"),
+            ),
+            (
+                "outdated: removed, not replaced",
+                changed.clone(),
+                vec![container(&web, "c1", ContainerState::Running)],
+                vec!["remove c1 Outdated"],
+                REFUSED.into(),
+            ),
+            (
+                "a job's run, failed",
+                job.clone(),
+                vec![exited(&job, "c1", 3, 1, 2)],
+                vec![],
+                format!("exited with code 3; not restarted: {REFUSED}"),
+            ),
+        ];
+        for (what, a, observed, want, message) in cases {
+            let actions = plan(std::slice::from_ref(&a), &observed, &tracker, t(100), false);
+            assert_eq!(moves(&actions), want, "{what}");
+            let r = reports(&actions);
+            assert_eq!(r.len(), 1, "{what}: {r:?}");
+            assert_eq!(r[0].phase, TaskPhase::Failed, "{what}");
+            assert!(r[0].gave_up, "{what}: the controller places it elsewhere");
+            assert_eq!(r[0].message.as_deref(), Some(message.as_str()), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_refused_task_that_already_runs_or_is_done_is_left_as_it_is() {
+        let web = service("web-0");
+        let job = assignment("job-0", Kind::Job, RestartPolicy::OnFailure);
+        let mut tracker = RestartTracker::new();
+        tracker.refuse("web-0", Some(REFUSED.into()));
+        tracker.refuse("job-0", Some(REFUSED.into()));
+        // Adopted after the agent restarted with narrower rules: never killed for it.
+        let running = container(&web, "c1", ContainerState::Running);
+        let actions = plan(
+            std::slice::from_ref(&web),
+            &[running],
+            &tracker,
+            t(100),
+            false,
+        );
+        assert_eq!(moves(&actions), Vec::<String>::new());
+        assert_eq!(phase_of(&actions, "web-0"), Some(TaskPhase::Running));
+        // A job that succeeded is done: its success stands.
+        let done = exited(&job, "c2", 0, 1, 2);
+        let actions = plan(&[job], &[done], &tracker, t(100), false);
+        assert_eq!(moves(&actions), Vec::<String>::new());
+        assert_eq!(phase_of(&actions, "job-0"), Some(TaskPhase::Succeeded));
+    }
+
+    #[test]
+    fn a_refusal_is_not_sticky_once_the_rules_allow_the_task() {
+        let web = service("web-0");
+        let mut tracker = RestartTracker::new();
+        tracker.refuse("web-0", Some(REFUSED.into()));
+        let actions = plan(std::slice::from_ref(&web), &[], &tracker, t(0), false);
+        assert_eq!(moves(&actions), Vec::<String>::new());
+        assert!(tracker.refuse("web-0", None), "cleared");
+        assert!(!tracker.refuse("web-0", None), "nothing to clear");
+        assert!(!tracker.refuse("other-0", None), "no record made for it");
+        let actions = plan(&[web], &[], &tracker, t(1), false);
+        assert_eq!(moves(&actions), ["create web-0"]);
+        assert!(!tracker.gave_up("web-0"), "no give-up was recorded");
+    }
+
+    #[test]
+    fn converging_twice_on_a_refused_task_changes_nothing() {
+        let web = service("web-0");
+        let mut tracker = RestartTracker::new();
+        tracker.refuse("web-0", Some(REFUSED.into()));
+        let first = plan(std::slice::from_ref(&web), &[], &tracker, t(0), false);
+        for a in &first {
+            tracker.apply(a, Ok(()), t(0));
+        }
+        let second = plan(&[web], &[], &tracker, t(60), false);
+        assert_eq!(first, second);
     }
 
     /// Applies the plan's actions to a fake Docker (a list of containers), as the shell

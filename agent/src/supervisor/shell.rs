@@ -343,6 +343,7 @@ impl<R: Engine> Supervisor<R> {
         let observed = self.runtime.list().await?;
         let now = Utc::now();
         self.tracker.retain(desired, now);
+        self.check_host_paths(desired);
         let actions = plan(desired, &observed, &self.tracker, now, fenced);
         let wallets: HashSet<&str> = desired
             .iter()
@@ -472,6 +473,30 @@ impl<R: Engine> Supervisor<R> {
             .collect();
         self.sync_probers(desired, &untouched);
         Ok((acted, wake))
+    }
+
+    /// Tells the history which desired tasks this node refuses to start: those with a
+    /// volume that breaks the node's host path rules (see [`crate::host_paths`]). Checked
+    /// every round, as links on the node can change; only tasks with volumes read the
+    /// file system, a few `stat`s each.
+    fn check_host_paths(&mut self, desired: &[Assignment]) {
+        for a in desired {
+            let why = self
+                .runtime
+                .host_paths()
+                .check_volumes(&a.spec.volumes)
+                .err()
+                .map(|refused| refused.to_string());
+            let reason = why.clone();
+            if self.tracker.refuse(&a.task, why) {
+                match reason {
+                    Some(reason) => {
+                        warn!(task = %a.task, %reason, "task refused: a volume breaks this node's host path rules")
+                    }
+                    None => info!(task = %a.task, "task's volumes are allowed now"),
+                }
+            }
+        }
     }
 
     /// Keeps one prober per probed running container run: starts missing ones, aborts
@@ -980,6 +1005,85 @@ mod tests {
         assert_eq!(hello[0].container_id, None);
         let message = hello[0].message.as_deref().unwrap_or_default();
         assert!(message.contains("pull failed"), "{message}");
+    }
+
+    fn with_volume(mut a: Assignment, host_path: &str) -> Assignment {
+        a.spec.volumes.push(bramble_api::manifest::Volume {
+            host_path: host_path.into(),
+            path: "/data".into(),
+            read_only: false,
+        });
+        a.spec_hash = a.spec.hash();
+        a
+    }
+
+    #[tokio::test]
+    async fn a_task_with_a_refused_host_path_is_reported_given_up_and_nothing_is_pulled_or_made() {
+        let fake = Fake::new(NODE);
+        let root = with_volume(assignment("root-0", Kind::Service), "/");
+        let sock = with_volume(assignment("sock-0", Kind::Wallet), "/var/run/docker.sock");
+        let ok = with_volume(
+            assignment("ok-0", Kind::Service),
+            "/var/lib/bramble/volumes/ok",
+        );
+        let (mut sup, mut rx) = supervisor(&fake);
+        let tasks = [root, sock, ok];
+        let latest = desired(&tasks, false);
+
+        sup.round(&tasks, false, &latest).await.expect("round");
+        sup.round(&tasks, false, &latest).await.expect("round");
+
+        assert_eq!(fake.created(), ["ok-0"], "{:?}", fake.calls());
+        let pulls: Vec<Call> = fake
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::EnsureImage(_)))
+            .collect();
+        assert_eq!(pulls.len(), 1, "only the allowed task's image: {pulls:?}");
+        let msgs = sent(&mut rx);
+        for (task, message) in [
+            (
+                "root-0",
+                "hostPath \"/\" is refused: a system path; allowed: /var/lib/bramble/volumes",
+            ),
+            (
+                "sock-0",
+                "hostPath \"/var/run/docker.sock\" is refused: under the system path /var/run; allowed: /var/lib/bramble/volumes",
+            ),
+        ] {
+            let s = last_status(&msgs, task).expect("reported");
+            assert_eq!(s.phase, TaskPhase::Failed, "{task}");
+            assert!(s.gave_up, "{task}");
+            assert_eq!(s.message.as_deref(), Some(message), "{task}");
+        }
+        let reports = msgs
+            .iter()
+            .filter(|m| matches!(m, AgentMessage::Status { status } if status.task == "root-0"))
+            .count();
+        assert_eq!(reports, 1, "an unchanged refusal is not sent again");
+        let hello = sup.observe().await.expect("observe");
+        assert!(
+            hello.iter().any(|s| s.task == "root-0" && s.gave_up),
+            "the hello says so too"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_runtime_refuses_a_host_path_even_if_asked_directly() {
+        let fake = Fake::new(NODE).with_host_paths(
+            crate::host_paths::Policy::new(vec!["/srv/pool".into()]).expect("valid"),
+        );
+        let a = with_volume(assignment("w-0", Kind::Service), "/srv/pool-evil");
+        let err = fake.create_and_start(&a).await.expect_err("refused");
+        assert_eq!(
+            error_chain(&err),
+            "cannot create a container for task w-0: hostPath \"/srv/pool-evil\" is refused: not under an allowed prefix; allowed: /srv/pool"
+        );
+        assert!(
+            fake.calls().is_empty(),
+            "not even a pull: {:?}",
+            fake.calls()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,7 +20,6 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bramble_api::backoff::{Backoff, Retry};
-use bramble_api::manifest::Name;
 use bramble_api::wire::{
     self, AgentMessage, ControllerMessage, NodeInfo, TaskStatus, MAX_FRAME_BYTES,
 };
@@ -93,15 +92,16 @@ async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
         Some(Err(e)) => return Err(("bad_message".into(), e.to_string())),
         None => return Err(("closed".into(), "closed before hello".into())),
     };
-    match wire::decode::<AgentMessage>(text.as_str()) {
+    match wire::decode_agent(text.as_str()) {
+        // A bad name has its own code: the agent tells its operator to rename the node.
+        Err(wire::WireError::Invalid(f)) if f.field == "node.name" => {
+            Err(("bad_node_name".into(), format!("node name: {}", f.problem)))
+        }
         Ok(AgentMessage::Hello {
             node,
             tasks,
             credential,
         }) => {
-            if let Err(e) = node.name.parse::<Name>() {
-                return Err(("bad_node_name".into(), format!("node name: {e}")));
-            }
             let hash = credential.map(|c| credential_hash(&c.0));
             Ok((node, tasks, hash))
         }
@@ -374,7 +374,9 @@ pub fn name_in_use(
 
 /// Handles one frame; false when the reports have backed up and the link must close.
 fn handle(state: &ClusterState, node: &str, text: &str, reports: &mpsc::Sender<Report>) -> bool {
-    let msg = match wire::decode::<AgentMessage>(text) {
+    // Checked against the wire's limits: an oversized heartbeat is refused unread, and
+    // nothing beyond a limit reaches memory or the store.
+    let msg = match wire::decode_agent(text) {
         Ok(m) => m,
         Err(e) => {
             // One bad frame is reported back and skipped; the link stays up.

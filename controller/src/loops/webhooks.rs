@@ -398,7 +398,11 @@ impl Webhooks {
             }
             b.build().unwrap_or_else(|e| {
                 tracing::error!(webhook = %hook.name, error = %e, "cannot build the webhook client");
-                reqwest::Client::new()
+                // Still never a client that follows redirects.
+                reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .unwrap_or_default()
             })
         })
     }

@@ -288,6 +288,7 @@ pub fn run_build(base: &Path, out: &Path, args: &[&str], cwd: &Path) -> Output {
         .current_dir(cwd)
         .env_remove("BRAMBLE_CONTROLLER")
         .env_remove("BRAMBLE_JOIN_TOKEN")
+        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
         .output()
         .expect("run bramble-image")
 }
