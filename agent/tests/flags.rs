@@ -3,15 +3,21 @@
 
 use std::process::{Command, Output};
 
+/// A well-formed join token (of no real cluster).
+const TOKEN: &str =
+    "BRAMBLE1-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08-0123456789abcdef";
+
 fn agent(data_dir: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
-        .args(["--join-token", "token", "--node-name", "pi-1"])
+        .args(["--node-name", "pi-1"])
         .arg("--data-dir")
         .arg(data_dir)
         // Nothing is listening there: an agent that got past its checks would keep
         // redialling, and the test would time out instead of passing by accident.
-        .args(["--controller", "http://127.0.0.1:9"])
+        .args(["--controller", "https://127.0.0.1:9"])
         .args(args)
+        .env("BRAMBLE_JOIN_TOKEN", TOKEN)
+        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
         .env_remove("BRAMBLE_ALLOW_HOST_PATH")
         .env("BRAMBLE_LOG", "off")
         .output()
@@ -81,9 +87,10 @@ fn the_host_path_variable_takes_a_comma_separated_list() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let out = Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
-        .args(["--join-token", "token", "--node-name", "pi-1"])
+        .args(["--node-name", "pi-1"])
         .arg("--data-dir")
         .arg(&data)
+        .env("BRAMBLE_JOIN_TOKEN", TOKEN)
         .env("BRAMBLE_ALLOW_HOST_PATH", "/srv/pool,/proc")
         .env("BRAMBLE_LOG", "off")
         .output()
@@ -94,4 +101,59 @@ fn the_host_path_variable_takes_a_comma_separated_list() {
         err.contains("--allow-host-path \"/proc\": a system path"),
         "the second entry is checked too: {err}"
     );
+}
+
+#[test]
+fn a_bad_join_token_or_a_plain_http_controller_is_refused_before_anything_is_done() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
+        .args(["--node-name", "pi-1", "--controller", "https://127.0.0.1:9"])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("BRAMBLE_JOIN_TOKEN", "an-old-style-token-0123456789")
+        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
+        .env("BRAMBLE_LOG", "off")
+        .output()
+        .expect("run bramble-agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("does not start with BRAMBLE1-"), "{err}");
+    assert!(
+        !err.contains("an-old-style-token"),
+        "the token is not echoed: {err}"
+    );
+    assert!(!data.exists(), "nothing is written before the checks");
+    // A plain-HTTP controller URL.
+    let out = Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
+        .args(["--node-name", "pi-1", "--controller", "http://127.0.0.1:9"])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("BRAMBLE_JOIN_TOKEN", TOKEN)
+        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
+        .env("BRAMBLE_LOG", "off")
+        .output()
+        .expect("run bramble-agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("plain HTTP is refused"), "{err}");
+    assert!(!data.exists());
+    // A token file that is not there.
+    let out = Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
+        .args(["--node-name", "pi-1", "--controller", "https://127.0.0.1:9"])
+        .args(["--join-token-file", "/nonexistent/join-token"])
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("BRAMBLE_JOIN_TOKEN")
+        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
+        .env("BRAMBLE_LOG", "off")
+        .output()
+        .expect("run bramble-agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("--join-token-file /nonexistent/join-token"),
+        "{err}"
+    );
+    assert!(!data.exists());
 }

@@ -2,6 +2,7 @@
 //! Figures, not assertions: these machines are noisy, so nothing here fails on a number.
 
 mod dashboard;
+mod link;
 
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,26 @@ enum What {
         /// Firings to measure.
         #[arg(long, default_value_t = 100)]
         firings: usize,
+    },
+    /// The agent link over TLS: handshake time, an idle agent's CPU and memory, and
+    /// reconnect time after controller restarts.
+    Link {
+        /// Handshakes (x5) and controller restarts.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// How long the idle agent's CPU is measured.
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+    },
+    /// Controller memory under fake nodes joining with the join token: 2.7 MB
+    /// heartbeats (refused), then heartbeats at every limit.
+    FakeNodes {
+        /// Fake nodes per phase.
+        #[arg(long, default_value_t = 40)]
+        nodes: usize,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
     },
     /// Scheduler placements per second on 1,000 nodes.
     Scheduler {
@@ -545,12 +566,16 @@ async fn main() -> Result<()> {
             scheduler(1000, 10_000);
             apply_latency(50).await?;
             memory().await?;
+            link::link(10, 30).await?;
+            link::fake_nodes(40, 20).await?;
             failover(20).await?;
             cron_lateness(100).await?;
         }
         What::Cron { firings } => cron_lateness(firings).await?,
         What::ApplyLatency { rounds } => apply_latency(rounds).await?,
         What::Memory => memory().await?,
+        What::Link { rounds, idle_secs } => link::link(rounds, idle_secs).await?,
+        What::FakeNodes { nodes, secs } => link::fake_nodes(nodes, secs).await?,
         What::Failover { rounds } => failover(rounds).await?,
         What::Scheduler { nodes, tasks } => scheduler(nodes, tasks),
         What::Dashboard { minutes, nodes } => dashboard::dashboard(minutes, nodes).await?,
