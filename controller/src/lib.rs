@@ -212,6 +212,7 @@ impl Controller {
             latency: Default::default(),
             viewer_logs: self.cfg.viewer_logs,
             vault: Arc::clone(&self.vault),
+            links: Arc::new(tokio::sync::Semaphore::new(http::hub::MAX_AGENT_LINKS)),
         });
         let router = http::router(app);
         tracing::info!(addr = %addr, ca = %self.identity.ca.short(), "controller listening (TLS)");

@@ -29,6 +29,10 @@ use super::reconcile;
 use super::secrets::{self, Sealer, SecretApply};
 use super::snapshot::{Change, Expect, Item, Snapshot, Write};
 
+/// The most nodes a cluster takes (the budgets are set for 100): a join beyond is
+/// refused until nodes are deleted.
+pub const MAX_NODES: usize = 128;
+
 /// The most workloads one apply may create or change: its writes and its events go in
 /// one transaction, and a store takes at most 128 ops in one.
 pub const MAX_APPLY_CHANGES: usize = 100;
@@ -578,15 +582,25 @@ pub fn register_node(
             }
             (next, v.rev)
         }
-        None => (
-            StoredNode {
-                info: info.clone(),
-                cordoned: false,
-                registered_at: now,
-                credential: credential.map(str::to_string),
-            },
-            0,
-        ),
+        None => {
+            // The join token is on every SD card: joins must not grow the store and the
+            // controller's memory without end.
+            if snap.nodes.len() >= MAX_NODES {
+                return Err(DomainError::Unavailable(format!(
+                    "the cluster has {} nodes, the most it takes: delete nodes it no longer has (bramblectl delete node NAME) before new ones join",
+                    snap.nodes.len()
+                )));
+            }
+            (
+                StoredNode {
+                    info: info.clone(),
+                    cordoned: false,
+                    registered_at: now,
+                    credential: credential.map(str::to_string),
+                },
+                0,
+            )
+        }
     };
     Ok(Some(Change::new(
         vec![Write {
@@ -1072,6 +1086,39 @@ mod tests {
             panic!("a node write");
         };
         assert_eq!(n.credential.as_deref(), Some("h1"));
+    }
+
+    #[test]
+    fn joins_stop_at_the_node_cap_and_joined_nodes_still_connect() {
+        let now = Utc::now();
+        let mut snap = Snapshot::default();
+        for i in 0..MAX_NODES {
+            let c = register_node(
+                &snap,
+                &info(&format!("n{i}")),
+                Some(&format!("h{i}")),
+                &Admission::Join,
+                now,
+            )
+            .expect("joins")
+            .expect("a change");
+            snap = with_change(&snap, &c);
+        }
+        let err = register_node(&snap, &info("one-more"), Some("hx"), &Admission::Join, now)
+            .expect_err("full");
+        assert!(matches!(err, DomainError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("bramblectl delete node"), "{err}");
+        // A joined node reconnecting is not a join.
+        assert_eq!(
+            register_node(
+                &snap,
+                &info("n7"),
+                Some("h7"),
+                &Admission::Node("n7".into()),
+                now
+            ),
+            Ok(None)
+        );
     }
 
     #[test]

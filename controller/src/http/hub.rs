@@ -45,6 +45,10 @@ const REPORT_QUEUE: usize = 1024;
 /// How a report that cannot be written is retried.
 const REPORT_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
+/// The most agent links served at once: the node cap, and room for reconnects that
+/// overlap the links they replace.
+pub const MAX_AGENT_LINKS: usize = crate::core::ops::MAX_NODES + 32;
+
 /// Upgrades to the agent protocol. The bearer is the join token (a first join) or the
 /// node's own credential: which node that is is settled here, before the upgrade.
 pub async fn agent(
@@ -60,8 +64,20 @@ pub async fn agent(
         },
         _ => Admission::Join,
     };
+    // Each link may hold a frame of up to MAX_FRAME_BYTES while it arrives: links are
+    // capped so that what they can hold at once is bounded.
+    let Ok(permit) = Arc::clone(&app.links).try_acquire_owned() else {
+        tracing::warn!(peer = %addr, "too many agent links; refusing one");
+        return super::ApiError::unavailable(format!(
+            "this controller serves at most {MAX_AGENT_LINKS} agent links at once"
+        ))
+        .into_response();
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| serve(socket, app, addr, admission))
+        .on_upgrade(move |socket| async move {
+            let _permit = permit;
+            serve(socket, app, addr, admission).await
+        })
 }
 
 async fn send_error(socket: &mut WebSocket, code: &str, message: String) {
@@ -159,6 +175,9 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr, admission
         Ok(()) => {}
         Err(crate::state::Error::Domain(DomainError::Conflict(msg))) => {
             return send_error(&mut socket, "name_taken", msg).await
+        }
+        Err(crate::state::Error::Domain(DomainError::Unavailable(msg))) => {
+            return send_error(&mut socket, "cluster_full", msg).await
         }
         Err(crate::state::Error::Domain(e)) => {
             return send_error(&mut socket, "refused", e.to_string()).await

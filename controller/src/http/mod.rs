@@ -53,6 +53,8 @@ pub struct App {
     pub viewer_logs: bool,
     /// Opens Secret values for apply and for the nodes whose tasks reference them.
     pub vault: Arc<crate::state::vault::Vault>,
+    /// Agent links open at once ([`hub::MAX_AGENT_LINKS`]).
+    pub links: Arc<tokio::sync::Semaphore>,
 }
 
 /// The handlers' state.
