@@ -77,7 +77,7 @@ pub async fn run(args: &LoginArgs, global: &Global, out: &mut dyn Write) -> Resu
     if file.context(&name).is_some_and(|c| c.token.is_none()) {
         writeln!(
             out,
-            "Add a token with `bramblectl config set-context {name} --token …` (the admin or viewer token in the controller's data dir)."
+            "Now a token: export BRAMBLE_TOKEN=\"$(sudo cat DATA_DIR/admin-token)\" (or viewer-token), or keep it in the context with `bramblectl config set-context {name} --token …`."
         )?;
     }
     Ok(())
