@@ -349,7 +349,7 @@ impl Fake {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_cannot_write_into_another_nodes_log_stream() {
+async fn a_node_cannot_report_for_or_write_into_another_nodes_tasks() {
     let data = tempfile::tempdir().expect("temp dir");
     let c = controller(data.path()).await;
     let http = reqwest::Client::builder()
@@ -389,6 +389,44 @@ async fn a_node_cannot_write_into_another_nodes_log_stream() {
         unreachable!()
     };
     let task = tasks[0].task.clone();
+    let get_task = || {
+        let (http, api, task) = (http.clone(), api.clone(), task.clone());
+        async move {
+            http.get(format!("{api}/v1/tasks/{task}"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .expect("task")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")
+        }
+    };
+    let before = get_task().await;
+
+    // pi-b reports pi-a's task failed, then gone: refused, nothing changes.
+    b.say(AgentMessage::Status {
+        status: wire::TaskStatus {
+            task: task.clone(),
+            phase: bramble_api::task::TaskPhase::Failed,
+            exit_code: Some(1),
+            message: Some("FORGED by pi-b".into()),
+            container_id: Some("forged".into()),
+            restarts: 0,
+            ready: None,
+            started_at: None,
+            finished_at: None,
+            gave_up: true,
+            output: None,
+        },
+    })
+    .await;
+    b.say(AgentMessage::Removed { task: task.clone() }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = get_task().await;
+    assert_eq!(after["phase"], before["phase"], "{after}");
+    assert_eq!(after["node"], "pi-a", "{after}");
+    assert!(!after.to_string().contains("FORGED"), "{after}");
 
     // The admin asks for the task's logs; pi-a gets the request.
     let logs = tokio::spawn({
