@@ -27,7 +27,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Kind, Manifest, RestartPolicy, SecretManifest, API_VERSION};
+use crate::manifest::{Kind, Manifest, Metadata, RestartPolicy, SecretManifest, API_VERSION};
 use crate::quantity::Memory;
 use crate::yaml;
 
@@ -376,23 +376,25 @@ fn parse_piece(file: &str, offset: usize, text: &str) -> Result<Parsed, Vec<Mani
     }
 }
 
+/// What every document must get right: the apiVersion and the labels.
+fn check_head(api_version: &str, metadata: &Metadata, bad: &mut impl FnMut(&str, String)) {
+    if api_version != API_VERSION {
+        bad(
+            "apiVersion",
+            format!("unsupported apiVersion {api_version:?}: expected {API_VERSION:?}"),
+        );
+    }
+    for (k, v) in &metadata.labels {
+        check_label(&format!("metadata.labels.{k}"), k, v, bad);
+    }
+}
+
 /// A Secret's checks: its name and labels as for any object, data keys that can be
 /// referenced, and values of bounded size.
 pub fn check_secret(m: &SecretManifest) -> Vec<(String, String)> {
     let mut p: Vec<(String, String)> = Vec::new();
     let mut bad = |field: &str, msg: String| p.push((field.to_string(), msg));
-    if m.api_version != API_VERSION {
-        bad(
-            "apiVersion",
-            format!(
-                "unsupported apiVersion {:?}: expected {API_VERSION:?}",
-                m.api_version
-            ),
-        );
-    }
-    for (k, v) in &m.metadata.labels {
-        check_label(&format!("metadata.labels.{k}"), k, v, &mut bad);
-    }
+    check_head(&m.api_version, &m.metadata, &mut bad);
     let mut total = 0;
     for (k, v) in &m.data {
         if !valid_data_key(k) {
@@ -442,18 +444,7 @@ pub fn check(m: &Manifest) -> Vec<(String, String)> {
     let mut bad = |field: &str, msg: String| p.push((field.to_string(), msg));
     let s = &m.spec;
 
-    if m.api_version != API_VERSION {
-        bad(
-            "apiVersion",
-            format!(
-                "unsupported apiVersion {:?}: expected {API_VERSION:?}",
-                m.api_version
-            ),
-        );
-    }
-    for (k, v) in &m.metadata.labels {
-        check_label(&format!("metadata.labels.{k}"), k, v, &mut bad);
-    }
+    check_head(&m.api_version, &m.metadata, &mut bad);
 
     if s.image.trim().is_empty() {
         bad("spec.image", "must not be empty".into());
