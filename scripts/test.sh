@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+# Free disk where the build lives, so a run that fills it says so in its log.
+disk() { df -h . | awk 'NR==2 {print "disk: " $4 " free of " $2}'; }
 
 step "toolchain"
 rustup component add rustfmt clippy >/dev/null 2>&1 || echo "note: could not add rustfmt/clippy via rustup; using what is installed"
@@ -32,18 +34,27 @@ if ! docker info >/dev/null 2>&1; then
 fi
 docker version --format 'engine {{.Server.Version}} (API {{.Server.APIVersion}})'
 
+disk
 step "format"
 cargo fmt --all -- --check
 
+disk
 step "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+disk
 step "build"
 cargo build --workspace --bins --locked
 
+disk
 step "test"
 cargo test --workspace --locked --no-fail-fast "$@"
 
+disk
+if [ "${BRAMBLE_FREE_DISK:-0}" = 1 ]; then
+    rm -rf target/debug
+    disk
+fi
 step "arm: cross-build, run under qemu-user, join a controller"
 if [ "${BRAMBLE_SKIP_ARM:-0}" = 1 ]; then
     echo "skipped (BRAMBLE_SKIP_ARM=1)"
