@@ -10,7 +10,8 @@ use bramble_controller::store::{
 };
 use futures_util::StreamExt;
 
-type Make = fn() -> Arc<dyn Store>;
+#[path = "support/etcd.rs"]
+mod support;
 
 fn put(key: &str, value: &str) -> Op {
     Op::put(key, value.as_bytes().to_vec())
@@ -55,6 +56,12 @@ async fn next(w: &mut bramble_controller::store::Watch) -> WatchBatch {
         .expect("no watch error")
 }
 
+/// The store's revision before a test writes: a new SQLite store is at 0, a new etcd
+/// cluster at 1, a shared one anywhere.
+async fn base(s: &dyn Store) -> u64 {
+    s.revision().await.expect("revision")
+}
+
 fn summary(b: &WatchBatch) -> Vec<(EventKind, String)> {
     b.events
         .iter()
@@ -64,43 +71,53 @@ fn summary(b: &WatchBatch) -> Vec<(EventKind, String)> {
 
 pub async fn creating_an_absent_key_succeeds_once(s: Arc<dyn Store>) {
     let s = s.as_ref();
+    let b = base(s).await;
     assert_eq!(
         txn(s, vec![modrev("/a", 0)], vec![put("/a", "1")]).await,
-        (true, 1)
+        (true, b + 1)
     );
     assert_eq!(
         txn(s, vec![modrev("/a", 0)], vec![put("/a", "2")]).await,
-        (false, 1)
+        (false, b + 1)
     );
     let (kv, at) = s.get("/a").await.expect("get");
     let kv = kv.expect("present");
     assert_eq!(kv.value, b"1");
-    assert_eq!((kv.create_revision, kv.mod_revision, at), (1, 1, 1));
+    assert_eq!(
+        (kv.create_revision, kv.mod_revision, at),
+        (b + 1, b + 1, b + 1)
+    );
 }
 
 pub async fn a_stale_compare_fails_the_whole_transaction_and_changes_nothing(s: Arc<dyn Store>) {
     let s = s.as_ref();
+    let b = base(s).await;
     txn(s, vec![], vec![put("/a", "1"), put("/b", "1")]).await;
     txn(s, vec![], vec![put("/a", "2")]).await;
     let a = s.get("/a").await.expect("get").0.expect("present");
-    assert_eq!((a.create_revision, a.mod_revision), (1, 2));
+    assert_eq!((a.create_revision, a.mod_revision), (b + 1, b + 2));
     let r = txn(
         s,
-        vec![modrev("/b", 1), modrev("/a", 1)],
+        vec![modrev("/b", b + 1), modrev("/a", b + 1)],
         vec![put("/a", "3"), put("/b", "3")],
     )
     .await;
-    assert_eq!(r, (false, 2), "the failed txn reports the current revision");
+    assert_eq!(
+        r,
+        (false, b + 2),
+        "the failed txn reports the current revision"
+    );
     assert_eq!(value(s, "/a").await.as_deref(), Some("2"));
     assert_eq!(value(s, "/b").await.as_deref(), Some("1"));
     assert_eq!(
-        txn(s, vec![modrev("/a", 2)], vec![put("/a", "3")]).await,
-        (true, 3)
+        txn(s, vec![modrev("/a", b + 2)], vec![put("/a", "3")]).await,
+        (true, b + 3)
     );
 }
 
 pub async fn compares_on_create_revision_and_value(s: Arc<dyn Store>) {
     let s = s.as_ref();
+    let b = base(s).await;
     txn(s, vec![], vec![put("/owner", "n1")]).await;
     txn(s, vec![], vec![put("/owner", "n2")]).await;
     let create = |rev| Compare::CreateRevision {
@@ -111,8 +128,8 @@ pub async fn compares_on_create_revision_and_value(s: Arc<dyn Store>) {
         key: "/owner".into(),
         value: v.as_bytes().to_vec(),
     };
-    assert!(!txn(s, vec![create(2)], vec![put("/x", "1")]).await.0);
-    assert!(txn(s, vec![create(1)], vec![put("/x", "1")]).await.0);
+    assert!(!txn(s, vec![create(b + 2)], vec![put("/x", "1")]).await.0);
+    assert!(txn(s, vec![create(b + 1)], vec![put("/x", "1")]).await.0);
     assert!(!txn(s, vec![val("n1")], vec![put("/x", "2")]).await.0);
     assert!(txn(s, vec![val("n2")], vec![put("/x", "2")]).await.0);
     // Deleted and created again: a new create revision (a new fencing epoch).
@@ -124,7 +141,7 @@ pub async fn compares_on_create_revision_and_value(s: Arc<dyn Store>) {
     assert!(txn(s, vec![create(0)], vec![put("/owner", "n3")]).await.0);
     let kv = s.get("/owner").await.expect("get").0.expect("present");
     assert_eq!(kv.create_revision, kv.mod_revision);
-    assert!(kv.create_revision > 2);
+    assert!(kv.create_revision > b + 2);
 }
 
 pub async fn listing_by_prefix_is_sorted_exact_and_says_its_revision(s: Arc<dyn Store>) {
@@ -182,6 +199,7 @@ pub async fn deletes_count_only_when_they_delete(s: Arc<dyn Store>) {
 
 pub async fn refuses_transactions_every_backend_must_refuse(s: Arc<dyn Store>) {
     let s = s.as_ref();
+    let b = base(s).await;
     let too_many: Vec<Op> = (0..=MAX_TXN_OPS)
         .map(|i| put(&format!("/k/{i}"), "v"))
         .collect();
@@ -201,7 +219,7 @@ pub async fn refuses_transactions_every_backend_must_refuse(s: Arc<dyn Store>) {
             .await;
         assert!(matches!(r, Err(Error::InvalidTxn(_))), "{r:?}");
     }
-    assert_eq!(s.revision().await.expect("revision"), 0);
+    assert_eq!(s.revision().await.expect("revision"), b);
 }
 
 pub async fn a_watch_sees_every_change_under_its_prefix_in_order(s: Arc<dyn Store>) {
@@ -370,10 +388,8 @@ pub async fn revoking_a_lease_deletes_its_keys_at_once(s: Arc<dyn Store>) {
         st.revoke(lease.id).await,
         Err(Error::LeaseNotFound(_))
     ));
-    assert!(matches!(
-        st.keep_alive(lease.id).await,
-        Err(Error::LeaseNotFound(_))
-    ));
+    let r = st.keep_alive(lease.id).await;
+    assert!(matches!(r, Err(Error::LeaseNotFound(_))), "{r:?}");
     st.revoke(other.id).await.expect("revoke");
     assert_eq!(keys(st, "/l/").await, ["/l/b", "/l/d"]);
 }
@@ -408,13 +424,15 @@ pub async fn racing_writers_each_win_or_lose_whole(s: Arc<dyn Store>) {
     assert_eq!(value(s.as_ref(), "/counter").await.as_deref(), Some("80"));
 }
 
+/// Whatever keeps a backend alive for one test (an etcd process), dropped after it.
+type Guard = Box<dyn std::any::Any + Send>;
+
 macro_rules! backends {
     ($($backend:ident => $make:expr),* $(,)?) => {$(
         mod $backend {
             use super::*;
-            fn make() -> Arc<dyn Store> {
-                let m: Make = $make;
-                m()
+            async fn make() -> (Arc<dyn Store>, Guard) {
+                $make.await
             }
             backends!(@tests
                 creating_an_absent_key_succeeds_once,
@@ -435,15 +453,24 @@ macro_rules! backends {
     (@tests $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
-            super::$name(make()).await;
+            let (store, _guard) = make().await;
+            super::$name(store).await;
         }
     )*};
 }
 
 backends! {
-    sqlite => || {
-        Arc::new(
+    sqlite => async {
+        let store: Arc<dyn Store> = Arc::new(
             bramble_controller::store::SqliteStore::open_in_memory().expect("in-memory store"),
-        )
+        );
+        (store, Box::new(()) as Guard)
+    },
+    // A new etcd for each test: revisions are the whole cluster's, so tests that count
+    // them cannot share one.
+    etcd => async {
+        let etcd = support::Etcd::start(1).await;
+        let store: Arc<dyn Store> = Arc::new(etcd.store("/bramble/").await);
+        (store, Box::new(etcd) as Guard)
     },
 }

@@ -28,8 +28,11 @@
 //! on one backend works on every backend. The conformance suite every backend passes is
 //! in `controller/tests/store.rs`.
 //!
-//! Backends: [`sqlite::SqliteStore`] (the default: one file, one controller).
+//! Backends: [`sqlite::SqliteStore`] (the default: one file, one controller) and
+//! [`etcd::EtcdStore`] (an etcd v3 cluster that several controllers share).
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod sqlite;
 
 use std::collections::BTreeSet;
@@ -38,6 +41,8 @@ use std::time::Duration;
 
 use futures_util::Stream;
 
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
 pub use sqlite::SqliteStore;
 
 /// Why a store operation failed. No variant names a backend: callers decide on the
