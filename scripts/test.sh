@@ -18,7 +18,8 @@ fi
 
 step "system packages"
 # Network namespaces for the multi-node harness, debugfs for bramble-image, headless
-# Chromium for the dashboard test. Each script is idempotent.
+# Chromium for the dashboard test, protoc and etcd for the etcd store. Each script is
+# idempotent.
 if ! command -v ip >/dev/null 2>&1; then
     sudo_=(); [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
     "${sudo_[@]}" apt-get update -qq
@@ -26,6 +27,7 @@ if ! command -v ip >/dev/null 2>&1; then
 fi
 scripts/deps-image.sh
 scripts/deps-browser.sh
+scripts/deps-etcd.sh
 
 step "docker"
 if ! docker info >/dev/null 2>&1; then

@@ -86,7 +86,8 @@ pub enum Error {
 /// The agent's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Controller base URL (`https://host:7878`).
+    /// Controller base URL (`https://host:7878`), or several separated by commas (every
+    /// controller of a cluster that has more than one).
     pub controller: Option<String>,
     /// Join token, whole (`BRAMBLE1-<CA fingerprint>-<secret>`).
     pub join_token: String,
@@ -148,11 +149,14 @@ pub async fn run(
 ) -> Result<(), Error> {
     let host_paths = cfg.validate()?;
     let token: bramble_api::token::JoinToken = cfg.join_token.parse()?;
-    let url = cfg.controller.as_deref().map(link::agent_url).transpose()?;
+    let urls = match cfg.controller.as_deref() {
+        Some(list) => link::agent_urls(list)?,
+        None => Vec::new(),
+    };
     credential::private_dir(&cfg.data_dir).map_err(|source| Error::DataDir {
         path: cfg.data_dir.clone(),
         source,
     })?;
     let credential = credential::load_or_create(&cfg.data_dir)?;
-    link::run(cfg, token, credential, url, host_paths, shutdown).await
+    link::run(cfg, token, credential, urls, host_paths, shutdown).await
 }

@@ -92,6 +92,28 @@ pub fn agent_url(base: &str) -> Result<String, Error> {
     Ok(format!("wss://{host}/v1/agent"))
 }
 
+/// Every controller of `list` (`URL[,URL...]`, see [`agent_url`]) as agent URLs, in
+/// order, each once. An agent tries them in turn: any controller of the cluster
+/// serves it (one that is not the leader refuses, and the agent moves on).
+pub fn agent_urls(list: &str) -> Result<Vec<String>, Error> {
+    let mut urls: Vec<String> = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(Error::ControllerUrl {
+                url: list.to_string(),
+                reason:
+                    "an empty URL in the list; expected https://HOST:PORT[,https://HOST:PORT...]"
+                        .into(),
+            });
+        }
+        let url = agent_url(part)?;
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
+    Ok(urls)
+}
+
 /// The host and port of a `wss://host:port/...` URL; the port defaults to 443.
 fn host_port(url: &str) -> Option<(String, u16)> {
     let rest = url.strip_prefix("wss://")?;
@@ -126,15 +148,16 @@ enum SessionError {
     Runtime(#[from] crate::runtime::Error),
 }
 
-/// Runs the supervisor and keeps the link up until `shutdown`. `url` is the controller's
-/// agent URL (see [`agent_url`]); without one, each dial attempt looks for the
+/// Runs the supervisor and keeps the link up until `shutdown`. `urls` are the
+/// controllers' agent URLs (see [`agent_urls`]), tried in turn; without any, each dial
+/// attempt looks for the
 /// controller over mDNS first. Either way the supervisor and the fence clock run from
 /// the start, so an agent that never reaches a controller still fences its Wallets.
 pub async fn run(
     cfg: Config,
     token: JoinToken,
     credential: String,
-    url: Option<String>,
+    urls: Vec<String>,
     host_paths: HostPaths,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
@@ -168,7 +191,7 @@ pub async fn run(
         memory_limits,
         warnings,
     };
-    tracing::info!(node = %info.name, machine_id = info.machine_id.as_deref().unwrap_or("unknown"), arch = %info.arch, docker = %info.docker_version, controller = url.as_deref().unwrap_or("(mDNS)"), "agent starting");
+    tracing::info!(node = %info.name, machine_id = info.machine_id.as_deref().unwrap_or("unknown"), arch = %info.arch, docker = %info.docker_version, controllers = %if urls.is_empty() { "(mDNS)".to_string() } else { urls.join(",") }, "agent starting");
 
     let contact: SharedContact = Arc::new(Mutex::new(Contact::new(fence::now())));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -195,6 +218,8 @@ pub async fn run(
     // The node's own credential first; the join token only when the controller does not
     // know it (a new node, or one an operator deleted).
     let mut use_join = false;
+    // The controller tried next, among `urls`.
+    let mut next_url = 0usize;
     loop {
         let welcomed_before = fence::lock(&contact).session();
         let auth = if use_join {
@@ -203,7 +228,7 @@ pub async fn run(
             Auth::Node
         };
         let attempt = async {
-            let url = match &url {
+            let url = match urls.get(next_url % urls.len().max(1)) {
                 Some(u) => u.clone(),
                 None => discover(&cfg, &token).await?,
             };
@@ -238,6 +263,9 @@ pub async fn run(
         if welcomed {
             use_join = false;
         }
+        // Whatever ended the session (the controller died, stopped leading, refused),
+        // the next attempt goes to the next controller; a single one is dialled again.
+        next_url = next_url.wrapping_add(1);
         let refused = matches!(
             result,
             Err(SessionError::Unauthorized(_)
@@ -728,5 +756,25 @@ mod tests {
             Some(("::1".into(), 7878))
         );
         assert_eq!(host_port("wss://pi1/v1/agent"), Some(("pi1".into(), 443)));
+    }
+
+    #[test]
+    fn several_controllers_are_tried_in_order_each_once() {
+        assert_eq!(
+            agent_urls("https://c1:7878, https://c2:7878,https://c1:7878/").expect("valid"),
+            ["wss://c1:7878/v1/agent", "wss://c2:7878/v1/agent"]
+        );
+        for bad in [
+            "https://c1:7878,",
+            ",https://c1:7878",
+            "https://c1:7878,,https://c2:7878",
+        ] {
+            let e = agent_urls(bad).expect_err(bad).to_string();
+            assert!(e.contains("empty URL"), "{e}");
+        }
+        let e = agent_urls("https://c1:7878,http://c2:7878")
+            .expect_err("one plain")
+            .to_string();
+        assert!(e.contains("http://c2:7878"), "{e}");
     }
 }

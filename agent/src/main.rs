@@ -13,7 +13,8 @@ const EX_USAGE: u8 = 64;
 #[derive(Parser, Debug)]
 #[command(name = "bramble-agent", version, about)]
 struct Args {
-    /// Controller URL, e.g. http://10.0.0.2:7878 [default: found over mDNS].
+    /// Controller URL, e.g. https://10.0.0.2:7878, or every controller's, separated by
+    /// commas [default: found over mDNS].
     #[arg(long, env = "BRAMBLE_CONTROLLER")]
     controller: Option<String>,
     /// Look for the controller over mDNS only on this interface (repeatable).
@@ -108,7 +109,7 @@ fn main() -> ExitCode {
     if let Some(Err(e)) = args
         .controller
         .as_deref()
-        .map(bramble_agent::link::agent_url)
+        .map(bramble_agent::link::agent_urls)
     {
         eprintln!("error: --controller: {e}");
         return ExitCode::from(EX_USAGE);

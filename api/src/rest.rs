@@ -225,6 +225,29 @@ pub struct NodeView {
     pub registered_at: DateTime<Utc>,
 }
 
+/// A controller of the cluster, as `GET /v1/controllers` shows it. Every controller
+/// listed is alive: its presence in the store lives on a lease it keeps renewing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControllerView {
+    /// Its id (random per process start).
+    pub id: String,
+    /// Its name (the host name).
+    pub name: String,
+    /// Where agents and `bramblectl` reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// When it started.
+    pub started: DateTime<Utc>,
+    /// Whether it leads (runs reconcile, scheduling, node health, cron, webhooks).
+    pub leader: bool,
+    /// Since when it leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_since: Option<DateTime<Utc>>,
+    /// The controller that answered this request.
+    pub answering: bool,
+}
+
 /// Every error answer: `{code, message, details}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApiErrorBody {

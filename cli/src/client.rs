@@ -9,9 +9,9 @@ use std::time::Duration;
 use bramble_api::duration::Duration as ApiDuration;
 use bramble_api::manifest::Kind;
 use bramble_api::rest::{
-    ApiErrorBody, ApplyRequest, ApplyResponse, CronJobView, DeleteResponse, DrainResponse, Event,
-    NodeView, SecretDeleteResponse, SecretView, VersionInfo, WebhookTestResponse, WebhookView,
-    WorkloadView,
+    ApiErrorBody, ApplyRequest, ApplyResponse, ControllerView, CronJobView, DeleteResponse,
+    DrainResponse, Event, NodeView, SecretDeleteResponse, SecretView, VersionInfo,
+    WebhookTestResponse, WebhookView, WorkloadView,
 };
 use bramble_api::task::Task;
 use bytes::Bytes;
@@ -426,6 +426,11 @@ impl Client {
     /// `DELETE /v1/nodes/{name}`: the node and its credential.
     pub async fn delete_node(&self, name: &str) -> Result<serde_json::Value> {
         self.json(Method::DELETE, &["nodes", name], &[], None).await
+    }
+
+    /// `GET /v1/controllers`: every live controller and who leads.
+    pub async fn controllers(&self) -> Result<Vec<ControllerView>> {
+        self.json(Method::GET, &["controllers"], &[], None).await
     }
 
     /// `GET /v1/secrets`: names and keys.

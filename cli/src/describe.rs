@@ -13,8 +13,8 @@ use bramble_api::manifest::{
 };
 use bramble_api::quantity::Memory;
 use bramble_api::rest::{
-    format_labels, CronJobView, Event, Firing, FiringOutcome, NodeView, SecretView, Severity,
-    WorkloadView,
+    format_labels, ControllerView, CronJobView, Event, Firing, FiringOutcome, NodeView, SecretView,
+    Severity, WorkloadView,
 };
 use bramble_api::task::{DesiredState, Task, TaskSpec};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -624,6 +624,23 @@ pub fn task(t: &Task, events: Option<&[Event]>, now: DateTime<Utc>) -> String {
         page.field("Timeout", timeout);
     }
     events_section(&mut page, events, now);
+    page.render()
+}
+
+/// `describe controller NAME`.
+pub fn controller(c: &ControllerView, now: DateTime<Utc>) -> String {
+    let mut page = Page::default();
+    page.field("Name", &c.name)
+        .field("ID", &c.id)
+        .field("URL", or_none(c.url.clone()))
+        .field("Role", if c.leader { "leader" } else { "follower" })
+        .field(
+            "Leading Since",
+            c.leader_since
+                .map_or_else(|| "-".to_string(), |s| time(s, now)),
+        )
+        .field("Started", time(c.started, now))
+        .field("Answered This", if c.answering { "yes" } else { "no" });
     page.render()
 }
 

@@ -140,11 +140,13 @@ pub enum Resource {
     Tasks,
     /// `secret`, `secrets`: names and keys only.
     Secrets,
+    /// `controller`, `controllers`: who leads, since when, who is alive.
+    Controllers,
 }
 
 /// A resource type the command line does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs, jobs or secrets")]
+#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs, jobs, secrets or controllers")]
 pub struct UnknownResource(pub String);
 
 impl FromStr for Resource {
@@ -155,6 +157,7 @@ impl FromStr for Resource {
             "workload" | "workloads" | "wl" => Ok(Resource::Workloads(None)),
             "task" | "tasks" => Ok(Resource::Tasks),
             "secret" | "secrets" => Ok(Resource::Secrets),
+            "controller" | "controllers" => Ok(Resource::Controllers),
             other => other
                 .parse::<Kind>()
                 .map(|k| Resource::Workloads(Some(k)))
@@ -180,6 +183,7 @@ impl Resource {
             Resource::Workloads(Some(k)) => k.path(),
             Resource::Tasks => "task",
             Resource::Secrets => "secret",
+            Resource::Controllers => "controller",
         }
     }
 }
@@ -195,6 +199,7 @@ impl fmt::Display for Resource {
             Resource::Workloads(Some(Kind::Job)) => "jobs",
             Resource::Tasks => "tasks",
             Resource::Secrets => "secrets",
+            Resource::Controllers => "controllers",
         })
     }
 }
@@ -239,6 +244,7 @@ impl FromStr for ObjectRef {
             Resource::Nodes => "node",
             Resource::Tasks => "task",
             Resource::Secrets => "secret",
+            Resource::Controllers => "controller",
             Resource::Workloads(Some(k)) => k.path(),
             Resource::Workloads(None) => return Err(BadObject::NoKind(name)),
         };

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 pub use crate::core::health::HealthConfig;
 pub use crate::http::tls::TlsOptions;
+pub use crate::state::leader::Timing;
 
 /// The controller's configuration (see `main.rs` for flags and defaults).
 #[derive(Debug, Clone)]
@@ -30,6 +31,32 @@ pub struct Config {
     pub tls: TlsOptions,
     /// Let the viewer token read task logs and job output (they may hold secrets).
     pub viewer_logs: bool,
+    /// Where the state lives and how controllers sharing it elect a leader.
+    pub cluster: Cluster,
+}
+
+/// The store, and the controllers that share it.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    /// An etcd cluster instead of the data dir's SQLite file (`--etcd`).
+    pub etcd: Option<Etcd>,
+    /// Timings of the leader election among controllers on one etcd.
+    pub leader: Timing,
+    /// This controller's name in the election and `get controllers` (the host name).
+    pub name: String,
+    /// The URL agents and `bramblectl` reach this controller at, if known.
+    pub url: Option<String>,
+    /// The other controllers' URLs (`--peer`): the local agent fails over to them.
+    pub peers: Vec<String>,
+}
+
+/// The etcd cluster holding the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Etcd {
+    /// Client URLs of its members (`http://HOST:PORT`).
+    pub endpoints: Vec<String>,
+    /// The prefix every key lives under (`/bramble/`).
+    pub prefix: String,
 }
 
 /// mDNS advertisement settings.
@@ -95,6 +122,28 @@ impl Config {
                 needed.as_millis()
             )));
         }
+        self.cluster.leader.check().map_err(Invalid)?;
+        if let Some(etcd) = &self.cluster.etcd {
+            #[cfg(feature = "etcd")]
+            {
+                crate::store::etcd::check_endpoints(&etcd.endpoints).map_err(Invalid)?;
+                crate::store::etcd::root_of(&etcd.prefix).map_err(Invalid)?;
+            }
+            #[cfg(not(feature = "etcd"))]
+            {
+                let _ = etcd;
+                return Err(Invalid(
+                    "--etcd: this controller was built without the etcd feature".into(),
+                ));
+            }
+        }
+        for peer in &self.cluster.peers {
+            if !peer.starts_with("https://") {
+                return Err(Invalid(format!(
+                    "--peer {peer}: expected https://HOST:PORT (controllers serve TLS only)"
+                )));
+            }
+        }
         if self.resync.is_zero() {
             return Err(Invalid("the resync period must be positive".into()));
         }
@@ -125,6 +174,7 @@ mod tests {
             mdns: None,
             tls: TlsOptions::default(),
             viewer_logs: false,
+            cluster: Cluster::default(),
         }
     }
 

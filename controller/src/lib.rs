@@ -79,6 +79,9 @@ pub enum Error {
     /// The key Secrets are sealed with cannot be loaded.
     #[error("Secrets key")]
     Vault(#[from] state::vault::VaultError),
+    /// This controller's CA or Secrets key is not the one of the cluster in the store.
+    #[error("joining the controllers of the store")]
+    Identity(#[from] state::identity::Mismatch),
 }
 
 /// An opened controller: configuration checked, store and tokens ready, not yet
@@ -94,15 +97,26 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Checks the configuration, creates the data directory, opens the store, sets up
-    /// the CA and the server certificate, and loads or creates the tokens.
-    pub fn open(cfg: Config) -> Result<Controller, Error> {
+    /// Checks the configuration, creates the data directory, opens the store (the
+    /// data dir's SQLite file, or etcd), sets up the CA and the server certificate, and
+    /// loads or creates the tokens.
+    pub async fn open(cfg: Config) -> Result<Controller, Error> {
         cfg.validate()?;
         files::private_dir(&cfg.data_dir).map_err(|source| Error::DataDir {
             path: cfg.data_dir.clone(),
             source,
         })?;
-        let store = store::SqliteStore::open(&cfg.data_dir.join("bramble.db"))?;
+        let store: Arc<dyn Store> = match &cfg.cluster.etcd {
+            #[cfg(feature = "etcd")]
+            Some(etcd) => Arc::new(store::EtcdStore::open(&etcd.endpoints, &etcd.prefix).await?),
+            #[cfg(not(feature = "etcd"))]
+            Some(_) => {
+                return Err(Error::Config(config::Invalid(
+                    "--etcd: this controller was built without the etcd feature".into(),
+                )))
+            }
+            None => Arc::new(store::SqliteStore::open(&cfg.data_dir.join("bramble.db"))?),
+        };
         let identity = Identity::load(&cfg.data_dir, &cfg.tls)?;
         let (tokens, files) = Tokens::load(
             &cfg.data_dir,
@@ -114,9 +128,12 @@ impl Controller {
         let vault = state::vault::Vault::load(&cfg.data_dir)?;
         let hooks = Webhooks::default();
         hooks.configure(webhooks::load(&cfg.data_dir)?);
+        if cfg.cluster.etcd.is_some() {
+            state::identity::check(store.as_ref(), &identity.ca, vault.key_id()).await?;
+        }
         Ok(Controller {
             cfg,
-            store: Arc::new(store),
+            store,
             tokens,
             files,
             webhooks: Arc::new(hooks),
@@ -148,12 +165,36 @@ impl Controller {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
         let addr = listener.local_addr().map_err(Error::Serve)?;
-        let state = State::open(
-            Arc::clone(&self.store),
-            self.cfg.health,
-            Arc::new(Solo::default()),
-        )
-        .await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let name = match self.cfg.cluster.name.as_str() {
+            "" => "controller".to_string(),
+            n => n.to_string(),
+        };
+        let me = state::leader::LeaderRecord {
+            id: format!("{:016x}", rand::random::<u64>()),
+            name: name.clone(),
+            url: self
+                .cfg
+                .cluster
+                .url
+                .clone()
+                .or_else(|| Some(format!("https://{name}:{}", addr.port()))),
+            since: chrono::Utc::now(),
+        };
+        // One controller on its own file always leads; controllers sharing etcd elect one.
+        let (leadership, election): (Arc<dyn state::Leadership>, _) =
+            if self.cfg.cluster.etcd.is_some() {
+                let (elected, task) = state::leader::Elected::start(
+                    Arc::clone(&self.store),
+                    me.clone(),
+                    self.cfg.cluster.leader,
+                    stop_rx.clone(),
+                );
+                (elected, Some(task))
+            } else {
+                (Arc::new(Solo::default()), None)
+            };
+        let state = State::open(Arc::clone(&self.store), self.cfg.health, leadership).await?;
         let unreadable = self.vault.unreadable(&state.snapshot());
         if !unreadable.is_empty() {
             tracing::error!(
@@ -163,7 +204,6 @@ impl Controller {
             );
         }
         let feed = Arc::new(Feed::default());
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
         let loops = [
             tokio::spawn(loops::reconcile::run(
@@ -213,6 +253,7 @@ impl Controller {
             viewer_logs: self.cfg.viewer_logs,
             vault: Arc::clone(&self.vault),
             links: Arc::new(tokio::sync::Semaphore::new(http::hub::MAX_AGENT_LINKS)),
+            me,
         });
         let router = http::router(app);
         tracing::info!(addr = %addr, ca = %self.identity.ca.short(), "controller listening (TLS)");
@@ -240,6 +281,9 @@ impl Controller {
         for l in loops {
             let _ = l.await;
         }
+        if let Some(e) = election {
+            let _ = e.await;
+        }
         tracing::info!("controller stopped");
         served.map_err(Error::Serve)
     }
@@ -264,8 +308,11 @@ impl Controller {
         } else {
             addr.ip().to_string()
         };
+        // Its own controller first, then the others: any controller serves it.
+        let mut controllers = vec![format!("https://{host}:{}", addr.port())];
+        controllers.extend(self.cfg.cluster.peers.iter().cloned());
         let cfg = bramble_agent::Config {
-            controller: Some(format!("https://{host}:{}", addr.port())),
+            controller: Some(controllers.join(",")),
             join_token: self.tokens.join(),
             node_name: la.node_name.clone(),
             data_dir: self.cfg.data_dir.join("agent"),

@@ -103,6 +103,28 @@ struct Args {
     /// Let the viewer token read task logs and job output (they may hold secrets).
     #[arg(long)]
     viewer_logs: bool,
+    /// Keep the state in this etcd v3 cluster (client URLs, `http://HOST:PORT`,
+    /// comma-separated) instead of the data dir's SQLite file. Several controllers on
+    /// one etcd elect a leader; every one serves the API and the dashboard.
+    #[arg(long, env = "BRAMBLE_ETCD", value_delimiter = ',', value_name = "URL")]
+    etcd: Vec<String>,
+    /// The prefix every key lives under in etcd, so clusters can share one.
+    #[arg(long, env = "BRAMBLE_ETCD_PREFIX", default_value = "/bramble/")]
+    etcd_prefix: String,
+    /// The leader's lease in etcd: a dead leader is replaced about this long after its
+    /// last renewal (at least 2s). The leader renews every sixth of it and stops acting
+    /// a third of it before the lease can end.
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    leader_lease: Duration,
+    /// Another controller of this cluster (repeatable or comma-separated): the local
+    /// agent fails over to it.
+    #[arg(
+        long = "peer",
+        env = "BRAMBLE_PEERS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    peers: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -164,7 +186,7 @@ fn config(args: Args) -> Result<Config, String> {
         mdns: (!args.no_mdns).then(|| bramble_controller::Mdns {
             instance: hostname(),
             interfaces: args.mdns_interfaces,
-            url: args.advertise_url,
+            url: args.advertise_url.clone(),
         }),
         tls: bramble_controller::config::TlsOptions {
             cert: args.tls_cert,
@@ -172,6 +194,16 @@ fn config(args: Args) -> Result<Config, String> {
             names: args.tls_sans,
         },
         viewer_logs: args.viewer_logs,
+        cluster: bramble_controller::config::Cluster {
+            etcd: (!args.etcd.is_empty()).then(|| bramble_controller::config::Etcd {
+                endpoints: args.etcd.clone(),
+                prefix: args.etcd_prefix.clone(),
+            }),
+            leader: bramble_controller::config::Timing::for_lease(args.leader_lease),
+            name: hostname(),
+            url: args.advertise_url.clone(),
+            peers: args.peers,
+        },
     };
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -216,7 +248,9 @@ fn main() -> ExitCode {
 async fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let data_dir = cfg.data_dir.clone();
     let local = cfg.local_agent.as_ref().map(|l| l.node_name.clone());
-    let controller = Controller::open(cfg).context("cannot start the controller")?;
+    let controller = Controller::open(cfg)
+        .await
+        .context("cannot start the controller")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -219,3 +219,61 @@ fn a_leader_acts_only_until_margin_before_the_lease_can_end() {
     );
     assert_eq!(t.validity(sent, Duration::from_secs(1)), sent);
 }
+
+/// Leadership an operator flips by hand.
+struct Manual(watch::Sender<bool>);
+
+impl Leadership for Manual {
+    fn is_leader(&self) -> bool {
+        *self.0.borrow()
+    }
+    fn compares(&self) -> Vec<bramble_controller::store::Compare> {
+        Vec::new()
+    }
+    fn watch(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_gives_nodes_the_startup_grace_before_its_loops_run() {
+    use bramble_api::rest::NodeStatus;
+    use bramble_controller::config::HealthConfig;
+    use bramble_controller::state::State;
+
+    let store: Arc<dyn Store> = Arc::new(
+        bramble_controller::store::SqliteStore::open_in_memory().expect("in-memory store"),
+    );
+    let health = HealthConfig {
+        heartbeat: Duration::from_millis(10),
+        not_ready_after: Duration::from_millis(20),
+        dead_after: Duration::from_millis(50),
+        startup_grace: Duration::from_secs(30),
+        ..HealthConfig::default()
+    };
+    let leader = Arc::new(Manual(watch::channel(false).0));
+    let state = State::open(store, health, leader.clone())
+        .await
+        .expect("state");
+    let mut leading = state.leading();
+    assert!(!*leading.borrow_and_update());
+    // Heard of as a follower (or in an earlier term), then silent for long.
+    state.live.seen("pi1", None);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(state.live.status("pi1"), NodeStatus::Dead);
+
+    leader.0.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(10), leading.changed())
+        .await
+        .expect("leading within 10 s")
+        .expect("changed");
+    // The moment the loops see the lead, the node has its grace: not Dead.
+    assert_eq!(state.live.status("pi1"), NodeStatus::NotReady);
+
+    leader.0.send_replace(false);
+    tokio::time::timeout(Duration::from_secs(10), leading.changed())
+        .await
+        .expect("following within 10 s")
+        .expect("changed");
+    assert!(!state.is_leading());
+}

@@ -25,7 +25,9 @@ async fn two_thousand_half_open_connections_and_half_sent_requests_do_not_starve
         mdns: None,
         tls: Default::default(),
         viewer_logs: false,
+        cluster: Default::default(),
     })
+    .await
     .expect("opens");
     bramble_tls::install_provider();
     let fingerprint = controller.ca_fingerprint().clone();

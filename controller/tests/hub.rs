@@ -47,8 +47,9 @@ async fn controller(data: &std::path::Path) -> Running {
         mdns: None,
         tls: Default::default(),
         viewer_logs: false,
+        cluster: Default::default(),
     };
-    let controller = Controller::open(cfg).expect("controller opens");
+    let controller = Controller::open(cfg).await.expect("controller opens");
     bramble_tls::install_provider();
     let tls = Arc::new(bramble_tls::client_config(bramble_tls::Pins::one(
         controller.ca_fingerprint().clone(),

@@ -164,7 +164,9 @@ async fn warning_events_reach_webhooks_signed_and_retried() -> Result<()> {
         mdns: None,
         tls: Default::default(),
         viewer_logs: false,
-    })?;
+        cluster: Default::default(),
+    })
+    .await?;
     let pins = bramble_tls::Pins::one(ctl.ca_fingerprint().clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("https://{}", listener.local_addr()?);

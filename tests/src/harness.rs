@@ -88,6 +88,16 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// See [`ADMIN_TOKEN`].
 pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
 
+/// What controllers of one cluster share in their data dirs.
+pub const IDENTITY_FILES: [&str; 6] = [
+    "ca.crt",
+    "ca.key",
+    "secrets.key",
+    "admin-token",
+    "join-token",
+    "viewer-token",
+];
+
 /// How a test controller is started.
 #[derive(Debug, Clone)]
 pub struct ControllerOpts {
@@ -145,6 +155,74 @@ impl Controller {
         };
         c.spawn().await?;
         Ok(c)
+    }
+
+    /// Starts another controller of `peer`'s cluster: its data dir gets `peer`'s CA,
+    /// tokens and Secrets key first (what an operator copies to a second controller).
+    pub async fn start_sharing(opts: ControllerOpts, peer: &Controller) -> Result<Controller> {
+        let data_dir = tempfile::tempdir().context("temp data dir")?;
+        for f in IDENTITY_FILES {
+            let from = peer.data_dir.path().join(f);
+            if from.exists() {
+                fs::copy(&from, data_dir.path().join(f))
+                    .with_context(|| format!("copying {}", from.display()))?;
+            }
+        }
+        let mut c = Controller {
+            child: None,
+            port: free_port(),
+            data_dir,
+            opts,
+            starts: 0,
+            host: "127.0.0.1".to_string(),
+        };
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    /// Starts it and returns what it printed if it exits within `within` (a refusal),
+    /// or an error if it keeps running.
+    pub async fn start_expecting_exit(
+        opts: ControllerOpts,
+        within: Duration,
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let c = Controller {
+            child: None,
+            port: free_port(),
+            data_dir: tempfile::tempdir().context("temp data dir")?,
+            opts,
+            starts: 1,
+            host: "127.0.0.1".to_string(),
+        };
+        let log = File::create(c.log_path()).context("controller log file")?;
+        let mut child = Command::new(bin("bramble-controller"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", c.port))
+            .arg("--data-dir")
+            .arg(c.data_dir.path())
+            .args([
+                "--admin-token",
+                ADMIN_TOKEN,
+                "--no-mdns",
+                "--no-local-agent",
+            ])
+            .args(&c.opts.args)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting bramble-controller")?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, c.logs()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the controller kept running:\n{}", c.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Base URL.

@@ -88,35 +88,39 @@ fn targets(args: &DeleteArgs) -> Result<Vec<Target>> {
             "name what to delete: KIND NAME, KIND/NAME or -f FILE",
         ));
     };
-    let kind = match resource.resource {
-        Resource::Workloads(Some(kind)) => kind,
-        Resource::Workloads(None) => {
-            return Err(usage(
-                "name the workload's kind: service, wallet, cronjob or job",
-            ))
-        }
-        Resource::Tasks => {
-            return Err(usage(
-                "tasks cannot be deleted: delete or change the workload that owns them",
-            ))
-        }
-        Resource::Secrets => {
-            let names: Vec<String> = resource.name.iter().chain(&args.names).cloned().collect();
-            if names.is_empty() {
-                return Err(usage("name the secret to delete"));
+    let kind =
+        match resource.resource {
+            Resource::Workloads(Some(kind)) => kind,
+            Resource::Workloads(None) => {
+                return Err(usage(
+                    "name the workload's kind: service, wallet, cronjob or job",
+                ))
             }
-            return Ok(names.into_iter().map(Target::Secret).collect());
-        }
-        Resource::Nodes => {
-            // A node (and its credential) goes only once its agent is stopped; the
-            // controller refuses otherwise.
-            let names: Vec<String> = resource.name.iter().chain(&args.names).cloned().collect();
-            if names.is_empty() {
-                return Err(usage("name the node to delete"));
+            Resource::Tasks => {
+                return Err(usage(
+                    "tasks cannot be deleted: delete or change the workload that owns them",
+                ))
             }
-            return Ok(names.into_iter().map(Target::Node).collect());
-        }
-    };
+            Resource::Controllers => return Err(usage(
+                "controllers cannot be deleted: stop the controller; it leaves the list at once",
+            )),
+            Resource::Secrets => {
+                let names: Vec<String> = resource.name.iter().chain(&args.names).cloned().collect();
+                if names.is_empty() {
+                    return Err(usage("name the secret to delete"));
+                }
+                return Ok(names.into_iter().map(Target::Secret).collect());
+            }
+            Resource::Nodes => {
+                // A node (and its credential) goes only once its agent is stopped; the
+                // controller refuses otherwise.
+                let names: Vec<String> = resource.name.iter().chain(&args.names).cloned().collect();
+                if names.is_empty() {
+                    return Err(usage("name the node to delete"));
+                }
+                return Ok(names.into_iter().map(Target::Node).collect());
+            }
+        };
     let names: Vec<String> = resource.name.iter().chain(&args.names).cloned().collect();
     if names.is_empty() {
         return Err(usage(format!("name the {} to delete", kind.path())));

@@ -45,6 +45,18 @@ pub async fn run(client: &Client, args: &DescribeArgs, out: &mut dyn Write) -> R
                 pages.push(describe::secret(s, ev.as_deref(), now));
             }
         }
+        Resource::Controllers => {
+            let mut controllers = client.controllers().await?;
+            if let Some(n) = &name {
+                controllers.retain(|c| &c.name == n || &c.id == n);
+                if controllers.is_empty() {
+                    bail!("controller {n:?} not found (names and ids: bramblectl get controllers)");
+                }
+            }
+            for c in &controllers {
+                pages.push(describe::controller(c, now));
+            }
+        }
         Resource::Tasks => {
             let tasks = match &name {
                 Some(id) => vec![client

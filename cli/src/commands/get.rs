@@ -8,7 +8,9 @@ use std::io::Write;
 use anyhow::Result;
 use bramble_api::manifest::Kind;
 use bramble_api::quantity::Memory;
-use bramble_api::rest::{format_labels, CronJobView, NodeView, SecretView, WorkloadView};
+use bramble_api::rest::{
+    format_labels, ControllerView, CronJobView, NodeView, SecretView, WorkloadView,
+};
 use bramble_api::task::Task;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -31,7 +33,11 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
     if resource != Resource::Tasks && (args.workload.is_some() || args.node.is_some()) {
         return Err(usage("--workload and --node apply to tasks only"));
     }
-    if matches!(resource, Resource::Nodes | Resource::Secrets) && args.kind.is_some() {
+    if matches!(
+        resource,
+        Resource::Nodes | Resource::Secrets | Resource::Controllers
+    ) && args.kind.is_some()
+    {
         return Err(usage("--kind applies to workloads and tasks only"));
     }
     match resource {
@@ -58,6 +64,20 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
             let nodes = super::nodes(client, name.as_deref()).await?;
             emit(out, format, name.is_some(), resource, &nodes, || {
                 nodes_table(&nodes, wide, now)
+            })
+        }
+        Resource::Controllers => {
+            let mut controllers = client.controllers().await?;
+            if let Some(n) = &name {
+                controllers.retain(|c| &c.name == n || &c.id == n);
+                if controllers.is_empty() {
+                    return Err(anyhow::anyhow!(
+                        "controller {n:?} not found (names and ids: bramblectl get controllers)"
+                    ));
+                }
+            }
+            emit(out, format, name.is_some(), resource, &controllers, || {
+                controllers_table(&controllers, wide, now)
             })
         }
         Resource::Workloads(kind) => {
@@ -282,6 +302,35 @@ pub fn secrets_table(secrets: &[SecretView], wide: bool, now: DateTime<Utc>) -> 
         ];
         if wide {
             row.extend([format_labels(&s.labels), s.generation.to_string()]);
+        }
+        t.row(row);
+    }
+    t
+}
+
+/// `get controllers`: who leads and since when; `*` marks the one that answered.
+pub fn controllers_table(controllers: &[ControllerView], wide: bool, now: DateTime<Utc>) -> Table {
+    let mut headers = vec!["NAME", "ROLE", "LEADING FOR", "UP", "URL"];
+    if wide {
+        headers.push("ID");
+    }
+    let mut t = Table::new(headers);
+    for c in controllers {
+        let name = if c.answering {
+            format!("{} *", c.name)
+        } else {
+            c.name.clone()
+        };
+        let mut row = vec![
+            name,
+            if c.leader { "leader" } else { "follower" }.to_string(),
+            c.leader_since
+                .map_or_else(|| "-".to_string(), |s| age(s, now)),
+            age(c.started, now),
+            or_none(c.url.clone()),
+        ];
+        if wide {
+            row.push(c.id.clone());
         }
         t.row(row);
     }

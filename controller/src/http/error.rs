@@ -55,6 +55,10 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
+    /// 503 from a controller that is not the leader, for what only the leader does.
+    pub fn not_leader(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", message)
+    }
     /// 500.
     pub fn internal(code: &str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, code, message)
@@ -101,7 +105,7 @@ impl From<state::Error> for ApiError {
     fn from(e: state::Error) -> ApiError {
         match e {
             state::Error::Domain(d) => d.into(),
-            state::Error::NotLeader => ApiError::unavailable("this controller is not the leader"),
+            state::Error::NotLeader => ApiError::not_leader("this controller is not the leader"),
             other => {
                 let message = chain(&other);
                 tracing::error!(error = %message, "internal failure");

@@ -13,7 +13,8 @@ use axum::Json;
 use bramble_api::manifest::Kind;
 use bramble_api::parse::parse_sources;
 use bramble_api::rest::{
-    ApplyRequest, DrainResponse, Event, SecretDeleteResponse, StatusInfo, VersionInfo,
+    ApplyRequest, ControllerView, DrainResponse, Event, SecretDeleteResponse, StatusInfo,
+    VersionInfo,
 };
 use bramble_api::wire::ControllerMessage;
 use chrono::Utc;
@@ -24,6 +25,7 @@ use super::auth::Role;
 use super::{role, ApiError, App, Shared};
 use crate::core::events::Draft;
 use crate::core::{cron, ops, views, Change, DomainError};
+use crate::state::leader;
 use crate::state::logs::LogEvent;
 use crate::state::Scope;
 
@@ -172,6 +174,52 @@ fn node_view(app: &App, name: &str) -> Answer {
     json(views::node(&app.state.snapshot(), name, |n| {
         app.state.live.view(n)
     })?)
+}
+
+/// `GET /v1/controllers`: every live controller sharing the store, and who leads.
+/// One controller on its own store is the only one and leads.
+pub async fn list_controllers(axum::extract::State(app): Shared) -> Answer {
+    let store = app.state.store();
+    let members = leader::members(store)
+        .await
+        .map_err(|e| ApiError::from(crate::state::Error::Store(e)))?;
+    let current = leader::current(store)
+        .await
+        .map_err(|e| ApiError::from(crate::state::Error::Store(e)))?;
+    let mut views: Vec<ControllerView> = members
+        .into_iter()
+        .map(|m| {
+            let leads = current.as_ref().filter(|(l, _)| l.id == m.id);
+            ControllerView {
+                answering: m.id == app.me.id,
+                leader: leads.is_some(),
+                leader_since: leads.map(|(l, _)| l.since),
+                id: m.id,
+                name: m.name,
+                url: m.url,
+                started: m.since,
+            }
+        })
+        .collect();
+    if !views.iter().any(|v| v.answering) {
+        // Alone on its store (SQLite), or its presence not yet recorded.
+        let leads = app.state.is_leading();
+        views.push(ControllerView {
+            id: app.me.id.clone(),
+            name: app.me.name.clone(),
+            url: app.me.url.clone(),
+            started: app.me.since,
+            leader: leads,
+            leader_since: current
+                .as_ref()
+                .filter(|(l, _)| l.id == app.me.id)
+                .map(|(l, _)| l.since)
+                .or(leads.then_some(app.me.since)),
+            answering: true,
+        });
+    }
+    views.sort_by(|a, b| (a.name.as_str(), a.id.as_str()).cmp(&(b.name.as_str(), b.id.as_str())));
+    json(views)
 }
 
 /// `GET /v1/nodes`.

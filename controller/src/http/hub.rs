@@ -64,6 +64,14 @@ pub async fn agent(
         },
         _ => Admission::Join,
     };
+    // Only the leader hears agents: node health, and so every decision to move a
+    // Wallet, rests on one controller's view of the links.
+    if !app.state.is_leading() {
+        return super::ApiError::not_leader(
+            "this controller is not the leader; agents try the next controller (--controller URL,URL)",
+        )
+        .into_response();
+    }
     // Each link may hold a frame of up to MAX_FRAME_BYTES while it arrives: links are
     // capped so that what they can hold at once is bounded.
     let Ok(permit) = Arc::clone(&app.links).try_acquire_owned() else {

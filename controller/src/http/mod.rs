@@ -55,6 +55,8 @@ pub struct App {
     pub vault: Arc<crate::state::vault::Vault>,
     /// Agent links open at once ([`hub::MAX_AGENT_LINKS`]).
     pub links: Arc<tokio::sync::Semaphore>,
+    /// This controller, as `GET /v1/controllers` shows it (`since`: its start).
+    pub me: crate::state::leader::LeaderRecord,
 }
 
 /// The handlers' state.
@@ -65,6 +67,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/version", get(handlers::version))
         .route("/v1/status", get(handlers::status))
+        .route("/v1/controllers", get(handlers::list_controllers))
         .route("/v1/apply", post(handlers::apply))
         .route("/v1/workloads", get(handlers::list_workloads))
         .route("/v1/secrets", get(handlers::list_secrets))

@@ -55,7 +55,7 @@ impl Runner {
     {
         let mut world = state.subscribe();
         let mut wake = state.wake_signal();
-        let mut leader = state.leadership().watch();
+        let mut leader = state.leading();
         let mut retry = Retry::new(PASS_RETRY);
         loop {
             if self.leader_only && !*leader.borrow_and_update() {

@@ -566,7 +566,7 @@ pub async fn run(state: Arc<State>, webhooks: Arc<Webhooks>, mut stop: watch::Re
         };
         match e {
             Ok(e) => {
-                if !state.leadership().is_leader() {
+                if !state.is_leading() {
                     continue;
                 }
                 for (h, tx) in &queues {

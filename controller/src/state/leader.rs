@@ -59,6 +59,10 @@ impl Leadership for Solo {
 /// leader compare it, so a controller that lost the key cannot write as leader.
 pub const LEADER_KEY: &str = "/leader";
 
+/// Where each controller sharing the store says it is alive: `/controllers/<id>`, on
+/// its own lease (renewing a lease writes nothing, so this costs no write at rest).
+pub const MEMBERS: &str = "/controllers/";
+
 /// What the leader key says about its holder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -88,15 +92,20 @@ pub struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
-        Timing {
-            lease: Duration::from_secs(6),
-            renew: Duration::from_secs(1),
-            margin: Duration::from_secs(2),
-        }
+        Timing::for_lease(Duration::from_secs(6))
     }
 }
 
 impl Timing {
+    /// The timings for a lease: renewals every sixth of it, a margin of a third.
+    pub fn for_lease(lease: Duration) -> Timing {
+        Timing {
+            lease,
+            renew: lease / 6,
+            margin: lease / 3,
+        }
+    }
+
     /// Checks the timings against each other, in terms of their flags.
     pub fn check(&self) -> Result<(), String> {
         if self.lease < Duration::from_secs(2) {
@@ -172,6 +181,12 @@ impl Elected {
             // 0 compares as "absent": a commit made before any win fails if anyone leads.
             term: AtomicU64::new(0),
         });
+        tokio::spawn(presence(
+            Arc::clone(&store),
+            me.clone(),
+            timing,
+            stop.clone(),
+        ));
         let task = tokio::spawn(campaign(Arc::clone(&elected), store, me, timing, stop));
         (elected, task)
     }
@@ -195,6 +210,82 @@ pub async fn current(store: &dyn Store) -> Result<Option<(LeaderRecord, u64)>, s
             .ok()
             .map(|r| (r, kv.create_revision))
     }))
+}
+
+/// Every controller whose presence lives in the store, by id.
+pub async fn members(store: &dyn Store) -> Result<Vec<LeaderRecord>, store::Error> {
+    Ok(store
+        .list(MEMBERS)
+        .await?
+        .kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<LeaderRecord>(&kv.value).ok())
+        .collect())
+}
+
+/// Keeps `/controllers/<id>` alive on its own lease while the controller runs, and
+/// puts it back if the lease ended (the store was out of reach too long).
+async fn presence(
+    store: Arc<dyn Store>,
+    me: LeaderRecord,
+    timing: Timing,
+    mut stop: watch::Receiver<bool>,
+) {
+    let key = format!("{MEMBERS}{}", me.id);
+    let value = serde_json::to_vec(&me).unwrap_or_default();
+    let mut retry = Retry::new(CAMPAIGN_RETRY);
+    let mut lease: Option<store::LeaseId> = None;
+    loop {
+        let step = async {
+            match lease {
+                Some(id) => match store.keep_alive(id).await {
+                    Ok(_) => Ok(timing.renew),
+                    Err(store::Error::LeaseNotFound(_)) => {
+                        lease = None;
+                        Ok(Duration::ZERO)
+                    }
+                    Err(e) => Err(e),
+                },
+                None => {
+                    let l = store.grant(timing.lease).await?;
+                    store
+                        .txn(Txn {
+                            compares: vec![],
+                            ops: vec![Op::Put {
+                                key: key.clone(),
+                                value: value.clone(),
+                                lease: l.id,
+                            }],
+                        })
+                        .await?;
+                    lease = Some(l.id);
+                    Ok(timing.renew)
+                }
+            }
+        };
+        let wait = tokio::select! {
+            r = step => match r {
+                Ok(w) => {
+                    retry.succeeded();
+                    w
+                }
+                Err(e) => {
+                    let w = retry.failed();
+                    tracing::debug!(error = %e, retry_in = ?w, "controller presence: store failed");
+                    w
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    // Leaving: others see it gone at once rather than a lease later.
+    if let Some(id) = lease {
+        let _ = tokio::time::timeout(timing.renew, store.revoke(id)).await;
+    }
 }
 
 async fn campaign(
@@ -237,12 +328,10 @@ async fn term(
     me: &LeaderRecord,
     timing: Timing,
 ) -> Result<(), store::Error> {
-    // Wait for a free key: watch it from the revision it was read at.
-    loop {
-        let (kv, rev) = store.get(LEADER_KEY).await?;
-        if kv.is_none() {
-            break;
-        }
+    // Wait for a free key: watch it from the revision it was read at, so a deletion
+    // between the read and the watch is not missed.
+    let (kv, rev) = store.get(LEADER_KEY).await?;
+    if kv.is_some() {
         let mut w = store.watch(LEADER_KEY, rev + 1).await?;
         loop {
             match w.next().await {
@@ -258,7 +347,6 @@ async fn term(
                 None => return Ok(()),
             }
         }
-        break;
     }
     let sent = Instant::now();
     let lease = store.grant(timing.lease).await?;

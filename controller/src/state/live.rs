@@ -38,7 +38,9 @@ struct Entry {
 
 /// All nodes' in-memory state.
 pub struct Live {
-    started: Instant,
+    /// When this controller started counting node health: its start, or when it last
+    /// became the leader (a follower hears no agent).
+    started: Mutex<Instant>,
     cfg: HealthConfig,
     nodes: Mutex<HashMap<String, Entry>>,
 }
@@ -47,7 +49,7 @@ impl Live {
     /// Empty, counting health from now.
     pub fn new(cfg: HealthConfig) -> Live {
         Live {
-            started: Instant::now(),
+            started: Mutex::new(Instant::now()),
             cfg,
             nodes: Mutex::new(HashMap::new()),
         }
@@ -56,6 +58,30 @@ impl Live {
     /// The health settings.
     pub fn config(&self) -> &HealthConfig {
         &self.cfg
+    }
+
+    fn started(&self) -> Instant {
+        *self.started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts every node's health from now, as at a start: this controller just became
+    /// the leader, and what it heard before (as a follower, or in an earlier term) says
+    /// nothing of the nodes now. Nodes get the startup grace to dial it.
+    pub fn count_from_now(&self) {
+        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        for entry in self.lock().values_mut() {
+            if entry.conn.is_none() {
+                entry.last_seen = None;
+            }
+        }
+    }
+
+    /// Closes every agent link (this controller stopped leading: agents must go to the
+    /// new leader, and fence if they find none).
+    pub fn close_links(&self) {
+        for entry in self.lock().values_mut() {
+            entry.conn = None;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -102,14 +128,14 @@ impl Live {
     pub fn status(&self, node: &str) -> NodeStatus {
         let nodes = self.lock();
         let last = nodes.get(node).and_then(|l| l.last_seen);
-        health::status(last, self.started, Instant::now(), &self.cfg)
+        health::status(last, self.started(), Instant::now(), &self.cfg)
     }
 
     /// Whether the node has surely stopped its Wallets (see [`HealthConfig`]).
     pub fn wallets_fenced(&self, node: &str) -> bool {
         let nodes = self.lock();
         let last = nodes.get(node).and_then(|l| l.last_seen);
-        health::wallets_fenced(last, self.started, Instant::now(), &self.cfg)
+        health::wallets_fenced(last, self.started(), Instant::now(), &self.cfg)
     }
 
     /// The earliest instant at which the status or fencing of one of `nodes` changes.
@@ -119,7 +145,7 @@ impl Live {
         nodes
             .filter_map(|n| {
                 let last = live.get(n).and_then(|l| l.last_seen);
-                health::next_change(last, self.started, now, &self.cfg)
+                health::next_change(last, self.started(), now, &self.cfg)
             })
             .min()
     }
@@ -150,7 +176,7 @@ impl Live {
         Liveness {
             status: health::status(
                 l.and_then(|l| l.last_seen),
-                self.started,
+                self.started(),
                 Instant::now(),
                 &self.cfg,
             ),

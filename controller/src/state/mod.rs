@@ -26,9 +26,11 @@
 //! - [`history`]: an hour of node metrics per node, in ring buffers.
 //! - [`logs`]: log streams from agents to HTTP clients.
 //! - [`leader`]: who may run the loops.
+//! - [`identity`]: the CA and Secrets key every controller of a store must share.
 //! - [`vault`]: the key Secrets are sealed with, kept 0600 in the data dir.
 
 pub mod history;
+pub mod identity;
 pub mod leader;
 pub mod live;
 pub mod logs;
@@ -123,6 +125,8 @@ pub struct State {
     events: broadcast::Sender<Event>,
     counts: Mutex<BTreeMap<(String, &'static str), u64>>,
     leader: Arc<dyn Leadership>,
+    /// [`State::leading`]'s sender.
+    leading: watch::Sender<bool>,
     wake: watch::Sender<u64>,
     started: Instant,
     ids: AtomicU64,
@@ -205,6 +209,32 @@ fn events_of(revision: u64, stored: &StoredEvents) -> impl Iterator<Item = Event
     })
 }
 
+/// What changes with leadership in memory, done before the loops hear of it (they
+/// follow [`State::leading`], which this publishes): a new leader counts node health
+/// from now (it heard no agent as a follower, so the nodes get the startup grace to
+/// dial it before any is Dead); a controller that stops leading closes its agent links,
+/// so agents go to the new leader, or fence when they find none.
+async fn follow_leadership(state: Weak<State>, mut rx: watch::Receiver<bool>) {
+    loop {
+        let now = *rx.borrow_and_update();
+        {
+            let Some(s) = state.upgrade() else { return };
+            let was = *s.leading.borrow();
+            if now && !was {
+                s.live.count_from_now();
+                s.leading.send_replace(true);
+                s.wake();
+            } else if !now && was {
+                s.leading.send_replace(false);
+                s.live.close_links();
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 impl State {
     /// Reads the whole store into a snapshot and starts following its changes.
     pub async fn open(
@@ -226,6 +256,7 @@ impl State {
         let (world, _) = watch::channel(Arc::new(snap));
         let (events, _) = broadcast::channel(1024);
         let writer = format!("{:016x}", rand::random::<u64>());
+        let leader_rx = leader.watch();
         let state = Arc::new(State {
             store: Arc::clone(&store),
             world,
@@ -233,6 +264,7 @@ impl State {
             next_events: AtomicU64::new(1),
             events,
             counts: Mutex::new(BTreeMap::new()),
+            leading: watch::channel(leader_rx.borrow().to_owned()).0,
             leader,
             wake: watch::channel(0).0,
             started: Instant::now(),
@@ -242,6 +274,7 @@ impl State {
             history: history::History::default(),
             logs: logs::LogStreams::default(),
         });
+        tokio::spawn(follow_leadership(Arc::downgrade(&state), leader_rx));
         let handle = tokio::spawn(reflect(Arc::downgrade(&state), store, from));
         *state.reflector.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         tracing::info!(revision = from, writer = %state.writer, "state loaded");
@@ -289,9 +322,20 @@ impl State {
             .sum()
     }
 
-    /// Who may run the loops.
+    /// Who may run the loops (the election itself; loops follow [`State::leading`]).
     pub fn leadership(&self) -> &dyn Leadership {
         self.leader.as_ref()
+    }
+
+    /// Whether this controller leads, as the loops and the agent link see it: changed
+    /// only after what memory holds was made ready for it (see `follow_leadership`).
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.subscribe()
+    }
+
+    /// Whether this controller leads now (see [`State::leading`]).
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
     }
 
     /// When this controller started.

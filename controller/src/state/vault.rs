@@ -51,6 +51,7 @@ pub enum VaultError {
 pub struct Vault {
     key: LessSafeKey,
     rng: SystemRandom,
+    id: String,
 }
 
 impl std::fmt::Debug for Vault {
@@ -64,10 +65,24 @@ impl Vault {
     pub fn from_key(bytes: &[u8; 32]) -> Vault {
         let unbound = UnboundKey::new(&CHACHA20_POLY1305, bytes)
             .expect("a 32-byte key is always a ChaCha20-Poly1305 key");
+        // Names the key without revealing it: controllers sharing a store compare ids.
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"bramble/secrets-key-id/");
+        ctx.update(bytes);
+        let id = ctx.finish().as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Vault {
             key: LessSafeKey::new(unbound),
             rng: SystemRandom::new(),
+            id,
         }
+    }
+
+    /// A one-way id of the key (not the key): equal ids, equal keys.
+    pub fn key_id(&self) -> &str {
+        &self.id
     }
 
     /// Loads the key from `dir`, or makes it there on first start.

@@ -1,0 +1,248 @@
+//! Several controllers on one etcd: one leads, any serves the API, and when the leader
+//! dies another takes over while the agent's containers keep running and every cron
+//! slot fires once. Real etcd
+//! (Debian's etcd-server), real controller processes, a real agent and Docker.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bramble_tests::harness::{self, Agent, Controller, ControllerOpts};
+use bramble_tests::{ensure_test_image, eventually};
+use serde_json::Value;
+
+#[path = "../../controller/tests/support/etcd.rs"]
+mod etcd;
+
+const WAIT: Duration = Duration::from_secs(40);
+
+fn service(name: &str) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  image: bramble-testimg:latest
+  args: [\"serve\", \"8080\"]
+  resources: {{cpu: 100m, memory: 16Mi}}
+  replicas: 1
+"
+    )
+}
+
+fn cronjob(name: &str) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: CronJob
+metadata: {{name: {name}}}
+spec:
+  image: bramble-testimg:latest
+  args: [\"exit\", \"0\", \"1\"]
+  schedule: \"*/5 * * * * *\"
+  startingDeadline: 30s
+  history: {{successful: 100, failed: 100}}
+"
+    )
+}
+
+/// Every slot of the CronJob `name` that `c` lists fired exactly once, ran exactly one
+/// task, and no slot between the first and the last is missing.
+async fn every_slot_once(c: &Controller, name: &str) -> Result<usize> {
+    let view = c.get(&format!("/v1/cronjobs/{name}")).await?;
+    let mut slots: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for f in view["firings"].as_array().cloned().unwrap_or_default() {
+        slots
+            .entry(f["slot"].as_str().unwrap_or_default().to_string())
+            .or_default()
+            .push(f["outcome"].as_str().unwrap_or_default().to_string());
+    }
+    for (slot, outcomes) in &slots {
+        assert_eq!(outcomes, &["Fired"], "slot {slot}: {outcomes:?}");
+    }
+    let times: Vec<chrono::DateTime<chrono::Utc>> =
+        slots.keys().filter_map(|s| s.parse().ok()).collect();
+    for w in times.windows(2) {
+        assert_eq!(
+            (w[1] - w[0]).num_seconds(),
+            5,
+            "a slot is missing between {} and {}",
+            w[0],
+            w[1]
+        );
+    }
+    let tasks = c.get(&format!("/v1/tasks?workload={name}")).await?;
+    let mut runs: std::collections::BTreeMap<String, usize> = Default::default();
+    for t in tasks.as_array().cloned().unwrap_or_default() {
+        *runs
+            .entry(t["slot"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    for slot in slots.keys() {
+        assert_eq!(
+            runs.get(slot),
+            Some(&1),
+            "slot {slot} ran {:?} times",
+            runs.get(slot)
+        );
+    }
+    Ok(slots.len())
+}
+
+fn opts(endpoints: &str, prefix: &str) -> ControllerOpts {
+    ControllerOpts {
+        local_node: None,
+        args: vec![
+            "--etcd".into(),
+            endpoints.into(),
+            "--etcd-prefix".into(),
+            prefix.into(),
+            // A short lease, so the test waits little for a takeover.
+            "--leader-lease".into(),
+            "3s".into(),
+        ],
+    }
+}
+
+/// `GET /v1/controllers` from `c`: (id of the controller that answered, id of the
+/// leader if any, how many are listed).
+async fn controllers(c: &Controller) -> Result<(String, Option<String>, usize)> {
+    let v = c.get("/v1/controllers").await?;
+    let list = v.as_array().context("a list")?;
+    let id = |pred: &dyn Fn(&Value) -> bool| {
+        list.iter()
+            .find(|c| pred(c))
+            .and_then(|c| c["id"].as_str())
+            .map(str::to_string)
+    };
+    let me = id(&|c| c["answering"] == true).context("the answering controller is listed")?;
+    Ok((me, id(&|c| c["leader"] == true), list.len()))
+}
+
+/// The ids of the node's running containers of `workload`.
+fn containers(node: &str, workload: &str) -> Result<Vec<String>> {
+    let ids = harness::node_containers(node, false)?;
+    Ok(harness::inspect(&ids)?
+        .iter()
+        .filter(|c| c["Config"]["Labels"]["bramble.workload"] == workload)
+        .filter_map(|c| c["Id"].as_str().map(str::to_string))
+        .collect())
+}
+
+async fn one_running(node: &str, workload: &str) -> Result<String> {
+    eventually(WAIT, &format!("{workload} running on {node}"), || async {
+        let ids = containers(node, workload)?;
+        Ok((ids.len() == 1).then(|| ids[0].clone()))
+    })
+    .await
+}
+
+async fn node_ready_on(c: &Controller, node: &str) -> Result<()> {
+    eventually(WAIT, &format!("{node} Ready on {}", c.url()), || async {
+        let v = c.get(&format!("/v1/nodes/{node}")).await.ok();
+        Ok(v.filter(|v| v["status"] == "Ready").map(|_| ()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_follower_takes_over_when_the_leader_dies_and_containers_keep_running() -> Result<()> {
+    ensure_test_image().await?;
+    let store = etcd::Etcd::start(1).await;
+    let endpoints = store.endpoints().join(",");
+    let prefix = format!("/{}/", harness::unique("ha"));
+
+    let mut a = Controller::start(opts(&endpoints, &prefix)).await?;
+    let a_id = eventually(WAIT, "the first controller leads", || async {
+        let (me, leader, _) = controllers(&a).await?;
+        Ok((leader.as_ref() == Some(&me)).then_some(me))
+    })
+    .await?;
+    let b = Controller::start_sharing(opts(&endpoints, &prefix), &a).await?;
+    let b_id = eventually(WAIT, "both controllers listed by the second", || async {
+        let (me, leader, n) = controllers(&b).await?;
+        Ok((n == 2 && leader.as_ref() == Some(&a_id)).then_some(me))
+    })
+    .await?;
+    assert_ne!(a_id, b_id);
+
+    // The agent knows both; the follower, first in its list, refuses it.
+    let node = harness::unique("ha");
+    let agent = Agent::start_with(&format!("{},{}", b.url(), a.url()), &a.join_token()?, &node)?;
+    let _cleanup = Cleanup(node.clone());
+    node_ready_on(&a, &node).await?;
+
+    // Any controller takes writes: applied through the follower, scheduled by the leader.
+    let web = harness::unique("web");
+    b.apply("web.yaml", &service(&web)).await?;
+    let first = one_running(&node, &web).await?;
+    let tick = harness::unique("tick");
+    b.apply("tick.yaml", &cronjob(&tick)).await?;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+
+    // The leader loses power. The follower takes over once its lease ends, the agent
+    // finds it, and the container runs on untouched all along.
+    a.kill9();
+    eventually(WAIT, "the second controller leads", || async {
+        let (me, leader, n) = controllers(&b).await?;
+        Ok((leader.as_ref() == Some(&me) && n == 1).then_some(()))
+    })
+    .await?;
+    node_ready_on(&b, &node).await?;
+    assert_eq!(
+        containers(&node, &web)?,
+        std::slice::from_ref(&first),
+        "the same container"
+    );
+
+    // The new leader schedules.
+    let api = harness::unique("api");
+    b.apply("api.yaml", &service(&api)).await?;
+    one_running(&node, &api).await?;
+    let now = containers(&node, &web)?;
+    assert_eq!(
+        now,
+        [first],
+        "still the same container\n--- agent:\n{}\n--- new leader:\n{}",
+        agent.logs(),
+        b.logs()
+    );
+
+    // Every slot fired once across the change of leader, none was lost.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let fired = every_slot_once(&b, &tick).await?;
+    assert!(fired >= 4, "only {fired} slots fired");
+
+    // The old leader comes back as a follower.
+    a.restart().await?;
+    eventually(WAIT, "the restarted controller follows", || async {
+        let (me, leader, n) = controllers(&a).await?;
+        Ok((n == 2 && leader.as_ref() == Some(&b_id) && me != b_id).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_with_another_ca_is_refused_before_it_serves() -> Result<()> {
+    let store = etcd::Etcd::start(1).await;
+    let endpoints = store.endpoints().join(",");
+    let prefix = format!("/{}/", harness::unique("ca"));
+    let _first = Controller::start(opts(&endpoints, &prefix)).await?;
+    // A second controller started with a fresh data dir has its own CA and key.
+    let (status, logs) =
+        Controller::start_expecting_exit(opts(&endpoints, &prefix), Duration::from_secs(30))
+            .await?;
+    assert!(!status.success(), "{logs}");
+    assert!(logs.contains("cluster CA differs"), "{logs}");
+    assert!(logs.contains("copy ca.crt"), "{logs}");
+    Ok(())
+}
+
+/// Removes the node's containers when the test ends, passed or not.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        harness::remove_node_containers(&self.0);
+    }
+}
