@@ -2,6 +2,7 @@
 //! Figures, not assertions: these machines are noisy, so nothing here fails on a number.
 
 mod dashboard;
+mod ha;
 mod link;
 
 use std::time::{Duration, Instant};
@@ -78,6 +79,16 @@ enum What {
         /// Seconds per phase.
         #[arg(long, default_value_t = 20)]
         secs: u64,
+    },
+    /// Three controllers on a three-member etcd with 12 agents, at rest: etcd writes
+    /// (revisions) and database growth, controller and etcd memory. Not in `all` (long).
+    EtcdRest {
+        /// How long it rests.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Agents (nodes), one task each.
+        #[arg(long, default_value_t = 12)]
+        nodes: usize,
     },
     /// Scheduler placements per second on 1,000 nodes.
     Scheduler {
@@ -579,6 +590,7 @@ async fn main() -> Result<()> {
         What::Failover { rounds } => failover(rounds).await?,
         What::Scheduler { nodes, tasks } => scheduler(nodes, tasks),
         What::Dashboard { minutes, nodes } => dashboard::dashboard(minutes, nodes).await?,
+        What::EtcdRest { minutes, nodes } => ha::etcd_rest(minutes, nodes).await?,
     }
     Ok(())
 }

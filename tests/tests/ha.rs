@@ -246,3 +246,36 @@ impl Drop for Cleanup {
         harness::remove_node_containers(&self.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_and_an_agent_at_rest_write_nothing_to_etcd() -> Result<()> {
+    ensure_test_image().await?;
+    let store = etcd::Etcd::start(1).await;
+    let endpoints = store.endpoints().join(",");
+    let prefix = format!("/{}/", harness::unique("rest"));
+    let a = Controller::start(opts(&endpoints, &prefix)).await?;
+    let b = Controller::start_sharing(opts(&endpoints, &prefix), &a).await?;
+    let node = harness::unique("rest");
+    let _agent = Agent::start_with(&format!("{},{}", a.url(), b.url()), &a.join_token()?, &node)?;
+    let _cleanup = Cleanup(node.clone());
+    let web = harness::unique("web");
+    a.apply("web.yaml", &service(&web)).await?;
+    one_running(&node, &web).await?;
+    eventually(WAIT, "the task Running", || async {
+        let tasks = a.get(&format!("/v1/tasks?workload={web}")).await?;
+        let n = tasks
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|t| t["phase"] == "Running").count());
+        Ok((n == 1).then_some(()))
+    })
+    .await?;
+    // Heartbeats, pings, resyncs, the leader's renewals and both controllers' presence
+    // must not touch etcd: its revision counts every write of every client.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut raw = store.client().await;
+    let before = raw.get("/", None).await?.header().map(|h| h.revision());
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let after = raw.get("/", None).await?.header().map(|h| h.revision());
+    assert_eq!(before, after, "etcd revisions during 15 s at rest");
+    Ok(())
+}

@@ -150,6 +150,14 @@ impl Etcd {
             .expect("an etcd client")
     }
 
+    /// The process ids of the members still running.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|m| m.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// Kills member `i` (SIGKILL: a power loss).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
