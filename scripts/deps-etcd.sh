@@ -19,10 +19,13 @@ fi
 sudo_=()
 [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
 "${sudo_[@]}" apt-get update -qq
-# No service started by the package: tests run their own etcd members.
-printf '#!/bin/sh\nexit 101\n' | "${sudo_[@]}" tee /usr/sbin/policy-rc.d >/dev/null
-"${sudo_[@]}" chmod +x /usr/sbin/policy-rc.d
-trap '"${sudo_[@]}" rm -f /usr/sbin/policy-rc.d' EXIT
+# No service started by the package: tests run their own etcd members. A policy the
+# machine already has is left as it is.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+    "${sudo_[@]}" chmod +x /usr/sbin/policy-rc.d
+    trap '"${sudo_[@]}" rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
 command -v protoc >/dev/null || { echo "error: protoc missing after installing protobuf-compiler" >&2; exit 1; }
 command -v etcd >/dev/null || { echo "error: etcd missing after installing etcd-server" >&2; exit 1; }
