@@ -1063,7 +1063,7 @@ mod tests {
                     ports,
                 )| NodeInfo {
                     name: format!("n{i:02}"),
-                    ready: !not_ready || i % 2 == 0,
+                    ready: !not_ready || i.is_multiple_of(2),
                     cordoned,
                     arch,
                     labels: disk
