@@ -53,10 +53,38 @@ pub struct Cluster {
 /// The etcd cluster holding the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Etcd {
-    /// Client URLs of its members (`http://HOST:PORT`).
+    /// Client URLs of its members (`https://HOST:PORT`, or `http://` on this machine).
     pub endpoints: Vec<String>,
     /// The prefix every key lives under (`/bramble/`).
     pub prefix: String,
+    /// Its CA and this controller's client certificate (`--etcd-cacert`, ...).
+    pub tls: Option<EtcdTls>,
+    /// Plain http to another machine (`--etcd-allow-plain-http`).
+    pub allow_plain_http: bool,
+}
+
+/// See [`crate::store::etcd::TlsFiles`] (kept here too so a build without the `etcd`
+/// feature still parses the flags and says why it cannot use them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA of etcd's server certificates.
+    pub ca: PathBuf,
+    /// This controller's client certificate.
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    pub key: Option<PathBuf>,
+}
+
+impl Etcd {
+    /// The TLS files as the store takes them.
+    #[cfg(feature = "etcd")]
+    pub fn tls_files(&self) -> Option<crate::store::etcd::TlsFiles> {
+        self.tls.as_ref().map(|t| crate::store::etcd::TlsFiles {
+            ca: t.ca.clone(),
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+        })
+    }
 }
 
 /// mDNS advertisement settings.
@@ -126,7 +154,12 @@ impl Config {
         if let Some(etcd) = &self.cluster.etcd {
             #[cfg(feature = "etcd")]
             {
-                crate::store::etcd::check_endpoints(&etcd.endpoints).map_err(Invalid)?;
+                crate::store::etcd::check_endpoints(
+                    &etcd.endpoints,
+                    etcd.tls_files().as_ref(),
+                    etcd.allow_plain_http,
+                )
+                .map_err(Invalid)?;
                 crate::store::etcd::root_of(&etcd.prefix).map_err(Invalid)?;
             }
             #[cfg(not(feature = "etcd"))]

@@ -108,7 +108,10 @@ impl Controller {
         })?;
         let store: Arc<dyn Store> = match &cfg.cluster.etcd {
             #[cfg(feature = "etcd")]
-            Some(etcd) => Arc::new(store::EtcdStore::open(&etcd.endpoints, &etcd.prefix).await?),
+            Some(etcd) => Arc::new(
+                store::EtcdStore::open(&etcd.endpoints, &etcd.prefix, etcd.tls_files().as_ref())
+                    .await?,
+            ),
             #[cfg(not(feature = "etcd"))]
             Some(_) => {
                 return Err(Error::Config(config::Invalid(

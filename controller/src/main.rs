@@ -108,6 +108,25 @@ struct Args {
     /// one etcd elect a leader; every one serves the API and the dashboard.
     #[arg(long, env = "BRAMBLE_ETCD", value_delimiter = ',', value_name = "URL")]
     etcd: Vec<String>,
+    /// The CA that signed etcd's server certificates (PEM); the endpoints are then
+    /// https://.
+    #[arg(long, env = "BRAMBLE_ETCD_CACERT", value_name = "FILE")]
+    etcd_cacert: Option<PathBuf>,
+    /// This controller's client certificate for etcd (PEM; etcd's --client-cert-auth).
+    #[arg(long, env = "BRAMBLE_ETCD_CERT", value_name = "FILE", requires_all = ["etcd_key", "etcd_cacert"])]
+    etcd_cert: Option<PathBuf>,
+    /// The private key of --etcd-cert (PEM).
+    #[arg(
+        long,
+        env = "BRAMBLE_ETCD_KEY",
+        value_name = "FILE",
+        requires = "etcd_cert"
+    )]
+    etcd_key: Option<PathBuf>,
+    /// Allow plain http:// to an etcd on another machine (the state crosses the network in
+    /// clear): only on a network that only the controllers reach.
+    #[arg(long)]
+    etcd_allow_plain_http: bool,
     /// The prefix every key lives under in etcd, so clusters can share one.
     #[arg(long, env = "BRAMBLE_ETCD_PREFIX", default_value = "/bramble/")]
     etcd_prefix: String,
@@ -198,6 +217,15 @@ fn config(args: Args) -> Result<Config, String> {
             etcd: (!args.etcd.is_empty()).then(|| bramble_controller::config::Etcd {
                 endpoints: args.etcd.clone(),
                 prefix: args.etcd_prefix.clone(),
+                tls: args
+                    .etcd_cacert
+                    .clone()
+                    .map(|ca| bramble_controller::config::EtcdTls {
+                        ca,
+                        cert: args.etcd_cert.clone(),
+                        key: args.etcd_key.clone(),
+                    }),
+                allow_plain_http: args.etcd_allow_plain_http,
             }),
             leader: bramble_controller::config::Timing::for_lease(args.leader_lease),
             name: hostname(),

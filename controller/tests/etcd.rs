@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use bramble_controller::store::etcd::TlsFiles;
 use bramble_controller::store::{Error, EtcdStore, Op, Store, Txn};
 use futures_util::StreamExt;
 
@@ -42,12 +43,12 @@ async fn a_prefix_holding_other_data_is_refused_and_two_clusters_share_one_etcd(
         .await
         .expect("put");
 
-    let e = EtcdStore::open(&etcd.endpoints(), "/theirs/")
+    let e = EtcdStore::open(&etcd.endpoints(), "/theirs/", None)
         .await
         .expect_err("someone else's keys");
     assert!(matches!(e, Error::Foreign { .. }), "{e:?}");
     assert!(e.to_string().contains("/theirs"), "{e}");
-    let e = EtcdStore::open(&etcd.endpoints(), "/newer/")
+    let e = EtcdStore::open(&etcd.endpoints(), "/newer/", None)
         .await
         .expect_err("a newer layout");
     assert!(matches!(e, Error::SchemaTooNew { found: 99, .. }), "{e:?}");
@@ -133,4 +134,45 @@ async fn the_store_goes_on_when_the_member_it_used_dies() {
         .expect("an answer, not a hang")
         .expect_err("no quorum");
     assert!(matches!(e, Error::Backend { .. }), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_only_a_controller_with_a_certificate_of_etcds_ca_gets_in() {
+    let etcd = Etcd::start_tls().await;
+    let s = etcd.store("/bramble/").await;
+    put(&s, "/a", "1").await;
+    assert_eq!(keys(&s, "/").await, ["/a"]);
+    let pki = etcd.pki();
+
+    // No client certificate: etcd (--client-cert-auth) refuses the connection.
+    let no_cert = TlsFiles {
+        cert: None,
+        key: None,
+        ..pki.client.clone()
+    };
+    let e = EtcdStore::open(&etcd.endpoints(), "/bramble/", Some(&no_cert))
+        .await
+        .expect_err("no client certificate");
+    assert!(matches!(e, Error::Open { .. }), "{e:?}");
+    // Trusting another CA: etcd's certificate does not verify, nothing is sent.
+    let wrong_ca = TlsFiles {
+        ca: pki.other_ca.clone(),
+        ..pki.client.clone()
+    };
+    let e = EtcdStore::open(&etcd.endpoints(), "/bramble/", Some(&wrong_ca))
+        .await
+        .expect_err("another CA");
+    assert!(matches!(e, Error::Open { .. }), "{e:?}");
+    // A CA file that is not a certificate is named.
+    let bad = TlsFiles {
+        ca: pki.client.key.clone().expect("a key file"),
+        ..pki.client.clone()
+    };
+    let e = EtcdStore::open(&etcd.endpoints(), "/bramble/", Some(&bad))
+        .await
+        .expect_err("a key as CA");
+    let text = format!("{e:?}");
+    assert!(text.contains("no PEM certificate"), "{text}");
+    // Nothing the refused clients did reached the store.
+    assert_eq!(keys(&s, "/").await, ["/a"]);
 }

@@ -23,6 +23,7 @@
 //! Clients require a leader (`require_leader`): a member cut off from its quorum answers
 //! "no leader" at once instead of serving stale reads or hanging a watch.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -55,29 +56,100 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Keys per page when listing: a response stays far below gRPC's 4 MiB limit.
 const PAGE: i64 = 500;
 
-/// Why `--etcd` or `--etcd-prefix` cannot be used, said in terms of the flags.
-pub fn check_endpoints(endpoints: &[String]) -> std::result::Result<(), String> {
+/// How the controller proves itself to etcd and checks etcd's certificate
+/// (`--etcd-cacert`, `--etcd-cert`, `--etcd-key`, named as etcdctl names them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA etcd's server certificates are checked against (PEM).
+    pub ca: PathBuf,
+    /// This controller's client certificate (PEM), for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+/// Whether `host` (from a URL) is this machine: plain HTTP there crosses no network.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why `--etcd` cannot be used with these TLS settings, said in terms of the flags.
+/// Plain `http://` is for an etcd on this machine only, unless `allow_plain` (the
+/// operator's explicit choice for a network only the controllers reach): etcd holds
+/// every workload, and its traffic is no less secret than the agents'.
+pub fn check_endpoints(
+    endpoints: &[String],
+    tls: Option<&TlsFiles>,
+    allow_plain: bool,
+) -> std::result::Result<(), String> {
     if endpoints.is_empty() {
         return Err("--etcd needs at least one URL".into());
     }
+    if let Some(t) = tls {
+        if t.cert.is_some() != t.key.is_some() {
+            return Err("--etcd-cert and --etcd-key go together".into());
+        }
+    }
     for e in endpoints {
-        let rest = e.strip_prefix("http://").ok_or_else(|| {
-            if e.starts_with("https://") {
-                format!("--etcd {e}: https endpoints are not supported yet; use http:// on a trusted network (see docs/ha.md)")
-            } else {
-                format!("--etcd {e}: expected http://HOST:PORT")
-            }
-        })?;
+        let (rest, https) = if let Some(r) = e.strip_prefix("https://") {
+            (r, true)
+        } else if let Some(r) = e.strip_prefix("http://") {
+            (r, false)
+        } else {
+            return Err(format!(
+                "--etcd {e}: expected https://HOST:PORT (or http:// for an etcd on this machine)"
+            ));
+        };
         let hostport = rest.trim_end_matches('/');
-        let ok = hostport.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        }) && !hostport.contains('/')
-            && !hostport.contains('@');
-        if !ok {
-            return Err(format!("--etcd {e}: expected http://HOST:PORT"));
+        let host = hostport.rsplit_once(':').and_then(|(host, port)| {
+            (!host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)).then_some(host)
+        });
+        let Some(host) = host.filter(|_| !hostport.contains('/') && !hostport.contains('@')) else {
+            return Err(format!("--etcd {e}: expected https://HOST:PORT"));
+        };
+        match (https, tls.is_some()) {
+            (true, false) => {
+                return Err(format!(
+                    "--etcd {e}: https needs --etcd-cacert (the CA that signed etcd's certificate)"
+                ))
+            }
+            (false, true) => {
+                return Err(format!(
+                    "--etcd {e}: --etcd-cacert is given, so every endpoint must be https://"
+                ))
+            }
+            (false, false) if !allow_plain && !is_loopback(host) => {
+                return Err(format!(
+                    "--etcd {e}: plain http to another machine sends the cluster's state in clear; \
+                     use https:// with --etcd-cacert (and --etcd-cert/--etcd-key), or \
+                     --etcd-allow-plain-http on a network only the controllers reach"
+                ))
+            }
+            _ => {}
         }
     }
     Ok(())
+}
+
+/// The TLS settings for etcd-client from the PEM files.
+fn tls_options(t: &TlsFiles) -> std::result::Result<etcd_client::TlsOptions, String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let ca = read(&t.ca)?;
+    if bramble_tls::certificates(&ca).map_or(true, |c| c.is_empty()) {
+        return Err(format!("{}: no PEM certificate in it", t.ca.display()));
+    }
+    let mut options =
+        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
+    if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+        options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(options)
 }
 
 /// The root key of a `--etcd-prefix`: `/bramble/` and `/bramble` both give `/bramble`.
@@ -195,22 +267,30 @@ fn revision_of(h: Option<&etcd_client::ResponseHeader>) -> std::result::Result<u
 }
 
 impl EtcdStore {
-    /// Connects to `endpoints` (`http://HOST:PORT`, tried in order) and opens the store
-    /// under `prefix`, writing the layout marker into an empty root. Fails when no
-    /// endpoint answers, or when the root holds someone else's keys or a newer layout.
-    pub async fn open(endpoints: &[String], prefix: &str) -> Result<EtcdStore> {
+    /// Connects to `endpoints` (`https://HOST:PORT` with `tls`, or `http://` without;
+    /// tried in order) and opens the store under `prefix`, writing the layout marker
+    /// into an empty root. Fails when no endpoint answers, when etcd's certificate is not
+    /// from `tls.ca` or it refuses ours, or when the root holds someone else's keys or a
+    /// newer layout. Which endpoints are allowed is [`check_endpoints`]'s to say.
+    pub async fn open(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<&TlsFiles>,
+    ) -> Result<EtcdStore> {
         let location = format!("etcd {} under {prefix}", endpoints.join(","));
         let invalid = |msg: String| Error::Open {
             location: location.clone(),
             source: msg.into(),
         };
-        check_endpoints(endpoints).map_err(invalid)?;
         let root = root_of(prefix).map_err(invalid)?;
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        if let Some(t) = tls {
+            options = options.with_tls(tls_options(t).map_err(invalid)?);
+        }
         let mut clients = Vec::with_capacity(endpoints.len());
         for e in endpoints {
             let client = Client::connect([e.as_str()], Some(options.clone()))
@@ -755,25 +835,49 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_must_be_plain_host_and_port() {
-        let ok = |v: &[&str]| check_endpoints(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert!(ok(&["http://127.0.0.1:2379"]).is_ok());
-        assert!(ok(&["http://etcd-1:2379/", "http://[::1]:2379"]).is_ok());
-        assert!(ok(&[]).is_err());
+    fn endpoints_are_https_with_a_ca_or_plain_http_on_this_machine() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let tls = TlsFiles {
+            ca: "/ca.pem".into(),
+            cert: None,
+            key: None,
+        };
+        let plain = |v: &[&str]| check_endpoints(&list(v), None, false);
+        let secure = |v: &[&str]| check_endpoints(&list(v), Some(&tls), false);
+        assert!(plain(&["http://127.0.0.1:2379"]).is_ok());
+        assert!(plain(&["http://localhost:2379/", "http://[::1]:2379"]).is_ok());
+        assert!(secure(&["https://etcd-1:2379", "https://10.0.0.3:2379/"]).is_ok());
+        assert!(plain(&[]).is_err());
         for bad in [
             "127.0.0.1:2379",
             "http://127.0.0.1",
             "http://127.0.0.1:0",
             "http://:2379",
-            "http://u:p@h:2379",
-            "http://h:2379/v3",
+            "http://u:p@127.0.0.1:2379",
+            "http://127.0.0.1:2379/v3",
             "unix:///run/etcd.sock",
         ] {
-            let e = ok(&[bad]).expect_err(bad);
+            let e = plain(&[bad]).expect_err(bad);
             assert!(e.contains(bad), "{e}");
         }
-        let e = ok(&["https://h:2379"]).expect_err("https");
-        assert!(e.contains("not supported yet"), "{e}");
+        // Another machine in clear: refused unless the operator says so.
+        let e = plain(&["http://10.0.0.3:2379"]).expect_err("plain on the LAN");
+        assert!(
+            e.contains("in clear") && e.contains("--etcd-allow-plain-http"),
+            "{e}"
+        );
+        assert!(check_endpoints(&list(&["http://10.0.0.3:2379"]), None, true).is_ok());
+        let e = plain(&["https://etcd-1:2379"]).expect_err("https without a CA");
+        assert!(e.contains("--etcd-cacert"), "{e}");
+        let e = secure(&["https://etcd-1:2379", "http://127.0.0.1:2379"]).expect_err("mixed");
+        assert!(e.contains("every endpoint must be https"), "{e}");
+        let half = TlsFiles {
+            cert: Some("/c.pem".into()),
+            ..tls.clone()
+        };
+        let e = check_endpoints(&list(&["https://e:2379"]), Some(&half), false)
+            .expect_err("cert without key");
+        assert!(e.contains("go together"), "{e}");
     }
 
     #[test]

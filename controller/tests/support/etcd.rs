@@ -10,12 +10,70 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bramble_controller::store::etcd::TlsFiles;
 use bramble_controller::store::EtcdStore;
 
 /// A running etcd cluster.
 pub struct Etcd {
     members: Vec<Member>,
     dir: tempfile::TempDir,
+    tls: Option<Pki>,
+}
+
+/// Certificates for an etcd that serves TLS and asks its clients for certificates: a CA,
+/// etcd's server certificate (127.0.0.1, used by peers too), and one client certificate.
+pub struct Pki {
+    /// Files for [`EtcdStore::open`] with the client certificate.
+    pub client: TlsFiles,
+    /// A CA that signed nothing here, for "wrong CA" tests.
+    pub other_ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+fn pki(dir: &std::path::Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write a PEM file");
+        p
+    };
+    let ca = |name: &str| {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("CA certificate");
+        let path = write(&format!("{name}.pem"), &cert.pem());
+        (Issuer::new(params, key), path)
+    };
+    let (issuer, ca_path) = ca("etcd-ca");
+    let (_, other_ca) = ca("other-ca");
+    let leaf = |name: &str, sans: Vec<String>| {
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = CertificateParams::new(sans)
+            .expect("leaf params")
+            .signed_by(&key, &issuer)
+            .expect("leaf certificate");
+        (
+            write(&format!("{name}.pem"), &cert.pem()),
+            write(&format!("{name}-key.pem"), &key.serialize_pem()),
+        )
+    };
+    let (server_cert, server_key) = leaf("server", vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf("client", vec!["bramble-controller".into()]);
+    Pki {
+        client: TlsFiles {
+            ca: ca_path,
+            cert: Some(client_cert),
+            key: Some(client_key),
+        },
+        other_ca,
+        server_cert,
+        server_key,
+    }
 }
 
 struct Member {
@@ -48,6 +106,16 @@ fn etcd_binary() -> PathBuf {
 impl Etcd {
     /// Starts `n` members forming one cluster and waits until it has a leader.
     pub async fn start(n: usize) -> Etcd {
+        Etcd::start_with(n, false).await
+    }
+
+    /// Starts one member that serves clients over TLS only and requires a client
+    /// certificate from its CA ([`Etcd::pki`]).
+    pub async fn start_tls() -> Etcd {
+        Etcd::start_with(1, true).await
+    }
+
+    async fn start_with(n: usize, tls: bool) -> Etcd {
         // tmpfs when there is one: etcd fsyncs every write, and tests need no durability.
         let base = ["/dev/shm", "/tmp"]
             .into_iter()
@@ -57,10 +125,11 @@ impl Etcd {
             .prefix("bramble-etcd-")
             .tempdir_in(base)
             .expect("a temporary directory");
+        let scheme = if tls { "https" } else { "http" };
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: format!("http://127.0.0.1:{}", free_port()),
+                client: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer: format!("http://127.0.0.1:{}", free_port()),
                 child: None,
             })
@@ -70,9 +139,11 @@ impl Etcd {
             .map(|m| format!("{}={}", m.name, m.peer))
             .collect::<Vec<_>>()
             .join(",");
+        let tls = tls.then(|| pki(dir.path()));
         let mut etcd = Etcd {
             members: Vec::new(),
             dir,
+            tls,
         };
         for m in &mut members {
             m.child = Some(etcd.spawn(m, &cluster));
@@ -86,8 +157,17 @@ impl Etcd {
         let data = self.dir.path().join(&m.name);
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name)))
             .expect("an etcd log file");
-        Command::new(etcd_binary())
-            .args(["--name", &m.name])
+        let mut cmd = Command::new(etcd_binary());
+        if let Some(pki) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&pki.server_cert)
+                .arg("--key-file")
+                .arg(&pki.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&pki.client.ca)
+                .arg("--client-cert-auth");
+        }
+        cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen-client-urls", &m.client])
@@ -107,7 +187,15 @@ impl Etcd {
             .unwrap_or_else(|e| panic!("cannot start etcd: {e}"))
     }
 
+    /// The certificates of an etcd started with [`Etcd::start_tls`].
+    pub fn pki(&self) -> &Pki {
+        self.tls.as_ref().expect("started with TLS")
+    }
+
     async fn wait_ready(&self) {
+        if self.tls.is_some() {
+            return self.wait_ready_tls().await;
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut ready = 0;
@@ -131,6 +219,24 @@ impl Etcd {
         }
     }
 
+    /// TLS members are ready once a store opens on them.
+    async fn wait_ready_tls(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let files = &self.pki().client;
+            if EtcdStore::open(&self.endpoints(), "/ready/", Some(files))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("etcd did not become ready in 30 s:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.client.clone()).collect()
@@ -138,9 +244,13 @@ impl Etcd {
 
     /// A store under `prefix` on every member's endpoint.
     pub async fn store(&self, prefix: &str) -> EtcdStore {
-        EtcdStore::open(&self.endpoints(), prefix)
-            .await
-            .unwrap_or_else(|e| panic!("opening the etcd store: {e:?}\n{}", self.logs()))
+        EtcdStore::open(
+            &self.endpoints(),
+            prefix,
+            self.tls.as_ref().map(|p| &p.client),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("opening the etcd store: {e:?}\n{}", self.logs()))
     }
 
     /// A raw client, for writing what Bramble never would.

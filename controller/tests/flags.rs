@@ -1,0 +1,65 @@
+//! The controller's flags for several controllers on etcd: a configuration that cannot
+//! be safe or cannot work is refused before anything is made, with exit 64 and the flag
+//! named.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String, bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_bramble-controller"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--no-local-agent", "--no-mdns", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .expect("run bramble-controller");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        data.exists(),
+    )
+}
+
+#[test]
+fn unsafe_or_unusable_etcd_settings_are_refused_before_anything_is_made() {
+    let cases: [(&[&str], &str); 7] = [
+        (&["--etcd", "http://10.0.0.3:2379"], "in clear"),
+        (&["--etcd", "https://etcd-1:2379"], "--etcd-cacert"),
+        (
+            &["--etcd", "http://127.0.0.1:2379,ftp://x:1"],
+            "--etcd ftp://x:1",
+        ),
+        (
+            &["--etcd", "http://127.0.0.1:2379", "--etcd-prefix", "/"],
+            "--etcd-prefix",
+        ),
+        (
+            &["--etcd", "http://127.0.0.1:2379", "--leader-lease", "1s"],
+            "--leader-lease",
+        ),
+        (
+            &["--etcd-cert", "/c.pem", "--etcd", "https://e:2379"],
+            "--etcd-key",
+        ),
+        (&["--peer", "http://c2:7878"], "--peer http://c2:7878"),
+    ];
+    for (args, want) in cases {
+        let (code, stderr, made) = run(args);
+        assert_eq!(code, 64, "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!made, "{args:?} made the data dir");
+    }
+    // Plain http to another machine is the operator's explicit choice: accepted, and
+    // the controller goes on to fail at the store it cannot reach, saying so.
+    let (code, stderr, _) = run(&[
+        "--etcd",
+        "http://10.255.255.1:2379",
+        "--etcd-allow-plain-http",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot open store etcd http://10.255.255.1:2379"),
+        "{stderr}"
+    );
+}
