@@ -89,7 +89,10 @@ for t in "${targets[@]}"; do
     export "CARGO_TARGET_${triple_env}_LINKER=${gnu[$t]}-gcc"
     export "CC_${cc_env}=${gnu[$t]}-gcc"
     export "AR_${cc_env}=${gnu[$t]}-ar"
-    cargo build "${cargo_profile[@]}" --locked --target "$t" -p bramble-agent -p bramble-controller
+    # Separately: built together, cargo unifies their dependencies' features, and the
+    # agent would carry the controller's (the etcd client's HTTP/2, ~0.6 MB) for nothing.
+    cargo build "${cargo_profile[@]}" --locked --target "$t" -p bramble-agent
+    cargo build "${cargo_profile[@]}" --locked --target "$t" -p bramble-controller
 done
 
 step "binary sizes (stripped)"
