@@ -15,18 +15,6 @@ use super::{apply, mib, rerun, running_count, wait_ready};
 #[path = "../../controller/tests/support/etcd.rs"]
 mod etcd;
 
-fn opts(endpoints: &str, prefix: &str) -> ControllerOpts {
-    ControllerOpts {
-        local_node: None,
-        args: vec![
-            "--etcd".into(),
-            endpoints.into(),
-            "--etcd-prefix".into(),
-            prefix.into(),
-        ],
-    }
-}
-
 /// (revision, database size in bytes) as etcd reports them.
 async fn etcd_state(client: &mut etcd_client::Client) -> Result<(i64, i64)> {
     let status = client.status().await.context("etcd status")?;
@@ -43,10 +31,12 @@ pub async fn etcd_rest(minutes: u64, nodes: usize) -> Result<()> {
     let store = etcd::Etcd::start(3).await;
     let endpoints = store.endpoints().join(",");
     let prefix = format!("/{}/", harness::unique("bench"));
-    let first = Controller::start(opts(&endpoints, &prefix)).await?;
+    let first = Controller::start(ControllerOpts::etcd(&endpoints, &prefix)).await?;
     let mut controllers = vec![first];
     for _ in 0..2 {
-        let c = Controller::start_sharing(opts(&endpoints, &prefix), &controllers[0]).await?;
+        let c =
+            Controller::start_sharing(ControllerOpts::etcd(&endpoints, &prefix), &controllers[0])
+                .await?;
         controllers.push(c);
     }
     let urls = controllers

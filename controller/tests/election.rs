@@ -129,7 +129,7 @@ async fn one_leader_at_a_time_and_a_cut_off_leader_steps_down_first(shared: Arc<
     let (a, _ta) = Elected::start(a_store.clone(), me("a"), TIMING, rx_a);
     let first = never_two(&[&a], |l| l[0]).await;
     assert_eq!(first, [true]);
-    let (b, _tb) = Elected::start(Arc::clone(&shared), me("b"), TIMING, rx_b);
+    let (b, tb) = Elected::start(Arc::clone(&shared), me("b"), TIMING, rx_b);
     // b waits while a renews.
     tokio::time::sleep(TIMING.lease * 2).await;
     assert!(a.is_leader() && !b.is_leader());
@@ -156,8 +156,16 @@ async fn one_leader_at_a_time_and_a_cut_off_leader_steps_down_first(shared: Arc<
     tokio::time::sleep(TIMING.lease * 2).await;
     assert!(!a.is_leader() && b.is_leader());
 
-    // b stops (a controller shut down): a leads again, without waiting out the lease.
+    // b stops (a controller shut down): its lease is revoked as it ends, so the key is
+    // free at once and a leads again without waiting the lease out.
     stop_b.send_replace(true);
+    tb.await.expect("b's campaign ends");
+    assert!(!b.is_leader());
+    let after = leader::current(shared.as_ref()).await.expect("read");
+    assert!(
+        after.as_ref().is_none_or(|(r, _)| r.name == "a"),
+        "b's key outlived its stop: {after:?}"
+    );
     never_two(&[&a, &b], |l| l[0]).await;
     stop_a.send_replace(true);
 }

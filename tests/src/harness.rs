@@ -107,6 +107,22 @@ pub struct ControllerOpts {
     pub args: Vec<String>,
 }
 
+impl ControllerOpts {
+    /// A controller without a local agent keeping its state in etcd (`endpoints`,
+    /// comma-separated) under `prefix`.
+    pub fn etcd(endpoints: &str, prefix: &str) -> ControllerOpts {
+        ControllerOpts {
+            local_node: None,
+            args: vec![
+                "--etcd".into(),
+                endpoints.into(),
+                "--etcd-prefix".into(),
+                prefix.into(),
+            ],
+        }
+    }
+}
+
 /// A running `bramble-controller` process.
 pub struct Controller {
     child: Option<Child>,
@@ -124,15 +140,7 @@ pub struct Controller {
 impl Controller {
     /// Starts a controller and waits until its API answers.
     pub async fn start(opts: ControllerOpts) -> Result<Controller> {
-        let data_dir = tempfile::tempdir().context("temp data dir")?;
-        let mut c = Controller {
-            child: None,
-            port: free_port(),
-            data_dir,
-            opts,
-            starts: 0,
-            host: "127.0.0.1".to_string(),
-        };
+        let mut c = Controller::unstarted(opts, "127.0.0.1")?;
         c.spawn().await?;
         Ok(c)
     }
@@ -144,15 +152,7 @@ impl Controller {
     /// The port is still picked on loopback: it is free on every address unless
     /// something listens on the wildcard address, and then the start fails loudly.
     pub async fn start_on(opts: ControllerOpts, host: &str) -> Result<Controller> {
-        let data_dir = tempfile::tempdir().context("temp data dir")?;
-        let mut c = Controller {
-            child: None,
-            port: free_port(),
-            data_dir,
-            opts,
-            starts: 0,
-            host: host.to_string(),
-        };
+        let mut c = Controller::unstarted(opts, host)?;
         c.spawn().await?;
         Ok(c)
     }
@@ -160,55 +160,28 @@ impl Controller {
     /// Starts another controller of `peer`'s cluster: its data dir gets `peer`'s CA,
     /// tokens and Secrets key first (what an operator copies to a second controller).
     pub async fn start_sharing(opts: ControllerOpts, peer: &Controller) -> Result<Controller> {
-        let data_dir = tempfile::tempdir().context("temp data dir")?;
+        let mut c = Controller::unstarted(opts, "127.0.0.1")?;
         for f in IDENTITY_FILES {
             let from = peer.data_dir.path().join(f);
             if from.exists() {
-                fs::copy(&from, data_dir.path().join(f))
+                fs::copy(&from, c.data_dir.path().join(f))
                     .with_context(|| format!("copying {}", from.display()))?;
             }
         }
-        let mut c = Controller {
-            child: None,
-            port: free_port(),
-            data_dir,
-            opts,
-            starts: 0,
-            host: "127.0.0.1".to_string(),
-        };
         c.spawn().await?;
         Ok(c)
     }
 
-    /// Starts it and returns what it printed if it exits within `within` (a refusal),
-    /// or an error if it keeps running.
+    /// Starts a controller and returns its exit status and what it printed if it exits
+    /// within `within` (a refusal), or an error if it keeps running.
     pub async fn start_expecting_exit(
         opts: ControllerOpts,
         within: Duration,
     ) -> Result<(std::process::ExitStatus, String)> {
-        let c = Controller {
-            child: None,
-            port: free_port(),
-            data_dir: tempfile::tempdir().context("temp data dir")?,
-            opts,
-            starts: 1,
-            host: "127.0.0.1".to_string(),
-        };
-        let log = File::create(c.log_path()).context("controller log file")?;
-        let mut child = Command::new(bin("bramble-controller"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", c.port))
-            .arg("--data-dir")
-            .arg(c.data_dir.path())
-            .args([
-                "--admin-token",
-                ADMIN_TOKEN,
-                "--no-mdns",
-                "--no-local-agent",
-            ])
-            .args(&c.opts.args)
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
+        let mut c = Controller::unstarted(opts, "127.0.0.1")?;
+        c.starts = 1;
+        let mut child = c
+            .command()?
             .spawn()
             .context("starting bramble-controller")?;
         let deadline = Instant::now() + within;
@@ -223,6 +196,18 @@ impl Controller {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A controller not started yet, on a free port and a new data dir.
+    fn unstarted(opts: ControllerOpts, host: &str) -> Result<Controller> {
+        Ok(Controller {
+            child: None,
+            port: free_port(),
+            data_dir: tempfile::tempdir().context("temp data dir")?,
+            opts,
+            starts: 0,
+            host: host.to_string(),
+        })
     }
 
     /// Base URL.
@@ -282,6 +267,14 @@ impl Controller {
 
     async fn spawn(&mut self) -> Result<()> {
         self.starts += 1;
+        let mut cmd = self.command()?;
+        self.child = Some(cmd.spawn().context("starting bramble-controller")?);
+        self.wait_serving().await
+    }
+
+    /// The command line of this controller's next run, its output going to the run's
+    /// log file.
+    fn command(&self) -> Result<Command> {
         let log = File::create(self.log_path()).context("controller log file")?;
         let mut cmd = Command::new(bin("bramble-controller"));
         cmd.arg("--listen")
@@ -307,7 +300,11 @@ impl Controller {
             Some(n) => cmd.args(["--node-name", n]),
             None => cmd.arg("--no-local-agent"),
         };
-        self.child = Some(cmd.spawn().context("starting bramble-controller")?);
+        Ok(cmd)
+    }
+
+    /// Waits until the started process has made its CA and answers its API.
+    async fn wait_serving(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         // Its CA is made (or read) before it listens: pin it for the tests' clients.
         loop {
@@ -689,4 +686,60 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Checks that every slot of the CronJob `name` that `c` lists fired exactly once and
+/// ran exactly one task, with no slot missing between the first and the last listed
+/// (`period_secs` apart); returns how many slots are listed.
+pub async fn every_slot_once(c: &Controller, name: &str, period_secs: i64) -> Result<usize> {
+    use std::collections::BTreeMap;
+    let view = c.get(&format!("/v1/cronjobs/{name}")).await?;
+    let mut slots: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for f in view["firings"].as_array().cloned().unwrap_or_default() {
+        slots
+            .entry(f["slot"].as_str().unwrap_or_default().to_string())
+            .or_default()
+            .push(f["outcome"].as_str().unwrap_or_default().to_string());
+    }
+    for (slot, outcomes) in &slots {
+        if outcomes != &["Fired"] {
+            bail!("slot {slot}: {outcomes:?}");
+        }
+    }
+    let times: Vec<chrono::DateTime<chrono::Utc>> =
+        slots.keys().filter_map(|s| s.parse().ok()).collect();
+    for w in times.windows(2) {
+        if (w[1] - w[0]).num_seconds() != period_secs {
+            bail!("a slot is missing between {} and {}", w[0], w[1]);
+        }
+    }
+    let tasks = c.get(&format!("/v1/tasks?workload={name}")).await?;
+    let mut runs: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks.as_array().cloned().unwrap_or_default() {
+        *runs
+            .entry(t["slot"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    for slot in slots.keys() {
+        if runs.get(slot) != Some(&1) {
+            bail!("slot {slot} ran {:?} times", runs.get(slot));
+        }
+    }
+    Ok(slots.len())
+}
+
+/// A one-replica Service of the test image serving on 8080, small enough for many.
+pub fn web_service(name: &str) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  image: bramble-testimg:latest
+  args: [\"serve\", \"8080\"]
+  resources: {{cpu: 100m, memory: 16Mi}}
+  replicas: 1
+"
+    )
 }

@@ -15,21 +15,6 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(30);
 const VIEWER_TOKEN: &str = "test-viewer-token-0123456789";
 
-fn service(name: &str) -> String {
-    format!(
-        "apiVersion: bramble/v1
-kind: Service
-metadata:
-  name: {name}
-spec:
-  image: bramble-testimg:latest
-  args: [\"serve\", \"8080\"]
-  resources: {{cpu: 100m, memory: 16Mi}}
-  replicas: 1
-"
-    )
-}
-
 fn artifact(name: &str) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -82,7 +67,7 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
         args: vec!["--viewer-token".into(), VIEWER_TOKEN.into()],
     })
     .await?;
-    c.apply("web.yaml", &service("web")).await?;
+    c.apply("web.yaml", &harness::web_service("web")).await?;
     let web = running_task(&c, "web").await?;
 
     let b = Browser::start(1400, 1150, &c).await?;
@@ -104,7 +89,7 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
 
     // Changes arrive without a reload: a marker set in the page survives them.
     b.exec("window.__noReload = 42; return true").await?;
-    c.apply("api.yaml", &service("api")).await?;
+    c.apply("api.yaml", &harness::web_service("api")).await?;
     b.wait_for("tr[data-workload=\"Service/api\"]", WAIT)
         .await?;
     let api = running_task(&c, "api").await?;

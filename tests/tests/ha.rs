@@ -15,21 +15,6 @@ mod etcd;
 
 const WAIT: Duration = Duration::from_secs(40);
 
-fn service(name: &str) -> String {
-    format!(
-        "apiVersion: bramble/v1
-kind: Service
-metadata:
-  name: {name}
-spec:
-  image: bramble-testimg:latest
-  args: [\"serve\", \"8080\"]
-  resources: {{cpu: 100m, memory: 16Mi}}
-  replicas: 1
-"
-    )
-}
-
 fn cronjob(name: &str) -> String {
     format!(
         "apiVersion: bramble/v1
@@ -45,62 +30,11 @@ spec:
     )
 }
 
-/// Every slot of the CronJob `name` that `c` lists fired exactly once, ran exactly one
-/// task, and no slot between the first and the last is missing.
-async fn every_slot_once(c: &Controller, name: &str) -> Result<usize> {
-    let view = c.get(&format!("/v1/cronjobs/{name}")).await?;
-    let mut slots: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for f in view["firings"].as_array().cloned().unwrap_or_default() {
-        slots
-            .entry(f["slot"].as_str().unwrap_or_default().to_string())
-            .or_default()
-            .push(f["outcome"].as_str().unwrap_or_default().to_string());
-    }
-    for (slot, outcomes) in &slots {
-        assert_eq!(outcomes, &["Fired"], "slot {slot}: {outcomes:?}");
-    }
-    let times: Vec<chrono::DateTime<chrono::Utc>> =
-        slots.keys().filter_map(|s| s.parse().ok()).collect();
-    for w in times.windows(2) {
-        assert_eq!(
-            (w[1] - w[0]).num_seconds(),
-            5,
-            "a slot is missing between {} and {}",
-            w[0],
-            w[1]
-        );
-    }
-    let tasks = c.get(&format!("/v1/tasks?workload={name}")).await?;
-    let mut runs: std::collections::BTreeMap<String, usize> = Default::default();
-    for t in tasks.as_array().cloned().unwrap_or_default() {
-        *runs
-            .entry(t["slot"].as_str().unwrap_or_default().to_string())
-            .or_default() += 1;
-    }
-    for slot in slots.keys() {
-        assert_eq!(
-            runs.get(slot),
-            Some(&1),
-            "slot {slot} ran {:?} times",
-            runs.get(slot)
-        );
-    }
-    Ok(slots.len())
-}
-
 fn opts(endpoints: &str, prefix: &str) -> ControllerOpts {
-    ControllerOpts {
-        local_node: None,
-        args: vec![
-            "--etcd".into(),
-            endpoints.into(),
-            "--etcd-prefix".into(),
-            prefix.into(),
-            // A short lease, so the test waits little for a takeover.
-            "--leader-lease".into(),
-            "3s".into(),
-        ],
-    }
+    let mut o = ControllerOpts::etcd(endpoints, prefix);
+    // A short lease, so the test waits little for a takeover.
+    o.args.extend(["--leader-lease".into(), "3s".into()]);
+    o
 }
 
 /// `GET /v1/controllers` from `c`: (id of the controller that answered, id of the
@@ -173,7 +107,7 @@ async fn the_follower_takes_over_when_the_leader_dies_and_containers_keep_runnin
 
     // Any controller takes writes: applied through the follower, scheduled by the leader.
     let web = harness::unique("web");
-    b.apply("web.yaml", &service(&web)).await?;
+    b.apply("web.yaml", &harness::web_service(&web)).await?;
     let first = one_running(&node, &web).await?;
     let tick = harness::unique("tick");
     b.apply("tick.yaml", &cronjob(&tick)).await?;
@@ -196,7 +130,7 @@ async fn the_follower_takes_over_when_the_leader_dies_and_containers_keep_runnin
 
     // The new leader schedules.
     let api = harness::unique("api");
-    b.apply("api.yaml", &service(&api)).await?;
+    b.apply("api.yaml", &harness::web_service(&api)).await?;
     one_running(&node, &api).await?;
     let now = containers(&node, &web)?;
     assert_eq!(
@@ -209,7 +143,7 @@ async fn the_follower_takes_over_when_the_leader_dies_and_containers_keep_runnin
 
     // Every slot fired once across the change of leader, none was lost.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let fired = every_slot_once(&b, &tick).await?;
+    let fired = harness::every_slot_once(&b, &tick, 5).await?;
     assert!(fired >= 4, "only {fired} slots fired");
 
     // The old leader comes back as a follower.
@@ -259,7 +193,7 @@ async fn two_controllers_and_an_agent_at_rest_write_nothing_to_etcd() -> Result<
     let _agent = Agent::start_with(&format!("{},{}", a.url(), b.url()), &a.join_token()?, &node)?;
     let _cleanup = Cleanup(node.clone());
     let web = harness::unique("web");
-    a.apply("web.yaml", &service(&web)).await?;
+    a.apply("web.yaml", &harness::web_service(&web)).await?;
     one_running(&node, &web).await?;
     eventually(WAIT, "the task Running", || async {
         let tasks = a.get(&format!("/v1/tasks?workload={web}")).await?;

@@ -5,7 +5,7 @@
 //! on its behalf even if it has not noticed yet. One controller alone on its own store
 //! is always the leader ([`Solo`]); controllers sharing an etcd elect one ([`Elected`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,9 @@ impl Timing {
 pub struct Elected {
     tx: watch::Sender<bool>,
     term: AtomicU64,
+    /// The lease of the term this controller holds (0: none), revoked when it stops so
+    /// the next leader need not wait the lease out.
+    lease: AtomicI64,
 }
 
 impl Leadership for Elected {
@@ -180,6 +183,7 @@ impl Elected {
             tx: watch::channel(false).0,
             // 0 compares as "absent": a commit made before any win fails if anyone leads.
             term: AtomicU64::new(0),
+            lease: AtomicI64::new(0),
         });
         tokio::spawn(presence(
             Arc::clone(&store),
@@ -301,6 +305,11 @@ async fn campaign(
             r = term(&me_elected, store.as_ref(), &me, timing) => r,
             _ = stop.changed() => {
                 me_elected.follow();
+                // A controller shut down hands the lead over at once.
+                let lease = me_elected.lease.swap(0, Ordering::SeqCst);
+                if lease != 0 {
+                    let _ = tokio::time::timeout(timing.renew, store.revoke(lease)).await;
+                }
                 return;
             }
         };
@@ -381,6 +390,7 @@ async fn term(
         return Ok(());
     }
     let mut valid_until = timing.validity(sent, lease.ttl);
+    elected.lease.store(lease.id, Ordering::SeqCst);
     elected.lead(won.revision);
     tracing::info!(
         term = won.revision,
@@ -421,6 +431,7 @@ async fn term(
         "this controller stopped leading"
     );
     // Best effort: a revoked lease frees the key at once for another controller.
+    elected.lease.store(0, Ordering::SeqCst);
     let _ = tokio::time::timeout(timing.renew, store.revoke(lease.id)).await;
     Ok(())
 }
