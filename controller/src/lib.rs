@@ -145,6 +145,11 @@ impl Controller {
         })
     }
 
+    /// Where the state is kept (the SQLite file, or the etcd endpoints and prefix).
+    pub fn store_location(&self) -> String {
+        self.store.location()
+    }
+
     /// Where the tokens are kept.
     pub fn token_files(&self) -> &TokenFiles {
         &self.files

@@ -294,6 +294,7 @@ async fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
         bramble_api::VERSION
     );
     println!("  data dir:     {}", data_dir.display());
+    println!("  store:        {}", controller.store_location());
     println!(
         "  cluster CA:   sha256 {ca}  ({}/ca.crt)",
         data_dir.display()
