@@ -7,21 +7,30 @@ use std::process::{Command, Output};
 const TOKEN: &str =
     "BRAMBLE1-9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08-0123456789abcdef";
 
-fn agent(data_dir: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
-        .args(["--node-name", "pi-1"])
+/// `bramble-agent` for node `pi-1` with `data_dir`, the well-formed join token in the
+/// environment and nothing else from it; callers add the rest.
+fn base(data_dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bramble-agent"));
+    cmd.args(["--node-name", "pi-1"])
         .arg("--data-dir")
         .arg(data_dir)
-        // Nothing is listening there: an agent that got past its checks would keep
-        // redialling, and the test would time out instead of passing by accident.
-        .args(["--controller", "https://127.0.0.1:9"])
-        .args(args)
         .env("BRAMBLE_JOIN_TOKEN", TOKEN)
         .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
         .env_remove("BRAMBLE_ALLOW_HOST_PATH")
-        .env("BRAMBLE_LOG", "off")
-        .output()
-        .expect("run bramble-agent")
+        .env("BRAMBLE_LOG", "off");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run bramble-agent")
+}
+
+fn agent(data_dir: &std::path::Path, args: &[&str]) -> Output {
+    // Nothing is listening there: an agent that got past its checks would keep
+    // redialling, and the test would time out instead of passing by accident.
+    run(base(data_dir)
+        .args(["--controller", "https://127.0.0.1:9"])
+        .args(args))
 }
 
 #[test]
@@ -86,15 +95,7 @@ fn bad_host_path_prefixes_and_labels_are_refused_with_exit_64() {
 fn the_host_path_variable_takes_a_comma_separated_list() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    let out = Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
-        .args(["--node-name", "pi-1"])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("BRAMBLE_JOIN_TOKEN", TOKEN)
-        .env("BRAMBLE_ALLOW_HOST_PATH", "/srv/pool,/proc")
-        .env("BRAMBLE_LOG", "off")
-        .output()
-        .expect("run bramble-agent");
+    let out = run(base(&data).env("BRAMBLE_ALLOW_HOST_PATH", "/srv/pool,/proc"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(
@@ -107,15 +108,9 @@ fn the_host_path_variable_takes_a_comma_separated_list() {
 fn a_bad_join_token_or_a_plain_http_controller_is_refused_before_anything_is_done() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    let out = Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
-        .args(["--node-name", "pi-1", "--controller", "https://127.0.0.1:9"])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("BRAMBLE_JOIN_TOKEN", "an-old-style-token-0123456789")
-        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
-        .env("BRAMBLE_LOG", "off")
-        .output()
-        .expect("run bramble-agent");
+    let out = run(base(&data)
+        .args(["--controller", "https://127.0.0.1:9"])
+        .env("BRAMBLE_JOIN_TOKEN", "an-old-style-token-0123456789"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("does not start with BRAMBLE1-"), "{err}");
@@ -125,30 +120,16 @@ fn a_bad_join_token_or_a_plain_http_controller_is_refused_before_anything_is_don
     );
     assert!(!data.exists(), "nothing is written before the checks");
     // A plain-HTTP controller URL.
-    let out = Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
-        .args(["--node-name", "pi-1", "--controller", "http://127.0.0.1:9"])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("BRAMBLE_JOIN_TOKEN", TOKEN)
-        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
-        .env("BRAMBLE_LOG", "off")
-        .output()
-        .expect("run bramble-agent");
+    let out = run(base(&data).args(["--controller", "http://127.0.0.1:9"]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("plain HTTP is refused"), "{err}");
     assert!(!data.exists());
     // A token file that is not there.
-    let out = Command::new(env!("CARGO_BIN_EXE_bramble-agent"))
-        .args(["--node-name", "pi-1", "--controller", "https://127.0.0.1:9"])
+    let out = run(base(&data)
+        .args(["--controller", "https://127.0.0.1:9"])
         .args(["--join-token-file", "/nonexistent/join-token"])
-        .arg("--data-dir")
-        .arg(&data)
-        .env_remove("BRAMBLE_JOIN_TOKEN")
-        .env_remove("BRAMBLE_JOIN_TOKEN_FILE")
-        .env("BRAMBLE_LOG", "off")
-        .output()
-        .expect("run bramble-agent");
+        .env_remove("BRAMBLE_JOIN_TOKEN"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 pub use crate::core::health::HealthConfig;
 pub use crate::http::tls::TlsOptions;
 pub use crate::state::leader::Timing;
+pub use crate::store::TlsFiles;
 
 /// The controller's configuration (see `main.rs` for flags and defaults).
 #[derive(Debug, Clone)]
@@ -58,33 +59,9 @@ pub struct Etcd {
     /// The prefix every key lives under (`/bramble/`).
     pub prefix: String,
     /// Its CA and this controller's client certificate (`--etcd-cacert`, ...).
-    pub tls: Option<EtcdTls>,
+    pub tls: Option<TlsFiles>,
     /// Plain http to another machine (`--etcd-allow-plain-http`).
     pub allow_plain_http: bool,
-}
-
-/// See [`crate::store::etcd::TlsFiles`] (kept here too so a build without the `etcd`
-/// feature still parses the flags and says why it cannot use them).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdTls {
-    /// The CA of etcd's server certificates.
-    pub ca: PathBuf,
-    /// This controller's client certificate.
-    pub cert: Option<PathBuf>,
-    /// Its key.
-    pub key: Option<PathBuf>,
-}
-
-impl Etcd {
-    /// The TLS files as the store takes them.
-    #[cfg(feature = "etcd")]
-    pub fn tls_files(&self) -> Option<crate::store::etcd::TlsFiles> {
-        self.tls.as_ref().map(|t| crate::store::etcd::TlsFiles {
-            ca: t.ca.clone(),
-            cert: t.cert.clone(),
-            key: t.key.clone(),
-        })
-    }
 }
 
 /// mDNS advertisement settings.
@@ -156,7 +133,7 @@ impl Config {
             {
                 crate::store::etcd::check_endpoints(
                     &etcd.endpoints,
-                    etcd.tls_files().as_ref(),
+                    etcd.tls.as_ref(),
                     etcd.allow_plain_http,
                 )
                 .map_err(Invalid)?;

@@ -109,8 +109,7 @@ impl Controller {
         let store: Arc<dyn Store> = match &cfg.cluster.etcd {
             #[cfg(feature = "etcd")]
             Some(etcd) => Arc::new(
-                store::EtcdStore::open(&etcd.endpoints, &etcd.prefix, etcd.tls_files().as_ref())
-                    .await?,
+                store::EtcdStore::open(&etcd.endpoints, &etcd.prefix, etcd.tls.as_ref()).await?,
             ),
             #[cfg(not(feature = "etcd"))]
             Some(_) => {

@@ -220,7 +220,7 @@ fn config(args: Args) -> Result<Config, String> {
                 tls: args
                     .etcd_cacert
                     .clone()
-                    .map(|ca| bramble_controller::config::EtcdTls {
+                    .map(|ca| bramble_controller::config::TlsFiles {
                         ca,
                         cert: args.etcd_cert.clone(),
                         key: args.etcd_key.clone(),

@@ -23,7 +23,6 @@
 //! Clients require a leader (`require_leader`): a member cut off from its quorum answers
 //! "no leader" at once instead of serving stale reads or hanging a watch.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -32,6 +31,7 @@ use etcd_client::{
     GetOptions, PutOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse, WatchOptions,
 };
 
+pub use super::TlsFiles;
 use super::{
     check_ops, lease_seconds, Error, EventKind, KeyValue, Lease, LeaseId, Listing, Op, Result,
     Store, Txn, TxnResult, Watch, WatchBatch, WatchEvent,
@@ -55,18 +55,6 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 /// Keys per page when listing: a response stays far below gRPC's 4 MiB limit.
 const PAGE: i64 = 500;
-
-/// How the controller proves itself to etcd and checks etcd's certificate
-/// (`--etcd-cacert`, `--etcd-cert`, `--etcd-key`, named as etcdctl names them).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// The CA etcd's server certificates are checked against (PEM).
-    pub ca: PathBuf,
-    /// This controller's client certificate (PEM), for etcd's `--client-cert-auth`.
-    pub cert: Option<PathBuf>,
-    /// Its private key (PEM).
-    pub key: Option<PathBuf>,
-}
 
 /// Whether `host` (from a URL) is this machine: plain HTTP there crosses no network.
 fn is_loopback(host: &str) -> bool {
@@ -186,7 +174,6 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     clients: Vec<Client>,
     current: AtomicUsize,
-    root: String,
     mapper: Mapper,
     writes: AtomicU64,
 }
@@ -195,7 +182,7 @@ impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdStore")
             .field("endpoints", &self.endpoints)
-            .field("root", &self.root)
+            .field("root", &self.mapper.root)
             .field("writes", &self.write_count())
             .finish()
     }
@@ -309,7 +296,6 @@ impl EtcdStore {
             endpoints: endpoints.to_vec(),
             clients,
             current: AtomicUsize::new(0),
-            root,
             mapper,
             writes: AtomicU64::new(0),
         };
@@ -325,8 +311,9 @@ impl EtcdStore {
 
     /// The store's key as an etcd key.
     fn full(&self, key: &str) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.root.len() + key.len());
-        k.extend_from_slice(self.root.as_bytes());
+        let root = &self.mapper.root;
+        let mut k = Vec::with_capacity(root.len() + key.len());
+        k.extend_from_slice(root.as_bytes());
         k.extend_from_slice(key.as_bytes());
         k
     }
@@ -390,7 +377,7 @@ impl EtcdStore {
 
     /// Writes the layout marker into an empty root, or checks the one there.
     async fn claim_root(&self) -> Result<()> {
-        let root = self.root.clone().into_bytes();
+        let root = self.mapper.root.clone().into_bytes();
         loop {
             let found = self
                 .call("open", false, |mut c| {
@@ -727,7 +714,7 @@ impl Store for EtcdStore {
     }
 
     async fn revision(&self) -> Result<u64> {
-        let root = self.root.clone().into_bytes();
+        let root = self.mapper.root.clone().into_bytes();
         let resp = self
             .call("read", false, |mut c| {
                 let root = root.clone();

@@ -119,6 +119,20 @@ pub enum Error {
     LeaseNotFound(LeaseId),
 }
 
+/// How the controller proves itself to an etcd store and checks etcd's certificate
+/// (`--etcd-cacert`, `--etcd-cert`, `--etcd-key`, named as etcdctl names them). Plain
+/// data, here rather than in [`etcd`], so a build without that backend still parses
+/// the flags and says why it cannot use them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA etcd's server certificates are checked against (PEM).
+    pub ca: std::path::PathBuf,
+    /// This controller's client certificate (PEM), for etcd's `--client-cert-auth`.
+    pub cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<std::path::PathBuf>,
+}
+
 /// Result of store operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
