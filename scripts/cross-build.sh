@@ -10,7 +10,8 @@
 #   - the rustup targets; if rustup cannot fetch them, Debian's cross std packages
 #     (libstd-rust-dev-arm64 / -armhf), which only fit Debian's own rustc (see below);
 #   - Debian's gcc-aarch64-linux-gnu and gcc-arm-linux-gnueabihf with their libc, used as
-#     linkers and as C compilers for ring and for rusqlite's bundled SQLite.
+#     linkers and as C compilers for ring and for rusqlite's bundled SQLite;
+#   - protobuf-compiler (protoc), for the controller's etcd client.
 #
 # Why environment variables and not a committed .cargo/config.toml: the linker and CC
 # settings are only needed here, and a config file would make every developer's
@@ -65,7 +66,8 @@ has_std() {
 }
 
 step "C cross toolchains"
-apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross
+# protoc: the controller's etcd client is generated from etcd's protobuf at build time.
+apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross protobuf-compiler
 
 step "Rust targets"
 for t in "${targets[@]}"; do
