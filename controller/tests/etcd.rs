@@ -24,6 +24,37 @@ async fn put(s: &dyn Store, key: &str, value: &str) -> u64 {
     r.revision
 }
 
+/// A put as the controller's callers make it while etcd fails over: a write whose
+/// outcome is unknown (it went to a member that lost its leader) fails, saying so,
+/// and is sent again.
+async fn put_until_done(s: &dyn Store, key: &str, value: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let r = tokio::time::timeout(
+            Duration::from_secs(15),
+            s.txn(Txn {
+                compares: vec![],
+                ops: vec![Op::put(key, value.as_bytes().to_vec())],
+            }),
+        )
+        .await
+        .expect("an answer, not a hang");
+        match r {
+            Ok(r) => {
+                assert!(r.succeeded);
+                return r.revision;
+            }
+            Err(e @ Error::Backend { .. }) if tokio::time::Instant::now() < deadline => {
+                eprintln!("try {tries}: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("put {key} after {tries} tries: {e:?}"),
+        }
+    }
+}
+
 async fn keys(s: &dyn Store, prefix: &str) -> Vec<String> {
     s.list(prefix)
         .await
@@ -107,9 +138,11 @@ async fn the_store_goes_on_when_the_member_it_used_dies() {
     put(&s, "/a", "1").await;
     let lease = s.grant(Duration::from_secs(10)).await.expect("grant");
 
-    // The first endpoint is the one in use; it loses power.
+    // The first endpoint is the one in use; it loses power. If it led etcd, a write
+    // sent to another member before that member noticed may time out (its outcome
+    // unknown); the next try goes through the new leader.
     etcd.kill(0);
-    let r = put(&s, "/b", "2").await;
+    let r = put_until_done(&s, "/b", "2").await;
     assert_eq!(keys(&s, "/").await, ["/a", "/b"]);
     s.keep_alive(lease.id)
         .await

@@ -140,6 +140,27 @@ fn tls_options(t: &TlsFiles) -> std::result::Result<etcd_client::TlsOptions, Str
     Ok(options)
 }
 
+/// A channel to one endpoint, connected on first use and again after every loss.
+///
+/// A plain channel, not etcd-client's balanced one even for a single endpoint: a
+/// balanced channel whose only endpoint is down holds requests until it comes back,
+/// so a dead member would cost every call [`REQUEST_TIMEOUT`] instead of failing at
+/// once with "connection refused" and moving on to the next member.
+fn channel_to(
+    url: &str,
+    tls: Option<etcd_client::TlsOptions>,
+) -> std::result::Result<etcd_client::Channel, tonic::transport::Error> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEP_ALIVE)
+        .keep_alive_timeout(KEEP_ALIVE)
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(etcd_client::Channel::Tonic(endpoint.connect_lazy()))
+}
+
 /// The root key of a `--etcd-prefix`: `/bramble/` and `/bramble` both give `/bramble`.
 pub fn root_of(prefix: &str) -> std::result::Result<String, String> {
     let root = prefix.trim_end_matches('/');
@@ -270,17 +291,15 @@ impl EtcdStore {
             source: msg.into(),
         };
         let root = root_of(prefix).map_err(invalid)?;
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE)
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        if let Some(t) = tls {
-            options = options.with_tls(tls_options(t).map_err(invalid)?);
-        }
+        let tls = tls.map(tls_options).transpose().map_err(invalid)?;
+        let options = ConnectOptions::new().with_require_leader(true);
         let mut clients = Vec::with_capacity(endpoints.len());
         for e in endpoints {
-            let client = Client::connect([e.as_str()], Some(options.clone()))
+            let channel = channel_to(e, tls.clone()).map_err(|source| Error::Open {
+                location: location.clone(),
+                source: format!("{e}: {source}").into(),
+            })?;
+            let client = Client::from_channel(channel, Some(options.clone()))
                 .await
                 .map_err(|source| Error::Open {
                     location: location.clone(),
