@@ -1,26 +1,30 @@
-//! Fencing: a node that has lost the controller stops its Wallets by itself, so that a
-//! partition never yields two running copies of a wallet.
+//! Fencing: a node that no controller vouches for stops its Wallets by itself, so that
+//! a partition never yields two running copies of a wallet.
 //!
-//! The controller pings every agent each heartbeat interval and says its fence timeout
-//! in Welcome. The link notes every frame that arrives (text, ping or pong) in a
-//! [`Contact`]; a watcher ([`watch()`]) looks at it every [`CHECK_EVERY`] and, once nothing
-//! has arrived for the fence timeout, marks the node fenced through a callback: the link
-//! passes one that sets the supervisor's `Desired::fenced`, so this module knows nothing
-//! of the supervisor (which depends on it, not the other way round). The supervisor then
-//! stops and removes every Wallet container of the node (SIGTERM, [`GRACE`], SIGKILL)
-//! and starts none, even before the controller ever sent a task set.
+//! The leader pings every agent each heartbeat interval and says its fence timeout in
+//! Welcome; followers send a Vouch on their standby links every heartbeat while they
+//! may (see `link`). The links note every frame of the leader's link (text, ping or
+//! pong) and every Vouch in a [`Contact`]; a watcher ([`watch()`]) looks at it every
+//! [`CHECK_EVERY`] and, once nothing has arrived for the fence timeout, marks the node
+//! fenced through a callback: the link passes one that sets the supervisor's
+//! `Desired::fenced`, so this module knows nothing of the supervisor (which depends on
+//! it, not the other way round). The supervisor then stops and removes every Wallet
+//! container of the node (SIGTERM, [`GRACE`], SIGKILL) and starts none, even before the
+//! controller ever sent a task set.
 //!
-//! The fence is lifted only by a task set (Assign) that arrives on a session welcomed
-//! after the node fenced: by then the controller has heard the agent's Hello, and its
-//! task set is the truth (it may have placed the wallet elsewhere meanwhile). The task
-//! set held from before the fence never brings a wallet back by itself.
+//! The fence is lifted only by a task set (Assign) that arrives on a leader's session
+//! welcomed after the node fenced: by then the leader has heard the agent's Hello, and
+//! its task set is the truth (it may have placed the wallet elsewhere meanwhile). The
+//! task set held from before the fence never brings a wallet back by itself, and a
+//! vouch never lifts a fence.
 //!
 //! The timing argument that makes this safe is in the controller's `HealthConfig`: the
-//! controller places a silent node's wallet elsewhere only after `fence + fence_margin`,
-//! and the margin covers the heartbeat, the link delay, [`CHECK_EVERY`] and the stop
-//! (about [`GRACE`] plus the removal). Both sides measure on monotonic clocks. For the
-//! same reason the agent uses the fence timeout exactly as the controller says it:
-//! raising it would break the argument, lowering it only costs availability.
+//! leader places a silent node's wallet elsewhere only `fence + fence_margin` after it
+//! wrote its suspicion of the node, which stops every vouch within two heartbeats, and
+//! the margin covers that, the link delay, [`CHECK_EVERY`] and the stop (about [`GRACE`]
+//! plus the removal). Both sides measure on monotonic clocks. For the same reason the
+//! agent uses the fence timeout exactly as the controller says it: raising it would
+//! break the argument, lowering it only costs availability.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -125,10 +129,12 @@ impl Contact {
         }
     }
 
-    /// Whether `session` must hang up and dial again: the controller is silent, or the
-    /// node fenced while the session was current (only a new session can lift it).
-    pub fn must_redial(&self, session: u64, now: Instant) -> bool {
-        fenced(self.last, now, self.fence) || self.fenced_in.is_some_and(|f| f >= session)
+    /// Whether the leader's link `session`, whose last frame came at `last`, must hang
+    /// up and dial again: its controller is silent for the fence timeout (whatever
+    /// vouches came meanwhile on standby links), or the node fenced while the session
+    /// was current (only a new session can lift it).
+    pub fn must_redial(&self, session: u64, last: Instant, now: Instant) -> bool {
+        fenced(last, now, self.fence) || self.fenced_in.is_some_and(|f| f >= session)
     }
 }
 
@@ -212,10 +218,13 @@ mod tests {
         for ms in (600..5000).step_by(500) {
             c.heard(at(t0, ms));
             assert!(!c.check(at(t0, ms + 999)), "{ms}");
-            assert!(!c.must_redial(s, at(t0, ms + 999)));
+            assert!(!c.must_redial(s, at(t0, ms), at(t0, ms + 999)));
         }
         // The last frame at 4600 ms; silence from then on.
-        assert!(c.must_redial(s, at(t0, 5600)), "the session hangs up");
+        assert!(
+            c.must_redial(s, at(t0, 4600), at(t0, 5600)),
+            "the session hangs up"
+        );
         assert!(c.check(at(t0, 5600)));
     }
 
@@ -231,16 +240,35 @@ mod tests {
         assert!(!c.assigned(first));
         assert!(c.is_fenced());
         assert!(
-            c.must_redial(first, at(t0, 2060)),
+            c.must_redial(first, at(t0, 2050), at(t0, 2060)),
             "that session must make way for a new one"
         );
         // Frames of a new session before its task set do not lift it either.
         let second = c.welcomed(at(t0, 2500), DEFAULT_FENCE);
         assert!(c.is_fenced());
-        assert!(!c.must_redial(second, at(t0, 2600)));
+        assert!(!c.must_redial(second, at(t0, 2500), at(t0, 2600)));
         assert!(c.assigned(second));
         assert!(!c.is_fenced());
         assert!(!c.assigned(second), "lifted once");
+    }
+
+    #[test]
+    fn vouches_keep_the_node_unfenced_but_not_a_silent_leaders_link() {
+        let t0 = Instant::now();
+        let mut c = Contact::new(t0);
+        let s = c.welcomed(t0, DEFAULT_FENCE);
+        // The leader goes silent at 0; a follower vouches every 250 ms.
+        for ms in (250..10_000).step_by(250) {
+            c.heard(at(t0, ms));
+            assert!(!c.check(at(t0, ms + 100)), "vouched at {ms}");
+        }
+        assert!(
+            c.must_redial(s, t0, at(t0, 1500)),
+            "the leader's link hangs up on its own silence"
+        );
+        // The vouches stop: the node fences a fence timeout after the last one.
+        assert!(!c.check(at(t0, 9750 + 1499)));
+        assert!(c.check(at(t0, 9750 + 1500)));
     }
 
     #[test]

@@ -1,15 +1,24 @@
-//! The link to the controller: one outbound WebSocket, re-dialled with back-off.
+//! The links to the controllers: one outbound WebSocket to each controller listed
+//! (or one found over mDNS), each re-dialled with back-off.
 //!
-//! While the link is down the agent keeps running what it has (static stability); the
-//! supervisor only acts on task sets the controller actually sent. On every (re)connect
-//! the agent says Hello with the tasks it observes in Docker, so the controller's view
-//! is rebuilt from facts rather than from messages that may have been lost.
+//! The leader welcomes its link as the leader's: task sets come on it and task reports
+//! go on it. With several controllers listed, the others (followers) welcome theirs as
+//! standby links, which carry heartbeats out and Vouch frames in, and nothing else;
+//! when a follower becomes the leader it closes its standby links and the agent dials
+//! it again for the leader's.
 //!
-//! The one exception is fencing (see [`crate::fence`]): every frame from the controller
-//! (text, ping or pong) is noted in the fence clock, which runs from agent start. After
-//! the fence timeout of silence the node's Wallets are stopped, and the session hangs
-//! up and dials again, since only a task set sent on a session welcomed after the fence
-//! lifts it.
+//! While no leader's link is up the agent keeps running what it has (static
+//! stability); the supervisor only acts on task sets a leader actually sent. On every
+//! (re)connect the agent says Hello with the tasks it observes in Docker, so the
+//! controller's view is rebuilt from facts rather than from messages that may have been
+//! lost.
+//!
+//! The one exception is fencing (see [`crate::fence`]): every frame on the leader's
+//! link (text, ping or pong) and every Vouch on a standby link is noted in the fence
+//! clock, which runs from agent start. After the fence timeout without either the
+//! node's Wallets are stopped, and the leader's link hangs up and dials again, since
+//! only a task set sent on a session welcomed after the fence lifts it. A standby link
+//! never lifts a fence: a vouch only keeps running what a leader assigned.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -148,11 +157,11 @@ enum SessionError {
     Runtime(#[from] crate::runtime::Error),
 }
 
-/// Runs the supervisor and keeps the link up until `shutdown`. `urls` are the
-/// controllers' agent URLs (see [`agent_urls`]), tried in turn; without any, each dial
-/// attempt looks for the
-/// controller over mDNS first. Either way the supervisor and the fence clock run from
-/// the start, so an agent that never reaches a controller still fences its Wallets.
+/// Runs the supervisor and keeps the links up until `shutdown`. `urls` are the
+/// controllers' agent URLs (see [`agent_urls`]), one link to each; without any, a
+/// single link to a controller found over mDNS. Either way the supervisor and the fence
+/// clock run from the start, so an agent that never reaches a controller still fences
+/// its Wallets.
 pub async fn run(
     cfg: Config,
     token: JoinToken,
@@ -195,7 +204,7 @@ pub async fn run(
 
     let contact: SharedContact = Arc::new(Mutex::new(Contact::new(fence::now())));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (out_tx, mut out_rx) = mpsc::channel::<AgentMessage>(1024);
+    let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(1024);
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
     let supervisor = Supervisor::new(runtime.clone(), cfg.node_name.clone(), out_tx);
     let observer = supervisor.observer();
@@ -203,55 +212,97 @@ pub async fn run(
     let sup = tokio::spawn(supervisor.run(desired_rx, async move {
         let _ = sup_stop.changed().await;
     }));
+    let desired_tx = Arc::new(desired_tx);
     let fencer = tokio::spawn(fence::watch(Arc::clone(&contact), {
-        let desired_tx = desired_tx.clone();
+        let desired_tx = Arc::clone(&desired_tx);
         move || desired_tx.send_modify(|d| d.fenced = true)
     }));
     let image_gc = tokio::spawn(crate::disk::watch(runtime.clone(), cfg.image_gc_threshold));
 
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut metrics = metrics;
-    let mut redial = Retry::new(REDIAL);
-    let tls = std::sync::Arc::new(bramble_tls::client_config(bramble_tls::Pins::one(
+    let tls = Arc::new(bramble_tls::client_config(bramble_tls::Pins::one(
         token.ca.clone(),
     )));
+    let mut unique: Vec<String> = Vec::with_capacity(urls.len());
+    for u in &urls {
+        if !unique.contains(u) {
+            unique.push(u.clone());
+        }
+    }
+    // Standby links only make sense beside other links: a lone URL (or mDNS, which
+    // finds one controller) must reach the leader, so a follower refuses it.
+    let standby = unique.len() > 1;
+    let shared = Arc::new(Shared {
+        cfg,
+        token,
+        credential,
+        info,
+        runtime,
+        observer,
+        tls,
+        reports: tokio::sync::Mutex::new(out_rx),
+        desired_tx,
+        contact,
+        metrics: Mutex::new(metrics),
+        standby,
+    });
+    let dialers: Vec<_> = if unique.is_empty() {
+        vec![tokio::spawn(dial_loop(Arc::clone(&shared), None))]
+    } else {
+        unique
+            .into_iter()
+            .map(|u| tokio::spawn(dial_loop(Arc::clone(&shared), Some(u))))
+            .collect()
+    };
+    shutdown.await;
+    for d in &dialers {
+        d.abort();
+    }
+    for d in dialers {
+        let _ = d.await;
+    }
+    fencer.abort();
+    image_gc.abort();
+    let _ = stop_tx.send(true);
+    let _ = sup.await;
+    tracing::info!("agent stopped; containers left running");
+    Ok(())
+}
+
+/// What every link of the agent shares.
+struct Shared {
+    cfg: Config,
+    token: JoinToken,
+    credential: String,
+    info: NodeInfo,
+    runtime: Runtime,
+    observer: crate::supervisor::Observer,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    /// The supervisor's task reports. The leader's link holds the lock for as long as
+    /// it lasts, so reports go to the leader only; a session takes it (if free) before
+    /// its Hello, so that the Hello supersedes what was queued.
+    reports: tokio::sync::Mutex<mpsc::Receiver<AgentMessage>>,
+    desired_tx: Arc<watch::Sender<Desired>>,
+    contact: SharedContact,
+    metrics: Mutex<Metrics>,
+    /// Whether to ask followers for standby links (several controllers are listed).
+    standby: bool,
+}
+
+/// Keeps one link up: to `url`, or (without one) to a controller found over mDNS,
+/// dialling again with back-off whenever it ends. Runs until aborted.
+async fn dial_loop(shared: Arc<Shared>, url: Option<String>) {
+    let mut redial = Retry::new(REDIAL);
     // The node's own credential first; the join token only when the controller does not
     // know it (a new node, or one an operator deleted).
     let mut use_join = false;
-    // The controller tried next, among `urls`.
-    let mut next_url = 0usize;
     loop {
-        let welcomed_before = fence::lock(&contact).session();
         let auth = if use_join {
-            Auth::Join(&token.secret)
+            Auth::Join(&shared.token.secret)
         } else {
             Auth::Node
         };
-        let attempt = async {
-            let url = match urls.get(next_url % urls.len().max(1)) {
-                Some(u) => u.clone(),
-                None => discover(&cfg, &token).await?,
-            };
-            session(
-                &tls,
-                auth,
-                &credential,
-                &url,
-                &info,
-                &runtime,
-                &observer,
-                &mut out_rx,
-                &desired_tx,
-                &contact,
-                &mut metrics,
-            )
-            .await
-        };
-        let result = tokio::select! {
-            () = &mut shutdown => break,
-            r = attempt => r,
-        };
-        let welcomed = fence::lock(&contact).session() > welcomed_before;
+        let mut welcomed = false;
+        let result = session(&shared, auth, url.as_deref(), &mut welcomed).await;
         if matches!(result, Err(SessionError::Unauthorized(_))) && !use_join {
             // Not known by its credential: join (once) with the join token.
             tracing::info!(
@@ -263,9 +314,6 @@ pub async fn run(
         if welcomed {
             use_join = false;
         }
-        // Whatever ended the session (the controller died, stopped leading, refused),
-        // the next attempt goes to the next controller; a single one is dialled again.
-        next_url = next_url.wrapping_add(1);
         let refused = matches!(
             result,
             Err(SessionError::Unauthorized(_)
@@ -273,27 +321,19 @@ pub async fn run(
                 | SessionError::Untrusted(_))
         );
         let delay = next_redial(&mut redial, welcomed, refused);
+        let controller = url.as_deref().unwrap_or("(mDNS)");
         match result {
             Ok(()) => {}
             Err(e) if refused => {
-                tracing::error!(error = %e, retry_in = ?delay, "controller refused the agent; retrying");
+                tracing::error!(controller, error = %e, retry_in = ?delay, "controller refused the agent; retrying");
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "controller link down; containers keep running")
+                tracing::warn!(controller, error = %e, retry_in = ?delay, "controller link down; containers keep running")
             }
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % REDIAL_JITTER_MS);
-        tokio::select! {
-            () = &mut shutdown => break,
-            () = tokio::time::sleep(delay + jitter) => {}
-        }
+        tokio::time::sleep(delay + jitter).await;
     }
-    fencer.abort();
-    image_gc.abort();
-    let _ = stop_tx.send(true);
-    let _ = sup.await;
-    tracing::info!("agent stopped; containers left running");
-    Ok(())
 }
 
 /// The wait before the next dial, after a session that ended (`welcomed`: the
@@ -334,6 +374,7 @@ async fn dial(
     tls: &std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
     url: &str,
     bearer: &str,
+    standby: bool,
 ) -> Result<
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
     SessionError,
@@ -357,6 +398,10 @@ async fn dial(
         SessionError::Connect("the credential has characters not allowed in a header".into())
     })?;
     req.headers_mut().insert("authorization", auth);
+    if standby {
+        req.headers_mut()
+            .insert("x-bramble-standby", HeaderValue::from_static("1"));
+    }
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(MAX_FRAME_BYTES);
     config.max_frame_size = Some(MAX_FRAME_BYTES);
@@ -371,72 +416,78 @@ async fn dial(
     Ok(ws)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One session: dial, Hello, Welcome, then serve it as the leader's link or as a
+/// follower's standby link, as the controller's Welcome says. `welcomed` is set once
+/// the controller has welcomed it.
 async fn session(
-    tls: &std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    shared: &Shared,
     auth: Auth<'_>,
-    credential: &str,
-    url: &str,
-    info: &NodeInfo,
-    runtime: &Runtime,
-    observer: &crate::supervisor::Observer,
-    out_rx: &mut mpsc::Receiver<AgentMessage>,
-    desired_tx: &watch::Sender<Desired>,
-    contact: &SharedContact,
-    metrics: &mut Metrics,
+    url: Option<&str>,
+    welcomed: &mut bool,
 ) -> Result<(), SessionError> {
+    let url = match url {
+        Some(u) => u.to_string(),
+        None => discover(&shared.cfg, &shared.token).await?,
+    };
     let bearer = match auth {
-        Auth::Node => credential,
+        Auth::Node => shared.credential.as_str(),
         Auth::Join(secret) => secret,
     };
-    let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial(tls, url, bearer))
-        .await
-        .map_err(|_| {
-            SessionError::Connect(format!(
-                "no answer within {}",
-                ApiDuration::from(HANDSHAKE_TIMEOUT)
-            ))
-        })?
-        .map_err(|e| match (e, auth) {
-            (SessionError::Unauthorized(_), Auth::Join(_)) => {
-                SessionError::Unauthorized("join token; check --join-token")
-            }
-            (e, _) => e,
-        })?;
+    let ws = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        dial(&shared.tls, &url, bearer, shared.standby),
+    )
+    .await
+    .map_err(|_| {
+        SessionError::Connect(format!(
+            "no answer within {}",
+            ApiDuration::from(HANDSHAKE_TIMEOUT)
+        ))
+    })?
+    .map_err(|e| match (e, auth) {
+        (SessionError::Unauthorized(_), Auth::Join(_)) => {
+            SessionError::Unauthorized("join token; check --join-token")
+        }
+        (e, _) => e,
+    })?;
     let (mut sink, mut stream) = ws.split();
 
-    // Reports queued while the link was down are superseded by the Hello.
-    while out_rx.try_recv().is_ok() {}
-    let tasks = observer.observe().await?;
+    // Reports queued while no leader's link held them are superseded by the Hello.
+    let mut reports = shared.reports.try_lock().ok();
+    if let Some(r) = reports.as_mut() {
+        while r.try_recv().is_ok() {}
+    }
+    let tasks = shared.observer.observe().await?;
     let hello = AgentMessage::Hello {
-        node: info.clone(),
+        node: shared.info.clone(),
         tasks,
-        credential: Some(bramble_api::token::Secret(credential.to_string())),
+        credential: Some(bramble_api::token::Secret(shared.credential.clone())),
+        standby: shared.standby,
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.send(Message::text(frame(hello))))
         .await
         .map_err(|_| SessionError::Lost("the hello could not be sent".into()))?
         .map_err(|e| SessionError::Lost(e.to_string()))?;
 
-    let (heartbeat, session, fence) = loop {
+    let (heartbeat, fence, standby) = loop {
         let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.next())
             .await
             .map_err(|_| SessionError::Lost("no welcome within 10s".into()))?;
-        if let Some(Ok(_)) = &frame {
-            fence::lock(contact).heard(fence::now());
-        }
         match frame {
             Some(Ok(Message::Text(t))) => match wire::decode::<ControllerMessage>(t.as_str()) {
                 Ok(ControllerMessage::Welcome {
                     heartbeat_ms,
                     fence_ms,
+                    standby,
                     ..
                 }) => {
                     // Used as given, even if tiny: a longer fence than the controller
                     // assumes would break its failover timing (see `fence`).
-                    let fence = Duration::from_millis(fence_ms);
-                    let session = fence::lock(contact).welcomed(fence::now(), fence);
-                    break (Duration::from_millis(heartbeat_ms.max(100)), session, fence);
+                    break (
+                        Duration::from_millis(heartbeat_ms.max(100)),
+                        Duration::from_millis(fence_ms),
+                        standby,
+                    );
                 }
                 Ok(ControllerMessage::Error { code, message }) => {
                     return Err(SessionError::Refused { code, message })
@@ -451,7 +502,20 @@ async fn session(
             Some(Err(e)) => return Err(SessionError::Lost(e.to_string())),
         }
     };
-    tracing::info!(node = %info.name, session, fence_ms = fence.as_millis(), "connected to controller");
+    *welcomed = true;
+    if standby {
+        drop(reports);
+        return standby_link(shared, &url, sink, stream, heartbeat, fence).await;
+    }
+    let Some(mut out_rx) = reports else {
+        return Err(SessionError::Lost(
+            "another controller's leader link still holds the task reports; dialling again".into(),
+        ));
+    };
+    let contact = &shared.contact;
+    let session = fence::lock(contact).welcomed(fence::now(), fence);
+    let info = &shared.info;
+    tracing::info!(node = %info.name, controller = %url, session, fence_ms = fence.as_millis(), "connected to the leader");
 
     let (log_tx, mut log_rx) = mpsc::channel::<AgentMessage>(256);
     let mut logs: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
@@ -462,6 +526,9 @@ async fn session(
     // A send that blocks this long means the link is gone (a full socket buffer).
     let send_timeout = fence.max(fence::CHECK_EVERY);
     let mut sampled: Option<(std::time::Instant, bramble_api::wire::NodeMetrics)> = None;
+    // The last frame of this link (others may vouch meanwhile: this link's own
+    // silence is what tells that its controller is gone).
+    let mut last = fence::now();
     let result = loop {
         let outgoing = tokio::select! {
             _ = ticker.tick() => {
@@ -469,18 +536,19 @@ async fn session(
                 // is for its tasks, and the dashboard draws 10-second points.
                 let stale = sampled.as_ref().is_none_or(|(at, _)| at.elapsed() >= METRICS_EVERY);
                 if stale {
-                    sampled = Some((std::time::Instant::now(), metrics.sample()));
+                    let m = shared.metrics.lock().unwrap_or_else(|p| p.into_inner()).sample();
+                    sampled = Some((std::time::Instant::now(), m));
                 }
                 let m = sampled.as_ref().map(|(_, m)| m.clone()).unwrap_or_default();
                 AgentMessage::Heartbeat { metrics: m }
             }
             _ = check.tick() => {
                 let c = fence::lock(contact);
-                if c.must_redial(session, fence::now()) {
+                if c.must_redial(session, last, fence::now()) {
                     let why = if c.is_fenced() {
                         "the node is fenced; dialling again for a fresh task set".to_string()
                     } else {
-                        format!("no word from the controller for {}", ApiDuration::from(c.fence()))
+                        format!("no word from the leader for {}", ApiDuration::from(c.fence()))
                     };
                     break Err(SessionError::Lost(why));
                 }
@@ -491,7 +559,9 @@ async fn session(
             frame = stream.next() => {
                 if let Some(Ok(_)) = &frame {
                     // Pings count too: tungstenite answers them, but they still show up here.
-                    fence::lock(contact).heard(fence::now());
+                    let now = fence::now();
+                    last = now;
+                    fence::lock(contact).heard(now);
                 }
                 match frame {
                     Some(Ok(Message::Text(t))) => match wire::decode::<ControllerMessage>(t.as_str()) {
@@ -504,7 +574,7 @@ async fn session(
                             let unfenced = {
                                 let mut c = fence::lock(contact);
                                 let unfenced = c.assigned(session);
-                                desired_tx.send_modify(|d| {
+                                shared.desired_tx.send_modify(|d| {
                                     d.tasks = Some(tasks);
                                     if unfenced {
                                         d.fenced = false;
@@ -519,7 +589,7 @@ async fn session(
                         Ok(ControllerMessage::Logs { request, task, follow, tail }) => {
                             logs.retain(|_, h| !h.is_finished());
                             let name = container_name(&info.name, &task);
-                            let h = tokio::spawn(stream_logs(runtime.clone(), request, task, name, follow, tail, log_tx.clone()));
+                            let h = tokio::spawn(stream_logs(shared.runtime.clone(), request, task, name, follow, tail, log_tx.clone()));
                             logs.insert(request, h);
                         }
                         Ok(ControllerMessage::CancelLogs { request }) => {
@@ -528,7 +598,7 @@ async fn session(
                             }
                         }
                         Ok(ControllerMessage::Error { code, message }) => tracing::warn!(code = %code, message = %message, "controller reported an error"),
-                        Ok(ControllerMessage::Welcome { .. }) => {}
+                        Ok(ControllerMessage::Welcome { .. } | ControllerMessage::Vouch) => {}
                         Err(e) => tracing::warn!(error = %e, "ignoring a frame the agent does not understand"),
                     },
                     Some(Ok(Message::Close(_))) | None => break Err(SessionError::Lost("closed by the controller".into())),
@@ -553,6 +623,72 @@ async fn session(
         h.abort();
     }
     result
+}
+
+/// A follower's standby link: heartbeats out, and only its Vouch frames count against
+/// the fence (its Welcome and pings show the link is up, nothing more). No task set
+/// comes on it and no report goes. Ends when the follower closes it (it became the
+/// leader, or the agent went silent to it) or is silent for the fence timeout.
+async fn standby_link<S, R>(
+    shared: &Shared,
+    url: &str,
+    mut sink: S,
+    mut stream: R,
+    heartbeat: Duration,
+    fence: Duration,
+) -> Result<(), SessionError>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    tracing::info!(controller = %url, "standby link to a follower: it vouches for this node while the leader is out of reach");
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = tokio::time::interval(fence::CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let beat = frame(AgentMessage::Heartbeat {
+        metrics: bramble_api::wire::NodeMetrics::default(),
+    });
+    let mut last = fence::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                match tokio::time::timeout(fence, sink.send(Message::text(beat.clone()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(SessionError::Lost(e.to_string())),
+                    Err(_) => return Err(SessionError::Lost("a send to the follower blocked".into())),
+                }
+            }
+            _ = check.tick() => {
+                if fence::fenced(last, fence::now(), fence) {
+                    return Err(SessionError::Lost(format!(
+                        "no word from the follower for {}",
+                        ApiDuration::from(fence)
+                    )));
+                }
+            }
+            frame = stream.next() => {
+                if let Some(Ok(_)) = &frame {
+                    last = fence::now();
+                }
+                match frame {
+                    Some(Ok(Message::Text(t))) => match wire::decode::<ControllerMessage>(t.as_str()) {
+                        Ok(ControllerMessage::Vouch) => fence::lock(&shared.contact).heard(last),
+                        Ok(ControllerMessage::Error { code, message }) => {
+                            tracing::warn!(controller = %url, code = %code, message = %message, "follower reported an error");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "ignoring a frame the agent does not understand"),
+                    },
+                    Some(Ok(Message::Close(_))) | None => {
+                        return Err(SessionError::Lost("closed by the follower".into()))
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(SessionError::Lost(e.to_string())),
+                }
+            }
+        }
+    }
 }
 
 /// A message as a frame, cut to the wire's limits first (see [`wire`]'s Limits): what

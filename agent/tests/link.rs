@@ -96,6 +96,29 @@ async fn ping_for(ws: &mut Ws, how_long: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Plays a follower on a standby link for `how_long`: every 200 ms a Vouch (`vouch`)
+/// or only a ping, reading whatever the agent sends.
+async fn standby_for(ws: &mut Ws, vouch: bool, how_long: Duration) -> anyhow::Result<()> {
+    let until = tokio::time::Instant::now() + how_long;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => return Ok(()),
+            _ = tick.tick() => {
+                if vouch {
+                    send(ws, &ControllerMessage::Vouch).await?;
+                } else {
+                    ws.send(Message::Ping(Default::default())).await?;
+                }
+            }
+            frame = ws.next() => match frame {
+                Some(Ok(_)) => {}
+                other => bail!("the agent hung up the standby link: {other:?}"),
+            },
+        }
+    }
+}
+
 async fn running(rt: &Runtime, task: &str) -> anyhow::Result<Option<String>> {
     let listed = rt.list().await?;
     let mine: Vec<_> = listed.iter().filter(|o| o.task == task).collect();
@@ -138,6 +161,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
         node: node.clone(),
         heartbeat_ms: 200,
         fence_ms: 1000,
+        standby: false,
     };
 
     let (mut ws, hello) = accept(&listener, &tls).await.expect("first session");
@@ -330,6 +354,7 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
             node: node.clone(),
             heartbeat_ms: 200,
             fence_ms: 5000,
+            standby: false,
         },
     )
     .await
@@ -419,4 +444,94 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
     .expect("the allowed task runs");
     let _ = stop.send(());
     let _ = tokio::time::timeout(WAIT, agent).await;
+}
+
+#[tokio::test]
+async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent() {
+    let node = unique_name("standby");
+    let _guard = ContainerGuard::node(&node);
+    ensure_test_image().await.expect("test image");
+    let rt = Runtime::connect(&node).await.expect("docker");
+    let data = tempfile::tempdir().expect("temp dir");
+    let leader = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let follower = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = |l: &TcpListener| format!("https://{}", l.local_addr().expect("addr"));
+    let (ca, tls) = bramble_tests::tls_identity().expect("a CA");
+    let cfg = bramble_agent::Config {
+        controller: Some(format!("{},{}", url(&leader), url(&follower))),
+        join_token: token(&ca),
+        node_name: node.clone(),
+        data_dir: data.path().to_path_buf(),
+        labels: BTreeMap::new(),
+        mdns_interfaces: vec![],
+        image_gc_threshold: 100,
+        allow_host_paths: vec![],
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(bramble_agent::run(cfg, async {
+        let _ = stopped.await;
+    }));
+
+    // The agent dials both, and tells each it can keep a standby link.
+    let (l, f) = tokio::join!(accept(&leader, &tls), accept(&follower, &tls));
+    let ((mut lws, lhello), (mut fws, fhello)) =
+        (l.expect("leader link"), f.expect("standby link"));
+    for hello in [&lhello, &fhello] {
+        assert!(
+            matches!(hello, AgentMessage::Hello { standby: true, .. }),
+            "{hello:?}"
+        );
+    }
+    let welcome = |standby| ControllerMessage::Welcome {
+        node: node.clone(),
+        heartbeat_ms: 200,
+        fence_ms: 1000,
+        standby,
+    };
+    send(&mut lws, &welcome(false)).await.expect("welcome");
+    send(&mut fws, &welcome(true)).await.expect("welcome");
+    let wallet = assignment("ltc-bbbbbb-0", Kind::Wallet, &["sleep", "600"]);
+    let assign = ControllerMessage::Assign {
+        revision: 1,
+        tasks: vec![wallet.clone()],
+    };
+    send(&mut lws, &assign).await.expect("assign");
+    let id = tokio::select! {
+        r = eventually(WAIT, "the wallet to run", || async { running(&rt, &wallet.task).await }) => r.expect("running"),
+        r = ping_for(&mut lws, WAIT + Duration::from_secs(1)) => panic!("pinging ended first: {r:?}"),
+        r = standby_for(&mut fws, false, WAIT + Duration::from_secs(1)) => panic!("standby ended first: {r:?}"),
+    };
+
+    // The leader falls silent (it died): the follower's vouches keep the wallet
+    // running, well past the fence timeout.
+    standby_for(&mut fws, true, Duration::from_secs(4))
+        .await
+        .expect("vouching");
+    assert_eq!(
+        running(&rt, &wallet.task).await.expect("list"),
+        Some(id),
+        "vouched for: the same container runs on"
+    );
+
+    // The follower stops vouching (it lost the store's quorum, or the leader suspects
+    // the node): its pings do not count, and the wallet is fenced.
+    let silent = Instant::now();
+    tokio::select! {
+        r = eventually(WAIT, "the fenced wallet to go", || async {
+            Ok(rt.list().await?.iter().all(|o| o.task != wallet.task).then_some(()))
+        }) => r.expect("fenced"),
+        r = standby_for(&mut fws, false, WAIT + Duration::from_secs(1)) => panic!("standby ended first: {r:?}"),
+    }
+    let took = silent.elapsed();
+    assert!(
+        took >= Duration::from_millis(800),
+        "fenced {took:?} after the last vouch (fence 1s)"
+    );
+    drop(lws);
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, agent)
+        .await
+        .expect("the agent stops")
+        .expect("no panic")
+        .expect("no error");
 }

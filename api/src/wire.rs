@@ -641,6 +641,7 @@ impl AgentMessage {
                 node,
                 tasks,
                 credential,
+                ..
             } => {
                 node.validate_at("node")?;
                 if let Some(c) = credential {
@@ -706,6 +707,12 @@ pub enum AgentMessage {
         /// it from then on. Added after protocol version 1 shipped: optional.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         credential: Option<Secret>,
+        /// The agent keeps standby links to controllers that do not lead and counts
+        /// only their [`ControllerMessage::Vouch`] frames against its fence: a follower
+        /// serves a standby link only to an agent that says so (an older agent would
+        /// count any frame). Added after protocol version 1 shipped: optional.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        standby: bool,
     },
     /// Periodic liveness and load.
     Heartbeat {
@@ -754,7 +761,16 @@ pub enum ControllerMessage {
         /// sends a WebSocket ping every heartbeat interval, so silence means a lost link.
         #[serde(default = "default_fence_ms")]
         fence_ms: u64,
+        /// This controller does not lead: the link is a standby one, which carries
+        /// heartbeats one way and [`ControllerMessage::Vouch`] the other, and no task
+        /// set. Added after protocol version 1 shipped: optional.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        standby: bool,
     },
+    /// On a standby link: this controller, a follower on the quorum side of the store,
+    /// hears the node and knows of no leader's suspicion of it, so the node's Wallets
+    /// may go on running (the argument is `HealthConfig`'s, in the controller).
+    Vouch,
     /// The node's full desired task set; anything else with Bramble labels goes.
     Assign {
         /// Increases with every change, so a stale set is never applied over a newer one.
@@ -837,6 +853,33 @@ mod tests {
         );
     }
 
+    #[test]
+    fn standby_links_are_opt_in_on_both_sides() {
+        // Messages of agents and controllers that predate standby links.
+        let old_welcome =
+            r#"{"v":1,"type":"welcome","node":"pi","heartbeat_ms":250,"fence_ms":1500}"#;
+        let Ok(ControllerMessage::Welcome { standby, .. }) = decode(old_welcome) else {
+            panic!(
+                "an old welcome still decodes: {:?}",
+                decode::<ControllerMessage>(old_welcome)
+            )
+        };
+        assert!(!standby, "an old controller's link is a leader's");
+        let AgentMessage::Hello { standby, .. } = pi_hello() else {
+            unreachable!()
+        };
+        assert!(!standby);
+        let text = encode(&pi_hello());
+        assert!(!text.contains("standby"), "not sent when false: {text}");
+        // The vouch is a bare tag.
+        let v = encode(&ControllerMessage::Vouch);
+        assert!(v.contains(r#""type":"vouch""#), "{v}");
+        assert_eq!(
+            decode::<ControllerMessage>(&v).ok(),
+            Some(ControllerMessage::Vouch)
+        );
+    }
+
     /// A Raspberry Pi 3 as its agent describes itself.
     fn pi_hello() -> AgentMessage {
         AgentMessage::Hello {
@@ -874,6 +917,7 @@ mod tests {
                 output: Some("paid 3 miners\n".repeat(4000)),
             }],
             credential: Some(Secret("c".repeat(64))),
+            standby: false,
         }
     }
 
@@ -1279,6 +1323,7 @@ mod tests {
                 .map(|i| status(&format!("job-0123ab-{i}")))
                 .collect(),
             credential: None,
+            standby: true,
         };
         let text = encode(&big);
         assert!(text.len() > MAX_HEARTBEAT_FRAME_BYTES);

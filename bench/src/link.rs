@@ -195,6 +195,7 @@ async fn join(addr: &str, tls: &Arc<rustls::ClientConfig>, secret: &str, name: &
         node: fake_info(name),
         tasks: vec![],
         credential: Some(Secret(format!("{:064x}", rand_u128(name)))),
+        standby: false,
     };
     ws.send(Message::text(wire::encode(&hello))).await?;
     loop {

@@ -119,10 +119,11 @@ impl Config {
                 "--heartbeat must be shorter than --fence-timeout".into(),
             ));
         }
-        let needed = h.heartbeat + FENCE_CHECK_AND_STOP;
+        // The vouch window is two heartbeats (`health::vouch_window`).
+        let needed = crate::core::health::vouch_window(h) + FENCE_CHECK_AND_STOP;
         if h.fence_margin <= needed {
             return Err(Invalid(format!(
-                "--fence-margin must exceed --heartbeat + {}ms ({}ms) so a fenced Wallet is surely stopped before it starts elsewhere",
+                "--fence-margin must exceed 2 x --heartbeat + {}ms ({}ms) so a fenced Wallet is surely stopped before it starts elsewhere",
                 FENCE_CHECK_AND_STOP.as_millis(),
                 needed.as_millis()
             )));
@@ -221,15 +222,15 @@ mod tests {
             (
                 "margin too small",
                 |h| h.fence_margin = ms(1050),
-                "--fence-margin must exceed --heartbeat + 800ms (1050ms)",
+                "--fence-margin must exceed 2 x --heartbeat + 800ms (1300ms)",
             ),
             (
                 "margin equal to the need",
                 |h| {
                     h.heartbeat = ms(500);
-                    h.fence_margin = ms(1300)
+                    h.fence_margin = ms(1800)
                 },
-                "(1300ms)",
+                "(1800ms)",
             ),
         ];
         for (name, tweak, want) in cases {

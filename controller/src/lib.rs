@@ -231,6 +231,7 @@ impl Controller {
                 Arc::clone(&self.webhooks),
                 stop_rx.clone(),
             )),
+            tokio::spawn(loops::vouch::run(Arc::clone(&state), stop_rx.clone())),
         ];
 
         // A failed advertisement is not fatal: agents can still be pointed at the URL.

@@ -122,6 +122,7 @@ async fn hello(
         node: info,
         tasks: vec![],
         credential: credential.map(|c| Secret(c.to_string())),
+        standby: false,
     };
     ws.send(Message::text(wire::encode(&hello)))
         .await

@@ -57,8 +57,9 @@ pub const PREFIX: &str = "brt";
 /// Controller timing for self-healing tests, spelled out so the tests do not move when
 /// a default does (they are the defaults): heartbeats every 250 ms, NotReady after 1 s
 /// and Dead after 2 s of silence; agents fence (stop their wallets) after 1.5 s without
-/// hearing from the controller, and the controller respawns a silent node's wallet
-/// only after fence timeout + margin (3 s) since its last heartbeat.
+/// hearing from any controller that vouches for them, and the controller respawns a
+/// silent node's wallet only once it has suspected the node (after 1 s of silence) for
+/// fence timeout + margin (3 s).
 pub const HEALING_FLAGS: &[&str] = &[
     "--heartbeat",
     "250ms",

@@ -30,6 +30,19 @@ spec:
     )
 }
 
+fn wallet(name: &str) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: Wallet
+metadata: {{name: {name}}}
+spec:
+  image: bramble-testimg:latest
+  args: [\"serve\", \"8080\"]
+  resources: {{cpu: 100m, memory: 16Mi}}
+"
+    )
+}
+
 fn opts(endpoints: &str, prefix: &str) -> ControllerOpts {
     let mut o = ControllerOpts::etcd(endpoints, prefix);
     // A short lease, so the test waits little for a takeover.
@@ -109,19 +122,45 @@ async fn the_follower_takes_over_when_the_leader_dies_and_containers_keep_runnin
     let web = harness::unique("web");
     b.apply("web.yaml", &harness::web_service(&web)).await?;
     let first = one_running(&node, &web).await?;
+    let ltc = harness::unique("ltc");
+    b.apply("ltc.yaml", &wallet(&ltc)).await?;
+    let ltc_first = one_running(&node, &ltc).await?;
     let tick = harness::unique("tick");
     b.apply("tick.yaml", &cronjob(&tick)).await?;
     tokio::time::sleep(Duration::from_secs(11)).await;
 
     // The leader loses power. The follower takes over once its lease ends, the agent
-    // finds it, and the container runs on untouched all along.
+    // finds it, and the containers run on untouched all along: the Wallet too, vouched
+    // for by the follower meanwhile (sampled every 100 ms: always the one container).
     a.kill9();
-    eventually(WAIT, "the second controller leads", || async {
-        let (me, leader, n) = controllers(&b).await?;
-        Ok((leader.as_ref() == Some(&me) && n == 1).then_some(()))
-    })
-    .await?;
-    node_ready_on(&b, &node).await?;
+    let sampling = async {
+        loop {
+            let now = containers(&node, &ltc)?;
+            anyhow::ensure!(
+                now == std::slice::from_ref(&ltc_first),
+                "the wallet stopped or changed during the takeover: {now:?}\n--- agent:\n{}",
+                agent.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let takeover = async {
+        eventually(WAIT, "the second controller leads", || async {
+            let (me, leader, n) = controllers(&b).await?;
+            Ok((leader.as_ref() == Some(&me) && n == 1).then_some(()))
+        })
+        .await?;
+        node_ready_on(&b, &node).await
+    };
+    tokio::select! {
+        r = sampling => r?,
+        r = takeover => r?,
+    }
+    assert!(
+        !agent.logs().contains("wallets fenced"),
+        "the agent fenced its wallets during the takeover:\n{}",
+        agent.logs()
+    );
     assert_eq!(
         containers(&node, &web)?,
         std::slice::from_ref(&first),
@@ -139,6 +178,11 @@ async fn the_follower_takes_over_when_the_leader_dies_and_containers_keep_runnin
         "still the same container\n--- agent:\n{}\n--- new leader:\n{}",
         agent.logs(),
         b.logs()
+    );
+    assert_eq!(
+        containers(&node, &ltc)?,
+        [ltc_first],
+        "still the same wallet"
     );
 
     // Every slot fired once across the change of leader, none was lost.

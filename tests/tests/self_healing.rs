@@ -19,9 +19,10 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Fence timeout + fence margin ([`HEALING_FLAGS`]): how long after a silent node's last
-/// heartbeat the controller may start its wallet elsewhere.
-const WALLET_GRACE: Duration = Duration::from_secs(3);
+/// NotReady (when the leader suspects the node) + fence timeout + fence margin
+/// ([`HEALING_FLAGS`]): how long after a silent node's last heartbeat the controller
+/// may start its wallet elsewhere.
+const WALLET_GRACE: Duration = Duration::from_secs(4);
 
 /// How often the "never two wallets" samplers look.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);

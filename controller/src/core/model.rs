@@ -38,6 +38,9 @@ pub const EVENTS: &str = "/events/";
 /// Prefix of Secrets.
 pub const SECRETS: &str = "/secrets/";
 
+/// Prefix of the leader's suspicions of silent nodes (see [`Suspicion`]).
+pub const SUSPECTS: &str = "/suspects/";
+
 /// Key of a Secret.
 pub fn secret_key(name: &str) -> String {
     format!("{SECRETS}{name}")
@@ -56,6 +59,11 @@ pub fn task_key(id: &str) -> String {
 /// Key of a node.
 pub fn node_key(name: &str) -> String {
     format!("{NODES}{name}")
+}
+
+/// Key of the suspicion of one node.
+pub fn suspect_key(node: &str) -> String {
+    format!("{SUSPECTS}{node}")
 }
 
 /// Key of a CronJob's operator state.
@@ -85,6 +93,8 @@ pub enum KeyKind {
     Events,
     /// `/secrets/…`
     Secret,
+    /// `/suspects/…`
+    Suspect,
 }
 
 impl KeyKind {
@@ -98,6 +108,7 @@ impl KeyKind {
             (CRON_STATE, KeyKind::CronState),
             (EVENTS, KeyKind::Events),
             (SECRETS, KeyKind::Secret),
+            (SUSPECTS, KeyKind::Suspect),
         ]
         .into_iter()
         .find(|(p, _)| key.starts_with(p))
@@ -176,6 +187,22 @@ impl StoredWorkload {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Sealed(pub String);
+
+/// The leader has not heard a node that runs a Wallet and is about to treat its Wallets
+/// as stopped. Written before the Wallet is placed anywhere else, so that every other
+/// controller stops vouching for the node first (see `core::health::HealthConfig`);
+/// deleted once the leader hears the node again. Written only on a failure, never at
+/// rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Suspicion {
+    /// The node.
+    pub node: String,
+    /// The controller (leader) that wrote it.
+    pub by: String,
+    /// When, by that controller's wall clock (for people; no decision reads it).
+    pub at: DateTime<Utc>,
+}
 
 /// A Secret as stored: labels in the clear, values sealed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

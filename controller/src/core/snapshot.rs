@@ -14,7 +14,7 @@ use bramble_api::task::Task;
 use super::events::Draft;
 use super::model::{
     self, event_seq, CronState, KeyKind, StoredEvents, StoredNode, StoredSecret, StoredWorkload,
-    Versioned,
+    Suspicion, Versioned,
 };
 
 /// A decoded stored value.
@@ -34,6 +34,8 @@ pub enum Item {
     Events(StoredEvents),
     /// A Secret, values sealed.
     Secret(StoredSecret),
+    /// The leader's suspicion of a silent node.
+    Suspect(Suspicion),
 }
 
 impl Item {
@@ -47,6 +49,7 @@ impl Item {
             Item::CronState(_) => KeyKind::CronState,
             Item::Events(_) => KeyKind::Events,
             Item::Secret(_) => KeyKind::Secret,
+            Item::Suspect(_) => KeyKind::Suspect,
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct Snapshot {
     pub events: BTreeMap<(u64, String), Arc<StoredEvents>>,
     /// Secrets by name.
     pub secrets: BTreeMap<String, Arc<Versioned<StoredSecret>>>,
+    /// The leader's suspicions, by node.
+    pub suspects: BTreeMap<String, Arc<Versioned<Suspicion>>>,
 }
 
 impl Snapshot {
@@ -148,6 +153,18 @@ impl Snapshot {
                     }),
                 );
             }
+            Item::Suspect(s) => {
+                if let Some(node) = key.strip_prefix(model::SUSPECTS) {
+                    self.suspects.insert(
+                        node.to_string(),
+                        Arc::new(Versioned {
+                            value: s,
+                            rev,
+                            created,
+                        }),
+                    );
+                }
+            }
         }
     }
 
@@ -181,6 +198,11 @@ impl Snapshot {
             KeyKind::Secret => {
                 if let Some(name) = key.strip_prefix(model::SECRETS) {
                     self.secrets.remove(name);
+                }
+            }
+            KeyKind::Suspect => {
+                if let Some(node) = key.strip_prefix(model::SUSPECTS) {
+                    self.suspects.remove(node);
                 }
             }
         }

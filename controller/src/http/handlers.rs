@@ -239,7 +239,8 @@ pub async fn get_node(axum::extract::State(app): Shared, Path(name): Path<String
 #[tracing::instrument(skip(app))]
 pub async fn delete_node(axum::extract::State(app): Shared, Path(name): Path<String>) -> Answer {
     let connected = app.state.live.connection(&name).is_some();
-    let fenced = app.state.live.wallets_fenced(&name);
+    let suspected = app.state.snapshot().suspects.contains_key(&name);
+    let fenced = app.state.live.wallets_fenced(&name, suspected);
     app.state
         .update("node deletion", Scope::Any, |snap| {
             ops::delete_node(snap, &name, connected, fenced).map(|c| (c, ()))

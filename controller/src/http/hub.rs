@@ -10,6 +10,13 @@
 //!   controller's requests, and the node's task set whenever it changes in the snapshot
 //!   (level-triggered: every controller sharing the store serves its agents the same
 //!   way).
+//!
+//! A controller that does not lead serves *standby* links to agents that ask for one
+//! (the [`STANDBY_HEADER`] and Hello's `standby`): no task set and no reports, only the
+//! agent's heartbeats one way and, every heartbeat, a Vouch the other while
+//! `core::health::may_vouch` allows it. That is what keeps a node's Wallets running
+//! while the leader is lost. When the follower becomes the leader it closes them, and
+//! the agents dial again for a leader's link.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +37,7 @@ use tokio::sync::mpsc;
 use super::auth::{credential_hash, Role};
 use super::App;
 use crate::core::ops::Admission;
-use crate::core::{ops, reconcile, Change, DomainError};
+use crate::core::{health, ops, reconcile, Change, DomainError};
 use crate::state::live::Connection;
 use crate::state::logs::LogEvent;
 use crate::state::vault::Vault;
@@ -44,6 +51,11 @@ const REPORT_QUEUE: usize = 1024;
 
 /// How a report that cannot be written is retried.
 const REPORT_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
+/// The upgrade request header by which an agent asks a follower for a standby link
+/// rather than a refusal (an older agent, which would count any frame against its
+/// fence, does not send it).
+pub const STANDBY_HEADER: &str = "x-bramble-standby";
 
 /// The most agent links served at once: the node cap, and room for reconnects that
 /// overlap the links they replace.
@@ -64,9 +76,13 @@ pub async fn agent(
         },
         _ => Admission::Join,
     };
-    // Only the leader hears agents: node health, and so every decision to move a
-    // Wallet, rests on one controller's view of the links.
-    if !app.state.is_leading() {
+    // Only the leader hears agents for node health, and so every decision to move a
+    // Wallet rests on one controller's view of the links. Followers serve standby
+    // links, to agents that ask for them.
+    let wants_standby = headers
+        .get(STANDBY_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
+    if !app.state.is_leading() && !wants_standby {
         return super::ApiError::not_leader(
             "this controller is not the leader; agents try the next controller (--controller URL,URL)",
         )
@@ -84,7 +100,7 @@ pub async fn agent(
     ws.max_message_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
             let _permit = permit;
-            serve(socket, app, addr, admission).await
+            serve(socket, app, addr, admission, wants_standby).await
         })
 }
 
@@ -98,8 +114,9 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: String) {
     let _ = socket.close().await;
 }
 
-/// What a Hello says: the node, the tasks it has, the hash of its credential.
-type Hello = (NodeInfo, Vec<TaskStatus>, Option<String>);
+/// What a Hello says: the node, the tasks it has, the hash of its credential, whether
+/// the agent can keep a standby link.
+type Hello = (NodeInfo, Vec<TaskStatus>, Option<String>, bool);
 
 async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
@@ -125,9 +142,10 @@ async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
             node,
             tasks,
             credential,
+            standby,
         }) => {
             let hash = credential.map(|c| credential_hash(&c.0));
-            Ok((node, tasks, hash))
+            Ok((node, tasks, hash, standby))
         }
         Ok(_) => Err((
             "bad_message".into(),
@@ -152,13 +170,29 @@ enum Report {
 }
 
 #[tracing::instrument(skip_all, fields(addr = %addr))]
-async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr, admission: Admission) {
+async fn serve(
+    mut socket: WebSocket,
+    app: Arc<App>,
+    addr: SocketAddr,
+    admission: Admission,
+    wants_standby: bool,
+) {
     let state = Arc::clone(&app.state);
-    let (node, tasks, credential) = match hello(&mut socket).await {
+    let (node, tasks, credential, standby_ok) = match hello(&mut socket).await {
         Ok(h) => h,
         Err((code, msg)) => return send_error(&mut socket, &code, msg).await,
     };
     let name = node.name.clone();
+    // Decided once, here: leadership may have changed since the upgrade.
+    let standby = !state.is_leading();
+    if standby && !(wants_standby && standby_ok) {
+        return send_error(
+            &mut socket,
+            "not_leader",
+            "this controller is not the leader; agents try the next controller (--controller URL,URL)".into(),
+        )
+        .await;
+    }
     let registered = state
         .snapshot()
         .nodes
@@ -166,7 +200,7 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr, admission
         .and_then(|n| n.value.info.machine_id.clone());
     if let Some(msg) = name_in_use(
         &name,
-        state.live.connection(&name).is_some(),
+        !standby && state.live.connection(&name).is_some(),
         registered.as_deref(),
         node.machine_id.as_deref(),
     ) {
@@ -205,6 +239,7 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr, admission
         node: name.clone(),
         heartbeat_ms: u64::try_from(health.heartbeat.as_millis()).unwrap_or(u64::MAX),
         fence_ms: u64::try_from(health.fence.as_millis()).unwrap_or(u64::MAX),
+        standby,
     };
     if socket
         .send(Message::Text(wire::encode(&welcome).into()))
@@ -212,6 +247,9 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr, admission
         .is_err()
     {
         return;
+    }
+    if standby {
+        return serve_standby(socket, &state, &name).await;
     }
 
     let (tx, rx) = mpsc::channel::<ControllerMessage>(256);
@@ -284,6 +322,60 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, addr: SocketAddr, admission
     state.live.disconnect(&name, conn_id);
     tracing::info!(node = %name, "agent disconnected");
     state.wake();
+}
+
+/// A follower's standby link (see the module documentation): pings every heartbeat,
+/// so the agent knows the link is up, and a Vouch whenever `health::may_vouch` allows.
+/// Ends when the agent goes silent or closes, or when this controller becomes the
+/// leader (the agent then dials it again for a leader's link).
+async fn serve_standby(socket: WebSocket, state: &ClusterState, name: &str) {
+    let cfg = *state.live.config();
+    let (mut sink, mut stream) = socket.split();
+    let mut leading = state.leading();
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = std::time::Instant::now();
+    let vouch = wire::encode(&ControllerMessage::Vouch);
+    let mut vouching = false;
+    tracing::info!(node = %name, "standby link up");
+    let why = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = std::time::Instant::now();
+                if now.saturating_duration_since(heard) > cfg.dead_after {
+                    break "the agent went silent";
+                }
+                let suspected = state.snapshot().suspects.contains_key(name);
+                let may = health::may_vouch(state.fresh_at(), heard, suspected, now, &cfg);
+                if may != vouching {
+                    vouching = may;
+                    tracing::info!(node = %name, vouching, suspected, "standby link: vouching changed");
+                }
+                let frame = if may {
+                    Message::Text(vouch.clone().into())
+                } else {
+                    Message::Ping(Vec::new().into())
+                };
+                match tokio::time::timeout(cfg.fence, sink.send(frame)).await {
+                    Ok(Ok(())) => {}
+                    _ => break "the agent cannot be reached",
+                }
+            }
+            changed = leading.changed() => {
+                if changed.is_err() || *leading.borrow() {
+                    break "this controller leads now: the agent dials again for a leader's link";
+                }
+            }
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Close(_))) | None => break "closed by the agent",
+                Some(Err(_)) => break "the link failed",
+                // Heartbeats, reports (ignored: the leader takes them), pongs.
+                Some(Ok(_)) => heard = std::time::Instant::now(),
+            },
+        }
+    };
+    let _ = tokio::time::timeout(cfg.fence, sink.close()).await;
+    tracing::info!(node = %name, why, "standby link closed");
 }
 
 /// Sends pings, the controller's requests and the node's task set when it changes.

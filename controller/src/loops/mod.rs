@@ -9,11 +9,13 @@
 //! - [`cron`]: CronJob firings, retries and history.
 //! - [`feed`]: the dashboard's live stream publisher, and its views ([`cards`]).
 //! - [`webhooks`]: event notifications.
+//! - [`vouch`]: the proof of a fresh view of the store that followers vouch with.
 
 pub mod cards;
 pub mod cron;
 pub mod feed;
 pub mod reconcile;
+pub mod vouch;
 pub mod webhooks;
 
 use std::future::Future;

@@ -34,6 +34,7 @@ pub async fn run(state: Arc<State>, resync: Duration, stop: watch::Receiver<bool
 
 /// One pass; returns when the next one is due at the latest.
 pub async fn pass(state: &State) -> Result<Option<Instant>, state::Error> {
+    let mut again = suspect(state).await?;
     let snap = state.snapshot();
     let nodes: Vec<NodeState> = snap
         .nodes
@@ -44,7 +45,9 @@ pub async fn pass(state: &State) -> Result<Option<Instant>, state::Error> {
                 info: n.value.info.clone(),
                 status: state.live.status(name),
                 cordoned: n.value.cordoned,
-                wallets_fenced: state.live.wallets_fenced(name),
+                wallets_fenced: state
+                    .live
+                    .wallets_fenced(name, snap.suspects.contains_key(name)),
             }
         })
         .collect();
@@ -67,7 +70,6 @@ pub async fn pass(state: &State) -> Result<Option<Instant>, state::Error> {
 
     let now = Utc::now();
     let (changes, retry_at) = reconcile::change(&snap, &nodes, now);
-    let mut again = false;
     for change in changes {
         let writes = change.writes.len();
         match state.commit(change, Scope::Leader).await? {
@@ -80,7 +82,10 @@ pub async fn pass(state: &State) -> Result<Option<Instant>, state::Error> {
     }
     let mut next = state
         .live
-        .next_change(nodes.iter().map(|n| n.info.name.as_str()))
+        .next_change(nodes.iter().map(|n| {
+            let name = n.info.name.as_str();
+            (name, snap.suspects.contains_key(name))
+        }))
         .map(Instant::from_std);
     if let Some(at) = retry_at.and_then(|at| (at - now).to_std().ok()) {
         let at = Instant::now() + at;
@@ -90,4 +95,37 @@ pub async fn pass(state: &State) -> Result<Option<Instant>, state::Error> {
         next = Some(Instant::now());
     }
     Ok(next)
+}
+
+/// Writes the leader's suspicions of silent nodes and clears those of nodes heard
+/// again ([`health::suspicions`]); closes the links of nodes it has just suspected, so
+/// that from then on only a vouch could keep their Wallets running, and no controller
+/// gives one. Returns whether a race calls for another pass at once.
+async fn suspect(state: &State) -> Result<bool, state::Error> {
+    let snap = state.snapshot();
+    let heard: Vec<health::Heard> = snap
+        .nodes
+        .keys()
+        .map(|name| health::Heard {
+            node: name.clone(),
+            suspect: state.live.suspect(name),
+            back: state.live.connection(name).is_some()
+                && state.live.status(name) == bramble_api::rest::NodeStatus::Ready,
+        })
+        .collect();
+    let (change, newly) =
+        health::suspicions(&snap, &heard, state.id(), Utc::now(), state.live.config());
+    if change.is_empty() {
+        return Ok(false);
+    }
+    match state.commit(change, Scope::Leader).await? {
+        Outcome::Committed(rev) => {
+            for node in &newly {
+                state.live.close_link(node);
+                tracing::warn!(node = %node, revision = rev, "node suspected: silent, its link closed; its Wallets count as stopped once fence + margin has passed");
+            }
+            Ok(false)
+        }
+        Outcome::Conflict(_) => Ok(true),
+    }
 }

@@ -34,6 +34,11 @@ struct Entry {
     metrics: Option<NodeMetrics>,
     /// The status last announced as an event.
     noted: Option<NodeStatus>,
+    /// The first instant this controller knew the store held a suspicion of the node:
+    /// when its own commit of it returned, or when it first looked and found one
+    /// (written by an earlier leader, or by the leader while this one follows). Never
+    /// before the commit, so counting from it errs on the safe side.
+    suspected: Option<Instant>,
 }
 
 /// All nodes' in-memory state.
@@ -73,6 +78,8 @@ impl Live {
             if entry.conn.is_none() {
                 entry.last_seen = None;
             }
+            // A suspicion found in the store counts from now (see `Entry::suspected`).
+            entry.suspected = None;
         }
     }
 
@@ -131,21 +138,58 @@ impl Live {
         health::status(last, self.started(), Instant::now(), &self.cfg)
     }
 
-    /// Whether the node has surely stopped its Wallets (see [`HealthConfig`]).
-    pub fn wallets_fenced(&self, node: &str) -> bool {
-        let nodes = self.lock();
-        let last = nodes.get(node).and_then(|l| l.last_seen);
-        health::wallets_fenced(last, self.started(), Instant::now(), &self.cfg)
+    /// Since when the node counts as suspected, given whether the store holds a
+    /// suspicion of it (`in_store`; see `Entry::suspected`).
+    fn suspected_at(
+        nodes: &mut HashMap<String, Entry>,
+        node: &str,
+        in_store: bool,
+    ) -> Option<Instant> {
+        if !in_store {
+            if let Some(e) = nodes.get_mut(node) {
+                e.suspected = None;
+            }
+            return None;
+        }
+        let e = nodes.entry(node.to_string()).or_default();
+        Some(*e.suspected.get_or_insert_with(Instant::now))
     }
 
-    /// The earliest instant at which the status or fencing of one of `nodes` changes.
-    pub fn next_change<'a>(&self, nodes: impl Iterator<Item = &'a str>) -> Option<Instant> {
+    /// Whether the leader should suspect the node now (see [`HealthConfig`]).
+    pub fn suspect(&self, node: &str) -> bool {
+        let last = self.lock().get(node).and_then(|l| l.last_seen);
+        health::suspect(last, self.started(), Instant::now(), &self.cfg)
+    }
+
+    /// Closes the link to one node (it is suspected: the leader's frames must stop, so
+    /// that only a vouch could keep its Wallets running, and none comes).
+    pub fn close_link(&self, node: &str) {
+        if let Some(e) = self.lock().get_mut(node) {
+            e.conn = None;
+        }
+    }
+
+    /// Whether the node has surely stopped its Wallets (see [`HealthConfig`]);
+    /// `suspected`: whether the store holds a suspicion of it.
+    pub fn wallets_fenced(&self, node: &str, suspected: bool) -> bool {
+        let started = self.started();
+        let mut nodes = self.lock();
+        let since = Self::suspected_at(&mut nodes, node, suspected);
+        let last = nodes.get(node).and_then(|l| l.last_seen);
+        health::wallets_fenced(last, started, since, Instant::now(), &self.cfg)
+    }
+
+    /// The earliest instant at which the status, suspicion or fencing of one of
+    /// `nodes` (each with whether the store holds a suspicion of it) changes.
+    pub fn next_change<'a>(&self, nodes: impl Iterator<Item = (&'a str, bool)>) -> Option<Instant> {
         let now = Instant::now();
-        let live = self.lock();
+        let started = self.started();
+        let mut live = self.lock();
         nodes
-            .filter_map(|n| {
+            .filter_map(|(n, suspected)| {
+                let since = Self::suspected_at(&mut live, n, suspected);
                 let last = live.get(n).and_then(|l| l.last_seen);
-                health::next_change(last, self.started(), now, &self.cfg)
+                health::next_change(last, started, since, now, &self.cfg)
             })
             .min()
     }

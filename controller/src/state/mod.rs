@@ -86,6 +86,10 @@ pub enum Error {
     /// A leader-only commit by a controller that is not (or no longer) the leader.
     #[error("this controller is not the leader")]
     NotLeader,
+    /// The store's revision could not be read, or the snapshot did not catch up with
+    /// it, within this long.
+    #[error("the view of the store could not be proven fresh within {0:?}")]
+    Stale(Duration),
     /// A value does not encode (a map with non-string keys, say): a bug, named.
     #[error("value for {key} does not encode")]
     Encode {
@@ -131,6 +135,9 @@ pub struct State {
     started: Instant,
     ids: AtomicU64,
     reflector: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When a quorum read of the store's revision was last sent that the snapshot has
+    /// caught up with since: the snapshot holds every commit completed before then.
+    fresh: Mutex<Option<Instant>>,
     /// Node health and links, in memory.
     pub live: live::Live,
     /// Node metrics history, in memory.
@@ -169,6 +176,7 @@ fn decode_item(kv: &KeyValue) -> Option<Item> {
         KeyKind::CronState => decode(kv).map(Item::CronState),
         KeyKind::Events => decode(kv).map(Item::Events),
         KeyKind::Secret => decode(kv).map(Item::Secret),
+        KeyKind::Suspect => decode(kv).map(Item::Suspect),
     };
     match item {
         Ok(i) => Some(i),
@@ -194,6 +202,7 @@ fn encode_item(key: &str, item: &Item) -> Result<Vec<u8>, Error> {
         Item::CronState(v) => enc(key, v),
         Item::Events(v) => enc(key, v),
         Item::Secret(v) => enc(key, v),
+        Item::Suspect(v) => enc(key, v),
     }
 }
 
@@ -270,6 +279,7 @@ impl State {
             started: Instant::now(),
             ids: AtomicU64::new(1),
             reflector: Mutex::new(None),
+            fresh: Mutex::new(None),
             live: live::Live::new(health),
             history: history::History::default(),
             logs: logs::LogStreams::default(),
@@ -343,6 +353,11 @@ impl State {
         self.started
     }
 
+    /// This controller's random id (its event keys and suspicions name it).
+    pub fn id(&self) -> &str {
+        &self.writer
+    }
+
     /// A fresh id for connections and log requests.
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
@@ -357,6 +372,32 @@ impl State {
     /// soon as it looks (a watch never loses the latest value).
     pub fn wake_signal(&self) -> watch::Receiver<u64> {
         self.wake.subscribe()
+    }
+
+    /// The last instant the snapshot was proven fresh by [`State::prove_fresh`].
+    pub fn fresh_at(&self) -> Option<Instant> {
+        *self.fresh.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Proves the snapshot fresh as of now: reads the store's revision (on etcd a
+    /// linearizable read, answered only by the quorum side) and waits until the
+    /// snapshot has caught up with it, each within `within`. On success the snapshot
+    /// holds every commit that completed before the read was sent, and that instant
+    /// becomes [`State::fresh_at`]. What a follower's vouch rests on (see
+    /// `core::health::HealthConfig`).
+    pub async fn prove_fresh(&self, within: Duration) -> Result<(), Error> {
+        let sent = Instant::now();
+        let revision = tokio::time::timeout(within, self.store.revision())
+            .await
+            .map_err(|_| Error::Stale(within))??;
+        let mut rx = self.world.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|s| s.revision >= revision))
+            .await
+            .map_err(|_| Error::Stale(within))?
+            .map_err(|_| Error::Stale(within))?;
+        let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
+        *fresh = Some(fresh.map_or(sent, |f| f.max(sent)));
+        Ok(())
     }
 
     /// Waits until the snapshot is at `revision` or later (at most [`CATCH_UP`]).
