@@ -90,6 +90,18 @@ enum What {
         #[arg(long, default_value_t = 12)]
         nodes: usize,
     },
+    /// Three controllers on a three-member etcd, three agents listing all three: the
+    /// leader killed (kill -9) round after round: time to a new leader acting, Wallet
+    /// and Service restarts (must be 0), apply -> running through a follower, then
+    /// node power-offs: Wallet running elsewhere. Not in `all` (long).
+    LeaderKill {
+        /// Leader kills.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Node power-offs.
+        #[arg(long, default_value_t = 5)]
+        power_offs: usize,
+    },
     /// Scheduler placements per second on 1,000 nodes.
     Scheduler {
         /// Nodes.
@@ -591,6 +603,7 @@ async fn main() -> Result<()> {
         What::Scheduler { nodes, tasks } => scheduler(nodes, tasks),
         What::Dashboard { minutes, nodes } => dashboard::dashboard(minutes, nodes).await?,
         What::EtcdRest { minutes, nodes } => ha::etcd_rest(minutes, nodes).await?,
+        What::LeaderKill { rounds, power_offs } => ha::leader_kill(rounds, power_offs).await?,
     }
     Ok(())
 }

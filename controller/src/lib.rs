@@ -231,8 +231,14 @@ impl Controller {
                 Arc::clone(&self.webhooks),
                 stop_rx.clone(),
             )),
-            tokio::spawn(loops::vouch::run(Arc::clone(&state), stop_rx.clone())),
         ];
+        // Only a controller that may follow vouches: with SQLite there is one.
+        let vouching = self
+            .cfg
+            .cluster
+            .etcd
+            .is_some()
+            .then(|| tokio::spawn(loops::vouch::run(Arc::clone(&state), stop_rx.clone())));
 
         // A failed advertisement is not fatal: agents can still be pointed at the URL.
         let _advertisement = self.cfg.mdns.as_ref().and_then(|m| {
@@ -286,7 +292,7 @@ impl Controller {
         if let Some(a) = agent {
             let _ = a.await;
         }
-        for l in loops {
+        for l in loops.into_iter().chain(vouching) {
             let _ = l.await;
         }
         if let Some(e) = election {

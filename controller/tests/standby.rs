@@ -329,6 +329,21 @@ async fn a_follower_vouches_until_the_leader_suspects_the_node_and_hands_over_wh
     let (welcome, mut standby) = dial(&b, CRED, true, true).await.expect("upgraded");
     assert!(standby_of(&welcome), "{welcome:?}");
     assert!(standby.vouches_within(WAIT).await, "the follower vouches");
+    // The follower shows the node as it hears it.
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured((*b.tls).clone())
+        .build()
+        .expect("client");
+    let seen: serde_json::Value = http
+        .get(format!("https://{}/v1/nodes/pi1", b.addr))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("GET node")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(seen["status"], "Ready", "{seen}");
 
     // The node goes silent to the leader: the leader suspects it and closes its link,
     // and the follower stops vouching at once, though it still hears the node.

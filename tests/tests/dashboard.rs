@@ -169,6 +169,14 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
     assert!(!logs.starts_with("error"), "{logs}");
     b.click("#logs-close").await?;
 
+    // Who leads: one controller here, which leads.
+    until(
+        &b,
+        "the controller chip",
+        "return [...document.querySelectorAll('#summary .chip')].some(c => c.textContent.startsWith('Controller') && c.textContent.endsWith('leads'))",
+    )
+    .await?;
+
     // Let the sparklines gather a few 10-second points before the picture.
     until(
         &b,

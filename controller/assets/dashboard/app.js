@@ -6,7 +6,7 @@ const $ = (s) => document.querySelector(s);
 const TOKEN = 'bramble.token';
 const ESC = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
 const esc = (v) => String(v ?? '').replace(/[&<>"']/g, (c) => ESC[c]);
-const S = { role: null, nodes: [], hist: {}, tasks: [], workloads: [], cronjobs: [], events: [], seq: 0 };
+const S = { role: null, nodes: [], hist: {}, tasks: [], workloads: [], cronjobs: [], events: [], seq: 0, controllers: [] };
 const FINISHED = ['Succeeded', 'Failed', 'Stopped', 'Lost'];
 const RUNS = ['Job', 'CronJob'];
 let ctl = null;
@@ -119,6 +119,7 @@ const on = {
     setLive('live');
     $('#nodes').innerHTML = '';
     render();
+    pollControllers();
   },
   nodes(d) {
     S.nodes = d;
@@ -169,10 +170,31 @@ function renderSummary() {
   const short = S.workloads.filter((w) => w.running < w.desired).length;
   const warns = S.nodes.reduce((a, n) => a + (n.warnings || []).length, 0) + short;
   const chip = (label, v, bad) => `<span class="chip ${bad ? 'bad' : 'ok'}"><small>${label}</small>${v}</span>`;
+  const lead = S.controllers.find((c) => c.leader);
+  const many = S.controllers.length > 1;
+  const ctls = !S.controllers.length ? '' : chip(many ? 'Controllers' : 'Controller',
+    lead ? `${many ? S.controllers.length + ' · ' : ''}${esc(lead.name)} leads` : 'no leader', !lead);
   $('#summary').innerHTML = chip('Nodes ready', `${ready}/${S.nodes.length}`, ready < S.nodes.length) +
     chip('Tasks running', `${up}/${live.length}`, up < live.length) +
-    chip('Warnings', warns, warns > 0);
+    chip('Warnings', warns, warns > 0) + ctls;
+  const c = $('#summary .chip:last-child');
+  if (ctls && c) {
+    c.title = S.controllers.map((m) => `${m.name}${m.url ? ' ' + m.url : ''}: ${m.leader ? 'leader since ' + new Date(m.leaderSince).toLocaleString() : 'follower'}, up since ${new Date(m.started).toLocaleString()}${m.answering ? ' (this one)' : ''}`).join('\n');
+  }
 }
+
+// Who leads, and since when: several controllers share the cluster on etcd, and any of
+// them serves this page. Not in the stream (membership is not cluster state); polled.
+async function pollControllers() {
+  if (!token() || $('#app').hidden) return;
+  try {
+    S.controllers = await (await call('GET', '/v1/controllers')).json();
+  } catch (e) {
+    S.controllers = [];
+  }
+  renderSummary();
+}
+setInterval(pollControllers, 5000);
 
 function spark(values, lo, hi, cls, mark) {
   const n = values.length;

@@ -369,8 +369,13 @@ async fn serve_standby(socket: WebSocket, state: &ClusterState, name: &str) {
             frame = stream.next() => match frame {
                 Some(Ok(Message::Close(_))) | None => break "closed by the agent",
                 Some(Err(_)) => break "the link failed",
-                // Heartbeats, reports (ignored: the leader takes them), pongs.
-                Some(Ok(_)) => heard = std::time::Instant::now(),
+                // Heartbeats, reports (ignored: the leader takes them), pongs. Noted
+                // in this follower's view of node health too (shown by its API and
+                // dashboard; it decides nothing with it, and forgets it on leading).
+                Some(Ok(_)) => {
+                    heard = std::time::Instant::now();
+                    state.live.seen(name, None);
+                }
             },
         }
     };
