@@ -22,6 +22,7 @@
 pub mod credential;
 pub mod discovery;
 pub mod disk;
+pub mod epoch;
 pub mod fence;
 pub mod host;
 pub mod host_paths;

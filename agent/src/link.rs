@@ -231,6 +231,7 @@ pub async fn run(
     // Standby links only make sense beside other links: a lone URL (or mDNS, which
     // finds one controller) must reach the leader, so a follower refuses it.
     let standby = unique.len() > 1;
+    let epochs = crate::epoch::Epochs::load(&cfg.data_dir, token.ca.as_str());
     let shared = Arc::new(Shared {
         cfg,
         token,
@@ -243,6 +244,7 @@ pub async fn run(
         desired_tx,
         contact,
         metrics: Mutex::new(metrics),
+        epochs: Mutex::new(epochs),
         standby,
     });
     let dialers: Vec<_> = if unique.is_empty() {
@@ -284,6 +286,8 @@ struct Shared {
     desired_tx: Arc<watch::Sender<Desired>>,
     contact: SharedContact,
     metrics: Mutex<Metrics>,
+    /// The highest Wallet epochs seen (see [`crate::epoch`]).
+    epochs: Mutex<crate::epoch::Epochs>,
     /// Whether to ask followers for standby links (several controllers are listed).
     standby: bool,
 }
@@ -567,6 +571,13 @@ async fn session(
                     Some(Ok(Message::Text(t))) => match wire::decode::<ControllerMessage>(t.as_str()) {
                         Ok(ControllerMessage::Assign { revision, tasks }) => {
                             tracing::debug!(revision, tasks = tasks.len(), "task set received");
+                            let admitted = shared.epochs.lock().unwrap_or_else(|p| p.into_inner()).admit(&tasks);
+                            if let Err(stale) = admitted {
+                                for s in stale {
+                                    tracing::error!(wallet = %s.workload, epoch = s.epoch, seen = s.seen, revision, "refusing a task set with a Wallet placement older than one this node has seen (a leader that lost the lead?); keeping the current one. If the cluster's store was rebuilt, remove wallet-epochs.json from the agent's data dir");
+                                }
+                                continue;
+                            }
                             let wallets = tasks.iter().filter(|a| a.kind == Kind::Wallet).count();
                             let count = tasks.len();
                             // Decided and published under the contact lock, as the fence

@@ -1273,6 +1273,7 @@ mod tests {
             spec,
             deadline: None,
             secrets: Default::default(),
+            epoch: None,
         }
     }
 

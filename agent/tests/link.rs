@@ -52,6 +52,7 @@ fn assignment(task: &str, kind: Kind, args: &[&str]) -> Assignment {
         spec,
         deadline: None,
         secrets: BTreeMap::new(),
+        epoch: None,
     }
 }
 
@@ -528,6 +529,89 @@ async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent(
         "fenced {took:?} after the last vouch (fence 1s)"
     );
     drop(lws);
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, agent)
+        .await
+        .expect("the agent stops")
+        .expect("no panic")
+        .expect("no error");
+}
+
+#[tokio::test]
+async fn a_task_set_with_an_older_wallet_epoch_is_refused_whole() {
+    let node = unique_name("epoch");
+    let _guard = ContainerGuard::node(&node);
+    ensure_test_image().await.expect("test image");
+    let rt = Runtime::connect(&node).await.expect("docker");
+    let data = tempfile::tempdir().expect("temp dir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (ca, tls) = bramble_tests::tls_identity().expect("a CA");
+    let cfg = bramble_agent::Config {
+        controller: Some(format!("https://{}", listener.local_addr().expect("addr"))),
+        join_token: token(&ca),
+        node_name: node.clone(),
+        data_dir: data.path().to_path_buf(),
+        labels: BTreeMap::new(),
+        mdns_interfaces: vec![],
+        image_gc_threshold: 100,
+        allow_host_paths: vec![],
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(bramble_agent::run(cfg, async {
+        let _ = stopped.await;
+    }));
+    let (mut ws, _) = accept(&listener, &tls).await.expect("session");
+    send(
+        &mut ws,
+        &ControllerMessage::Welcome {
+            node: node.clone(),
+            heartbeat_ms: 200,
+            fence_ms: 5000,
+            standby: false,
+        },
+    )
+    .await
+    .expect("welcome");
+    let with_epoch = |epoch| {
+        let mut w = assignment("ltc-cccccc-0", Kind::Wallet, &["sleep", "600"]);
+        w.epoch = Some(epoch);
+        w
+    };
+    let pool = assignment("pool-cccccc-0", Kind::Service, &["sleep", "600"]);
+    let assign = |revision, tasks| ControllerMessage::Assign { revision, tasks };
+    send(&mut ws, &assign(1, vec![with_epoch(5), pool.clone()]))
+        .await
+        .expect("assign");
+    tokio::select! {
+        r = eventually(WAIT, "both to run", || async {
+            Ok(running(&rt, "ltc-cccccc-0").await?.and(running(&rt, &pool.task).await?))
+        }) => r.expect("running"),
+        r = ping_for(&mut ws, WAIT + Duration::from_secs(1)) => panic!("pinging ended first: {r:?}"),
+    };
+
+    // A set with an older placement of the wallet (and without the pool): refused as a
+    // whole, so the pool keeps running.
+    send(&mut ws, &assign(2, vec![with_epoch(3)]))
+        .await
+        .expect("assign");
+    ping_for(&mut ws, Duration::from_millis(1500))
+        .await
+        .expect("pinging");
+    assert!(
+        running(&rt, &pool.task).await.expect("list").is_some(),
+        "the stale set was not applied"
+    );
+
+    // A newer one is applied: the pool goes.
+    send(&mut ws, &assign(3, vec![with_epoch(6)]))
+        .await
+        .expect("assign");
+    tokio::select! {
+        r = eventually(WAIT, "the pool to go", || async {
+            Ok(running(&rt, &pool.task).await?.is_none().then_some(()))
+        }) => r.expect("gone"),
+        r = ping_for(&mut ws, WAIT + Duration::from_secs(1)) => panic!("pinging ended first: {r:?}"),
+    };
     let _ = stop.send(());
     tokio::time::timeout(WAIT, agent)
         .await

@@ -63,6 +63,7 @@ fn assignment(task: &str, kind: Kind, spec: TaskSpec) -> Assignment {
         spec,
         deadline: None,
         secrets: Default::default(),
+        epoch: None,
     }
 }
 

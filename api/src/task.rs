@@ -86,6 +86,10 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
 /// The most output kept of a finished run.
 pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
 
@@ -216,6 +220,12 @@ pub struct Task {
     /// How many times in a row nodes gave this task up; the exponent of its back-off.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub give_ups: u32,
+    /// Wallets: the fencing token of the current placement, above the store revision
+    /// every earlier placement was decided at (0 until placed). An agent never starts a
+    /// Wallet of an older epoch than one it has seen, so a task set from a leader that
+    /// has lost the lead cannot bring an old placement back.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub epoch: u64,
     /// Job and CronJob: the last 64 KiB of output, kept once the run has finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,

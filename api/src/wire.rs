@@ -380,6 +380,10 @@ pub struct Assignment {
     /// only, never stored by the agent, never in any view.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, Secret>,
+    /// Wallets: the placement's epoch ([`crate::task::Task::epoch`]). Added after
+    /// protocol version 1 shipped: optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// A task's observed state on a node.

@@ -97,6 +97,7 @@ pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
         spec,
         deadline: None,
         secrets: Default::default(),
+        epoch: None,
     }
 }
 

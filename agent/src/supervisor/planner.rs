@@ -908,6 +908,7 @@ mod tests {
             spec,
             deadline: None,
             secrets: Default::default(),
+            epoch: None,
         }
     }
 

@@ -134,7 +134,8 @@ pub fn change(
 ) -> (Vec<Change>, Option<DateTime<Utc>>) {
     let workloads: Vec<StoredWorkload> = snap.workloads.values().map(|w| w.value.clone()).collect();
     let tasks: Vec<Versioned<Task>> = snap.tasks.values().map(|t| (**t).clone()).collect();
-    let writes = plan(&workloads, &tasks, nodes, now);
+    let mut writes = plan(&workloads, &tasks, nodes, now);
+    stamp_epochs(&mut writes, snap);
     let mut changes: Vec<Change> = Vec::new();
     for chunk in writes.chunks(MAX_WRITES_PER_COMMIT) {
         let mut c = Change::default();
@@ -157,6 +158,23 @@ pub fn change(
         .filter(|at| *at > now)
         .min();
     (changes, next)
+}
+
+/// Gives every Wallet placed on a node by `writes` (one that had no node, or another)
+/// its epoch: one above the snapshot's revision, so above the revision every earlier
+/// placement was committed at, whichever controller made it. Each write is compared
+/// against the snapshot, so no other placement can commit in between.
+pub fn stamp_epochs(writes: &mut [Write], snap: &Snapshot) {
+    for w in writes.iter_mut() {
+        let Some(t) = w.value.as_mut() else { continue };
+        if t.kind != Kind::Wallet || t.node.is_none() {
+            continue;
+        }
+        let before = snap.task(&w.id).and_then(|v| v.value.node.clone());
+        if before != t.node {
+            t.epoch = snap.revision + 1;
+        }
+    }
 }
 
 /// The deadline of a Job or CronJob run: `timeout` after its firing (a CronJob's slot,
@@ -185,6 +203,7 @@ pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assi
             spec: t.spec.clone(),
             deadline: run_deadline(t),
             secrets: secrets::resolve(snap, t, sealer),
+            epoch: (t.kind == Kind::Wallet).then_some(t.epoch),
         })
         .collect()
 }
@@ -356,6 +375,7 @@ pub(crate) fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTi
         attempt: 0,
         retry_at: None,
         give_ups: 0,
+        epoch: 0,
         output: None,
         created_at: now,
         started_at: None,
@@ -1097,6 +1117,67 @@ mod tests {
         );
         let nodes: HashSet<_> = tasks.iter().filter_map(|t| t.value.node.clone()).collect();
         assert_eq!(nodes.len(), 2, "one replica per node");
+    }
+
+    #[test]
+    fn a_wallet_placed_anew_gets_an_epoch_above_every_earlier_placement() {
+        let ws = [service("web", 1, "a:1"), wallet("w:1")];
+        let mut nodes = vec![node("n1")];
+        let mut tasks = Vec::new();
+        let epoch_of = |tasks: &[Versioned<Task>], w: &str| {
+            tasks
+                .iter()
+                .find(|t| t.value.workload == w)
+                .map(|t| t.value.epoch)
+        };
+        let mut snap = snapshot_of(&ws, &tasks);
+        snap.revision = 41;
+        let mut writes = plan(&ws, &tasks, &nodes, Utc::now());
+        stamp_epochs(&mut writes, &snap);
+        apply(&mut tasks, &writes);
+        // Creation and placement are decided in one pass here.
+        if epoch_of(&tasks, "w") == Some(0) {
+            snap = snapshot_of(&ws, &tasks);
+            snap.revision = 41;
+            let mut writes = plan(&ws, &tasks, &nodes, Utc::now());
+            stamp_epochs(&mut writes, &snap);
+            apply(&mut tasks, &writes);
+        }
+        assert_eq!(
+            epoch_of(&tasks, "w"),
+            Some(42),
+            "one above the decision's revision"
+        );
+        assert_eq!(epoch_of(&tasks, "web"), Some(0), "only Wallets carry one");
+
+        // Nothing moves: the epoch stays, whatever the store's revision now.
+        let mut snap = snapshot_of(&ws, &tasks);
+        snap.revision = 50;
+        let mut writes = plan(&ws, &tasks, &nodes, Utc::now());
+        stamp_epochs(&mut writes, &snap);
+        assert!(writes.iter().all(|w| w
+            .value
+            .as_ref()
+            .is_none_or(|t| t.epoch == 0 || t.epoch == 42)));
+
+        // Moved off a fenced node: a new, higher epoch, and the assignment says it.
+        nodes[0].status = NodeStatus::Dead;
+        nodes[0].wallets_fenced = true;
+        nodes.push(node("n2"));
+        let mut snap = snapshot_of(&ws, &tasks);
+        snap.revision = 60;
+        let mut writes = plan(&ws, &tasks, &nodes, Utc::now());
+        stamp_epochs(&mut writes, &snap);
+        apply(&mut tasks, &writes);
+        assert_eq!(epoch_of(&tasks, "w"), Some(61));
+        let set = assignments(
+            &snapshot_of(&ws, &tasks),
+            "n2",
+            &crate::core::secrets::tests::Mirror,
+        );
+        let epochs: Vec<_> = set.iter().map(|a| (a.kind, a.epoch)).collect();
+        assert!(epochs.contains(&(Kind::Wallet, Some(61))), "{epochs:?}");
+        assert!(epochs.contains(&(Kind::Service, None)), "{epochs:?}");
     }
 
     fn snapshot_of(ws: &[StoredWorkload], tasks: &[Versioned<Task>]) -> Snapshot {
