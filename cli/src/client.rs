@@ -138,6 +138,29 @@ pub struct Client {
     base: Url,
     server: String,
     auth: Option<HeaderValue>,
+    /// Every controller listed, tried in turn from `current`.
+    bases: Vec<Url>,
+    /// Their base URLs as shown in messages.
+    servers: Vec<String>,
+    /// The one that last answered.
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// How a request failed.
+enum Sent {
+    /// No connection could be made: no controller saw it.
+    NotDelivered(Error),
+    /// Anything else (an answer, or a connection that broke mid-way).
+    Failed(Error),
+}
+
+/// `url` (built on the first server) aimed at `base` instead.
+fn rebase(url: &Url, base: &Url) -> Url {
+    let mut u = url.clone();
+    let _ = u.set_scheme(base.scheme());
+    let _ = u.set_host(base.host_str());
+    let _ = u.set_port(base.port());
+    u
 }
 
 /// Parses a server setting; `host:port` without a scheme means `https://host:port`.
@@ -169,6 +192,24 @@ pub fn parse_server(server: &str) -> Result<Url> {
         return Err(bad("a server URL has no query or fragment"));
     }
     Ok(url)
+}
+
+/// Parses a server setting that may list several controllers of one cluster,
+/// comma-separated (`https://a:7878,https://b:7878`): each as [`parse_server`].
+pub fn parse_servers(servers: &str) -> Result<Vec<Url>> {
+    let list: Vec<Url> = servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(parse_server)
+        .collect::<Result<_>>()?;
+    if list.is_empty() {
+        return Err(Error::BadServer {
+            server: servers.to_string(),
+            reason: "no server in it".into(),
+        });
+    }
+    Ok(list)
 }
 
 /// Makes rustls use ring (not aws-lc-rs, which needs cmake and more C to cross-build
@@ -240,7 +281,7 @@ impl Client {
     /// A client for the target's server and token.
     pub fn new(target: &Target) -> Result<Client> {
         install_tls_provider();
-        let base = parse_server(&target.server)?;
+        let bases = parse_servers(&target.server)?;
         let trust = target.trust.as_ref().ok_or_else(|| Error::NotPinned {
             server: target.server.clone(),
         })?;
@@ -264,15 +305,21 @@ impl Client {
             })?;
         Ok(Client {
             http,
-            server: base.as_str().trim_end_matches('/').to_string(),
-            base,
+            server: bases[0].as_str().trim_end_matches('/').to_string(),
+            servers: bases
+                .iter()
+                .map(|b| b.as_str().trim_end_matches('/').to_string())
+                .collect(),
+            base: bases[0].clone(),
+            bases,
+            current: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             auth,
         })
     }
 
-    /// The base URL, as shown in messages.
+    /// The base URL of the controller in use, as shown in messages.
     pub fn server(&self) -> &str {
-        &self.server
+        &self.servers[self.in_use()]
     }
 
     /// The URL of `/v1/{segments…}?{query}`; segments are percent-encoded.
@@ -290,6 +337,10 @@ impl Client {
         url
     }
 
+    /// Sends to the controller in use, moving on to the next listed one (and staying
+    /// with it) when a connection cannot even be made: such a request surely reached no
+    /// controller, so sending it elsewhere is safe for writes too. Any controller of a
+    /// cluster answers every request (a follower's writes are the same compare-and-swap).
     async fn send(
         &self,
         method: Method,
@@ -297,6 +348,38 @@ impl Client {
         body: Option<&dyn ErasedJson>,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response> {
+        use std::sync::atomic::Ordering;
+        let n = self.bases.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let target = rebase(&url, &self.bases[i]);
+            match self.send_to(i, method.clone(), target, body, timeout).await {
+                Err(Sent::NotDelivered(e)) if k + 1 < n => {
+                    last = Some(e);
+                }
+                Err(Sent::NotDelivered(e) | Sent::Failed(e)) => return Err(e),
+                Ok(r) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(r);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Connect {
+            server: self.server.clone(),
+            reason: "no controller listed".into(),
+        }))
+    }
+
+    async fn send_to(
+        &self,
+        i: usize,
+        method: Method,
+        url: Url,
+        body: Option<&dyn ErasedJson>,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<reqwest::Response, Sent> {
         let mut req = self.http.request(method, url).header(
             USER_AGENT,
             concat!("bramblectl/", env!("CARGO_PKG_VERSION")),
@@ -310,27 +393,40 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b.to_json());
         }
-        let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                return Err(Sent::NotDelivered(self.transport_error(i, &e)))
+            }
+            Err(e) => return Err(Sent::Failed(self.transport_error(i, &e))),
+        };
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
         if status == StatusCode::UNAUTHORIZED {
-            return Err(Error::Unauthorized);
+            return Err(Sent::Failed(Error::Unauthorized));
         }
         let text = resp.text().await.unwrap_or_default();
-        match serde_json::from_str::<ApiErrorBody>(&text) {
-            Ok(body) => Err(Error::Api { status, body }),
-            Err(_) => Err(Error::Http {
-                server: self.server.clone(),
-                status,
-                text: first_line(&text, 200),
-            }),
-        }
+        Err(Sent::Failed(
+            match serde_json::from_str::<ApiErrorBody>(&text) {
+                Ok(body) => Error::Api { status, body },
+                Err(_) => Error::Http {
+                    server: self.servers[i].clone(),
+                    status,
+                    text: first_line(&text, 200),
+                },
+            },
+        ))
     }
 
-    fn transport_error(&self, e: &reqwest::Error) -> Error {
-        let server = self.server.clone();
+    /// The index of the controller in use.
+    fn in_use(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.bases.len()
+    }
+
+    fn transport_error(&self, i: usize, e: &reqwest::Error) -> Error {
+        let server = self.servers[i].clone();
         let io = io_error(e);
         let unreachable = e.is_timeout()
             || io.is_some_and(|io| {
@@ -393,7 +489,10 @@ impl Client {
         let url = self.url(segments, query);
         let path = url.path().to_string();
         let resp = self.send(method.clone(), url, body, Some(timeout)).await?;
-        let bytes = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(self.in_use(), &e))?;
         serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
             method,
             path,

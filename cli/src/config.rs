@@ -6,7 +6,7 @@
 //! current-context: pool
 //! contexts:
 //!   - name: pool
-//!     server: https://bramble.local:7878
+//!     server: https://bramble.local:7878   # or a list: [https://a:7878, https://b:7878]
 //!     token: s3cret
 //!     certificate-authority-fingerprint: 9f86d081884c7d65…
 //! ```
@@ -90,7 +90,9 @@ pub struct ConfigFile {
 pub struct Context {
     /// Name to pick it by.
     pub name: String,
-    /// Base URL, e.g. `https://bramble.local:7878`.
+    /// Base URL, e.g. `https://bramble.local:7878`; several controllers of one cluster
+    /// comma-separated, or as a YAML list (kept comma-separated).
+    #[serde(deserialize_with = "one_or_many")]
     pub server: String,
     /// Bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +105,20 @@ pub struct Context {
         skip_serializing_if = "Option::is_none"
     )]
     pub ca_fingerprint: Option<String>,
+}
+
+/// A server setting: one string, or a list of them (joined with commas).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Servers {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Servers::deserialize(d)? {
+        Servers::One(s) => s,
+        Servers::Many(v) => v.join(","),
+    })
 }
 
 /// The config file's path: `$BRAMBLE_CONFIG`, else `$HOME/.bramble/config.yaml`.

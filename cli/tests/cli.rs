@@ -1811,3 +1811,75 @@ fn logs_of_a_cronjob_show_its_newest_run_by_slot_then_attempt() {
         r.stderr
     );
 }
+
+/// `https://127.0.0.1:PORT` where nothing listens.
+fn dead_server() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    format!("https://{addr}")
+}
+
+#[test]
+fn several_servers_are_tried_in_turn_and_writes_go_to_a_live_one() {
+    let node = node_pi1();
+    let stub = Stub::start(vec![
+        route("GET", "/v1/nodes", 200, "[]"),
+        route("POST", "/v1/nodes/pi-1/cordon", 200, &node),
+    ]);
+    let run = Run::new();
+    let list = format!("{},{}", dead_server(), stub.url());
+    let r = run.run(&["get", "nodes", "--server", &list]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // A write: the dead controller never saw it, so it goes to the next.
+    let r = run.run(&["cordon", "pi-1", "--server", &list]);
+    assert_eq!(
+        (r.code, r.stdout.as_str(), r.stderr.as_str()),
+        (0, "node/pi-1 cordoned\n", "")
+    );
+    let targets: Vec<String> = stub.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/v1/nodes", "/v1/nodes/pi-1/cordon"]);
+
+    // Every one dead: the error names a controller that could not be reached.
+    let r = run.run(&[
+        "get",
+        "nodes",
+        "--server",
+        &format!("{},{}", dead_server(), dead_server()),
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("cannot reach the controller at"),
+        "{}",
+        r.stderr
+    );
+
+    // A bad entry in the list is an error naming it, and nothing is sent.
+    let r = run.run(&[
+        "get",
+        "nodes",
+        "--server",
+        &format!("{},http://plain:1", stub.url()),
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("http://plain:1"), "{}", r.stderr);
+    assert_eq!(stub.seen().len(), 2);
+}
+
+#[test]
+fn a_context_may_list_several_servers() {
+    let stub = Stub::start(vec![route("GET", "/v1/nodes", 200, "[]")]);
+    let run = Run::new();
+    let config = format!(
+        "current-context: pool\ncontexts:\n  - name: pool\n    server: [{}, {}]\n    certificate-authority-fingerprint: {}\n",
+        dead_server(),
+        stub.url(),
+        stub_tls().ca
+    );
+    let path = run.config_path();
+    std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
+    std::fs::write(&path, config).expect("write");
+    let r = run.run(&["get", "nodes"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(stub.seen().len(), 1);
+}

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{bail, Result};
 
 use crate::args::{ConfigCommand, Global};
-use crate::client::{parse_server, pinned};
+use crate::client::{parse_servers, pinned};
 use crate::config::{self, ConfigFile, Trust};
 use crate::error::usage;
 use crate::table::Table;
@@ -20,7 +20,7 @@ pub fn run(cmd: &ConfigCommand, global: &Global, out: &mut dyn Write) -> Result<
                 return Err(usage("a context needs a name"));
             }
             if let Some(s) = &global.server {
-                parse_server(s).map_err(|e| usage(e.to_string()))?;
+                parse_servers(s).map_err(|e| usage(e.to_string()))?;
             }
             // A CA file is stored as its fingerprint: the file may move, the CA may not.
             let trust = match (&global.certificate_authority, &global.ca_fingerprint) {

@@ -10,15 +10,38 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{bail, Result};
 
 use crate::args::{Global, LoginArgs};
-use crate::client::{parse_server, pinned, probe_ca};
+use crate::client::{parse_servers, pinned, probe_ca};
 use crate::config::{self, ConfigFile, Trust};
 use crate::error::usage;
 
 /// Connects, shows, asks, saves.
 pub async fn run(args: &LoginArgs, global: &Global, out: &mut dyn Write) -> Result<()> {
-    let server = parse_server(&args.server).map_err(|e| usage(e.to_string()))?;
-    let server = server.as_str().trim_end_matches('/').to_string();
-    let offered = probe_ca(&server).await?;
+    // Several controllers of one cluster may be listed: every one must hold the same
+    // CA; the first that answers is shown, and any other that answers must agree.
+    let servers: Vec<String> = parse_servers(&args.server)
+        .map_err(|e| usage(e.to_string()))?
+        .iter()
+        .map(|s| s.as_str().trim_end_matches('/').to_string())
+        .collect();
+    let mut answered = None;
+    let mut failure = None;
+    for s in &servers {
+        match probe_ca(s).await {
+            Ok(fp) => match &answered {
+                None => answered = Some((s.clone(), fp)),
+                Some((first, f)) if *f != fp => bail!(
+                    "{first} and {s} hold different CAs ({} and {}): they are not one cluster; nothing saved",
+                    f.short(),
+                    fp.short()
+                ),
+                Some(_) => {}
+            },
+            Err(e) => failure = Some(e),
+        }
+    }
+    let Some((server, offered)) = answered else {
+        return Err(failure.map_or_else(|| anyhow::anyhow!("no controller answered"), Into::into));
+    };
     let expected = match (&global.certificate_authority, &global.ca_fingerprint) {
         (Some(f), _) => Some(pinned(&Trust::File(f.clone()))?),
         (None, Some(fp)) => Some(pinned(&Trust::Fingerprint(fp.clone()))?),
@@ -62,7 +85,7 @@ pub async fn run(args: &LoginArgs, global: &Global, out: &mut dyn Write) -> Resu
         .unwrap_or_else(|| "default".to_string());
     let created = file.set_context(
         &name,
-        Some(server.clone()),
+        Some(servers.join(",")),
         global.token.clone(),
         Some(offered.to_string()),
     );
