@@ -257,3 +257,100 @@ async fn two_controllers_and_an_agent_at_rest_write_nothing_to_etcd() -> Result<
     assert_eq!(before, after, "etcd revisions during 15 s at rest");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_lost_changes_nothing_and_quorum_lost_stops_writes_and_wallets_until_back(
+) -> Result<()> {
+    ensure_test_image().await?;
+    let mut store = etcd::Etcd::start(3).await;
+    let endpoints = store.endpoints().join(",");
+    let prefix = format!("/{}/", harness::unique("quorum"));
+    let a = Controller::start(opts(&endpoints, &prefix)).await?;
+    eventually(WAIT, "the first controller leads", || async {
+        let (me, leader, _) = controllers(&a).await?;
+        Ok((leader.as_ref() == Some(&me)).then_some(()))
+    })
+    .await?;
+    let b = Controller::start_sharing(opts(&endpoints, &prefix), &a).await?;
+    eventually(WAIT, "both controllers listed", || async {
+        let (_, _, n) = controllers(&b).await?;
+        Ok((n == 2).then_some(()))
+    })
+    .await?;
+    let node = harness::unique("quorum");
+    let agent = Agent::start_with(&format!("{},{}", a.url(), b.url()), &a.join_token()?, &node)?;
+    let _cleanup = Cleanup(node.clone());
+    node_ready_on(&a, &node).await?;
+    let web = harness::unique("web");
+    let ltc = harness::unique("ltc");
+    a.apply("web.yaml", &harness::web_service(&web)).await?;
+    a.apply("ltc.yaml", &wallet(&ltc)).await?;
+    let web_first = one_running(&node, &web).await?;
+    let ltc_first = one_running(&node, &ltc).await?;
+
+    // One member of three loses power: nothing changes, writes go on.
+    store.kill(2);
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(
+            containers(&node, &ltc)?,
+            std::slice::from_ref(&ltc_first),
+            "the wallet with one etcd member down\n--- agent:\n{}",
+            agent.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let api = harness::unique("api");
+    b.apply("api.yaml", &harness::web_service(&api)).await?;
+    one_running(&node, &api).await?;
+
+    // A second one: no quorum. A write fails with an answer rather than hanging; no
+    // controller can vouch for the node, so its Wallet stops; Services run on.
+    store.kill(1);
+    let x = harness::unique("x");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(90),
+        a.apply("x.yaml", &harness::web_service(&x)),
+    )
+    .await
+    .context("an answer to a write without quorum, not a hang")?;
+    assert!(refused.is_err(), "a write without quorum: {refused:?}");
+    eventually(WAIT, "the wallet fenced without quorum", || async {
+        Ok(containers(&node, &ltc)?.is_empty().then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        containers(&node, &web)?,
+        std::slice::from_ref(&web_first),
+        "Services run on without quorum"
+    );
+
+    // Quorum is back: a leader again, the wallet runs again (once), writes work.
+    store.restart(1);
+    store.restart(2);
+    eventually(
+        Duration::from_secs(90),
+        "the wallet running again with quorum",
+        || async {
+            let now = containers(&node, &ltc)?;
+            anyhow::ensure!(now.len() <= 1, "two wallets: {now:?}");
+            Ok((now.len() == 1).then_some(()))
+        },
+    )
+    .await?;
+    let y = harness::unique("y");
+    eventually(WAIT, "a write with quorum", || async {
+        Ok(b.apply("y.yaml", &harness::web_service(&y))
+            .await
+            .ok()
+            .map(|_| ()))
+    })
+    .await?;
+    one_running(&node, &y).await?;
+    assert_eq!(
+        containers(&node, &web)?,
+        [web_first],
+        "the Service untouched throughout"
+    );
+    Ok(())
+}

@@ -155,7 +155,11 @@ impl Etcd {
 
     fn spawn(&self, m: &Member, cluster: &str) -> Child {
         let data = self.dir.path().join(&m.name);
-        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name)))
+        // Appended to, so a member started again keeps its earlier lines.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
             .expect("an etcd log file");
         let mut cmd = Command::new(etcd_binary());
         if let Some(pki) = &self.tls {
@@ -274,6 +278,21 @@ impl Etcd {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts member `i` again after [`Etcd::kill`], on its data (power back on).
+    pub fn restart(&mut self, i: usize) {
+        if self.members[i].child.is_some() {
+            return;
+        }
+        let cluster = self
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let child = self.spawn(&self.members[i], &cluster);
+        self.members[i].child = Some(child);
     }
 
     /// The last lines of every member's log.
