@@ -1,9 +1,10 @@
-//! Finds the controller over mDNS (`_bramble._tcp.local.`) when no `--controller` is
-//! given: the controller advertises itself, the agent browses, and the first advertised
-//! address of a controller of its own cluster (the `ca` in the TXT record is the one in
-//! its join token) that accepts a TCP connection wins. Anyone can advertise anything
-//! over mDNS: the TLS handshake, pinned to that CA, is what decides, before any
-//! credential is sent.
+//! Finds the controllers over mDNS (`_bramble._tcp.local.`) when no `--controller` is
+//! given: every controller advertises itself, the agent browses, and for each controller
+//! of its own cluster (the `ca` in the TXT record is the one in its join token) the
+//! first advertised address that accepts a TCP connection is kept. With several
+//! controllers only one leads and the others refuse the agent, so the agent tries them
+//! all. Anyone can advertise anything over mDNS: the TLS handshake, pinned to that CA,
+//! is what decides, before any credential is sent.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,10 +25,17 @@ pub enum Error {
     NotFound(Duration),
 }
 
-/// Browses for a controller of the cluster whose CA is `ca` for up to `timeout`;
-/// returns its base URL (`https://ADDR:PORT`). With `interfaces`, only those network
-/// interfaces are used.
-pub async fn discover(timeout: Duration, interfaces: &[String], ca: &str) -> Result<String, Error> {
+/// How long browsing goes on after the first controller was found, for the others.
+const SETTLE: Duration = Duration::from_millis(700);
+
+/// Browses for the controllers of the cluster whose CA is `ca`: up to `timeout` for the
+/// first, then [`SETTLE`] for more; returns their base URLs (`https://ADDR:PORT`), the
+/// first found first. With `interfaces`, only those network interfaces are used.
+pub async fn discover(
+    timeout: Duration,
+    interfaces: &[String],
+    ca: &str,
+) -> Result<Vec<String>, Error> {
     let daemon = ServiceDaemon::new()?;
     if !interfaces.is_empty() {
         daemon.disable_interface(IfKind::All)?;
@@ -36,9 +44,20 @@ pub async fn discover(timeout: Duration, interfaces: &[String], ca: &str) -> Res
         }
     }
     let events = daemon.browse(SERVICE_TYPE)?;
-    let found = tokio::time::timeout(timeout, async {
-        while let Ok(ev) = events.recv_async().await {
-            let ServiceEvent::ServiceResolved(info) = ev else { continue };
+    let mut found: Vec<(String, String)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut until = deadline;
+    loop {
+        let Ok(Ok(ev)) = tokio::time::timeout_at(until, events.recv_async()).await else {
+            break;
+        };
+        {
+            let ServiceEvent::ServiceResolved(info) = ev else {
+                continue;
+            };
+            if found.iter().any(|(instance, _)| *instance == info.fullname) {
+                continue;
+            }
             if info.get_property_val_str("ca") != Some(ca) {
                 tracing::debug!(instance = %info.fullname, "a controller of another cluster (or an older one); skipping it");
                 continue;
@@ -54,20 +73,22 @@ pub async fn discover(timeout: Duration, interfaces: &[String], ca: &str) -> Res
             for url in candidates {
                 if reachable(&url).await {
                     tracing::info!(controller = %url, instance = %info.fullname, "found the controller over mDNS");
-                    return Some(url);
+                    if found.is_empty() {
+                        until = (tokio::time::Instant::now() + SETTLE).min(deadline);
+                    }
+                    found.push((info.fullname.clone(), url));
+                    break;
                 }
                 tracing::debug!(candidate = %url, "advertised controller address not reachable");
             }
         }
-        None
-    })
-    .await;
+    }
     let _ = daemon.stop_browse(SERVICE_TYPE);
     let _ = daemon.shutdown();
-    match found {
-        Ok(Some(url)) => Ok(url),
-        _ => Err(Error::NotFound(timeout)),
+    if found.is_empty() {
+        return Err(Error::NotFound(timeout));
     }
+    Ok(found.into_iter().map(|(_, url)| url).collect())
 }
 
 async fn reachable(url: &str) -> bool {

@@ -353,14 +353,17 @@ fn next_redial(redial: &mut Retry, welcomed: bool, refused: bool) -> Duration {
     redial.failed()
 }
 
-/// One mDNS search for a controller of this cluster; its agent URL.
-async fn discover(cfg: &Config, token: &JoinToken) -> Result<String, SessionError> {
+/// One mDNS search for the controllers of this cluster; their agent URLs.
+async fn discover(cfg: &Config, token: &JoinToken) -> Result<Vec<String>, SessionError> {
     tracing::info!("no --controller given; looking for one over mDNS (_bramble._tcp.local.)");
     let found =
         crate::discovery::discover(DISCOVERY_TIMEOUT, &cfg.mdns_interfaces, token.ca.as_str())
             .await
             .map_err(|e| SessionError::Connect(crate::runtime::error_chain(&e)))?;
-    agent_url(&found).map_err(|e| SessionError::Connect(e.to_string()))
+    found
+        .iter()
+        .map(|u| agent_url(u).map_err(|e| SessionError::Connect(e.to_string())))
+        .collect()
 }
 
 /// How a session authenticates.
@@ -420,19 +423,42 @@ async fn dial(
     Ok(ws)
 }
 
-/// One session: dial, Hello, Welcome, then serve it as the leader's link or as a
-/// follower's standby link, as the controller's Welcome says. `welcomed` is set once
-/// the controller has welcomed it.
+/// One session with `url`, or (without one) with the first controller found over mDNS
+/// that welcomes the agent. `welcomed` is set once a controller has welcomed it.
 async fn session(
     shared: &Shared,
     auth: Auth<'_>,
     url: Option<&str>,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
-    let url = match url {
-        Some(u) => u.to_string(),
-        None => discover(&shared.cfg, &shared.token).await?,
-    };
+    if let Some(url) = url {
+        return session_at(shared, auth, url, welcomed).await;
+    }
+    // Found over mDNS: only the leader welcomes an agent that asks for no standby
+    // link, so each controller found is tried until one does.
+    let found = discover(&shared.cfg, &shared.token).await?;
+    let mut last = Err(SessionError::Connect("no controller found".into()));
+    for url in &found {
+        last = session_at(shared, auth, url, welcomed).await;
+        if *welcomed || matches!(last, Err(SessionError::Unauthorized(_))) {
+            break;
+        }
+        if let Err(e) = &last {
+            tracing::info!(controller = %url, error = %e, "trying the next controller found");
+        }
+    }
+    last
+}
+
+/// One session with the controller at `url`: dial, Hello, Welcome, then serve it as the
+/// leader's link or as a follower's standby link, as the controller's Welcome says.
+async fn session_at(
+    shared: &Shared,
+    auth: Auth<'_>,
+    url: &str,
+    welcomed: &mut bool,
+) -> Result<(), SessionError> {
+    let url = url.to_string();
     let bearer = match auth {
         Auth::Node => shared.credential.as_str(),
         Auth::Join(secret) => secret,
