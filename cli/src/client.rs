@@ -125,6 +125,11 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether a follower refused what only the leader serves.
+    pub fn is_not_leader(&self) -> bool {
+        matches!(self, Error::Api { body, .. } if body.code == "not_leader")
+    }
+
     /// Whether the server said 404.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Api { status, .. } | Error::Http { status, .. } if *status == StatusCode::NOT_FOUND)
@@ -357,6 +362,11 @@ impl Client {
             let target = rebase(&url, &self.bases[i]);
             match self.send_to(i, method.clone(), target, body, timeout).await {
                 Err(Sent::NotDelivered(e)) if k + 1 < n => {
+                    last = Some(e);
+                }
+                // What only the leader serves (a task's logs), refused by a follower
+                // that did nothing: the next controller may lead.
+                Err(Sent::Failed(e)) if k + 1 < n && e.is_not_leader() => {
                     last = Some(e);
                 }
                 Err(Sent::NotDelivered(e) | Sent::Failed(e)) => return Err(e),

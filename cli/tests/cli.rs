@@ -1883,3 +1883,37 @@ fn a_context_may_list_several_servers() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(stub.seen().len(), 1);
 }
+
+#[test]
+fn logs_refused_by_a_follower_are_read_through_the_next_controller() {
+    let task = task_json("hello-abcdef-1", 1, "Running", Some("pi-1"), None);
+    let follower = Stub::start(vec![
+        route("GET", "/v1/tasks/hello-abcdef-1", 200, &task),
+        route(
+            "GET",
+            "/v1/tasks/hello-abcdef-1/logs?follow=false",
+            503,
+            r#"{"code":"not_leader","message":"this controller is not the leader"}"#,
+        ),
+    ]);
+    let leader = Stub::start(vec![
+        route("GET", "/v1/tasks/hello-abcdef-1", 200, &task),
+        route(
+            "GET",
+            "/v1/tasks/hello-abcdef-1/logs?follow=false",
+            200,
+            "from the leader\n",
+        ),
+    ]);
+    let run = Run::new();
+    let list = format!("{},{}", follower.url(), leader.url());
+    let r = run.run(&["logs", "hello-abcdef-1", "--server", &list]);
+    assert_eq!(
+        (r.code, r.stdout.as_str(), r.stderr.as_str()),
+        (0, "from the leader\n", "")
+    );
+    // With the follower alone, its refusal is shown as it is.
+    let r = run.run(&["logs", "hello-abcdef-1", "--server", &follower.url()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not the leader"), "{}", r.stderr);
+}

@@ -562,9 +562,16 @@ pub async fn task_logs(
         .node
         .ok_or_else(|| ApiError::conflict(format!("task {id:?} is not placed on a node yet")))?;
     let conn = app.state.live.connection(&node).ok_or_else(|| {
-        ApiError::unavailable(format!(
-            "node {node:?} is not connected; its logs cannot be read now"
-        ))
+        if app.state.is_leading() {
+            ApiError::unavailable(format!(
+                "node {node:?} is not connected; its logs cannot be read now"
+            ))
+        } else {
+            // Only the leader keeps the links that carry logs.
+            ApiError::not_leader(
+                "this controller is not the leader: a task's logs come over the leader's link to its node; ask the leader (bramblectl get controllers shows it)",
+            )
+        }
     })?;
     let request = app.state.next_id();
     let rx = app.state.logs.open(request, &node);
