@@ -418,6 +418,15 @@ pub async fn leader_kill(rounds: usize, power_offs: usize) -> Result<()> {
             println!("  etcd member {i} RSS: {}", mib(rss));
         }
     }
+    // Each agent keeps a TLS link to every controller.
+    for (i, a) in agents.iter().enumerate() {
+        if let Some(rss) = a.pid().and_then(harness::rss_bytes) {
+            println!(
+                "  agent {i} (a link to each of 3 controllers) RSS: {}",
+                mib(rss)
+            );
+        }
+    }
     rerun(&format!(
         "leader-kill --rounds {rounds} --power-offs {power_offs}"
     ));
