@@ -287,6 +287,8 @@ async fn a_follower_vouches_until_the_leader_suspects_the_node_and_hands_over_wh
         tempfile::tempdir().expect("dir"),
     );
     let a = controller(dir_a.path(), "a", &endpoints, "/standby/").await;
+    // Up for longer than `not_ready_after` before the node joins.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     // The first controller leads once its link is a leader's.
     let (welcome, mut leader_link) = tokio::time::timeout(WAIT, async {
         loop {
@@ -301,6 +303,12 @@ async fn a_follower_vouches_until_the_leader_suspects_the_node_and_hands_over_wh
     .await
     .expect("the first controller leads");
     assert!(!standby_of(&welcome));
+    // A node that joins a controller up for longer than `not_ready_after` is heard at
+    // its Hello: not suspected (and its link not closed) as silent since the start.
+    assert!(
+        !leader_link.closed_within(Duration::from_millis(1500)).await,
+        "a node that just joined was taken for silent"
+    );
     std::fs::create_dir_all(dir_b.path()).expect("dir");
     share_identity(dir_a.path(), dir_b.path());
     let b = controller(dir_b.path(), "b", &endpoints, "/standby/").await;

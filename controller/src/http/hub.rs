@@ -206,6 +206,15 @@ async fn serve(
     ) {
         return send_error(&mut socket, "name_in_use", msg).await;
     }
+    // Heard now, before the registration commit wakes the loops: a node joining (or
+    // back) must not look silent since this controller's start to the pass that the
+    // commit triggers (it would be suspected and its link closed at once). Only for
+    // the node's own credential or a name not yet taken: a join token must not keep
+    // someone else's silent node alive.
+    let known = state.snapshot().nodes.contains_key(&name);
+    if !known || matches!(&admission, Admission::Node(n) if *n == name) {
+        state.live.seen(&name, None);
+    }
     let now = Utc::now();
     let registering = state
         .update("node registration", Scope::Any, |snap| {
@@ -213,6 +222,9 @@ async fn serve(
             Ok((change.unwrap_or_default(), ()))
         })
         .await;
+    if registering.is_err() && !known {
+        state.live.forget(&name);
+    }
     match registering {
         Ok(()) => {}
         Err(crate::state::Error::Domain(DomainError::Conflict(msg))) => {
