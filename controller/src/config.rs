@@ -93,9 +93,7 @@ pub struct LocalAgent {
 #[error("{0}")]
 pub struct Invalid(pub String);
 
-/// The agent's check period plus the longest fencing stop (SIGTERM, a 500 ms grace,
-/// SIGKILL and removal): `g + k` in [`HealthConfig`]'s argument.
-pub const FENCE_CHECK_AND_STOP: Duration = Duration::from_millis(800);
+pub use crate::core::health::FENCE_CHECK_AND_STOP;
 
 impl Config {
     /// Checks the timings against each other, the Wallet safety inequality among them
@@ -120,7 +118,7 @@ impl Config {
             ));
         }
         // The vouch window is two heartbeats (`health::vouch_window`).
-        let needed = crate::core::health::vouch_window(h) + FENCE_CHECK_AND_STOP;
+        let needed = crate::core::health::least_margin(h);
         if h.fence_margin <= needed {
             return Err(Invalid(format!(
                 "--fence-margin must exceed 2 x --heartbeat + {}ms ({}ms) so a fenced Wallet is surely stopped before it starts elsewhere",

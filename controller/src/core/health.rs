@@ -98,10 +98,14 @@ pub fn vouch_window(cfg: &HealthConfig) -> Duration {
     cfg.heartbeat * 2
 }
 
+/// The agent's check period plus the longest fencing stop (SIGTERM, a 500 ms grace,
+/// SIGKILL and removal): `g + k` in [`HealthConfig`]'s argument.
+pub const FENCE_CHECK_AND_STOP: Duration = Duration::from_millis(800);
+
 /// The least `fence_margin` the argument above allows with a one-way delay of zero:
 /// [`vouch_window`] plus the agent's check period and the fencing stop.
 pub fn least_margin(cfg: &HealthConfig) -> Duration {
-    vouch_window(cfg) + Duration::from_millis(800)
+    vouch_window(cfg) + FENCE_CHECK_AND_STOP
 }
 
 /// Whether the leader suspects a node it last heard at `last_seen`: silent for
