@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bramble_tests::harness::{self, Agent, Controller, ControllerOpts};
 
-use super::{apply, delete, mib, rerun, running_count, summary, wait_ready};
+use super::{apply, apply_yaml, delete, mib, rerun, running_count, summary, wait_ready};
 
 #[path = "../../controller/tests/support/etcd.rs"]
 mod etcd;
@@ -215,20 +215,6 @@ fn wallet_manifest(name: &str) -> String {
     format!(
         "apiVersion: bramble/v1\nkind: Wallet\nmetadata: {{name: {name}}}\nspec:\n  image: bramble-testimg:latest\n  args: [\"serve\", \"8080\"]\n  resources: {{cpu: 100m, memory: 8Mi}}\n"
     )
-}
-
-async fn apply_yaml(c: &Controller, name: &str, yaml: &str) -> Result<()> {
-    let body = serde_json::json!({"sources": [{"name": format!("{name}.yaml"), "content": yaml}]});
-    let r = bramble_tests::http()
-        .post(format!("{}/v1/apply", c.url()))
-        .bearer_auth(harness::ADMIN_TOKEN)
-        .json(&body)
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        bail!("apply {name}: {}", r.text().await?);
-    }
-    Ok(())
 }
 
 /// Runs `rounds` leader kills, then `power_offs` node power-offs.

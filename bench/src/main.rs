@@ -139,7 +139,12 @@ fn manifest(name: &str) -> String {
 }
 
 async fn apply(c: &Controller, name: &str) -> Result<()> {
-    let body = serde_json::json!({"sources": [{"name": format!("{name}.yaml"), "content": manifest(name)}]});
+    apply_yaml(c, name, &manifest(name)).await
+}
+
+/// Applies `yaml` as the file `{name}.yaml`.
+async fn apply_yaml(c: &Controller, name: &str, yaml: &str) -> Result<()> {
+    let body = serde_json::json!({"sources": [{"name": format!("{name}.yaml"), "content": yaml}]});
     let r = bramble_tests::http()
         .post(format!("{}/v1/apply", c.url()))
         .bearer_auth(ADMIN_TOKEN)
