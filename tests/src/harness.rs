@@ -728,6 +728,20 @@ pub async fn every_slot_once(c: &Controller, name: &str, period_secs: i64) -> Re
     Ok(slots.len())
 }
 
+/// A Wallet of the test image serving on 8080.
+pub fn wallet(name: &str) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: Wallet
+metadata: {{name: {name}}}
+spec:
+  image: bramble-testimg:latest
+  args: [\"serve\", \"8080\"]
+  resources: {{cpu: 100m, memory: 16Mi}}
+"
+    )
+}
+
 /// A one-replica Service of the test image serving on 8080, small enough for many.
 pub fn web_service(name: &str) -> String {
     format!(

@@ -30,19 +30,6 @@ spec:
     )
 }
 
-fn wallet(name: &str) -> String {
-    format!(
-        "apiVersion: bramble/v1
-kind: Wallet
-metadata: {{name: {name}}}
-spec:
-  image: bramble-testimg:latest
-  args: [\"serve\", \"8080\"]
-  resources: {{cpu: 100m, memory: 16Mi}}
-"
-    )
-}
-
 fn opts(endpoints: &str, prefix: &str) -> ControllerOpts {
     let mut o = ControllerOpts::etcd(endpoints, prefix);
     // A short lease, so the test waits little for a takeover.
@@ -123,7 +110,7 @@ async fn the_follower_takes_over_when_the_leader_dies_and_containers_keep_runnin
     b.apply("web.yaml", &harness::web_service(&web)).await?;
     let first = one_running(&node, &web).await?;
     let ltc = harness::unique("ltc");
-    b.apply("ltc.yaml", &wallet(&ltc)).await?;
+    b.apply("ltc.yaml", &harness::wallet(&ltc)).await?;
     let ltc_first = one_running(&node, &ltc).await?;
     let tick = harness::unique("tick");
     b.apply("tick.yaml", &cronjob(&tick)).await?;
@@ -284,7 +271,7 @@ async fn one_etcd_member_lost_changes_nothing_and_quorum_lost_stops_writes_and_w
     let web = harness::unique("web");
     let ltc = harness::unique("ltc");
     a.apply("web.yaml", &harness::web_service(&web)).await?;
-    a.apply("ltc.yaml", &wallet(&ltc)).await?;
+    a.apply("ltc.yaml", &harness::wallet(&ltc)).await?;
     let web_first = one_running(&node, &web).await?;
     let ltc_first = one_running(&node, &ltc).await?;
 

@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bramble_tests::netns::{
     self, Container, ContainerEvent, EventRecorder, NetCluster, Sample, Sampler, HEALING_FLAGS,
 };
-use bramble_tests::{eventually, unique_name};
+use bramble_tests::{eventually, harness, unique_name};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -26,19 +26,6 @@ const WALLET_GRACE: Duration = Duration::from_secs(4);
 
 /// How often the "never two wallets" samplers look.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
-
-fn wallet(name: &str) -> String {
-    format!(
-        "apiVersion: bramble/v1
-kind: Wallet
-metadata: {{name: {name}}}
-spec:
-  image: bramble-testimg:latest
-  args: [\"serve\", \"8080\"]
-  resources: {{cpu: 100m, memory: 16Mi}}
-"
-    )
-}
 
 /// A Service; `extra` is more of its spec, indented by two spaces.
 fn service(name: &str, replicas: u32, args: &str, extra: &str) -> String {
@@ -301,7 +288,7 @@ async fn wallet_on_a_powered_off_node_runs_on_another_node_after_the_fence_grace
 async fn wallet_power_off(cluster: &mut NetCluster) -> Result<()> {
     let name = unique_name("wallet");
     let events = EventRecorder::start(&workload(&name))?;
-    cluster.apply(&wallet(&name)).await?;
+    cluster.apply(&harness::wallet(&name)).await?;
     let before = running(&name, 1, WAIT).await?.remove(0);
 
     let sampler = Sampler::start(&workload(&name), SAMPLE_EVERY);
@@ -390,7 +377,7 @@ async fn partition(cluster: &mut NetCluster) -> Result<()> {
     let name = unique_name("wallet");
     let label = workload(&name);
     let events = EventRecorder::start(&label)?;
-    cluster.apply(&wallet(&name)).await?;
+    cluster.apply(&harness::wallet(&name)).await?;
     let before = running(&name, 1, WAIT).await?.remove(0);
     let cut = before.node.clone();
 
@@ -543,7 +530,7 @@ async fn drain_and_cordon(cluster: &mut NetCluster) -> Result<()> {
     cluster
         .apply(&service(&web, 2, "[\"serve\", \"8080\"]", ""))
         .await?;
-    cluster.apply(&wallet(&coin)).await?;
+    cluster.apply(&harness::wallet(&coin)).await?;
     let spread: BTreeSet<String> = running(&web, 2, WAIT)
         .await?
         .into_iter()
