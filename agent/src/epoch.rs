@@ -141,32 +141,13 @@ impl Epochs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bramble_api::manifest::Restart;
-    use bramble_api::task::TaskSpec;
 
+    /// A task of `workload` (the fake runtime's, whose workload is the task id less its
+    /// replica) carrying `epoch`.
     fn a(workload: &str, kind: Kind, epoch: Option<u64>) -> Assignment {
-        let spec = TaskSpec {
-            image: "i:1".into(),
-            command: None,
-            args: None,
-            env: BTreeMap::new(),
-            ports: vec![],
-            volumes: vec![],
-            resources: Default::default(),
-            restart: Restart::default_for(kind),
-            probes: Default::default(),
-            timeout: None,
-        };
-        Assignment {
-            task: format!("{workload}-aaaaaa-0"),
-            kind,
-            workload: workload.into(),
-            spec_hash: spec.hash(),
-            spec,
-            deadline: None,
-            secrets: BTreeMap::new(),
-            epoch,
-        }
+        let mut a = crate::runtime::fake::assignment(&format!("{workload}-0"), kind);
+        a.epoch = epoch;
+        a
     }
 
     #[test]
