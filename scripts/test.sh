@@ -17,13 +17,17 @@ if ! rustup target list --installed | grep -qx "$musl"; then
 fi
 
 step "system packages"
-# Network namespaces for the multi-node harness, debugfs for bramble-image, headless
-# Chromium for the dashboard test, protoc and etcd for the etcd store. Each script is
-# idempotent.
-if ! command -v ip >/dev/null 2>&1; then
+# Network namespaces for the multi-node harness (iptables lets namespaces on a test
+# bridge reach each other and cuts a controller off), debugfs for bramble-image,
+# headless Chromium for the dashboard test, protoc and etcd for the etcd store. Each
+# script is idempotent.
+net_missing=()
+command -v ip >/dev/null 2>&1 || net_missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || net_missing+=(iptables)
+if [ ${#net_missing[@]} -gt 0 ]; then
     sudo_=(); [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
     "${sudo_[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -qq iproute2 >/dev/null
+    DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -qq "${net_missing[@]}" >/dev/null
 fi
 scripts/deps-image.sh
 scripts/deps-browser.sh

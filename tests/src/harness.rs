@@ -135,6 +135,8 @@ pub struct Controller {
     /// The address the API listens on (`127.0.0.1` unless started with
     /// [`Controller::start_on`]).
     host: String,
+    /// The network namespace it runs in (`ip netns exec`), `None` for the host's.
+    netns: Option<String>,
 }
 
 impl Controller {
@@ -161,15 +163,39 @@ impl Controller {
     /// tokens and Secrets key first (what an operator copies to a second controller).
     pub async fn start_sharing(opts: ControllerOpts, peer: &Controller) -> Result<Controller> {
         let mut c = Controller::unstarted(opts, "127.0.0.1")?;
-        for f in IDENTITY_FILES {
-            let from = peer.data_dir.path().join(f);
-            if from.exists() {
-                fs::copy(&from, c.data_dir.path().join(f))
-                    .with_context(|| format!("copying {}", from.display()))?;
-            }
+        c.copy_identity(peer)?;
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    /// Starts a controller inside the network namespace `netns` (through `ip netns
+    /// exec`, which execs it: [`Controller::pid`] is the controller's own), listening on
+    /// `host`, an address of that namespace the test process reaches. With `peer`, it
+    /// joins `peer`'s cluster as [`Controller::start_sharing`] does.
+    pub async fn start_in(
+        opts: ControllerOpts,
+        netns: &str,
+        host: &str,
+        peer: Option<&Controller>,
+    ) -> Result<Controller> {
+        let mut c = Controller::unstarted(opts, host)?;
+        c.netns = Some(netns.to_string());
+        if let Some(peer) = peer {
+            c.copy_identity(peer)?;
         }
         c.spawn().await?;
         Ok(c)
+    }
+
+    fn copy_identity(&self, peer: &Controller) -> Result<()> {
+        for f in IDENTITY_FILES {
+            let from = peer.data_dir.path().join(f);
+            if from.exists() {
+                fs::copy(&from, self.data_dir.path().join(f))
+                    .with_context(|| format!("copying {}", from.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Starts a controller and returns its exit status and what it printed if it exits
@@ -207,6 +233,7 @@ impl Controller {
             opts,
             starts: 0,
             host: host.to_string(),
+            netns: None,
         })
     }
 
@@ -276,7 +303,14 @@ impl Controller {
     /// log file.
     fn command(&self) -> Result<Command> {
         let log = File::create(self.log_path()).context("controller log file")?;
-        let mut cmd = Command::new(bin("bramble-controller"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("bramble-controller"));
+                c
+            }
+            None => Command::new(bin("bramble-controller")),
+        };
         cmd.arg("--listen")
             .arg(format!("{}:{}", self.host, self.port))
             .arg("--data-dir")
@@ -356,6 +390,34 @@ impl Controller {
     /// Starts it again on the same port and data directory.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill9();
+        self.spawn().await
+    }
+
+    /// Stops it as a service manager does: SIGTERM, then waits up to `grace` for it to
+    /// exit (SIGKILL after that). Returns whether it exited on its own.
+    pub async fn terminate(&mut self, grace: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        // Through the shell's builtin `kill`: this crate has no `libc` (no unsafe code).
+        let _ = Command::new("sh")
+            .args(["-c", "kill -TERM \"$1\"", "kill", &child.id().to_string()])
+            .output();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Starts it again after [`Controller::terminate`] or [`Controller::kill9`] and
+    /// waits until its API answers.
+    pub async fn start_again(&mut self) -> Result<()> {
         self.spawn().await
     }
 
@@ -509,6 +571,17 @@ impl Agent {
         )
     }
 
+    /// Starts an agent for `node` inside the network namespace `netns` that knows every
+    /// controller in `urls` (comma-separated), with the join token `token`.
+    pub fn start_with_in(netns: &str, urls: &str, token: &str, node: &str) -> Result<Agent> {
+        Agent::spawned(
+            node,
+            Some(netns),
+            Reach::Url(urls.to_string()),
+            token.to_string(),
+        )
+    }
+
     /// Starts an agent for `node` inside `netns` with no `--controller`: it must find
     /// the controller over mDNS, browsing on `interface` only.
     pub fn start_discovering_in(
@@ -621,7 +694,7 @@ impl Drop for Agent {
     }
 }
 
-fn tail(s: &str, lines: usize) -> String {
+pub(crate) fn tail(s: &str, lines: usize) -> String {
     let all: Vec<&str> = s.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -726,6 +799,23 @@ pub async fn every_slot_once(c: &Controller, name: &str, period_secs: i64) -> Re
         }
     }
     Ok(slots.len())
+}
+
+/// A CronJob of the test image firing every 5 s (a short job), keeping every firing in
+/// its history, for [`every_slot_once`].
+pub fn ticking_cronjob(name: &str) -> String {
+    format!(
+        "apiVersion: bramble/v1
+kind: CronJob
+metadata: {{name: {name}}}
+spec:
+  image: bramble-testimg:latest
+  args: [\"exit\", \"0\", \"1\"]
+  schedule: \"*/5 * * * * *\"
+  startingDeadline: 30s
+  history: {{successful: 100, failed: 100}}
+"
+    )
 }
 
 /// A Wallet of the test image serving on 8080.

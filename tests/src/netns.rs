@@ -284,6 +284,12 @@ fn remove_leftovers() {
         for link in links.iter().filter(|n| stale_of(n)) {
             let _ = ip(&["link", "del", link]);
         }
+        for bridge in links.iter().filter(|n| stale_of(n) && n.ends_with('b')) {
+            let mut args = vec!["-D", "FORWARD"];
+            args.extend(forward_rule(bridge));
+            // Absent unless that cluster allowed forwarding; nothing to report then.
+            let _ = run(Command::new("iptables").args(&args));
+        }
         for (file, owner) in &subnets {
             if stale.contains(owner.as_str()) {
                 let _ = fs::remove_file(Path::new(REGISTRY).join(file));
@@ -333,24 +339,34 @@ fn stale_processes(stale: &BTreeSet<String>, addrs: &[String]) -> Vec<u32> {
 
 /// A node's namespace and link.
 #[derive(Debug, Clone)]
-struct Link {
-    ns: String,
-    host_veth: String,
-    ip: Ipv4Addr,
+pub(crate) struct Link {
+    pub(crate) ns: String,
+    pub(crate) host_veth: String,
+    pub(crate) ip: Ipv4Addr,
 }
 
 /// The bridge, the namespaces and the registry entries of one cluster; removed on drop.
-struct Network {
-    id: String,
+pub(crate) struct Network {
+    pub(crate) id: String,
     subnet: u8,
-    bridge: String,
-    namespaces: Vec<String>,
+    pub(crate) bridge: String,
+    pub(crate) namespaces: Vec<String>,
     files: Vec<PathBuf>,
+    /// The FORWARD rule letting namespaces reach each other, once added.
+    forwarding: bool,
+}
+
+/// The FORWARD rule that lets traffic cross the bridge from one namespace to another.
+/// Needed on machines whose FORWARD policy is DROP while bridged packets go through
+/// iptables (`bridge-nf-call-iptables`, which Docker turns on): without it, two
+/// namespaces on the bridge cannot reach each other (only the host).
+fn forward_rule(bridge: &str) -> [&str; 6] {
+    ["-i", bridge, "-o", bridge, "-j", "ACCEPT"]
 }
 
 impl Network {
     /// Claims an id and a free `/24`, and creates the bridge with its `.1` address.
-    fn create() -> Result<Network> {
+    pub(crate) fn create() -> Result<Network> {
         fs::create_dir_all(REGISTRY).with_context(|| format!("creating {REGISTRY}"))?;
         remove_leftovers();
         let (id, owner) = Self::claim_id()?;
@@ -360,6 +376,7 @@ impl Network {
             subnet: 0,
             namespaces: Vec::new(),
             files: vec![owner],
+            forwarding: false,
         };
         net.subnet = net.claim_subnet()?;
         let gateway = format!("{}/24", net.gateway());
@@ -420,13 +437,26 @@ impl Network {
         bail!("no free subnet {}.{}.X.0/24 after 64 tries", NET[0], NET[1])
     }
 
-    fn gateway(&self) -> Ipv4Addr {
+    pub(crate) fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(NET[0], NET[1], self.subnet, 1)
+    }
+
+    /// Lets the namespaces on the bridge reach each other (see [`forward_rule`]); the
+    /// rule goes with the network.
+    pub(crate) fn allow_forwarding(&mut self) -> Result<()> {
+        let mut args = vec!["-I", "FORWARD"];
+        args.extend(forward_rule(&self.bridge));
+        run(Command::new("iptables").args(&args)).context(
+            "adding a FORWARD rule for the test bridge (needs iptables, \
+             Debian's iptables package)",
+        )?;
+        self.forwarding = true;
+        Ok(())
     }
 
     /// Creates namespace `i` with its veth pair: the host end joins the bridge, the
     /// other end gets `.(10+i)`.
-    fn add_namespace(&mut self, i: usize) -> Result<Link> {
+    pub(crate) fn add_namespace(&mut self, i: usize) -> Result<Link> {
         let host_octet = u8::try_from(10 + i)
             .ok()
             .filter(|o| *o < 255)
@@ -477,6 +507,13 @@ fn subnet_in_use(x: u8) -> Result<bool> {
 
 impl Drop for Network {
     fn drop(&mut self) {
+        if self.forwarding {
+            let mut args = vec!["-D", "FORWARD"];
+            args.extend(forward_rule(&self.bridge));
+            if let Err(e) = run(Command::new("iptables").args(&args)) {
+                eprintln!("netns cleanup: {e:#}");
+            }
+        }
         for ns in &self.namespaces {
             // Anything still running in it (an agent a test started by hand) goes first.
             for pid in ip(&["netns", "pids", ns])

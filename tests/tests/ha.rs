@@ -15,21 +15,6 @@ mod etcd;
 
 const WAIT: Duration = Duration::from_secs(40);
 
-fn cronjob(name: &str) -> String {
-    format!(
-        "apiVersion: bramble/v1
-kind: CronJob
-metadata: {{name: {name}}}
-spec:
-  image: bramble-testimg:latest
-  args: [\"exit\", \"0\", \"1\"]
-  schedule: \"*/5 * * * * *\"
-  startingDeadline: 30s
-  history: {{successful: 100, failed: 100}}
-"
-    )
-}
-
 fn opts(endpoints: &str, prefix: &str) -> ControllerOpts {
     let mut o = ControllerOpts::etcd(endpoints, prefix);
     // A short lease, so the test waits little for a takeover.
@@ -113,7 +98,8 @@ async fn the_follower_takes_over_when_the_leader_dies_and_containers_keep_runnin
     b.apply("ltc.yaml", &harness::wallet(&ltc)).await?;
     let ltc_first = one_running(&node, &ltc).await?;
     let tick = harness::unique("tick");
-    b.apply("tick.yaml", &cronjob(&tick)).await?;
+    b.apply("tick.yaml", &harness::ticking_cronjob(&tick))
+        .await?;
     tokio::time::sleep(Duration::from_secs(11)).await;
 
     // The leader loses power. The follower takes over once its lease ends, the agent

@@ -1,0 +1,287 @@
+//! Three controllers on a three-member etcd, every member and every agent in a network
+//! namespace of its own: the leader killed while a node loses power, the leader cut off
+//! from etcd and the other controllers while agents still reach it, and a rolling
+//! restart of all three controllers. Throughout, a Wallet never runs twice (Docker's
+//! view, sampled every 100 ms) and the containers of a change that needs none are never
+//! restarted (Docker's events).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use bramble_tests::eventually;
+use bramble_tests::hanet::{HaCluster, MEMBERS};
+use bramble_tests::harness;
+use bramble_tests::netns::{running_containers, Container, EventRecorder, Sampler, HEALING_FLAGS};
+
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+const WAIT: Duration = Duration::from_secs(60);
+
+/// [`HEALING_FLAGS`] and a short leader lease (3 s), so takeovers are quick.
+fn flags() -> Vec<&'static str> {
+    let mut f = HEALING_FLAGS.to_vec();
+    f.extend(["--leader-lease", "3s"]);
+    f
+}
+
+fn label(workload: &str) -> String {
+    format!("bramble.workload={workload}")
+}
+
+/// Waits until exactly one container of `workload` runs; it.
+async fn the_one(workload: &str) -> Result<Container> {
+    eventually(WAIT, &format!("one {workload} running"), || async {
+        let now = running_containers(&label(workload))?;
+        ensure!(now.len() <= 1, "two of {workload} at once: {now:?}");
+        Ok((now.len() == 1).then(|| now[0].clone()))
+    })
+    .await
+}
+
+/// Fails unless every sample saw at most one container, and names the first that saw
+/// two.
+fn never_two(samples: &[bramble_tests::netns::Sample], what: &str) -> Result<()> {
+    ensure!(!samples.is_empty(), "no sample of {what} was taken");
+    if let Some(s) = samples.iter().find(|s| s.running.len() > 1) {
+        anyhow::bail!("{what} ran twice at {:?}: {:?}", s.at, s.running);
+    }
+    Ok(())
+}
+
+/// Fails unless every sample saw exactly the container `id`.
+fn always(samples: &[bramble_tests::netns::Sample], id: &str, what: &str) -> Result<()> {
+    never_two(samples, what)?;
+    if let Some(s) = samples
+        .iter()
+        .find(|s| s.running.len() != 1 || s.running[0].id != id)
+    {
+        anyhow::bail!(
+            "{what} stopped or changed at {:?}: {:?} (was {id})",
+            s.at,
+            s.running
+        );
+    }
+    Ok(())
+}
+
+/// How many slots of the CronJob `name` have fired, as controller `via` reports.
+async fn fired(c: &HaCluster, via: usize, name: &str) -> Result<usize> {
+    let view = c
+        .controller(via)
+        .get(&format!("/v1/cronjobs/{name}"))
+        .await?;
+    Ok(view["firings"].as_array().map_or(0, Vec::len))
+}
+
+/// Waits until the CronJob `name` has fired more than `than` slots.
+async fn fires_beyond(c: &HaCluster, name: &str, than: usize) -> Result<usize> {
+    eventually(
+        WAIT,
+        &format!("{name} fired more than {than} slots"),
+        || async {
+            let leader = c.leader().await.context("no leader")?;
+            let n = fired(c, leader, name).await?;
+            Ok((n > than).then_some(n))
+        },
+    )
+    .await
+}
+
+/// Fails if any container of the recorder's label stopped.
+fn no_stop(events: &EventRecorder, what: &str) -> Result<()> {
+    let died = events.with_action("die");
+    ensure!(died.is_empty(), "{what} stopped: {died:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_restarts_nothing_and_a_node_lost_in_a_change_gets_its_wallet_elsewhere(
+) -> Result<()> {
+    let mut c = HaCluster::start(3, &flags()).await?;
+    let first = c.wait_leader(None).await?;
+    let follower = (first + 1) % MEMBERS;
+    let (coin, web, tick) = (
+        harness::unique("coin"),
+        harness::unique("web"),
+        harness::unique("tick"),
+    );
+    // Written through a follower: any controller takes writes.
+    c.apply_via(follower, &harness::wallet(&coin)).await?;
+    c.apply_via(follower, &harness::web_service(&web)).await?;
+    c.apply_via(follower, &harness::ticking_cronjob(&tick))
+        .await?;
+    let wallet = the_one(&coin).await?;
+    let service = the_one(&web).await?;
+    let web_events = EventRecorder::start(&label(&web))?;
+    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+
+    // The leader loses power: another leads, and nothing restarts meanwhile.
+    c.kill_controller(first);
+    let second = c.wait_leader(Some(first)).await?;
+    for node in c.nodes() {
+        c.wait_ready_on(second, &node).await?;
+    }
+    let api = harness::unique("api");
+    let other = (0..MEMBERS)
+        .find(|i| *i != first && *i != second)
+        .context("a third controller")?;
+    c.apply_via(other, &harness::web_service(&api)).await?;
+    the_one(&api).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    always(
+        &sampler.stop(),
+        &wallet.id,
+        "the wallet across the leader's death",
+    )
+    .with_context(|| c.logs())?;
+    no_stop(&web_events, "the Service across the leader's death")?;
+    ensure!(
+        the_one(&web).await?.id == service.id,
+        "the Service's container changed"
+    );
+
+    // The dead controller comes back (it follows); then the new leader dies at the
+    // moment the wallet's node loses power. The third controller takes over and, once
+    // the lost node has surely stopped it, runs the wallet elsewhere: once.
+    c.start_controller(first).await?;
+    c.wait_ready_on(first, &c.nodes()[0]).await?;
+    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+    c.kill_controller(second);
+    c.power_off(&wallet.node)?;
+    let third = c.wait_leader(Some(second)).await?;
+    let moved = eventually(WAIT, "the wallet running on another node", || async {
+        let now = running_containers(&label(&coin))?;
+        ensure!(now.len() <= 1, "two wallets: {now:?}");
+        Ok(now.first().filter(|w| w.node != wallet.node).cloned())
+    })
+    .await
+    .with_context(|| c.logs())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    never_two(
+        &sampler.stop(),
+        "the wallet across the change and the power loss",
+    )?;
+    ensure!(moved.id != wallet.id);
+
+    // Every cron slot fired once across both changes of leader.
+    let fired = harness::every_slot_once(c.controller(third), &tick, 5).await?;
+    ensure!(fired >= 3, "only {fired} slots fired");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_steps_down_while_its_agents_keep_their_wallet() -> Result<()> {
+    let mut c = HaCluster::start(3, &flags()).await?;
+    let leader = c.wait_leader(None).await?;
+    let (coin, web) = (harness::unique("coin"), harness::unique("web"));
+    c.apply_via(leader, &harness::wallet(&coin)).await?;
+    c.apply_via(leader, &harness::web_service(&web)).await?;
+    let wallet = the_one(&coin).await?;
+    let service = the_one(&web).await?;
+    let coin_events = EventRecorder::start(&label(&coin))?;
+    let web_events = EventRecorder::start(&label(&web))?;
+    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+
+    // The leader still hears every agent, but neither etcd nor the other controllers:
+    // it must stop acting, and one of the others lead.
+    c.isolate_controller(leader)?;
+    let next = c.wait_leader(Some(leader)).await?;
+    eventually(WAIT, "the cut-off leader steps down", || async {
+        Ok(c.controller(leader)
+            .logs()
+            .contains("this controller stopped leading")
+            .then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    for node in c.nodes() {
+        c.wait_ready_on(next, &node).await?;
+    }
+    let api = harness::unique("api");
+    c.apply_via(next, &harness::web_service(&api)).await?;
+    the_one(&api).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Healed, it follows the new leader.
+    c.rejoin_controller(leader)?;
+    eventually(WAIT, "the old leader follows", || async {
+        let list = c.controller(leader).get("/v1/controllers").await.ok();
+        let follows = list.as_ref().and_then(|l| l.as_array()).is_some_and(|l| {
+            l.len() == MEMBERS
+                && l.iter().any(|m| m["leader"] == true)
+                && l.iter()
+                    .all(|m| !(m["answering"] == true && m["leader"] == true))
+        });
+        Ok(follows.then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+    always(
+        &sampler.stop(),
+        &wallet.id,
+        "the wallet across the partition",
+    )
+    .with_context(|| c.logs())?;
+    no_stop(&coin_events, "the wallet across the partition")?;
+    no_stop(&web_events, "the Service across the partition")?;
+    ensure!(the_one(&web).await?.id == service.id);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_all_three_controllers_restarts_no_container_and_loses_no_slot(
+) -> Result<()> {
+    let mut c = HaCluster::start(2, &flags()).await?;
+    let leader = c.wait_leader(None).await?;
+    let (coin, web, tick) = (
+        harness::unique("coin"),
+        harness::unique("web"),
+        harness::unique("tick"),
+    );
+    c.apply_via(leader, &harness::wallet(&coin)).await?;
+    c.apply_via(leader, &harness::web_service(&web)).await?;
+    c.apply_via(leader, &harness::ticking_cronjob(&tick))
+        .await?;
+    let wallet = the_one(&coin).await?;
+    the_one(&web).await?;
+    // A slot before the restarts and one after them: every slot between them is
+    // checked too.
+    let before = fires_beyond(&c, &tick, 0).await?;
+    let coin_events = EventRecorder::start(&label(&coin))?;
+    let web_events = EventRecorder::start(&label(&web))?;
+    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+
+    // One after the other, as an operator upgrades them: stop (SIGTERM), start, and
+    // wait until it hears every agent again before the next.
+    let began = std::time::Instant::now();
+    for i in 0..MEMBERS {
+        ensure!(
+            c.stop_controller(i).await,
+            "controller c{i} did not exit on SIGTERM within 10 s"
+        );
+        let now = c.wait_leader(Some(i)).await?;
+        c.start_controller(i).await?;
+        for node in c.nodes() {
+            c.wait_ready_on(i, &node).await?;
+            c.wait_ready_on(now, &node).await?;
+        }
+    }
+    eprintln!(
+        "rolling restart of {MEMBERS} controllers took {:?}",
+        began.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    always(
+        &sampler.stop(),
+        &wallet.id,
+        "the wallet across the rolling restart",
+    )
+    .with_context(|| c.logs())?;
+    no_stop(&coin_events, "the wallet across the rolling restart")?;
+    no_stop(&web_events, "the Service across the rolling restart")?;
+    let leader = c.wait_leader(None).await?;
+    let at_end = fired(&c, leader, &tick).await?;
+    let after = fires_beyond(&c, &tick, at_end.max(before)).await?;
+    let checked = harness::every_slot_once(c.controller(leader), &tick, 5).await?;
+    ensure!(checked >= after, "{checked} slots checked of {after}");
+    Ok(())
+}
