@@ -49,6 +49,9 @@ pub struct Cluster {
     pub url: Option<String>,
     /// The other controllers' URLs (`--peer`): the local agent fails over to them.
     pub peers: Vec<String>,
+    /// The local etcd member this controller runs (`--etcd-cluster`); `etcd` then
+    /// points at the members.
+    pub member: Option<crate::member::MemberConfig>,
 }
 
 /// The etcd cluster holding the state.

@@ -17,6 +17,9 @@
 //! - [`http`]: the REST API, the agent link, the dashboard, `/metrics`.
 //! - [`mdns`]: the `_bramble._tcp.local.` advertisement agents find the controller by.
 //! - [`files`]: owner-only files and directories (data dir, keys, tokens).
+//! - [`pki`]: CAs in the data dir (the cluster CA, the etcd CA).
+//! - [`member`]: the local etcd member a controller runs and supervises
+//!   (`--etcd-cluster`).
 
 pub mod config;
 pub mod core;
@@ -24,6 +27,8 @@ pub mod files;
 pub mod http;
 pub mod loops;
 pub mod mdns;
+pub mod member;
+pub mod pki;
 pub mod state;
 pub mod store;
 
@@ -82,6 +87,9 @@ pub enum Error {
     /// This controller's CA or Secrets key is not the one of the cluster in the store.
     #[error("joining the controllers of the store")]
     Identity(#[from] state::identity::Mismatch),
+    /// The local etcd member cannot start.
+    #[error("local etcd member")]
+    Member(#[from] member::MemberError),
 }
 
 /// An opened controller: configuration checked, store and tokens ready, not yet
@@ -94,6 +102,8 @@ pub struct Controller {
     webhooks: Arc<Webhooks>,
     identity: Identity,
     vault: Arc<state::vault::Vault>,
+    /// The local etcd member, when this controller runs one.
+    member: Option<member::Member>,
 }
 
 impl Controller {
@@ -106,19 +116,9 @@ impl Controller {
             path: cfg.data_dir.clone(),
             source,
         })?;
-        let store: Arc<dyn Store> = match &cfg.cluster.etcd {
-            #[cfg(feature = "etcd")]
-            Some(etcd) => Arc::new(
-                store::EtcdStore::open(&etcd.endpoints, &etcd.prefix, etcd.tls.as_ref()).await?,
-            ),
-            #[cfg(not(feature = "etcd"))]
-            Some(_) => {
-                return Err(Error::Config(config::Invalid(
-                    "--etcd: this controller was built without the etcd feature".into(),
-                )))
-            }
-            None => Arc::new(store::SqliteStore::open(&cfg.data_dir.join("bramble.db"))?),
-        };
+        // The identity first: the first controller of a cluster makes the files the
+        // others need before it waits for them (with a local etcd member, no quorum
+        // exists until they run).
         let identity = Identity::load(&cfg.data_dir, &cfg.tls)?;
         let (tokens, files) = Tokens::load(
             &cfg.data_dir,
@@ -130,6 +130,21 @@ impl Controller {
         let vault = state::vault::Vault::load(&cfg.data_dir)?;
         let hooks = Webhooks::default();
         hooks.configure(webhooks::load(&cfg.data_dir)?);
+        let member = match &cfg.cluster.member {
+            Some(m) => Some(member::Member::start(m, &cfg.data_dir)?),
+            None => None,
+        };
+        let store: Arc<dyn Store> = match &cfg.cluster.etcd {
+            #[cfg(feature = "etcd")]
+            Some(etcd) => Arc::new(open_etcd(etcd, &cfg, member.is_some()).await?),
+            #[cfg(not(feature = "etcd"))]
+            Some(_) => {
+                return Err(Error::Config(config::Invalid(
+                    "--etcd: this controller was built without the etcd feature".into(),
+                )))
+            }
+            None => Arc::new(store::SqliteStore::open(&cfg.data_dir.join("bramble.db"))?),
+        };
         if cfg.cluster.etcd.is_some() {
             state::identity::check(store.as_ref(), &identity.ca, vault.key_id()).await?;
         }
@@ -141,6 +156,7 @@ impl Controller {
             webhooks: Arc::new(hooks),
             identity,
             vault: Arc::new(vault),
+            member,
         })
     }
 
@@ -298,6 +314,10 @@ impl Controller {
         if let Some(e) = election {
             let _ = e.await;
         }
+        // Last: the election revoked its lease through it.
+        if let Some(m) = self.member {
+            m.stop().await;
+        }
         tracing::info!("controller stopped");
         served.map_err(Error::Serve)
     }
@@ -355,6 +375,62 @@ impl Controller {
         tracing::warn!("built without the local-agent feature; not running a local agent");
         None
     }
+}
+
+/// Opens the etcd store. With a local member, the members may not have a quorum yet
+/// (the others are still being set up): it waits, saying what for, instead of exiting.
+#[cfg(feature = "etcd")]
+async fn open_etcd(
+    etcd: &config::Etcd,
+    cfg: &Config,
+    local_member: bool,
+) -> Result<store::EtcdStore, Error> {
+    const ATTEMPT: std::time::Duration = std::time::Duration::from_secs(10);
+    const PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+    if !local_member {
+        return Ok(store::EtcdStore::open(&etcd.endpoints, &etcd.prefix, etcd.tls.as_ref()).await?);
+    }
+    let began = std::time::Instant::now();
+    loop {
+        let attempt = tokio::time::timeout(
+            ATTEMPT,
+            store::EtcdStore::open(&etcd.endpoints, &etcd.prefix, etcd.tls.as_ref()),
+        )
+        .await;
+        let error = match attempt {
+            Ok(Ok(store)) => return Ok(store),
+            Ok(Err(e)) => anyhow_like(&e),
+            Err(_) => format!("no answer within {ATTEMPT:?}"),
+        };
+        // etcd takes a moment to listen: the first failures say nothing new.
+        if began.elapsed() < std::time::Duration::from_secs(5) {
+            tracing::debug!(error = %error, "etcd members not ready yet");
+            tokio::time::sleep(PAUSE).await;
+            continue;
+        }
+        tracing::warn!(
+            error = %error,
+            waited_s = began.elapsed().as_secs(),
+            members = %etcd.endpoints.join(","),
+            copy_to_the_others = %cfg.data_dir.display(),
+            files = "ca.crt ca.key secrets.key etcd-ca.crt etcd-ca.key admin-token join-token viewer-token",
+            "waiting for a quorum of etcd members: start the other controllers (their data dirs need these files from this one first)"
+        );
+        tokio::time::sleep(PAUSE).await;
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+#[cfg(feature = "etcd")]
+fn anyhow_like(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Makes rustls use ring for HTTPS clients (webhooks). Idempotent; reqwest panics on a

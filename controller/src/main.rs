@@ -108,6 +108,36 @@ struct Args {
     /// one etcd elect a leader; every one serves the API and the dashboard.
     #[arg(long, env = "BRAMBLE_ETCD", value_delimiter = ',', value_name = "URL")]
     etcd: Vec<String>,
+    /// Run and supervise a local etcd member of this cluster of members (NAME=HOST,
+    /// comma-separated, the same list on every controller; ports 2379 and 2380) and keep
+    /// the state there: three controllers on three machines, one command each. TLS
+    /// with client certificates of an etcd CA the controller makes (copy etcd-ca.crt and
+    /// etcd-ca.key with the other identity files). Needs the `etcd` binary (Debian's
+    /// etcd-server).
+    #[arg(
+        long,
+        env = "BRAMBLE_ETCD_CLUSTER",
+        value_delimiter = ',',
+        value_name = "NAME=HOST",
+        conflicts_with_all = ["etcd", "etcd_cacert", "etcd_allow_plain_http"]
+    )]
+    etcd_cluster: Vec<String>,
+    /// This controller's member name in --etcd-cluster (default: the host name).
+    #[arg(
+        long,
+        env = "BRAMBLE_ETCD_NAME",
+        value_name = "NAME",
+        requires = "etcd_cluster"
+    )]
+    etcd_name: Option<String>,
+    /// The etcd binary the local member runs.
+    #[arg(
+        long,
+        env = "BRAMBLE_ETCD_BINARY",
+        default_value = "etcd",
+        value_name = "PATH"
+    )]
+    etcd_binary: PathBuf,
     /// The CA that signed etcd's server certificates (PEM); the endpoints are then
     /// https://.
     #[arg(long, env = "BRAMBLE_ETCD_CACERT", value_name = "FILE")]
@@ -187,8 +217,41 @@ fn config(args: Args) -> Result<Config, String> {
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         allow_host_paths: args.allow_host_paths,
     });
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let member = if args.etcd_cluster.is_empty() {
+        None
+    } else {
+        let m = bramble_controller::member::MemberConfig {
+            name: args.etcd_name.clone().unwrap_or_else(hostname),
+            cluster: bramble_controller::member::parse_cluster(&args.etcd_cluster)?,
+            binary: args.etcd_binary.clone(),
+        };
+        m.check()?;
+        Some(m)
+    };
+    let etcd = match &member {
+        Some(m) => Some(bramble_controller::config::Etcd {
+            endpoints: m.endpoints(),
+            prefix: args.etcd_prefix.clone(),
+            tls: Some(bramble_controller::member::MemberConfig::tls(&data_dir)),
+            allow_plain_http: false,
+        }),
+        None => (!args.etcd.is_empty()).then(|| bramble_controller::config::Etcd {
+            endpoints: args.etcd.clone(),
+            prefix: args.etcd_prefix.clone(),
+            tls: args
+                .etcd_cacert
+                .clone()
+                .map(|ca| bramble_controller::config::TlsFiles {
+                    ca,
+                    cert: args.etcd_cert.clone(),
+                    key: args.etcd_key.clone(),
+                }),
+            allow_plain_http: args.etcd_allow_plain_http,
+        }),
+    };
     let cfg = Config {
-        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        data_dir,
         admin_token: args.admin_token,
         join_token: args.join_token,
         viewer_token: args.viewer_token,
@@ -214,23 +277,12 @@ fn config(args: Args) -> Result<Config, String> {
         },
         viewer_logs: args.viewer_logs,
         cluster: bramble_controller::config::Cluster {
-            etcd: (!args.etcd.is_empty()).then(|| bramble_controller::config::Etcd {
-                endpoints: args.etcd.clone(),
-                prefix: args.etcd_prefix.clone(),
-                tls: args
-                    .etcd_cacert
-                    .clone()
-                    .map(|ca| bramble_controller::config::TlsFiles {
-                        ca,
-                        cert: args.etcd_cert.clone(),
-                        key: args.etcd_key.clone(),
-                    }),
-                allow_plain_http: args.etcd_allow_plain_http,
-            }),
+            etcd,
             leader: bramble_controller::config::Timing::for_lease(args.leader_lease),
             name: hostname(),
             url: args.advertise_url.clone(),
             peers: args.peers,
+            member,
         },
     };
     cfg.validate().map_err(|e| e.to_string())?;
@@ -276,6 +328,7 @@ fn main() -> ExitCode {
 async fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let data_dir = cfg.data_dir.clone();
     let local = cfg.local_agent.as_ref().map(|l| l.node_name.clone());
+    let member = cfg.cluster.member.as_ref().map(|m| m.name.clone());
     let controller = Controller::open(cfg)
         .await
         .context("cannot start the controller")?;
@@ -295,6 +348,12 @@ async fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     );
     println!("  data dir:     {}", data_dir.display());
     println!("  store:        {}", controller.store_location());
+    if let Some(name) = member {
+        println!(
+            "  etcd member:  {name}, run by this controller (data {}; copy etcd-ca.crt and etcd-ca.key to the other controllers)",
+            data_dir.join("etcd").join("data").display()
+        );
+    }
     println!(
         "  cluster CA:   sha256 {ca}  ({}/ca.crt)",
         data_dir.display()

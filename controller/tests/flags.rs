@@ -23,7 +23,23 @@ fn run(args: &[&str]) -> (i32, String, bool) {
 
 #[test]
 fn unsafe_or_unusable_etcd_settings_are_refused_before_anything_is_made() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 12] = [
+        (&["--etcd-cluster", "pi1"], "is not NAME=HOST"),
+        (&["--etcd-cluster", "a=10.0.0.1:2379"], "without scheme or port"),
+        (
+            &["--etcd-cluster", "a=10.0.0.1,b=10.0.0.2", "--etcd-name", "c"],
+            "--etcd-name \"c\" is not one of --etcd-cluster's members (a, b)",
+        ),
+        (
+            &[
+                "--etcd-cluster",
+                "a=10.0.0.1",
+                "--etcd",
+                "http://127.0.0.1:2379",
+            ],
+            "cannot be used with",
+        ),
+        (&["--etcd-name", "a"], "--etcd-cluster"),
         (&["--etcd", "http://10.0.0.3:2379"], "in clear"),
         (&["--etcd", "https://etcd-1:2379"], "--etcd-cacert"),
         (
@@ -50,6 +66,20 @@ fn unsafe_or_unusable_etcd_settings_are_refused_before_anything_is_made() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert!(!made, "{args:?} made the data dir");
     }
+    // A local member needs the etcd binary: said at once, naming the package.
+    let (code, stderr, _) = run(&[
+        "--etcd-cluster",
+        "a=127.0.0.1",
+        "--etcd-name",
+        "a",
+        "--etcd-binary",
+        "/nonexistent/etcd",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("\"/nonexistent/etcd\" not found: install Debian's etcd-server"),
+        "{stderr}"
+    );
     // Plain http to another machine is the operator's explicit choice: accepted, and
     // the controller goes on to fail at the store it cannot reach, saying so.
     let (code, stderr, _) = run(&[

@@ -76,6 +76,7 @@ async fn controller(
             name: name.into(),
             url: None,
             peers: vec![],
+            member: None,
         },
     };
     let controller = Controller::open(cfg).await.expect("controller opens");

@@ -196,6 +196,106 @@ impl HaCluster {
         Ok(cluster)
     }
 
+    /// Like [`HaCluster::start`], but every controller runs and supervises its own etcd
+    /// member (`--etcd-cluster`), as three Pis would with one command each: three
+    /// namespaces (controller and member together), then the agents. The first
+    /// controller makes the identity files (the etcd CA among them) while it waits for
+    /// a quorum; they are copied to the others before those start, as the README says.
+    pub async fn start_with_members(agents: usize, controller_args: &[&str]) -> Result<HaCluster> {
+        crate::ensure_test_image().await?;
+        let etcd_bin = etcd_binary()?;
+        let mut net = Network::create()?;
+        net.allow_forwarding()?;
+        let etcd_dir = tempfile::tempdir().context("a temporary directory")?;
+        let mut cluster = HaCluster {
+            nodes: Vec::new(),
+            members: Vec::new(),
+            etcd: Vec::new(),
+            etcd_dir,
+            net,
+        };
+        let mut links = Vec::new();
+        for i in 0..MEMBERS {
+            links.push(cluster.net.add_namespace(i)?);
+        }
+        let list = links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("c{i}={}", l.ip))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (i, link) in links.into_iter().enumerate() {
+            let mut args: Vec<String> = vec![
+                "--etcd-cluster".into(),
+                list.clone(),
+                "--etcd-name".into(),
+                format!("c{i}"),
+                "--etcd-binary".into(),
+                etcd_bin.display().to_string(),
+            ];
+            args.extend(controller_args.iter().map(|a| a.to_string()));
+            let opts = ControllerOpts {
+                local_node: None,
+                args,
+            };
+            let peer = cluster.members.first().map(|m| &m.controller);
+            let controller = Controller::launch_in(opts, &link.ns, &link.ip.to_string(), peer)?;
+            cluster.members.push(Member {
+                controller,
+                link,
+                isolated: false,
+            });
+            if i == 0 {
+                // The etcd CA is made last of the identity files.
+                let first = &cluster.members[0].controller;
+                let ca = first.data_dir.path().join("etcd-ca.crt");
+                eventually(WAIT, "the first controller's identity files", || async {
+                    Ok(ca.exists().then_some(()))
+                })
+                .await
+                .with_context(|| first.logs())?;
+            }
+        }
+        for m in &mut cluster.members {
+            m.controller.serving().await?;
+        }
+        cluster.wait_leader(None).await?;
+        let urls = cluster.controller_urls();
+        let token = cluster.members[0].controller.join_token()?;
+        for i in 0..agents {
+            let link = cluster.net.add_namespace(MEMBERS + i)?;
+            let name = format!("{PREFIX}{}-{i}", cluster.net.id);
+            let agent = Agent::start_with_in(&link.ns, &urls, &token, &name)?;
+            cluster.nodes.push(agent);
+        }
+        for node in cluster.nodes() {
+            cluster.wait_ready(&node).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The address of controller `i`'s machine (its namespace).
+    pub fn controller_address(&self, i: usize) -> Ipv4Addr {
+        self.members[i].link.ip
+    }
+
+    /// Power loss of controller `i`'s machine: every process in its namespace (the
+    /// controller, and its etcd member if it runs one) gets SIGKILL.
+    pub fn power_off_controller(&mut self, i: usize) -> Result<()> {
+        self.members[i].controller.kill9();
+        let ns = self.members[i].link.ns.clone();
+        let out = Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+            .context("ip netns pids")?;
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("sh")
+                .args(["-c", "kill -9 \"$1\"", "kill", pid])
+                .output();
+        }
+        Ok(())
+    }
+
     fn spawn_etcd(&mut self, i: usize, bin: &Path) -> Result<()> {
         let initial = self
             .etcd

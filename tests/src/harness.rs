@@ -89,13 +89,16 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
 
 /// What controllers of one cluster share in their data dirs.
-pub const IDENTITY_FILES: [&str; 6] = [
+pub const IDENTITY_FILES: [&str; 8] = [
     "ca.crt",
     "ca.key",
     "secrets.key",
     "admin-token",
     "join-token",
     "viewer-token",
+    // Only with a local etcd member (`--etcd-cluster`).
+    "etcd-ca.crt",
+    "etcd-ca.key",
 ];
 
 /// How a test controller is started.
@@ -185,6 +188,31 @@ impl Controller {
         }
         c.spawn().await?;
         Ok(c)
+    }
+
+    /// Starts a controller inside `netns` as [`Controller::start_in`] does, but returns
+    /// as soon as the process runs: for controllers that cannot serve until others run
+    /// too (local etcd members waiting for a quorum). Then [`Controller::serving`].
+    pub fn launch_in(
+        opts: ControllerOpts,
+        netns: &str,
+        host: &str,
+        peer: Option<&Controller>,
+    ) -> Result<Controller> {
+        let mut c = Controller::unstarted(opts, host)?;
+        c.netns = Some(netns.to_string());
+        if let Some(peer) = peer {
+            c.copy_identity(peer)?;
+        }
+        c.starts += 1;
+        let mut cmd = c.command()?;
+        c.child = Some(cmd.spawn().context("starting bramble-controller")?);
+        Ok(c)
+    }
+
+    /// Waits until a controller from [`Controller::launch_in`] answers its API.
+    pub async fn serving(&mut self) -> Result<()> {
+        self.wait_serving().await
     }
 
     fn copy_identity(&self, peer: &Controller) -> Result<()> {

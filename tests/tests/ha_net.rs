@@ -285,3 +285,144 @@ async fn a_rolling_restart_of_all_three_controllers_restarts_no_container_and_lo
     ensure!(checked >= after, "{checked} slots checked of {after}");
     Ok(())
 }
+
+/// What an HTTPS `GET /health` to an etcd member at `ip` gets: the body, or why it
+/// failed. Trusts the etcd CA `ca` and presents `client` (certificate and key PEM).
+async fn etcd_health(ip: &str, ca: &[u8], client: Option<(&[u8], &[u8])>) -> Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bramble_tls::install_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert?)?;
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder.with_client_auth_cert(
+            CertificateDer::pem_slice_iter(cert).collect::<Result<Vec<_>, _>>()?,
+            PrivateKeyDer::from_pem_slice(key)?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect((ip, 2379)).await?;
+    let name = ServerName::try_from(ip.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut body)).await??;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A certificate for `name` signed by the CA in `dir` (`{ca}.crt`, `{ca}.key`): what a
+/// node holds (cluster CA) or what the controller holds (etcd CA).
+fn signed_by(dir: &std::path::Path, ca: &str, name: &str) -> Result<(String, String)> {
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join(format!("{ca}.key")))?)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(dir.join(format!("{ca}.crt")))?,
+        key,
+    )?;
+    let leaf = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&leaf, &issuer)?;
+    Ok((cert.pem(), leaf.serialize_pem()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_running_their_own_etcd_members_survive_a_machine_lost_and_refuse_strangers(
+) -> Result<()> {
+    let mut c = HaCluster::start_with_members(2, &flags()).await?;
+    let leader = c.wait_leader(None).await?;
+    let follower = (leader + 1) % MEMBERS;
+    let (coin, web) = (harness::unique("coin"), harness::unique("web"));
+    c.apply_via(follower, &harness::wallet(&coin)).await?;
+    c.apply_via(follower, &harness::web_service(&web)).await?;
+    let wallet = the_one(&coin).await?;
+    let service = the_one(&web).await?;
+
+    // The members serve only clients with a certificate of the etcd CA: not a
+    // stranger, not a node (whose certificate is of the cluster CA).
+    let dir = c.controller(follower).data_dir.path().to_path_buf();
+    let ip = c.controller_address(follower).to_string();
+    let etcd_ca = std::fs::read(dir.join("etcd-ca.crt"))?;
+    let (own_cert, own_key) = (
+        std::fs::read(dir.join("etcd/client.crt"))?,
+        std::fs::read(dir.join("etcd/client.key"))?,
+    );
+    let health = etcd_health(&ip, &etcd_ca, Some((&own_cert, &own_key))).await?;
+    ensure!(
+        health.contains("\"health\":\"true\""),
+        "the controller's own client: {health}"
+    );
+    let anonymous = etcd_health(&ip, &etcd_ca, None).await;
+    ensure!(
+        !anonymous.as_ref().is_ok_and(|b| b.contains("health")),
+        "a client without a certificate was served: {anonymous:?}"
+    );
+    eprintln!("etcd, to a client without a certificate: {anonymous:?}");
+    let (node_cert, node_key) = signed_by(&dir, "ca", "a-node")?;
+    let as_node = etcd_health(
+        &ip,
+        &etcd_ca,
+        Some((node_cert.as_bytes(), node_key.as_bytes())),
+    )
+    .await;
+    ensure!(
+        !as_node.as_ref().is_ok_and(|b| b.contains("health")),
+        "a client with a cluster-CA (node) certificate was served: {as_node:?}"
+    );
+    eprintln!("etcd, to a client with a node's certificate: {as_node:?}");
+
+    let coin_events = EventRecorder::start(&label(&coin))?;
+    let web_events = EventRecorder::start(&label(&web))?;
+    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+
+    // A controller killed alone leaves its etcd running; started again, it replaces it.
+    c.kill_controller(follower);
+    c.start_controller(follower).await?;
+    ensure!(
+        c.controller(follower)
+            .logs()
+            .contains("stopping an etcd left running"),
+        "the restarted controller did not replace its old etcd:\n{}",
+        c.controller(follower).logs()
+    );
+    for node in c.nodes() {
+        c.wait_ready_on(follower, &node).await?;
+    }
+
+    // The leader's machine loses power, its etcd member with it: two of three members
+    // remain, another controller leads, writes go on, no container restarts.
+    c.power_off_controller(leader)?;
+    let next = c.wait_leader(Some(leader)).await?;
+    for node in c.nodes() {
+        c.wait_ready_on(next, &node).await?;
+    }
+    let api = harness::unique("api");
+    c.apply_via(next, &harness::web_service(&api)).await?;
+    the_one(&api).await?;
+
+    // Power back: it rejoins (member and controller) and follows.
+    c.start_controller(leader).await?;
+    for node in c.nodes() {
+        c.wait_ready_on(leader, &node).await?;
+    }
+    ensure!(
+        c.leader().await == Some(next),
+        "leadership moved back on rejoin"
+    );
+    always(
+        &sampler.stop(),
+        &wallet.id,
+        "the wallet across the machine's loss",
+    )
+    .with_context(|| c.logs())?;
+    no_stop(&coin_events, "the wallet across the machine's loss")?;
+    no_stop(&web_events, "the Service across the machine's loss")?;
+    ensure!(the_one(&web).await?.id == service.id);
+    Ok(())
+}

@@ -12,13 +12,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use base64::Engine as _;
 use bramble_api::token::Fingerprint;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{CertificateParams, DnType, Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-use crate::files::write_secret;
 
 /// The CA certificate's file in the data dir (public: give it to `bramblectl
 /// --certificate-authority`).
@@ -26,39 +23,8 @@ pub const CA_CERT: &str = "ca.crt";
 /// The CA's private key (0600).
 pub const CA_KEY: &str = "ca.key";
 
-/// Why the TLS identity cannot be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file cannot be read or written.
-    #[error("{path}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A certificate or key file does not hold what it should.
-    #[error("{path}: {reason}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Making a key or certificate failed.
-    #[error("cannot make the {what}")]
-    Generate {
-        /// Which.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: rcgen::Error,
-    },
-    /// rustls refused the certificate and key.
-    #[error("the server certificate and key do not fit together")]
-    Config(#[source] rustls::Error),
-}
+pub use crate::pki::TlsError;
+use crate::pki::{invalid, io, write_public};
 
 /// Where the controller's certificate comes from.
 #[derive(Debug, Clone, Default)]
@@ -83,38 +49,7 @@ pub struct Identity {
     pub names: Vec<String>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn invalid(path: &Path, reason: impl Into<String>) -> TlsError {
-    TlsError::Invalid {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
-/// A certificate as PEM.
-pub fn pem(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
-/// Writes a public file atomically (readable by all: it holds no secret).
-fn write_public(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
-}
+pub use crate::pki::pem;
 
 /// This machine's names and addresses: the host name (and `.local`, as mDNS announces
 /// it), `localhost`, loopback and every interface address, plus `extra`.
@@ -141,50 +76,15 @@ pub fn own_names(extra: &[String]) -> Vec<String> {
     names
 }
 
-/// Loads the CA from the data dir, or makes it on first start.
+/// Loads the cluster CA from the data dir, or makes it on first start.
 fn own_ca(
     data_dir: &Path,
 ) -> Result<(Issuer<'static, KeyPair>, CertificateDer<'static>), TlsError> {
-    let cert_path = data_dir.join(CA_CERT);
-    let key_path = data_dir.join(CA_KEY);
-    if key_path.exists() {
-        let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| invalid(&key_path, format!("not a private key: {e}")))?;
-        let cert_pem = std::fs::read(&cert_path).map_err(io(&cert_path))?;
-        let der = CertificateDer::from_pem_slice(&cert_pem)
-            .map_err(|e| invalid(&cert_path, format!("not a certificate: {e}")))?;
-        let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| {
-            invalid(
-                &cert_path,
-                format!("not a CA certificate for {CA_KEY}: {e}"),
-            )
-        })?;
-        return Ok((issuer, der));
-    }
-    let key = KeyPair::generate().map_err(|source| TlsError::Generate {
-        what: "CA key",
-        source,
-    })?;
-    let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Bramble cluster CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let cert = params
-        .self_signed(&key)
-        .map_err(|source| TlsError::Generate {
-            what: "CA certificate",
-            source,
-        })?;
-    // The key first: a CA certificate without its key is useless, a key alone is
-    // simply made again.
-    write_secret(&key_path, &key.serialize_pem()).map_err(io(&key_path))?;
-    write_public(&cert_path, &cert.pem()).map_err(io(&cert_path))?;
-    tracing::info!(path = %cert_path.display(), "made the cluster CA");
-    let der = cert.der().clone();
-    Ok((Issuer::new(params, key), der))
+    crate::pki::load_or_make_ca(
+        &data_dir.join(CA_CERT),
+        &data_dir.join(CA_KEY),
+        "Bramble cluster CA",
+    )
 }
 
 fn server_config(
