@@ -1,10 +1,9 @@
 //! Finds the controllers over mDNS (`_bramble._tcp.local.`) when no `--controller` is
 //! given: every controller advertises itself, the agent browses, and for each controller
 //! of its own cluster (the `ca` in the TXT record is the one in its join token) the
-//! first advertised address that accepts a TCP connection is kept. With several
-//! controllers only one leads and the others refuse the agent, so the agent tries them
-//! all. Anyone can advertise anything over mDNS: the TLS handshake, pinned to that CA,
-//! is what decides, before any credential is sent.
+//! first advertised address that accepts a TCP connection is kept. The agent links to
+//! every controller found (see `link`). Anyone can advertise anything over mDNS: the TLS
+//! handshake, pinned to that CA, is what decides, before any credential is sent.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,14 +24,21 @@ pub enum Error {
     NotFound(Duration),
 }
 
-/// How long browsing goes on after the first controller was found, for the others.
-const SETTLE: Duration = Duration::from_millis(700);
+/// How long a first search browses on after the first controller was found, for the
+/// others: short, so a new node joins fast (later searches find the rest).
+pub const SETTLE: Duration = Duration::from_millis(700);
+
+/// How long a later search browses on after the first controller was found: answers
+/// come spread out (responders delay them, queries are repeated after 1 s and 2 s), and
+/// a later search is not in a hurry.
+pub const SETTLE_THOROUGH: Duration = Duration::from_secs(3);
 
 /// Browses for the controllers of the cluster whose CA is `ca`: up to `timeout` for the
-/// first, then [`SETTLE`] for more; returns their base URLs (`https://ADDR:PORT`), the
+/// first, then `settle` for more; returns their base URLs (`https://ADDR:PORT`), the
 /// first found first. With `interfaces`, only those network interfaces are used.
 pub async fn discover(
     timeout: Duration,
+    settle: Duration,
     interfaces: &[String],
     ca: &str,
 ) -> Result<Vec<String>, Error> {
@@ -74,7 +80,7 @@ pub async fn discover(
                 if reachable(&url).await {
                     tracing::info!(controller = %url, instance = %info.fullname, "found the controller over mDNS");
                     if found.is_empty() {
-                        until = (tokio::time::Instant::now() + SETTLE).min(deadline);
+                        until = (tokio::time::Instant::now() + settle).min(deadline);
                     }
                     found.push((info.fullname.clone(), url));
                     break;

@@ -20,7 +20,7 @@
 //! only a task set sent on a session welcomed after the fence lifts it. A standby link
 //! never lifts a fence: a vouch only keeps running what a leader assigned.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,6 +71,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long one mDNS search for the controller lasts before the next dial attempt.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often an agent without `--controller` looks again for controllers over mDNS once
+/// it knows some (a controller added, or one that moved to another address).
+const REDISCOVER: Duration = Duration::from_secs(30);
+
+/// How long a discovered controller may go unseen by searches before its link is
+/// dropped: a search often sees only some controllers (answers come late, packets get
+/// lost), and that must not cut a working link.
+const DROP_UNSEEN_AFTER: Duration = Duration::from_secs(90);
 
 /// `https://host:port[/]` (or a bare `host:port`) → `wss://host:port/v1/agent`.
 /// Plain `http://` is refused: controllers serve TLS only, and the agent sends its
@@ -228,9 +237,9 @@ pub async fn run(
             unique.push(u.clone());
         }
     }
-    // Standby links only make sense beside other links: a lone URL (or mDNS, which
-    // finds one controller) must reach the leader, so a follower refuses it.
-    let standby = unique.len() > 1;
+    // Standby links only make sense beside other links: a lone URL must reach the
+    // leader, so a follower refuses it. Over mDNS every controller found gets a link.
+    let standby = unique.len() > 1 || unique.is_empty();
     let epochs = crate::epoch::Epochs::load(&cfg.data_dir, token.ca.as_str());
     let shared = Arc::new(Shared {
         cfg,
@@ -248,11 +257,11 @@ pub async fn run(
         standby,
     });
     let dialers: Vec<_> = if unique.is_empty() {
-        vec![tokio::spawn(dial_loop(Arc::clone(&shared), None))]
+        vec![tokio::spawn(discovering(Arc::clone(&shared)))]
     } else {
         unique
             .into_iter()
-            .map(|u| tokio::spawn(dial_loop(Arc::clone(&shared), Some(u))))
+            .map(|u| tokio::spawn(dial_loop(Arc::clone(&shared), u)))
             .collect()
     };
     shutdown.await;
@@ -292,9 +301,93 @@ struct Shared {
     standby: bool,
 }
 
-/// Keeps one link up: to `url`, or (without one) to a controller found over mDNS,
-/// dialling again with back-off whenever it ends. Runs until aborted.
-async fn dial_loop(shared: Arc<Shared>, url: Option<String>) {
+/// Without `--controller`: finds the controllers of the cluster over mDNS and keeps a
+/// link to each ([`dial_loop`]), as with a list of URLs; looks again every
+/// [`REDISCOVER`] for controllers added or moved, and drops the link to one unseen for
+/// [`DROP_UNSEEN_AFTER`]. Runs until aborted (its links with
+/// it: a `JoinSet` aborts its tasks when dropped).
+async fn discovering(shared: Arc<Shared>) {
+    let mut seen: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+    let mut handles: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let mut set = tokio::task::JoinSet::new();
+    let mut retry = Retry::new(REDIAL);
+    loop {
+        // Quick while no controller is known (a new node joins fast), thorough after.
+        let settle = if handles.is_empty() {
+            crate::discovery::SETTLE
+        } else {
+            crate::discovery::SETTLE_THOROUGH
+        };
+        match discover(&shared.cfg, &shared.token, settle).await {
+            Ok(found) => {
+                retry = Retry::new(REDIAL);
+                let (add, drop) = rediscovered(&mut seen, &found, tokio::time::Instant::now());
+                for url in drop {
+                    tracing::info!(controller = %url, "no longer advertised; dropping its link");
+                    if let Some(h) = handles.remove(&url) {
+                        h.abort();
+                    }
+                }
+                for url in add {
+                    tracing::info!(controller = %url, "found over mDNS; linking");
+                    let h = set.spawn(dial_loop(Arc::clone(&shared), url.clone()));
+                    handles.insert(url, h);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no controller found over mDNS; looking again");
+            }
+        }
+        // Reap aborted links so the set does not grow.
+        while set.try_join_next().is_some() {}
+        // Soon again while no link reaches the leader (only followers answered so far,
+        // or none): the leader's link is the one that brings tasks.
+        let wait = if handles.is_empty() || !leader_linked(&shared) {
+            retry.failed()
+        } else {
+            REDISCOVER
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Whether a link to the leader is up: the leader's link holds the reports lock for as
+/// long as it lasts.
+fn leader_linked(shared: &Shared) -> bool {
+    shared.reports.try_lock().is_err()
+}
+
+/// After a search at `now` that found `found`, with `seen` when each known controller
+/// was last found: the URLs to link to (new ones, now known) and the ones to drop
+/// (unseen for [`DROP_UNSEEN_AFTER`], now forgotten). An empty search drops nothing:
+/// mDNS itself failed, not every controller at once.
+fn rediscovered(
+    seen: &mut BTreeMap<String, tokio::time::Instant>,
+    found: &[String],
+    now: tokio::time::Instant,
+) -> (Vec<String>, Vec<String>) {
+    let mut add = Vec::new();
+    for url in found {
+        if seen.insert(url.clone(), now).is_none() {
+            add.push(url.clone());
+        }
+    }
+    let mut drop = Vec::new();
+    if !found.is_empty() {
+        seen.retain(|url, last| {
+            let keep = now.saturating_duration_since(*last) < DROP_UNSEEN_AFTER;
+            if !keep {
+                drop.push(url.clone());
+            }
+            keep
+        });
+    }
+    (add, drop)
+}
+
+/// Keeps one link to `url` up, dialling again with back-off whenever it ends. Runs
+/// until aborted.
+async fn dial_loop(shared: Arc<Shared>, url: String) {
     let mut redial = Retry::new(REDIAL);
     // The node's own credential first; the join token only when the controller does not
     // know it (a new node, or one an operator deleted).
@@ -306,7 +399,7 @@ async fn dial_loop(shared: Arc<Shared>, url: Option<String>) {
             Auth::Node
         };
         let mut welcomed = false;
-        let result = session(&shared, auth, url.as_deref(), &mut welcomed).await;
+        let result = session_at(&shared, auth, &url, &mut welcomed).await;
         if matches!(result, Err(SessionError::Unauthorized(_))) && !use_join {
             // Not known by its credential: join (once) with the join token.
             tracing::info!(
@@ -325,7 +418,7 @@ async fn dial_loop(shared: Arc<Shared>, url: Option<String>) {
                 | SessionError::Untrusted(_))
         );
         let delay = next_redial(&mut redial, welcomed, refused);
-        let controller = url.as_deref().unwrap_or("(mDNS)");
+        let controller = url.as_str();
         match result {
             Ok(()) => {}
             Err(e) if refused => {
@@ -354,12 +447,20 @@ fn next_redial(redial: &mut Retry, welcomed: bool, refused: bool) -> Duration {
 }
 
 /// One mDNS search for the controllers of this cluster; their agent URLs.
-async fn discover(cfg: &Config, token: &JoinToken) -> Result<Vec<String>, SessionError> {
+async fn discover(
+    cfg: &Config,
+    token: &JoinToken,
+    settle: Duration,
+) -> Result<Vec<String>, SessionError> {
     tracing::info!("no --controller given; looking for one over mDNS (_bramble._tcp.local.)");
-    let found =
-        crate::discovery::discover(DISCOVERY_TIMEOUT, &cfg.mdns_interfaces, token.ca.as_str())
-            .await
-            .map_err(|e| SessionError::Connect(crate::runtime::error_chain(&e)))?;
+    let found = crate::discovery::discover(
+        DISCOVERY_TIMEOUT,
+        settle,
+        &cfg.mdns_interfaces,
+        token.ca.as_str(),
+    )
+    .await
+    .map_err(|e| SessionError::Connect(crate::runtime::error_chain(&e)))?;
     found
         .iter()
         .map(|u| agent_url(u).map_err(|e| SessionError::Connect(e.to_string())))
@@ -421,33 +522,6 @@ async fn dial(
             e => SessionError::Connect(e.to_string()),
         })?;
     Ok(ws)
-}
-
-/// One session with `url`, or (without one) with the first controller found over mDNS
-/// that welcomes the agent. `welcomed` is set once a controller has welcomed it.
-async fn session(
-    shared: &Shared,
-    auth: Auth<'_>,
-    url: Option<&str>,
-    welcomed: &mut bool,
-) -> Result<(), SessionError> {
-    if let Some(url) = url {
-        return session_at(shared, auth, url, welcomed).await;
-    }
-    // Found over mDNS: only the leader welcomes an agent that asks for no standby
-    // link, so each controller found is tried until one does.
-    let found = discover(&shared.cfg, &shared.token).await?;
-    let mut last = Err(SessionError::Connect("no controller found".into()));
-    for url in &found {
-        last = session_at(shared, auth, url, welcomed).await;
-        if *welcomed || matches!(last, Err(SessionError::Unauthorized(_))) {
-            break;
-        }
-        if let Err(e) = &last {
-            tracing::info!(controller = %url, error = %e, "trying the next controller found");
-        }
-    }
-    last
 }
 
 /// One session with the controller at `url`: dial, Hello, Welcome, then serve it as the
@@ -803,6 +877,51 @@ async fn stream_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn controllers_found_over_mdns_are_linked_once_and_dropped_when_unseen_for_90s() {
+        let urls = |v: &[&str]| v.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+        let t0 = tokio::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut seen = BTreeMap::new();
+        // First search: both linked. Found again: nothing new. A third: linked.
+        assert_eq!(
+            rediscovered(&mut seen, &urls(&["a", "b"]), at(0)),
+            (urls(&["a", "b"]), vec![])
+        );
+        assert_eq!(
+            rediscovered(&mut seen, &urls(&["b", "a"]), at(1)),
+            (vec![], vec![])
+        );
+        assert_eq!(
+            rediscovered(&mut seen, &urls(&["a", "b", "c"]), at(2)),
+            (urls(&["c"]), vec![])
+        );
+        // Searches that each see only some controllers cut no link.
+        for s in 3..60 {
+            let some = if s % 2 == 0 { ["a", "b"] } else { ["a", "c"] };
+            assert_eq!(
+                rediscovered(&mut seen, &urls(&some), at(s)),
+                (vec![], vec![])
+            );
+        }
+        // An empty search is mDNS failing: it counts for nothing, however late.
+        assert_eq!(rediscovered(&mut seen, &[], at(500)), (vec![], vec![]));
+        // c unseen since 59 s: still kept at 148 s, dropped at 149 s; found again
+        // later, linked again.
+        assert_eq!(
+            rediscovered(&mut seen, &urls(&["a", "b"]), at(148)),
+            (vec![], vec![])
+        );
+        assert_eq!(
+            rediscovered(&mut seen, &urls(&["a", "b"]), at(149)),
+            (vec![], urls(&["c"]))
+        );
+        assert_eq!(
+            rediscovered(&mut seen, &urls(&["a", "b", "c"]), at(150)),
+            (urls(&["c"]), vec![])
+        );
+    }
 
     #[test]
     fn redials_back_off_to_5s_start_over_after_a_welcome_and_stay_slow_after_a_refusal() {

@@ -17,7 +17,8 @@ pub struct Advertisement {
 }
 
 impl Advertisement {
-    /// Starts advertising `port` under `instance` (the host name). With `interfaces`,
+    /// Starts advertising `port` under `instance` (the host name, with a random suffix
+    /// so that namesakes never collide). With `interfaces`,
     /// only those network interfaces are used; otherwise all but loopback.
     /// The TXT record also carries `ca`, the cluster CA's fingerprint, so an agent
     /// looks only at controllers of its own cluster (it still verifies the certificate).
@@ -44,8 +45,14 @@ impl Advertisement {
         if let Some(u) = url {
             props.push(("url", u.to_string()));
         }
-        let host = format!("{instance}.local.");
-        let info = ServiceInfo::new(SERVICE_TYPE, instance, &host, "", port, &props[..])?
+        // Boards flashed from one image share a host name (`raspberrypi`): under it,
+        // every controller's addresses would merge into one host record, and the
+        // instances would fight over one name (renames such as `raspberrypi (2)` were
+        // seen to hide a third controller from agents for good). A suffix of its own
+        // makes both this controller's alone.
+        let unique = format!("{instance}-{:08x}", rand::random::<u32>());
+        let host = format!("{unique}.local.");
+        let info = ServiceInfo::new(SERVICE_TYPE, &unique, &host, "", port, &props[..])?
             .enable_addr_auto();
         let fullname = info.get_fullname().to_string();
         daemon.register(info)?;

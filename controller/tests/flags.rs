@@ -25,9 +25,17 @@ fn run(args: &[&str]) -> (i32, String, bool) {
 fn unsafe_or_unusable_etcd_settings_are_refused_before_anything_is_made() {
     let cases: [(&[&str], &str); 12] = [
         (&["--etcd-cluster", "pi1"], "is not NAME=HOST"),
-        (&["--etcd-cluster", "a=10.0.0.1:2379"], "without scheme or port"),
         (
-            &["--etcd-cluster", "a=10.0.0.1,b=10.0.0.2", "--etcd-name", "c"],
+            &["--etcd-cluster", "a=10.0.0.1:2379"],
+            "without scheme or port",
+        ),
+        (
+            &[
+                "--etcd-cluster",
+                "a=10.0.0.1,b=10.0.0.2",
+                "--etcd-name",
+                "c",
+            ],
             "--etcd-name \"c\" is not one of --etcd-cluster's members (a, b)",
         ),
         (

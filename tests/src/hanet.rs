@@ -167,8 +167,13 @@ impl HaCluster {
             let link = cluster.net.add_namespace(MEMBERS + i)?;
             let mut opts = ControllerOpts::etcd(&endpoints, &prefix);
             opts.args.push("--etcd-allow-plain-http".into());
-            opts.args
-                .extend(controller_args.iter().map(|a| a.to_string()));
+            // `{iface}` stands for the controller's interface in its namespace (for
+            // `--mdns-interface`).
+            opts.args.extend(
+                controller_args
+                    .iter()
+                    .map(|a| a.replace("{iface}", &link.peer)),
+            );
             let peer = cluster.members.first().map(|m| &m.controller);
             let controller =
                 Controller::start_in(opts, &link.ns, &link.ip.to_string(), peer).await?;
@@ -272,6 +277,19 @@ impl HaCluster {
             cluster.wait_ready(&node).await?;
         }
         Ok(cluster)
+    }
+
+    /// Adds a node whose agent is given no controller URL: it finds the controllers over
+    /// mDNS on its link (start the controllers with `--mdns-interface {iface}`). Does
+    /// not wait for it to be Ready.
+    pub fn add_discovering_node(&mut self) -> Result<String> {
+        let i = 2 * MEMBERS + self.nodes.len();
+        let link = self.net.add_namespace(i)?;
+        let name = format!("{PREFIX}{}-{}", self.net.id, self.nodes.len());
+        let agent =
+            Agent::start_discovering_in(&link.ns, &link.peer, &self.members[0].controller, &name)?;
+        self.nodes.push(agent);
+        Ok(name)
     }
 
     /// The address of controller `i`'s machine (its namespace).

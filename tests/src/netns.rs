@@ -342,6 +342,8 @@ fn stale_processes(stale: &BTreeSet<String>, addrs: &[String]) -> Vec<u32> {
 pub(crate) struct Link {
     pub(crate) ns: String,
     pub(crate) host_veth: String,
+    /// The veth end inside the namespace.
+    pub(crate) peer: String,
     pub(crate) ip: Ipv4Addr,
 }
 
@@ -486,6 +488,7 @@ impl Network {
         Ok(Link {
             ns,
             host_veth,
+            peer,
             ip: addr,
         })
     }

@@ -426,3 +426,35 @@ async fn controllers_running_their_own_etcd_members_survive_a_machine_lost_and_r
     ensure!(the_one(&web).await?.id == service.id);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_found_the_controllers_over_mdns_keeps_its_wallet_when_the_leader_dies(
+) -> Result<()> {
+    let mut args = flags();
+    args.extend(["--mdns-interface", "{iface}"]);
+    let mut c = HaCluster::start(0, &args).await?;
+    let node = c.add_discovering_node()?;
+    c.wait_ready(&node).await?;
+    let leader = c.wait_leader(None).await?;
+    let coin = harness::unique("coin");
+    c.apply_via(leader, &harness::wallet(&coin)).await?;
+    let wallet = the_one(&coin).await?;
+    // It links to every controller it found, not only to the leader.
+    for i in 0..MEMBERS {
+        c.wait_ready_on(i, &node).await?;
+    }
+    let events = EventRecorder::start(&label(&coin))?;
+    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+    c.kill_controller(leader);
+    let next = c.wait_leader(Some(leader)).await?;
+    c.wait_ready_on(next, &node).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    always(
+        &sampler.stop(),
+        &wallet.id,
+        "the wallet of a node found over mDNS",
+    )
+    .with_context(|| c.logs())?;
+    no_stop(&events, "the wallet of a node found over mDNS")?;
+    Ok(())
+}
