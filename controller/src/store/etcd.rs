@@ -698,6 +698,10 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
+        // One short keep-alive stream per renewal (an HTTP/2 stream on the member's
+        // open channel, not a connection): each renewal is then a request of its own
+        // with its own timeout and its own member choice, so a stream stuck on a dead
+        // member can never hold the next renewal back.
         let ttl = self
             .call("keep-alive", false, |mut c| async move {
                 let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
