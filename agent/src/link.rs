@@ -72,6 +72,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one mDNS search for the controller lasts before the next dial attempt.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a new session waits for the task reports' lock before its Hello (see
+/// [`session_at`]).
+const REPORTS_LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// How often an agent without `--controller` looks again for controllers over mDNS once
 /// it knows some (a controller added, or one that moved to another address).
 const REDISCOVER: Duration = Duration::from_secs(30);
@@ -557,7 +561,12 @@ async fn session_at(
     let (mut sink, mut stream) = ws.split();
 
     // Reports queued while no leader's link held them are superseded by the Hello.
-    let mut reports = shared.reports.try_lock().ok();
+    // Sessions that start together take the lock in turn (a standby session gives it
+    // up at its Welcome), so the one the leader welcomes holds it; only a lock held on
+    // (by a current leader's link) is given up on after a moment.
+    let mut reports = tokio::time::timeout(REPORTS_LOCK_WAIT, shared.reports.lock())
+        .await
+        .ok();
     if let Some(r) = reports.as_mut() {
         while r.try_recv().is_ok() {}
     }

@@ -399,7 +399,7 @@ async fn open_etcd(
         .await;
         let error = match attempt {
             Ok(Ok(store)) => return Ok(store),
-            Ok(Err(e)) => anyhow_like(&e),
+            Ok(Err(e)) => core::error::chain(&e),
             Err(_) => format!("no answer within {ATTEMPT:?}"),
         };
         // etcd takes a moment to listen: the first failures say nothing new.
@@ -418,19 +418,6 @@ async fn open_etcd(
         );
         tokio::time::sleep(PAUSE).await;
     }
-}
-
-/// An error with its causes, `a: b: c`.
-#[cfg(feature = "etcd")]
-fn anyhow_like(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Makes rustls use ring for HTTPS clients (webhooks). Idempotent; reqwest panics on a

@@ -123,26 +123,8 @@ impl HaCluster {
     /// etcd flags), then `agents` agents that know all three controllers, and waits
     /// until every node is Ready. Makes sure the test image exists.
     pub async fn start(agents: usize, controller_args: &[&str]) -> Result<HaCluster> {
-        crate::ensure_test_image().await?;
         let etcd_bin = etcd_binary()?;
-        let mut net = Network::create()?;
-        net.allow_forwarding()?;
-        // tmpfs when there is one: etcd fsyncs every write, and tests need no durability.
-        let base = ["/dev/shm", "/tmp"]
-            .into_iter()
-            .find(|d| Path::new(d).is_dir())
-            .unwrap_or("/tmp");
-        let etcd_dir = tempfile::Builder::new()
-            .prefix("bramble-hanet-")
-            .tempdir_in(base)
-            .context("a directory for etcd's data")?;
-        let mut cluster = HaCluster {
-            nodes: Vec::new(),
-            members: Vec::new(),
-            etcd: Vec::new(),
-            etcd_dir,
-            net,
-        };
+        let mut cluster = HaCluster::empty().await?;
         for i in 0..MEMBERS {
             let link = cluster.net.add_namespace(i)?;
             cluster.etcd.push(EtcdMember {
@@ -187,17 +169,7 @@ impl HaCluster {
                 cluster.wait_leader(None).await?;
             }
         }
-        let urls = cluster.controller_urls();
-        let token = cluster.members[0].controller.join_token()?;
-        for i in 0..agents {
-            let link = cluster.net.add_namespace(2 * MEMBERS + i)?;
-            let name = format!("{PREFIX}{}-{i}", cluster.net.id);
-            let agent = Agent::start_with_in(&link.ns, &urls, &token, &name)?;
-            cluster.nodes.push(agent);
-        }
-        for node in cluster.nodes() {
-            cluster.wait_ready(&node).await?;
-        }
+        cluster.add_agents(agents).await?;
         Ok(cluster)
     }
 
@@ -207,18 +179,8 @@ impl HaCluster {
     /// controller makes the identity files (the etcd CA among them) while it waits for
     /// a quorum; they are copied to the others before those start, as the README says.
     pub async fn start_with_members(agents: usize, controller_args: &[&str]) -> Result<HaCluster> {
-        crate::ensure_test_image().await?;
         let etcd_bin = etcd_binary()?;
-        let mut net = Network::create()?;
-        net.allow_forwarding()?;
-        let etcd_dir = tempfile::tempdir().context("a temporary directory")?;
-        let mut cluster = HaCluster {
-            nodes: Vec::new(),
-            members: Vec::new(),
-            etcd: Vec::new(),
-            etcd_dir,
-            net,
-        };
+        let mut cluster = HaCluster::empty().await?;
         let mut links = Vec::new();
         for i in 0..MEMBERS {
             links.push(cluster.net.add_namespace(i)?);
@@ -265,17 +227,7 @@ impl HaCluster {
             m.controller.serving().await?;
         }
         cluster.wait_leader(None).await?;
-        let urls = cluster.controller_urls();
-        let token = cluster.members[0].controller.join_token()?;
-        for i in 0..agents {
-            let link = cluster.net.add_namespace(MEMBERS + i)?;
-            let name = format!("{PREFIX}{}-{i}", cluster.net.id);
-            let agent = Agent::start_with_in(&link.ns, &urls, &token, &name)?;
-            cluster.nodes.push(agent);
-        }
-        for node in cluster.nodes() {
-            cluster.wait_ready(&node).await?;
-        }
+        cluster.add_agents(agents).await?;
         Ok(cluster)
     }
 
@@ -283,8 +235,7 @@ impl HaCluster {
     /// mDNS on its link (start the controllers with `--mdns-interface {iface}`). Does
     /// not wait for it to be Ready.
     pub fn add_discovering_node(&mut self) -> Result<String> {
-        let i = 2 * MEMBERS + self.nodes.len();
-        let link = self.net.add_namespace(i)?;
+        let link = self.net.add_namespace(self.net.namespaces.len())?;
         let name = format!("{PREFIX}{}-{}", self.net.id, self.nodes.len());
         let agent =
             Agent::start_discovering_in(&link.ns, &link.peer, &self.members[0].controller, &name)?;
@@ -310,6 +261,49 @@ impl HaCluster {
             let _ = Command::new("sh")
                 .args(["-c", "kill -9 \"$1\"", "kill", pid])
                 .output();
+        }
+        Ok(())
+    }
+
+    /// The test image, the network (forwarding allowed) and a directory for etcd's
+    /// data; no member yet.
+    async fn empty() -> Result<HaCluster> {
+        crate::ensure_test_image().await?;
+        let mut net = Network::create()?;
+        net.allow_forwarding()?;
+        // tmpfs when there is one: etcd fsyncs every write, and tests need no durability.
+        let base = ["/dev/shm", "/tmp"]
+            .into_iter()
+            .find(|d| Path::new(d).is_dir())
+            .unwrap_or("/tmp");
+        let etcd_dir = tempfile::Builder::new()
+            .prefix("bramble-hanet-")
+            .tempdir_in(base)
+            .context("a directory for etcd's data")?;
+        Ok(HaCluster {
+            nodes: Vec::new(),
+            members: Vec::new(),
+            etcd: Vec::new(),
+            etcd_dir,
+            net,
+        })
+    }
+
+    /// Starts `n` agents, each in a namespace of its own, that know every controller,
+    /// and waits until each is Ready.
+    async fn add_agents(&mut self, n: usize) -> Result<()> {
+        let urls = self.controller_urls();
+        let token = self.members[0].controller.join_token()?;
+        let mut names = Vec::with_capacity(n);
+        for _ in 0..n {
+            let link = self.net.add_namespace(self.net.namespaces.len())?;
+            let name = format!("{PREFIX}{}-{}", self.net.id, self.nodes.len());
+            self.nodes
+                .push(Agent::start_with_in(&link.ns, &urls, &token, &name)?);
+            names.push(name);
+        }
+        for node in names {
+            self.wait_ready(&node).await?;
         }
         Ok(())
     }

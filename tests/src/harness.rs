@@ -181,12 +181,8 @@ impl Controller {
         host: &str,
         peer: Option<&Controller>,
     ) -> Result<Controller> {
-        let mut c = Controller::unstarted(opts, host)?;
-        c.netns = Some(netns.to_string());
-        if let Some(peer) = peer {
-            c.copy_identity(peer)?;
-        }
-        c.spawn().await?;
+        let mut c = Controller::launch_in(opts, netns, host, peer)?;
+        c.wait_serving().await?;
         Ok(c)
     }
 

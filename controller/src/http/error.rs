@@ -89,17 +89,7 @@ impl From<DomainError> for ApiError {
     }
 }
 
-/// An error and its causes in one line.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::core::error::chain;
 
 impl From<state::Error> for ApiError {
     fn from(e: state::Error) -> ApiError {

@@ -440,7 +440,7 @@ impl Webhooks {
         }
         match req.body(body).send().await {
             Ok(r) => Ok(r.status().as_u16()),
-            Err(e) => Err(error_chain(&e)),
+            Err(e) => Err(crate::core::error::chain(&e)),
         }
     }
 
@@ -521,19 +521,6 @@ fn payload(hook: &Hook, event: &Event, test: bool) -> Vec<u8> {
         event: event.clone(),
     })
     .unwrap_or_default()
-}
-
-/// An error with its causes, since reqwest's own message is often just "error sending
-/// request".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Hands each new event to the workers of the webhooks it matches, while this
