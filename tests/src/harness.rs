@@ -564,6 +564,9 @@ pub struct Agent {
     starts: u32,
     /// The network namespace it runs in (`ip netns exec`), `None` for the host's.
     netns: Option<String>,
+    /// The Docker Engine it runs containers on (`DOCKER_HOST`), `None` for the
+    /// machine's.
+    docker_host: Option<String>,
 }
 
 impl Agent {
@@ -606,6 +609,26 @@ impl Agent {
         )
     }
 
+    /// Starts an agent for `node` inside `netns` against `controller` that runs its
+    /// containers on the engine at `docker_host` (a node engine of
+    /// [`crate::engines`]).
+    pub fn start_on_engine_in(
+        netns: &str,
+        controller: &Controller,
+        node: &str,
+        docker_host: &str,
+    ) -> Result<Agent> {
+        let mut a = Agent::unspawned(
+            node,
+            Some(netns),
+            Reach::Url(controller.url()),
+            controller.join_token()?,
+        )?;
+        a.docker_host = Some(docker_host.to_string());
+        a.spawn()?;
+        Ok(a)
+    }
+
     /// Starts an agent for `node` inside `netns` with no `--controller`: it must find
     /// the controller over mDNS, browsing on `interface` only.
     pub fn start_discovering_in(
@@ -623,7 +646,13 @@ impl Agent {
     }
 
     fn spawned(node: &str, netns: Option<&str>, reach: Reach, token: String) -> Result<Agent> {
-        let mut a = Agent {
+        let mut a = Agent::unspawned(node, netns, reach, token)?;
+        a.spawn()?;
+        Ok(a)
+    }
+
+    fn unspawned(node: &str, netns: Option<&str>, reach: Reach, token: String) -> Result<Agent> {
+        Ok(Agent {
             child: None,
             node: node.to_string(),
             reach,
@@ -631,9 +660,8 @@ impl Agent {
             data_dir: tempfile::tempdir()?,
             starts: 0,
             netns: netns.map(str::to_string),
-        };
-        a.spawn()?;
-        Ok(a)
+            docker_host: None,
+        })
     }
 
     /// Whether the process is still alive (it may have exited on its own).
@@ -662,6 +690,9 @@ impl Agent {
             Reach::Url(url) => cmd.args(["--controller", url]),
             Reach::Mdns(interface) => cmd.args(["--mdns-interface", interface]),
         };
+        if let Some(host) = &self.docker_host {
+            cmd.env("DOCKER_HOST", host);
+        }
         let child = cmd
             .args(["--node-name", &self.node])
             // In the environment, not in argv (which anyone on the machine can read).

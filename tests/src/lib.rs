@@ -15,10 +15,12 @@
 //!   cluster tests.
 //! - [`netns`]: multi-node clusters with real networking: each agent in its own network
 //!   namespace on a test bridge, with power loss, partitions and controller crashes.
+//! - [`engines`]: a Docker Engine of its own for every node of a [`netns`] cluster.
 //! - [`hanet`]: the same with three etcd members and three controllers, each in a
 //!   namespace of its own too, for controller failover, partitions and rolling restarts.
 
 pub mod browser;
+pub mod engines;
 pub mod hanet;
 pub mod harness;
 pub mod netns;

@@ -48,6 +48,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
+use crate::engines::{Containerd, Engine};
 use crate::eventually;
 use crate::harness::{Agent, Controller, ControllerOpts};
 
@@ -267,6 +268,9 @@ fn remove_leftovers() {
             .map(|x| format!("{}.{}.{x}.1:", NET[0], NET[1]))
             .collect();
         pids.extend(stale_processes(&stale, &stale_addrs));
+        pids.extend(crate::engines::stale_processes(&|arg: &str| {
+            id_of(arg).is_some_and(|id| stale.contains(id))
+        }));
         for pid in pids {
             kill9(&pid.to_string());
         }
@@ -541,19 +545,24 @@ impl Drop for Network {
     }
 }
 
-/// One node: its agent, and its namespace unless it runs in the host's.
+/// One node: its agent, its namespace unless it runs in the host's, and its own
+/// Docker Engine when the cluster gives nodes one. Field order is drop order: the
+/// agent before its engine.
 struct Node {
     agent: Agent,
     link: Option<Link>,
+    engine: Option<Engine>,
 }
 
 /// A controller and agents on one machine; see the module docs. Dropping it removes
 /// every process, container, namespace, link and claim it made.
 pub struct NetCluster {
-    // Field order is drop order: agents (with their containers) before the controller,
-    // and both before the network they use.
+    // Field order is drop order: agents (with their containers and engines) before the
+    // controller, the engines' containerd and files, and all before the network.
     nodes: Vec<Node>,
     controller: Controller,
+    containerd: Option<Containerd>,
+    _engines_dir: Option<tempfile::TempDir>,
     net: Network,
 }
 
@@ -562,7 +571,23 @@ impl NetCluster {
     /// `controller_args` such as [`HEALING_FLAGS`]) and `agents` agents, each in its own
     /// namespace, and waits until every node is Ready. Makes sure the test image exists.
     pub async fn start(agents: usize, controller_args: &[&str]) -> Result<NetCluster> {
-        crate::ensure_test_image().await?;
+        NetCluster::start_with(agents, controller_args, false).await
+    }
+
+    /// Like [`NetCluster::start`], but every node gets a Docker Engine of its own in its
+    /// namespace ([`crate::engines`]): its own containers, port space and disk, as on
+    /// real Pis. Nodes reach each other (a FORWARD rule for the bridge), and the test
+    /// image is loaded into every engine.
+    pub async fn start_with_engines(agents: usize, controller_args: &[&str]) -> Result<NetCluster> {
+        NetCluster::start_with(agents, controller_args, true).await
+    }
+
+    async fn start_with(
+        agents: usize,
+        controller_args: &[&str],
+        engines: bool,
+    ) -> Result<NetCluster> {
+        let image = crate::ensure_test_image().await?;
         let mut net = Network::create()?;
         let mut links = Vec::with_capacity(agents);
         for i in 0..agents {
@@ -580,18 +605,48 @@ impl NetCluster {
             &net.gateway().to_string(),
         )
         .await?;
+        let (containerd, engines_dir) = if engines {
+            net.allow_forwarding()?;
+            // Named with the cluster id, so a crashed run's containerd is recognized.
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("{PREFIX}{}-engines-", net.id))
+                .tempdir()
+                .context("a directory for the node engines")?;
+            let containerd = Containerd::start(&dir.path().join("containerd"))?;
+            (Some(containerd), Some(dir))
+        } else {
+            (None, None)
+        };
         let mut nodes = Vec::with_capacity(agents);
         for (i, link) in links.into_iter().enumerate() {
             let name = format!("{PREFIX}{}-{i}", net.id);
-            let agent = Agent::start_in(&link.ns, &controller, &name)?;
+            let (agent, engine) = match (&containerd, &engines_dir) {
+                (Some(containerd), Some(dir)) => {
+                    let engine = Engine::start(
+                        containerd,
+                        &link.ns,
+                        &name,
+                        &dir.path().join(&name),
+                        &format!("172.30.{}.1/24", 10 + i),
+                    )?;
+                    engine.load(&image)?;
+                    let agent =
+                        Agent::start_on_engine_in(&link.ns, &controller, &name, &engine.host())?;
+                    (agent, Some(engine))
+                }
+                _ => (Agent::start_in(&link.ns, &controller, &name)?, None),
+            };
             nodes.push(Node {
                 agent,
                 link: Some(link),
+                engine,
             });
         }
         let cluster = NetCluster {
             nodes,
             controller,
+            containerd,
+            _engines_dir: engines_dir,
             net,
         };
         for node in cluster.nodes() {
@@ -612,6 +667,7 @@ impl NetCluster {
         self.nodes.push(Node {
             agent,
             link: Some(link),
+            engine: None,
         });
         Ok(name)
     }
@@ -623,7 +679,11 @@ impl NetCluster {
     pub async fn add_host_node(&mut self) -> Result<String> {
         let name = format!("{PREFIX}{}-h{}", self.net.id, self.nodes.len());
         let agent = Agent::start(&self.controller, &name)?;
-        self.nodes.push(Node { agent, link: None });
+        self.nodes.push(Node {
+            agent,
+            link: None,
+            engine: None,
+        });
         self.wait_ready(&name).await?;
         Ok(name)
     }
@@ -682,17 +742,53 @@ impl NetCluster {
         Ok(&mut self.find_mut(node)?.agent)
     }
 
-    /// Power loss: SIGKILL the agent and force-remove every container of the node.
+    /// Power loss: SIGKILL the agent and force-remove every container of the node; with
+    /// an engine of its own, the engine and everything it runs are killed instead.
     pub fn power_off(&mut self, node: &str) -> Result<()> {
-        self.find_mut(node)?.agent.kill9();
-        crate::harness::remove_node_containers(node);
+        let n = self.find_mut(node)?;
+        n.agent.kill9();
+        match &mut n.engine {
+            Some(engine) => engine.power_off(),
+            None => crate::harness::remove_node_containers(node),
+        }
         Ok(())
     }
 
-    /// Boots a powered-off node: its agent starts again with the same name and data
-    /// directory (in its namespace). Does not wait for it to be Ready.
+    /// Boots a powered-off node: its engine (if it has one) and its agent start again
+    /// with the same name and data (in its namespace). Does not wait for it to be Ready.
     pub fn power_on(&mut self, node: &str) -> Result<()> {
-        self.find_mut(node)?.agent.restart()
+        let n = self.find_mut(node)?;
+        if let Some(engine) = &mut n.engine {
+            engine.boot()?;
+        }
+        n.agent.restart()
+    }
+
+    /// A node's own Docker Engine, when the cluster gives nodes one.
+    pub fn engine(&self, node: &str) -> Result<Option<&Engine>> {
+        Ok(self.find(node)?.engine.as_ref())
+    }
+
+    /// The running containers carrying `label` on every node: each node engine's view
+    /// (a powered-off node runs none), or the machine's engine when nodes share it.
+    pub fn running(&self, label: &str) -> Result<Vec<Container>> {
+        if self.containerd.is_none() {
+            return running_containers(label);
+        }
+        let mut all = Vec::new();
+        for engine in self
+            .nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref())
+            .filter(|e| e.is_on())
+        {
+            all.extend(ps_on(
+                engine.docker(),
+                label,
+                &["--filter", "status=running"],
+            )?);
+        }
+        Ok(all)
     }
 
     fn link(&self, node: &str) -> Result<&Link> {
@@ -828,7 +924,13 @@ pub fn running_containers(label: &str) -> Result<Vec<Container>> {
 }
 
 fn ps(label: &str, extra: &[&str]) -> Result<Vec<Container>> {
-    let out = run(Command::new("docker")
+    ps_on(Command::new("docker"), label, extra)
+}
+
+/// `docker ps` of the containers carrying `label` through `docker` (a `docker` command,
+/// perhaps with `-H` for a node engine).
+fn ps_on(mut docker: Command, label: &str, extra: &[&str]) -> Result<Vec<Container>> {
+    let out = run(docker
         .args(["ps", "--no-trunc", "--filter"])
         .arg(format!("label={label}"))
         .args(extra)

@@ -160,3 +160,105 @@ async fn an_agent_without_a_controller_url_finds_it_over_mdns_and_runs_work() ->
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_their_own_engines_have_their_own_containers_ports_and_power() -> Result<()> {
+    let mut cluster = NetCluster::start_with_engines(2, HEALTH_FLAGS).await?;
+    let (a, b) = (cluster.node(0).to_string(), cluster.node(1).to_string());
+    let web = bramble_tests::unique_name("web");
+    let label = format!("bramble.workload={web}");
+    // One host port for both replicas: two machines can, one engine cannot.
+    cluster
+        .apply(&format!(
+            "apiVersion: bramble/v1
+kind: Service
+metadata: {{name: {web}}}
+spec:
+  image: bramble-testimg:latest
+  args: [\"serve\", \"8080\", \"hello\"]
+  resources: {{cpu: 100m, memory: 16Mi}}
+  replicas: 2
+  ports: [{{container: 8080, host: 8080}}]
+"
+        ))
+        .await?;
+    let running = eventually(WAIT, "a replica on each node", || async {
+        let now = cluster.running(&label)?;
+        let nodes: BTreeSet<&str> = now.iter().map(|c| c.node.as_str()).collect();
+        Ok((now.len() == 2 && nodes.len() == 2).then_some(now))
+    })
+    .await?;
+
+    // Each engine runs only its node's containers; the machine's engine none of them.
+    for node in [&a, &b] {
+        let engine = cluster.engine(node)?.expect("a node engine");
+        let out = engine
+            .docker()
+            .args(["ps", "--format", "{{.Label \"bramble.node\"}}"])
+            .output()?;
+        let owners: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            owners,
+            BTreeSet::from([node.to_string()]),
+            "{node}'s engine"
+        );
+    }
+    assert!(
+        netns::running_containers(&label)?.is_empty(),
+        "on the machine's engine"
+    );
+
+    // Both nodes serve the same port, reached over the bridge.
+    let client = reqwest::Client::new();
+    let addrs: std::collections::BTreeMap<String, std::net::Ipv4Addr> = [&a, &b]
+        .into_iter()
+        .filter_map(|n| Some((n.clone(), cluster.address(n).ok().flatten()?)))
+        .collect();
+    let get = |node: &str| {
+        let addr = addrs.get(node).copied();
+        let client = client.clone();
+        async move {
+            let addr = addr.ok_or_else(|| anyhow::anyhow!("no address"))?;
+            let r = client
+                .get(format!("http://{addr}:8080/"))
+                .timeout(Duration::from_secs(3))
+                .send()
+                .await?;
+            anyhow::Ok(r.text().await?)
+        }
+    };
+    for node in [&a, &b] {
+        let body = eventually(WAIT, &format!("{node}:8080 answers"), || async {
+            Ok(get(node).await.ok())
+        })
+        .await?;
+        assert!(body.contains("hello"), "{node}: {body}");
+    }
+
+    // a loses power: its engine and containers with it; b's replica runs on untouched.
+    let b_replica = running.iter().find(|c| c.node == b).map(|c| c.id.clone());
+    cluster.power_off(&a)?;
+    assert!(get(&a).await.is_err(), "a powered-off node still serves");
+    cluster.wait_status(&a, "Dead", WAIT).await?;
+    let now = cluster.running(&label)?;
+    assert_eq!(
+        now.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        b_replica.into_iter().collect::<Vec<_>>(),
+        "only b's replica runs, the same container"
+    );
+    assert!(get(&b).await?.contains("hello"));
+
+    // Power back: the same engine and data; the replica runs on a again.
+    cluster.power_on(&a)?;
+    cluster.wait_ready(&a).await?;
+    eventually(WAIT, "a replica on each node again", || async {
+        let now = cluster.running(&label)?;
+        let nodes: BTreeSet<&str> = now.iter().map(|c| c.node.as_str()).collect();
+        Ok((now.len() == 2 && nodes.len() == 2).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
