@@ -1,6 +1,10 @@
 //! Multi-node clusters on one machine with real networking, so faults are real: a
-//! controller and N agents, each agent in its own network namespace, all sharing the
-//! machine's Docker engine.
+//! controller and N agents, each agent in its own network namespace, sharing the
+//! machine's Docker engine ([`NetCluster::start`]) or each with a Docker Engine of its
+//! own in its namespace ([`NetCluster::start_with_engines`], [`crate::engines`]): its
+//! own containers, port space and disk, as on real Pis. Tests look at containers through
+//! the cluster ([`NetCluster::running`], [`NetCluster::record_events`],
+//! [`NetCluster::sample`]), which asks whichever engines the nodes use.
 //!
 //! ```text
 //!  host namespace                                   namespace brt<id>n<i>
@@ -14,8 +18,9 @@
 //!
 //! Faults:
 //! - [`NetCluster::power_off`]: SIGKILL the agent and force-remove its containers, as a
-//!   Pi losing power would lose both; [`NetCluster::power_on`] boots it again (same name
-//!   and data directory).
+//!   Pi losing power would lose both (with engines: the engine, its shims and its
+//!   container processes are killed, and the containers stay on its disk as on a Pi);
+//!   [`NetCluster::power_on`] boots it again (same name, data directory and engine).
 //! - [`NetCluster::partition`]: the host end of the node's veth goes down; the agent
 //!   keeps running and still reaches Docker, it just cannot reach the controller.
 //! - [`NetCluster::kill_controller`] / [`NetCluster::restart_controller`]: SIGKILL, and
@@ -764,6 +769,50 @@ impl NetCluster {
         n.agent.restart()
     }
 
+    /// The `DOCKER_HOST` of every node engine (none when nodes share the machine's).
+    fn engine_hosts(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref().map(Engine::host))
+            .collect()
+    }
+
+    /// Records container events carrying `label` on every node's engine.
+    pub fn record_events(&self, label: &str) -> Result<EventRecorder> {
+        EventRecorder::start_on(&self.engine_hosts(), label)
+    }
+
+    /// Samples the running containers carrying `label` on every node, every `every`
+    /// (see [`Sampler`]); a powered-off node runs none.
+    pub fn sample(&self, label: &str, every: Duration) -> Sampler {
+        let hosts = self.engine_hosts();
+        let label = label.to_string();
+        if hosts.is_empty() {
+            return Sampler::start(&label, every);
+        }
+        Sampler::start_with(every, move || {
+            let mut all = Vec::new();
+            for h in &hosts {
+                let mut docker = Command::new("docker");
+                docker.args(["-H", h]);
+                // A powered-off engine does not answer: it runs nothing.
+                if let Ok(some) = ps_on(docker, &label, &["--filter", "status=running"]) {
+                    all.extend(some);
+                }
+            }
+            Ok(all)
+        })
+    }
+
+    /// The containers carrying `label` on every running node (stopped ones too when
+    /// `all`): each node engine's view, or the machine's when nodes share it.
+    pub fn containers(&self, label: &str, all: bool) -> Result<Vec<Container>> {
+        if self.containerd.is_none() {
+            return containers(label, all);
+        }
+        self.on_engines(label, if all { &["-a"] } else { &[] })
+    }
+
     /// A node's own Docker Engine, when the cluster gives nodes one.
     pub fn engine(&self, node: &str) -> Result<Option<&Engine>> {
         Ok(self.find(node)?.engine.as_ref())
@@ -775,20 +824,21 @@ impl NetCluster {
         if self.containerd.is_none() {
             return running_containers(label);
         }
-        let mut all = Vec::new();
+        self.on_engines(label, &["--filter", "status=running"])
+    }
+
+    /// `docker ps` of `label` with `extra` on every running node engine.
+    fn on_engines(&self, label: &str, extra: &[&str]) -> Result<Vec<Container>> {
+        let mut found = Vec::new();
         for engine in self
             .nodes
             .iter()
             .filter_map(|n| n.engine.as_ref())
             .filter(|e| e.is_on())
         {
-            all.extend(ps_on(
-                engine.docker(),
-                label,
-                &["--filter", "status=running"],
-            )?);
+            found.extend(ps_on(engine.docker(), label, extra)?);
         }
-        Ok(all)
+        Ok(found)
     }
 
     fn link(&self, node: &str) -> Result<&Link> {
@@ -973,50 +1023,64 @@ pub struct ContainerEvent {
 /// it is dropped: the exact times of starts and exits, which polling would miss or blur.
 /// A stream rather than `docker events --since` afterwards, because the daemon keeps
 /// only its last 256 events, and parallel tests overflow that.
+///
+/// On node engines ([`EventRecorder::start_on`]) it follows each engine, and follows
+/// one again when it comes back after a power-off (from where it left off).
 pub struct EventRecorder {
-    child: Child,
+    stop: Arc<AtomicBool>,
+    children: Vec<Arc<Mutex<Option<Child>>>>,
     events: Arc<Mutex<Vec<ContainerEvent>>>,
 }
 
 impl EventRecorder {
-    /// Starts recording container events carrying `label` (`key=value`).
+    /// Starts recording container events carrying `label` (`key=value`) on the
+    /// machine's engine.
     pub fn start(label: &str) -> Result<EventRecorder> {
-        // --since now: events between the start of the process and its subscription
-        // are replayed from the daemon's buffer instead of lost.
+        EventRecorder::start_on(&[], label)
+    }
+
+    /// Starts recording container events carrying `label` on every engine of `hosts`
+    /// (`DOCKER_HOST` values; none means the machine's engine).
+    pub fn start_on(hosts: &[String], label: &str) -> Result<EventRecorder> {
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .context("clock before 1970")?
             .as_secs_f64();
-        let mut child = Command::new("docker")
-            .args(["events", "--since", &format!("{since:.3}")])
-            .args(["--filter", "type=container", "--filter"])
-            .arg(format!("label={label}"))
-            .args(["--format", "{{json .}}"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting docker events")?;
-        let stdout = child.stdout.take().context("docker events stdout")?;
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&events);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let Some(event) = parse_event(&line) else {
-                    continue;
-                };
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(event);
-            }
-        });
-        Ok(EventRecorder { child, events })
+        let mut rec = EventRecorder {
+            stop: Arc::new(AtomicBool::new(false)),
+            children: Vec::new(),
+            events: Arc::new(Mutex::new(Vec::new())),
+        };
+        let hosts: Vec<Option<String>> = if hosts.is_empty() {
+            vec![None]
+        } else {
+            hosts.iter().cloned().map(Some).collect()
+        };
+        for host in hosts {
+            let slot = Arc::new(Mutex::new(None));
+            // The first stream is up before this returns: no event is missed.
+            let first = spawn_events(host.as_deref(), label, since)?;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(first);
+            rec.children.push(Arc::clone(&slot));
+            let (stop, sink, label) = (
+                Arc::clone(&rec.stop),
+                Arc::clone(&rec.events),
+                label.to_string(),
+            );
+            std::thread::spawn(move || follow(host, label, since, slot, sink, stop));
+        }
+        Ok(rec)
     }
 
     /// Every event so far, oldest first.
     pub fn events(&self) -> Vec<ContainerEvent> {
-        self.events
+        let mut all = self
+            .events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        all.sort_by_key(|e| e.at);
+        all
     }
 
     /// The events so far with this action (`start`, `die`, …), oldest first.
@@ -1028,10 +1092,76 @@ impl EventRecorder {
     }
 }
 
+/// `docker [-H host] events --since SINCE` for container events carrying `label`.
+fn spawn_events(host: Option<&str>, label: &str, since: f64) -> Result<Child> {
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.args(["-H", h]);
+    }
+    // --since: events between the start of the process and its subscription are
+    // replayed from the daemon's buffer instead of lost.
+    cmd.args(["events", "--since", &format!("{since:.3}")])
+        .args(["--filter", "type=container", "--filter"])
+        .arg(format!("label={label}"))
+        .args(["--format", "{{json .}}"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting docker events")
+}
+
+/// Reads one engine's event stream into `sink` until `stop`; when the stream ends (its
+/// engine lost power), subscribes again from the last event seen once it is back.
+fn follow(
+    host: Option<String>,
+    label: String,
+    mut since: f64,
+    slot: Arc<Mutex<Option<Child>>>,
+    sink: Arc<Mutex<Vec<ContainerEvent>>>,
+    stop: Arc<AtomicBool>,
+) {
+    loop {
+        let stdout = slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(|c| c.stdout.take());
+        if let Some(stdout) = stdout {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Some(event) = parse_event(&line) else {
+                    continue;
+                };
+                if let Ok(d) = event.at.duration_since(UNIX_EPOCH) {
+                    since = since.max(d.as_secs_f64());
+                }
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+            }
+        }
+        if let Some(mut c) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if stop.load(Ordering::Relaxed) || host.is_none() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // Just after the last event seen: it is not recorded twice.
+        if let Ok(c) = spawn_events(host.as_deref(), &label, since + 0.000_001) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+        }
+    }
+}
+
 impl Drop for EventRecorder {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop.store(true, Ordering::Relaxed);
+        for slot in &self.children {
+            if let Some(mut c) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 }
 
@@ -1070,13 +1200,22 @@ impl Sampler {
     /// Starts sampling the running containers carrying `label` every `every` (plus the
     /// time `docker ps` takes). A failed `docker ps` is skipped, not recorded.
     pub fn start(label: &str, every: Duration) -> Sampler {
+        let label = label.to_string();
+        Sampler::start_with(every, move || running_containers(&label))
+    }
+
+    /// Samples what `look` returns every `every` (plus the time it takes), skipping
+    /// failed looks.
+    pub fn start_with(
+        every: Duration,
+        look: impl Fn() -> Result<Vec<Container>> + Send + 'static,
+    ) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let label = label.to_string();
         let thread = std::thread::spawn(move || {
             let mut samples = Vec::new();
             while !flag.load(Ordering::Relaxed) {
-                if let Ok(running) = running_containers(&label) {
+                if let Ok(running) = look() {
                     samples.push(Sample {
                         at: SystemTime::now(),
                         running,

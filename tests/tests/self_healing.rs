@@ -11,9 +11,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use bramble_tests::netns::{
-    self, Container, ContainerEvent, EventRecorder, NetCluster, Sample, Sampler, HEALING_FLAGS,
-};
+use bramble_tests::netns::{self, Container, ContainerEvent, NetCluster, Sample, HEALING_FLAGS};
 use bramble_tests::{eventually, harness, unique_name};
 use serde_json::Value;
 
@@ -47,13 +45,18 @@ fn workload(name: &str) -> String {
 }
 
 /// Waits until exactly `n` containers of the workload run, and returns them.
-async fn running(name: &str, n: usize, timeout: Duration) -> Result<Vec<Container>> {
+async fn running(
+    cluster: &NetCluster,
+    name: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Container>> {
     let label = workload(name);
     eventually(
         timeout,
         &format!("{n} running containers of {name}"),
         || async {
-            let running = netns::running_containers(&label)?;
+            let running = cluster.running(&label)?;
             if running.len() == n {
                 Ok(Some(running))
             } else {
@@ -135,7 +138,7 @@ fn check(result: Result<()>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_looping_service_backs_off_gives_up_and_moves_to_another_node() {
-    let mut cluster = NetCluster::start(2, HEALING_FLAGS)
+    let mut cluster = NetCluster::start_with_engines(2, HEALING_FLAGS)
         .await
         .expect("the cluster starts");
     check(crash_loop(&mut cluster).await);
@@ -143,7 +146,7 @@ async fn crash_looping_service_backs_off_gives_up_and_moves_to_another_node() {
 
 async fn crash_loop(cluster: &mut NetCluster) -> Result<()> {
     let name = unique_name("crash");
-    let events = EventRecorder::start(&workload(&name))?;
+    let events = cluster.record_events(&workload(&name))?;
     let restart =
         "  restart: {policy: Always, backoff: {initial: 1s, max: 4s}, maxFailures: 3, window: 1m}\n";
     cluster
@@ -227,7 +230,7 @@ async fn hung_service_failing_its_liveness_probe_is_restarted() {
 async fn hung_task(cluster: &mut NetCluster) -> Result<()> {
     let node = cluster.add_host_node().await?;
     let name = unique_name("hung");
-    let events = EventRecorder::start(&workload(&name))?;
+    let events = cluster.record_events(&workload(&name))?;
     let extra =
         "  restart: {policy: Always, backoff: {initial: 1s, max: 4s}, maxFailures: 10, window: 1m}
   probes:
@@ -279,7 +282,7 @@ async fn hung_task(cluster: &mut NetCluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wallet_on_a_powered_off_node_runs_on_another_node_after_the_fence_grace() {
-    let mut cluster = NetCluster::start(2, HEALING_FLAGS)
+    let mut cluster = NetCluster::start_with_engines(2, HEALING_FLAGS)
         .await
         .expect("the cluster starts");
     check(wallet_power_off(&mut cluster).await);
@@ -287,15 +290,15 @@ async fn wallet_on_a_powered_off_node_runs_on_another_node_after_the_fence_grace
 
 async fn wallet_power_off(cluster: &mut NetCluster) -> Result<()> {
     let name = unique_name("wallet");
-    let events = EventRecorder::start(&workload(&name))?;
+    let events = cluster.record_events(&workload(&name))?;
     cluster.apply(&harness::wallet(&name)).await?;
-    let before = running(&name, 1, WAIT).await?.remove(0);
+    let before = running(cluster, &name, 1, WAIT).await?.remove(0);
 
-    let sampler = Sampler::start(&workload(&name), SAMPLE_EVERY);
+    let sampler = cluster.sample(&workload(&name), SAMPLE_EVERY);
     let off = Instant::now();
     cluster.power_off(&before.node)?;
     let after = eventually(WAIT, "the wallet running on another node", || async {
-        let running = netns::running_containers(&workload(&name))?;
+        let running = cluster.running(&workload(&name))?;
         match running.as_slice() {
             [c] if c.node != before.node => Ok(Some(c.clone())),
             _ => bail!("running: {:?}", nodes_of(&running)),
@@ -324,7 +327,7 @@ async fn wallet_power_off(cluster: &mut NetCluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_replicas_of_a_powered_off_node_are_replaced_on_the_others() {
-    let mut cluster = NetCluster::start(3, HEALING_FLAGS)
+    let mut cluster = NetCluster::start_with_engines(3, HEALING_FLAGS)
         .await
         .expect("the cluster starts");
     check(service_power_off(&mut cluster).await);
@@ -335,7 +338,7 @@ async fn service_power_off(cluster: &mut NetCluster) -> Result<()> {
     cluster
         .apply(&service(&name, 3, "[\"serve\", \"8080\"]", ""))
         .await?;
-    let before = running(&name, 3, WAIT).await?;
+    let before = running(cluster, &name, 3, WAIT).await?;
     let spread: BTreeSet<&str> = nodes_of(&before).into_iter().collect();
     assert_eq!(spread.len(), 3, "one replica per node: {spread:?}");
     let tasks: BTreeSet<String> = before.iter().map(|c| c.task.clone()).collect();
@@ -343,7 +346,7 @@ async fn service_power_off(cluster: &mut NetCluster) -> Result<()> {
     let lost = cluster.node(0).to_string();
     cluster.power_off(&lost)?;
     let after = eventually(WAIT, "3 replicas on the remaining nodes", || async {
-        let running = netns::running_containers(&workload(&name))?;
+        let running = cluster.running(&workload(&name))?;
         if running.len() == 3 && running.iter().all(|c| c.node != lost) {
             Ok(Some(running))
         } else {
@@ -360,14 +363,14 @@ async fn service_power_off(cluster: &mut NetCluster) -> Result<()> {
     // stay where they are, and none is doubled.
     cluster.power_on(&lost)?;
     cluster.wait_ready(&lost).await?;
-    let back = running(&name, 3, WAIT).await?;
+    let back = running(cluster, &name, 3, WAIT).await?;
     assert!(back.iter().all(|c| c.node != lost), "{:?}", nodes_of(&back));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_wallet_node_never_yields_two_running_wallets_and_heals_to_one() {
-    let mut cluster = NetCluster::start(2, HEALING_FLAGS)
+    let mut cluster = NetCluster::start_with_engines(2, HEALING_FLAGS)
         .await
         .expect("the cluster starts");
     check(partition(&mut cluster).await);
@@ -376,12 +379,12 @@ async fn partitioned_wallet_node_never_yields_two_running_wallets_and_heals_to_o
 async fn partition(cluster: &mut NetCluster) -> Result<()> {
     let name = unique_name("wallet");
     let label = workload(&name);
-    let events = EventRecorder::start(&label)?;
+    let events = cluster.record_events(&label)?;
     cluster.apply(&harness::wallet(&name)).await?;
-    let before = running(&name, 1, WAIT).await?.remove(0);
+    let before = running(cluster, &name, 1, WAIT).await?.remove(0);
     let cut = before.node.clone();
 
-    let sampler = Sampler::start(&label, SAMPLE_EVERY);
+    let sampler = cluster.sample(&label, SAMPLE_EVERY);
     let partitioned = Instant::now();
     let partitioned_at = SystemTime::now();
     cluster.partition(&cut)?;
@@ -391,7 +394,7 @@ async fn partition(cluster: &mut NetCluster) -> Result<()> {
         Duration::from_secs(19),
         "the wallet running on the other node",
         || async {
-            let running = netns::running_containers(&label)?;
+            let running = cluster.running(&label)?;
             match running.as_slice() {
                 [c] if c.node != cut => Ok(Some(c.clone())),
                 _ => bail!("running: {:?}", nodes_of(&running)),
@@ -419,8 +422,8 @@ async fn partition(cluster: &mut NetCluster) -> Result<()> {
         WAIT,
         "exactly one wallet and nothing left on the healed node",
         || async {
-            let all = netns::containers(&label, true)?;
-            let running = netns::running_containers(&label)?;
+            let all = cluster.containers(&label, true)?;
+            let running = cluster.running(&label)?;
             if running.len() == 1 && running[0].node == moved.node && all.len() == 1 {
                 Ok(Some(()))
             } else {
@@ -454,7 +457,7 @@ async fn partition(cluster: &mut NetCluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_containers_run_untouched_while_the_controller_is_down_and_are_not_copied() {
-    let mut cluster = NetCluster::start(2, HEALING_FLAGS)
+    let mut cluster = NetCluster::start_with_engines(2, HEALING_FLAGS)
         .await
         .expect("the cluster starts");
     check(controller_outage(&mut cluster).await);
@@ -463,12 +466,12 @@ async fn service_containers_run_untouched_while_the_controller_is_down_and_are_n
 async fn controller_outage(cluster: &mut NetCluster) -> Result<()> {
     let name = unique_name("web");
     let label = workload(&name);
-    let events = EventRecorder::start(&label)?;
+    let events = cluster.record_events(&label)?;
     cluster
         .apply(&service(&name, 2, "[\"serve\", \"8080\"]", ""))
         .await?;
     let ids = |cs: &[Container]| cs.iter().map(|c| c.id.clone()).collect::<BTreeSet<_>>();
-    let before = ids(&running(&name, 2, WAIT).await?);
+    let before = ids(&running(cluster, &name, 2, WAIT).await?);
     let tasks_before: BTreeSet<String> = cluster
         .tasks(&name)
         .await?
@@ -481,7 +484,7 @@ async fn controller_outage(cluster: &mut NetCluster) -> Result<()> {
     let down = Instant::now();
     // The outage lasts 30 s; look every half second that the same containers run.
     while down.elapsed() < Duration::from_secs(30) {
-        let now = ids(&netns::running_containers(&label)?);
+        let now = ids(&cluster.running(&label)?);
         assert_eq!(
             now,
             before,
@@ -507,7 +510,7 @@ async fn controller_outage(cluster: &mut NetCluster) -> Result<()> {
         .filter_map(|t| t["id"].as_str().map(str::to_string))
         .collect();
     assert_eq!(tasks_after, tasks_before);
-    assert_eq!(ids(&netns::containers(&label, true)?), before, "no copies");
+    assert_eq!(ids(&cluster.containers(&label, true)?), before, "no copies");
     let changes: Vec<ContainerEvent> = events.events().split_off(settled);
     assert!(
         changes.is_empty(),
@@ -518,7 +521,7 @@ async fn controller_outage(cluster: &mut NetCluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_moves_every_task_off_a_node_and_cordon_keeps_new_tasks_off_it() {
-    let mut cluster = NetCluster::start(2, HEALING_FLAGS)
+    let mut cluster = NetCluster::start_with_engines(2, HEALING_FLAGS)
         .await
         .expect("the cluster starts");
     check(drain_and_cordon(&mut cluster).await);
@@ -531,37 +534,39 @@ async fn drain_and_cordon(cluster: &mut NetCluster) -> Result<()> {
         .apply(&service(&web, 2, "[\"serve\", \"8080\"]", ""))
         .await?;
     cluster.apply(&harness::wallet(&coin)).await?;
-    let spread: BTreeSet<String> = running(&web, 2, WAIT)
+    let spread: BTreeSet<String> = running(cluster, &web, 2, WAIT)
         .await?
         .into_iter()
         .map(|c| c.node)
         .collect();
     assert_eq!(spread.len(), 2, "one replica per node");
     // Drain the wallet's node, so the wallet has to move too.
-    let drained = running(&coin, 1, WAIT).await?.remove(0).node;
+    let drained = running(cluster, &coin, 1, WAIT).await?.remove(0).node;
     let other = cluster
         .nodes()
         .into_iter()
         .find(|n| *n != drained)
         .context("a second node")?;
 
-    let sampler = Sampler::start(&workload(&coin), SAMPLE_EVERY);
+    let sampler = cluster.sample(&workload(&coin), SAMPLE_EVERY);
     let answer = cluster.drain(&drained, "60s").await?;
     assert_never_two(&sampler.stop(), "wallet while draining");
     assert_eq!(answer["node"], drained.as_str(), "{answer}");
     assert_eq!(answer["moved"], 2, "a replica and the wallet: {answer}");
     assert_eq!(answer["remaining"], 0, "{answer}");
     assert!(
-        netns::containers(&format!("bramble.node={drained}"), true)?.is_empty(),
+        cluster
+            .containers(&format!("bramble.node={drained}"), true)?
+            .is_empty(),
         "nothing left on the drained node"
     );
-    let moved = running(&web, 2, WAIT).await?;
+    let moved = running(cluster, &web, 2, WAIT).await?;
     assert!(
         moved.iter().all(|c| c.node == other),
         "{:?}",
         nodes_of(&moved)
     );
-    assert_eq!(running(&coin, 1, WAIT).await?[0].node, other);
+    assert_eq!(running(cluster, &coin, 1, WAIT).await?[0].node, other);
     let view = cluster.get(&format!("/v1/nodes/{drained}")).await?;
     assert_eq!(
         view["cordoned"], true,
@@ -573,7 +578,7 @@ async fn drain_and_cordon(cluster: &mut NetCluster) -> Result<()> {
     cluster
         .apply(&service(&later, 2, "[\"serve\", \"8080\"]", ""))
         .await?;
-    let placed = running(&later, 2, WAIT).await?;
+    let placed = running(cluster, &later, 2, WAIT).await?;
     assert!(
         placed.iter().all(|c| c.node == other),
         "{:?}",
@@ -587,7 +592,7 @@ async fn drain_and_cordon(cluster: &mut NetCluster) -> Result<()> {
     cluster
         .apply(&service(&last, 2, "[\"serve\", \"8080\"]", ""))
         .await?;
-    let kept = running(&last, 2, WAIT).await?;
+    let kept = running(cluster, &last, 2, WAIT).await?;
     assert!(
         kept.iter().any(|c| c.node == drained),
         "{:?}",
@@ -608,7 +613,7 @@ async fn drain_and_cordon(cluster: &mut NetCluster) -> Result<()> {
     cluster
         .apply(&service(&one_more, 2, "[\"serve\", \"8080\"]", ""))
         .await?;
-    let placed = running(&one_more, 2, WAIT).await?;
+    let placed = running(cluster, &one_more, 2, WAIT).await?;
     assert!(
         placed.iter().all(|c| c.node == other),
         "{:?}",
@@ -616,7 +621,7 @@ async fn drain_and_cordon(cluster: &mut NetCluster) -> Result<()> {
     );
     let ids = |cs: &[Container]| cs.iter().map(|c| c.id.clone()).collect::<BTreeSet<_>>();
     assert_eq!(
-        ids(&running(&last, 2, WAIT).await?),
+        ids(&running(cluster, &last, 2, WAIT).await?),
         ids(&kept),
         "cordon alone moves nothing"
     );
