@@ -744,8 +744,15 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("--- agent {} ---\n{}", self.node, tail(&self.logs(), 80));
         }
+        let was_running = self.child.is_some();
         self.kill9();
         remove_node_containers(&self.node);
+        if was_running && self.docker_host.is_none() {
+            // A create the agent sent just before it died may still complete in
+            // Docker after the sweep above: sweep once more when it has.
+            std::thread::sleep(Duration::from_millis(500));
+            remove_node_containers(&self.node);
+        }
     }
 }
 
