@@ -63,6 +63,27 @@ fn always(samples: &[bramble_tests::netns::Sample], id: &str, what: &str) -> Res
     Ok(())
 }
 
+/// A Wallet and a one-replica Service, applied and running.
+struct Deployed {
+    coin: String,
+    web: String,
+    wallet: Container,
+    service: Container,
+}
+
+/// Applies a Wallet and a Service through controller `via` and waits until each runs.
+async fn deploy(c: &HaCluster, via: usize) -> Result<Deployed> {
+    let (coin, web) = (harness::unique("coin"), harness::unique("web"));
+    c.apply_via(via, &harness::wallet(&coin)).await?;
+    c.apply_via(via, &harness::web_service(&web)).await?;
+    Ok(Deployed {
+        wallet: the_one(&coin).await?,
+        service: the_one(&web).await?,
+        coin,
+        web,
+    })
+}
+
 /// How many slots of the CronJob `name` have fired, as controller `via` reports.
 async fn fired(c: &HaCluster, via: usize, name: &str) -> Result<usize> {
     let view = c
@@ -172,11 +193,12 @@ async fn the_leader_killed_restarts_nothing_and_a_node_lost_in_a_change_gets_its
 async fn a_leader_cut_off_from_etcd_steps_down_while_its_agents_keep_their_wallet() -> Result<()> {
     let mut c = HaCluster::start(3, &flags()).await?;
     let leader = c.wait_leader(None).await?;
-    let (coin, web) = (harness::unique("coin"), harness::unique("web"));
-    c.apply_via(leader, &harness::wallet(&coin)).await?;
-    c.apply_via(leader, &harness::web_service(&web)).await?;
-    let wallet = the_one(&coin).await?;
-    let service = the_one(&web).await?;
+    let Deployed {
+        coin,
+        web,
+        wallet,
+        service,
+    } = deploy(&c, leader).await?;
     let coin_events = EventRecorder::start(&label(&coin))?;
     let web_events = EventRecorder::start(&label(&web))?;
     let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
@@ -338,11 +360,12 @@ async fn controllers_running_their_own_etcd_members_survive_a_machine_lost_and_r
     let mut c = HaCluster::start_with_members(2, &flags()).await?;
     let leader = c.wait_leader(None).await?;
     let follower = (leader + 1) % MEMBERS;
-    let (coin, web) = (harness::unique("coin"), harness::unique("web"));
-    c.apply_via(follower, &harness::wallet(&coin)).await?;
-    c.apply_via(follower, &harness::web_service(&web)).await?;
-    let wallet = the_one(&coin).await?;
-    let service = the_one(&web).await?;
+    let Deployed {
+        coin,
+        web,
+        wallet,
+        service,
+    } = deploy(&c, follower).await?;
 
     // The members serve only clients with a certificate of the etcd CA: not a
     // stranger, not a node (whose certificate is of the cluster CA).
@@ -456,5 +479,76 @@ async fn an_agent_that_found_the_controllers_over_mdns_keeps_its_wallet_when_the
     )
     .with_context(|| c.logs())?;
     no_stop(&events, "the wallet of a node found over mDNS")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_lost_changes_nothing_and_two_stop_writes_and_wallets_until_quorum_is_back(
+) -> Result<()> {
+    let mut c = HaCluster::start(2, &flags()).await?;
+    let leader = c.wait_leader(None).await?;
+    let Deployed {
+        coin,
+        web,
+        wallet,
+        service,
+    } = deploy(&c, leader).await?;
+    let web_events = EventRecorder::start(&label(&web))?;
+    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+
+    // One member of three loses power: nothing changes, writes go on.
+    c.kill_etcd(2);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let api = harness::unique("api");
+    let any = c.wait_leader(None).await?;
+    c.apply_via(any, &harness::web_service(&api)).await?;
+    the_one(&api).await?;
+    always(
+        &sampler.stop(),
+        &wallet.id,
+        "the wallet with one etcd member down",
+    )
+    .with_context(|| c.logs())?;
+    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+
+    // A second one: no quorum. A write gets an answer (an error), not a hang; no
+    // controller can vouch for the nodes, so the Wallet stops; Services run on.
+    c.kill_etcd(1);
+    let x = harness::unique("x");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(90),
+        c.apply_via(any, &harness::web_service(&x)),
+    )
+    .await
+    .context("an answer to a write without quorum, not a hang")?;
+    ensure!(refused.is_err(), "a write without quorum: {refused:?}");
+    eventually(WAIT, "the wallet fenced without quorum", || async {
+        Ok(running_containers(&label(&coin))?.is_empty().then_some(()))
+    })
+    .await
+    .with_context(|| c.logs())?;
+
+    // Quorum back: a leader again, the Wallet runs again (once), writes work.
+    c.restart_etcd(1).await?;
+    c.restart_etcd(2).await?;
+    the_one(&coin).await.with_context(|| c.logs())?;
+    let y = harness::unique("y");
+    eventually(Duration::from_secs(90), "a write with quorum", || async {
+        let Some(l) = c.leader().await else {
+            return Ok(None);
+        };
+        Ok(c.apply_via(l, &harness::web_service(&y))
+            .await
+            .ok()
+            .map(|_| ()))
+    })
+    .await?;
+    the_one(&y).await?;
+    never_two(&sampler.stop(), "the wallet across the loss of quorum")?;
+    no_stop(&web_events, "the Service across the loss of quorum")?;
+    ensure!(
+        the_one(&web).await?.id == service.id,
+        "the Service untouched"
+    );
     Ok(())
 }
