@@ -36,55 +36,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::harness::{processes, run, signal};
+use crate::netns::namespace_pids;
+
 /// How long an engine gets to answer after it starts.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Runs a command to completion; its stdout, or an error with its stderr.
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn kill9(pid: u32) {
-    let _ = Command::new("sh")
-        .args(["-c", "kill -9 \"$1\"", "kill", &pid.to_string()])
-        .output();
-}
-
-/// Processes whose command line is `exe …` with an argument for which `pred` holds.
-fn processes(exe: &str, pred: impl Fn(&str) -> bool) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = raw
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_exe = args
-            .first()
-            .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == exe));
-        if is_exe && args.iter().skip(1).any(|a| pred(a)) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
 
 /// The containerd every node engine of a cluster shares (its own root, state and
 /// socket; the machine's Docker keeps its own).
@@ -302,15 +258,11 @@ impl Engine {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let mut pids: Vec<u32> = run(Command::new("ip").args(["netns", "pids", &self.ns]))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
+        let mut pids = namespace_pids(&self.ns);
         let node = self.node.clone();
         pids.extend(processes("containerd-shim-runc-v2", |a| a == node));
         for pid in &pids {
-            kill9(*pid);
+            signal(*pid, "KILL");
         }
         self.kill_containers();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -341,7 +293,7 @@ impl Engine {
                     .split_whitespace()
                     .filter_map(|p| p.parse().ok())
                 {
-                    kill9(pid);
+                    signal(pid, "KILL");
                 }
                 let _ = fs::write(cg.join("freezer.state"), "THAWED");
             }
@@ -399,9 +351,7 @@ impl Drop for Engine {
                 }
             }
             if let Some(mut c) = self.child.take() {
-                let _ = Command::new("sh")
-                    .args(["-c", "kill -TERM \"$1\"", "kill", &c.id().to_string()])
-                    .output();
+                signal(c.id(), "TERM");
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !matches!(c.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(50));

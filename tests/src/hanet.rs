@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
 
 use crate::eventually;
@@ -103,18 +103,12 @@ fn etcd_binary() -> Result<PathBuf> {
 
 /// Runs `iptables ARGS…` inside namespace `ns`.
 fn iptables_in(ns: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "iptables"])
-        .args(args)
-        .output()
-        .context("running iptables")?;
-    if !out.status.success() {
-        bail!(
-            "iptables {args:?} in {ns}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::harness::run(
+        Command::new("ip")
+            .args(["netns", "exec", ns, "iptables"])
+            .args(args),
+    )
+    .map(drop)
 }
 
 impl HaCluster {
@@ -252,15 +246,8 @@ impl HaCluster {
     /// controller, and its etcd member if it runs one) gets SIGKILL.
     pub fn power_off_controller(&mut self, i: usize) -> Result<()> {
         self.members[i].controller.kill9();
-        let ns = self.members[i].link.ns.clone();
-        let out = Command::new("ip")
-            .args(["netns", "pids", &ns])
-            .output()
-            .context("ip netns pids")?;
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("sh")
-                .args(["-c", "kill -9 \"$1\"", "kill", pid])
-                .output();
+        for pid in crate::netns::namespace_pids(&self.members[i].link.ns) {
+            crate::harness::signal(pid, "KILL");
         }
         Ok(())
     }

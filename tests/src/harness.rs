@@ -12,6 +12,56 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+/// Runs a command to completion and fails with its stderr when it fails; its stdout.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Sends `sig` (`TERM`, `KILL`) to `pid`. Through the shell's builtin `kill`, so no
+/// procps is needed, and without `libc` (this crate forbids unsafe code).
+pub(crate) fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("sh")
+        .args(["-c", "kill -s \"$1\" \"$2\"", "kill", sig, &pid.to_string()])
+        .output();
+}
+
+/// The processes whose command line is `exe …` (`exe` as a file name) with an
+/// argument for which `pred` holds.
+pub(crate) fn processes(exe: &str, pred: impl Fn(&str) -> bool) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_exe = args
+            .first()
+            .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == exe));
+        if is_exe && args.iter().skip(1).any(|a| pred(a)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -423,10 +473,7 @@ impl Controller {
         let Some(mut child) = self.child.take() else {
             return true;
         };
-        // Through the shell's builtin `kill`: this crate has no `libc` (no unsafe code).
-        let _ = Command::new("sh")
-            .args(["-c", "kill -TERM \"$1\"", "kill", &child.id().to_string()])
-            .output();
+        signal(child.id(), "TERM");
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {

@@ -55,7 +55,7 @@ use serde_json::Value;
 
 use crate::engines::{Containerd, Engine};
 use crate::eventually;
-use crate::harness::{Agent, Controller, ControllerOpts};
+use crate::harness::{processes, run, signal, Agent, Controller, ControllerOpts};
 
 /// The first characters of every bridge, namespace, veth and node name made here.
 pub const PREFIX: &str = "brt";
@@ -100,31 +100,18 @@ const REGISTRY: &str = "/run/bramble-netcluster";
 /// How long nodes get to register (and to come back after a fault).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs a command to completion and fails with its stderr when it fails.
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// `ip ARGS…`.
 fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
-/// SIGKILLs a process left behind by a crashed run (by pid). Through the shell's
-/// builtin `kill`, so no procps is needed, and without `libc` (this crate forbids
-/// unsafe code).
-fn kill9(pid: &str) {
-    let _ = Command::new("sh")
-        .args(["-c", "kill -9 \"$1\"", "kill", pid])
-        .output();
+/// The processes running in network namespace `ns`.
+pub(crate) fn namespace_pids(ns: &str) -> Vec<u32> {
+    ip(&["netns", "pids", ns])
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// A fresh pseudo-random number (no `rand` in this crate: the hash of pid, time and a
@@ -259,12 +246,7 @@ fn remove_leftovers() {
         // Processes first, so nothing recreates containers while they are removed.
         let mut pids: BTreeSet<u32> = BTreeSet::new();
         for ns in namespaces.iter().filter(|n| stale_of(n)) {
-            pids.extend(
-                ip(&["netns", "pids", ns])
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
+            pids.extend(namespace_pids(ns));
         }
         let stale_addrs: Vec<String> = subnets
             .iter()
@@ -277,7 +259,7 @@ fn remove_leftovers() {
             id_of(arg).is_some_and(|id| stale.contains(id))
         }));
         for pid in pids {
-            kill9(&pid.to_string());
+            signal(pid, "KILL");
         }
         let ids: Vec<&String> = containers
             .iter()
@@ -314,35 +296,12 @@ fn remove_leftovers() {
 /// cluster's node, controllers listening on a stale cluster's bridge address. The
 /// command line is checked (not only a recorded pid), so a reused pid is never killed.
 fn stale_processes(stale: &BTreeSet<String>, addrs: &[String]) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = raw
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let Some(exe) = args.first() else { continue };
-        let agent = exe.ends_with("bramble-agent")
-            && args
-                .iter()
-                .any(|a| id_of(a).is_some_and(|id| stale.contains(id)));
-        let controller = exe.ends_with("bramble-controller")
-            && args
-                .iter()
-                .any(|a| addrs.iter().any(|addr| a.starts_with(addr.as_str())));
-        if agent || controller {
-            pids.push(pid);
-        }
-    }
+    let mut pids = processes("bramble-agent", |a| {
+        id_of(a).is_some_and(|id| stale.contains(id))
+    });
+    pids.extend(processes("bramble-controller", |a| {
+        addrs.iter().any(|addr| a.starts_with(addr.as_str()))
+    }));
     pids
 }
 
@@ -528,11 +487,8 @@ impl Drop for Network {
         }
         for ns in &self.namespaces {
             // Anything still running in it (an agent a test started by hand) goes first.
-            for pid in ip(&["netns", "pids", ns])
-                .unwrap_or_default()
-                .split_whitespace()
-            {
-                kill9(pid);
+            for pid in namespace_pids(ns) {
+                signal(pid, "KILL");
             }
             if let Err(e) = ip(&["netns", "del", ns]) {
                 eprintln!("netns cleanup: {e:#}");

@@ -84,6 +84,51 @@ async fn deploy(c: &HaCluster, via: usize) -> Result<Deployed> {
     })
 }
 
+/// A [`Deployed`] pair under watch: the Wallet's container sampled every 100 ms, and
+/// Docker's events of both workloads.
+struct Watch {
+    coin_events: EventRecorder,
+    web_events: EventRecorder,
+    sampler: Sampler,
+    wallet: String,
+    web: String,
+    service: String,
+}
+
+impl Deployed {
+    /// Starts watching the pair.
+    fn watch(&self) -> Result<Watch> {
+        Ok(Watch {
+            coin_events: EventRecorder::start(&label(&self.coin))?,
+            web_events: EventRecorder::start(&label(&self.web))?,
+            sampler: Sampler::start(&label(&self.coin), SAMPLE_EVERY),
+            wallet: self.wallet.id.clone(),
+            web: self.web.clone(),
+            service: self.service.id.clone(),
+        })
+    }
+}
+
+impl Watch {
+    /// Fails unless, since the watch began, the Wallet was the same container in every
+    /// sample, no container of either workload stopped, and the Service's container is
+    /// still the first one.
+    async fn untouched(self, across: &str) -> Result<()> {
+        always(
+            &self.sampler.stop(),
+            &self.wallet,
+            &format!("the wallet across {across}"),
+        )?;
+        no_stop(&self.coin_events, &format!("the wallet across {across}"))?;
+        no_stop(&self.web_events, &format!("the Service across {across}"))?;
+        ensure!(
+            the_one(&self.web).await?.id == self.service,
+            "the Service's container changed across {across}"
+        );
+        Ok(())
+    }
+}
+
 /// How many slots of the CronJob `name` have fired, as controller `via` reports.
 async fn fired(c: &HaCluster, via: usize, name: &str) -> Result<usize> {
     let view = c
@@ -193,15 +238,7 @@ async fn the_leader_killed_restarts_nothing_and_a_node_lost_in_a_change_gets_its
 async fn a_leader_cut_off_from_etcd_steps_down_while_its_agents_keep_their_wallet() -> Result<()> {
     let mut c = HaCluster::start(3, &flags()).await?;
     let leader = c.wait_leader(None).await?;
-    let Deployed {
-        coin,
-        web,
-        wallet,
-        service,
-    } = deploy(&c, leader).await?;
-    let coin_events = EventRecorder::start(&label(&coin))?;
-    let web_events = EventRecorder::start(&label(&web))?;
-    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+    let watch = deploy(&c, leader).await?.watch()?;
 
     // The leader still hears every agent, but neither etcd nor the other controllers:
     // it must stop acting, and one of the others lead.
@@ -237,16 +274,10 @@ async fn a_leader_cut_off_from_etcd_steps_down_while_its_agents_keep_their_walle
     })
     .await
     .with_context(|| c.logs())?;
-    always(
-        &sampler.stop(),
-        &wallet.id,
-        "the wallet across the partition",
-    )
-    .with_context(|| c.logs())?;
-    no_stop(&coin_events, "the wallet across the partition")?;
-    no_stop(&web_events, "the Service across the partition")?;
-    ensure!(the_one(&web).await?.id == service.id);
-    Ok(())
+    watch
+        .untouched("the partition")
+        .await
+        .with_context(|| c.logs())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,23 +285,14 @@ async fn a_rolling_restart_of_all_three_controllers_restarts_no_container_and_lo
 ) -> Result<()> {
     let mut c = HaCluster::start(2, &flags()).await?;
     let leader = c.wait_leader(None).await?;
-    let (coin, web, tick) = (
-        harness::unique("coin"),
-        harness::unique("web"),
-        harness::unique("tick"),
-    );
-    c.apply_via(leader, &harness::wallet(&coin)).await?;
-    c.apply_via(leader, &harness::web_service(&web)).await?;
+    let deployed = deploy(&c, leader).await?;
+    let tick = harness::unique("tick");
     c.apply_via(leader, &harness::ticking_cronjob(&tick))
         .await?;
-    let wallet = the_one(&coin).await?;
-    the_one(&web).await?;
     // A slot before the restarts and one after them: every slot between them is
     // checked too.
     let before = fires_beyond(&c, &tick, 0).await?;
-    let coin_events = EventRecorder::start(&label(&coin))?;
-    let web_events = EventRecorder::start(&label(&web))?;
-    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+    let watch = deployed.watch()?;
 
     // One after the other, as an operator upgrades them: stop (SIGTERM), start, and
     // wait until it hears every agent again before the next.
@@ -292,14 +314,10 @@ async fn a_rolling_restart_of_all_three_controllers_restarts_no_container_and_lo
         began.elapsed()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    always(
-        &sampler.stop(),
-        &wallet.id,
-        "the wallet across the rolling restart",
-    )
-    .with_context(|| c.logs())?;
-    no_stop(&coin_events, "the wallet across the rolling restart")?;
-    no_stop(&web_events, "the Service across the rolling restart")?;
+    watch
+        .untouched("the rolling restart")
+        .await
+        .with_context(|| c.logs())?;
     let leader = c.wait_leader(None).await?;
     let at_end = fired(&c, leader, &tick).await?;
     let after = fires_beyond(&c, &tick, at_end.max(before)).await?;
@@ -360,12 +378,7 @@ async fn controllers_running_their_own_etcd_members_survive_a_machine_lost_and_r
     let mut c = HaCluster::start_with_members(2, &flags()).await?;
     let leader = c.wait_leader(None).await?;
     let follower = (leader + 1) % MEMBERS;
-    let Deployed {
-        coin,
-        web,
-        wallet,
-        service,
-    } = deploy(&c, follower).await?;
+    let deployed = deploy(&c, follower).await?;
 
     // The members serve only clients with a certificate of the etcd CA: not a
     // stranger, not a node (whose certificate is of the cluster CA).
@@ -400,9 +413,7 @@ async fn controllers_running_their_own_etcd_members_survive_a_machine_lost_and_r
     );
     eprintln!("etcd, to a client with a node's certificate: {as_node:?}");
 
-    let coin_events = EventRecorder::start(&label(&coin))?;
-    let web_events = EventRecorder::start(&label(&web))?;
-    let sampler = Sampler::start(&label(&coin), SAMPLE_EVERY);
+    let watch = deployed.watch()?;
 
     // A controller killed alone leaves its etcd running; started again, it replaces it.
     c.kill_controller(follower);
@@ -438,16 +449,10 @@ async fn controllers_running_their_own_etcd_members_survive_a_machine_lost_and_r
         c.leader().await == Some(next),
         "leadership moved back on rejoin"
     );
-    always(
-        &sampler.stop(),
-        &wallet.id,
-        "the wallet across the machine's loss",
-    )
-    .with_context(|| c.logs())?;
-    no_stop(&coin_events, "the wallet across the machine's loss")?;
-    no_stop(&web_events, "the Service across the machine's loss")?;
-    ensure!(the_one(&web).await?.id == service.id);
-    Ok(())
+    watch
+        .untouched("the machine's loss")
+        .await
+        .with_context(|| c.logs())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
