@@ -157,7 +157,7 @@ fn main() -> ExitCode {
     };
     // Refused here, before anything starts, rather than by the controller later.
     if let Err(e) = cfg.validate() {
-        eprintln!("error: {}", chain(&e));
+        eprintln!("error: {}", bramble_api::error_chain(&e));
         return ExitCode::from(EX_USAGE);
     }
     cfg.node_name = bramble_agent::host::resolve_node_name(
@@ -194,20 +194,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", bramble_api::error_chain(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error with its causes, `outer: inner`.
-fn chain(e: &bramble_agent::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }

@@ -211,18 +211,7 @@ pub enum Error {
 /// Result of a runtime call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// An error with its causes, `outer: inner: innermost`, for messages that leave the
-/// process (task status messages) where the chain cannot be walked any more.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
+pub use bramble_api::error_chain;
 
 /// A container's lifecycle state as Docker reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -23,6 +23,7 @@
 //! - [`health`]: node health details (disks, containers, Pi throttling) and their decoding.
 //! - [`host_path`]: the rules every `hostPath` volume follows on every node.
 //! - [`rest`]: REST request and response bodies.
+//! - [`error_chain`]: an error and its causes on one line.
 //! - `yaml` (private): YAML text as placed nodes and the serde deserializer over them that
 //!   [`parse`] uses, with nesting and size limits.
 
@@ -42,3 +43,17 @@ mod yaml;
 
 /// This release's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An error and its causes on one line (`outer: inner: innermost`), for logs and for
+/// messages that leave the process, where the chain cannot be walked any more (many
+/// libraries' own message is only the outermost, "error sending request").
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

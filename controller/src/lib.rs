@@ -131,7 +131,7 @@ impl Controller {
         let hooks = Webhooks::default();
         hooks.configure(webhooks::load(&cfg.data_dir)?);
         let member = match &cfg.cluster.member {
-            Some(m) => Some(member::Member::start(m, &cfg.data_dir)?),
+            Some(m) => Some(member::Member::start(m, &cfg.data_dir).await?),
             None => None,
         };
         let store: Arc<dyn Store> = match &cfg.cluster.etcd {

@@ -210,7 +210,7 @@ struct Launch {
 impl Member {
     /// Makes the member's certificates (and the etcd CA on first start), stops an etcd
     /// a killed controller left on this data dir, and starts etcd under supervision.
-    pub fn start(cfg: &MemberConfig, data_dir: &Path) -> Result<Member, MemberError> {
+    pub async fn start(cfg: &MemberConfig, data_dir: &Path) -> Result<Member, MemberError> {
         let host = cfg
             .host()
             .ok_or_else(|| MemberError::Config(cfg.check().err().unwrap_or_default()))?
@@ -249,7 +249,7 @@ impl Member {
             binary,
             data,
         };
-        stop_leftover(&launch.data);
+        stop_leftover(&launch.data).await;
         let (stop, stop_rx) = watch::channel(false);
         let first = spawn(&launch).map_err(|source| MemberError::Spawn {
             binary: launch.binary.clone(),
@@ -426,7 +426,7 @@ async fn supervise(launch: Launch, first: Child, mut stop: watch::Receiver<bool>
             _ = stop.changed() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
-        stop_leftover(&launch.data);
+        stop_leftover(&launch.data).await;
         child = loop {
             match spawn(&launch) {
                 Ok(c) => break c,
@@ -463,7 +463,7 @@ async fn terminate(child: &mut Child) {
 
 /// Stops every etcd process serving `data` (left by a controller that was killed, which
 /// could not stop it): two would fight over the data dir and the ports.
-fn stop_leftover(data: &Path) {
+async fn stop_leftover(data: &Path) {
     let wanted = format!("--data-dir={}", data.display());
     let pids: Vec<rustix::process::Pid> = std::fs::read_dir("/proc")
         .into_iter()
@@ -489,15 +489,14 @@ fn stop_leftover(data: &Path) {
         );
         let _ = rustix::process::kill_process(*pid, rustix::process::Signal::TERM);
     }
-    // Blocking, but only at start and on a restart after a crash, for at most 10 s.
-    let deadline = std::time::Instant::now() + STOP_GRACE;
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
     for pid in &pids {
         while Path::new(&format!("/proc/{}", pid.as_raw_nonzero().get())).exists() {
-            if std::time::Instant::now() > deadline {
+            if tokio::time::Instant::now() > deadline {
                 let _ = rustix::process::kill_process(*pid, rustix::process::Signal::KILL);
                 break;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -133,7 +133,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", bramble_api::error_chain(&e));
             match e {
                 bramble_image::Error::Usage(_) => ExitCode::from(EX_USAGE),
                 _ => ExitCode::FAILURE,
@@ -160,16 +160,4 @@ fn remove_partial_on_signal(out: &std::path::Path) {
             std::process::exit(130);
         }
     });
-}
-
-/// The error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }

@@ -46,18 +46,7 @@ fn invalid_summary(details: &[ManifestError]) -> String {
     }
 }
 
-/// An error and its causes in one line (`a: b: c`), for logs and answers: many
-/// libraries' own message is only the outermost ("error sending request").
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use bramble_api::error_chain as chain;
 
 #[cfg(test)]
 mod tests {
