@@ -18,17 +18,25 @@
 //!   (what the supervisor needs of it).
 //! - [`metrics`]: CPU, memory, load, temperature, Pi throttling, disks and container stats.
 //! - [`disk`]: removes unused images when Docker's disk fills up.
+//! - [`routes`]: the routing table of workload addresses the leader sends, kept on disk.
+//! - [`proxy`]: serves every workload address on this node (userspace TCP proxy).
+//! - [`mesh`]: agent-to-agent connections (mutual TLS with node certificates).
+//! - [`dns`]: the resolver containers use, for workload names.
 
 pub mod credential;
 pub mod discovery;
 pub mod disk;
+pub mod dns;
 pub mod epoch;
 pub mod fence;
 pub mod host;
 pub mod host_paths;
 pub mod link;
+pub mod mesh;
 pub mod metrics;
 pub mod probe;
+pub mod proxy;
+pub mod routes;
 pub mod runtime;
 pub mod supervisor;
 
@@ -107,6 +115,10 @@ pub struct Config {
     /// [`host_paths`]); empty means [`host_paths::DEFAULT_ALLOWED`] alone. System paths
     /// stay refused whatever is allowed here.
     pub allow_host_paths: Vec<PathBuf>,
+    /// The agent-to-agent port; `None`: this node serves no workload address (names
+    /// do not resolve in its containers and other nodes' proxies cannot reach its
+    /// instances).
+    pub mesh_port: Option<u16>,
 }
 
 impl Config {

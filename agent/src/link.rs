@@ -184,9 +184,46 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     tracing::info!(host_paths = %host_paths, "host path rules");
-    let runtime = Runtime::connect(&cfg.node_name)
+    let mut runtime = Runtime::connect(&cfg.node_name)
         .await?
         .with_host_paths(host_paths);
+    let routes = crate::routes::Routes::load(&cfg.data_dir);
+    let mut serving: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mesh = match cfg.mesh_port {
+        Some(port) => match crate::mesh::Mesh::new(&cfg.node_name) {
+            Ok(mesh) => {
+                let mesh = Arc::new(mesh);
+                if let Some(dns) = serve_names(&routes, &mut serving).await {
+                    runtime = runtime.with_dns(dns);
+                }
+                let proxy = crate::proxy::Proxy::new(
+                    cfg.node_name.clone(),
+                    routes.clone(),
+                    Arc::clone(&mesh),
+                    runtime.clone(),
+                );
+                match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
+                    Ok(l) => {
+                        tracing::info!(port, "agent-to-agent port listening");
+                        serving.push(tokio::spawn(Arc::clone(&proxy).serve_mesh(l)));
+                    }
+                    Err(e) => {
+                        tracing::error!(port, error = %e, "cannot listen on the agent-to-agent port: other nodes cannot reach this node's instances by name (--mesh-port)")
+                    }
+                }
+                serving.push(tokio::spawn(proxy.listen()));
+                Some((mesh, port))
+            }
+            Err(e) => {
+                tracing::error!(error = %bramble_api::error_chain(&e), "workload names are not served on this node");
+                None
+            }
+        },
+        None => {
+            tracing::info!("workload names are not served on this node (--no-service-proxy)");
+            None
+        }
+    };
     let docker_version = runtime.version().await?;
     let metrics = Metrics::new();
     metrics.watch(&runtime, &cfg.data_dir);
@@ -201,6 +238,7 @@ pub async fn run(
         warnings.push(crate::host::MEMORY_LIMITS_WARNING.to_string());
     }
     let info = NodeInfo {
+        mesh: None,
         name: cfg.node_name.clone(),
         arch: Arch::current().unwrap_or(Arch::Amd64),
         cores: metrics.cores(),
@@ -259,6 +297,8 @@ pub async fn run(
         metrics: Mutex::new(metrics),
         epochs: Mutex::new(epochs),
         standby,
+        routes,
+        mesh,
     });
     let dialers: Vec<_> = if unique.is_empty() {
         vec![tokio::spawn(discovering(Arc::clone(&shared)))]
@@ -277,6 +317,9 @@ pub async fn run(
     }
     fencer.abort();
     image_gc.abort();
+    for t in serving {
+        t.abort();
+    }
     let _ = stop_tx.send(true);
     let _ = sup.await;
     tracing::info!("agent stopped; containers left running");
@@ -303,6 +346,39 @@ struct Shared {
     epochs: Mutex<crate::epoch::Epochs>,
     /// Whether to ask followers for standby links (several controllers are listed).
     standby: bool,
+    /// The routing table the leader sends.
+    routes: crate::routes::Routes,
+    /// The agent-to-agent identity and port, when this node serves workload names.
+    mesh: Option<(Arc<crate::mesh::Mesh>, u16)>,
+}
+
+/// Makes the workloads' range local and starts the containers' resolver; what
+/// containers should be told, or `None` (then they keep Docker's resolver, and names
+/// do not resolve in them: said loudly).
+async fn serve_names(
+    routes: &crate::routes::Routes,
+    serving: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Option<crate::runtime::Dns> {
+    let table = routes.current();
+    if let Err(e) = crate::proxy::make_local(table.range).await {
+        tracing::error!(error = %e, "WORKLOAD NAMES WILL NOT RESOLVE in this node's containers");
+        return None;
+    }
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let (upstream, mut search) = crate::dns::host_resolvers(&resolv, &table);
+    let server = table.range.resolver();
+    match crate::dns::serve(server, routes.clone(), upstream).await {
+        Ok(task) => {
+            serving.push(task);
+            search.insert(0, bramble_api::endpoints::DOMAIN.to_string());
+            search.dedup();
+            Some(crate::runtime::Dns { server, search })
+        }
+        Err(e) => {
+            tracing::error!(address = %server, error = %e, "cannot start the containers' resolver: WORKLOAD NAMES WILL NOT RESOLVE in this node's containers");
+            None
+        }
+    }
 }
 
 /// Without `--controller`: finds the controllers of the cluster over mDNS and keeps a
@@ -488,7 +564,10 @@ async fn dial(
     bearer: &str,
     standby: bool,
 ) -> Result<
-    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    (
+        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        std::net::IpAddr,
+    ),
     SessionError,
 > {
     let (host, port) = host_port(url)
@@ -497,6 +576,12 @@ async fn dial(
         .await
         .map_err(|e| SessionError::Connect(format!("{host}:{port}: {e}")))?;
     let _ = tcp.set_nodelay(true);
+    // The address this node reaches the controller from: the one its LAN knows it by,
+    // where other agents reach its agent-to-agent port.
+    let local_ip = tcp
+        .local_addr()
+        .map_err(|e| SessionError::Connect(format!("{host}:{port}: {e}")))?
+        .ip();
     let name = ServerName::try_from(host.clone())
         .map_err(|e| SessionError::Connect(format!("{host}: {e}")))?;
     let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(tls))
@@ -525,7 +610,7 @@ async fn dial(
             }
             e => SessionError::Connect(e.to_string()),
         })?;
-    Ok(ws)
+    Ok((ws, local_ip))
 }
 
 /// One session with the controller at `url`: dial, Hello, Welcome, then serve it as the
@@ -558,6 +643,7 @@ async fn session_at(
         }
         (e, _) => e,
     })?;
+    let (ws, local_ip) = ws;
     let (mut sink, mut stream) = ws.split();
 
     // Reports queued while no leader's link held them are superseded by the Hello.
@@ -571,8 +657,14 @@ async fn session_at(
         while r.try_recv().is_ok() {}
     }
     let tasks = shared.observer.observe().await?;
+    let mut node = shared.info.clone();
+    node.mesh = shared
+        .mesh
+        .as_ref()
+        .map(|(_, port)| std::net::SocketAddr::new(local_ip, *port).to_string());
     let hello = AgentMessage::Hello {
-        node: shared.info.clone(),
+        csr: shared.mesh.as_ref().map(|(m, _)| m.csr().to_string()),
+        node,
         tasks,
         credential: Some(bramble_api::token::Secret(shared.credential.clone())),
         standby: shared.standby,
@@ -592,8 +684,16 @@ async fn session_at(
                     heartbeat_ms,
                     fence_ms,
                     standby,
+                    certificate,
+                    ca,
                     ..
                 }) => {
+                    if let (Some((mesh, _)), Some(cert), Some(ca)) = (&shared.mesh, certificate, ca)
+                    {
+                        if let Err(e) = mesh.install(&cert, &ca) {
+                            tracing::error!(error = %e, "cannot use the agent-to-agent certificate the controller sent");
+                        }
+                    }
                     // Used as given, even if tiny: a longer fence than the controller
                     // assumes would break its failover timing (see `fence`).
                     break (
@@ -719,6 +819,7 @@ async fn session_at(
                         }
                         Ok(ControllerMessage::Error { code, message }) => tracing::warn!(code = %code, message = %message, "controller reported an error"),
                         Ok(ControllerMessage::Welcome { .. } | ControllerMessage::Vouch) => {}
+                        Ok(ControllerMessage::Endpoints { revision, table }) => shared.routes.update(revision, table),
                         Err(e) => tracing::warn!(error = %e, "ignoring a frame the agent does not understand"),
                     },
                     Some(Ok(Message::Close(_))) | None => break Err(SessionError::Lost("closed by the controller".into())),

@@ -64,6 +64,15 @@ struct Args {
     #[arg(long, env = "BRAMBLE_IMAGE_GC_THRESHOLD", default_value_t = bramble_agent::disk::DEFAULT_THRESHOLD,
           value_parser = clap::value_parser!(u8).range(1..=100))]
     image_gc_threshold: u8,
+    /// The agent-to-agent port: other nodes' agents reach this node's instances of
+    /// workloads through it (mutual TLS with node certificates from the controller).
+    #[arg(long, env = "BRAMBLE_MESH_PORT", default_value_t = bramble_api::endpoints::MESH_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    mesh_port: u16,
+    /// Serve no workload addresses on this node: names do not resolve in its
+    /// containers, and other nodes cannot reach its instances by name.
+    #[arg(long, env = "BRAMBLE_NO_SERVICE_PROXY")]
+    no_service_proxy: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -154,6 +163,7 @@ fn main() -> ExitCode {
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         image_gc_threshold: args.image_gc_threshold,
         allow_host_paths: args.allow_host_paths,
+        mesh_port: (!args.no_service_proxy).then_some(args.mesh_port),
     };
     // Refused here, before anything starts, rather than by the controller later.
     if let Err(e) = cfg.validate() {

@@ -352,6 +352,17 @@ pub struct Runtime {
     docker: Docker,
     node: String,
     host_paths: Arc<host_paths::Policy>,
+    dns: Option<Arc<Dns>>,
+}
+
+/// The resolver containers on this node use: the agent's ([`crate::dns`]), so that
+/// workload names resolve in them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// The agent's resolver address.
+    pub server: std::net::Ipv4Addr,
+    /// Search domains: `bramble`, then the node's own.
+    pub search: Vec<String>,
 }
 
 /// Docker's security option that keeps every process of a container from gaining
@@ -386,7 +397,14 @@ impl Runtime {
             docker,
             node: node.to_string(),
             host_paths: Arc::new(host_paths::Policy::default()),
+            dns: None,
         })
+    }
+
+    /// This runtime with containers made from now on resolving through `dns`.
+    pub fn with_dns(mut self, dns: Dns) -> Runtime {
+        self.dns = Some(Arc::new(dns));
+        self
     }
 
     /// This runtime with `policy` deciding which host paths containers may mount.
@@ -587,7 +605,10 @@ impl Runtime {
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let created = self
             .docker
-            .create_container(Some(options), container_config(a, &self.node))
+            .create_container(
+                Some(options),
+                container_config(a, &self.node, self.dns.as_deref()),
+            )
             .await
             .map_err(|source| Error::Create {
                 name: name.clone(),
@@ -1035,7 +1056,7 @@ fn with_default_tag(image: &str) -> String {
 }
 
 /// The container to create for an assignment on `node`. Pure, so it is unit tested.
-fn container_config(a: &Assignment, node: &str) -> ContainerCreateBody {
+fn container_config(a: &Assignment, node: &str, dns: Option<&Dns>) -> ContainerCreateBody {
     let spec = &a.spec;
     let labels = HashMap::from([
         (labels::TASK.to_string(), a.task.clone()),
@@ -1113,6 +1134,8 @@ fn container_config(a: &Assignment, node: &str) -> ContainerCreateBody {
                 ("max-file".to_string(), LOG_MAX_FILES.to_string()),
             ])),
         }),
+        dns: dns.map(|d| vec![d.server.to_string()]),
+        dns_search: dns.map(|d| d.search.clone()),
         ..Default::default()
     };
     ContainerCreateBody {
@@ -1284,7 +1307,7 @@ mod tests {
             "RPC_PASSWORD".into(),
             bramble_api::token::Secret("hunter2".into()),
         );
-        let env = container_config(&a, "pi-1").env.expect("env");
+        let env = container_config(&a, "pi-1", None).env.expect("env");
         assert_eq!(
             env,
             vec!["A=1".to_string(), "RPC_PASSWORD=hunter2".to_string()]
@@ -1305,6 +1328,7 @@ mod tests {
         )
         .expect("client");
         let rt = Runtime {
+            dns: None,
             docker,
             node: "pi-1".into(),
             host_paths: Arc::new(host_paths::Policy::default()),
@@ -1321,7 +1345,7 @@ mod tests {
     #[test]
     fn container_config_carries_labels_limits_ports_and_mounts() {
         let a = assignment();
-        let c = container_config(&a, "pi-1");
+        let c = container_config(&a, "pi-1", None);
         let labels = c.labels.expect("labels");
         assert_eq!(labels[labels::TASK], "ltc-abcdef-0");
         assert_eq!(labels[labels::WORKLOAD], "ltc");
@@ -1377,7 +1401,7 @@ mod tests {
         a.spec.ports.clear();
         a.spec.volumes.clear();
         a.spec.resources = Default::default();
-        let c = container_config(&a, "pi-1");
+        let c = container_config(&a, "pi-1", None);
         assert_eq!(c.entrypoint, None);
         assert_eq!(c.cmd, None);
         assert_eq!(c.env, None);
@@ -1396,7 +1420,7 @@ mod tests {
     fn a_colon_in_a_mount_stays_inside_its_own_field() {
         let mut a = assignment();
         a.spec.volumes[0].path = "/data:rw,rshared".into();
-        let h = container_config(&a, "pi-1")
+        let h = container_config(&a, "pi-1", None)
             .host_config
             .expect("host config");
         let m = h.mounts.expect("mounts");

@@ -141,6 +141,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
     let base = format!("https://{}", listener.local_addr().expect("addr"));
     let (ca, tls) = bramble_tests::tls_identity().expect("a CA");
     let cfg = bramble_agent::Config {
+        mesh_port: None,
         controller: Some(base.clone()),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -159,6 +160,8 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
     let pool = assignment("pool-aaaaaa-0", Kind::Service, &["sleep", "600"]);
     let tasks = vec![wallet.clone(), pool.clone()];
     let welcome = ControllerMessage::Welcome {
+        certificate: None,
+        ca: None,
         node: node.clone(),
         heartbeat_ms: 200,
         fence_ms: 1000,
@@ -282,6 +285,7 @@ async fn an_agent_that_never_reaches_the_controller_fences_its_wallets() {
     let data = tempfile::tempdir().expect("temp dir");
     let (ca, _) = bramble_tests::tls_identity().expect("a CA");
     let cfg = bramble_agent::Config {
+        mesh_port: None,
         controller: Some(format!("https://{closed}")),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -335,6 +339,7 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let (ca, tls) = bramble_tests::tls_identity().expect("a CA");
     let cfg = bramble_agent::Config {
+        mesh_port: None,
         controller: Some(format!("https://{}", listener.local_addr().expect("addr"))),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -352,6 +357,8 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
     send(
         &mut ws,
         &ControllerMessage::Welcome {
+            certificate: None,
+            ca: None,
             node: node.clone(),
             heartbeat_ms: 200,
             fence_ms: 5000,
@@ -461,6 +468,7 @@ async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent(
     let url = |l: &TcpListener| format!("https://{}", l.local_addr().expect("addr"));
     let (ca, tls) = bramble_tests::tls_identity().expect("a CA");
     let cfg = bramble_agent::Config {
+        mesh_port: None,
         controller: Some(format!("{},{}", url(&leader), url(&follower))),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -478,6 +486,8 @@ async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent(
     // The agent dials both, and tells each it can keep a standby link; each answers
     // on its own, as controllers do.
     let welcome = |standby| ControllerMessage::Welcome {
+        certificate: None,
+        ca: None,
         node: node.clone(),
         heartbeat_ms: 200,
         fence_ms: 2000,
@@ -556,6 +566,7 @@ async fn a_task_set_with_an_older_wallet_epoch_is_refused_whole() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let (ca, tls) = bramble_tests::tls_identity().expect("a CA");
     let cfg = bramble_agent::Config {
+        mesh_port: None,
         controller: Some(format!("https://{}", listener.local_addr().expect("addr"))),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -573,6 +584,8 @@ async fn a_task_set_with_an_older_wallet_epoch_is_refused_whole() {
     send(
         &mut ws,
         &ControllerMessage::Welcome {
+            certificate: None,
+            ca: None,
             node: node.clone(),
             heartbeat_ms: 200,
             fence_ms: 5000,

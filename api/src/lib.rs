@@ -15,6 +15,7 @@
 //! - [`manifest`]: the kinds and their fields.
 //! - [`parse`]: multi-document YAML parsing and validation with file:line:column errors.
 //! - [`quantity`], [`duration`]: `250m`, `64Mi`, `30s`.
+//! - [`endpoints`]: workload addresses, the routing table agents get, name lookup.
 //! - [`backoff`]: the one exponential back-off schedule every retry uses.
 //! - [`schedule`]: CronJob schedules (cron expression + time zone) and their firings.
 //! - [`task`]: tasks, their specs, phases and Docker labels.
@@ -29,6 +30,7 @@
 
 pub mod backoff;
 pub mod duration;
+pub mod endpoints;
 pub mod health;
 pub mod host_path;
 pub mod manifest;

@@ -310,6 +310,10 @@ pub struct NodeInfo {
     /// Problems with the node's setup, each with its fix, for people to read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Where other agents reach this one for workload traffic (`IP:PORT`, see
+    /// [`crate::endpoints`]). `None`: an agent that serves no such port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
 }
 
 /// A heartbeat's view of the node's load.
@@ -487,6 +491,11 @@ impl NodeInfo {
         )?;
         for (i, w) in self.warnings.iter().enumerate() {
             text_within(&format!("{at}.warnings[{i}]"), w, MAX_WARNING_BYTES)?;
+        }
+        if let Some(mesh) = &self.mesh {
+            if mesh.len() > MAX_INFO_TEXT || mesh.parse::<std::net::SocketAddr>().is_err() {
+                return Err(field_error(format!("{at}.mesh"), "not an IP:PORT address"));
+            }
         }
         Ok(())
     }
@@ -717,6 +726,11 @@ pub enum AgentMessage {
         /// count any frame). Added after protocol version 1 shipped: optional.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         standby: bool,
+        /// A certificate signing request (PEM) for the node's agent-to-agent
+        /// certificate, for its own key made at its start. Added after protocol
+        /// version 1 shipped: optional.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        csr: Option<String>,
     },
     /// Periodic liveness and load.
     Heartbeat {
@@ -770,6 +784,15 @@ pub enum ControllerMessage {
         /// set. Added after protocol version 1 shipped: optional.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         standby: bool,
+        /// The node's agent-to-agent certificate (PEM), signed by the cluster CA for the
+        /// Hello's `csr`, named after the node. Added after protocol version 1 shipped:
+        /// optional.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        certificate: Option<String>,
+        /// The cluster CA's certificate (PEM), which the agent checks against the
+        /// fingerprint its join token pins. Optional, as `certificate`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca: Option<String>,
     },
     /// On a standby link: this controller, a follower on the quorum side of the store,
     /// hears the node and knows of no leader's suspicion of it, so the node's Wallets
@@ -781,6 +804,14 @@ pub enum ControllerMessage {
         revision: u64,
         /// Every task the node should run.
         tasks: Vec<Assignment>,
+    },
+    /// Every workload's address and Ready instances ([`crate::endpoints`]), whenever
+    /// they change. Added after protocol version 1 shipped: an older agent ignores it.
+    Endpoints {
+        /// The store revision it was computed at.
+        revision: u64,
+        /// The table.
+        table: crate::endpoints::Table,
     },
     /// Stream a task's logs back as LogData/LogEnd.
     Logs {
@@ -887,7 +918,9 @@ mod tests {
     /// A Raspberry Pi 3 as its agent describes itself.
     fn pi_hello() -> AgentMessage {
         AgentMessage::Hello {
+            csr: None,
             node: NodeInfo {
+                mesh: None,
                 name: "pool-1a2b3c".into(),
                 arch: Arch::Arm64,
                 cores: 4,
@@ -1322,6 +1355,7 @@ mod tests {
             unreachable!()
         };
         let big = AgentMessage::Hello {
+            csr: None,
             node,
             tasks: (0..40)
                 .map(|i| status(&format!("job-0123ab-{i}")))

@@ -132,6 +132,7 @@ pub async fn link(rounds: usize, idle_secs: u64) -> Result<()> {
 
 fn fake_info(name: &str) -> NodeInfo {
     NodeInfo {
+        mesh: None,
         name: name.into(),
         arch: Arch::Arm64,
         cores: 4,
@@ -192,6 +193,7 @@ async fn join(addr: &str, tls: &Arc<rustls::ClientConfig>, secret: &str, name: &
     );
     let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await?;
     let hello = AgentMessage::Hello {
+        csr: None,
         node: fake_info(name),
         tasks: vec![],
         credential: Some(Secret(format!("{:064x}", rand_u128(name)))),

@@ -542,6 +542,17 @@ impl Client {
         self.json(Method::GET, &["controllers"], &[], None).await
     }
 
+    /// `GET /v1/endpoints`: every workload's address and instances.
+    pub async fn endpoints(&self) -> Result<Vec<bramble_api::endpoints::Endpoint>> {
+        self.json(Method::GET, &["endpoints"], &[], None).await
+    }
+
+    /// `GET /v1/endpoints/{name}`: what `name` resolves to in containers.
+    pub async fn endpoint(&self, name: &str) -> Result<bramble_api::endpoints::Endpoint> {
+        self.json(Method::GET, &["endpoints", name], &[], None)
+            .await
+    }
+
     /// `GET /v1/secrets`: names and keys.
     pub async fn secrets(&self) -> Result<Vec<SecretView>> {
         self.json(Method::GET, &["secrets"], &[], None).await

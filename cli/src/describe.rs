@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use bramble_api::endpoints::Endpoint;
 use bramble_api::manifest::{
     Arch, ConcurrencyPolicy, EnvValue, Kind, Placement, Port, Probe, Probes, Resources, Restart,
     RestartPolicy, Volume,
@@ -472,6 +473,7 @@ fn events_section(page: &mut Page, events: Option<&[Event]>, now: DateTime<Utc>)
 pub fn workload(
     w: &WorkloadView,
     cron: Option<&CronJobView>,
+    endpoint: Option<&Endpoint>,
     tasks: &[Task],
     events: Option<&[Event]>,
     now: DateTime<Utc>,
@@ -562,6 +564,12 @@ pub fn workload(
         probes: &s.probes,
     }
     .render(&mut page);
+    match endpoint {
+        Some(e) => endpoint_fields(&mut page, e),
+        None => {
+            page.field("Address", "<none yet>");
+        }
+    }
     if m.kind == Kind::CronJob {
         if let Some(c) = cron {
             firings_section(&mut page, &c.firings);
@@ -571,6 +579,50 @@ pub fn workload(
         tasks_section(&mut page, tasks, true, false, now);
     }
     events_section(&mut page, events, now);
+    page.render()
+}
+
+/// The address, the names behind it and the instances answering there.
+fn endpoint_fields(page: &mut Page, e: &Endpoint) {
+    page.field(
+        "Address",
+        format!(
+            "{} ({}, {}.bramble in every container)",
+            e.address, e.name, e.name
+        ),
+    );
+    if e.ports.is_empty() {
+        page.field("Endpoints", "<no TCP ports declared: nothing is served>");
+        return;
+    }
+    let ports: Vec<String> = e.ports.iter().map(u16::to_string).collect();
+    page.field("Ports", ports.join(", "));
+    if e.backends.is_empty() {
+        page.field("Endpoints", "<none running: connections are refused>");
+        return;
+    }
+    page.section("Endpoints");
+    let mut t = crate::table::Table::new(vec!["TASK", "NODE", "READY"]);
+    for b in &e.backends {
+        t.row(vec![
+            b.task.clone(),
+            b.node.clone(),
+            if b.ready {
+                "yes"
+            } else {
+                "no (gets no new connections)"
+            }
+            .to_string(),
+        ]);
+    }
+    page.text_at(1, t);
+}
+
+/// `describe endpoints NAME`.
+pub fn endpoint_page(e: &Endpoint) -> String {
+    let mut page = Page::default();
+    page.field("Name", &e.name).field("Kind", e.kind);
+    endpoint_fields(&mut page, e);
     page.render()
 }
 
@@ -1015,7 +1067,7 @@ mod tests {
 
     #[test]
     fn workload_page_shows_the_manifest_essentials_and_why_tasks_are_pending() {
-        let text = workload(&wallet(), None, &[pending_task()], None, now());
+        let text = workload(&wallet(), None, None, &[pending_task()], None, now());
         for want in [
             "Name:        ltc-wallet\n",
             "Kind:        Wallet\n",
@@ -1049,6 +1101,7 @@ mod tests {
         let text = workload(
             &cronjob(),
             Some(&cron_view()),
+            None,
             &cron_runs(),
             Some(&[]),
             now(),
@@ -1085,7 +1138,7 @@ mod tests {
         view.suspended = false;
         view.firings.clear();
         view.next = Some("2026-11-10T12:00:48Z".parse().expect("valid time"));
-        let text = workload(&cronjob(), Some(&view), &[], None, now());
+        let text = workload(&cronjob(), Some(&view), None, &[], None, now());
         assert!(text.contains("\nSuspend:             false\n"), "{text}");
         assert!(
             text.contains("\nNext Schedule:       2026-11-10T12:00:48Z (in 48s)\n"),
@@ -1095,7 +1148,7 @@ mod tests {
             text.ends_with("Runs:                <none>\nTasks:               <none>\n"),
             "{text}"
         );
-        let text = workload(&cronjob(), None, &cron_runs(), None, now());
+        let text = workload(&cronjob(), None, None, &cron_runs(), None, now());
         assert!(text.contains("\nSuspend:             false\n"), "{text}");
         assert!(!text.contains("Runs:"), "{text}");
         assert!(text.contains("\nTasks:\n  TASK "), "{text}");
@@ -1103,7 +1156,7 @@ mod tests {
 
     #[test]
     fn workload_without_tasks_says_none() {
-        let text = workload(&wallet(), None, &[], None, now());
+        let text = workload(&wallet(), None, None, &[], None, now());
         assert!(text.ends_with("Tasks:       <none>\n"), "{text}");
     }
 
@@ -1190,7 +1243,7 @@ mod tests {
         );
         let text = task(&running_task(), Some(&[]), now());
         assert!(text.ends_with("\nEvents:       <none>\n"), "{text}");
-        let text = workload(&wallet(), None, &[], None, now());
+        let text = workload(&wallet(), None, None, &[], None, now());
         assert!(!text.contains("Events"), "no events endpoint: {text}");
     }
 

@@ -142,11 +142,13 @@ pub enum Resource {
     Secrets,
     /// `controller`, `controllers`: who leads, since when, who is alive.
     Controllers,
+    /// `endpoint`, `endpoints`, `ep`: each workload's name, address and instances.
+    Endpoints,
 }
 
 /// A resource type the command line does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs, jobs, secrets or controllers")]
+#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs, jobs, secrets, controllers or endpoints")]
 pub struct UnknownResource(pub String);
 
 impl FromStr for Resource {
@@ -158,6 +160,7 @@ impl FromStr for Resource {
             "task" | "tasks" => Ok(Resource::Tasks),
             "secret" | "secrets" => Ok(Resource::Secrets),
             "controller" | "controllers" => Ok(Resource::Controllers),
+            "endpoint" | "endpoints" | "ep" => Ok(Resource::Endpoints),
             other => other
                 .parse::<Kind>()
                 .map(|k| Resource::Workloads(Some(k)))
@@ -184,6 +187,7 @@ impl Resource {
             Resource::Tasks => "task",
             Resource::Secrets => "secret",
             Resource::Controllers => "controller",
+            Resource::Endpoints => "endpoint",
         }
     }
 }
@@ -200,6 +204,7 @@ impl fmt::Display for Resource {
             Resource::Tasks => "tasks",
             Resource::Secrets => "secrets",
             Resource::Controllers => "controllers",
+            Resource::Endpoints => "endpoints",
         })
     }
 }
@@ -245,6 +250,7 @@ impl FromStr for ObjectRef {
             Resource::Tasks => "task",
             Resource::Secrets => "secret",
             Resource::Controllers => "controller",
+            Resource::Endpoints => "endpoint",
             Resource::Workloads(Some(k)) => k.path(),
             Resource::Workloads(None) => return Err(BadObject::NoKind(name)),
         };

@@ -89,6 +89,8 @@ pub struct LocalAgent {
     /// Where its tasks' `hostPath` volumes may be (the agent's `--allow-host-path`);
     /// empty means [`bramble_agent::host_paths::DEFAULT_ALLOWED`].
     pub allow_host_paths: Vec<std::path::PathBuf>,
+    /// Its agent-to-agent port; `None`: it serves no workload addresses.
+    pub mesh_port: Option<u16>,
 }
 
 /// A configuration that cannot work, said in terms of its flags.
@@ -246,6 +248,7 @@ mod tests {
     fn refuses_a_bad_node_name() {
         let mut c = config();
         c.local_agent = Some(LocalAgent {
+            mesh_port: None,
             node_name: "Not A Name".into(),
             labels: BTreeMap::new(),
             allow_host_paths: vec![],
@@ -261,6 +264,7 @@ mod tests {
     fn refuses_a_host_path_prefix_the_local_agent_would_refuse() {
         let mut c = config();
         c.local_agent = Some(LocalAgent {
+            mesh_port: None,
             node_name: "pi".into(),
             labels: BTreeMap::new(),
             allow_host_paths: vec!["/etc/bramble".into()],

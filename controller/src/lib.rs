@@ -284,6 +284,7 @@ impl Controller {
             vault: Arc::clone(&self.vault),
             links: Arc::new(tokio::sync::Semaphore::new(http::hub::MAX_AGENT_LINKS)),
             me,
+            nodes: Arc::clone(&self.identity.nodes),
         });
         let router = http::router(app);
         tracing::info!(addr = %addr, ca = %self.identity.ca.short(), "controller listening (TLS)");
@@ -354,6 +355,7 @@ impl Controller {
             mdns_interfaces: Vec::new(),
             image_gc_threshold: bramble_agent::disk::DEFAULT_THRESHOLD,
             allow_host_paths: la.allow_host_paths.clone(),
+            mesh_port: la.mesh_port,
         };
         Some(tokio::spawn(async move {
             let shutdown = async move {

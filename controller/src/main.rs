@@ -48,6 +48,14 @@ struct Args {
     /// Base URL agents should use, put in the mDNS TXT record (e.g. behind NAT).
     #[arg(long)]
     advertise_url: Option<String>,
+    /// The local agent serves no workload addresses: names do not resolve in its
+    /// containers, and other nodes cannot reach its instances by name.
+    #[arg(long, env = "BRAMBLE_NO_SERVICE_PROXY")]
+    no_service_proxy: bool,
+    /// The local agent's agent-to-agent port.
+    #[arg(long, env = "BRAMBLE_MESH_PORT", default_value_t = bramble_api::endpoints::MESH_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    mesh_port: u16,
     /// Label of the local agent's node, `key=value` (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -216,6 +224,7 @@ fn config(args: Args) -> Result<Config, String> {
         node_name: args.node_name.unwrap_or_else(hostname),
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         allow_host_paths: args.allow_host_paths,
+        mesh_port: (!args.no_service_proxy).then_some(args.mesh_port),
     });
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     let member = if args.etcd_cluster.is_empty() {

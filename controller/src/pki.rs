@@ -123,3 +123,47 @@ pub fn load_or_make_ca(
     let der = cert.der().clone();
     Ok((Issuer::new(params, key), der))
 }
+
+/// Signs nodes' agent-to-agent certificates ([`bramble_api::endpoints::MESH_PORT`]):
+/// the cluster CA when the controller runs its own, else a mesh CA of its own
+/// (`mesh-ca.crt`/`mesh-ca.key`, copied with the other identity files).
+pub struct NodeSigner {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
+/// How long a node certificate is valid: it is signed again at every link, so a day
+/// covers any link's life with room to spare, and a stolen one soon expires.
+const NODE_CERT_DAYS: i64 = 30;
+
+impl NodeSigner {
+    /// A signer for `issuer`, whose certificate is `ca`.
+    pub fn new(issuer: Issuer<'static, KeyPair>, ca: &CertificateDer<'_>) -> NodeSigner {
+        NodeSigner {
+            issuer,
+            ca_pem: pem(ca),
+        }
+    }
+
+    /// The CA certificate (PEM) agents check each other's certificates against.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A certificate for the key of `csr_pem`, for `node` and for nothing the request
+    /// asks besides: the name is the one the node was admitted under.
+    pub fn sign(&self, csr_pem: &str, node: &str) -> Result<String, rcgen::Error> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::new(vec![node.to_string()])?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, node);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(NODE_CERT_DAYS);
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+}

@@ -69,6 +69,7 @@ async fn controller(data: &std::path::Path) -> Running {
 
 fn node(name: &str, machine_id: &str) -> NodeInfo {
     NodeInfo {
+        mesh: None,
         name: name.into(),
         arch: Arch::Arm64,
         cores: 4,
@@ -119,6 +120,7 @@ async fn hello(
 ) -> (Ws, ControllerMessage) {
     let mut ws = open(c, bearer).await.expect("upgraded");
     let hello = AgentMessage::Hello {
+        csr: None,
         node: info,
         tasks: vec![],
         credential: credential.map(|c| Secret(c.to_string())),

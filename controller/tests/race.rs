@@ -75,6 +75,7 @@ fn step() -> impl Strategy<Value = Step> {
 
 fn node(name: &str) -> NodeInfo {
     NodeInfo {
+        mesh: None,
         name: name.into(),
         arch: Arch::Arm64,
         cores: 4,

@@ -100,6 +100,7 @@ async fn controller(
 
 fn node() -> NodeInfo {
     NodeInfo {
+        mesh: None,
         name: "pi1".into(),
         arch: Arch::Arm64,
         cores: 4,
@@ -215,6 +216,7 @@ async fn dial(
         Err(e) => panic!("unexpected handshake failure: {e}"),
     };
     let hello = AgentMessage::Hello {
+        csr: None,
         node: node(),
         tasks: vec![],
         credential: Some(Secret(CRED.into())),

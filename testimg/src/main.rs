@@ -18,6 +18,14 @@
 //!                                  after COUNT lines (default: never) exit 0
 //! testimg env                      print the environment as NAME=VALUE lines, sorted, then sleep
 //!                                  forever
+//! testimg get HOST:PORT [PATH]     one HTTP GET (default path /); print the body, exit 0, or the
+//!                                  error on stderr, exit 1
+//! testimg poll HOST:PORT PATH EVERY_MS
+//!                                  resolve HOST once (as clients that cache forever do), then GET
+//!                                  PATH on a new connection every EVERY_MS ms, printing
+//!                                  "UNIX_MS ok BODY" or "UNIX_MS fail ERROR" per try
+//! testimg hold HOST:PORT           resolve, connect, send nothing; print "UNIX_MS closed" when the
+//!                                  other side closes, then keep polling nothing: exit 0
 //! ```
 //!
 //! As PID 1 in a container the kernel ignores signals with the default disposition, so a
@@ -41,7 +49,8 @@ use signal_hook::iterator::Signals;
 
 const USAGE: &str =
     "usage: testimg serve PORT [TEXT] | sleep SECS | exit CODE [AFTER_SECS] | crash | \
-hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | env";
+hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | env | get HOST:PORT [PATH] | \
+poll HOST:PORT PATH EVERY_MS | hold HOST:PORT";
 
 fn main() -> ExitCode {
     exit_on_sigterm();
@@ -118,9 +127,102 @@ fn run(args: &[&str]) -> Result<ExitCode, String> {
             }
             sleep_forever()
         }
+        ["get", target, rest @ ..] if rest.len() <= 1 => {
+            let path = rest.first().copied().unwrap_or("/");
+            let addr = resolve(target)?;
+            match http_get(addr, path) {
+                Ok(body) => {
+                    println!("{body}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("testimg: GET {target}{path}: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        ["poll", target, path, every] => {
+            let every = Duration::from_millis(parse(every, "EVERY_MS")?);
+            let addr = loop {
+                match resolve(target) {
+                    Ok(a) => break a,
+                    Err(e) => {
+                        println!("{} fail {e}", unix_ms());
+                        thread::sleep(every);
+                    }
+                }
+            };
+            eprintln!("testimg: {target} is {addr}");
+            loop {
+                match http_get(addr, path) {
+                    Ok(body) => println!("{} ok {}", unix_ms(), body.trim()),
+                    Err(e) => println!("{} fail {e}", unix_ms()),
+                }
+                thread::sleep(every);
+            }
+        }
+        ["hold", target] => {
+            let addr = resolve(target)?;
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            println!("{} connected", unix_ms());
+            let mut buf = [0u8; 1024];
+            loop {
+                match std::io::Read::read(&mut stream, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            println!("{} closed", unix_ms());
+            sleep_forever()
+        }
         [] => Err("no subcommand".to_string()),
         _ => Err(format!("unknown or malformed command {args:?}")),
     }
+}
+
+/// The first address `HOST:PORT` resolves to (through /etc/hosts and the container's
+/// resolver).
+fn resolve(target: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    target
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {target}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("resolve {target}: no address"))
+}
+
+/// GET `path` on a new connection; the body of a 200 answer.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not HTTP: {answer:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or_default().to_string());
+    }
+    Ok(body.to_string())
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default()
 }
 
 fn parse<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, String> {

@@ -405,7 +405,8 @@ impl Controller {
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
         match &self.opts.local_node {
-            Some(n) => cmd.args(["--node-name", n]),
+            // The local agent uses the machine's engine: see `Agent::spawn`.
+            Some(n) => cmd.args(["--node-name", n, "--no-service-proxy"]),
             None => cmd.arg("--no-local-agent"),
         };
         Ok(cmd)
@@ -737,8 +738,16 @@ impl Agent {
             Reach::Url(url) => cmd.args(["--controller", url]),
             Reach::Mdns(interface) => cmd.args(["--mdns-interface", interface]),
         };
-        if let Some(host) = &self.docker_host {
-            cmd.env("DOCKER_HOST", host);
+        match &self.docker_host {
+            Some(host) => {
+                cmd.env("DOCKER_HOST", host);
+            }
+            // Workload addresses are served only by agents with an engine of their own
+            // (in their own namespace): on the machine's engine, every cluster of every
+            // test would share the machine's resolver address and ports.
+            None => {
+                cmd.arg("--no-service-proxy");
+            }
         }
         let child = cmd
             .args(["--node-name", &self.node])

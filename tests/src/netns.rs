@@ -783,6 +783,35 @@ impl NetCluster {
         self.on_engines(label, &["--filter", "status=running"])
     }
 
+    /// The output (stdout and stderr) of container `id` on `node`'s own engine.
+    pub fn logs(&self, node: &str, id: &str) -> Result<String> {
+        let engine = self
+            .engine(node)?
+            .ok_or_else(|| anyhow!("{node} has no engine of its own"))?;
+        let out = engine.docker().args(["logs", id]).output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    /// Runs `cmd` in container `id` on `node`'s own engine: its exit status and output.
+    pub fn exec(&self, node: &str, id: &str, cmd: &[&str]) -> Result<(bool, String)> {
+        let engine = self
+            .engine(node)?
+            .ok_or_else(|| anyhow!("{node} has no engine of its own"))?;
+        let out = engine.docker().args(["exec", id]).args(cmd).output()?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+
     /// `docker ps` of `label` with `extra` on every running node engine.
     fn on_engines(&self, label: &str, extra: &[&str]) -> Result<Vec<Container>> {
         let mut found = Vec::new();

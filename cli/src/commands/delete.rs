@@ -101,6 +101,11 @@ fn targets(args: &DeleteArgs) -> Result<Vec<Target>> {
                     "tasks cannot be deleted: delete or change the workload that owns them",
                 ))
             }
+            Resource::Endpoints => {
+                return Err(usage(
+                    "endpoints cannot be deleted: they come and go with their workloads",
+                ))
+            }
             Resource::Controllers => return Err(usage(
                 "controllers cannot be deleted: stop the controller; it leaves the list at once",
             )),

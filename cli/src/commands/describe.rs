@@ -45,6 +45,18 @@ pub async fn run(client: &Client, args: &DescribeArgs, out: &mut dyn Write) -> R
                 pages.push(describe::secret(s, ev.as_deref(), now));
             }
         }
+        Resource::Endpoints => {
+            let endpoints = match &name {
+                Some(n) => vec![client
+                    .endpoint(n)
+                    .await
+                    .map_err(|e| super::not_found(e, "endpoint", n))?],
+                None => client.endpoints().await?,
+            };
+            for e in &endpoints {
+                pages.push(describe::endpoint_page(e));
+            }
+        }
         Resource::Controllers => {
             let mut controllers = client.controllers().await?;
             if let Some(n) = &name {
@@ -105,6 +117,8 @@ pub async fn run(client: &Client, args: &DescribeArgs, out: &mut dyn Write) -> R
                 _ => None,
             };
             let tasks = client.tasks(only, None).await?;
+            // Older controllers have no endpoints: describe works without them.
+            let endpoints = client.endpoints().await.unwrap_or_default();
             let crons = cron_views(client, &workloads).await?;
             let mut events = Events::new(workloads.len());
             for w in &workloads {
@@ -117,7 +131,15 @@ pub async fn run(client: &Client, args: &DescribeArgs, out: &mut dyn Write) -> R
                 // The workload's own events and its tasks', gone ones included.
                 let objects = [ObjectRef::workload(kind, name), ObjectRef::task(name)];
                 let ev = events.of(client, &objects).await?;
-                pages.push(describe::workload(w, cron, &mine, ev.as_deref(), now));
+                let endpoint = endpoints.iter().find(|e| e.kind == kind && e.name == name);
+                pages.push(describe::workload(
+                    w,
+                    cron,
+                    endpoint,
+                    &mine,
+                    ev.as_deref(),
+                    now,
+                ));
             }
         }
     }

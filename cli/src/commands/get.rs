@@ -1,4 +1,4 @@
-//! `get nodes|workloads|tasks|services|wallets|cronjobs|jobs|secrets [NAME]`.
+//! `get nodes|workloads|tasks|services|wallets|cronjobs|jobs|secrets|controllers|endpoints [NAME]`.
 //!
 //! `get cronjobs` asks the cronjob endpoint (schedules, last and next runs); the other
 //! kinds, and `get workloads --kind cronjob`, list workloads.
@@ -35,7 +35,7 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
     }
     if matches!(
         resource,
-        Resource::Nodes | Resource::Secrets | Resource::Controllers
+        Resource::Nodes | Resource::Secrets | Resource::Controllers | Resource::Endpoints
     ) && args.kind.is_some()
     {
         return Err(usage("--kind applies to workloads and tasks only"));
@@ -64,6 +64,18 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
             let nodes = super::nodes(client, name.as_deref()).await?;
             emit(out, format, name.is_some(), resource, &nodes, || {
                 nodes_table(&nodes, wide, now)
+            })
+        }
+        Resource::Endpoints => {
+            let endpoints = match &name {
+                Some(n) => vec![client
+                    .endpoint(n)
+                    .await
+                    .map_err(|e| not_found(e, "endpoint", n))?],
+                None => client.endpoints().await?,
+            };
+            emit(out, format, name.is_some(), resource, &endpoints, || {
+                endpoints_table(&endpoints, wide)
             })
         }
         Resource::Controllers => {
@@ -302,6 +314,48 @@ pub fn secrets_table(secrets: &[SecretView], wide: bool, now: DateTime<Utc>) -> 
         ];
         if wide {
             row.extend([format_labels(&s.labels), s.generation.to_string()]);
+        }
+        t.row(row);
+    }
+    t
+}
+
+/// `get endpoints`: what each name resolves to in containers and who answers there.
+pub fn endpoints_table(endpoints: &[bramble_api::endpoints::Endpoint], wide: bool) -> Table {
+    let mut headers = vec!["NAME", "KIND", "ADDRESS", "PORTS", "READY", "INSTANCES"];
+    if wide {
+        headers.push("NOT READY");
+    }
+    let mut t = Table::new(headers);
+    for e in endpoints {
+        let ports: Vec<String> = e.ports.iter().map(u16::to_string).collect();
+        let on = |ready: bool| -> String {
+            let v: Vec<String> = e
+                .backends
+                .iter()
+                .filter(|b| b.ready == ready)
+                .map(|b| format!("{}@{}", b.task, b.node))
+                .collect();
+            if v.is_empty() {
+                "<none>".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        let mut row = vec![
+            e.name.clone(),
+            e.kind.to_string(),
+            e.address.to_string(),
+            if ports.is_empty() {
+                "<none>".to_string()
+            } else {
+                ports.join(",")
+            },
+            format!("{}/{}", e.ready().count(), e.backends.len()),
+            on(true),
+        ];
+        if wide {
+            row.push(on(false));
         }
         t.row(row);
     }

@@ -476,6 +476,7 @@ mod tests {
         for n in ["pi1", "pi2"] {
             let stored = StoredNode {
                 info: bramble_api::wire::NodeInfo {
+                    mesh: None,
                     name: n.into(),
                     arch: bramble_api::manifest::Arch::Arm64,
                     cores: 4,

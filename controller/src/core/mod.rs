@@ -11,12 +11,14 @@
 //! - [`reconcile`]: from workloads and tasks to task writes and placements.
 //! - [`secrets`]: Secrets sealed at apply, resolved for one node, followed by spec hashes.
 //! - [`scheduler`]: which node each pending task goes to, with a reason per rejection.
+//! - [`endpoints`]: workload addresses and the routing table agents get.
 //! - [`cron`]: CronJob firings exactly once, missed slots, retries, history.
 //! - [`health`]: node health from silence, and the Wallet fencing argument.
 //! - [`events`]: what a change means, as events.
 //! - [`views`]: what the API shows.
 
 pub mod cron;
+pub mod endpoints;
 pub mod error;
 pub mod events;
 pub mod health;

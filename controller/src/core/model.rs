@@ -130,6 +130,10 @@ pub struct StoredWorkload {
     pub created_at: DateTime<Utc>,
     /// Last changed.
     pub updated_at: DateTime<Utc>,
+    /// Its stable address ([`bramble_api::endpoints`]): given once by the leader,
+    /// kept across every update, freed when the workload is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 impl StoredWorkload {
@@ -142,6 +146,7 @@ impl StoredWorkload {
             spec_hash,
             created_at: now,
             updated_at: now,
+            address: None,
         }
     }
 
@@ -169,6 +174,7 @@ impl StoredWorkload {
             generation: self.generation + 1,
             created_at: self.created_at,
             updated_at: now,
+            address: self.address,
         })
     }
 

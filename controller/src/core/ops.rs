@@ -1022,6 +1022,7 @@ mod tests {
 
     fn info(name: &str) -> NodeInfo {
         NodeInfo {
+            mesh: None,
             name: name.into(),
             arch: bramble_api::manifest::Arch::Arm64,
             cores: 4,

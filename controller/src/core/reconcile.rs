@@ -589,6 +589,7 @@ mod tests {
     fn node(name: &str) -> NodeState {
         NodeState {
             info: NodeInfo {
+                mesh: None,
                 name: name.into(),
                 arch: Arch::Arm64,
                 cores: 4,

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use super::auth::Role;
 use super::{role, ApiError, App, Shared};
 use crate::core::events::Draft;
-use crate::core::{cron, ops, views, Change, DomainError};
+use crate::core::{cron, endpoints, ops, views, Change, DomainError};
 use crate::state::leader;
 use crate::state::logs::LogEvent;
 use crate::state::Scope;
@@ -227,6 +227,22 @@ pub async fn list_nodes(axum::extract::State(app): Shared) -> Answer {
     json(views::nodes(&app.state.snapshot(), |n| {
         app.state.live.view(n)
     }))
+}
+
+/// `GET /v1/endpoints`: every workload's name, stable address, ports and instances.
+pub async fn list_endpoints(axum::extract::State(app): Shared) -> Answer {
+    let table = endpoints::table(&app.state.snapshot(), bramble_api::endpoints::DEFAULT_RANGE);
+    json(table.endpoints)
+}
+
+/// `GET /v1/endpoints/{name}`: what `name` resolves to in containers (a Service before
+/// a Wallet of the same name, as the resolver does).
+pub async fn get_endpoint(axum::extract::State(app): Shared, Path(name): Path<String>) -> Answer {
+    let table = endpoints::table(&app.state.snapshot(), bramble_api::endpoints::DEFAULT_RANGE);
+    match table.lookup(&name) {
+        Some(e) => json(e),
+        None => Err(DomainError::not_found("endpoint", name).into()),
+    }
 }
 
 /// `GET /v1/nodes/{name}`.

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use super::auth::{credential_hash, Role};
 use super::App;
 use crate::core::ops::Admission;
-use crate::core::{health, ops, reconcile, Change, DomainError};
+use crate::core::{endpoints, health, ops, reconcile, Change, DomainError};
 use crate::state::live::Connection;
 use crate::state::logs::LogEvent;
 use crate::state::vault::Vault;
@@ -115,8 +115,14 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: String) {
 }
 
 /// What a Hello says: the node, the tasks it has, the hash of its credential, whether
-/// the agent can keep a standby link.
-type Hello = (NodeInfo, Vec<TaskStatus>, Option<String>, bool);
+/// the agent can keep a standby link, its certificate request.
+type Hello = (
+    NodeInfo,
+    Vec<TaskStatus>,
+    Option<String>,
+    bool,
+    Option<String>,
+);
 
 async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
@@ -143,9 +149,10 @@ async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
             tasks,
             credential,
             standby,
+            csr,
         }) => {
             let hash = credential.map(|c| credential_hash(&c.0));
-            Ok((node, tasks, hash, standby))
+            Ok((node, tasks, hash, standby, csr))
         }
         Ok(_) => Err((
             "bad_message".into(),
@@ -178,7 +185,7 @@ async fn serve(
     wants_standby: bool,
 ) {
     let state = Arc::clone(&app.state);
-    let (node, tasks, credential, standby_ok) = match hello(&mut socket).await {
+    let (node, tasks, credential, standby_ok, csr) = match hello(&mut socket).await {
         Ok(h) => h,
         Err((code, msg)) => return send_error(&mut socket, &code, msg).await,
     };
@@ -247,11 +254,22 @@ async fn serve(
     }
     tracing::info!(node = %name, arch = %node.arch, cores = node.cores, memory = node.memory_bytes, "node registered");
     let health = *state.live.config();
+    // Signed for the name just admitted (with the node's credential or the join
+    // token), whatever the request asks.
+    let certificate = csr.and_then(|csr| match app.nodes.sign(&csr, &name) {
+        Ok(cert) => Some(cert),
+        Err(e) => {
+            tracing::warn!(node = %name, error = %e, "cannot sign the node's agent-to-agent certificate request");
+            None
+        }
+    });
     let welcome = ControllerMessage::Welcome {
         node: name.clone(),
         heartbeat_ms: u64::try_from(health.heartbeat.as_millis()).unwrap_or(u64::MAX),
         fence_ms: u64::try_from(health.fence.as_millis()).unwrap_or(u64::MAX),
         standby,
+        ca: certificate.as_ref().map(|_| app.nodes.ca_pem().to_string()),
+        certificate,
     };
     if socket
         .send(Message::Text(wire::encode(&welcome).into()))
@@ -409,6 +427,7 @@ async fn writer(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut world = state.subscribe();
     let mut sent: Option<Vec<bramble_api::wire::Assignment>> = None;
+    let mut routed: Option<bramble_api::endpoints::Table> = None;
     loop {
         // The task set first, whenever the snapshot has changed (and at the start).
         let snap = world.borrow_and_update().clone();
@@ -423,6 +442,17 @@ async fn writer(
             }
             tracing::debug!(node = %node, revision = snap.revision, tasks = set.len(), "task set sent");
             sent = Some(set);
+        }
+        let table = endpoints::table(&snap, bramble_api::endpoints::DEFAULT_RANGE);
+        if routed.as_ref() != Some(&table) {
+            let frame = wire::encode(&ControllerMessage::Endpoints {
+                revision: snap.revision,
+                table: table.clone(),
+            });
+            if sink.send(Message::Text(frame.into())).await.is_err() {
+                break;
+            }
+            routed = Some(table);
         }
         let frame = tokio::select! {
             m = rx.recv() => match m {
@@ -633,6 +663,7 @@ mod tests {
         .expect("state");
         // A node and a task placed on it, as the reconcile loop would leave them.
         let info = NodeInfo {
+            mesh: None,
             name: "pi1".into(),
             arch: Arch::Arm64,
             cores: 4,

@@ -57,6 +57,8 @@ pub struct App {
     pub links: Arc<tokio::sync::Semaphore>,
     /// This controller, as `GET /v1/controllers` shows it (`since`: its start).
     pub me: crate::state::leader::LeaderRecord,
+    /// Signs the nodes' agent-to-agent certificates at their Hello.
+    pub nodes: Arc<crate::pki::NodeSigner>,
 }
 
 /// The handlers' state.
@@ -83,6 +85,8 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/workloads/{kind}/{name}/restart",
             post(handlers::restart),
         )
+        .route("/v1/endpoints", get(handlers::list_endpoints))
+        .route("/v1/endpoints/{name}", get(handlers::get_endpoint))
         .route("/v1/nodes", get(handlers::list_nodes))
         .route(
             "/v1/nodes/{name}",

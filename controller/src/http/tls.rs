@@ -22,6 +22,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 pub const CA_CERT: &str = "ca.crt";
 /// The CA's private key (0600).
 pub const CA_KEY: &str = "ca.key";
+/// With the operator's certificate: the CA that signs nodes' agent-to-agent
+/// certificates (public).
+pub const MESH_CA_CERT: &str = "mesh-ca.crt";
+/// Its key (0600).
+pub const MESH_CA_KEY: &str = "mesh-ca.key";
 
 pub use crate::pki::TlsError;
 use crate::pki::{invalid, io, write_public};
@@ -47,6 +52,8 @@ pub struct Identity {
     pub ca_der: CertificateDer<'static>,
     /// The names and addresses the server certificate is for (own CA only).
     pub names: Vec<String>,
+    /// Signs nodes' agent-to-agent certificates.
+    pub nodes: Arc<crate::pki::NodeSigner>,
 }
 
 pub use crate::pki::pem;
@@ -144,6 +151,7 @@ impl Identity {
         Ok(Identity {
             server,
             ca: bramble_tls::fingerprint(&ca_der),
+            nodes: Arc::new(crate::pki::NodeSigner::new(issuer, &ca_der)),
             ca_der,
             names,
         })
@@ -166,9 +174,17 @@ impl Identity {
         let ca_path = data_dir.join(CA_CERT);
         write_public(&ca_path, &pem(&ca_der)).map_err(io(&ca_path))?;
         let server = server_config(chain, key_der)?;
+        // The operator's CA key is not here: node certificates come from a CA of the
+        // controllers' own, copied with the other identity files.
+        let (issuer, mesh_ca) = crate::pki::load_or_make_ca(
+            &data_dir.join(MESH_CA_CERT),
+            &data_dir.join(MESH_CA_KEY),
+            "Bramble node CA",
+        )?;
         Ok(Identity {
             server,
             ca: bramble_tls::fingerprint(&ca_der),
+            nodes: Arc::new(crate::pki::NodeSigner::new(issuer, &mesh_ca)),
             ca_der,
             names: Vec::new(),
         })

@@ -390,6 +390,7 @@ pub(crate) mod tests {
     pub(crate) fn node(name: &str, status: NodeStatus, metrics: Option<NodeMetrics>) -> NodeView {
         NodeView {
             info: NodeInfo {
+                mesh: None,
                 name: name.into(),
                 arch: Arch::Arm64,
                 cores: 4,

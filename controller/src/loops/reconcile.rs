@@ -3,15 +3,17 @@
 //! or goes, at the exact instant the next silent node crosses a health threshold, when a
 //! backing-off task may be placed again, and at least every resync.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use bramble_api::endpoints::{Table, DEFAULT_RANGE as RANGE};
 
 use chrono::Utc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::core::reconcile::{self, NodeState};
-use crate::core::{health, Change};
+use crate::core::{endpoints, health, Change};
 use crate::state::{self, Outcome, Scope, State};
 
 use super::Runner;
@@ -24,12 +26,48 @@ pub async fn run(state: Arc<State>, resync: Duration, stop: watch::Receiver<bool
         leader_only: true,
     };
     let s = Arc::clone(&state);
+    let last: Arc<Mutex<Option<Table>>> = Arc::default();
     runner
         .run(state, stop, move || {
             let s = Arc::clone(&s);
-            async move { pass(&s).await }
+            let last = Arc::clone(&last);
+            async move {
+                let next = pass(&s).await?;
+                addresses(&s, &last).await?;
+                Ok::<_, state::Error>(next)
+            }
         })
         .await;
+}
+
+/// Gives new workloads their addresses, and records a workload losing its last Ready
+/// instance (or getting one back) since the previous pass of this leader.
+async fn addresses(state: &State, last: &Mutex<Option<Table>>) -> Result<(), state::Error> {
+    let snap = state.snapshot();
+    let (change, waiting) = endpoints::allocate(&snap, RANGE);
+    if waiting > 0 {
+        tracing::warn!(waiting, range = %RANGE, "the workload address range is full: some workloads get no address (and no name) until others are deleted");
+    }
+    if !change.is_empty() {
+        // A conflict (an apply in between) is redone by the pass its commit wakes.
+        state.commit(change, Scope::Leader).await?;
+    }
+    let table = endpoints::table(&snap, RANGE);
+    let before = last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .replace(table.clone());
+    if let Some(before) = before {
+        let drafts = endpoints::transitions(&before, &table);
+        if !drafts.is_empty() {
+            if let Err(e) = state.commit(Change::events(drafts), Scope::Leader).await {
+                // Said again on the next pass.
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(before);
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One pass; returns when the next one is due at the latest.
