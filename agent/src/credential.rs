@@ -52,6 +52,13 @@ pub fn load_or_create(dir: &Path) -> Result<String, Error> {
         Err(e) => return Err(err(e)),
     }
     let secret = generate();
+    write_private(&path, &secret).map_err(err)?;
+    tracing::info!(path = %path.display(), "made this node's credential");
+    Ok(secret)
+}
+
+/// Writes `text` to `path` atomically, readable by the owner only.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -59,12 +66,10 @@ pub fn load_or_create(dir: &Path) -> Result<String, Error> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(&tmp).map_err(err)?;
-    f.write_all(secret.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
-    tracing::info!(path = %path.display(), "made this node's credential");
-    Ok(secret)
+    let mut f = opts.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

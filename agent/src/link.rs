@@ -190,7 +190,7 @@ pub async fn run(
     let routes = crate::routes::Routes::load(&cfg.data_dir);
     let mut serving: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mesh = match cfg.mesh_port {
-        Some(port) => match crate::mesh::Mesh::new(&cfg.node_name) {
+        Some(port) => match crate::mesh::Mesh::load_or_new(&cfg.node_name, &cfg.data_dir) {
             Ok(mesh) => {
                 let mesh = Arc::new(mesh);
                 if let Some(dns) = serve_names(&routes, &mut serving).await {

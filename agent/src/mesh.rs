@@ -12,6 +12,7 @@
 //! other answers `OK` (it has connected to that task's container on that port) or
 //! `ERR why`, then both copy bytes.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -74,12 +75,54 @@ pub struct Mesh {
     key: PrivateKeyDer<'static>,
     csr: String,
     tls: RwLock<Option<Tls>>,
+    /// Where the key and the last certificate are kept (0600), so that an agent
+    /// restarted while no controller answers still reaches the other nodes.
+    dir: Option<PathBuf>,
 }
 
+const KEY_FILE: &str = "mesh.key";
+const CERT_FILE: &str = "mesh.crt";
+const CA_FILE: &str = "mesh-ca.crt";
+
 impl Mesh {
-    /// A fresh key and a certificate request for `node`.
+    /// A fresh key and a certificate request for `node`, kept nowhere.
     pub fn new(node: &str) -> Result<Mesh, MeshError> {
         let key = KeyPair::generate().map_err(MeshError::Key)?;
+        Mesh::with_key(node, key, None)
+    }
+
+    /// The key kept in `dir` (made on first use), with the certificate kept beside it
+    /// if it is still good for it.
+    pub fn load_or_new(node: &str, dir: &Path) -> Result<Mesh, MeshError> {
+        let path = dir.join(KEY_FILE);
+        let kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|pem| KeyPair::from_pem(&pem).ok());
+        let key = match kept {
+            Some(k) => k,
+            None => {
+                let k = KeyPair::generate().map_err(MeshError::Key)?;
+                if let Err(e) = crate::credential::write_private(&path, &k.serialize_pem()) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot keep the agent-to-agent key; a new one is made at every start");
+                }
+                k
+            }
+        };
+        let mesh = Mesh::with_key(node, key, Some(dir.to_path_buf()))?;
+        let cert = std::fs::read_to_string(dir.join(CERT_FILE));
+        let ca = std::fs::read_to_string(dir.join(CA_FILE));
+        if let (Ok(cert), Ok(ca)) = (cert, ca) {
+            match mesh.configure(&cert, &ca) {
+                Ok(()) => tracing::info!("agent-to-agent certificate kept from before the restart"),
+                Err(e) => {
+                    tracing::info!(error = %e, "the kept agent-to-agent certificate is not usable; waiting for a controller's")
+                }
+            }
+        }
+        Ok(mesh)
+    }
+
+    fn with_key(node: &str, key: KeyPair, dir: Option<PathBuf>) -> Result<Mesh, MeshError> {
         let mut params = CertificateParams::new(vec![node.to_string()]).map_err(MeshError::Key)?;
         params.distinguished_name.push(DnType::CommonName, node);
         let csr = params
@@ -91,6 +134,7 @@ impl Mesh {
             key,
             csr,
             tls: RwLock::new(None),
+            dir,
         })
     }
 
@@ -108,8 +152,24 @@ impl Mesh {
         self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Takes the certificate and CA of a Welcome.
+    /// Takes the certificate and CA of a Welcome, and keeps them.
     pub fn install(&self, cert_pem: &str, ca_pem: &str) -> Result<(), MeshError> {
+        self.configure(cert_pem, ca_pem)?;
+        if let Some(dir) = &self.dir {
+            let same = std::fs::read_to_string(dir.join(CERT_FILE)).is_ok_and(|c| c == cert_pem)
+                && std::fs::read_to_string(dir.join(CA_FILE)).is_ok_and(|c| c == ca_pem);
+            if !same {
+                for (file, text) in [(CA_FILE, ca_pem), (CERT_FILE, cert_pem)] {
+                    if let Err(e) = crate::credential::write_private(&dir.join(file), text) {
+                        tracing::warn!(file, error = %e, "cannot keep the agent-to-agent certificate");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn configure(&self, cert_pem: &str, ca_pem: &str) -> Result<(), MeshError> {
         let bad = |e: &dyn std::fmt::Display| MeshError::Certificate(e.to_string());
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| bad(&e))?;
         let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| bad(&e))?;

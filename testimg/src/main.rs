@@ -26,6 +26,9 @@
 //!                                  "UNIX_MS ok BODY" or "UNIX_MS fail ERROR" per try
 //! testimg hold HOST:PORT           resolve, connect, send nothing; print "UNIX_MS closed" when the
 //!                                  other side closes, then keep polling nothing: exit 0
+//! testimg touch PATH | rm PATH | exists PATH
+//!                                  make or remove an empty file; exists exits 0 if it is there,
+//!                                  1 if not (a readiness switch for exec probes)
 //! ```
 //!
 //! As PID 1 in a container the kernel ignores signals with the default disposition, so a
@@ -50,7 +53,7 @@ use signal_hook::iterator::Signals;
 const USAGE: &str =
     "usage: testimg serve PORT [TEXT] | sleep SECS | exit CODE [AFTER_SECS] | crash | \
 hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | env | get HOST:PORT [PATH] | \
-poll HOST:PORT PATH EVERY_MS | hold HOST:PORT";
+poll HOST:PORT PATH EVERY_MS | hold HOST:PORT | touch PATH | rm PATH | exists PATH";
 
 fn main() -> ExitCode {
     exit_on_sigterm();
@@ -176,6 +179,17 @@ fn run(args: &[&str]) -> Result<ExitCode, String> {
             println!("{} closed", unix_ms());
             sleep_forever()
         }
+        ["touch", path] => std::fs::write(path, b"")
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| format!("touch {path}: {e}")),
+        ["rm", path] => std::fs::remove_file(path)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| format!("rm {path}: {e}")),
+        ["exists", path] => Ok(if std::path::Path::new(path).exists() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }),
         [] => Err("no subcommand".to_string()),
         _ => Err(format!("unknown or malformed command {args:?}")),
     }

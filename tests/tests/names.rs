@@ -297,3 +297,262 @@ fn started_ms(c: &NetCluster, node: &str, id: &str) -> Result<u128> {
         .with_context(|| format!("StartedAt {text:?}"))?;
     Ok(u128::try_from(at.timestamp_millis()).unwrap_or_default())
 }
+
+/// A Service of two replicas whose readiness is a file (`/ready`) the test makes and
+/// removes.
+fn switchable(name: &str) -> String {
+    service(
+        name,
+        2,
+        "\"serve\", \"8080\"",
+        "  ports: [{container: 8080}]
+  probes:
+    readiness: {exec: [\"/testimg\", \"exists\", \"/ready\"], period: 1s, failureThreshold: 1}
+",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_late_workloads_and_restarts_keep_routing_and_outsiders_are_refused() {
+    let mut c = start(2).await.expect("the cluster starts");
+    if let Err(e) = routing(&mut c).await {
+        panic!("{e:#}\n{}", c.controller().logs());
+    }
+}
+
+async fn routing(c: &mut NetCluster) -> Result<()> {
+    let web = bramble_tests::harness::unique("web");
+    let client = bramble_tests::harness::unique("client");
+    let late = bramble_tests::harness::unique("late");
+    c.apply(&switchable(&web)).await?;
+    let webs = eventually(WAIT, "two web replicas running", || async {
+        let r = running(c, &web)?;
+        Ok((r.len() == 2).then_some(r))
+    })
+    .await?;
+    // One client per node: it was started before `late` exists.
+    c.apply(&poller(&client, 2, &format!("{web}:8080"))).await?;
+    c.apply(&poller(
+        &format!("{client}-late"),
+        1,
+        &format!("{late}:8080"),
+    ))
+    .await?;
+
+    // Not ready: nothing answers, though both run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let logs = poll_logs(c, &client)?;
+    ensure!(
+        logs.values().flatten().all(|t| t.answer.is_none()),
+        "an instance failing readiness answered: {logs:?}"
+    );
+    for (node, id) in &webs {
+        let (ok, out) = c.exec(node, id, &["/testimg", "touch", "/ready"])?;
+        ensure!(ok, "touch /ready: {out}");
+    }
+    let both: BTreeSet<String> = webs.iter().map(|(_, id)| id[..12].to_string()).collect();
+    eventually(WAIT, "every client answered by both replicas", || async {
+        let logs = poll_logs(c, &client)?;
+        let ok = logs.len() == 2
+            && logs.values().all(|t| {
+                let seen: BTreeSet<String> = t.iter().filter_map(|t| t.answer.clone()).collect();
+                seen == both
+            });
+        Ok(ok.then_some(()))
+    })
+    .await?;
+
+    // One replica fails readiness: it gets no new connections.
+    let (off_node, off) = webs[0].clone();
+    let (ok, out) = c.exec(&off_node, &off, &["/testimg", "rm", "/ready"])?;
+    ensure!(ok, "rm /ready: {out}");
+    let not_ready_at = eventually(WAIT, "the replica reported not ready", || async {
+        let e = c.get(&format!("/v1/endpoints/{web}")).await?;
+        let ready = e["backends"]
+            .as_array()
+            .map(|b| b.iter().filter(|b| b["ready"] == true).count());
+        Ok((ready == Some(1)).then(now_ms))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for ((node, _), t) in poll_logs(c, &client)? {
+        // A try already under way when the table changed may still land on it.
+        let late_hits: Vec<&Try> = t
+            .iter()
+            .filter(|t| t.at_ms > not_ready_at + 500 && t.answer.as_deref() == Some(&off[..12]))
+            .collect();
+        ensure!(
+            late_hits.is_empty(),
+            "the replica failing readiness got new connections from {node}: {late_hits:?}"
+        );
+        ensure!(
+            t.iter()
+                .any(|t| t.at_ms > not_ready_at + 500 && t.answer.is_some()),
+            "the ready replica stopped answering {node}"
+        );
+    }
+
+    // A workload applied after the client started is reached within 5 s of running.
+    c.apply(&service(
+        &late,
+        1,
+        "\"serve\", \"8080\"",
+        "  ports: [{container: 8080}]\n",
+    ))
+    .await?;
+    let (late_node, late_id) = eventually(WAIT, "the late workload running", || async {
+        Ok(running(c, &late)?.into_iter().next())
+    })
+    .await?;
+    let late_started = started_ms(c, &late_node, &late_id)?;
+    let (poller_node, poller_id) = running(c, &format!("{client}-late"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the late workload's poller is not running"))?;
+    let first = eventually(WAIT, "the late workload reached by name", || async {
+        let t = tries(&c.logs(&poller_node, &poller_id)?);
+        Ok(t.iter().find(|t| t.answer.is_some()).map(|t| t.at_ms))
+    })
+    .await?;
+    let gap = first.saturating_sub(late_started);
+    eprintln!("late workload started -> first answer by name: {gap} ms");
+    ensure!(gap <= 5_000, "reached {gap} ms after it started");
+
+    // The controller away: agents route with the table they have, and an agent
+    // restarted meanwhile routes with the one it kept.
+    let task = c.tasks(&web).await?[0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    c.kill_controller();
+    let before = now_ms();
+    // The node whose own replica is not ready: its clients are answered only through
+    // the other node's agent, so this restart also needs the kept mesh certificate.
+    let restart_node = off_node.clone();
+    ensure!(
+        running(c, &client)?.iter().any(|(n, _)| *n == restart_node),
+        "no client on {restart_node}"
+    );
+    c.agent(&restart_node)?.kill9();
+    c.agent(&restart_node)?.restart()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarted = now_ms();
+    eventually(
+        WAIT,
+        "clients answered with the controller away",
+        || async {
+            let logs = poll_logs(c, &client)?;
+            let ok = logs.len() == 2
+                && logs.values().all(|t| {
+                    t.iter()
+                        .filter(|t| t.at_ms > restarted && t.answer.is_some())
+                        .count()
+                        >= 5
+                });
+            Ok(ok.then_some(()))
+        },
+    )
+    .await
+    .with_context(|| format!("controller killed at {before}"))?;
+
+    // An outsider on the agent-to-agent port gets nowhere.
+    let ip = c
+        .address(&restart_node)?
+        .ok_or_else(|| anyhow!("no address"))?;
+    let ca = std::fs::read(c.controller().data_dir.path().join("ca.crt"))?;
+    outsider_refused(ip, &ca, &restart_node, &task).await?;
+    c.restart_controller().await?;
+    Ok(())
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default()
+}
+
+/// Connections to a node's agent-to-agent port that must all fail before any byte of a
+/// container is reached: plain TCP with a valid request line, TLS without a client
+/// certificate, TLS with a certificate of another CA.
+async fn outsider_refused(
+    ip: std::net::Ipv4Addr,
+    cluster_ca: &[u8],
+    node: &str,
+    task: &str,
+) -> Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let addr = (ip, bramble_api::endpoints::MESH_PORT);
+    let request = format!("BRAMBLE/1 {task} 8080\n");
+
+    // Plain TCP: the request line is not TLS; the connection ends with nothing served.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(request.as_bytes()).await?;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
+    ensure!(
+        !String::from_utf8_lossy(&got).contains("OK"),
+        "plain TCP was served: {got:?}"
+    );
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(cluster_ca) {
+        roots.add(c?)?;
+    }
+    let roots = std::sync::Arc::new(roots);
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map(|b| b.with_root_certificates(std::sync::Arc::clone(&roots)))
+    };
+    // A certificate for the node's name, from a CA of the outsider's own.
+    let other_ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = ca_params.self_signed(&other_ca_key)?;
+    let issuer = rcgen::Issuer::from_ca_cert_der(other_ca.der(), other_ca_key)?;
+    let leaf_key = rcgen::KeyPair::generate()?;
+    let leaf =
+        rcgen::CertificateParams::new(vec![node.to_string()])?.signed_by(&leaf_key, &issuer)?;
+    let configs = [
+        ("no client certificate", builder()?.with_no_client_auth()),
+        (
+            "a certificate of another CA",
+            builder()?.with_client_auth_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes())?,
+            )?,
+        ),
+    ];
+    for (what, config) in configs {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = ServerName::try_from(node.to_string())?;
+        let outcome = async {
+            let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await?;
+            tls.write_all(request.as_bytes()).await?;
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await?;
+            anyhow::Ok(got)
+        };
+        let result = tokio::time::timeout(Duration::from_secs(5), outcome).await;
+        if let Ok(Ok(got)) = &result {
+            ensure!(
+                !String::from_utf8_lossy(got).contains("OK"),
+                "{what} was served: {got:?}"
+            );
+        }
+        let said = match &result {
+            Ok(Ok(got)) => format!("closed after {} bytes", got.len()),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "no answer in 5 s".to_string(),
+        };
+        eprintln!("agent-to-agent port, {what}: {said}");
+    }
+    Ok(())
+}
