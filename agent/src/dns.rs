@@ -179,12 +179,14 @@ pub fn host_resolvers(text: &str, table: &Table) -> (Vec<SocketAddr>, Vec<String
 /// Answers queries at `addr`:53 (UDP and TCP) until the task is aborted. Fails only if
 /// it cannot listen.
 pub async fn serve(
+    ns: &crate::proxy::Namespace,
     addr: Ipv4Addr,
     routes: Routes,
     upstream: Vec<SocketAddr>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let udp = Arc::new(UdpSocket::bind((addr, 53)).await?);
-    let tcp = TcpListener::bind((addr, 53)).await?;
+    let at = SocketAddr::from((addr, 53));
+    let udp = Arc::new(ns.udp(at).await?);
+    let tcp = ns.tcp(at).await?;
     let upstream = Arc::new(upstream);
     tracing::info!(%addr, upstream = ?upstream, "resolver for containers listening");
     Ok(tokio::spawn(async move {

@@ -193,25 +193,18 @@ pub async fn run(
         Some(port) => match crate::mesh::Mesh::load_or_new(&cfg.node_name, &cfg.data_dir) {
             Ok(mesh) => {
                 let mesh = Arc::new(mesh);
-                if let Some(dns) = serve_names(&routes, &mut serving).await {
+                if let Some((ns, dns)) = serve_names(&routes, &mut serving).await {
                     runtime = runtime.with_dns(dns);
+                    let proxy = crate::proxy::Proxy::new(
+                        cfg.node_name.clone(),
+                        routes.clone(),
+                        Arc::clone(&mesh),
+                        runtime.clone(),
+                        ns,
+                    );
+                    serving.push(tokio::spawn(Arc::clone(&proxy).listen()));
+                    serve_mesh(proxy, port, &mut serving).await;
                 }
-                let proxy = crate::proxy::Proxy::new(
-                    cfg.node_name.clone(),
-                    routes.clone(),
-                    Arc::clone(&mesh),
-                    runtime.clone(),
-                );
-                match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
-                    Ok(l) => {
-                        tracing::info!(port, "agent-to-agent port listening");
-                        serving.push(tokio::spawn(Arc::clone(&proxy).serve_mesh(l)));
-                    }
-                    Err(e) => {
-                        tracing::error!(port, error = %e, "cannot listen on the agent-to-agent port: other nodes cannot reach this node's instances by name (--mesh-port)")
-                    }
-                }
-                serving.push(tokio::spawn(proxy.listen()));
                 Some((mesh, port))
             }
             Err(e) => {
@@ -352,27 +345,47 @@ struct Shared {
     mesh: Option<(Arc<crate::mesh::Mesh>, u16)>,
 }
 
-/// Makes the workloads' range local and starts the containers' resolver; what
-/// containers should be told, or `None` (then they keep Docker's resolver, and names
-/// do not resolve in them: said loudly).
+/// Listens on the agent-to-agent port (in the node's namespace: other nodes dial it).
+async fn serve_mesh(
+    proxy: Arc<crate::proxy::Proxy>,
+    port: u16,
+    serving: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
+        Ok(l) => {
+            tracing::info!(port, "agent-to-agent port listening");
+            serving.push(tokio::spawn(proxy.serve_mesh(l)));
+        }
+        Err(e) => {
+            tracing::error!(port, error = %e, "cannot listen on the agent-to-agent port: other nodes cannot reach this node's instances by name (--mesh-port)")
+        }
+    }
+}
+
+/// Makes the namespace of the workload addresses and starts the containers' resolver
+/// in it; the namespace and what containers should be told, or `None` (then they keep
+/// Docker's resolver, and names do not resolve in them: said loudly).
 async fn serve_names(
     routes: &crate::routes::Routes,
     serving: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Option<crate::runtime::Dns> {
+) -> Option<(Arc<crate::proxy::Namespace>, crate::runtime::Dns)> {
     let table = routes.current();
-    if let Err(e) = crate::proxy::make_local(table.range).await {
-        tracing::error!(error = %e, "WORKLOAD NAMES WILL NOT RESOLVE in this node's containers");
-        return None;
-    }
+    let ns = match crate::proxy::Namespace::create(table.range).await {
+        Ok(ns) => Arc::new(ns),
+        Err(e) => {
+            tracing::error!(error = %e, "WORKLOAD NAMES WILL NOT RESOLVE in this node's containers");
+            return None;
+        }
+    };
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let (upstream, mut search) = crate::dns::host_resolvers(&resolv, &table);
     let server = table.range.resolver();
-    match crate::dns::serve(server, routes.clone(), upstream).await {
+    match crate::dns::serve(&ns, server, routes.clone(), upstream).await {
         Ok(task) => {
             serving.push(task);
             search.insert(0, bramble_api::endpoints::DOMAIN.to_string());
             search.dedup();
-            Some(crate::runtime::Dns { server, search })
+            Some((ns, crate::runtime::Dns { server, search }))
         }
         Err(e) => {
             tracing::error!(address = %server, error = %e, "cannot start the containers' resolver: WORKLOAD NAMES WILL NOT RESOLVE in this node's containers");

@@ -2,9 +2,10 @@
 //! ([`bramble_api::endpoints`]). No IPVS, VXLAN or overlay network: Pi kernels often
 //! lack them, and IPVS drops idle connections that stratum-to-wallet RPC sockets keep.
 //!
-//! - The workloads' range is made local to the node (`ip route replace local RANGE dev
-//!   lo`), so the agent can listen on any address of it and containers reach those
-//!   addresses through their default gateway, the node.
+//! - The workloads' range lives in a network namespace of the agent's own
+//!   ([`Namespace`]), routed from the node: the agent listens on any address of it
+//!   without taking ports from the node, and containers reach those addresses through
+//!   their default gateway, the node.
 //! - For each workload address and declared TCP port, a listener. A new connection
 //!   goes to the next Ready instance (round robin): straight to the container when it
 //!   runs on this node, else through the other node's agent ([`crate::mesh`]). An
@@ -38,31 +39,203 @@ const RETRY_LISTEN: Duration = Duration::from_secs(5);
 /// Why the proxy cannot serve.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// The range could not be made local.
-    #[error("cannot make the workload addresses {range} local to this node (`ip route replace local {range} dev lo`): {why}")]
-    Route {
+    /// The proxy's network namespace could not be made.
+    #[error(
+        "cannot set up the network namespace that serves the workload addresses {range}: {why}"
+    )]
+    Namespace {
         /// The range.
         range: AddressRange,
-        /// What `ip` said.
+        /// What failed.
         why: String,
     },
 }
 
-/// Makes every address of `range` local to this node, so the agent can listen on
-/// them. Idempotent.
-pub async fn make_local(range: AddressRange) -> Result<(), ProxyError> {
-    let fail = |why: String| ProxyError::Route { range, why };
-    let out = tokio::process::Command::new("ip")
-        .args(["route", "replace", "local", &range.to_string(), "dev", "lo"])
+/// The network namespace the workload addresses live in, joined to the node by a veth
+/// pair (`bramble0` on the node, `bramble1` inside). Its own port space keeps a
+/// workload address's listener on port P from taking P from the node, where a
+/// container may publish it as a host port. Containers reach it through their default
+/// gateway, the node, which routes the range to `bramble1`.
+///
+/// One thread of the agent lives in that namespace, and every listening socket is made
+/// there (sockets stay in the namespace they were made in).
+pub struct Namespace {
+    tx: std::sync::mpsc::Sender<Request>,
+}
+
+enum Request {
+    Tcp(
+        SocketAddr,
+        std::sync::mpsc::Sender<std::io::Result<std::net::TcpListener>>,
+    ),
+    Udp(
+        SocketAddr,
+        std::sync::mpsc::Sender<std::io::Result<std::net::UdpSocket>>,
+    ),
+}
+
+/// The node's end of the link.
+pub const NODE_LINK: &str = "bramble0";
+const INNER_LINK: &str = "bramble1";
+
+/// The link's addresses: the last /30 of the range, which no workload gets.
+fn link_addresses(range: AddressRange) -> (Ipv4Addr, Ipv4Addr) {
+    let last = range.len() - 4;
+    let at = |i| range.nth(last + i).unwrap_or(range.base);
+    (at(1), at(2))
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
         .output()
-        .await
-        .map_err(|e| fail(format!("cannot run ip (install iproute2): {e}")))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+        .map_err(|e| format!("cannot run ip (install iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
-    Ok(())
+}
+
+impl Namespace {
+    /// Makes the namespace, the link and the routes for `range`.
+    pub async fn create(range: AddressRange) -> Result<Namespace, ProxyError> {
+        tokio::task::spawn_blocking(move || Namespace::create_blocking(range))
+            .await
+            .map_err(|e| ProxyError::Namespace {
+                range,
+                why: e.to_string(),
+            })?
+    }
+
+    fn create_blocking(range: AddressRange) -> Result<Namespace, ProxyError> {
+        let fail = |why: String| ProxyError::Namespace { range, why };
+        let (node_ip, inner_ip) = link_addresses(range);
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<i32, String>>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("bramble-names".into())
+            .spawn(move || {
+                // Safe for NEWNET: the deprecation is about unsharing the file table.
+                #[allow(deprecated)]
+                let unshared = rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNET);
+                if let Err(e) = unshared {
+                    let _ = ready_tx.send(Err(format!("unshare: {e} (the agent runs as root)")));
+                    return;
+                }
+                let tid = rustix::thread::gettid().as_raw_nonzero().get();
+                // Commands this thread starts run in its namespace.
+                let inside = |args: &[&str]| run(args);
+                // The node's side moves the inner link in, then says go.
+                if ready_tx.send(Ok(tid)).is_err() || go_rx.recv().is_err() {
+                    return;
+                }
+                let setup = (|| {
+                    inside(&["link", "set", "lo", "up"])?;
+                    inside(&["addr", "add", &format!("{inner_ip}/30"), "dev", INNER_LINK])?;
+                    inside(&["link", "set", INNER_LINK, "up"])?;
+                    inside(&["route", "add", "local", &range.to_string(), "dev", "lo"])?;
+                    inside(&["route", "add", "default", "via", &node_ip.to_string()])
+                })();
+                let _ = ready_tx.send(setup.map(|()| tid));
+                while let Ok(req) = rx.recv() {
+                    match req {
+                        Request::Tcp(addr, reply) => {
+                            let _ = reply.send(std::net::TcpListener::bind(addr).and_then(|l| {
+                                l.set_nonblocking(true)?;
+                                Ok(l)
+                            }));
+                        }
+                        Request::Udp(addr, reply) => {
+                            let _ = reply.send(std::net::UdpSocket::bind(addr).and_then(|s| {
+                                s.set_nonblocking(true)?;
+                                Ok(s)
+                            }));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| fail(e.to_string()))?;
+        let tid = ready_rx
+            .recv()
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(fail)?;
+        // A link left by an agent that was killed went with its namespace; one left
+        // otherwise is replaced.
+        let _ = run(&["link", "del", NODE_LINK]);
+        let _ = run(&[
+            "route",
+            "del",
+            "local",
+            &range.to_string(),
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ]);
+        run(&[
+            "link",
+            "add",
+            NODE_LINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            INNER_LINK,
+            "netns",
+            &tid.to_string(),
+        ])
+        .map_err(fail)?;
+        // The inside is set up once its link is there.
+        go_tx.send(()).map_err(|e| fail(e.to_string()))?;
+        let inner = ready_rx.recv().map_err(|e| fail(e.to_string()))?;
+        inner.map_err(fail)?;
+        run(&["addr", "add", &format!("{node_ip}/30"), "dev", NODE_LINK]).map_err(fail)?;
+        run(&["link", "set", NODE_LINK, "up"]).map_err(fail)?;
+        run(&[
+            "route",
+            "replace",
+            &range.to_string(),
+            "via",
+            &inner_ip.to_string(),
+            "dev",
+            NODE_LINK,
+        ])
+        .map_err(fail)?;
+        tracing::info!(%range, link = NODE_LINK, "workload addresses are served in the agent's own network namespace");
+        Ok(Namespace { tx })
+    }
+
+    /// A TCP listener at `addr`, in the namespace.
+    pub async fn tcp(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let (reply, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Request::Tcp(addr, reply))
+            .map_err(|_| std::io::Error::other("the names thread is gone"))?;
+        let l = tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|_| std::io::Error::other("the names thread is gone"))??;
+        TcpListener::from_std(l)
+    }
+
+    /// A UDP socket at `addr`, in the namespace.
+    pub async fn udp(&self, addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+        let (reply, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Request::Udp(addr, reply))
+            .map_err(|_| std::io::Error::other("the names thread is gone"))?;
+        let s = tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|_| std::io::Error::other("the names thread is gone"))??;
+        tokio::net::UdpSocket::from_std(s)
+    }
 }
 
 /// The proxy of one node.
@@ -71,18 +244,26 @@ pub struct Proxy {
     routes: Routes,
     mesh: Arc<Mesh>,
     runtime: Runtime,
+    ns: Arc<Namespace>,
     /// Round-robin position per workload address.
     next: Mutex<HashMap<Ipv4Addr, usize>>,
 }
 
 impl Proxy {
     /// The proxy of `node`.
-    pub fn new(node: String, routes: Routes, mesh: Arc<Mesh>, runtime: Runtime) -> Arc<Proxy> {
+    pub fn new(
+        node: String,
+        routes: Routes,
+        mesh: Arc<Mesh>,
+        runtime: Runtime,
+        ns: Arc<Namespace>,
+    ) -> Arc<Proxy> {
         Arc::new(Proxy {
             node,
             routes,
             mesh,
             runtime,
+            ns,
             next: Mutex::new(HashMap::new()),
         })
     }
@@ -110,7 +291,7 @@ impl Proxy {
                 if open.contains_key(&key) {
                     continue;
                 }
-                match TcpListener::bind(key).await {
+                match self.ns.tcp(SocketAddr::from(key)).await {
                     Ok(l) => {
                         tracing::debug!(address = %key.0, port = key.1, "serving a workload address");
                         open.insert(key, tokio::spawn(Arc::clone(&self).accept(l, key.0, key.1)));

@@ -34,7 +34,7 @@ pub const MESH_PORT: u16 = 7947;
 pub struct AddressRange {
     /// The first address (host bits zero).
     pub base: Ipv4Addr,
-    /// Prefix length, 8 to 30.
+    /// Prefix length, 8 to 29.
     pub prefix: u8,
 }
 
@@ -65,10 +65,11 @@ impl AddressRange {
         Ipv4Addr::from(u32::from(self.base) + 1)
     }
 
-    /// The addresses workloads may get: all but the network address, the resolver and
-    /// the broadcast address, lowest first.
+    /// The addresses workloads may get: all but the first two (the network address and
+    /// the resolver) and the last four (the /30 linking the node to the agent's
+    /// namespace of workload addresses), lowest first.
     pub fn workload_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        (2..self.len() - 1).filter_map(|i| self.nth(i))
+        (2..self.len() - 4).filter_map(|i| self.nth(i))
     }
 }
 
@@ -103,8 +104,8 @@ impl FromStr for AddressRange {
         let prefix: u8 = prefix
             .parse()
             .map_err(|_| bad("the prefix length is not a number"))?;
-        if !(8..=30).contains(&prefix) {
-            return Err(bad("the prefix length must be 8 to 30"));
+        if !(8..=29).contains(&prefix) {
+            return Err(bad("the prefix length must be 8 to 29"));
         }
         let range = AddressRange { base, prefix };
         if !range.contains(base) || u32::from(base) & !(u32::MAX << (32 - prefix)) != 0 {
@@ -258,13 +259,13 @@ mod tests {
         assert!(r.contains(Ipv4Addr::new(169, 254, 103, 255)));
         assert!(!r.contains(Ipv4Addr::new(169, 254, 104, 0)));
         let all: Vec<Ipv4Addr> = r.workload_addresses().collect();
-        assert_eq!(all.len(), 1021);
+        assert_eq!(all.len(), 1018);
         assert_eq!(all[0], Ipv4Addr::new(169, 254, 100, 2));
-        assert_eq!(all[1020], Ipv4Addr::new(169, 254, 103, 254));
+        assert_eq!(all[1017], Ipv4Addr::new(169, 254, 103, 251));
         for (bad, why) in [
             ("169.254.100.0", "write it as"),
             ("169.254.100.1/22", "host bits"),
-            ("169.254.100.0/31", "8 to 30"),
+            ("169.254.100.0/30", "8 to 29"),
             ("169.254.100.0/x", "not a number"),
             ("hello/22", "not an IPv4"),
             ("127.0.0.0/8", "loopback"),

@@ -556,3 +556,83 @@ async fn outsider_refused(
     }
     Ok(())
 }
+
+/// The repository's example manifests, with the test image in place of the pool's
+/// images and everything that needs a real pool (volumes, probes, placement) left out,
+/// keeping the names, ports and `WALLET_RPC` as written.
+fn example(file: &str) -> Result<(Option<String>, bramble_api::manifest::Manifest)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests")
+        .join(file);
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let parsed =
+        bramble_api::parse::parse_manifests(file, &text).map_err(|e| anyhow!("{file}: {e:?}"))?;
+    // The Secret is applied as written (its document comes first).
+    let secret = (!parsed.secrets.is_empty())
+        .then(|| text.split("\n---\n").next().unwrap_or_default().to_string());
+    let mut m = parsed
+        .workloads
+        .first()
+        .ok_or_else(|| anyhow!("{file} has no workload"))?
+        .manifest
+        .clone();
+    m.spec.image = "bramble-testimg:latest".into();
+    m.spec.command = Some(vec!["/testimg".into()]);
+    m.spec.volumes.clear();
+    m.spec.placement = Default::default();
+    m.spec.probes = Default::default();
+    m.spec.resources = Default::default();
+    Ok((secret, m))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_stratum_pool_reaches_ltc_wallet_by_name() {
+    let c = start(2).await.expect("the cluster starts");
+    if let Err(e) = example_pool(&c).await {
+        panic!("{e:#}\n{}", c.controller().logs());
+    }
+}
+
+async fn example_pool(c: &NetCluster) -> Result<()> {
+    let (secret, mut wallet) = example("ltc-wallet.yaml")?;
+    let (_, mut stratum) = example("stratum.yaml")?;
+    let rpc = match stratum.spec.env.get("WALLET_RPC") {
+        Some(bramble_api::manifest::EnvValue::Text(t)) => t.clone(),
+        other => bail!("stratum's WALLET_RPC: {other:?}"),
+    };
+    let target = rpc
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("WALLET_RPC {rpc:?} is not http://HOST:PORT"))?
+        .to_string();
+    ensure!(target == "ltc-wallet:9332", "{target}");
+    wallet.spec.args = Some(vec!["serve".into(), "9332".into()]);
+    stratum.spec.args = Some(
+        ["poll", &target, "/env/HOSTNAME", "200"]
+            .map(String::from)
+            .to_vec(),
+    );
+    if let Some(s) = secret {
+        c.apply(&s).await?;
+    }
+    c.apply(&serde_json::to_string(&wallet)?).await?;
+    c.apply(&serde_json::to_string(&stratum)?).await?;
+    let (_, wallet_id) = eventually(WAIT, "ltc-wallet running", || async {
+        Ok(running(c, "ltc-wallet")?.into_iter().next())
+    })
+    .await?;
+    eventually(
+        WAIT,
+        "both stratum replicas answered by ltc-wallet",
+        || async {
+            let logs = poll_logs(c, "stratum")?;
+            let ok = logs.len() == 2
+                && logs.values().all(|t| {
+                    t.iter()
+                        .any(|t| t.answer.as_deref() == Some(&wallet_id[..12]))
+                });
+            Ok(ok.then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}

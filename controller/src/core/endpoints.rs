@@ -273,20 +273,23 @@ mod tests {
 
     #[test]
     fn a_full_range_leaves_the_rest_waiting_and_foreign_addresses_are_kept() {
-        let tiny: AddressRange = "10.9.0.0/30".parse().expect("valid");
+        // Two workload addresses: .2 and .3.
+        let tiny: AddressRange = "10.9.0.0/29".parse().expect("valid");
         let mut snap = Snapshot::default();
         let mut old = workload("Service", "old", "");
         old.address = Some(Ipv4Addr::new(169, 254, 100, 2));
         put(&mut snap, old, 1);
         put(&mut snap, workload("Service", "a", ""), 2);
         put(&mut snap, workload("Service", "b", ""), 3);
+        put(&mut snap, workload("Service", "c", ""), 4);
         let (change, left) = allocate(&snap, tiny);
-        assert_eq!((change.writes.len(), left), (1, 1));
+        assert_eq!((change.writes.len(), left), (2, 1));
         apply(&mut snap, &change);
         let a = addresses(&snap);
         assert_eq!(a["old"], Some(Ipv4Addr::new(169, 254, 100, 2)));
         assert_eq!(a["a"], Some(Ipv4Addr::new(10, 9, 0, 2)));
-        assert_eq!(a["b"], None);
+        assert_eq!(a["b"], Some(Ipv4Addr::new(10, 9, 0, 3)));
+        assert_eq!(a["c"], None);
     }
 
     #[test]
