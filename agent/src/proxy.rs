@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use bramble_api::endpoints::{AddressRange, Backend, Table};
 use bramble_api::task::container_name;
+use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -247,6 +248,9 @@ pub struct Proxy {
     ns: Arc<Namespace>,
     /// Round-robin position per workload address.
     next: Mutex<HashMap<Ipv4Addr, usize>>,
+    /// Containers' addresses by task (asking the engine costs a few ms per connection);
+    /// forgotten when a connection to one fails.
+    addresses: Mutex<HashMap<String, IpAddr>>,
 }
 
 impl Proxy {
@@ -265,15 +269,40 @@ impl Proxy {
             runtime,
             ns,
             next: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Forgets the containers' addresses whenever a container of this node starts or
+    /// stops (a restarted container may get another address, and its old one another
+    /// container), and whenever the event stream breaks.
+    async fn follow_containers(self: Arc<Self>) {
+        loop {
+            let mut events = std::pin::pin!(self.runtime.events());
+            while events.next().await.is_some() {
+                self.forget_addresses();
+            }
+            self.forget_addresses();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn forget_addresses(&self) {
+        self.addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Keeps a listener on every workload address and port of the table, until aborted.
     pub async fn listen(self: Arc<Self>) {
+        let follower = tokio::spawn(Arc::clone(&self).follow_containers());
+        let _stop = AbortOnDrop(follower);
         let mut rx = self.routes.subscribe();
         let mut open: HashMap<(Ipv4Addr, u16), JoinHandle<()>> = HashMap::new();
         loop {
             let table = rx.borrow_and_update().clone();
+            self.forget_addresses();
             let wanted: Vec<(Ipv4Addr, u16)> = table
                 .endpoints
                 .iter()
@@ -397,20 +426,51 @@ impl Proxy {
 
     /// Connects to `port` of this node's container of `task`.
     async fn open_local(&self, task: &str, port: u16) -> Result<TcpStream, String> {
-        let container = container_name(&self.node, task);
-        let ip: IpAddr = self
-            .runtime
-            .address(&container)
-            .await
-            .map_err(|e| bramble_api::error_chain(&e))?
-            .ok_or_else(|| format!("container {container} has no address"))?;
+        let known = self
+            .addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(task)
+            .copied();
+        let ip = match known {
+            Some(ip) => ip,
+            None => {
+                let container = container_name(&self.node, task);
+                let ip: IpAddr = self
+                    .runtime
+                    .address(&container)
+                    .await
+                    .map_err(|e| bramble_api::error_chain(&e))?
+                    .ok_or_else(|| format!("container {container} has no address"))?;
+                let mut cache = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+                // Tasks come and go: keep the cache to what can be running here.
+                if cache.len() > 1024 {
+                    cache.clear();
+                }
+                cache.insert(task.to_string(), ip);
+                ip
+            }
+        };
         let addr = SocketAddr::new(ip, port);
-        let stream = tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let connected = tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
-            .map_err(|_| format!("{addr}: no answer within {LOCAL_CONNECT_TIMEOUT:?}"))?
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+            .map_err(|_| format!("{addr}: no answer within {LOCAL_CONNECT_TIMEOUT:?}"))
+            .and_then(|r| r.map_err(|e| format!("{addr}: {e}")));
+        match connected {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Err(e) => {
+                // The container may have been replaced under the same task (a restart
+                // gives it a new address): ask the engine next time.
+                self.addresses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(task);
+                Err(e)
+            }
+        }
     }
 
     /// Serves other agents on the mesh port, until aborted.
@@ -424,6 +484,7 @@ impl Proxy {
                     continue;
                 }
             };
+            let _ = tcp.set_nodelay(true);
             let me = Arc::clone(&self);
             tokio::spawn(async move {
                 let (mut stream, task, port) = match me.mesh.accept(tcp).await {
@@ -461,6 +522,15 @@ impl Proxy {
                 }
             });
         }
+    }
+}
+
+/// Aborts a task when dropped (with the task that owns it).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -4,6 +4,7 @@
 mod dashboard;
 mod ha;
 mod link;
+mod names;
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,14 @@ enum What {
     },
     /// Resident memory: agent idle and with 10 tasks, controller with 10 workloads.
     Memory,
+    /// Names that follow workloads (2 nodes with their own engines): latency and
+    /// throughput through the agents' proxies, an agent's memory with 50 workloads'
+    /// endpoints, and wallet started elsewhere -> first call by name. Not in `all`.
+    Names {
+        /// Wallet moves.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
     /// Failover on a 3-node cluster in network namespaces: node power-off until a
     /// Service replica and a Wallet run elsewhere, a container crash until it runs
     /// again, and partitions watched for two wallets at once.
@@ -602,6 +611,7 @@ async fn main() -> Result<()> {
         What::Cron { firings } => cron_lateness(firings).await?,
         What::ApplyLatency { rounds } => apply_latency(rounds).await?,
         What::Memory => memory().await?,
+        What::Names { rounds } => names::names(rounds).await?,
         What::Link { rounds, idle_secs } => link::link(rounds, idle_secs).await?,
         What::FakeNodes { nodes, secs } => link::fake_nodes(nodes, secs).await?,
         What::Failover { rounds } => failover(rounds).await?,

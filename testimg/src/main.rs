@@ -26,6 +26,11 @@
 //!                                  "UNIX_MS ok BODY" or "UNIX_MS fail ERROR" per try
 //! testimg hold HOST:PORT           resolve, connect, send nothing; print "UNIX_MS closed" when the
 //!                                  other side closes, then keep polling nothing: exit 0
+//! testimg rtt HOST:PORT N          N GETs of /healthz, each on a new connection, one after another;
+//!                                  print "p50_us p99_us mean_us"
+//! testimg sink PORT                accept connections, read and drop what comes, answer the count
+//!                                  of bytes when the sender closes its side
+//! testimg blast HOST:PORT MIB      send MIB MiB to a sink; print "MiB/s"
 //! testimg touch PATH | rm PATH | exists PATH
 //!                                  make or remove an empty file; exists exits 0 if it is there,
 //!                                  1 if not (a readiness switch for exec probes)
@@ -53,7 +58,8 @@ use signal_hook::iterator::Signals;
 const USAGE: &str =
     "usage: testimg serve PORT [TEXT] | sleep SECS | exit CODE [AFTER_SECS] | crash | \
 hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | env | get HOST:PORT [PATH] | \
-poll HOST:PORT PATH EVERY_MS | hold HOST:PORT | touch PATH | rm PATH | exists PATH";
+poll HOST:PORT PATH EVERY_MS | hold HOST:PORT | rtt HOST:PORT N | sink PORT | \
+blast HOST:PORT MIB | touch PATH | rm PATH | exists PATH";
 
 fn main() -> ExitCode {
     exit_on_sigterm();
@@ -178,6 +184,58 @@ fn run(args: &[&str]) -> Result<ExitCode, String> {
             }
             println!("{} closed", unix_ms());
             sleep_forever()
+        }
+        ["rtt", target, n] => {
+            let n: usize = parse(n, "N")?;
+            let addr = resolve(target)?;
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                http_get(addr, "/healthz")?;
+                times.push(start.elapsed().as_micros());
+            }
+            times.sort_unstable();
+            let at = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize];
+            let mean = times.iter().sum::<u128>() / times.len().max(1) as u128;
+            println!("{} {} {mean}", at(0.5), at(0.99));
+            Ok(ExitCode::SUCCESS)
+        }
+        ["sink", port] => {
+            let listener = TcpListener::bind(("0.0.0.0", parse::<u16>(port, "PORT")?))
+                .map_err(|e| format!("cannot bind port {port}: {e}"))?;
+            for conn in listener.incoming() {
+                let Ok(mut stream) = conn else { continue };
+                thread::spawn(move || {
+                    let n = std::io::copy(&mut stream, &mut std::io::sink()).unwrap_or(0);
+                    let _ = writeln!(stream, "{n}");
+                });
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ["blast", target, mib] => {
+            use std::io::Read;
+            let mib: usize = parse(mib, "MIB")?;
+            let addr = resolve(target)?;
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            let chunk = vec![7u8; 1 << 20];
+            let start = Instant::now();
+            for _ in 0..mib {
+                stream.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+            }
+            stream
+                .shutdown(std::net::Shutdown::Write)
+                .map_err(|e| e.to_string())?;
+            let mut answer = String::new();
+            stream
+                .read_to_string(&mut answer)
+                .map_err(|e| format!("read: {e}"))?;
+            let secs = start.elapsed().as_secs_f64();
+            if answer.trim() != ((mib as u64) << 20).to_string() {
+                return Err(format!("the sink counted {answer:?}"));
+            }
+            println!("{:.1}", mib as f64 / secs);
+            Ok(ExitCode::SUCCESS)
         }
         ["touch", path] => std::fs::write(path, b"")
             .map(|()| ExitCode::SUCCESS)

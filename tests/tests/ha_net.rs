@@ -437,17 +437,21 @@ async fn controllers_running_their_own_etcd_members_survive_a_machine_lost_and_r
         c.wait_ready_on(next, &node).await?;
     }
     let api = harness::unique("api");
-    c.apply_via(next, &harness::web_service(&api)).await?;
-    the_one(&api).await?;
+    c.apply_via(next, &harness::web_service(&api))
+        .await
+        .with_context(|| c.logs())?;
+    the_one(&api).await.with_context(|| c.logs())?;
 
     // Power back: it rejoins (member and controller) and follows.
     c.start_controller(leader).await?;
     for node in c.nodes() {
         c.wait_ready_on(leader, &node).await?;
     }
+    let now = c.leader().await;
     ensure!(
-        c.leader().await == Some(next),
-        "leadership moved back on rejoin"
+        now == Some(next),
+        "leadership moved on rejoin: c{next} led, now {now:?}\n{}",
+        c.logs()
     );
     watch
         .untouched("the machine's loss")

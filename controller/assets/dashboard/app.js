@@ -120,6 +120,7 @@ const on = {
     $('#nodes').innerHTML = '';
     render();
     pollControllers();
+    pollEndpoints();
   },
   nodes(d) {
     S.nodes = d;
@@ -195,6 +196,30 @@ async function pollControllers() {
   renderSummary();
 }
 setInterval(pollControllers, 5000);
+
+// Each workload's stable address and its Ready instances (GET /v1/endpoints), polled
+// like the controllers: the names containers call each other by.
+async function pollEndpoints() {
+  if (!token() || $('#app').hidden) return;
+  try {
+    S.endpoints = await (await call('GET', '/v1/endpoints')).json();
+  } catch (e) {
+    S.endpoints = [];
+  }
+  renderWorkloads();
+}
+setInterval(pollEndpoints, 5000);
+
+function address(w) {
+  const e = (S.endpoints || []).find((x) => x.kind === w.kind && x.name === w.name);
+  if (!e) return '<span class="none">-</span>';
+  const b = e.backends || [];
+  const ready = b.filter((x) => x.ready);
+  const ports = (e.ports || []).join(',');
+  const where = b.map((x) => `${x.task} on ${x.node}${x.ready ? '' : ' (not ready)'}`).join('\n');
+  const none = ports && !ready.length ? ' <span class="pill Failed">no Ready endpoint</span>' : '';
+  return `<code title="${esc(where)}">${esc(e.address)}${ports ? ':' + esc(ports) : ''}</code>${ports ? ` <small>${ready.length} ready</small>` : ''}${none}`;
+}
 
 function spark(values, lo, hi, cls, mark) {
   const n = values.length;
@@ -289,9 +314,9 @@ function renderWorkloads() {
     const key = `${w.kind}/${w.name}`;
     const btn = admin() && !RUNS.includes(w.kind) ? `<button data-act="restart" data-kind="${esc(w.kind.toLowerCase())}" data-name="${esc(w.name)}" class="ghost">Restart</button>` : '';
     return `<tr data-workload="${esc(key)}"><td>${esc(w.kind)}</td><td><b>${esc(w.name)}</b></td><td><code>${esc(w.image)}</code></td>` +
-      `<td class="${w.running < w.desired ? 'short' : 'full'}">${w.running}/${w.desired}</td><td>${btn}</td></tr>`;
+      `<td class="${w.running < w.desired ? 'short' : 'full'}">${w.running}/${w.desired}</td><td>${address(w)}</td><td>${btn}</td></tr>`;
   });
-  patch($('#workloads tbody'), rows.join('') || '<tr><td colspan="5" class="none">No workloads: <code>bramblectl apply -f manifests/</code></td></tr>');
+  patch($('#workloads tbody'), rows.join('') || '<tr><td colspan="6" class="none">No workloads: <code>bramblectl apply -f manifests/</code></td></tr>');
 }
 
 function renderCron() {
