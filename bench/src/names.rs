@@ -201,17 +201,17 @@ async fn run(c: &mut NetCluster, rounds: usize) -> Result<()> {
     );
 
     // A Wallet moved by a partition of its node; a client on the other node polls it.
-    c.apply(&format!(
+    c.apply(
         "apiVersion: bramble/v1
 kind: Wallet
-metadata: {{name: coin}}
+metadata: {name: coin}
 spec:
   image: bramble-testimg:latest
   args: [\"serve\", \"9332\"]
-  ports: [{{container: 9332}}]
-  resources: {{cpu: 100m, memory: 32Mi}}
-"
-    ))
+  ports: [{container: 9332}]
+  resources: {cpu: 100m, memory: 32Mi}
+",
+    )
     .await?;
     c.apply(&service(
         "poller",
