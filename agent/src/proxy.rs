@@ -214,28 +214,26 @@ impl Namespace {
 
     /// A TCP listener at `addr`, in the namespace.
     pub async fn tcp(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        let (reply, rx) = std::sync::mpsc::channel();
-        self.tx
-            .send(Request::Tcp(addr, reply))
-            .map_err(|_| std::io::Error::other("the names thread is gone"))?;
-        let l = tokio::task::spawn_blocking(move || rx.recv())
-            .await
-            .map_err(std::io::Error::other)?
-            .map_err(|_| std::io::Error::other("the names thread is gone"))??;
-        TcpListener::from_std(l)
+        TcpListener::from_std(self.ask(|reply| Request::Tcp(addr, reply)).await?)
     }
 
     /// A UDP socket at `addr`, in the namespace.
     pub async fn udp(&self, addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+        tokio::net::UdpSocket::from_std(self.ask(|reply| Request::Udp(addr, reply)).await?)
+    }
+
+    /// Has the namespace's thread make a socket, and waits for it off the runtime.
+    async fn ask<T: Send + 'static>(
+        &self,
+        request: impl FnOnce(std::sync::mpsc::Sender<std::io::Result<T>>) -> Request,
+    ) -> std::io::Result<T> {
+        let gone = || std::io::Error::other("the names thread is gone");
         let (reply, rx) = std::sync::mpsc::channel();
-        self.tx
-            .send(Request::Udp(addr, reply))
-            .map_err(|_| std::io::Error::other("the names thread is gone"))?;
-        let s = tokio::task::spawn_blocking(move || rx.recv())
+        self.tx.send(request(reply)).map_err(|_| gone())?;
+        tokio::task::spawn_blocking(move || rx.recv())
             .await
             .map_err(std::io::Error::other)?
-            .map_err(|_| std::io::Error::other("the names thread is gone"))??;
-        tokio::net::UdpSocket::from_std(s)
+            .map_err(|_| gone())?
     }
 }
 

@@ -31,16 +31,9 @@ spec:
     )
 }
 
-fn running(c: &NetCluster, workload: &str) -> Result<Vec<(String, String)>> {
-    Ok(c.running(&format!("bramble.workload={workload}"))?
-        .into_iter()
-        .map(|k| (k.node, k.id))
-        .collect())
-}
-
 async fn wait_running(c: &NetCluster, workload: &str, n: usize) -> Result<Vec<(String, String)>> {
     eventually(WAIT, &format!("{n} of {workload} running"), || async {
-        let r = running(c, workload)?;
+        let r = c.instances(workload)?;
         Ok((r.len() == n).then_some(r))
     })
     .await
@@ -226,13 +219,14 @@ spec:
         let (old_node, _) = wait_running(c, "coin", 1).await?.remove(0);
         c.partition(&old_node)?;
         let (new_node, new_id) = eventually(WAIT, "the wallet on the other node", || async {
-            Ok(running(c, "coin")?
+            Ok(c.instances("coin")?
                 .into_iter()
                 .find(|(n, _)| *n != old_node))
         })
         .await?;
-        let started = started_ms(c, &new_node, &new_id)?;
-        let (pn, pid) = running(c, "poller")?
+        let started = c.started_ms(&new_node, &new_id)?;
+        let (pn, pid) = c
+            .instances("poller")?
             .into_iter()
             .find(|(n, _)| *n == new_node)
             .ok_or_else(|| anyhow!("no poller on {new_node}"))?;
@@ -269,16 +263,4 @@ spec:
     );
     rerun(&format!("names --rounds {rounds}"));
     Ok(())
-}
-
-fn started_ms(c: &NetCluster, node: &str, id: &str) -> Result<u128> {
-    let engine = c.engine(node)?.ok_or_else(|| anyhow!("no engine"))?;
-    let out = engine
-        .docker()
-        .args(["inspect", "--format", "{{.State.StartedAt}}", id])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let at = chrono::DateTime::parse_from_rfc3339(&text)
-        .with_context(|| format!("StartedAt {text:?}"))?;
-    Ok(u128::try_from(at.timestamp_millis()).unwrap_or_default())
 }

@@ -783,6 +783,30 @@ impl NetCluster {
         self.on_engines(label, &["--filter", "status=running"])
     }
 
+    /// The running containers of `workload`, as (node, container id).
+    pub fn instances(&self, workload: &str) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .running(&format!("bramble.workload={workload}"))?
+            .into_iter()
+            .map(|k| (k.node, k.id))
+            .collect())
+    }
+
+    /// When container `id` on `node` last started, in Unix milliseconds, by its engine.
+    pub fn started_ms(&self, node: &str, id: &str) -> Result<u128> {
+        let engine = self
+            .engine(node)?
+            .ok_or_else(|| anyhow!("{node} has no engine of its own"))?;
+        let out = engine
+            .docker()
+            .args(["inspect", "--format", "{{.State.StartedAt}}", id])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let at = chrono::DateTime::parse_from_rfc3339(&text)
+            .with_context(|| format!("StartedAt of {id} on {node}: {text:?}"))?;
+        Ok(u128::try_from(at.timestamp_millis()).unwrap_or_default())
+    }
+
     /// The output (stdout and stderr) of container `id` on `node`'s own engine.
     pub fn logs(&self, node: &str, id: &str) -> Result<String> {
         let engine = self

@@ -80,18 +80,10 @@ fn tries(log: &str) -> Vec<Try> {
         .collect()
 }
 
-/// Every running container of `workload`: (node, id).
-fn running(c: &NetCluster, workload: &str) -> Result<Vec<(String, String)>> {
-    Ok(c.running(&format!("bramble.workload={workload}"))?
-        .into_iter()
-        .map(|k| (k.node, k.id))
-        .collect())
-}
-
 /// The tries of every running poller container, by (node, container).
 fn poll_logs(c: &NetCluster, workload: &str) -> Result<BTreeMap<(String, String), Vec<Try>>> {
     let mut out = BTreeMap::new();
-    for (node, id) in running(c, workload)? {
+    for (node, id) in c.instances(workload)? {
         let log = c.logs(&node, &id)?;
         out.insert((node, id), tries(&log));
     }
@@ -122,12 +114,12 @@ async fn by_name(c: &NetCluster) -> Result<()> {
     .await?;
     c.apply(&poller(&client, 3, &format!("{web}:8080"))).await?;
     let webs = eventually(WAIT, "two web replicas running", || async {
-        let r = running(c, &web)?;
+        let r = c.instances(&web)?;
         Ok((r.len() == 2).then_some(r))
     })
     .await?;
     let clients = eventually(WAIT, "three clients running", || async {
-        let r = running(c, &client)?;
+        let r = c.instances(&client)?;
         Ok((r.len() == 3).then_some(r))
     })
     .await?;
@@ -197,7 +189,7 @@ async fn wallet_moves(c: &NetCluster) -> Result<()> {
     let holder = bramble_tests::harness::unique("holder");
     c.apply(&wallet(&coin, 9332)).await?;
     let (first_node, first) = eventually(WAIT, "the wallet running", || async {
-        Ok(running(c, &coin)?.into_iter().next())
+        Ok(c.instances(&coin)?.into_iter().next())
     })
     .await?;
     // Clients on every node; the ones on other nodes go on through the move.
@@ -221,7 +213,7 @@ async fn wallet_moves(c: &NetCluster) -> Result<()> {
     .await?;
     let holders = eventually(WAIT, "three holders connected", || async {
         let mut held = Vec::new();
-        for (node, id) in running(c, &holder)? {
+        for (node, id) in c.instances(&holder)? {
             if c.logs(&node, &id)?.contains("connected") {
                 held.push((node, id));
             }
@@ -234,13 +226,14 @@ async fn wallet_moves(c: &NetCluster) -> Result<()> {
     // controller places it elsewhere, and the name follows.
     c.partition(&first_node)?;
     let (second_node, second) = eventually(WAIT, "the wallet running on another node", || async {
-        Ok(running(c, &coin)?
+        Ok(c.instances(&coin)?
             .into_iter()
             .find(|(n, _)| *n != first_node))
     })
     .await?;
-    let started = started_ms(c, &second_node, &second)?;
-    let survivors: Vec<(String, String)> = running(c, &client)?
+    let started = c.started_ms(&second_node, &second)?;
+    let survivors: Vec<(String, String)> = c
+        .instances(&client)?
         .into_iter()
         .filter(|(n, _)| *n != first_node)
         .collect();
@@ -283,21 +276,6 @@ async fn wallet_moves(c: &NetCluster) -> Result<()> {
     Ok(())
 }
 
-/// When a container started, in Unix milliseconds, by its engine.
-fn started_ms(c: &NetCluster, node: &str, id: &str) -> Result<u128> {
-    let engine = c
-        .engine(node)?
-        .ok_or_else(|| anyhow!("{node} has no engine"))?;
-    let out = engine
-        .docker()
-        .args(["inspect", "--format", "{{.State.StartedAt}}", id])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let at = chrono::DateTime::parse_from_rfc3339(&text)
-        .with_context(|| format!("StartedAt {text:?}"))?;
-    Ok(u128::try_from(at.timestamp_millis()).unwrap_or_default())
-}
-
 /// A Service of two replicas whose readiness is a file (`/ready`) the test makes and
 /// removes.
 fn switchable(name: &str) -> String {
@@ -326,7 +304,7 @@ async fn routing(c: &mut NetCluster) -> Result<()> {
     let late = bramble_tests::harness::unique("late");
     c.apply(&switchable(&web)).await?;
     let webs = eventually(WAIT, "two web replicas running", || async {
-        let r = running(c, &web)?;
+        let r = c.instances(&web)?;
         Ok((r.len() == 2).then_some(r))
     })
     .await?;
@@ -401,11 +379,12 @@ async fn routing(c: &mut NetCluster) -> Result<()> {
     ))
     .await?;
     let (late_node, late_id) = eventually(WAIT, "the late workload running", || async {
-        Ok(running(c, &late)?.into_iter().next())
+        Ok(c.instances(&late)?.into_iter().next())
     })
     .await?;
-    let late_started = started_ms(c, &late_node, &late_id)?;
-    let (poller_node, poller_id) = running(c, &format!("{client}-late"))?
+    let late_started = c.started_ms(&late_node, &late_id)?;
+    let (poller_node, poller_id) = c
+        .instances(&format!("{client}-late"))?
         .into_iter()
         .next()
         .ok_or_else(|| anyhow!("the late workload's poller is not running"))?;
@@ -430,7 +409,9 @@ async fn routing(c: &mut NetCluster) -> Result<()> {
     // the other node's agent, so this restart also needs the kept mesh certificate.
     let restart_node = off_node.clone();
     ensure!(
-        running(c, &client)?.iter().any(|(n, _)| *n == restart_node),
+        c.instances(&client)?
+            .iter()
+            .any(|(n, _)| *n == restart_node),
         "no client on {restart_node}"
     );
     c.agent(&restart_node)?.kill9();
@@ -462,6 +443,29 @@ async fn routing(c: &mut NetCluster) -> Result<()> {
     let ca = std::fs::read(c.controller().data_dir.path().join("ca.crt"))?;
     outsider_refused(ip, &ca, &restart_node, &task).await?;
     c.restart_controller().await?;
+
+    // The last Ready replica fails readiness: a warning says nothing answers.
+    eventually(WAIT, "the controller hearing the ready replica", || async {
+        let e = c.get(&format!("/v1/endpoints/{web}")).await?;
+        let ready = e["backends"]
+            .as_array()
+            .map(|b| b.iter().filter(|b| b["ready"] == true).count());
+        Ok((ready == Some(1)).then_some(()))
+    })
+    .await?;
+    // Its leader's first passes have seen it ready.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (last_node, last) = &webs[1];
+    let (ok, out) = c.exec(last_node, last, &["/testimg", "rm", "/ready"])?;
+    ensure!(ok, "rm /ready: {out}");
+    eventually(WAIT, "a NoReadyEndpoint warning", || async {
+        let events = c.events().await?;
+        Ok(events
+            .iter()
+            .find(|e| e["reason"] == "NoReadyEndpoint" && e["object"] == format!("service/{web}"))
+            .cloned())
+    })
+    .await?;
     Ok(())
 }
 
@@ -617,7 +621,7 @@ async fn example_pool(c: &NetCluster) -> Result<()> {
     c.apply(&serde_json::to_string(&wallet)?).await?;
     c.apply(&serde_json::to_string(&stratum)?).await?;
     let (_, wallet_id) = eventually(WAIT, "ltc-wallet running", || async {
-        Ok(running(c, "ltc-wallet")?.into_iter().next())
+        Ok(c.instances("ltc-wallet")?.into_iter().next())
     })
     .await?;
     eventually(

@@ -516,6 +516,42 @@ mod tests {
         );
     }
 
+    fn endpoint(ready: &[(&str, bool)]) -> bramble_api::endpoints::Endpoint {
+        bramble_api::endpoints::Endpoint {
+            kind: Kind::Wallet,
+            name: "ltc-wallet".into(),
+            address: std::net::Ipv4Addr::new(169, 254, 100, 2),
+            ports: vec![9332, 9333],
+            backends: ready
+                .iter()
+                .map(|(node, r)| bramble_api::endpoints::Backend {
+                    task: "ltc-wallet-abc123-0".into(),
+                    node: node.to_string(),
+                    mesh: Some("10.0.0.11:7947".into()),
+                    ready: *r,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn endpoint_table_says_where_a_name_leads() {
+        let t = endpoints_table(&[endpoint(&[("pi-1", true)])], false).to_string();
+        assert_eq!(
+            t,
+            concat!(
+                "NAME         KIND     ADDRESS         PORTS       READY   INSTANCES\n",
+                "ltc-wallet   Wallet   169.254.100.2   9332,9333   1/1     ltc-wallet-abc123-0@pi-1\n"
+            )
+        );
+        let t = endpoints_table(&[endpoint(&[("pi-2", false)])], true).to_string();
+        let row = t.lines().nth(1).unwrap_or_default();
+        assert!(
+            row.ends_with("0/1     <none>      ltc-wallet-abc123-0@pi-2"),
+            "{t}"
+        );
+    }
+
     #[test]
     fn workload_table_has_counts_and_image() {
         let t = workloads_table(&[wallet()], true, now()).to_string();

@@ -6,7 +6,7 @@ const $ = (s) => document.querySelector(s);
 const TOKEN = 'bramble.token';
 const ESC = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
 const esc = (v) => String(v ?? '').replace(/[&<>"']/g, (c) => ESC[c]);
-const S = { role: null, nodes: [], hist: {}, tasks: [], workloads: [], cronjobs: [], events: [], seq: 0, controllers: [] };
+const S = { role: null, nodes: [], hist: {}, tasks: [], workloads: [], cronjobs: [], events: [], seq: 0, controllers: [], endpoints: [] };
 const FINISHED = ['Succeeded', 'Failed', 'Stopped', 'Lost'];
 const RUNS = ['Job', 'CronJob'];
 let ctl = null;
@@ -184,34 +184,27 @@ function renderSummary() {
   }
 }
 
-// Who leads, and since when: several controllers share the cluster on etcd, and any of
-// them serves this page. Not in the stream (membership is not cluster state); polled.
-async function pollControllers() {
-  if (!token() || $('#app').hidden) return;
-  try {
-    S.controllers = await (await call('GET', '/v1/controllers')).json();
-  } catch (e) {
-    S.controllers = [];
-  }
-  renderSummary();
+// What the stream does not carry, polled: who leads and since when (several controllers
+// share the cluster on etcd, any of them serves this page), and each workload's stable
+// address with its Ready instances (the names containers call each other by).
+function poller(path, key, then) {
+  const poll = async () => {
+    if (!token() || $('#app').hidden) return;
+    try {
+      S[key] = await (await call('GET', path)).json();
+    } catch (e) {
+      S[key] = [];
+    }
+    then();
+  };
+  setInterval(poll, 5000);
+  return poll;
 }
-setInterval(pollControllers, 5000);
-
-// Each workload's stable address and its Ready instances (GET /v1/endpoints), polled
-// like the controllers: the names containers call each other by.
-async function pollEndpoints() {
-  if (!token() || $('#app').hidden) return;
-  try {
-    S.endpoints = await (await call('GET', '/v1/endpoints')).json();
-  } catch (e) {
-    S.endpoints = [];
-  }
-  renderWorkloads();
-}
-setInterval(pollEndpoints, 5000);
+const pollControllers = poller('/v1/controllers', 'controllers', () => renderSummary());
+const pollEndpoints = poller('/v1/endpoints', 'endpoints', () => renderWorkloads());
 
 function address(w) {
-  const e = (S.endpoints || []).find((x) => x.kind === w.kind && x.name === w.name);
+  const e = S.endpoints.find((x) => x.kind === w.kind && x.name === w.name);
   if (!e) return '<span class="none">-</span>';
   const b = e.backends || [];
   const ready = b.filter((x) => x.ready);
