@@ -67,11 +67,11 @@ pub struct Namespace {
 enum Request {
     Tcp(
         SocketAddr,
-        std::sync::mpsc::Sender<std::io::Result<std::net::TcpListener>>,
+        tokio::sync::oneshot::Sender<std::io::Result<std::net::TcpListener>>,
     ),
     Udp(
         SocketAddr,
-        std::sync::mpsc::Sender<std::io::Result<std::net::UdpSocket>>,
+        tokio::sync::oneshot::Sender<std::io::Result<std::net::UdpSocket>>,
     ),
 }
 
@@ -222,18 +222,15 @@ impl Namespace {
         tokio::net::UdpSocket::from_std(self.ask(|reply| Request::Udp(addr, reply)).await?)
     }
 
-    /// Has the namespace's thread make a socket, and waits for it off the runtime.
+    /// Has the namespace's thread make a socket.
     async fn ask<T: Send + 'static>(
         &self,
-        request: impl FnOnce(std::sync::mpsc::Sender<std::io::Result<T>>) -> Request,
+        request: impl FnOnce(tokio::sync::oneshot::Sender<std::io::Result<T>>) -> Request,
     ) -> std::io::Result<T> {
         let gone = || std::io::Error::other("the names thread is gone");
-        let (reply, rx) = std::sync::mpsc::channel();
+        let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.send(request(reply)).map_err(|_| gone())?;
-        tokio::task::spawn_blocking(move || rx.recv())
-            .await
-            .map_err(std::io::Error::other)?
-            .map_err(|_| gone())?
+        rx.await.map_err(|_| gone())?
     }
 }
 
