@@ -77,7 +77,7 @@ pub struct Mesh {
     tls: RwLock<Option<Tls>>,
     /// Where the key and the last certificate are kept (0600), so that an agent
     /// restarted while no controller answers still reaches the other nodes.
-    dir: Option<PathBuf>,
+    dir: PathBuf,
 }
 
 const KEY_FILE: &str = "mesh.key";
@@ -85,12 +85,6 @@ const CERT_FILE: &str = "mesh.crt";
 const CA_FILE: &str = "mesh-ca.crt";
 
 impl Mesh {
-    /// A fresh key and a certificate request for `node`, kept nowhere.
-    pub fn new(node: &str) -> Result<Mesh, MeshError> {
-        let key = KeyPair::generate().map_err(MeshError::Key)?;
-        Mesh::with_key(node, key, None)
-    }
-
     /// The key kept in `dir` (made on first use), with the certificate kept beside it
     /// if it is still good for it.
     pub fn load_or_new(node: &str, dir: &Path) -> Result<Mesh, MeshError> {
@@ -108,7 +102,7 @@ impl Mesh {
                 k
             }
         };
-        let mesh = Mesh::with_key(node, key, Some(dir.to_path_buf()))?;
+        let mesh = Mesh::with_key(node, key, dir.to_path_buf())?;
         let cert = std::fs::read_to_string(dir.join(CERT_FILE));
         let ca = std::fs::read_to_string(dir.join(CA_FILE));
         if let (Ok(cert), Ok(ca)) = (cert, ca) {
@@ -122,7 +116,7 @@ impl Mesh {
         Ok(mesh)
     }
 
-    fn with_key(node: &str, key: KeyPair, dir: Option<PathBuf>) -> Result<Mesh, MeshError> {
+    fn with_key(node: &str, key: KeyPair, dir: PathBuf) -> Result<Mesh, MeshError> {
         let mut params = CertificateParams::new(vec![node.to_string()]).map_err(MeshError::Key)?;
         params.distinguished_name.push(DnType::CommonName, node);
         let csr = params
@@ -155,14 +149,13 @@ impl Mesh {
     /// Takes the certificate and CA of a Welcome, and keeps them.
     pub fn install(&self, cert_pem: &str, ca_pem: &str) -> Result<(), MeshError> {
         self.configure(cert_pem, ca_pem)?;
-        if let Some(dir) = &self.dir {
-            let same = std::fs::read_to_string(dir.join(CERT_FILE)).is_ok_and(|c| c == cert_pem)
-                && std::fs::read_to_string(dir.join(CA_FILE)).is_ok_and(|c| c == ca_pem);
-            if !same {
-                for (file, text) in [(CA_FILE, ca_pem), (CERT_FILE, cert_pem)] {
-                    if let Err(e) = crate::credential::write_private(&dir.join(file), text) {
-                        tracing::warn!(file, error = %e, "cannot keep the agent-to-agent certificate");
-                    }
+        let dir = &self.dir;
+        let same = std::fs::read_to_string(dir.join(CERT_FILE)).is_ok_and(|c| c == cert_pem)
+            && std::fs::read_to_string(dir.join(CA_FILE)).is_ok_and(|c| c == ca_pem);
+        if !same {
+            for (file, text) in [(CA_FILE, ca_pem), (CERT_FILE, cert_pem)] {
+                if let Err(e) = crate::credential::write_private(&dir.join(file), text) {
+                    tracing::warn!(file, error = %e, "cannot keep the agent-to-agent certificate");
                 }
             }
         }
