@@ -4,7 +4,9 @@
 #   armv7-unknown-linux-gnueabihf  Raspberry Pi OS 32-bit (armhf)
 # Binaries land in target/<triple>/{debug,release}/. Prints their stripped sizes at the end.
 #
-# Usage: scripts/cross-build.sh [--release]
+# Usage: scripts/cross-build.sh [--release] [--controller-dev]
+#   --controller-dev  builds the controller in the dev profile even with --release: the Arm
+#                     test only runs its --version, and two LTO builds of it cost CI ~10 min.
 #
 # What it installs (idempotently; apt-get needs root or sudo):
 #   - the rustup targets; if rustup cannot fetch them, Debian's cross std packages
@@ -22,12 +24,21 @@ cd "$(dirname "$0")/.."
 
 profile=debug
 cargo_profile=()
-case "${1:-}" in
-    "") ;;
-    --release) profile=release; cargo_profile=(--release) ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-    *) echo "usage: scripts/cross-build.sh [--release]" >&2; exit 64 ;;
-esac
+controller_dev=
+for arg in "$@"; do
+    case "$arg" in
+        --release) profile=release; cargo_profile=(--release) ;;
+        --controller-dev) controller_dev=1 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "usage: scripts/cross-build.sh [--release] [--controller-dev] (unknown argument: $arg)" >&2; exit 64 ;;
+    esac
+done
+controller_profile="$profile"
+controller_cargo_profile=("${cargo_profile[@]}")
+if [ -n "$controller_dev" ]; then
+    controller_profile=debug
+    controller_cargo_profile=()
+fi
 
 targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 declare -A gnu=([aarch64-unknown-linux-gnu]=aarch64-linux-gnu [armv7-unknown-linux-gnueabihf]=arm-linux-gnueabihf)
@@ -93,22 +104,24 @@ for t in "${targets[@]}"; do
     export "AR_${cc_env}=${gnu[$t]}-ar"
     # Separately: built together, cargo unifies their dependencies' features, and the
     # agent would carry the controller's (the etcd client's HTTP/2, ~0.6 MB) for nothing.
-    cargo build "${cargo_profile[@]}" --locked --target "$t" -p bramble-agent
-    cargo build "${cargo_profile[@]}" --locked --target "$t" -p bramble-controller
+    cargo build ${cargo_profile[@]+"${cargo_profile[@]}"} --locked --target "$t" -p bramble-agent
+    cargo build ${controller_cargo_profile[@]+"${controller_cargo_profile[@]}"} --locked --target "$t" -p bramble-controller
 done
 
 step "binary sizes (stripped)"
 tmp="$(mktemp)"
 trap 'rm -f "$tmp"' EXIT
-printf '%-32s %-20s %12s %9s\n' target binary bytes MiB
+printf '%-32s %-20s %-8s %12s %9s\n' target binary profile bytes MiB
 for t in "${targets[@]}"; do
     for b in bramble-agent bramble-controller; do
-        bin="target/$t/$profile/$b"
+        p="$profile"
+        [ "$b" = bramble-controller ] && p="$controller_profile"
+        bin="target/$t/$p/$b"
         [ -f "$bin" ] || die "$bin was not built"
         # Release builds are stripped by the profile already; debug builds are measured
         # on a stripped copy so the figures compare.
         "${gnu[$t]}-strip" -o "$tmp" "$bin"
         size="$(stat -c %s "$tmp")"
-        printf '%-32s %-20s %12d %9.2f\n' "$t" "$b" "$size" "$(awk "BEGIN { print $size / 1048576 }")"
+        printf '%-32s %-20s %-8s %12d %9.2f\n' "$t" "$b" "$p" "$size" "$(awk "BEGIN { print $size / 1048576 }")"
     done
 done

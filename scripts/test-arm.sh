@@ -74,7 +74,9 @@ fi
 docker info >/dev/null 2>&1 || die "the Docker Engine is not reachable (docker info failed)"
 
 step "cross-build (release)"
-scripts/cross-build.sh --release
+# The agents in release (their size and memory are the Pi budgets); the controllers only
+# have to build, link and print their version under qemu, so the dev profile does.
+scripts/cross-build.sh --release --controller-dev
 
 a64_agent=target/aarch64-unknown-linux-gnu/release/bramble-agent
 arm_agent=target/armv7-unknown-linux-gnueabihf/release/bramble-agent
@@ -84,10 +86,12 @@ run_arm() { qemu-arm -L /usr/arm-linux-gnueabihf "$@"; }
 step "--version under qemu-user"
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
     for b in bramble-agent bramble-controller; do
+        p=release
+        [ "$b" = bramble-controller ] && p=debug
         if [ "$t" = aarch64-unknown-linux-gnu ]; then
-            out="$(run_a64 "target/$t/release/$b" --version)" || die "$t $b --version failed under qemu"
+            out="$(run_a64 "target/$t/$p/$b" --version)" || die "$t $b --version failed under qemu"
         else
-            out="$(run_arm "target/$t/release/$b" --version)" || die "$t $b --version failed under qemu"
+            out="$(run_arm "target/$t/$p/$b" --version)" || die "$t $b --version failed under qemu"
         fi
         [[ "$out" == "$b "* ]] || die "$t $b --version printed \"$out\""
         printf '%-32s %s\n' "$t" "$out"
@@ -97,7 +101,11 @@ done
 step "host controller and test image"
 # The whole workspace, as scripts/test.sh builds it: a lone `-p bramble-controller`
 # unifies features differently and would rebuild much of the dependency tree.
-cargo build --locked --workspace --bins
+# scripts/test.sh has built it already and may have freed the rest of target/debug
+# (BRAMBLE_HOST_BUILT=1): its binaries are kept, and rebuilding them would cost minutes.
+if [ "${BRAMBLE_HOST_BUILT:-0}" != 1 ] || [ ! -x target/debug/bramble-controller ]; then
+    cargo build --locked --workspace --bins
+fi
 scripts/build-testimg.sh
 
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

@@ -58,9 +58,12 @@ cargo test --workspace --locked --no-fail-fast "$@"
 
 disk
 if [ "${BRAMBLE_FREE_DISK:-0}" = 1 ]; then
-    rm -rf target/debug
+    # Everything but the built binaries, which the Arm step's host controller reuses.
+    rm -rf target/debug/deps target/debug/build target/debug/incremental target/debug/.fingerprint target/debug/examples
     disk
 fi
+# The workspace's binaries are built and current: the Arm step need not build them again.
+export BRAMBLE_HOST_BUILT=1
 step "arm: cross-build, run under qemu-user, join a controller"
 if [ "${BRAMBLE_SKIP_ARM:-0}" = 1 ]; then
     echo "skipped (BRAMBLE_SKIP_ARM=1)"
