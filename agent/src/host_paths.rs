@@ -151,7 +151,8 @@ impl Policy {
     /// The first volume whose host path this node refuses, with the file system read
     /// (see [`check_resolved`]).
     pub fn check_volumes(&self, volumes: &[Volume]) -> Result<(), Refused> {
-        for v in volumes {
+        // Managed volumes live in the agent's own data dir, made by the agent.
+        for v in volumes.iter().filter(|v| v.name.is_none()) {
             check_resolved(&v.host_path, self).map_err(|refusal| Refused {
                 path: v.host_path.clone(),
                 refusal,
@@ -397,7 +398,7 @@ mod tests {
     #[test]
     fn a_refused_volume_names_its_path_the_rule_and_what_is_allowed() {
         let p = Policy::default();
-        let vol = |path: &str| Volume {
+        let vol = |path: &str| Volume { name: None,
             host_path: path.into(),
             path: "/data".into(),
             read_only: false,

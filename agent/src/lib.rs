@@ -22,6 +22,10 @@
 //! - [`proxy`]: serves every workload address on this node (userspace TCP proxy).
 //! - [`mesh`]: agent-to-agent connections (mutual TLS with node certificates).
 //! - [`dns`]: the resolver containers use, for workload names.
+//! - [`volumes`]: managed volumes, the copies kept of other nodes' volumes, data set
+//!   aside; what a task's volume starts from.
+//! - [`sync`]: sending a task's volumes to its standby nodes and taking copies from
+//!   other nodes (over the mesh port).
 
 pub mod credential;
 pub mod discovery;
@@ -39,6 +43,8 @@ pub mod proxy;
 pub mod routes;
 pub mod runtime;
 pub mod supervisor;
+pub mod sync;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -119,6 +125,8 @@ pub struct Config {
     /// do not resolve in its containers and other nodes' proxies cannot reach its
     /// instances).
     pub mesh_port: Option<u16>,
+    /// Bytes a second each volume copy sent to a standby node may use (0: no cap).
+    pub sync_rate: u64,
 }
 
 impl Config {

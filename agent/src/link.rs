@@ -188,6 +188,18 @@ pub async fn run(
         .await?
         .with_host_paths(host_paths);
     let routes = crate::routes::Routes::load(&cfg.data_dir);
+    let volumes = Arc::new(
+        crate::volumes::Store::open(&cfg.data_dir).map_err(|e| Error::DataDir {
+            path: cfg.data_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?,
+    );
+    runtime = runtime.with_volumes(Arc::clone(&volumes));
+    let duties = Arc::new(crate::sync::Duties::default());
+    let receiver = Arc::new(crate::sync::Receiver::new(
+        Arc::clone(&volumes),
+        Arc::clone(&duties),
+    ));
     let mut serving: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mesh = match cfg.mesh_port {
         Some(port) => match crate::mesh::Mesh::load_or_new(&cfg.node_name, &cfg.data_dir) {
@@ -201,6 +213,7 @@ pub async fn run(
                         Arc::clone(&mesh),
                         runtime.clone(),
                         ns,
+                        Some(Arc::clone(&receiver)),
                     );
                     serving.push(tokio::spawn(Arc::clone(&proxy).listen()));
                     serve_mesh(proxy, port, &mut serving).await;
@@ -257,6 +270,17 @@ pub async fn run(
         let _ = sup_stop.changed().await;
     }));
     let desired_tx = Arc::new(desired_tx);
+    let syncer = mesh.as_ref().map(|(m, _)| {
+        tokio::spawn(
+            crate::sync::Syncer {
+                store: Arc::clone(&volumes),
+                mesh: Arc::clone(m),
+                runtime: runtime.clone(),
+                rate: cfg.sync_rate,
+            }
+            .run(desired_tx.subscribe()),
+        )
+    });
     let fencer = tokio::spawn(fence::watch(Arc::clone(&contact), {
         let desired_tx = Arc::clone(&desired_tx);
         move || desired_tx.send_modify(|d| d.fenced = true)
@@ -292,6 +316,8 @@ pub async fn run(
         standby,
         routes,
         mesh,
+        volumes,
+        duties,
     });
     let dialers: Vec<_> = if unique.is_empty() {
         vec![tokio::spawn(discovering(Arc::clone(&shared)))]
@@ -310,6 +336,9 @@ pub async fn run(
     }
     fencer.abort();
     image_gc.abort();
+    if let Some(s) = syncer {
+        s.abort();
+    }
     for t in serving {
         t.abort();
     }
@@ -343,6 +372,30 @@ struct Shared {
     routes: crate::routes::Routes,
     /// The agent-to-agent identity and port, when this node serves workload names.
     mesh: Option<(Arc<crate::mesh::Mesh>, u16)>,
+    /// Managed volumes, copies and data set aside.
+    volumes: Arc<crate::volumes::Store>,
+    /// The copies this node keeps, as the leader last said.
+    duties: Arc<crate::sync::Duties>,
+}
+
+/// How often the volumes are measured again for the controller (sizes change without
+/// any event); a report is sent only when it differs from the last.
+const VOLUMES_EVERY: Duration = Duration::from_secs(30);
+
+/// A fresh volume report, unless it is the one sent last.
+async fn volumes_report(
+    store: &Arc<crate::volumes::Store>,
+    sent: &mut Option<Vec<bramble_api::wire::VolumeReport>>,
+) -> Option<AgentMessage> {
+    let store = Arc::clone(store);
+    let report = tokio::task::spawn_blocking(move || store.report())
+        .await
+        .ok()?;
+    if sent.as_ref() == Some(&report) {
+        return None;
+    }
+    *sent = Some(report.clone());
+    Some(AgentMessage::Volumes { volumes: report })
 }
 
 /// Listens on the agent-to-agent port (in the node's namespace: other nodes dial it).
@@ -755,8 +808,21 @@ async fn session_at(
     // The last frame of this link (others may vouch meanwhile: this link's own
     // silence is what tells that its controller is gone).
     let mut last = fence::now();
+    let mut volumes_rx = shared.volumes.subscribe();
+    volumes_rx.mark_changed();
+    let mut volumes_tick = tokio::time::interval(VOLUMES_EVERY);
+    volumes_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut volumes_sent = None;
     let result = loop {
         let outgoing = tokio::select! {
+            Ok(()) = volumes_rx.changed() => match volumes_report(&shared.volumes, &mut volumes_sent).await {
+                Some(m) => m,
+                None => continue,
+            },
+            _ = volumes_tick.tick() => match volumes_report(&shared.volumes, &mut volumes_sent).await {
+                Some(m) => m,
+                None => continue,
+            },
             _ = ticker.tick() => {
                 // Heartbeats are frequent (fast failover); measuring is not: a Pi's CPU
                 // is for its tasks, and the dashboard draws 10-second points.
@@ -791,7 +857,7 @@ async fn session_at(
                 }
                 match frame {
                     Some(Ok(Message::Text(t))) => match wire::decode::<ControllerMessage>(t.as_str()) {
-                        Ok(ControllerMessage::Assign { revision, tasks }) => {
+                        Ok(ControllerMessage::Assign { revision, tasks, standby, epochs }) => {
                             tracing::debug!(revision, tasks = tasks.len(), "task set received");
                             let admitted = shared.epochs.lock().unwrap_or_else(|p| p.into_inner()).admit(&tasks);
                             if let Err(stale) = admitted {
@@ -800,6 +866,9 @@ async fn session_at(
                                 }
                                 continue;
                             }
+                            shared.duties.set(standby);
+                            let here: std::collections::BTreeSet<String> = tasks.iter().map(|a| a.workload.clone()).collect();
+                            shared.volumes.set_aside_stale(&epochs, &here);
                             let wallets = tasks.iter().filter(|a| a.kind == Kind::Wallet).count();
                             let count = tasks.len();
                             // Decided and published under the contact lock, as the fence
@@ -953,6 +1022,7 @@ fn msg_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::Heartbeat { .. } => "heartbeat",
         AgentMessage::Status { .. } => "status",
         AgentMessage::Removed { .. } => "removed",
+        AgentMessage::Volumes { .. } => "volumes",
         AgentMessage::LogData { .. } => "logData",
         AgentMessage::LogEnd { .. } => "logEnd",
     }

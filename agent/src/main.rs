@@ -73,6 +73,19 @@ struct Args {
     /// containers, and other nodes cannot reach its instances by name.
     #[arg(long, env = "BRAMBLE_NO_SERVICE_PROXY")]
     no_service_proxy: bool,
+    /// Bytes a second each volume copy sent to a standby node may use, e.g. `4Mi`
+    /// (a third of a Pi 3's 100 Mbit/s link); 0 means no cap.
+    #[arg(long, env = "BRAMBLE_SYNC_RATE", default_value = "4Mi", value_parser = parse_rate)]
+    sync_rate: u64,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    if s == "0" {
+        return Ok(0);
+    }
+    s.parse::<bramble_api::quantity::Memory>()
+        .map(|m| m.bytes())
+        .map_err(|e| format!("{e} (bytes a second, e.g. 4Mi, or 0 for no cap)"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -164,6 +177,7 @@ fn main() -> ExitCode {
         image_gc_threshold: args.image_gc_threshold,
         allow_host_paths: args.allow_host_paths,
         mesh_port: (!args.no_service_proxy).then_some(args.mesh_port),
+        sync_rate: args.sync_rate,
     };
     // Refused here, before anything starts, rather than by the controller later.
     if let Err(e) = cfg.validate() {

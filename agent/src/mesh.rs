@@ -8,9 +8,10 @@
 //! node of this cluster gets in, and the node dialled is the one the table names.
 //! Traffic between Pis (a wallet's RPC password among it) is encrypted.
 //!
-//! After the handshake the dialling agent sends one line, `BRAMBLE/1 TASK PORT`; the
-//! other answers `OK` (it has connected to that task's container on that port) or
-//! `ERR why`, then both copy bytes.
+//! After the handshake the dialling agent sends one line: `BRAMBLE/1 TASK PORT` asks for
+//! a connection to that task's container on that port; `BRAMBLE/1 SYNC WORKLOAD VOLUME
+//! EPOCH` offers a copy of a managed volume ([`crate::sync`]). The other answers `OK`
+//! or `ERR why`; then both copy bytes, or speak the sync protocol.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -204,6 +205,25 @@ impl Mesh {
         task: &str,
         port: u16,
     ) -> Result<client::TlsStream<TcpStream>, MeshError> {
+        self.dial_for(
+            addr,
+            node,
+            &Request::Task {
+                task: task.to_string(),
+                port,
+            },
+        )
+        .await
+    }
+
+    /// Connects to the agent of `node` at `addr` and makes `req`; the stream once it
+    /// answered `OK`.
+    pub async fn dial_for(
+        &self,
+        addr: &str,
+        node: &str,
+        req: &Request,
+    ) -> Result<client::TlsStream<TcpStream>, MeshError> {
         let tls = self.tls().ok_or(MeshError::NoCertificate)?;
         let connect = |why: String| MeshError::Connect {
             addr: addr.to_string(),
@@ -221,7 +241,7 @@ impl Mesh {
                 .await
                 .map_err(|e| connect(format!("TLS: {e}")))?;
             stream
-                .write_all(request(task, port).as_bytes())
+                .write_all(req.line().as_bytes())
                 .await
                 .map_err(|e| connect(e.to_string()))?;
             let answer = read_line(&mut stream)
@@ -246,7 +266,7 @@ impl Mesh {
     pub async fn accept(
         &self,
         tcp: TcpStream,
-    ) -> Result<(server::TlsStream<TcpStream>, String, u16), MeshError> {
+    ) -> Result<(server::TlsStream<TcpStream>, Request), MeshError> {
         let peer = tcp
             .peer_addr()
             .map(|a| a.to_string())
@@ -265,8 +285,8 @@ impl Mesh {
             let line = read_line(&mut stream)
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            let (task, port) = parse_request(&line).map_err(|e| fail(e.to_string()))?;
-            Ok((stream, task, port))
+            let req = parse_request(&line).map_err(|e| fail(e.to_string()))?;
+            Ok((stream, req))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, work)
             .await
@@ -296,8 +316,53 @@ fn one_line(text: &str) -> String {
     s
 }
 
-fn request(task: &str, port: u16) -> String {
-    format!("{MAGIC} {task} {port}\n")
+/// What a dialling agent asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// A connection to `task`'s container on `port`.
+    Task {
+        /// The task.
+        task: String,
+        /// The container port.
+        port: u16,
+    },
+    /// To take a copy of `workload`'s `volume`, sent for its placement `epoch`.
+    Sync {
+        /// The workload.
+        workload: String,
+        /// The managed volume.
+        volume: String,
+        /// The sender's placement epoch.
+        epoch: u64,
+    },
+}
+
+impl Request {
+    fn line(&self) -> String {
+        match self {
+            Request::Task { task, port } => format!("{MAGIC} {task} {port}\n"),
+            Request::Sync {
+                workload,
+                volume,
+                epoch,
+            } => format!("{MAGIC} SYNC {workload} {volume} {epoch}\n"),
+        }
+    }
+}
+
+/// Whether the peer of an accepted connection holds a certificate for node `name`
+/// (its chain was checked against the cluster CA in the handshake).
+pub fn peer_is(stream: &server::TlsStream<TcpStream>, name: &str) -> bool {
+    let Ok(server_name) = ServerName::try_from(name.to_string()) else {
+        return false;
+    };
+    let Some(cert) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return false;
+    };
+    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(cert) else {
+        return false;
+    };
+    rustls::client::verify_server_name(&parsed, &server_name).is_ok()
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes, without the newline, byte by byte so
@@ -329,13 +394,34 @@ async fn read_line<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> std::io::
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
 }
 
-/// The task and port of a request line.
-fn parse_request(line: &str) -> Result<(String, u16), &'static str> {
+/// The request of a request line.
+fn parse_request(line: &str) -> Result<Request, &'static str> {
     let mut parts = line.split(' ');
     if parts.next() != Some(MAGIC) {
         return Err("not a Bramble mesh request");
     }
     let task = parts.next().filter(|t| !t.is_empty()).ok_or("no task")?;
+    if task == "SYNC" {
+        let name = |p: Option<&str>, what| {
+            p.filter(|n| n.parse::<bramble_api::manifest::Name>().is_ok())
+                .map(str::to_string)
+                .ok_or(what)
+        };
+        let workload = name(parts.next(), "no workload")?;
+        let volume = name(parts.next(), "no volume")?;
+        let epoch = parts
+            .next()
+            .and_then(|e| e.parse::<u64>().ok())
+            .ok_or("no epoch")?;
+        if parts.next().is_some() {
+            return Err("extra words");
+        }
+        return Ok(Request::Sync {
+            workload,
+            volume,
+            epoch,
+        });
+    }
     let port = parts
         .next()
         .and_then(|p| p.parse::<u16>().ok())
@@ -344,7 +430,10 @@ fn parse_request(line: &str) -> Result<(String, u16), &'static str> {
     if parts.next().is_some() {
         return Err("extra words");
     }
-    Ok((task.to_string(), port))
+    Ok(Request::Task {
+        task: task.to_string(),
+        port,
+    })
 }
 
 #[cfg(test)]
@@ -353,11 +442,19 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_garbage_is_refused() {
-        let line = request("coin-abc123-0", 9332);
-        assert_eq!(
-            parse_request(line.trim_end()),
-            Ok(("coin-abc123-0".into(), 9332))
-        );
+        for req in [
+            Request::Task {
+                task: "coin-abc123-0".into(),
+                port: 9332,
+            },
+            Request::Sync {
+                workload: "ltc-wallet".into(),
+                volume: "ltc-data".into(),
+                epoch: 42,
+            },
+        ] {
+            assert_eq!(parse_request(req.line().trim_end()), Ok(req));
+        }
         for bad in [
             "",
             "GET / HTTP/1.1",
@@ -367,6 +464,11 @@ mod tests {
             "BRAMBLE/1 t 70000",
             "BRAMBLE/1 t 80 x",
             "BRAMBLE/2 t 80",
+            "BRAMBLE/1 SYNC w v",
+            "BRAMBLE/1 SYNC w v x",
+            "BRAMBLE/1 SYNC ../w v 1",
+            "BRAMBLE/1 SYNC w V 1",
+            "BRAMBLE/1 SYNC w v 1 x",
         ] {
             assert!(parse_request(bad).is_err(), "{bad:?}");
         }

@@ -246,6 +246,8 @@ pub struct Proxy {
     /// Containers' addresses by task (asking the engine costs a few ms per connection);
     /// forgotten when a connection to one fails.
     addresses: Mutex<HashMap<String, IpAddr>>,
+    /// Takes the volume copies other agents send on the mesh port.
+    copies: Option<Arc<crate::sync::Receiver>>,
 }
 
 impl Proxy {
@@ -256,8 +258,10 @@ impl Proxy {
         mesh: Arc<Mesh>,
         runtime: Runtime,
         ns: Arc<Namespace>,
+        copies: Option<Arc<crate::sync::Receiver>>,
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
+            copies,
             node,
             routes,
             mesh,
@@ -482,10 +486,22 @@ impl Proxy {
             let _ = tcp.set_nodelay(true);
             let me = Arc::clone(&self);
             tokio::spawn(async move {
-                let (mut stream, task, port) = match me.mesh.accept(tcp).await {
+                let (mut stream, req) = match me.mesh.accept(tcp).await {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!(%peer, error = %e, "refused a connection on the agent-to-agent port");
+                        return;
+                    }
+                };
+                let (task, port) = match req {
+                    crate::mesh::Request::Task { task, port } => (task, port),
+                    crate::mesh::Request::Sync { workload, volume, epoch } => {
+                        match &me.copies {
+                            Some(r) => r.receive(stream, workload, volume, epoch).await,
+                            None => {
+                                let _ = crate::mesh::answer(&mut stream, &Err("this node keeps no copies".into())).await;
+                            }
+                        }
                         return;
                     }
                 };

@@ -119,6 +119,15 @@ pub enum Error {
         #[source]
         refused: host_paths::Refused,
     },
+    /// A managed volume could not be readied (made, restored from its copy).
+    #[error("volume {name:?}")]
+    Volume {
+        /// The volume.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::volumes::VolumeError,
+    },
     /// A volume's host directory could not be created.
     #[error("cannot create host directory {path} for a volume")]
     HostDir {
@@ -353,6 +362,7 @@ pub struct Runtime {
     node: String,
     host_paths: Arc<host_paths::Policy>,
     dns: Option<Arc<Dns>>,
+    volumes: Option<Arc<crate::volumes::Store>>,
 }
 
 /// The resolver containers on this node use: the agent's ([`crate::dns`]), so that
@@ -398,12 +408,19 @@ impl Runtime {
             node: node.to_string(),
             host_paths: Arc::new(host_paths::Policy::default()),
             dns: None,
+            volumes: None,
         })
     }
 
     /// This runtime with containers made from now on resolving through `dns`.
     pub fn with_dns(mut self, dns: Dns) -> Runtime {
         self.dns = Some(Arc::new(dns));
+        self
+    }
+
+    /// This runtime with managed volumes kept in `store`.
+    pub fn with_volumes(mut self, store: Arc<crate::volumes::Store>) -> Runtime {
+        self.volumes = Some(store);
         self
     }
 
@@ -576,13 +593,19 @@ impl Runtime {
         self.check_host_paths(a)?;
         self.ensure_image(&a.spec.image).await?;
         self.check_host_paths(a)?;
+        let mut sources = Vec::with_capacity(a.spec.volumes.len());
         for v in &a.spec.volumes {
+            if let Some(name) = v.managed() {
+                sources.push(self.prepare_volume(a, name).await?);
+                continue;
+            }
             tokio::fs::create_dir_all(&v.host_path)
                 .await
                 .map_err(|source| Error::HostDir {
                     path: PathBuf::from(&v.host_path),
                     source,
                 })?;
+            sources.push(v.host_path.clone());
         }
         let name = container_name(&self.node, &a.task);
         match self.inspect(&name).await {
@@ -607,7 +630,7 @@ impl Runtime {
             .docker
             .create_container(
                 Some(options),
-                container_config(a, &self.node, self.dns.as_deref()),
+                container_config(a, &self.node, self.dns.as_deref(), &sources),
             )
             .await
             .map_err(|source| Error::Create {
@@ -623,6 +646,46 @@ impl Runtime {
         }
         info!(container = %id, "container started");
         Ok(id)
+    }
+
+    /// Readies managed volume `name` of `a` (see [`crate::volumes::decide`]): its
+    /// directory, restored from the copy this node holds when that is the newest data.
+    /// The task's container is created only after this returns.
+    async fn prepare_volume(&self, a: &Assignment, name: &str) -> Result<String> {
+        let store = self.volumes.clone().ok_or_else(|| Error::Volume {
+            name: name.to_string(),
+            source: crate::volumes::VolumeError::Io {
+                what: "no managed volumes on this agent for",
+                path: PathBuf::from(name),
+                source: std::io::Error::other("the agent was started without a data dir for volumes"),
+            },
+        })?;
+        let (workload, volume, epoch) = (a.workload.clone(), name.to_string(), a.epoch.unwrap_or(0));
+        let prepared = tokio::task::spawn_blocking(move || store.prepare(&workload, &volume, epoch))
+            .await
+            .map_err(|e| Error::Volume {
+                name: name.to_string(),
+                source: crate::volumes::VolumeError::Io {
+                    what: "cannot prepare",
+                    path: PathBuf::from(name),
+                    source: std::io::Error::other(e.to_string()),
+                },
+            })?
+            .map_err(|source| Error::Volume {
+                name: name.to_string(),
+                source,
+            })?;
+        let (dir, origin) = prepared;
+        match origin {
+            bramble_api::wire::VolumeOrigin::Empty if a.spec.sync.is_some() => {
+                warn!(volume = name, "volume starts EMPTY: this node holds no copy of it")
+            }
+            bramble_api::wire::VolumeOrigin::Copy { epoch, at, ref owner } => {
+                info!(volume = name, epoch, %at, owner = %owner, "volume restored from its copy")
+            }
+            _ => {}
+        }
+        Ok(dir.display().to_string())
     }
 
     /// Starts an existing container (again). Starting a running container is a no-op.
@@ -1056,7 +1119,14 @@ fn with_default_tag(image: &str) -> String {
 }
 
 /// The container to create for an assignment on `node`. Pure, so it is unit tested.
-fn container_config(a: &Assignment, node: &str, dns: Option<&Dns>) -> ContainerCreateBody {
+/// `sources`: each volume's directory on the node, in `a.spec.volumes` order (a
+/// managed volume's is under the data dir).
+fn container_config(
+    a: &Assignment,
+    node: &str,
+    dns: Option<&Dns>,
+    sources: &[String],
+) -> ContainerCreateBody {
     let spec = &a.spec;
     let labels = HashMap::from([
         (labels::TASK.to_string(), a.task.clone()),
@@ -1099,9 +1169,10 @@ fn container_config(a: &Assignment, node: &str, dns: Option<&Dns>) -> ContainerC
     let mounts: Vec<Mount> = spec
         .volumes
         .iter()
-        .map(|v| Mount {
+        .zip(sources)
+        .map(|(v, source)| Mount {
             typ: Some(MountType::BIND),
-            source: Some(v.host_path.clone()),
+            source: Some(source.clone()),
             target: Some(v.path.clone()),
             read_only: Some(v.read_only),
             ..Default::default()
@@ -1242,12 +1313,16 @@ fn runtime_event(msg: EventMessage) -> Option<RuntimeEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sources_of(a: &Assignment) -> Vec<String> {
+        a.spec.volumes.iter().map(|v| v.host_path.clone()).collect()
+    }
     use bramble_api::manifest::{Port, Protocol, Restart, Volume};
     use bramble_api::quantity::{Cpu, Memory};
     use bramble_api::task::TaskSpec;
 
     fn assignment() -> Assignment {
-        let spec = TaskSpec {
+        let spec = TaskSpec { sync: None,
             image: "pool/ltc:1".into(),
             command: Some(vec!["/bin/ltcd".into()]),
             args: Some(vec!["-x".into()]),
@@ -1264,7 +1339,7 @@ mod tests {
                     protocol: Protocol::Udp,
                 },
             ],
-            volumes: vec![Volume {
+            volumes: vec![Volume { name: None,
                 host_path: "/var/lib/x".into(),
                 path: "/data".into(),
                 read_only: true,
@@ -1277,7 +1352,7 @@ mod tests {
             probes: Default::default(),
             timeout: None,
         };
-        Assignment {
+        Assignment { sync_to: Vec::new(),
             task: "ltc-abcdef-0".into(),
             kind: Kind::Wallet,
             workload: "ltc".into(),
@@ -1307,7 +1382,7 @@ mod tests {
             "RPC_PASSWORD".into(),
             bramble_api::token::Secret("hunter2".into()),
         );
-        let env = container_config(&a, "pi-1", None).env.expect("env");
+        let env = container_config(&a, "pi-1", None, &sources_of(&a)).env.expect("env");
         assert_eq!(
             env,
             vec!["A=1".to_string(), "RPC_PASSWORD=hunter2".to_string()]
@@ -1327,7 +1402,7 @@ mod tests {
             bollard::API_DEFAULT_VERSION,
         )
         .expect("client");
-        let rt = Runtime {
+        let rt = Runtime { volumes: None,
             dns: None,
             docker,
             node: "pi-1".into(),
@@ -1345,7 +1420,7 @@ mod tests {
     #[test]
     fn container_config_carries_labels_limits_ports_and_mounts() {
         let a = assignment();
-        let c = container_config(&a, "pi-1", None);
+        let c = container_config(&a, "pi-1", None, &sources_of(&a));
         let labels = c.labels.expect("labels");
         assert_eq!(labels[labels::TASK], "ltc-abcdef-0");
         assert_eq!(labels[labels::WORKLOAD], "ltc");
@@ -1401,7 +1476,7 @@ mod tests {
         a.spec.ports.clear();
         a.spec.volumes.clear();
         a.spec.resources = Default::default();
-        let c = container_config(&a, "pi-1", None);
+        let c = container_config(&a, "pi-1", None, &sources_of(&a));
         assert_eq!(c.entrypoint, None);
         assert_eq!(c.cmd, None);
         assert_eq!(c.env, None);
@@ -1420,7 +1495,7 @@ mod tests {
     fn a_colon_in_a_mount_stays_inside_its_own_field() {
         let mut a = assignment();
         a.spec.volumes[0].path = "/data:rw,rshared".into();
-        let h = container_config(&a, "pi-1", None)
+        let h = container_config(&a, "pi-1", None, &sources_of(&a))
             .host_config
             .expect("host config");
         let m = h.mounts.expect("mounts");

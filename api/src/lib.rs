@@ -31,6 +31,7 @@
 pub mod backoff;
 pub mod duration;
 pub mod endpoints;
+pub mod glob;
 pub mod health;
 pub mod host_path;
 pub mod manifest;

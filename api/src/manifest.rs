@@ -263,9 +263,13 @@ pub struct WorkloadSpec {
     /// Published ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<Port>,
-    /// Host directories bound into the container.
+    /// Directories bound into the container: managed volumes and host paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
+    /// How the managed volumes follow the workload to another node (Wallets: on by
+    /// default, with [`VolumeSync::default`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<VolumeSync>,
     /// Requested (and enforced) CPU and memory.
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
@@ -350,17 +354,78 @@ impl Protocol {
     }
 }
 
-/// A host directory bound into the container.
+/// A directory bound into the container: a managed volume (`name`), which the agent
+/// keeps under its data dir and which can follow its workload to another node (see
+/// [`VolumeSync`]), or an operator-managed `hostPath`. Exactly one of the two.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Volume {
+    /// A managed volume's name, unique in the cluster; made on first use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
     /// Absolute directory on the node; created if missing.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host_path: String,
     /// Absolute path inside the container.
     pub path: String,
     /// Mount read-only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+}
+
+impl Volume {
+    /// The managed volume's name, if it is one.
+    pub fn managed(&self) -> Option<&str> {
+        self.name.as_ref().map(Name::as_str)
+    }
+}
+
+/// How a workload's managed volumes follow it: while an instance runs, its agent runs
+/// `before` in the container, then sends what changed to `copies` standby nodes, each
+/// copy complete or not at all. A Wallet with managed volumes syncs by default.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSync {
+    /// How often (default 1m): writes after the last completed sync are what a
+    /// failover can lose.
+    #[serde(default = "VolumeSync::default_every")]
+    pub every: Duration,
+    /// How many standby nodes hold a copy (default 1; 0 turns syncing off).
+    #[serde(default = "VolumeSync::default_copies")]
+    pub copies: u32,
+    /// A command run in the container before each sync (e.g. `litecoin-cli
+    /// backupwallet /data/backup.dat`); a sync whose command fails is not made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub before: Vec<String>,
+    /// Paths (globs relative to the volume: `*`, `?`, `**`; a trailing `/` matches a
+    /// directory and all it holds) never copied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+}
+
+impl VolumeSync {
+    /// The most standby copies a workload may ask for.
+    pub const MAX_COPIES: u32 = 5;
+    /// The shortest interval.
+    pub const MIN_EVERY: Duration = Duration::from_secs(1);
+
+    fn default_every() -> Duration {
+        Duration::from_secs(60)
+    }
+    fn default_copies() -> u32 {
+        1
+    }
+}
+
+impl Default for VolumeSync {
+    fn default() -> Self {
+        VolumeSync {
+            every: VolumeSync::default_every(),
+            copies: VolumeSync::default_copies(),
+            before: Vec::new(),
+            exclude: Vec::new(),
+        }
+    }
 }
 
 /// Requested CPU and memory. They are both what the scheduler reserves on a node and
@@ -802,6 +867,18 @@ impl Manifest {
         self.spec
             .restart
             .unwrap_or_else(|| Restart::default_for(self.kind))
+    }
+
+    /// The sync rule in force: the manifest's, a Wallet's default when it has managed
+    /// volumes, else none; `copies: 0` is none.
+    pub fn sync(&self) -> Option<VolumeSync> {
+        let managed = self.spec.volumes.iter().any(|v| v.name.is_some());
+        let rule = match (&self.spec.sync, self.kind) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Kind::Wallet) if managed => Some(VolumeSync::default()),
+            (None, _) => None,
+        };
+        rule.filter(|s| s.copies > 0 && managed)
     }
 
     /// How many tasks the workload wants running at once.

@@ -508,7 +508,40 @@ pub fn check(m: &Manifest) -> Vec<(String, String)> {
             }
         }
     }
+    let mut managed: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, v) in s.volumes.iter().enumerate() {
+        if !is_clean_absolute(&v.path) {
+            bad(
+                &format!("spec.volumes[{i}].path"),
+                format!("must be an absolute path without '..', got {:?}", v.path),
+            );
+        }
+        match (&v.name, v.host_path.is_empty()) {
+            (Some(_), false) => {
+                bad(
+                    &format!("spec.volumes[{i}]"),
+                    "give either name (a managed volume) or hostPath, not both".into(),
+                );
+                continue;
+            }
+            (None, true) => {
+                bad(
+                    &format!("spec.volumes[{i}]"),
+                    "needs name (a managed volume, kept by Bramble) or hostPath (a directory of the node)".into(),
+                );
+                continue;
+            }
+            (Some(n), true) => {
+                if let Some(j) = managed.insert(n.as_str(), i) {
+                    bad(
+                        &format!("spec.volumes[{i}].name"),
+                        format!("volume {n:?} is already mounted by volumes[{j}]"),
+                    );
+                }
+                continue;
+            }
+            (None, false) => {}
+        }
         match crate::host_path::check(&v.host_path) {
             Ok(()) => {}
             Err(r) if r.is_malformed() => bad(
@@ -534,12 +567,9 @@ pub fn check(m: &Manifest) -> Vec<(String, String)> {
                 )
             }
         }
-        if !is_clean_absolute(&v.path) {
-            bad(
-                &format!("spec.volumes[{i}].path"),
-                format!("must be an absolute path without '..', got {:?}", v.path),
-            );
-        }
+    }
+    if let Some(sync) = &s.sync {
+        check_sync(m, sync, !managed.is_empty(), &mut bad);
     }
     // Docker refuses memory limits under 6 MiB; say so here rather than at container start.
     if let Some(mem) = s.resources.memory {
@@ -711,6 +741,57 @@ pub fn check(m: &Manifest) -> Vec<(String, String)> {
         p.push(("spec.timeout".into(), "must be greater than 0".into()));
     }
     p
+}
+
+fn check_sync(
+    m: &Manifest,
+    sync: &crate::manifest::VolumeSync,
+    has_managed: bool,
+    bad: &mut impl FnMut(&str, String),
+) {
+    use crate::manifest::VolumeSync;
+    if !has_managed && sync.copies > 0 {
+        bad(
+            "spec.sync",
+            "copies managed volumes, and this workload has none: give a volume a name (volumes: [{name: data, path: /data}])".into(),
+        );
+    }
+    if m.kind == Kind::Service && m.replicas() > 1 && sync.copies > 0 {
+        bad(
+            "spec.sync",
+            format!(
+                "a Service with {} replicas has a volume per replica, and none can follow \
+                 the others: sync needs replicas: 1 (or a Wallet)",
+                m.replicas()
+            ),
+        );
+    }
+    if sync.every < VolumeSync::MIN_EVERY {
+        bad(
+            "spec.sync.every",
+            format!("{} is shorter than the minimum of {}", sync.every, VolumeSync::MIN_EVERY),
+        );
+    }
+    if sync.copies > VolumeSync::MAX_COPIES {
+        bad(
+            "spec.sync.copies",
+            format!("{} is more than the limit of {}", sync.copies, VolumeSync::MAX_COPIES),
+        );
+    }
+    if sync.before.first().is_some_and(|c| c.trim().is_empty()) {
+        bad(
+            "spec.sync.before",
+            "the command's first word must not be empty (leave before out to run none)".into(),
+        );
+    }
+    if sync.before.iter().any(|a| a.contains('\0')) {
+        bad("spec.sync.before", "holds a NUL byte".into());
+    }
+    for (i, g) in sync.exclude.iter().enumerate() {
+        if let Err(why) = crate::glob::Glob::new(g) {
+            bad(&format!("spec.sync.exclude[{i}]"), format!("{g:?}: {why}"));
+        }
+    }
 }
 
 fn check_label(field: &str, k: &str, v: &str, bad: &mut impl FnMut(&str, String)) {

@@ -33,12 +33,12 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Kind, Manifest};
+use crate::manifest::{Kind, Manifest, VolumeSync};
 use crate::parse::ManifestError;
 // `Source` is what `parse` reads, so it lives there; it is also the body of
 // `POST /v1/apply`, so it is found here too.
 pub use crate::parse::Source;
-use crate::wire::{NodeInfo, NodeMetrics};
+use crate::wire::{NodeInfo, NodeMetrics, SyncOutcome, VolumeOrigin};
 
 /// Release and protocol versions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +143,68 @@ pub struct SecretView {
 pub struct SecretDeleteResponse {
     /// Name.
     pub name: String,
+}
+
+/// A managed volume (`GET /v1/volumes`): the node using it, its copies and what is set
+/// aside of it, as the nodes last reported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeView {
+    /// The volume's name.
+    pub name: String,
+    /// The workload that mounts it.
+    pub workload: String,
+    /// Its kind, when the workload exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
+    /// How it follows the workload (none: it stays on its node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<VolumeSync>,
+    /// The node using it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Size of its files there.
+    pub bytes: u64,
+    /// Number of its files there.
+    pub files: u64,
+    /// The placement using it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Where its data came from when that placement started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<VolumeOrigin>,
+    /// Its last sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<SyncOutcome>,
+    /// Complete copies on standby nodes, newest first.
+    #[serde(default)]
+    pub copies: Vec<VolumeCopyView>,
+    /// Data of earlier placements set aside for the operator.
+    #[serde(default)]
+    pub set_aside: Vec<VolumeCopyView>,
+}
+
+/// A copy of a volume on a node, or data set aside there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeCopyView {
+    /// The node.
+    pub node: String,
+    /// The placement it is of.
+    pub epoch: u64,
+    /// When it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+    /// Size of its files.
+    pub bytes: u64,
+    /// Number of files.
+    pub files: u64,
+    /// Of an older placement than the one running now.
+    #[serde(default)]
+    pub stale: bool,
+    /// Set aside: where on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// A workload with its desired and observed counts.

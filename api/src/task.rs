@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::duration::Duration;
 use crate::manifest::{
     EnvValue, Kind, Manifest, Placement, Port, Probes, Resources, Restart, SecretRef, Volume,
+    VolumeSync,
 };
 
 /// What the agent needs to run one task's container. Two tasks with equal specs run
@@ -47,6 +48,9 @@ pub struct TaskSpec {
     /// Job and CronJob: longest run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
+    /// How the managed volumes follow the task ([`Manifest::sync`]: filled in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<VolumeSync>,
 }
 
 impl TaskSpec {
@@ -64,6 +68,7 @@ impl TaskSpec {
             restart: m.restart(),
             probes: s.probes.clone(),
             timeout: s.timeout,
+            sync: m.sync(),
         }
     }
 

@@ -388,7 +388,115 @@ pub struct Assignment {
     /// protocol version 1 shipped: optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// A task whose managed volumes sync: the standby nodes its agent sends copies to.
+    /// Added after protocol version 1 shipped: optional.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sync_to: Vec<SyncPeer>,
 }
+
+/// A node that keeps copies of a task's managed volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncPeer {
+    /// The node.
+    pub node: String,
+    /// Where its agent listens for other agents (`IP:PORT`).
+    pub mesh: String,
+}
+
+/// This node keeps copies of `workload`'s managed volumes, sent by `owner`'s agent for
+/// the placement of `epoch`: the only sender and the only epoch it accepts them from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StandbyDuty {
+    /// The workload.
+    pub workload: String,
+    /// The node running it.
+    pub owner: String,
+    /// Its placement's epoch.
+    pub epoch: u64,
+    /// Its managed volumes.
+    pub volumes: Vec<String>,
+}
+
+/// What a node holds of a managed volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum VolumeRole {
+    /// Mounted by a task of this node (or kept for the next one).
+    InUse,
+    /// A complete copy kept for a workload that runs elsewhere.
+    Copy,
+    /// Data of a placement that is over, set aside for the operator: never used
+    /// again, never deleted by Bramble.
+    SetAside,
+}
+
+/// Where a volume in use came from when its task started on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "camelCase")]
+pub enum VolumeOrigin {
+    /// Made empty.
+    Empty,
+    /// The directory this node already had for it.
+    Kept,
+    /// Restored from the copy of `epoch`, completed at `at`.
+    Copy {
+        /// The placement that made the copy.
+        epoch: u64,
+        /// When that copy completed.
+        at: DateTime<Utc>,
+        /// The node that sent it.
+        owner: String,
+    },
+}
+
+/// The last sync of a volume in use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncOutcome {
+    /// When it ended.
+    pub at: DateTime<Utc>,
+    /// The standby nodes that now hold a complete copy of this round.
+    pub done: Vec<String>,
+    /// Bytes sent in all (file contents and lists).
+    pub sent_bytes: u64,
+    /// What went wrong (the `before` command, a standby), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One managed volume (or copy of one) on a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeReport {
+    /// The owning workload.
+    pub workload: String,
+    /// The volume's name.
+    pub volume: String,
+    /// What the node holds.
+    pub role: VolumeRole,
+    /// The placement it belongs to (a copy: the one that sent it; in use: the task's).
+    pub epoch: u64,
+    /// A copy: when it completed; in use: when its last sync completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+    /// Size of its files.
+    pub bytes: u64,
+    /// Number of files.
+    pub files: u64,
+    /// In use: where it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<VolumeOrigin>,
+    /// In use: the last sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<SyncOutcome>,
+    /// Set aside: where it lies on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// The most volume reports one message carries.
+pub const MAX_VOLUME_REPORTS: usize = 1_000;
 
 /// A task's observed state on a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -670,6 +778,20 @@ impl AgentMessage {
             AgentMessage::Heartbeat { metrics } => metrics.validate_at("metrics"),
             AgentMessage::Status { status } => status.validate_at("status"),
             AgentMessage::Removed { task } => text_within("task", task, MAX_TASK_ID),
+            AgentMessage::Volumes { volumes } => {
+                count_within("volumes", volumes.len(), MAX_VOLUME_REPORTS, "volumes")?;
+                for (i, v) in volumes.iter().enumerate() {
+                    text_within(&format!("volumes[{i}].workload"), &v.workload, MAX_TASK_ID)?;
+                    text_within(&format!("volumes[{i}].volume"), &v.volume, MAX_TASK_ID)?;
+                    if let Some(p) = &v.path {
+                        text_within(&format!("volumes[{i}].path"), p, MAX_MESSAGE_BYTES)?;
+                    }
+                    if let Some(e) = v.last_sync.as_ref().and_then(|s| s.error.as_ref()) {
+                        text_within(&format!("volumes[{i}].lastSync.error"), e, MAX_MESSAGE_BYTES)?;
+                    }
+                }
+                Ok(())
+            }
             AgentMessage::LogData { .. } => Ok(()),
             AgentMessage::LogEnd { error, .. } => match error {
                 Some(e) => text_within("error", e, MAX_MESSAGE_BYTES),
@@ -694,6 +816,15 @@ impl AgentMessage {
             AgentMessage::Heartbeat { metrics } => metrics.cap(),
             AgentMessage::Status { status } => status.cap(),
             AgentMessage::Removed { .. } | AgentMessage::LogData { .. } => false,
+            AgentMessage::Volumes { volumes } => {
+                let mut cut = cap_list(volumes, MAX_VOLUME_REPORTS);
+                for v in volumes.iter_mut() {
+                    if let Some(e) = v.last_sync.as_mut().and_then(|s| s.error.as_mut()) {
+                        cut |= truncate(e, MAX_MESSAGE_BYTES);
+                    }
+                }
+                cut
+            }
             AgentMessage::LogEnd { error, .. } => error
                 .as_mut()
                 .is_some_and(|e| truncate(e, MAX_MESSAGE_BYTES)),
@@ -746,6 +877,13 @@ pub enum AgentMessage {
     Removed {
         /// Task id.
         task: String,
+    },
+    /// Every managed volume and copy the node holds; sent after the Hello and whenever
+    /// it changes. Added after protocol version 1 shipped: an older controller ignores
+    /// it.
+    Volumes {
+        /// The reports.
+        volumes: Vec<VolumeReport>,
     },
     /// A chunk of a log stream the controller asked for.
     LogData {
@@ -804,6 +942,15 @@ pub enum ControllerMessage {
         revision: u64,
         /// Every task the node should run.
         tasks: Vec<Assignment>,
+        /// The workloads whose volume copies this node keeps. Added after protocol
+        /// version 1 shipped: optional.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        standby: Vec<StandbyDuty>,
+        /// The current placement epoch of every placed workload whose volumes sync: a
+        /// node holding the data of an older placement sets it aside. Optional, as
+        /// `standby`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        epochs: BTreeMap<String, u64>,
     },
     /// Every workload's address and Ready instances ([`crate::endpoints`]), whenever
     /// they change. Added after protocol version 1 shipped: an older agent ignores it.

@@ -356,6 +356,7 @@ impl Controller {
             image_gc_threshold: bramble_agent::disk::DEFAULT_THRESHOLD,
             allow_host_paths: la.allow_host_paths.clone(),
             mesh_port: la.mesh_port,
+            sync_rate: 4 << 20,
         };
         Some(tokio::spawn(async move {
             let shutdown = async move {

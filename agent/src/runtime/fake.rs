@@ -77,7 +77,7 @@ fn docker_error(status_code: u16, message: &str) -> DockerError {
 
 /// A task of `kind` whose image is `img:1`, restarted per the kind's defaults.
 pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
-    let spec = TaskSpec {
+    let spec = TaskSpec { sync: None,
         image: "img:1".into(),
         command: None,
         args: None,
@@ -89,7 +89,7 @@ pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
         probes: Default::default(),
         timeout: None,
     };
-    Assignment {
+    Assignment { sync_to: Vec::new(),
         task: task.into(),
         kind,
         workload: task.rsplit_once('-').map_or(task, |(w, _)| w).into(),

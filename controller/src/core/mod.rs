@@ -16,6 +16,7 @@
 //! - [`health`]: node health from silence, and the Wallet fencing argument.
 //! - [`events`]: what a change means, as events.
 //! - [`views`]: what the API shows.
+//! - [`volumes`]: where a workload's volume data is newest, standby duties, volume events.
 
 pub mod cron;
 pub mod endpoints;
@@ -29,6 +30,7 @@ pub mod scheduler;
 pub mod secrets;
 pub mod snapshot;
 pub mod views;
+pub mod volumes;
 
 pub use error::DomainError;
 pub use snapshot::{Change, Snapshot};

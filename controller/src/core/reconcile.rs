@@ -38,6 +38,9 @@ pub struct NodeState {
     pub cordoned: bool,
     /// Silent long enough that its agent has surely stopped its Wallets.
     pub wallets_fenced: bool,
+    /// How new the managed volume data it holds is, by workload (see
+    /// [`super::volumes::holding`]): a task goes where its data is newest, if it fits.
+    pub holding: BTreeMap<String, super::volumes::Rank>,
 }
 
 /// One store write: put `value` at task `id` if its revision is still `rev` (0 = absent),
@@ -167,7 +170,7 @@ pub fn change(
 pub fn stamp_epochs(writes: &mut [Write], snap: &Snapshot) {
     for w in writes.iter_mut() {
         let Some(t) = w.value.as_mut() else { continue };
-        if t.kind != Kind::Wallet || t.node.is_none() {
+        if !carries_epoch(t) || t.node.is_none() {
             continue;
         }
         let before = snap.task(&w.id).and_then(|v| v.value.node.clone());
@@ -175,6 +178,12 @@ pub fn stamp_epochs(writes: &mut [Write], snap: &Snapshot) {
             t.epoch = snap.revision + 1;
         }
     }
+}
+
+/// Whether a task's placements are ordered by epoch: a Wallet's (fencing) and any whose
+/// volumes sync (a copy says which placement made it).
+pub fn carries_epoch(t: &Task) -> bool {
+    t.kind == Kind::Wallet || t.spec.sync.is_some()
 }
 
 /// The deadline of a Job or CronJob run: `timeout` after its firing (a CronJob's slot,
@@ -195,7 +204,7 @@ pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assi
         .values()
         .map(|t| &t.value)
         .filter(|t| t.node.as_deref() == Some(node) && t.desired == DesiredState::Running)
-        .map(|t| Assignment {
+        .map(|t| Assignment { sync_to: Vec::new(),
             task: t.id.clone(),
             kind: t.kind,
             workload: t.workload.clone(),
@@ -203,7 +212,7 @@ pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assi
             spec: t.spec.clone(),
             deadline: run_deadline(t),
             secrets: secrets::resolve(snap, t, sealer),
-            epoch: (t.kind == Kind::Wallet).then_some(t.epoch),
+            epoch: carries_epoch(t).then_some(t.epoch),
         })
         .collect()
 }
@@ -447,6 +456,7 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState], now: DateTime<U
             avoid: t.avoid.clone(),
             avoid_strictly: backing_off(t, now),
             host_ports: host_ports_of(t).collect(),
+            prefer: preferred(t, nodes),
         })
         .collect();
     let result = scheduler::schedule(&scheduler::Snapshot {
@@ -467,6 +477,19 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState], now: DateTime<U
             }
         }
     }
+}
+
+/// The nodes holding data of `t`'s managed volumes, newest first.
+fn preferred(t: &Task, nodes: &[NodeState]) -> Vec<String> {
+    if !t.spec.volumes.iter().any(|v| v.name.is_some()) {
+        return Vec::new();
+    }
+    let mut held: Vec<(&super::volumes::Rank, &str)> = nodes
+        .iter()
+        .filter_map(|n| Some((n.holding.get(&t.workload)?, n.info.name.as_str())))
+        .collect();
+    held.sort_by(|a, b| b.0.cmp(a.0).then(a.1.cmp(b.1)));
+    held.into_iter().map(|(_, n)| n.to_string()).collect()
 }
 
 /// Whether `t` is waiting out its give-up back-off at `now`.
@@ -587,7 +610,7 @@ mod tests {
     }
 
     fn node(name: &str) -> NodeState {
-        NodeState {
+        NodeState { holding: Default::default(),
             info: NodeInfo {
                 mesh: None,
                 name: name.into(),

@@ -8,12 +8,14 @@
 //! Then **rank** the feasible nodes, best first:
 //! 1. nodes the task should avoid (where it just failed) last, so it goes back there
 //!    only if nothing else fits;
-//! 2. fewest tasks of the same workload: replicas spread across nodes;
-//! 3. lowest load after placement, load being the larger of the CPU and memory
+//! 2. nodes holding the task's volume data, the newest first (a Wallet restarts where
+//!    its data is);
+//! 3. fewest tasks of the same workload: replicas spread across nodes;
+//! 4. lowest load after placement, load being the larger of the CPU and memory
 //!    fractions in use: balance;
-//! 4. fewest tasks in all: tasks that request nothing do not change the load, and
+//! 5. fewest tasks in all: tasks that request nothing do not change the load, and
 //!    without this they would all stack on the first node by name;
-//! 5. node name, for determinism.
+//! 6. node name, for determinism.
 //!
 //! Tasks are placed in the order given, and every placement is charged to its node
 //! before the next task is considered, so one plan never overcommits a node nor stacks
@@ -72,6 +74,8 @@ pub struct Request {
     pub avoid_strictly: bool,
     /// Host ports the task publishes: a node where one is taken cannot run it.
     pub host_ports: Vec<(u16, Protocol)>,
+    /// Nodes holding the task's volume data, newest first: the first that fits wins.
+    pub prefer: Vec<String>,
 }
 
 /// Everything one scheduling pass looks at.
@@ -409,6 +413,8 @@ impl Fraction {
 #[derive(Debug, Clone, Copy)]
 struct Rank {
     avoided: bool,
+    /// Position in the request's `prefer` (`usize::MAX`: not there).
+    preferred: usize,
     same_workload: u32,
     load: Fraction,
     tasks: u32,
@@ -419,6 +425,7 @@ impl Rank {
     fn better_than(&self, self_name: &str, other: &Rank, other_name: &str) -> bool {
         self.avoided
             .cmp(&other.avoided)
+            .then(self.preferred.cmp(&other.preferred))
             .then(self.same_workload.cmp(&other.same_workload))
             .then(self.load.cmp(other.load))
             .then(self.tasks.cmp(&other.tasks))
@@ -475,6 +482,11 @@ pub fn schedule(snapshot: &Snapshot) -> Plan {
                 .saturating_add(memory);
             let rank = Rank {
                 avoided: req.avoid.contains(&node.name),
+                preferred: req
+                    .prefer
+                    .iter()
+                    .position(|p| *p == node.name)
+                    .unwrap_or(usize::MAX),
                 same_workload: counts[i],
                 load: Fraction::of(used_cpu, node.cpu_capacity.millis())
                     .max(Fraction::of(used_memory, node.memory_capacity.bytes())),
@@ -558,7 +570,7 @@ pub fn bench_snapshot(nodes: usize, tasks: usize) -> Snapshot {
                     .node_selector
                     .insert("disk".to_string(), "ssd".to_string());
             }
-            Request {
+            Request { prefer: Vec::new(),
                 task: format!("w{w}-{:02}", t % 10),
                 kind: if w % 9 == 0 {
                     Kind::Wallet
@@ -605,7 +617,7 @@ mod tests {
     }
 
     fn req(task: &str, workload: &str) -> Request {
-        Request {
+        Request { prefer: Vec::new(),
             task: task.to_string(),
             kind: Kind::Service,
             workload: workload.to_string(),
@@ -1096,7 +1108,7 @@ mod tests {
             prop::option::of(0usize..8),
             prop::option::of(3330u16..3334),
         )
-            .prop_map(move |(w, cpu, mib, archs, disk, avoid, port)| Request {
+            .prop_map(move |(w, cpu, mib, archs, disk, avoid, port)| Request { prefer: Vec::new(),
                 task: format!("t{i:03}"),
                 kind: Kind::Service,
                 workload: format!("w{w}"),

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use super::auth::{credential_hash, Role};
 use super::App;
 use crate::core::ops::Admission;
-use crate::core::{endpoints, health, ops, reconcile, Change, DomainError};
+use crate::core::{endpoints, health, ops, reconcile, volumes, Change, DomainError};
 use crate::state::live::Connection;
 use crate::state::logs::LogEvent;
 use crate::state::vault::Vault;
@@ -174,6 +174,8 @@ enum Report {
     Removed(String),
     /// After Hello: stopped tasks the node no longer has are gone for good.
     Present(Vec<TaskStatus>),
+    /// What a volume report means.
+    Events(Vec<crate::core::events::Draft>),
 }
 
 #[tracing::instrument(skip_all, fields(addr = %addr))]
@@ -413,6 +415,35 @@ async fn serve_standby(socket: WebSocket, state: &ClusterState, name: &str) {
     tracing::info!(node = %name, why, "standby link closed");
 }
 
+/// A node's task set with its copy duties, as last sent.
+#[derive(Debug, PartialEq)]
+struct Assigned {
+    tasks: Vec<bramble_api::wire::Assignment>,
+    standby: Vec<bramble_api::wire::StandbyDuty>,
+    epochs: std::collections::BTreeMap<String, u64>,
+}
+
+/// Who keeps copies of what (see [`volumes::duties`]), from the snapshot, the nodes'
+/// health and their volume reports.
+fn copy_duties(state: &ClusterState, snap: &crate::core::Snapshot) -> volumes::Duties {
+    if !snap.tasks.values().any(|t| t.value.spec.sync.is_some()) {
+        return volumes::Duties::default();
+    }
+    let candidates: Vec<volumes::Candidate> = snap
+        .nodes
+        .values()
+        .map(|n| volumes::Candidate {
+            name: n.value.info.name.clone(),
+            usable: !n.value.cordoned
+                && state.live.status(&n.value.info.name) == bramble_api::rest::NodeStatus::Ready,
+            arch: n.value.info.arch,
+            labels: n.value.info.labels.clone(),
+            mesh: n.value.info.mesh.clone(),
+        })
+        .collect();
+    volumes::duties(snap, &candidates, &state.live.volumes())
+}
+
 /// Sends pings, the controller's requests and the node's task set when it changes.
 async fn writer(
     state: Arc<ClusterState>,
@@ -426,21 +457,35 @@ async fn writer(
     let mut ping = tokio::time::interval(state.live.config().heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut world = state.subscribe();
-    let mut sent: Option<Vec<bramble_api::wire::Assignment>> = None;
+    let mut sent: Option<Assigned> = None;
     let mut routed: Option<bramble_api::endpoints::Table> = None;
+    let mut volumes_changed = state.live.volumes_changed();
     loop {
-        // The task set first, whenever the snapshot has changed (and at the start).
+        // The task set first, whenever the snapshot or the volume reports have changed
+        // (and at the start).
         let snap = world.borrow_and_update().clone();
-        let set = reconcile::assignments(&snap, &node, vault.as_ref());
+        volumes_changed.borrow_and_update();
+        let duties = copy_duties(&state, &snap);
+        let mut tasks = reconcile::assignments(&snap, &node, vault.as_ref());
+        for a in &mut tasks {
+            a.sync_to = duties.sync_to.get(&a.task).cloned().unwrap_or_default();
+        }
+        let set = Assigned {
+            tasks,
+            standby: duties.standby.get(&node).cloned().unwrap_or_default(),
+            epochs: duties.epochs,
+        };
         if sent.as_ref() != Some(&set) {
             let frame = wire::encode(&ControllerMessage::Assign {
                 revision: snap.revision,
-                tasks: set.clone(),
+                tasks: set.tasks.clone(),
+                standby: set.standby.clone(),
+                epochs: set.epochs.clone(),
             });
             if sink.send(Message::Text(frame.into())).await.is_err() {
                 break;
             }
-            tracing::debug!(node = %node, revision = snap.revision, tasks = set.len(), "task set sent");
+            tracing::debug!(node = %node, revision = snap.revision, tasks = set.tasks.len(), "task set sent");
             sent = Some(set);
         }
         let table = endpoints::table(&snap, bramble_api::endpoints::DEFAULT_RANGE);
@@ -462,6 +507,10 @@ async fn writer(
             },
             _ = ping.tick() => Message::Ping(Default::default()),
             r = world.changed() => match r {
+                Ok(()) => continue,
+                Err(_) => break,
+            },
+            r = volumes_changed.changed() => match r {
                 Ok(()) => continue,
                 Err(_) => break,
             },
@@ -492,6 +541,7 @@ async fn reporter(
                         Report::Status(s) => ops::task_status(snap, &node, s, now),
                         Report::Removed(id) => ops::task_removed(snap, &node, id),
                         Report::Present(present) => Some(ops::forget_missing(snap, &node, present)),
+                        Report::Events(drafts) => Some(Change::events(drafts.clone())),
                     };
                     Ok((change.unwrap_or_else(Change::default), ()))
                 })
@@ -581,6 +631,14 @@ fn handle(state: &ClusterState, node: &str, text: &str, reports: &mpsc::Sender<R
         AgentMessage::Hello { .. } => {
             tracing::warn!(node = %node, "ignoring a second hello");
             return true;
+        }
+        AgentMessage::Volumes { volumes } => {
+            let drafts = state.live.set_volumes(node, volumes);
+            if drafts.is_empty() {
+                state.live.seen(node, None);
+                return true;
+            }
+            Report::Events(drafts)
         }
     };
     state.live.seen(node, None);

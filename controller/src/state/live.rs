@@ -9,9 +9,11 @@ use std::time::Instant;
 use bramble_api::rest::NodeStatus;
 use bramble_api::wire::{ControllerMessage, NodeMetrics};
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use crate::core::events::Draft;
 use crate::core::health::{self, HealthConfig};
+use crate::core::volumes;
 use crate::core::views::Liveness;
 
 /// The open link to one agent.
@@ -48,6 +50,11 @@ pub struct Live {
     started: Mutex<Instant>,
     cfg: HealthConfig,
     nodes: Mutex<HashMap<String, Entry>>,
+    /// Every node's last volume report (kept for nodes that went away: their data is
+    /// still what a failover would want).
+    volumes: Mutex<volumes::Reports>,
+    /// Bumped whenever a volume report changes.
+    volumes_changed: watch::Sender<u64>,
 }
 
 impl Live {
@@ -57,6 +64,8 @@ impl Live {
             started: Mutex::new(Instant::now()),
             cfg,
             nodes: Mutex::new(HashMap::new()),
+            volumes: Mutex::new(volumes::Reports::new()),
+            volumes_changed: watch::channel(0).0,
         }
     }
 
@@ -118,6 +127,43 @@ impl Live {
     /// Forgets a node entirely (it was deleted).
     pub fn forget(&self, node: &str) {
         self.lock().remove(node);
+        if self
+            .volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node)
+            .is_some()
+        {
+            self.volumes_changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Takes a node's volume report; the events it means (see
+    /// [`volumes::report_events`]).
+    pub fn set_volumes(&self, node: &str, report: Vec<bramble_api::wire::VolumeReport>) -> Vec<Draft> {
+        let mut all = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
+        let old = all.get(node).cloned().unwrap_or_default();
+        if old == report {
+            return Vec::new();
+        }
+        let drafts = volumes::report_events(node, &old, &report, |w| {
+            all.iter()
+                .any(|(n, rs)| n != node && rs.iter().any(|r| r.workload == w))
+        });
+        all.insert(node.to_string(), report);
+        drop(all);
+        self.volumes_changed.send_modify(|n| *n = n.wrapping_add(1));
+        drafts
+    }
+
+    /// Every node's last volume report.
+    pub fn volumes(&self) -> volumes::Reports {
+        self.volumes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes whenever a volume report does.
+    pub fn volumes_changed(&self) -> watch::Receiver<u64> {
+        self.volumes_changed.subscribe()
     }
 
     /// Notes that a frame arrived from the node.

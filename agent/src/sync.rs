@@ -1,0 +1,1061 @@
+//! Volume sync: the agent running a task whose managed volumes sync sends what changed
+//! to its standby nodes' agents, over the mesh port ([`crate::mesh`], mutual TLS), every
+//! `sync.every`, after running `sync.before` in the container.
+//!
+//! # Protocol
+//! After `BRAMBLE/1 SYNC WORKLOAD VOLUME EPOCH` and `OK`, frames are a 4-byte big-endian
+//! length and JSON, except file contents, which follow their [`Frame::File`] raw:
+//! 1. sender: [`Frame::Offer`], every entry of the volume (path, kind, size, time, mode,
+//!    owner), excluded paths left out;
+//! 2. receiver: [`Reply::Need`], the files its copy in force lacks or holds otherwise
+//!    (size, modification time, mode or owner differ): unchanged files cost nothing;
+//! 3. sender, for each: [`Frame::File`], the bytes, [`Frame::End`] saying whether the
+//!    file stayed unchanged while it was read. One that changed is read again (up to
+//!    [`ATTEMPTS`] times); the receiver keeps no torn file, and one that never holds
+//!    still keeps its previous copy;
+//! 4. sender: [`Frame::Done`]; receiver: builds the new copy beside the one in force
+//!    (unchanged files as hard links to it), syncs it, and only then puts it in force
+//!    ([`crate::volumes`]), answering [`Reply::Committed`].
+//!
+//! A receiver takes a copy only from the node and placement epoch its controller named
+//! in its standby duties, and never one older than the copy it holds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bramble_api::glob::Glob;
+use bramble_api::manifest::VolumeSync;
+use bramble_api::wire::{Assignment, StandbyDuty, SyncOutcome};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::mesh::{Mesh, Request};
+use crate::runtime::Runtime;
+use crate::supervisor::Desired;
+use crate::volumes::{self, CopyMeta, Store};
+
+/// How many times a file that changes while it is read is read.
+pub const ATTEMPTS: u32 = 3;
+/// The largest JSON frame (an offer of ~300,000 files).
+const MAX_FRAME: usize = 64 << 20;
+/// A file modified this recently is read twice and must read the same both times: a
+/// write in the same clock tick as the last one does not move its time.
+const YOUNG: Duration = Duration::from_secs(2);
+/// No word from the other side for this long ends a sync.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// A `before` command taking longer has failed.
+const BEFORE_TIMEOUT: Duration = Duration::from_secs(300);
+const CHUNK: usize = 64 * 1024;
+
+/// What went wrong in a sync.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Reading or writing the network or the disk.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The other side broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The receiver refused the copy.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The mesh connection failed.
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
+    /// A volume operation failed.
+    #[error(transparent)]
+    Volume(#[from] volumes::VolumeError),
+}
+
+/// The kind of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (never followed).
+    Link,
+}
+
+/// One entry of a volume, relative to its root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// `/`-separated, relative, no `.` or `..`.
+    pub path: String,
+    /// What it is.
+    pub kind: Kind,
+    /// Files: bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime: i64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Links: the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+impl Entry {
+    fn same_file(&self, other: &Entry) -> bool {
+        self.kind == other.kind
+            && self.size == other.size
+            && self.mtime == other.mtime
+            && self.mode == other.mode
+            && self.uid == other.uid
+            && self.gid == other.gid
+    }
+}
+
+/// Sender to receiver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "camelCase")]
+pub enum Frame {
+    /// Every entry.
+    Offer {
+        /// Sorted by path, parents first.
+        entries: Vec<Entry>,
+    },
+    /// The bytes of entry `index` follow: exactly `size` of them, and the file's
+    /// attributes as they were when its reading began.
+    File {
+        /// Index into the offer.
+        index: u32,
+        /// Byte count.
+        size: u64,
+        /// Modification time (ns).
+        mtime: i64,
+        /// Permission bits.
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// The end of entry `index`'s bytes: `intact` unless it changed while read.
+    End {
+        /// Index into the offer.
+        index: u32,
+        /// Unchanged while read.
+        intact: bool,
+    },
+    /// Every file was sent.
+    Done,
+}
+
+/// Receiver to sender.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "camelCase")]
+pub enum Reply {
+    /// The files to send.
+    Need {
+        /// Indexes into the offer.
+        need: Vec<u32>,
+    },
+    /// The copy is in force.
+    Committed {
+        /// Its generation.
+        generation: u64,
+        /// Files that changed at every reading: their previous copy was kept (or, new,
+        /// they are missing).
+        kept_old: Vec<String>,
+    },
+    /// The receiver gave up.
+    Failed {
+        /// Why.
+        why: String,
+    },
+}
+
+/// Writes one JSON frame.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> io::Result<u64> {
+    let body = serde_json::to_vec(v).map_err(io::Error::other)?;
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("frame too large"))?;
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(&body).await?;
+    Ok(4 + u64::from(len))
+}
+
+/// Reads one JSON frame of at most [`MAX_FRAME`] bytes.
+pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<T, SyncError> {
+    let mut len = [0u8; 4];
+    tokio::time::timeout(IO_TIMEOUT, r.read_exact(&mut len))
+        .await
+        .map_err(|_| SyncError::Protocol("no frame in time".into()))??;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(SyncError::Protocol(format!(
+            "a frame of {len} bytes, more than {MAX_FRAME}"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(IO_TIMEOUT, r.read_exact(&mut body))
+        .await
+        .map_err(|_| SyncError::Protocol("a frame cut short".into()))??;
+    serde_json::from_slice(&body).map_err(|e| SyncError::Protocol(format!("bad frame: {e}")))
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
+}
+
+fn system_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+/// The entries of the tree at `root`, excluded ones (and all they hold) left out,
+/// sorted so that every directory comes before what it holds. Blocking.
+pub fn scan(root: &Path, exclude: &[Glob]) -> io::Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
+        let mut names: Vec<String> = Vec::new();
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            match e.file_name().into_string() {
+                Ok(n) => names.push(n),
+                Err(n) => tracing::warn!(name = ?n, dir = %dir.display(), "a file name that is not UTF-8 is not copied"),
+            }
+        }
+        names.sort();
+        let mut subdirs = Vec::new();
+        for n in names {
+            let path = if rel.is_empty() {
+                n.clone()
+            } else {
+                format!("{rel}/{n}")
+            };
+            let Ok(m) = std::fs::symlink_metadata(dir.join(&n)) else {
+                continue; // gone meanwhile
+            };
+            let ft = m.file_type();
+            let kind = if ft.is_dir() {
+                Kind::Dir
+            } else if ft.is_file() {
+                Kind::File
+            } else if ft.is_symlink() {
+                Kind::Link
+            } else {
+                continue; // sockets, pipes, devices: nothing to copy
+            };
+            if bramble_api::glob::excluded(exclude, &path, kind == Kind::Dir) {
+                continue;
+            }
+            let target = match kind {
+                Kind::Link => match std::fs::read_link(dir.join(&n))?.into_os_string().into_string() {
+                    Ok(t) => Some(t),
+                    Err(_) => continue,
+                },
+                _ => None,
+            };
+            out.push(Entry {
+                path: path.clone(),
+                kind,
+                size: if kind == Kind::File { m.len() } else { 0 },
+                mtime: mtime_ns(&m),
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                target,
+            });
+            if kind == Kind::Dir {
+                subdirs.push(path);
+            }
+        }
+        // Depth first, in name order.
+        for d in subdirs.into_iter().rev() {
+            stack.push(d);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks an offer from another node before anything is written: relative clean
+/// paths, each once, every parent a directory of the offer. Pure.
+pub fn check_offer(entries: &[Entry]) -> Result<(), String> {
+    let mut dirs: BTreeSet<&str> = BTreeSet::new();
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    for e in entries {
+        let p = e.path.as_str();
+        if p.is_empty()
+            || p.starts_with('/')
+            || p.contains('\0')
+            || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(format!("bad path {p:?}"));
+        }
+        if !seen.insert(p) {
+            return Err(format!("{p:?} is offered twice"));
+        }
+        if let Some((parent, _)) = p.rsplit_once('/') {
+            if !dirs.contains(parent) {
+                return Err(format!("{p:?} comes before its directory {parent:?}"));
+            }
+        }
+        match e.kind {
+            Kind::Dir => {
+                dirs.insert(p);
+            }
+            Kind::Link if e.target.as_deref().is_none_or(|t| t.is_empty() || t.contains('\0')) => {
+                return Err(format!("link {p:?} without a target"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Which files of `offer` a receiver holding `have` (its copy in force) needs. Pure.
+pub fn needed(offer: &[Entry], have: &BTreeMap<String, Entry>) -> Vec<u32> {
+    offer
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == Kind::File)
+        .filter(|(_, e)| !have.get(&e.path).is_some_and(|h| h.same_file(e)))
+        .filter_map(|(i, _)| u32::try_from(i).ok())
+        .collect()
+}
+
+/// Caps what a writer sends per second.
+struct Throttle {
+    rate: u64,
+    start: Instant,
+    sent: u64,
+}
+
+impl Throttle {
+    fn new(rate: u64) -> Throttle {
+        Throttle {
+            rate,
+            start: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    async fn spend(&mut self, n: u64) {
+        self.sent += n;
+        if self.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+/// What one push did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pushed {
+    /// Bytes sent (frames and file contents).
+    pub sent: u64,
+    /// Files sent.
+    pub files: u64,
+    /// Files that never held still while read.
+    pub kept_old: Vec<String>,
+}
+
+/// Sends the volume at `root` to the agent of `peer` (at `addr`) as `workload`'s
+/// `volume` of placement `epoch`, at most `rate` bytes a second (0: no cap).
+pub async fn push(
+    mesh: &Mesh,
+    addr: &str,
+    peer: &str,
+    req: (&str, &str, u64),
+    root: &Path,
+    exclude: &[Glob],
+    rate: u64,
+) -> Result<Pushed, SyncError> {
+    let (workload, volume, epoch) = req;
+    let root_buf = root.to_path_buf();
+    let globs = exclude.to_vec();
+    let entries = tokio::task::spawn_blocking(move || scan(&root_buf, &globs))
+        .await
+        .map_err(|e| SyncError::Protocol(e.to_string()))??;
+    let mut stream = mesh
+        .dial_for(
+            addr,
+            peer,
+            &Request::Sync {
+                workload: workload.to_string(),
+                volume: volume.to_string(),
+                epoch,
+            },
+        )
+        .await?;
+    let mut out = Pushed::default();
+    let mut throttle = Throttle::new(rate);
+    let n = write_frame(&mut stream, &Frame::Offer { entries: entries.clone() }).await?;
+    throttle.spend(n).await;
+    out.sent += n;
+    let need = match read_frame::<_, Reply>(&mut stream).await? {
+        Reply::Need { need } => need,
+        Reply::Failed { why } => return Err(SyncError::Refused(why)),
+        Reply::Committed { .. } => return Err(SyncError::Protocol("committed before anything was sent".into())),
+    };
+    let mut buf = vec![0u8; CHUNK];
+    for index in need {
+        let Some(e) = entries.get(index as usize) else {
+            return Err(SyncError::Protocol(format!("asked for entry {index}, not offered")));
+        };
+        let path = root.join(&e.path);
+        let mut intact = false;
+        for _ in 0..ATTEMPTS {
+            let mut file = match tokio::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&path)
+                .await
+            {
+                Ok(f) => f,
+                // Gone or replaced by something else: nothing intact to send.
+                Err(_) => break,
+            };
+            let before = file.metadata().await?;
+            if !before.is_file() {
+                break;
+            }
+            let size = before.len();
+            let young = SystemTime::now()
+                .duration_since(before.modified().unwrap_or(UNIX_EPOCH))
+                .map_or(true, |age| age < YOUNG);
+            let header = Frame::File {
+                index,
+                size,
+                mtime: mtime_ns(&before),
+                mode: before.mode() & 0o7777,
+                uid: before.uid(),
+                gid: before.gid(),
+            };
+            let n = write_frame(&mut stream, &header).await?;
+            out.sent += n;
+            let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut left = size;
+            let mut short = false;
+            while left > 0 {
+                let want = (left as usize).min(CHUNK);
+                let got = if short { 0 } else { file.read(&mut buf[..want]).await? };
+                if got == 0 {
+                    // Shrunk while read: pad to the size announced; the file is torn.
+                    short = true;
+                    buf[..want].fill(0);
+                    stream.write_all(&buf[..want]).await?;
+                    left -= want as u64;
+                    throttle.spend(want as u64).await;
+                    out.sent += want as u64;
+                    continue;
+                }
+                digest.update(&buf[..got]);
+                stream.write_all(&buf[..got]).await?;
+                left -= got as u64;
+                throttle.spend(got as u64).await;
+                out.sent += got as u64;
+            }
+            let after = file.metadata().await?;
+            let mut same = !short
+                && after.len() == size
+                && mtime_ns(&after) == mtime_ns(&before)
+                && after.ctime() == before.ctime()
+                && after.ctime_nsec() == before.ctime_nsec();
+            if same && young {
+                same = read_again_matches(&path, size, digest.finish().as_ref()).await;
+            }
+            out.sent += write_frame(&mut stream, &Frame::End { index, intact: same }).await?;
+            if same {
+                intact = true;
+                out.files += 1;
+                break;
+            }
+            tracing::debug!(path = %e.path, "changed while read; reading it again");
+        }
+        if !intact {
+            out.kept_old.push(e.path.clone());
+        }
+    }
+    out.sent += write_frame(&mut stream, &Frame::Done).await?;
+    stream.flush().await?;
+    match read_frame::<_, Reply>(&mut stream).await? {
+        Reply::Committed { kept_old, .. } => {
+            out.kept_old = kept_old;
+            Ok(out)
+        }
+        Reply::Failed { why } => Err(SyncError::Refused(why)),
+        Reply::Need { .. } => Err(SyncError::Protocol("asked again".into())),
+    }
+}
+
+async fn read_again_matches(path: &Path, size: u64, want: &[u8]) -> bool {
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return false;
+    };
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        match f.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                digest.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(_) => return false,
+        }
+    }
+    total == size && digest.finish().as_ref() == want
+}
+
+/// The standby duties the leader gave this node, shared by the link (which sets them)
+/// and the receiver (which checks every offer against them).
+#[derive(Debug, Default)]
+pub struct Duties(RwLock<Vec<StandbyDuty>>);
+
+impl Duties {
+    /// Replaces the duties.
+    pub fn set(&self, duties: Vec<StandbyDuty>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = duties;
+    }
+
+    fn find(&self, workload: &str) -> Option<StandbyDuty> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|d| d.workload == workload)
+            .cloned()
+    }
+}
+
+/// Takes copies other agents send.
+pub struct Receiver {
+    store: Arc<Store>,
+    duties: Arc<Duties>,
+    /// Copies being received, by (workload, volume): one at a time each.
+    busy: Mutex<BTreeSet<(String, String)>>,
+}
+
+/// Why an offer is refused, if it is. Pure.
+pub fn refusal(
+    duty: Option<&StandbyDuty>,
+    peer_is_owner: bool,
+    volume: &str,
+    epoch: u64,
+    held: Option<u64>,
+) -> Option<String> {
+    let Some(d) = duty else {
+        return Some("this node keeps no copy of that workload".into());
+    };
+    if !peer_is_owner {
+        return Some(format!("only {}, which runs the workload, may send its copies", d.owner));
+    }
+    if !d.volumes.iter().any(|v| v == volume) {
+        return Some(format!("the workload has no managed volume {volume:?}"));
+    }
+    if epoch != d.epoch {
+        return Some(format!("placement epoch {epoch}, and the workload's current one is {}", d.epoch));
+    }
+    if held.is_some_and(|h| h > epoch) {
+        return Some(format!(
+            "this node holds a copy of a newer placement ({}); an older one never replaces it",
+            held.unwrap_or_default()
+        ));
+    }
+    None
+}
+
+impl Receiver {
+    /// A receiver into `store`, checking offers against `duties`.
+    pub fn new(store: Arc<Store>, duties: Arc<Duties>) -> Receiver {
+        Receiver {
+            store,
+            duties,
+            busy: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Serves one offer on an accepted mesh connection.
+    pub async fn receive(
+        &self,
+        mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        workload: String,
+        volume: String,
+        epoch: u64,
+    ) {
+        let duty = self.duties.find(&workload);
+        let owner = duty
+            .as_ref()
+            .is_some_and(|d| crate::mesh::peer_is(&stream, &d.owner));
+        let held = self.store.copy(&workload, &volume).map(|(m, _)| m.epoch);
+        if let Some(why) = refusal(duty.as_ref(), owner, &volume, epoch, held) {
+            tracing::warn!(workload, volume, epoch, why, "refused a volume copy");
+            let _ = crate::mesh::answer(&mut stream, &Err(why)).await;
+            return;
+        }
+        let key = (workload.clone(), volume.clone());
+        if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+            let _ = crate::mesh::answer(&mut stream, &Err("a copy of that volume is being received already".into())).await;
+            return;
+        }
+        let owner_name = duty.map(|d| d.owner).unwrap_or_default();
+        let result = async {
+            crate::mesh::answer(&mut stream, &Ok(())).await?;
+            self.take(&mut stream, &workload, &volume, epoch, &owner_name).await
+        }
+        .await;
+        self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        match result {
+            Ok(meta) => {
+                tracing::info!(workload, volume, epoch, generation = meta.generation, bytes = meta.bytes, files = meta.files, "volume copy in force");
+                self.store.copy_changed();
+            }
+            Err(e) => {
+                tracing::warn!(workload, volume, epoch, error = %e, "volume copy not taken; the previous one stays in force");
+                let _ = write_frame(&mut stream, &Reply::Failed { why: e.to_string() }).await;
+            }
+        }
+    }
+
+    async fn take<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        workload: &str,
+        volume: &str,
+        epoch: u64,
+        owner: &str,
+    ) -> Result<CopyMeta, SyncError> {
+        let dir = self.store.copy_dir(workload, volume);
+        tokio::fs::create_dir_all(&dir).await?;
+        let current = self.store.copy(workload, volume);
+        let entries = match read_frame::<_, Frame>(stream).await? {
+            Frame::Offer { entries } => entries,
+            _ => return Err(SyncError::Protocol("expected the offer".into())),
+        };
+        check_offer(&entries).map_err(SyncError::Protocol)?;
+        let have: BTreeMap<String, Entry> = match &current {
+            Some((_, gen)) => {
+                let gen = gen.clone();
+                tokio::task::spawn_blocking(move || scan(&gen, &[]))
+                    .await
+                    .map_err(|e| SyncError::Protocol(e.to_string()))??
+                    .into_iter()
+                    .map(|e| (e.path.clone(), e))
+                    .collect()
+            }
+            None => BTreeMap::new(),
+        };
+        let need = needed(&entries, &have);
+        let generation = current.as_ref().map_or(0, |c| c.0.generation) + 1;
+        let incoming = dir.join(format!("incoming-{generation}"));
+        let _ = tokio::fs::remove_dir_all(&incoming).await;
+        tokio::fs::create_dir_all(&incoming).await?;
+        let result = self
+            .receive_files(stream, &entries, &need, &incoming)
+            .await;
+        let received = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&incoming).await;
+                return Err(e);
+            }
+        };
+        let store = Arc::clone(&self.store);
+        let old_gen = current.as_ref().map(|c| c.1.clone());
+        let owner = owner.to_string();
+        let need_set: BTreeSet<u32> = need.iter().copied().collect();
+        let built = tokio::task::spawn_blocking(move || {
+            build(&entries, &need_set, &received, old_gen.as_deref(), &incoming, &dir)
+                .and_then(|(kept_old, bytes, files)| {
+                    let gen_dir = dir.join(volumes::gen_name(generation));
+                    let _ = std::fs::remove_dir_all(&gen_dir);
+                    std::fs::rename(&incoming, &gen_dir).map_err(|source| volumes::VolumeError::Io {
+                        what: "cannot move into place",
+                        path: gen_dir.clone(),
+                        source,
+                    })?;
+                    volumes::sync_dir(&dir);
+                    let meta = CopyMeta {
+                        generation,
+                        epoch,
+                        at: Utc::now(),
+                        owner,
+                        bytes,
+                        files,
+                    };
+                    volumes::write_json(&dir.join("CURRENT"), &meta)?;
+                    if let Some(old) = old_gen {
+                        let _ = std::fs::remove_dir_all(old);
+                    }
+                    Ok((meta, kept_old))
+                })
+        })
+        .await
+        .map_err(|e| SyncError::Protocol(e.to_string()))?;
+        let (meta, kept_old) = match built {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(self.store.copy_dir(workload, volume).join(format!("incoming-{generation}"))).await;
+                return Err(e.into());
+            }
+        };
+        drop(store);
+        write_frame(
+            stream,
+            &Reply::Committed {
+                generation,
+                kept_old,
+            },
+        )
+        .await?;
+        stream.flush().await?;
+        Ok(meta)
+    }
+
+    /// Receives the files asked for into `incoming`; the indexes received intact.
+    async fn receive_files<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        entries: &[Entry],
+        need: &[u32],
+        incoming: &Path,
+    ) -> Result<BTreeSet<u32>, SyncError> {
+        write_frame(stream, &Reply::Need { need: need.to_vec() }).await?;
+        stream.flush().await?;
+        let wanted: BTreeSet<u32> = need.iter().copied().collect();
+        let mut intact = BTreeSet::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match read_frame::<_, Frame>(stream).await? {
+                Frame::Done => return Ok(intact),
+                Frame::File {
+                    index,
+                    size,
+                    mtime,
+                    mode,
+                    uid,
+                    gid,
+                } => {
+                    if !wanted.contains(&index) {
+                        return Err(SyncError::Protocol(format!("entry {index} was not asked for")));
+                    }
+                    let e = &entries[index as usize];
+                    let path = incoming.join(&e.path);
+                    if let Some(parent) = path.parent() {
+                        tokio::fs::create_dir_all(parent).await?;
+                    }
+                    let mut f = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                        .mode(0o600)
+                        .open(&path)
+                        .await?;
+                    let mut left = size;
+                    while left > 0 {
+                        let want = (left as usize).min(CHUNK);
+                        let got = tokio::time::timeout(IO_TIMEOUT, stream.read(&mut buf[..want]))
+                            .await
+                            .map_err(|_| SyncError::Protocol("file bytes stopped coming".into()))??;
+                        if got == 0 {
+                            return Err(SyncError::Protocol("closed in the middle of a file".into()));
+                        }
+                        f.write_all(&buf[..got]).await?;
+                        left -= got as u64;
+                    }
+                    let ok = match read_frame::<_, Frame>(stream).await? {
+                        Frame::End { index: i, intact } if i == index => intact,
+                        _ => return Err(SyncError::Protocol("expected the end of a file".into())),
+                    };
+                    if ok {
+                        f.sync_all().await?;
+                        drop(f);
+                        let path2 = path.clone();
+                        tokio::task::spawn_blocking(move || {
+                            volumes::set_meta(&path2, uid, gid, mode, Some(system_time(mtime)))
+                        })
+                        .await
+                        .map_err(|e| SyncError::Protocol(e.to_string()))??;
+                        intact.insert(index);
+                    } else {
+                        drop(f);
+                        intact.remove(&index);
+                        let _ = tokio::fs::remove_file(&path).await;
+                    }
+                }
+                _ => return Err(SyncError::Protocol("unexpected frame".into())),
+            }
+        }
+    }
+}
+
+/// Completes the copy in `incoming`: directories, links, unchanged files (hard links
+/// to the copy in force), and the previous copy of files that never arrived intact.
+/// Returns the paths of the latter, and the copy's bytes and files. Blocking.
+fn build(
+    entries: &[Entry],
+    need: &BTreeSet<u32>,
+    received: &BTreeSet<u32>,
+    old: Option<&Path>,
+    incoming: &Path,
+    dir: &Path,
+) -> Result<(Vec<String>, u64, u64), volumes::VolumeError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| volumes::VolumeError::Io { what, path, source }
+    };
+    let mut kept_old = Vec::new();
+    let mut bytes = 0;
+    let mut files = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let i = i as u32;
+        let to = incoming.join(&e.path);
+        match e.kind {
+            Kind::Dir => std::fs::create_dir_all(&to).map_err(io("cannot make", &to))?,
+            Kind::Link => {
+                let target = e.target.clone().unwrap_or_default();
+                std::os::unix::fs::symlink(&target, &to).map_err(io("cannot make", &to))?;
+                let _ = std::os::unix::fs::lchown(&to, Some(e.uid), Some(e.gid));
+            }
+            Kind::File => {
+                if received.contains(&i) {
+                    bytes += std::fs::symlink_metadata(&to).map(|m| m.len()).unwrap_or(0);
+                    files += 1;
+                    continue;
+                }
+                let from = old.map(|o| o.join(&e.path));
+                let usable = from
+                    .as_ref()
+                    .and_then(|f| std::fs::symlink_metadata(f).ok())
+                    .filter(|m| m.is_file());
+                if need.contains(&i) {
+                    kept_old.push(e.path.clone());
+                }
+                if let (Some(from), Some(m)) = (from, usable) {
+                    if std::fs::hard_link(&from, &to).is_err() {
+                        std::fs::copy(&from, &to).map_err(io("cannot copy", &from))?;
+                    }
+                    bytes += m.len();
+                    files += 1;
+                }
+            }
+        }
+    }
+    // Directories' attributes last, deepest first: filling them changed their times.
+    for e in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
+        let to = incoming.join(&e.path);
+        volumes::set_meta(&to, e.uid, e.gid, e.mode, Some(system_time(e.mtime)))?;
+        volumes::sync_dir(&to);
+    }
+    volumes::sync_dir(incoming);
+    let _ = dir;
+    Ok((kept_old, bytes, files))
+}
+
+/// Runs the syncs of this node's tasks until aborted: every task whose managed volumes
+/// sync and whose container runs gets a round every `sync.every` (none while the node
+/// is fenced).
+pub struct Syncer {
+    /// The node's volumes.
+    pub store: Arc<Store>,
+    /// The node's mesh identity.
+    pub mesh: Arc<Mesh>,
+    /// The engine (for `before` and to know the container runs).
+    pub runtime: Runtime,
+    /// Bytes a second per copy sent (0: no cap).
+    pub rate: u64,
+}
+
+impl Syncer {
+    /// The loop.
+    pub async fn run(self, mut desired: watch::Receiver<Desired>) {
+        let mut next: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = desired.changed() => if r.is_err() { return },
+            }
+            let d = desired.borrow().clone();
+            if d.fenced {
+                continue;
+            }
+            let tasks: Vec<Assignment> = d
+                .tasks
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| a.spec.sync.is_some() && !a.sync_to.is_empty())
+                .collect();
+            next.retain(|t, _| tasks.iter().any(|a| &a.task == t));
+            for a in tasks {
+                let Some(rule) = a.spec.sync.clone() else { continue };
+                let now = Instant::now();
+                if next.get(&a.task).is_some_and(|at| *at > now) {
+                    continue;
+                }
+                let name = bramble_api::task::container_name(self.runtime.node(), &a.task);
+                let running = matches!(self.runtime.inspect(&name).await, Ok(c) if c.state == crate::runtime::ContainerState::Running);
+                if !running {
+                    continue;
+                }
+                next.insert(a.task.clone(), now + rule.every.std());
+                // The fence may have fallen while this looked: a fenced node sends nothing.
+                if desired.borrow().fenced {
+                    continue;
+                }
+                self.round(&a, &rule, &name).await;
+            }
+        }
+    }
+
+    async fn round(&self, a: &Assignment, rule: &VolumeSync, container: &str) {
+        let started = Instant::now();
+        let epoch = a.epoch.unwrap_or(0);
+        let before_error = if rule.before.is_empty() {
+            None
+        } else {
+            match tokio::time::timeout(BEFORE_TIMEOUT, self.runtime.exec(container, &rule.before)).await {
+                Ok(Ok(0)) => None,
+                Ok(Ok(code)) => Some(format!("the before command {:?} exited with {code}; no copy made this round", rule.before)),
+                Ok(Err(e)) => Some(format!("the before command {:?} could not run: {}; no copy made this round", rule.before, bramble_api::error_chain(&e))),
+                Err(_) => Some(format!("the before command {:?} took longer than {}; no copy made this round", rule.before, bramble_api::duration::Duration::from(BEFORE_TIMEOUT))),
+            }
+        };
+        let globs: Vec<Glob> = rule.exclude.iter().filter_map(|g| Glob::new(g).ok()).collect();
+        for v in a.spec.volumes.iter().filter_map(|v| v.managed()) {
+            if let Some(e) = &before_error {
+                tracing::warn!(task = %a.task, volume = v, error = %e, "sync skipped");
+                self.store.record_sync(v, SyncOutcome { at: Utc::now(), done: Vec::new(), sent_bytes: 0, error: Some(e.clone()) });
+                continue;
+            }
+            let root = self.store.volume_dir(v);
+            let mut done = Vec::new();
+            let mut sent = 0;
+            let mut errors = Vec::new();
+            let mut kept: BTreeSet<String> = BTreeSet::new();
+            for peer in &a.sync_to {
+                match push(&self.mesh, &peer.mesh, &peer.node, (&a.workload, v, epoch), &root, &globs, self.rate).await {
+                    Ok(p) => {
+                        sent += p.sent;
+                        kept.extend(p.kept_old);
+                        done.push(peer.node.clone());
+                    }
+                    Err(e) => errors.push(format!("{}: {e}", peer.node)),
+                }
+            }
+            if !kept.is_empty() {
+                errors.push(format!(
+                    "changed at every reading, their previous copy kept: {}",
+                    kept.into_iter().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            let error = (!errors.is_empty()).then(|| errors.join("; "));
+            tracing::info!(task = %a.task, volume = v, epoch, done = ?done, sent_bytes = sent, ms = started.elapsed().as_millis() as u64, error = error.as_deref().unwrap_or(""), "volume synced");
+            self.store.record_sync(v, SyncOutcome { at: Utc::now(), done, sent_bytes: sent, error });
+        }
+    }
+}
+
+/// The directory of a volume (for the bench and tests).
+pub fn volume_path(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join(volumes::VOLUMES_DIR).join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            size: 1,
+            mtime: 1,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            target: (kind == Kind::Link).then(|| "x".into()),
+        }
+    }
+
+    #[test]
+    fn offers_with_escapes_or_orphans_are_refused() {
+        let ok = vec![entry("a", Kind::Dir), entry("a/b", Kind::File), entry("l", Kind::Link)];
+        assert_eq!(check_offer(&ok), Ok(()));
+        for bad in [
+            vec![entry("../x", Kind::File)],
+            vec![entry("/etc/passwd", Kind::File)],
+            vec![entry("a//b", Kind::File)],
+            vec![entry("", Kind::File)],
+            vec![entry("a/b", Kind::File)],
+            // A file under a link: writing it would follow the link.
+            vec![entry("l", Kind::Link), entry("l/x", Kind::File)],
+            vec![entry("a", Kind::File), entry("a", Kind::File)],
+            vec![Entry { target: None, ..entry("l", Kind::Link) }],
+        ] {
+            assert!(check_offer(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_changed_files_are_needed() {
+        let offer = vec![entry("d", Kind::Dir), entry("d/same", Kind::File), entry("d/new", Kind::File), entry("d/grown", Kind::File), entry("l", Kind::Link)];
+        let mut have = BTreeMap::new();
+        have.insert("d/same".to_string(), entry("d/same", Kind::File));
+        have.insert("d/grown".to_string(), Entry { size: 0, ..entry("d/grown", Kind::File) });
+        assert_eq!(needed(&offer, &have), vec![2, 3]);
+        let touched = Entry { mtime: 2, ..entry("d/same", Kind::File) };
+        assert_eq!(needed(&[touched], &have), vec![0], "a new time is a change");
+    }
+
+    #[test]
+    fn an_offer_is_refused_unless_the_duty_names_its_sender_and_epoch() {
+        let duty = StandbyDuty { workload: "w".into(), owner: "n1".into(), epoch: 7, volumes: vec!["data".into()] };
+        assert_eq!(refusal(Some(&duty), true, "data", 7, Some(5)), None);
+        assert_eq!(refusal(Some(&duty), true, "data", 7, Some(7)), None);
+        assert!(refusal(None, true, "data", 7, None).is_some());
+        assert!(refusal(Some(&duty), false, "data", 7, None).is_some(), "another node");
+        assert!(refusal(Some(&duty), true, "other", 7, None).is_some());
+        assert!(refusal(Some(&duty), true, "data", 6, None).is_some(), "an old placement");
+        assert!(refusal(Some(&duty), true, "data", 7, Some(9)).is_some(), "older than what is held");
+    }
+
+    #[test]
+    fn a_scan_leaves_out_what_is_excluded_and_lists_parents_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("blocks/index")).expect("mkdir");
+        std::fs::create_dir_all(root.join("wallets")).expect("mkdir");
+        std::fs::write(root.join("blocks/blk0.dat"), b"x").expect("write");
+        std::fs::write(root.join("wallets/wallet.dat"), b"key").expect("write");
+        std::fs::write(root.join("debug.log"), b"log").expect("write");
+        std::os::unix::fs::symlink("wallets/wallet.dat", root.join("link")).expect("link");
+        let globs = vec![Glob::new("blocks/").expect("glob"), Glob::new("*.log").expect("glob")];
+        let paths: Vec<_> = scan(root, &globs).expect("scan").into_iter().map(|e| (e.path, e.kind)).collect();
+        assert_eq!(paths, vec![("link".into(), Kind::Link), ("wallets".into(), Kind::Dir), ("wallets/wallet.dat".into(), Kind::File)]);
+        assert_eq!(check_offer(&scan(root, &[]).expect("scan")), Ok(()));
+    }
+}
