@@ -398,7 +398,8 @@ mod tests {
     #[test]
     fn a_refused_volume_names_its_path_the_rule_and_what_is_allowed() {
         let p = Policy::default();
-        let vol = |path: &str| Volume { name: None,
+        let vol = |path: &str| Volume {
+            name: None,
             host_path: path.into(),
             path: "/data".into(),
             read_only: false,

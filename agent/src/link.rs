@@ -188,12 +188,13 @@ pub async fn run(
         .await?
         .with_host_paths(host_paths);
     let routes = crate::routes::Routes::load(&cfg.data_dir);
-    let volumes = Arc::new(
-        crate::volumes::Store::open(&cfg.data_dir).map_err(|e| Error::DataDir {
-            path: cfg.data_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?,
-    );
+    let volumes =
+        Arc::new(
+            crate::volumes::Store::open(&cfg.data_dir).map_err(|e| Error::DataDir {
+                path: cfg.data_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        );
     runtime = runtime.with_volumes(Arc::clone(&volumes));
     let duties = Arc::new(crate::sync::Duties::default());
     let receiver = Arc::new(crate::sync::Receiver::new(

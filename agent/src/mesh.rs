@@ -356,7 +356,12 @@ pub fn peer_is(stream: &server::TlsStream<TcpStream>, name: &str) -> bool {
     let Ok(server_name) = ServerName::try_from(name.to_string()) else {
         return false;
     };
-    let Some(cert) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+    let Some(cert) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    else {
         return false;
     };
     let Ok(parsed) = rustls::server::ParsedCertificate::try_from(cert) else {

@@ -495,11 +495,19 @@ impl Proxy {
                 };
                 let (task, port) = match req {
                     crate::mesh::Request::Task { task, port } => (task, port),
-                    crate::mesh::Request::Sync { workload, volume, epoch } => {
+                    crate::mesh::Request::Sync {
+                        workload,
+                        volume,
+                        epoch,
+                    } => {
                         match &me.copies {
                             Some(r) => r.receive(stream, workload, volume, epoch).await,
                             None => {
-                                let _ = crate::mesh::answer(&mut stream, &Err("this node keeps no copies".into())).await;
+                                let _ = crate::mesh::answer(
+                                    &mut stream,
+                                    &Err("this node keeps no copies".into()),
+                                )
+                                .await;
                             }
                         }
                         return;

@@ -657,30 +657,41 @@ impl Runtime {
             source: crate::volumes::VolumeError::Io {
                 what: "no managed volumes on this agent for",
                 path: PathBuf::from(name),
-                source: std::io::Error::other("the agent was started without a data dir for volumes"),
+                source: std::io::Error::other(
+                    "the agent was started without a data dir for volumes",
+                ),
             },
         })?;
-        let (workload, volume, epoch) = (a.workload.clone(), name.to_string(), a.epoch.unwrap_or(0));
-        let prepared = tokio::task::spawn_blocking(move || store.prepare(&workload, &volume, epoch))
-            .await
-            .map_err(|e| Error::Volume {
-                name: name.to_string(),
-                source: crate::volumes::VolumeError::Io {
-                    what: "cannot prepare",
-                    path: PathBuf::from(name),
-                    source: std::io::Error::other(e.to_string()),
-                },
-            })?
-            .map_err(|source| Error::Volume {
-                name: name.to_string(),
-                source,
-            })?;
+        let (workload, volume, epoch) =
+            (a.workload.clone(), name.to_string(), a.epoch.unwrap_or(0));
+        let prepared =
+            tokio::task::spawn_blocking(move || store.prepare(&workload, &volume, epoch))
+                .await
+                .map_err(|e| Error::Volume {
+                    name: name.to_string(),
+                    source: crate::volumes::VolumeError::Io {
+                        what: "cannot prepare",
+                        path: PathBuf::from(name),
+                        source: std::io::Error::other(e.to_string()),
+                    },
+                })?
+                .map_err(|source| Error::Volume {
+                    name: name.to_string(),
+                    source,
+                })?;
         let (dir, origin) = prepared;
         match origin {
             bramble_api::wire::VolumeOrigin::Empty if a.spec.sync.is_some() => {
-                warn!(volume = name, "volume starts EMPTY: this node holds no copy of it")
+                warn!(
+                    volume = name,
+                    "volume starts EMPTY: this node holds no copy of it"
+                )
             }
-            bramble_api::wire::VolumeOrigin::Copy { epoch, at, ref owner } => {
+            bramble_api::wire::VolumeOrigin::Copy {
+                epoch,
+                at,
+                ref owner,
+            } => {
                 info!(volume = name, epoch, %at, owner = %owner, "volume restored from its copy")
             }
             _ => {}
@@ -1322,7 +1333,8 @@ mod tests {
     use bramble_api::task::TaskSpec;
 
     fn assignment() -> Assignment {
-        let spec = TaskSpec { sync: None,
+        let spec = TaskSpec {
+            sync: None,
             image: "pool/ltc:1".into(),
             command: Some(vec!["/bin/ltcd".into()]),
             args: Some(vec!["-x".into()]),
@@ -1339,7 +1351,8 @@ mod tests {
                     protocol: Protocol::Udp,
                 },
             ],
-            volumes: vec![Volume { name: None,
+            volumes: vec![Volume {
+                name: None,
                 host_path: "/var/lib/x".into(),
                 path: "/data".into(),
                 read_only: true,
@@ -1352,7 +1365,8 @@ mod tests {
             probes: Default::default(),
             timeout: None,
         };
-        Assignment { sync_to: Vec::new(),
+        Assignment {
+            sync_to: Vec::new(),
             task: "ltc-abcdef-0".into(),
             kind: Kind::Wallet,
             workload: "ltc".into(),
@@ -1382,7 +1396,9 @@ mod tests {
             "RPC_PASSWORD".into(),
             bramble_api::token::Secret("hunter2".into()),
         );
-        let env = container_config(&a, "pi-1", None, &sources_of(&a)).env.expect("env");
+        let env = container_config(&a, "pi-1", None, &sources_of(&a))
+            .env
+            .expect("env");
         assert_eq!(
             env,
             vec!["A=1".to_string(), "RPC_PASSWORD=hunter2".to_string()]
@@ -1402,7 +1418,8 @@ mod tests {
             bollard::API_DEFAULT_VERSION,
         )
         .expect("client");
-        let rt = Runtime { volumes: None,
+        let rt = Runtime {
+            volumes: None,
             dns: None,
             docker,
             node: "pi-1".into(),

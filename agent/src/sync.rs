@@ -237,7 +237,9 @@ pub fn scan(root: &Path, exclude: &[Glob]) -> io::Result<Vec<Entry>> {
             let e = e?;
             match e.file_name().into_string() {
                 Ok(n) => names.push(n),
-                Err(n) => tracing::warn!(name = ?n, dir = %dir.display(), "a file name that is not UTF-8 is not copied"),
+                Err(n) => {
+                    tracing::warn!(name = ?n, dir = %dir.display(), "a file name that is not UTF-8 is not copied")
+                }
             }
         }
         names.sort();
@@ -265,7 +267,10 @@ pub fn scan(root: &Path, exclude: &[Glob]) -> io::Result<Vec<Entry>> {
                 continue;
             }
             let target = match kind {
-                Kind::Link => match std::fs::read_link(dir.join(&n))?.into_os_string().into_string() {
+                Kind::Link => match std::fs::read_link(dir.join(&n))?
+                    .into_os_string()
+                    .into_string()
+                {
                     Ok(t) => Some(t),
                     Err(_) => continue,
                 },
@@ -319,7 +324,11 @@ pub fn check_offer(entries: &[Entry]) -> Result<(), String> {
             Kind::Dir => {
                 dirs.insert(p);
             }
-            Kind::Link if e.target.as_deref().is_none_or(|t| t.is_empty() || t.contains('\0')) => {
+            Kind::Link
+                if e.target
+                    .as_deref()
+                    .is_none_or(|t| t.is_empty() || t.contains('\0')) =>
+            {
                 return Err(format!("link {p:?} without a target"));
             }
             _ => {}
@@ -409,18 +418,30 @@ pub async fn push(
         .await?;
     let mut out = Pushed::default();
     let mut throttle = Throttle::new(rate);
-    let n = write_frame(&mut stream, &Frame::Offer { entries: entries.clone() }).await?;
+    let n = write_frame(
+        &mut stream,
+        &Frame::Offer {
+            entries: entries.clone(),
+        },
+    )
+    .await?;
     throttle.spend(n).await;
     out.sent += n;
     let need = match read_frame::<_, Reply>(&mut stream).await? {
         Reply::Need { need } => need,
         Reply::Failed { why } => return Err(SyncError::Refused(why)),
-        Reply::Committed { .. } => return Err(SyncError::Protocol("committed before anything was sent".into())),
+        Reply::Committed { .. } => {
+            return Err(SyncError::Protocol(
+                "committed before anything was sent".into(),
+            ))
+        }
     };
     let mut buf = vec![0u8; CHUNK];
     for index in need {
         let Some(e) = entries.get(index as usize) else {
-            return Err(SyncError::Protocol(format!("asked for entry {index}, not offered")));
+            return Err(SyncError::Protocol(format!(
+                "asked for entry {index}, not offered"
+            )));
         };
         let path = root.join(&e.path);
         let mut intact = false;
@@ -458,7 +479,11 @@ pub async fn push(
             let mut short = false;
             while left > 0 {
                 let want = (left as usize).min(CHUNK);
-                let got = if short { 0 } else { file.read(&mut buf[..want]).await? };
+                let got = if short {
+                    0
+                } else {
+                    file.read(&mut buf[..want]).await?
+                };
                 if got == 0 {
                     // Shrunk while read: pad to the size announced; the file is torn.
                     short = true;
@@ -484,7 +509,14 @@ pub async fn push(
             if same && young {
                 same = read_again_matches(&path, size, digest.finish().as_ref()).await;
             }
-            out.sent += write_frame(&mut stream, &Frame::End { index, intact: same }).await?;
+            out.sent += write_frame(
+                &mut stream,
+                &Frame::End {
+                    index,
+                    intact: same,
+                },
+            )
+            .await?;
             if same {
                 intact = true;
                 out.files += 1;
@@ -569,13 +601,19 @@ pub fn refusal(
         return Some("this node keeps no copy of that workload".into());
     };
     if !peer_is_owner {
-        return Some(format!("only {}, which runs the workload, may send its copies", d.owner));
+        return Some(format!(
+            "only {}, which runs the workload, may send its copies",
+            d.owner
+        ));
     }
     if !d.volumes.iter().any(|v| v == volume) {
         return Some(format!("the workload has no managed volume {volume:?}"));
     }
     if epoch != d.epoch {
-        return Some(format!("placement epoch {epoch}, and the workload's current one is {}", d.epoch));
+        return Some(format!(
+            "placement epoch {epoch}, and the workload's current one is {}",
+            d.epoch
+        ));
     }
     if held.is_some_and(|h| h > epoch) {
         return Some(format!(
@@ -615,20 +653,41 @@ impl Receiver {
             return;
         }
         let key = (workload.clone(), volume.clone());
-        if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
-            let _ = crate::mesh::answer(&mut stream, &Err("a copy of that volume is being received already".into())).await;
+        if !self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            let _ = crate::mesh::answer(
+                &mut stream,
+                &Err("a copy of that volume is being received already".into()),
+            )
+            .await;
             return;
         }
         let owner_name = duty.map(|d| d.owner).unwrap_or_default();
         let result = async {
             crate::mesh::answer(&mut stream, &Ok(())).await?;
-            self.take(&mut stream, &workload, &volume, epoch, &owner_name).await
+            self.take(&mut stream, &workload, &volume, epoch, &owner_name)
+                .await
         }
         .await;
-        self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
         match result {
             Ok(meta) => {
-                tracing::info!(workload, volume, epoch, generation = meta.generation, bytes = meta.bytes, files = meta.files, "volume copy in force");
+                tracing::info!(
+                    workload,
+                    volume,
+                    epoch,
+                    generation = meta.generation,
+                    bytes = meta.bytes,
+                    files = meta.files,
+                    "volume copy in force"
+                );
                 self.store.copy_changed();
             }
             Err(e) => {
@@ -671,9 +730,7 @@ impl Receiver {
         let incoming = dir.join(format!("incoming-{generation}"));
         let _ = tokio::fs::remove_dir_all(&incoming).await;
         tokio::fs::create_dir_all(&incoming).await?;
-        let result = self
-            .receive_files(stream, &entries, &need, &incoming)
-            .await;
+        let result = self.receive_files(stream, &entries, &need, &incoming).await;
         let received = match result {
             Ok(r) => r,
             Err(e) => {
@@ -686,37 +743,51 @@ impl Receiver {
         let owner = owner.to_string();
         let need_set: BTreeSet<u32> = need.iter().copied().collect();
         let built = tokio::task::spawn_blocking(move || {
-            build(&entries, &need_set, &received, old_gen.as_deref(), &incoming, &dir)
-                .and_then(|(kept_old, bytes, files)| {
-                    let gen_dir = dir.join(volumes::gen_name(generation));
-                    let _ = std::fs::remove_dir_all(&gen_dir);
-                    std::fs::rename(&incoming, &gen_dir).map_err(|source| volumes::VolumeError::Io {
+            build(
+                &entries,
+                &need_set,
+                &received,
+                old_gen.as_deref(),
+                &incoming,
+                &dir,
+            )
+            .and_then(|(kept_old, bytes, files)| {
+                let gen_dir = dir.join(volumes::gen_name(generation));
+                let _ = std::fs::remove_dir_all(&gen_dir);
+                std::fs::rename(&incoming, &gen_dir).map_err(|source| {
+                    volumes::VolumeError::Io {
                         what: "cannot move into place",
                         path: gen_dir.clone(),
                         source,
-                    })?;
-                    volumes::sync_dir(&dir);
-                    let meta = CopyMeta {
-                        generation,
-                        epoch,
-                        at: Utc::now(),
-                        owner,
-                        bytes,
-                        files,
-                    };
-                    volumes::write_json(&dir.join("CURRENT"), &meta)?;
-                    if let Some(old) = old_gen {
-                        let _ = std::fs::remove_dir_all(old);
                     }
-                    Ok((meta, kept_old))
-                })
+                })?;
+                volumes::sync_dir(&dir);
+                let meta = CopyMeta {
+                    generation,
+                    epoch,
+                    at: Utc::now(),
+                    owner,
+                    bytes,
+                    files,
+                };
+                volumes::write_json(&dir.join("CURRENT"), &meta)?;
+                if let Some(old) = old_gen {
+                    let _ = std::fs::remove_dir_all(old);
+                }
+                Ok((meta, kept_old))
+            })
         })
         .await
         .map_err(|e| SyncError::Protocol(e.to_string()))?;
         let (meta, kept_old) = match built {
             Ok(x) => x,
             Err(e) => {
-                let _ = tokio::fs::remove_dir_all(self.store.copy_dir(workload, volume).join(format!("incoming-{generation}"))).await;
+                let _ = tokio::fs::remove_dir_all(
+                    self.store
+                        .copy_dir(workload, volume)
+                        .join(format!("incoming-{generation}")),
+                )
+                .await;
                 return Err(e.into());
             }
         };
@@ -741,7 +812,13 @@ impl Receiver {
         need: &[u32],
         incoming: &Path,
     ) -> Result<BTreeSet<u32>, SyncError> {
-        write_frame(stream, &Reply::Need { need: need.to_vec() }).await?;
+        write_frame(
+            stream,
+            &Reply::Need {
+                need: need.to_vec(),
+            },
+        )
+        .await?;
         stream.flush().await?;
         let wanted: BTreeSet<u32> = need.iter().copied().collect();
         let mut intact = BTreeSet::new();
@@ -758,7 +835,9 @@ impl Receiver {
                     gid,
                 } => {
                     if !wanted.contains(&index) {
-                        return Err(SyncError::Protocol(format!("entry {index} was not asked for")));
+                        return Err(SyncError::Protocol(format!(
+                            "entry {index} was not asked for"
+                        )));
                     }
                     let e = &entries[index as usize];
                     let path = incoming.join(&e.path);
@@ -778,9 +857,13 @@ impl Receiver {
                         let want = (left as usize).min(CHUNK);
                         let got = tokio::time::timeout(IO_TIMEOUT, stream.read(&mut buf[..want]))
                             .await
-                            .map_err(|_| SyncError::Protocol("file bytes stopped coming".into()))??;
+                            .map_err(|_| {
+                                SyncError::Protocol("file bytes stopped coming".into())
+                            })??;
                         if got == 0 {
-                            return Err(SyncError::Protocol("closed in the middle of a file".into()));
+                            return Err(SyncError::Protocol(
+                                "closed in the middle of a file".into(),
+                            ));
                         }
                         f.write_all(&buf[..got]).await?;
                         left -= got as u64;
@@ -911,7 +994,9 @@ impl Syncer {
                 .collect();
             next.retain(|t, _| tasks.iter().any(|a| &a.task == t));
             for a in tasks {
-                let Some(rule) = a.spec.sync.clone() else { continue };
+                let Some(rule) = a.spec.sync.clone() else {
+                    continue;
+                };
                 let now = Instant::now();
                 if next.get(&a.task).is_some_and(|at| *at > now) {
                     continue;
@@ -937,18 +1022,43 @@ impl Syncer {
         let before_error = if rule.before.is_empty() {
             None
         } else {
-            match tokio::time::timeout(BEFORE_TIMEOUT, self.runtime.exec(container, &rule.before)).await {
+            match tokio::time::timeout(BEFORE_TIMEOUT, self.runtime.exec(container, &rule.before))
+                .await
+            {
                 Ok(Ok(0)) => None,
-                Ok(Ok(code)) => Some(format!("the before command {:?} exited with {code}; no copy made this round", rule.before)),
-                Ok(Err(e)) => Some(format!("the before command {:?} could not run: {}; no copy made this round", rule.before, bramble_api::error_chain(&e))),
-                Err(_) => Some(format!("the before command {:?} took longer than {}; no copy made this round", rule.before, bramble_api::duration::Duration::from(BEFORE_TIMEOUT))),
+                Ok(Ok(code)) => Some(format!(
+                    "the before command {:?} exited with {code}; no copy made this round",
+                    rule.before
+                )),
+                Ok(Err(e)) => Some(format!(
+                    "the before command {:?} could not run: {}; no copy made this round",
+                    rule.before,
+                    bramble_api::error_chain(&e)
+                )),
+                Err(_) => Some(format!(
+                    "the before command {:?} took longer than {}; no copy made this round",
+                    rule.before,
+                    bramble_api::duration::Duration::from(BEFORE_TIMEOUT)
+                )),
             }
         };
-        let globs: Vec<Glob> = rule.exclude.iter().filter_map(|g| Glob::new(g).ok()).collect();
+        let globs: Vec<Glob> = rule
+            .exclude
+            .iter()
+            .filter_map(|g| Glob::new(g).ok())
+            .collect();
         for v in a.spec.volumes.iter().filter_map(|v| v.managed()) {
             if let Some(e) = &before_error {
                 tracing::warn!(task = %a.task, volume = v, error = %e, "sync skipped");
-                self.store.record_sync(v, SyncOutcome { at: Utc::now(), done: Vec::new(), sent_bytes: 0, error: Some(e.clone()) });
+                self.store.record_sync(
+                    v,
+                    SyncOutcome {
+                        at: Utc::now(),
+                        done: Vec::new(),
+                        sent_bytes: 0,
+                        error: Some(e.clone()),
+                    },
+                );
                 continue;
             }
             let root = self.store.volume_dir(v);
@@ -957,7 +1067,17 @@ impl Syncer {
             let mut errors = Vec::new();
             let mut kept: BTreeSet<String> = BTreeSet::new();
             for peer in &a.sync_to {
-                match push(&self.mesh, &peer.mesh, &peer.node, (&a.workload, v, epoch), &root, &globs, self.rate).await {
+                match push(
+                    &self.mesh,
+                    &peer.mesh,
+                    &peer.node,
+                    (&a.workload, v, epoch),
+                    &root,
+                    &globs,
+                    self.rate,
+                )
+                .await
+                {
                     Ok(p) => {
                         sent += p.sent;
                         kept.extend(p.kept_old);
@@ -974,7 +1094,15 @@ impl Syncer {
             }
             let error = (!errors.is_empty()).then(|| errors.join("; "));
             tracing::info!(task = %a.task, volume = v, epoch, done = ?done, sent_bytes = sent, ms = started.elapsed().as_millis() as u64, error = error.as_deref().unwrap_or(""), "volume synced");
-            self.store.record_sync(v, SyncOutcome { at: Utc::now(), done, sent_bytes: sent, error });
+            self.store.record_sync(
+                v,
+                SyncOutcome {
+                    at: Utc::now(),
+                    done,
+                    sent_bytes: sent,
+                    error,
+                },
+            );
         }
     }
 }
@@ -1003,7 +1131,11 @@ mod tests {
 
     #[test]
     fn offers_with_escapes_or_orphans_are_refused() {
-        let ok = vec![entry("a", Kind::Dir), entry("a/b", Kind::File), entry("l", Kind::Link)];
+        let ok = vec![
+            entry("a", Kind::Dir),
+            entry("a/b", Kind::File),
+            entry("l", Kind::Link),
+        ];
         assert_eq!(check_offer(&ok), Ok(()));
         for bad in [
             vec![entry("../x", Kind::File)],
@@ -1014,7 +1146,10 @@ mod tests {
             // A file under a link: writing it would follow the link.
             vec![entry("l", Kind::Link), entry("l/x", Kind::File)],
             vec![entry("a", Kind::File), entry("a", Kind::File)],
-            vec![Entry { target: None, ..entry("l", Kind::Link) }],
+            vec![Entry {
+                target: None,
+                ..entry("l", Kind::Link)
+            }],
         ] {
             assert!(check_offer(&bad).is_err(), "{bad:?}");
         }
@@ -1022,25 +1157,54 @@ mod tests {
 
     #[test]
     fn only_changed_files_are_needed() {
-        let offer = vec![entry("d", Kind::Dir), entry("d/same", Kind::File), entry("d/new", Kind::File), entry("d/grown", Kind::File), entry("l", Kind::Link)];
+        let offer = vec![
+            entry("d", Kind::Dir),
+            entry("d/same", Kind::File),
+            entry("d/new", Kind::File),
+            entry("d/grown", Kind::File),
+            entry("l", Kind::Link),
+        ];
         let mut have = BTreeMap::new();
         have.insert("d/same".to_string(), entry("d/same", Kind::File));
-        have.insert("d/grown".to_string(), Entry { size: 0, ..entry("d/grown", Kind::File) });
+        have.insert(
+            "d/grown".to_string(),
+            Entry {
+                size: 0,
+                ..entry("d/grown", Kind::File)
+            },
+        );
         assert_eq!(needed(&offer, &have), vec![2, 3]);
-        let touched = Entry { mtime: 2, ..entry("d/same", Kind::File) };
+        let touched = Entry {
+            mtime: 2,
+            ..entry("d/same", Kind::File)
+        };
         assert_eq!(needed(&[touched], &have), vec![0], "a new time is a change");
     }
 
     #[test]
     fn an_offer_is_refused_unless_the_duty_names_its_sender_and_epoch() {
-        let duty = StandbyDuty { workload: "w".into(), owner: "n1".into(), epoch: 7, volumes: vec!["data".into()] };
+        let duty = StandbyDuty {
+            workload: "w".into(),
+            owner: "n1".into(),
+            epoch: 7,
+            volumes: vec!["data".into()],
+        };
         assert_eq!(refusal(Some(&duty), true, "data", 7, Some(5)), None);
         assert_eq!(refusal(Some(&duty), true, "data", 7, Some(7)), None);
         assert!(refusal(None, true, "data", 7, None).is_some());
-        assert!(refusal(Some(&duty), false, "data", 7, None).is_some(), "another node");
+        assert!(
+            refusal(Some(&duty), false, "data", 7, None).is_some(),
+            "another node"
+        );
         assert!(refusal(Some(&duty), true, "other", 7, None).is_some());
-        assert!(refusal(Some(&duty), true, "data", 6, None).is_some(), "an old placement");
-        assert!(refusal(Some(&duty), true, "data", 7, Some(9)).is_some(), "older than what is held");
+        assert!(
+            refusal(Some(&duty), true, "data", 6, None).is_some(),
+            "an old placement"
+        );
+        assert!(
+            refusal(Some(&duty), true, "data", 7, Some(9)).is_some(),
+            "older than what is held"
+        );
     }
 
     #[test]
@@ -1053,9 +1217,23 @@ mod tests {
         std::fs::write(root.join("wallets/wallet.dat"), b"key").expect("write");
         std::fs::write(root.join("debug.log"), b"log").expect("write");
         std::os::unix::fs::symlink("wallets/wallet.dat", root.join("link")).expect("link");
-        let globs = vec![Glob::new("blocks/").expect("glob"), Glob::new("*.log").expect("glob")];
-        let paths: Vec<_> = scan(root, &globs).expect("scan").into_iter().map(|e| (e.path, e.kind)).collect();
-        assert_eq!(paths, vec![("link".into(), Kind::Link), ("wallets".into(), Kind::Dir), ("wallets/wallet.dat".into(), Kind::File)]);
+        let globs = vec![
+            Glob::new("blocks/").expect("glob"),
+            Glob::new("*.log").expect("glob"),
+        ];
+        let paths: Vec<_> = scan(root, &globs)
+            .expect("scan")
+            .into_iter()
+            .map(|e| (e.path, e.kind))
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                ("link".into(), Kind::Link),
+                ("wallets".into(), Kind::Dir),
+                ("wallets/wallet.dat".into(), Kind::File)
+            ]
+        );
         assert_eq!(check_offer(&scan(root, &[]).expect("scan")), Ok(()));
     }
 }

@@ -240,7 +240,12 @@ impl Store {
         let dir = self.volume_dir(name);
         let have = self.in_use(name).filter(|_| dir.is_dir());
         let copy = self.copy(workload, name);
-        let start = decide(workload, epoch, have.as_ref(), copy.as_ref().map(|c| c.0.epoch));
+        let start = decide(
+            workload,
+            epoch,
+            have.as_ref(),
+            copy.as_ref().map(|c| c.0.epoch),
+        );
         let origin = match start {
             Start::Keep => {
                 let h = have.as_ref().map(|h| h.origin.clone());
@@ -257,7 +262,10 @@ impl Store {
                 let Some((meta, gen)) = copy else {
                     unreachable!("decide restores only a copy it was given")
                 };
-                let tmp = self.root.join(VOLUMES_DIR).join(format!(".restoring-{name}"));
+                let tmp = self
+                    .root
+                    .join(VOLUMES_DIR)
+                    .join(format!(".restoring-{name}"));
                 let _ = std::fs::remove_dir_all(&tmp);
                 tracing::info!(volume = name, epoch = meta.epoch, at = %meta.at, bytes = meta.bytes, "restoring the volume from its copy");
                 copy_tree(&gen, &tmp)?;
@@ -376,11 +384,7 @@ impl Store {
     /// Everything the node holds, for the controller. Walks the volumes for their
     /// sizes (reads only).
     pub fn report(&self) -> Vec<VolumeReport> {
-        let syncs = self
-            .syncs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let syncs = self.syncs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out = Vec::new();
         for name in self.in_use_names() {
             let Some(h) = self.in_use(&name) else {
@@ -599,7 +603,8 @@ pub fn set_meta(
         .map_err(io_err("cannot set the mode of", path))?;
     if let Some(t) = modified {
         let f = std::fs::File::open(path).map_err(io_err("cannot open", path))?;
-        f.set_modified(t).map_err(io_err("cannot set the time of", path))?;
+        f.set_modified(t)
+            .map_err(io_err("cannot set the time of", path))?;
     }
     Ok(())
 }
@@ -623,7 +628,10 @@ mod tests {
         assert_eq!(decide("w", 5, None, None), Empty { set_aside: false });
         assert_eq!(decide("w", 5, None, Some(3)), Restore { set_aside: false });
         // A copy from a later placement than this node's data: this node's is stale.
-        assert_eq!(decide("w", 9, Some(&have("w", 3)), Some(5)), Restore { set_aside: true });
+        assert_eq!(
+            decide("w", 9, Some(&have("w", 3)), Some(5)),
+            Restore { set_aside: true }
+        );
         // A copy of this node's own placement (or an older one): the directory is newer.
         assert_eq!(decide("w", 9, Some(&have("w", 5)), Some(5)), Keep);
         assert_eq!(decide("w", 9, Some(&have("w", 5)), Some(2)), Keep);
@@ -631,8 +639,14 @@ mod tests {
         // The same placement restarting keeps its directory.
         assert_eq!(decide("w", 5, Some(&have("w", 5)), Some(5)), Keep);
         // Another workload's directory under the name is not this one's data.
-        assert_eq!(decide("w", 5, Some(&have("x", 7)), None), Empty { set_aside: false });
-        assert_eq!(decide("w", 5, Some(&have("x", 7)), Some(4)), Restore { set_aside: false });
+        assert_eq!(
+            decide("w", 5, Some(&have("x", 7)), None),
+            Empty { set_aside: false }
+        );
+        assert_eq!(
+            decide("w", 5, Some(&have("x", 7)), Some(4)),
+            Restore { set_aside: false }
+        );
         // A copy claiming a placement newer than the task's own is not trusted.
         assert_eq!(decide("w", 5, None, Some(8)), Empty { set_aside: false });
         assert_eq!(decide("w", 5, Some(&have("w", 3)), Some(8)), Keep);
@@ -643,8 +657,14 @@ mod tests {
         let h = have("w", 5);
         assert!(stale(&h, Some(6), false));
         assert!(!stale(&h, Some(6), true), "placed here: the start decides");
-        assert!(!stale(&h, Some(5), false), "the same placement (stopped, not moved)");
-        assert!(!stale(&h, None, false), "not placed at all (deleted, or waiting)");
+        assert!(
+            !stale(&h, Some(5), false),
+            "the same placement (stopped, not moved)"
+        );
+        assert!(
+            !stale(&h, None, false),
+            "not placed at all (deleted, or waiting)"
+        );
     }
 
     #[test]
@@ -670,12 +690,18 @@ mod tests {
         assert!(!copy.join("incoming-2").exists());
 
         let (path, origin) = store.prepare("w", "data", 7).expect("prepare");
-        assert!(matches!(origin, VolumeOrigin::Copy { epoch: 4, .. }), "{origin:?}");
+        assert!(
+            matches!(origin, VolumeOrigin::Copy { epoch: 4, .. }),
+            "{origin:?}"
+        );
         assert_eq!(std::fs::read(path.join("sub/a")).expect("read"), b"copied");
         // Restarting the same placement keeps what it wrote.
         std::fs::write(path.join("new"), b"x").expect("write");
         let (_, origin) = store.prepare("w", "data", 7).expect("prepare");
-        assert!(matches!(origin, VolumeOrigin::Copy { .. }), "the origin stays");
+        assert!(
+            matches!(origin, VolumeOrigin::Copy { .. }),
+            "the origin stays"
+        );
         assert!(path.join("new").exists());
 
         // The workload moved on to epoch 9 elsewhere: set aside, not deleted.
@@ -685,6 +711,9 @@ mod tests {
         assert!(!path.exists());
         let report = store.report();
         let roles: Vec<_> = report.iter().map(|r| (r.role, r.epoch)).collect();
-        assert_eq!(roles, vec![(VolumeRole::Copy, 4), (VolumeRole::SetAside, 7)]);
+        assert_eq!(
+            roles,
+            vec![(VolumeRole::Copy, 4), (VolumeRole::SetAside, 7)]
+        );
     }
 }

@@ -32,7 +32,8 @@ fn token(ca: &bramble_api::token::Fingerprint) -> String {
 }
 
 fn assignment(task: &str, kind: Kind, args: &[&str]) -> Assignment {
-    let spec = TaskSpec { sync: None,
+    let spec = TaskSpec {
+        sync: None,
         image: bramble_tests::TEST_IMAGE.to_string(),
         command: None,
         args: Some(args.iter().map(|a| a.to_string()).collect()),
@@ -44,7 +45,8 @@ fn assignment(task: &str, kind: Kind, args: &[&str]) -> Assignment {
         probes: Default::default(),
         timeout: None,
     };
-    Assignment { sync_to: Vec::new(),
+    Assignment {
+        sync_to: Vec::new(),
         task: task.to_string(),
         kind,
         workload: task.to_string(),
@@ -172,7 +174,9 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
     let (mut ws, hello) = accept(&listener, &tls).await.expect("first session");
     assert!(matches!(hello, AgentMessage::Hello { .. }), "{hello:?}");
     send(&mut ws, &welcome).await.expect("welcome");
-    let assign = ControllerMessage::Assign { epochs: Default::default(), standby: Vec::new(),
+    let assign = ControllerMessage::Assign {
+        epochs: Default::default(),
+        standby: Vec::new(),
         revision: 1,
         tasks: tasks.clone(),
     };
@@ -242,7 +246,9 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
         .await
         .expect("pinging");
     assert_eq!(running(&rt, &wallet.task).await.expect("list"), None);
-    let assign = ControllerMessage::Assign { epochs: Default::default(), standby: Vec::new(),
+    let assign = ControllerMessage::Assign {
+        epochs: Default::default(),
+        standby: Vec::new(),
         revision: 2,
         tasks: tasks.clone(),
     };
@@ -384,7 +390,8 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
             Kind::Service,
             &["sleep", "600"],
         );
-        a.spec.volumes = vec![bramble_api::manifest::Volume { name: None,
+        a.spec.volumes = vec![bramble_api::manifest::Volume {
+            name: None,
             host_path: path.clone(),
             path: "/host".into(),
             read_only: false,
@@ -395,7 +402,8 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
     .collect();
     // One allowed task alongside: the agent works, it only refuses.
     let mut fine = assignment("fine-aaaaaa-0", Kind::Service, &["sleep", "600"]);
-    fine.spec.volumes = vec![bramble_api::manifest::Volume { name: None,
+    fine.spec.volumes = vec![bramble_api::manifest::Volume {
+        name: None,
         host_path: allowed.path().join("data").display().to_string(),
         path: "/data".into(),
         read_only: false,
@@ -403,9 +411,17 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
     fine.spec_hash = fine.spec.hash();
     let mut tasks = evil.clone();
     tasks.push(fine.clone());
-    send(&mut ws, &ControllerMessage::Assign { epochs: Default::default(), standby: Vec::new(), revision: 1, tasks })
-        .await
-        .expect("assign");
+    send(
+        &mut ws,
+        &ControllerMessage::Assign {
+            epochs: Default::default(),
+            standby: Vec::new(),
+            revision: 1,
+            tasks,
+        },
+    )
+    .await
+    .expect("assign");
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     while failed.len() < evil.len() {
@@ -515,7 +531,9 @@ async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent(
         );
     }
     let wallet = assignment("ltc-bbbbbb-0", Kind::Wallet, &["sleep", "600"]);
-    let assign = ControllerMessage::Assign { epochs: Default::default(), standby: Vec::new(),
+    let assign = ControllerMessage::Assign {
+        epochs: Default::default(),
+        standby: Vec::new(),
         revision: 1,
         tasks: vec![wallet.clone()],
     };
@@ -605,7 +623,12 @@ async fn a_task_set_with_an_older_wallet_epoch_is_refused_whole() {
         w
     };
     let pool = assignment("pool-cccccc-0", Kind::Service, &["sleep", "600"]);
-    let assign = |revision, tasks| ControllerMessage::Assign { epochs: Default::default(), standby: Vec::new(), revision, tasks };
+    let assign = |revision, tasks| ControllerMessage::Assign {
+        epochs: Default::default(),
+        standby: Vec::new(),
+        revision,
+        tasks,
+    };
     send(&mut ws, &assign(1, vec![with_epoch(5), pool.clone()]))
         .await
         .expect("assign");

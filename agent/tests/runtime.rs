@@ -40,7 +40,8 @@ async fn node() -> (String, Runtime, ContainerGuard) {
 }
 
 fn spec(args: &[&str]) -> TaskSpec {
-    TaskSpec { sync: None,
+    TaskSpec {
+        sync: None,
         image: bramble_tests::TEST_IMAGE.to_string(),
         command: None,
         args: Some(args.iter().map(|a| a.to_string()).collect()),
@@ -55,7 +56,8 @@ fn spec(args: &[&str]) -> TaskSpec {
 }
 
 fn assignment(task: &str, kind: Kind, spec: TaskSpec) -> Assignment {
-    Assignment { sync_to: Vec::new(),
+    Assignment {
+        sync_to: Vec::new(),
         task: task.to_string(),
         kind,
         workload: task.rsplit_once('-').map_or(task, |(w, _)| w).to_string(),
@@ -148,7 +150,8 @@ async fn creates_a_container_with_labels_env_limits_ports_and_mounts() {
         host: Some(port),
         protocol: Protocol::Tcp,
     });
-    s.volumes.push(Volume { name: None,
+    s.volumes.push(Volume {
+        name: None,
         host_path: host_dir.display().to_string(),
         path: "/data".into(),
         read_only: true,
@@ -306,7 +309,8 @@ async fn the_agent_refuses_host_paths_outside_its_rules_and_makes_nothing() {
             Some(outside.join("direct")),
         ),
     ];
-    let volume = |host_path: &str| Volume { name: None,
+    let volume = |host_path: &str| Volume {
+        name: None,
         host_path: host_path.to_string(),
         path: "/data".into(),
         read_only: false,

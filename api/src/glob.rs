@@ -53,9 +53,7 @@ impl Glob {
             return Err(GlobError("longer than 256 characters"));
         }
         if pattern.starts_with('/') {
-            return Err(GlobError(
-                "must be relative to the volume (no leading '/')",
-            ));
+            return Err(GlobError("must be relative to the volume (no leading '/')"));
         }
         if pattern.chars().any(|c| c.is_control()) {
             return Err(GlobError("holds a control character"));
@@ -65,7 +63,10 @@ impl Glob {
         if body.is_empty() {
             return Err(GlobError("empty pattern"));
         }
-        if body.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
+        if body
+            .split('/')
+            .any(|c| c == ".." || c == "." || c.is_empty())
+        {
             return Err(GlobError("has an empty, '.' or '..' component"));
         }
         let anywhere = !body.contains('/');
@@ -188,7 +189,10 @@ mod tests {
         assert!(m("*.lock", "a/b/c.lock", false), "no '/': any depth");
         assert!(!m("*.lock", "a.lock.bak", false));
         assert!(m("blocks/*.dat", "blocks/blk0.dat", false));
-        assert!(!m("blocks/*.dat", "blocks/x/blk0.dat", false), "* stops at /");
+        assert!(
+            !m("blocks/*.dat", "blocks/x/blk0.dat", false),
+            "* stops at /"
+        );
         assert!(!m("blocks/*.dat", "x/blocks/blk0.dat", false), "anchored");
         assert!(m("blocks/**", "blocks/x/y.dat", false));
         assert!(m("**/cache", "cache", true));
@@ -205,7 +209,10 @@ mod tests {
     fn a_trailing_slash_matches_directories_only() {
         assert!(m("chainstate/", "chainstate", true));
         assert!(!m("chainstate/", "chainstate", false));
-        assert!(m("chainstate/", "x/chainstate", true), "no inner '/': any depth");
+        assert!(
+            m("chainstate/", "x/chainstate", true),
+            "no inner '/': any depth"
+        );
         assert!(m("blocks/index/", "blocks/index", true));
     }
 

@@ -769,13 +769,21 @@ fn check_sync(
     if sync.every < VolumeSync::MIN_EVERY {
         bad(
             "spec.sync.every",
-            format!("{} is shorter than the minimum of {}", sync.every, VolumeSync::MIN_EVERY),
+            format!(
+                "{} is shorter than the minimum of {}",
+                sync.every,
+                VolumeSync::MIN_EVERY
+            ),
         );
     }
     if sync.copies > VolumeSync::MAX_COPIES {
         bad(
             "spec.sync.copies",
-            format!("{} is more than the limit of {}", sync.copies, VolumeSync::MAX_COPIES),
+            format!(
+                "{} is more than the limit of {}",
+                sync.copies,
+                VolumeSync::MAX_COPIES
+            ),
         );
     }
     if sync.before.first().is_some_and(|c| c.trim().is_empty()) {

@@ -787,7 +787,11 @@ impl AgentMessage {
                         text_within(&format!("volumes[{i}].path"), p, MAX_MESSAGE_BYTES)?;
                     }
                     if let Some(e) = v.last_sync.as_ref().and_then(|s| s.error.as_ref()) {
-                        text_within(&format!("volumes[{i}].lastSync.error"), e, MAX_MESSAGE_BYTES)?;
+                        text_within(
+                            &format!("volumes[{i}].lastSync.error"),
+                            e,
+                            MAX_MESSAGE_BYTES,
+                        )?;
                     }
                 }
                 Ok(())

@@ -553,6 +553,16 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/volumes`: managed volumes, where they are used, their copies.
+    pub async fn volumes(&self) -> Result<Vec<bramble_api::rest::VolumeView>> {
+        self.json(Method::GET, &["volumes"], &[], None).await
+    }
+
+    /// `GET /v1/volumes/{name}`.
+    pub async fn volume(&self, name: &str) -> Result<bramble_api::rest::VolumeView> {
+        self.json(Method::GET, &["volumes", name], &[], None).await
+    }
+
     /// `GET /v1/secrets`: names and keys.
     pub async fn secrets(&self) -> Result<Vec<SecretView>> {
         self.json(Method::GET, &["secrets"], &[], None).await

@@ -173,7 +173,10 @@ fn port(p: &Port) -> String {
 
 fn volume(v: &Volume) -> String {
     let ro = if v.read_only { " (read-only)" } else { "" };
-    format!("{} -> {}{ro}", v.host_path, v.path)
+    match v.managed() {
+        Some(name) => format!("volume {name} -> {}{ro}", v.path),
+        None => format!("{} -> {}{ro}", v.host_path, v.path),
+    }
 }
 
 fn resources(r: &Resources) -> String {
@@ -632,6 +635,116 @@ fn bool_str(b: bool) -> &'static str {
     } else {
         "false"
     }
+}
+
+/// `describe volume NAME`: where it is used, where it came from, its last sync, its
+/// copies and what is set aside.
+pub fn volume_page(
+    v: &bramble_api::rest::VolumeView,
+    events: Option<&[Event]>,
+    now: DateTime<Utc>,
+) -> String {
+    use bramble_api::wire::VolumeOrigin;
+    let mut page = Page::default();
+    page.field("Name", &v.name).field(
+        "Workload",
+        match v.kind {
+            Some(k) => object_ref(k, &v.workload),
+            None => format!("{} <gone>", v.workload),
+        },
+    );
+    match &v.sync {
+        Some(s) => {
+            let before = if s.before.is_empty() {
+                String::new()
+            } else {
+                format!(", before: {}", s.before.join(" "))
+            };
+            page.field(
+                "Sync",
+                format!("every {}, {} copies{before}", s.every, s.copies),
+            )
+        }
+        None => page.field("Sync", "<none: the volume stays on its node>"),
+    };
+    page.field("Node", or_none(v.node.as_deref()));
+    if v.node.is_some() {
+        page.field("Size", format!("{} in {} files", Memory(v.bytes), v.files))
+            .field("Placement", or_none(v.epoch));
+        let origin = match &v.origin {
+            Some(VolumeOrigin::Empty) => "started empty".to_string(),
+            Some(VolumeOrigin::Kept) => "the node's own data".to_string(),
+            Some(VolumeOrigin::Copy { epoch, at, owner }) => format!(
+                "restored from the copy {owner} sent {} (placement {epoch})",
+                ago(*at, now)
+            ),
+            None => "<unknown>".to_string(),
+        };
+        page.field("Origin", origin);
+    }
+    match &v.last_sync {
+        Some(s) => {
+            page.field(
+                "Last Sync",
+                format!(
+                    "{}: {} ({} sent)",
+                    ago(s.at, now),
+                    if s.done.is_empty() {
+                        "no copy completed".to_string()
+                    } else {
+                        format!("complete on {}", s.done.join(", "))
+                    },
+                    Memory(s.sent_bytes)
+                ),
+            );
+            if let Some(e) = &s.error {
+                page.field("Sync Error", cell(e));
+            }
+        }
+        None => {
+            page.field("Last Sync", "<none yet>");
+        }
+    }
+    if v.copies.is_empty() {
+        page.field("Copies", "<none: a failover would start it empty>");
+    } else {
+        page.section("Copies");
+        for c in &v.copies {
+            let at = c.at.map(|at| ago(at, now)).unwrap_or_default();
+            let stale = if c.stale {
+                ", of an older placement"
+            } else {
+                ""
+            };
+            page.text_at(
+                1,
+                format!(
+                    "{}: placement {}, completed {at}, {} in {} files{stale}",
+                    c.node,
+                    c.epoch,
+                    Memory(c.bytes),
+                    c.files
+                ),
+            );
+        }
+    }
+    if !v.set_aside.is_empty() {
+        page.section("Set Aside");
+        for a in &v.set_aside {
+            page.text_at(
+                1,
+                format!(
+                    "{}:{} (placement {}, {}): never used again; remove it by hand once it is not needed",
+                    a.node,
+                    a.path.as_deref().unwrap_or("?"),
+                    a.epoch,
+                    Memory(a.bytes)
+                ),
+            );
+        }
+    }
+    events_section(&mut page, events, now);
+    page.render()
 }
 
 /// `describe task ID`.

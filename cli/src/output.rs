@@ -144,11 +144,13 @@ pub enum Resource {
     Controllers,
     /// `endpoint`, `endpoints`, `ep`: each workload's name, address and instances.
     Endpoints,
+    /// `volume`, `volumes`, `vol`: managed volumes, their node and copies.
+    Volumes,
 }
 
 /// A resource type the command line does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs, jobs, secrets, controllers or endpoints")]
+#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs, jobs, secrets, controllers, endpoints or volumes")]
 pub struct UnknownResource(pub String);
 
 impl FromStr for Resource {
@@ -161,6 +163,7 @@ impl FromStr for Resource {
             "secret" | "secrets" => Ok(Resource::Secrets),
             "controller" | "controllers" => Ok(Resource::Controllers),
             "endpoint" | "endpoints" | "ep" => Ok(Resource::Endpoints),
+            "volume" | "volumes" | "vol" => Ok(Resource::Volumes),
             other => other
                 .parse::<Kind>()
                 .map(|k| Resource::Workloads(Some(k)))
@@ -188,6 +191,7 @@ impl Resource {
             Resource::Secrets => "secret",
             Resource::Controllers => "controller",
             Resource::Endpoints => "endpoint",
+            Resource::Volumes => "volume",
         }
     }
 }
@@ -205,6 +209,7 @@ impl fmt::Display for Resource {
             Resource::Secrets => "secrets",
             Resource::Controllers => "controllers",
             Resource::Endpoints => "endpoints",
+            Resource::Volumes => "volumes",
         })
     }
 }
@@ -251,6 +256,7 @@ impl FromStr for ObjectRef {
             Resource::Secrets => "secret",
             Resource::Controllers => "controller",
             Resource::Endpoints => "endpoint",
+            Resource::Volumes => "volume",
             Resource::Workloads(Some(k)) => k.path(),
             Resource::Workloads(None) => return Err(BadObject::NoKind(name)),
         };
@@ -278,6 +284,14 @@ impl ObjectRef {
         ObjectRef {
             kind: "task",
             name: id.to_string(),
+        }
+    }
+
+    /// A managed volume.
+    pub fn volume(name: &str) -> ObjectRef {
+        ObjectRef {
+            kind: "volume",
+            name: name.to_string(),
         }
     }
 

@@ -77,7 +77,8 @@ fn docker_error(status_code: u16, message: &str) -> DockerError {
 
 /// A task of `kind` whose image is `img:1`, restarted per the kind's defaults.
 pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
-    let spec = TaskSpec { sync: None,
+    let spec = TaskSpec {
+        sync: None,
         image: "img:1".into(),
         command: None,
         args: None,
@@ -89,7 +90,8 @@ pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
         probes: Default::default(),
         timeout: None,
     };
-    Assignment { sync_to: Vec::new(),
+    Assignment {
+        sync_to: Vec::new(),
         task: task.into(),
         kind,
         workload: task.rsplit_once('-').map_or(task, |(w, _)| w).into(),

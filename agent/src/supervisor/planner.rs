@@ -880,7 +880,8 @@ mod tests {
     }
 
     fn assignment(task: &str, kind: Kind, policy: RestartPolicy) -> Assignment {
-        let spec = TaskSpec { sync: None,
+        let spec = TaskSpec {
+            sync: None,
             image: "img:1".into(),
             command: None,
             args: None,
@@ -900,7 +901,8 @@ mod tests {
             probes: Default::default(),
             timeout: None,
         };
-        Assignment { sync_to: Vec::new(),
+        Assignment {
+            sync_to: Vec::new(),
             task: task.into(),
             kind,
             workload: "w".into(),

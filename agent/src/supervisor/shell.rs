@@ -1008,7 +1008,8 @@ mod tests {
     }
 
     fn with_volume(mut a: Assignment, host_path: &str) -> Assignment {
-        a.spec.volumes.push(bramble_api::manifest::Volume { name: None,
+        a.spec.volumes.push(bramble_api::manifest::Volume {
+            name: None,
             host_path: host_path.into(),
             path: "/data".into(),
             read_only: false,

@@ -106,6 +106,11 @@ fn targets(args: &DeleteArgs) -> Result<Vec<Target>> {
                     "endpoints cannot be deleted: they come and go with their workloads",
                 ))
             }
+            Resource::Volumes => {
+                return Err(usage(
+                    "volumes are not deleted by Bramble: a volume stays when its workload goes, and data set aside stays until the operator removes it from the node (its path: bramblectl describe volume NAME)",
+                ))
+            }
             Resource::Controllers => return Err(usage(
                 "controllers cannot be deleted: stop the controller; it leaves the list at once",
             )),

@@ -57,6 +57,20 @@ pub async fn run(client: &Client, args: &DescribeArgs, out: &mut dyn Write) -> R
                 pages.push(describe::endpoint_page(e));
             }
         }
+        Resource::Volumes => {
+            let volumes = match &name {
+                Some(n) => vec![client
+                    .volume(n)
+                    .await
+                    .map_err(|e| super::not_found(e, "volume", n))?],
+                None => client.volumes().await?,
+            };
+            let mut events = Events::new(volumes.len());
+            for v in &volumes {
+                let ev = events.of(client, &[ObjectRef::volume(&v.name)]).await?;
+                pages.push(describe::volume_page(v, ev.as_deref(), now));
+            }
+        }
         Resource::Controllers => {
             let mut controllers = client.controllers().await?;
             if let Some(n) = &name {

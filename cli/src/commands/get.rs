@@ -35,7 +35,11 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
     }
     if matches!(
         resource,
-        Resource::Nodes | Resource::Secrets | Resource::Controllers | Resource::Endpoints
+        Resource::Nodes
+            | Resource::Secrets
+            | Resource::Controllers
+            | Resource::Endpoints
+            | Resource::Volumes
     ) && args.kind.is_some()
     {
         return Err(usage("--kind applies to workloads and tasks only"));
@@ -76,6 +80,18 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
             };
             emit(out, format, name.is_some(), resource, &endpoints, || {
                 endpoints_table(&endpoints, wide)
+            })
+        }
+        Resource::Volumes => {
+            let volumes = match &name {
+                Some(n) => vec![client
+                    .volume(n)
+                    .await
+                    .map_err(|e| not_found(e, "volume", n))?],
+                None => client.volumes().await?,
+            };
+            emit(out, format, name.is_some(), resource, &volumes, || {
+                volumes_table(&volumes, wide, now)
             })
         }
         Resource::Controllers => {
@@ -321,6 +337,67 @@ pub fn secrets_table(secrets: &[SecretView], wide: bool, now: DateTime<Utc>) -> 
 }
 
 /// `get endpoints`: what each name resolves to in containers and who answers there.
+/// `get volumes`: NAME WORKLOAD NODE SIZE SYNCED COPIES (with their nodes and ages),
+/// and with `-o wide` what is set aside.
+pub fn volumes_table(
+    volumes: &[bramble_api::rest::VolumeView],
+    wide: bool,
+    now: DateTime<Utc>,
+) -> Table {
+    let mut headers = vec!["NAME", "WORKLOAD", "NODE", "SIZE", "LAST SYNC", "COPIES"];
+    if wide {
+        headers.push("SET ASIDE");
+    }
+    let mut t = Table::new(headers);
+    for v in volumes {
+        let synced = match &v.last_sync {
+            None if v.sync.is_none() => "<no sync>".to_string(),
+            None => "<not yet>".to_string(),
+            Some(s) if s.error.is_some() => format!("failed {}", ago(s.at, now)),
+            Some(s) => ago(s.at, now),
+        };
+        let copies: Vec<String> = v
+            .copies
+            .iter()
+            .map(|c| {
+                let age = c.at.map(|at| ago(at, now)).unwrap_or_default();
+                let stale = if c.stale { ",stale" } else { "" };
+                format!("{}({age}{stale})", c.node)
+            })
+            .collect();
+        let mut row = vec![
+            v.name.clone(),
+            v.workload.clone(),
+            or_none(v.node.as_deref()),
+            if v.node.is_some() {
+                Memory(v.bytes).to_string()
+            } else {
+                "<none>".to_string()
+            },
+            synced,
+            if copies.is_empty() {
+                "<none>".to_string()
+            } else {
+                copies.join(",")
+            },
+        ];
+        if wide {
+            let aside: Vec<String> = v
+                .set_aside
+                .iter()
+                .map(|a| format!("{}:{}", a.node, a.path.as_deref().unwrap_or("?")))
+                .collect();
+            row.push(if aside.is_empty() {
+                "<none>".to_string()
+            } else {
+                aside.join(",")
+            });
+        }
+        t.row(row);
+    }
+    t
+}
+
 pub fn endpoints_table(endpoints: &[bramble_api::endpoints::Endpoint], wide: bool) -> Table {
     let mut headers = vec!["NAME", "KIND", "ADDRESS", "PORTS", "READY", "INSTANCES"];
     if wide {

@@ -37,6 +37,47 @@ pub const MAX_NODES: usize = 128;
 /// one transaction, and a store takes at most 128 ops in one.
 pub const MAX_APPLY_CHANGES: usize = 100;
 
+/// A managed volume belongs to one workload (its copies and set-aside data are that
+/// workload's): a name another workload mounts, stored or in the same apply, is refused.
+fn shared_volumes(snap: &Snapshot, docs: &Parsed) -> Vec<ManifestError> {
+    let applied: BTreeSet<&str> = docs
+        .workloads
+        .iter()
+        .map(|d| d.manifest.metadata.name.as_str())
+        .collect();
+    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+    for w in snap.workloads.values().map(|w| &w.value) {
+        if applied.contains(w.name()) {
+            continue;
+        }
+        for v in w.manifest.spec.volumes.iter().filter_map(|v| v.managed()) {
+            owner.insert(v, w.name());
+        }
+    }
+    let mut errors = Vec::new();
+    for d in &docs.workloads {
+        let name = d.manifest.metadata.name.as_str();
+        for (i, v) in d.manifest.spec.volumes.iter().enumerate() {
+            let Some(vol) = v.managed() else { continue };
+            match owner.get(vol) {
+                Some(other) if *other != name => errors.push(ManifestError {
+                    file: d.file.clone(),
+                    line: d.name_at.0,
+                    column: d.name_at.1,
+                    field: format!("spec.volumes[{i}].name"),
+                    message: format!(
+                        "volume {vol:?} belongs to workload {other:?}: a managed volume has one workload (name this one differently)"
+                    ),
+                }),
+                _ => {
+                    owner.insert(vol, name);
+                }
+            }
+        }
+    }
+    errors
+}
+
 /// Creates or updates every workload and Secret in `docs`, all or nothing. With
 /// `dry_run` the answer says what would happen and the change is empty.
 ///
@@ -74,6 +115,10 @@ pub fn apply(
         .collect();
     if !taken.is_empty() {
         return Err(DomainError::InvalidManifest(taken));
+    }
+    let shared = shared_volumes(snap, docs);
+    if !shared.is_empty() {
+        return Err(DomainError::InvalidManifest(shared));
     }
     let mut writes = Vec::new();
     let mut drafts = Vec::new();

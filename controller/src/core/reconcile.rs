@@ -204,7 +204,8 @@ pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assi
         .values()
         .map(|t| &t.value)
         .filter(|t| t.node.as_deref() == Some(node) && t.desired == DesiredState::Running)
-        .map(|t| Assignment { sync_to: Vec::new(),
+        .map(|t| Assignment {
+            sync_to: Vec::new(),
             task: t.id.clone(),
             kind: t.kind,
             workload: t.workload.clone(),
@@ -610,7 +611,8 @@ mod tests {
     }
 
     fn node(name: &str) -> NodeState {
-        NodeState { holding: Default::default(),
+        NodeState {
+            holding: Default::default(),
             info: NodeInfo {
                 mesh: None,
                 name: name.into(),

@@ -570,7 +570,8 @@ pub fn bench_snapshot(nodes: usize, tasks: usize) -> Snapshot {
                     .node_selector
                     .insert("disk".to_string(), "ssd".to_string());
             }
-            Request { prefer: Vec::new(),
+            Request {
+                prefer: Vec::new(),
                 task: format!("w{w}-{:02}", t % 10),
                 kind: if w % 9 == 0 {
                     Kind::Wallet
@@ -617,7 +618,8 @@ mod tests {
     }
 
     fn req(task: &str, workload: &str) -> Request {
-        Request { prefer: Vec::new(),
+        Request {
+            prefer: Vec::new(),
             task: task.to_string(),
             kind: Kind::Service,
             workload: workload.to_string(),
@@ -1108,7 +1110,8 @@ mod tests {
             prop::option::of(0usize..8),
             prop::option::of(3330u16..3334),
         )
-            .prop_map(move |(w, cpu, mib, archs, disk, avoid, port)| Request { prefer: Vec::new(),
+            .prop_map(move |(w, cpu, mib, archs, disk, avoid, port)| Request {
+                prefer: Vec::new(),
                 task: format!("t{i:03}"),
                 kind: Kind::Service,
                 workload: format!("w{w}"),

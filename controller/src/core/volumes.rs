@@ -139,7 +139,16 @@ pub fn duties(snap: &Snapshot, candidates: &[Candidate], reports: &Reports) -> D
         let mut picks: Vec<(Option<Rank>, &Candidate)> = candidates
             .iter()
             .filter(|c| c.usable && &c.name != owner && c.mesh.is_some() && fits(c, &t.placement))
-            .map(|c| (holding(reports.get(&c.name).unwrap_or(&empty), &t.workload, &volumes), c))
+            .map(|c| {
+                (
+                    holding(
+                        reports.get(&c.name).unwrap_or(&empty),
+                        &t.workload,
+                        &volumes,
+                    ),
+                    c,
+                )
+            })
             .collect();
         picks.sort_by(|(ra, a), (rb, b)| {
             rb.cmp(ra)
@@ -158,12 +167,15 @@ pub fn duties(snap: &Snapshot, candidates: &[Candidate], reports: &Reports) -> D
             .collect();
         for p in &peers {
             *load.entry(p.node.clone()).or_default() += 1;
-            out.standby.entry(p.node.clone()).or_default().push(StandbyDuty {
-                workload: t.workload.clone(),
-                owner: owner.clone(),
-                epoch: t.epoch,
-                volumes: volumes.clone(),
-            });
+            out.standby
+                .entry(p.node.clone())
+                .or_default()
+                .push(StandbyDuty {
+                    workload: t.workload.clone(),
+                    owner: owner.clone(),
+                    epoch: t.epoch,
+                    volumes: volumes.clone(),
+                });
         }
         out.sync_to.insert(t.id.clone(), peers);
     }
@@ -239,7 +251,10 @@ pub fn report_events(
                 }
             }
             VolumeRole::SetAside => {
-                if !old.iter().any(|o| o.role == VolumeRole::SetAside && o.path == r.path) {
+                if !old
+                    .iter()
+                    .any(|o| o.role == VolumeRole::SetAside && o.path == r.path)
+                {
                     out.push(Draft::warning(
                         obj,
                         "VolumeSetAside",
@@ -296,7 +311,9 @@ pub fn views(snap: &Snapshot, reports: &Reports) -> Vec<VolumeView> {
                 at: r.at,
                 bytes: r.bytes,
                 files: r.files,
-                stale: current.get(r.workload.as_str()).is_some_and(|c| *c > r.epoch),
+                stale: current
+                    .get(r.workload.as_str())
+                    .is_some_and(|c| *c > r.epoch),
                 path: r.path.clone(),
             };
             match r.role {
@@ -315,7 +332,11 @@ pub fn views(snap: &Snapshot, reports: &Reports) -> Vec<VolumeView> {
     }
     let mut views: Vec<VolumeView> = out.into_values().collect();
     for v in &mut views {
-        v.copies.sort_by(|a, b| (b.epoch, b.at).cmp(&(a.epoch, a.at)).then(a.node.cmp(&b.node)));
+        v.copies.sort_by(|a, b| {
+            (b.epoch, b.at)
+                .cmp(&(a.epoch, a.at))
+                .then(a.node.cmp(&b.node))
+        });
     }
     views
 }
@@ -350,16 +371,38 @@ mod tests {
         use VolumeRole::*;
         let vols = vec!["a".to_string(), "b".to_string()];
         let mut reports = Reports::new();
-        reports.insert("n1".into(), vec![rep("w", "a", Copy, 5, 10), rep("w", "b", Copy, 5, 10)]);
-        reports.insert("n2".into(), vec![rep("w", "a", Copy, 5, 20), rep("w", "b", Copy, 5, 20)]);
-        reports.insert("n3".into(), vec![rep("w", "a", InUse, 4, 30), rep("w", "b", InUse, 4, 30)]);
+        reports.insert(
+            "n1".into(),
+            vec![rep("w", "a", Copy, 5, 10), rep("w", "b", Copy, 5, 10)],
+        );
+        reports.insert(
+            "n2".into(),
+            vec![rep("w", "a", Copy, 5, 20), rep("w", "b", Copy, 5, 20)],
+        );
+        reports.insert(
+            "n3".into(),
+            vec![rep("w", "a", InUse, 4, 30), rep("w", "b", InUse, 4, 30)],
+        );
         // Only one of the two volumes: nothing usable.
         reports.insert("n4".into(), vec![rep("w", "a", Copy, 9, 40)]);
         // Set aside never counts.
-        reports.insert("n5".into(), vec![rep("w", "a", SetAside, 9, 50), rep("w", "b", SetAside, 9, 50)]);
+        reports.insert(
+            "n5".into(),
+            vec![
+                rep("w", "a", SetAside, 9, 50),
+                rep("w", "b", SetAside, 9, 50),
+            ],
+        );
         assert_eq!(holders(&reports, "w", &vols), vec!["n2", "n1", "n3"]);
-        reports.insert("n3".into(), vec![rep("w", "a", InUse, 5, 1), rep("w", "b", InUse, 5, 1)]);
-        assert_eq!(holders(&reports, "w", &vols)[0], "n3", "in use beats a copy of its own placement");
+        reports.insert(
+            "n3".into(),
+            vec![rep("w", "a", InUse, 5, 1), rep("w", "b", InUse, 5, 1)],
+        );
+        assert_eq!(
+            holders(&reports, "w", &vols)[0],
+            "n3",
+            "in use beats a copy of its own placement"
+        );
         assert!(holders(&reports, "other", &vols).is_empty());
     }
 
@@ -378,7 +421,11 @@ mod tests {
         for (i, t) in tasks.into_iter().enumerate() {
             s.tasks.insert(
                 t.id.clone(),
-                std::sync::Arc::new(crate::core::model::Versioned { rev: i as u64 + 1, created: i as u64 + 1, value: t }),
+                std::sync::Arc::new(crate::core::model::Versioned {
+                    rev: i as u64 + 1,
+                    created: i as u64 + 1,
+                    value: t,
+                }),
             );
         }
         s
@@ -388,7 +435,11 @@ mod tests {
         let yaml = format!(
             "apiVersion: bramble/v1\nkind: Wallet\nmetadata: {{name: {workload}}}\nspec:\n  image: x\n  volumes: [{{name: {workload}-data, path: /data}}]\n  sync: {{copies: {copies}}}\n"
         );
-        let m = bramble_api::parse::parse_manifests("t.yaml", &yaml).expect("parses").workloads.remove(0).manifest;
+        let m = bramble_api::parse::parse_manifests("t.yaml", &yaml)
+            .expect("parses")
+            .workloads
+            .remove(0)
+            .manifest;
         let mut t = crate::core::reconcile::new_task(
             &crate::core::model::StoredWorkload::new(m, Utc::now()),
             id.into(),
@@ -412,13 +463,35 @@ mod tests {
         nomesh.mesh = None;
         let cands = vec![cand("n1"), cand("n2"), cand("n3"), down, nomesh];
         let mut reports = Reports::new();
-        reports.insert("n3".into(), vec![rep("a", "a-data", VolumeRole::Copy, 7, 1)]);
+        reports.insert(
+            "n3".into(),
+            vec![rep("a", "a-data", VolumeRole::Copy, 7, 1)],
+        );
         let d = duties(&snap, &cands, &reports);
-        let nodes = |t: &str| d.sync_to[t].iter().map(|p| p.node.clone()).collect::<Vec<_>>();
-        assert_eq!(nodes("a-1"), vec!["n3"], "the holder of a copy stays the standby");
-        assert_eq!(nodes("b-1"), vec!["n2", "n3"], "the least loaded first, never the owner, a down node or one without a mesh port");
-        assert_eq!(d.epochs, BTreeMap::from([("a".to_string(), 7), ("b".to_string(), 8)]));
-        let n3: Vec<_> = d.standby["n3"].iter().map(|s| (s.workload.as_str(), s.owner.as_str(), s.epoch)).collect();
+        let nodes = |t: &str| {
+            d.sync_to[t]
+                .iter()
+                .map(|p| p.node.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            nodes("a-1"),
+            vec!["n3"],
+            "the holder of a copy stays the standby"
+        );
+        assert_eq!(
+            nodes("b-1"),
+            vec!["n2", "n3"],
+            "the least loaded first, never the owner, a down node or one without a mesh port"
+        );
+        assert_eq!(
+            d.epochs,
+            BTreeMap::from([("a".to_string(), 7), ("b".to_string(), 8)])
+        );
+        let n3: Vec<_> = d.standby["n3"]
+            .iter()
+            .map(|s| (s.workload.as_str(), s.owner.as_str(), s.epoch))
+            .collect();
         assert_eq!(n3, vec![("a", "n1", 7), ("b", "n1", 8)]);
         // Deterministic.
         assert_eq!(d, duties(&snap, &cands, &reports));
@@ -427,25 +500,67 @@ mod tests {
     #[test]
     fn reports_become_events_once() {
         let mut restored = rep("w", "data", VolumeRole::InUse, 9, 0);
-        restored.origin = Some(VolumeOrigin::Copy { epoch: 7, at: Utc::now(), owner: "n1".into() });
+        restored.origin = Some(VolumeOrigin::Copy {
+            epoch: 7,
+            at: Utc::now(),
+            owner: "n1".into(),
+        });
         let e = report_events("n2", &[], std::slice::from_ref(&restored), |_| true);
-        assert_eq!(e.iter().map(|d| d.reason).collect::<Vec<_>>(), vec!["VolumeRestored"]);
-        assert!(report_events("n2", std::slice::from_ref(&restored), std::slice::from_ref(&restored), |_| true).is_empty());
+        assert_eq!(
+            e.iter().map(|d| d.reason).collect::<Vec<_>>(),
+            vec!["VolumeRestored"]
+        );
+        assert!(report_events(
+            "n2",
+            std::slice::from_ref(&restored),
+            std::slice::from_ref(&restored),
+            |_| true
+        )
+        .is_empty());
 
         let mut empty = rep("w", "data", VolumeRole::InUse, 9, 0);
         empty.origin = Some(VolumeOrigin::Empty);
-        assert!(report_events("n2", &[], std::slice::from_ref(&empty), |_| false).is_empty(), "a first start is quietly empty");
+        assert!(
+            report_events("n2", &[], std::slice::from_ref(&empty), |_| false).is_empty(),
+            "a first start is quietly empty"
+        );
         let e = report_events("n2", &[], std::slice::from_ref(&empty), |_| true);
         assert_eq!(e[0].reason, "VolumeStartedEmpty");
 
         let mut failing = empty.clone();
-        failing.last_sync = Some(SyncOutcome { at: Utc::now(), done: vec![], sent_bytes: 0, error: Some("n3: refused".into()) });
-        let e = report_events("n2", std::slice::from_ref(&empty), std::slice::from_ref(&failing), |_| true);
-        assert_eq!(e.iter().map(|d| d.reason).collect::<Vec<_>>(), vec!["SyncFailed"]);
+        failing.last_sync = Some(SyncOutcome {
+            at: Utc::now(),
+            done: vec![],
+            sent_bytes: 0,
+            error: Some("n3: refused".into()),
+        });
+        let e = report_events(
+            "n2",
+            std::slice::from_ref(&empty),
+            std::slice::from_ref(&failing),
+            |_| true,
+        );
+        assert_eq!(
+            e.iter().map(|d| d.reason).collect::<Vec<_>>(),
+            vec!["SyncFailed"]
+        );
         let mut ok = failing.clone();
-        ok.last_sync = Some(SyncOutcome { at: Utc::now(), done: vec!["n3".into()], sent_bytes: 0, error: None });
-        let e = report_events("n2", std::slice::from_ref(&failing), std::slice::from_ref(&ok), |_| true);
-        assert_eq!(e.iter().map(|d| d.reason).collect::<Vec<_>>(), vec!["Synced"]);
+        ok.last_sync = Some(SyncOutcome {
+            at: Utc::now(),
+            done: vec!["n3".into()],
+            sent_bytes: 0,
+            error: None,
+        });
+        let e = report_events(
+            "n2",
+            std::slice::from_ref(&failing),
+            std::slice::from_ref(&ok),
+            |_| true,
+        );
+        assert_eq!(
+            e.iter().map(|d| d.reason).collect::<Vec<_>>(),
+            vec!["Synced"]
+        );
 
         let mut aside = rep("w", "data", VolumeRole::SetAside, 3, 0);
         aside.path = Some("/x".into());

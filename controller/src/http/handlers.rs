@@ -24,7 +24,7 @@ use serde::Deserialize;
 use super::auth::Role;
 use super::{role, ApiError, App, Shared};
 use crate::core::events::Draft;
-use crate::core::{cron, endpoints, ops, views, Change, DomainError};
+use crate::core::{cron, endpoints, ops, views, volumes, Change, DomainError};
 use crate::state::leader;
 use crate::state::logs::LogEvent;
 use crate::state::Scope;
@@ -227,6 +227,23 @@ pub async fn list_nodes(axum::extract::State(app): Shared) -> Answer {
     json(views::nodes(&app.state.snapshot(), |n| {
         app.state.live.view(n)
     }))
+}
+
+/// `GET /v1/volumes`: every managed volume, the node using it, its copies and what is
+/// set aside of it, as the nodes last reported.
+pub async fn list_volumes(axum::extract::State(app): Shared) -> Answer {
+    json(volumes::views(
+        &app.state.snapshot(),
+        &app.state.live.volumes(),
+    ))
+}
+
+/// `GET /v1/volumes/{name}`.
+pub async fn get_volume(axum::extract::State(app): Shared, Path(name): Path<String>) -> Answer {
+    volumes::views(&app.state.snapshot(), &app.state.live.volumes())
+        .into_iter()
+        .find(|v| v.name == name)
+        .map_or_else(|| Err(DomainError::not_found("volume", name).into()), json)
 }
 
 /// `GET /v1/endpoints`: every workload's name, stable address, ports and instances.

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::core::events::Draft;
 use crate::core::health::{self, HealthConfig};
-use crate::core::volumes;
 use crate::core::views::Liveness;
+use crate::core::volumes;
 
 /// The open link to one agent.
 #[derive(Debug, Clone)]
@@ -140,7 +140,11 @@ impl Live {
 
     /// Takes a node's volume report; the events it means (see
     /// [`volumes::report_events`]).
-    pub fn set_volumes(&self, node: &str, report: Vec<bramble_api::wire::VolumeReport>) -> Vec<Draft> {
+    pub fn set_volumes(
+        &self,
+        node: &str,
+        report: Vec<bramble_api::wire::VolumeReport>,
+    ) -> Vec<Draft> {
         let mut all = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
         let old = all.get(node).cloned().unwrap_or_default();
         if old == report {
@@ -158,7 +162,10 @@ impl Live {
 
     /// Every node's last volume report.
     pub fn volumes(&self) -> volumes::Reports {
-        self.volumes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Changes whenever a volume report does.
