@@ -31,6 +31,10 @@
 //! testimg sink PORT                accept connections, read and drop what comes, answer the count
 //!                                  of bytes when the sender closes its side
 //! testimg blast HOST:PORT MIB      send MIB MiB to a sink; print "MiB/s"
+//! testimg write PATH TEXT         write TEXT to PATH
+//! testimg cat PATH                 print PATH's bytes (exit 1 if it cannot be read)
+//! testimg copy FROM TO             copy FROM to TO.part, then rename it to TO (a backup command)
+//! testimg fill PATH MIB            write MIB MiB of pseudo-random bytes to PATH
 //! testimg touch PATH | rm PATH | exists PATH
 //!                                  make or remove an empty file; exists exits 0 if it is there,
 //!                                  1 if not (a readiness switch for exec probes)
@@ -248,6 +252,42 @@ fn run(args: &[&str]) -> Result<ExitCode, String> {
         } else {
             ExitCode::from(1)
         }),
+        ["write", path, text] => std::fs::write(path, text)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| format!("write {path}: {e}")),
+        ["cat", path] => {
+            let bytes = std::fs::read(path).map_err(|e| format!("cat {path}: {e}"))?;
+            std::io::stdout()
+                .write_all(&bytes)
+                .map_err(|e| format!("cat {path}: {e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ["copy", from, to] => {
+            // Through a temporary file and a rename, as a wallet's backup command does:
+            // the copy is whole or absent.
+            let tmp = format!("{to}.part");
+            std::fs::copy(from, &tmp)
+                .and_then(|_| std::fs::rename(&tmp, to))
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| format!("copy {from} {to}: {e}"))
+        }
+        ["fill", path, mib] => {
+            let mib: usize = parse(mib, "MIB")?;
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut f = std::fs::File::create(path).map_err(|e| format!("fill {path}: {e}"))?;
+            let mut block = vec![0u8; 1 << 20];
+            for _ in 0..mib {
+                for b in block.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+                f.write_all(&block)
+                    .map_err(|e| format!("fill {path}: {e}"))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         [] => Err("no subcommand".to_string()),
         _ => Err(format!("unknown or malformed command {args:?}")),
     }

@@ -764,6 +764,11 @@ impl Agent {
         Ok(())
     }
 
+    /// Its data directory (its "SD card": managed volumes, copies, set-aside data).
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

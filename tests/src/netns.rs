@@ -698,6 +698,12 @@ impl NetCluster {
             .ok_or_else(|| anyhow!("no node {node} in this cluster"))
     }
 
+    /// A node's agent data directory (its own disk: managed volumes, copies, data set
+    /// aside).
+    pub fn data_dir(&self, node: &str) -> Result<std::path::PathBuf> {
+        Ok(self.find(node)?.agent.data_dir().to_path_buf())
+    }
+
     /// The agent process of a node (pid, logs, whether it still runs).
     pub fn agent(&mut self, node: &str) -> Result<&mut Agent> {
         Ok(&mut self.find_mut(node)?.agent)
