@@ -142,6 +142,20 @@ pub enum Frame {
         /// Group.
         gid: u32,
     },
+    /// Entry `index` holds the same bytes as the receiver's copy of it (their SHA-256
+    /// match): only its attributes changed (a backup command rewrote it unchanged).
+    Same {
+        /// Index into the offer.
+        index: u32,
+        /// Modification time (ns).
+        mtime: i64,
+        /// Permission bits.
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
     /// The end of entry `index`'s bytes: `intact` unless it changed while read.
     End {
         /// Index into the offer.
@@ -161,6 +175,11 @@ pub enum Reply {
     Need {
         /// Indexes into the offer.
         need: Vec<u32>,
+        /// For each of `need`: the SHA-256 (hex) of the receiver's copy of that file
+        /// when it has one of the same size, so that a file rewritten with the same
+        /// bytes costs neither the network nor the standby's SD card.
+        #[serde(default)]
+        hashes: Vec<Option<String>>,
     },
     /// The copy is in force.
     Committed {
@@ -428,7 +447,10 @@ pub async fn push(
     throttle.spend(n).await;
     out.sent += n;
     let need = match read_frame::<_, Reply>(&mut stream).await? {
-        Reply::Need { need } => need,
+        Reply::Need { need, hashes } => need
+            .into_iter()
+            .zip(hashes.into_iter().chain(std::iter::repeat(None)))
+            .collect::<Vec<_>>(),
         Reply::Failed { why } => return Err(SyncError::Refused(why)),
         Reply::Committed { .. } => {
             return Err(SyncError::Protocol(
@@ -437,13 +459,29 @@ pub async fn push(
         }
     };
     let mut buf = vec![0u8; CHUNK];
-    for index in need {
+    for (index, theirs) in need {
         let Some(e) = entries.get(index as usize) else {
             return Err(SyncError::Protocol(format!(
                 "asked for entry {index}, not offered"
             )));
         };
         let path = root.join(&e.path);
+        if let Some(theirs) = theirs {
+            if let Some(same) = same_bytes(&path, &theirs).await {
+                out.sent += write_frame(
+                    &mut stream,
+                    &Frame::Same {
+                        index,
+                        mtime: same.0,
+                        mode: same.1,
+                        uid: same.2,
+                        gid: same.3,
+                    },
+                )
+                .await?;
+                continue;
+            }
+        }
         let mut intact = false;
         for _ in 0..ATTEMPTS {
             let mut file = match tokio::fs::OpenOptions::new()
@@ -538,6 +576,80 @@ pub async fn push(
         Reply::Failed { why } => Err(SyncError::Refused(why)),
         Reply::Need { .. } => Err(SyncError::Protocol("asked again".into())),
     }
+}
+
+/// The attributes of the file at `path` if it holds still while read and its SHA-256
+/// is `want` (hex).
+async fn same_bytes(path: &Path, want: &str) -> Option<(i64, u32, u32, u32)> {
+    let mut f = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .await
+        .ok()?;
+    let before = f.metadata().await.ok()?;
+    if !before.is_file() {
+        return None;
+    }
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match f.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => digest.update(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+    let after = f.metadata().await.ok()?;
+    let still = after.len() == before.len()
+        && mtime_ns(&after) == mtime_ns(&before)
+        && after.ctime() == before.ctime()
+        && after.ctime_nsec() == before.ctime_nsec();
+    (still && hex(digest.finish().as_ref()) == want).then(|| {
+        (
+            mtime_ns(&before),
+            before.mode() & 0o7777,
+            before.uid(),
+            before.gid(),
+        )
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 (hex) of a file. Blocking.
+fn file_sha256(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => digest.update(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+    Some(hex(digest.finish().as_ref()))
+}
+
+/// Whether an offer lists exactly what the receiver holds: the same entries, files
+/// with the same size, time, mode and owner, links to the same targets, directories
+/// with the same mode and owner (a directory's time moves whenever a file in it is
+/// replaced, and says nothing of the data). Pure.
+pub fn unchanged(offer: &[Entry], have: &BTreeMap<String, Entry>) -> bool {
+    offer.len() == have.len()
+        && offer.iter().all(|e| {
+            have.get(&e.path).is_some_and(|h| match e.kind {
+                Kind::File => h.same_file(e),
+                Kind::Link => h.kind == Kind::Link && h.target == e.target,
+                Kind::Dir => {
+                    h.kind == Kind::Dir && h.mode == e.mode && h.uid == e.uid && h.gid == e.gid
+                }
+            })
+        })
 }
 
 async fn read_again_matches(path: &Path, size: u64, want: &[u8]) -> bool {
@@ -713,85 +825,122 @@ impl Receiver {
             _ => return Err(SyncError::Protocol("expected the offer".into())),
         };
         check_offer(&entries).map_err(SyncError::Protocol)?;
-        let have: BTreeMap<String, Entry> = match &current {
-            Some((_, gen)) => {
-                let gen = gen.clone();
-                tokio::task::spawn_blocking(move || scan(&gen, &[]))
-                    .await
-                    .map_err(|e| SyncError::Protocol(e.to_string()))??
-                    .into_iter()
-                    .map(|e| (e.path.clone(), e))
-                    .collect()
-            }
-            None => BTreeMap::new(),
+        let old_gen = current.as_ref().map(|c| c.1.clone());
+        let (have, need, hashes) = {
+            let (offer, old) = (entries.clone(), old_gen.clone());
+            tokio::task::spawn_blocking(move || -> io::Result<_> {
+                let have: BTreeMap<String, Entry> = match &old {
+                    Some(gen) => scan(gen, &[])?
+                        .into_iter()
+                        .map(|e| (e.path.clone(), e))
+                        .collect(),
+                    None => BTreeMap::new(),
+                };
+                let need = needed(&offer, &have);
+                // Same size: perhaps the same bytes under a new time (a backup written
+                // again unchanged); the sender checks before sending them.
+                let hashes = need
+                    .iter()
+                    .map(|i| {
+                        let e = &offer[*i as usize];
+                        let h = have
+                            .get(&e.path)
+                            .filter(|h| h.kind == Kind::File && h.size == e.size)?;
+                        file_sha256(&old.as_ref()?.join(&h.path))
+                    })
+                    .collect::<Vec<_>>();
+                Ok((have, need, hashes))
+            })
+            .await
+            .map_err(|e| SyncError::Protocol(e.to_string()))??
         };
-        let need = needed(&entries, &have);
+        // Nothing at all changed, for the same placement: nothing is written (an idle
+        // wallet costs its standby's SD card nothing).
+        if let Some((meta, _)) = current.as_ref().filter(|(m, _)| {
+            m.epoch == epoch && m.owner == owner && need.is_empty() && unchanged(&entries, &have)
+        }) {
+            write_frame(
+                stream,
+                &Reply::Need {
+                    need: Vec::new(),
+                    hashes: Vec::new(),
+                },
+            )
+            .await?;
+            stream.flush().await?;
+            match read_frame::<_, Frame>(stream).await? {
+                Frame::Done => {}
+                _ => return Err(SyncError::Protocol("expected the end".into())),
+            }
+            self.store.confirm_copy(workload, volume);
+            write_frame(
+                stream,
+                &Reply::Committed {
+                    generation: meta.generation,
+                    kept_old: Vec::new(),
+                },
+            )
+            .await?;
+            stream.flush().await?;
+            return Ok(meta.clone());
+        }
         let generation = current.as_ref().map_or(0, |c| c.0.generation) + 1;
         let incoming = dir.join(format!("incoming-{generation}"));
         let _ = tokio::fs::remove_dir_all(&incoming).await;
         tokio::fs::create_dir_all(&incoming).await?;
-        let result = self.receive_files(stream, &entries, &need, &incoming).await;
-        let received = match result {
+        let received = match self
+            .receive_files(stream, &entries, &need, &hashes, &incoming)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 let _ = tokio::fs::remove_dir_all(&incoming).await;
                 return Err(e);
             }
         };
-        let store = Arc::clone(&self.store);
-        let old_gen = current.as_ref().map(|c| c.1.clone());
         let owner = owner.to_string();
         let need_set: BTreeSet<u32> = need.iter().copied().collect();
+        let dir2 = dir.clone();
+        let incoming2 = incoming.clone();
         let built = tokio::task::spawn_blocking(move || {
-            build(
+            let (kept_old, bytes, files) = build(
                 &entries,
                 &need_set,
                 &received,
                 old_gen.as_deref(),
-                &incoming,
-                &dir,
-            )
-            .and_then(|(kept_old, bytes, files)| {
-                let gen_dir = dir.join(volumes::gen_name(generation));
-                let _ = std::fs::remove_dir_all(&gen_dir);
-                std::fs::rename(&incoming, &gen_dir).map_err(|source| {
-                    volumes::VolumeError::Io {
-                        what: "cannot move into place",
-                        path: gen_dir.clone(),
-                        source,
-                    }
-                })?;
-                volumes::sync_dir(&dir);
-                let meta = CopyMeta {
-                    generation,
-                    epoch,
-                    at: Utc::now(),
-                    owner,
-                    bytes,
-                    files,
-                };
-                volumes::write_json(&dir.join("CURRENT"), &meta)?;
-                if let Some(old) = old_gen {
-                    let _ = std::fs::remove_dir_all(old);
-                }
-                Ok((meta, kept_old))
-            })
+                &incoming2,
+            )?;
+            let gen_dir = dir2.join(volumes::gen_name(generation));
+            let _ = std::fs::remove_dir_all(&gen_dir);
+            std::fs::rename(&incoming2, &gen_dir).map_err(|source| volumes::VolumeError::Io {
+                what: "cannot move into place",
+                path: gen_dir.clone(),
+                source,
+            })?;
+            volumes::sync_dir(&dir2);
+            let meta = CopyMeta {
+                generation,
+                epoch,
+                at: Utc::now(),
+                owner,
+                bytes,
+                files,
+            };
+            volumes::write_json(&dir2.join("CURRENT"), &meta)?;
+            if let Some(old) = old_gen {
+                let _ = std::fs::remove_dir_all(old);
+            }
+            Ok::<_, volumes::VolumeError>((meta, kept_old))
         })
         .await
         .map_err(|e| SyncError::Protocol(e.to_string()))?;
         let (meta, kept_old) = match built {
             Ok(x) => x,
             Err(e) => {
-                let _ = tokio::fs::remove_dir_all(
-                    self.store
-                        .copy_dir(workload, volume)
-                        .join(format!("incoming-{generation}")),
-                )
-                .await;
+                let _ = tokio::fs::remove_dir_all(&incoming).await;
                 return Err(e.into());
             }
         };
-        drop(store);
         write_frame(
             stream,
             &Reply::Committed {
@@ -804,28 +953,58 @@ impl Receiver {
         Ok(meta)
     }
 
-    /// Receives the files asked for into `incoming`; the indexes received intact.
+    /// Receives the files asked for into `incoming`: what arrived, by index.
     async fn receive_files<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
         entries: &[Entry],
         need: &[u32],
+        hashes: &[Option<String>],
         incoming: &Path,
-    ) -> Result<BTreeSet<u32>, SyncError> {
+    ) -> Result<BTreeMap<u32, Arrived>, SyncError> {
         write_frame(
             stream,
             &Reply::Need {
                 need: need.to_vec(),
+                hashes: hashes.to_vec(),
             },
         )
         .await?;
         stream.flush().await?;
         let wanted: BTreeSet<u32> = need.iter().copied().collect();
-        let mut intact = BTreeSet::new();
+        let offered_hash: BTreeSet<u32> = need
+            .iter()
+            .zip(hashes)
+            .filter(|(_, h)| h.is_some())
+            .map(|(i, _)| *i)
+            .collect();
+        let mut arrived = BTreeMap::new();
         let mut buf = vec![0u8; CHUNK];
         loop {
             match read_frame::<_, Frame>(stream).await? {
-                Frame::Done => return Ok(intact),
+                Frame::Done => return Ok(arrived),
+                Frame::Same {
+                    index,
+                    mtime,
+                    mode,
+                    uid,
+                    gid,
+                } => {
+                    if !offered_hash.contains(&index) {
+                        return Err(SyncError::Protocol(format!(
+                            "entry {index} claimed unchanged, and no hash of it was given"
+                        )));
+                    }
+                    arrived.insert(
+                        index,
+                        Arrived::Same {
+                            mtime,
+                            mode,
+                            uid,
+                            gid,
+                        },
+                    );
+                }
                 Frame::File {
                     index,
                     size,
@@ -881,10 +1060,10 @@ impl Receiver {
                         })
                         .await
                         .map_err(|e| SyncError::Protocol(e.to_string()))??;
-                        intact.insert(index);
+                        arrived.insert(index, Arrived::Bytes);
                     } else {
                         drop(f);
-                        intact.remove(&index);
+                        arrived.remove(&index);
                         let _ = tokio::fs::remove_file(&path).await;
                     }
                 }
@@ -894,16 +1073,29 @@ impl Receiver {
     }
 }
 
+/// How a file asked for arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrived {
+    /// Its bytes, intact, in the new copy already.
+    Bytes,
+    /// The same bytes as the copy in force, with these attributes.
+    Same {
+        mtime: i64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+}
+
 /// Completes the copy in `incoming`: directories, links, unchanged files (hard links
 /// to the copy in force), and the previous copy of files that never arrived intact.
 /// Returns the paths of the latter, and the copy's bytes and files. Blocking.
 fn build(
     entries: &[Entry],
     need: &BTreeSet<u32>,
-    received: &BTreeSet<u32>,
+    arrived: &BTreeMap<u32, Arrived>,
     old: Option<&Path>,
     incoming: &Path,
-    dir: &Path,
 ) -> Result<(Vec<String>, u64, u64), volumes::VolumeError> {
     let io = |what: &'static str, path: &Path| {
         let path = path.to_path_buf();
@@ -923,7 +1115,8 @@ fn build(
                 let _ = std::os::unix::fs::lchown(&to, Some(e.uid), Some(e.gid));
             }
             Kind::File => {
-                if received.contains(&i) {
+                let got = arrived.get(&i);
+                if got == Some(&Arrived::Bytes) {
                     bytes += std::fs::symlink_metadata(&to).map(|m| m.len()).unwrap_or(0);
                     files += 1;
                     continue;
@@ -933,12 +1126,27 @@ fn build(
                     .as_ref()
                     .and_then(|f| std::fs::symlink_metadata(f).ok())
                     .filter(|m| m.is_file());
-                if need.contains(&i) {
+                if need.contains(&i) && got.is_none() {
                     kept_old.push(e.path.clone());
                 }
                 if let (Some(from), Some(m)) = (from, usable) {
+                    if let Some(parent) = to.parent() {
+                        std::fs::create_dir_all(parent).map_err(io("cannot make", parent))?;
+                    }
                     if std::fs::hard_link(&from, &to).is_err() {
                         std::fs::copy(&from, &to).map_err(io("cannot copy", &from))?;
+                    }
+                    if let Some(Arrived::Same {
+                        mtime,
+                        mode,
+                        uid,
+                        gid,
+                    }) = got
+                    {
+                        // The inode is shared with the copy in force, which so gets the
+                        // new attributes a moment early: its bytes, all that a restore
+                        // relies on, are the same either way, and no data is written.
+                        volumes::set_meta(&to, *uid, *gid, *mode, Some(system_time(*mtime)))?;
                     }
                     bytes += m.len();
                     files += 1;
@@ -953,7 +1161,6 @@ fn build(
         volumes::sync_dir(&to);
     }
     volumes::sync_dir(incoming);
-    let _ = dir;
     Ok((kept_old, bytes, files))
 }
 
@@ -1179,6 +1386,49 @@ mod tests {
             ..entry("d/same", Kind::File)
         };
         assert_eq!(needed(&[touched], &have), vec![0], "a new time is a change");
+    }
+
+    #[test]
+    fn an_offer_is_unchanged_only_if_every_entry_is() {
+        let offer = vec![
+            entry("d", Kind::Dir),
+            entry("d/f", Kind::File),
+            entry("l", Kind::Link),
+        ];
+        let have: BTreeMap<String, Entry> =
+            offer.iter().map(|e| (e.path.clone(), e.clone())).collect();
+        assert!(unchanged(&offer, &have));
+        let moved_dir = Entry {
+            mtime: 9,
+            ..entry("d", Kind::Dir)
+        };
+        assert!(
+            unchanged(
+                &[moved_dir, entry("d/f", Kind::File), entry("l", Kind::Link)],
+                &have
+            ),
+            "a directory's time says nothing"
+        );
+        let chmod = Entry {
+            mode: 0o700,
+            ..entry("d", Kind::Dir)
+        };
+        assert!(!unchanged(
+            &[chmod, entry("d/f", Kind::File), entry("l", Kind::Link)],
+            &have
+        ));
+        let relinked = Entry {
+            target: Some("y".into()),
+            ..entry("l", Kind::Link)
+        };
+        assert!(!unchanged(
+            &[entry("d", Kind::Dir), entry("d/f", Kind::File), relinked],
+            &have
+        ));
+        assert!(
+            !unchanged(&offer[..2], &have),
+            "a deleted entry is a change"
+        );
     }
 
     #[test]

@@ -142,6 +142,9 @@ pub struct Store {
     root: PathBuf,
     /// The last sync of each volume in use, by name (memory only).
     syncs: Mutex<BTreeMap<String, SyncOutcome>>,
+    /// When a sync last found a copy current without changing it, by (workload,
+    /// volume) (memory only).
+    confirmed: Mutex<BTreeMap<(String, String), DateTime<Utc>>>,
     /// Bumped whenever what [`Store::report`] says may have changed.
     changed: watch::Sender<u64>,
     /// Serialises preparing, restoring and setting aside against each other.
@@ -155,6 +158,7 @@ impl Store {
         let store = Store {
             root: data_dir.to_path_buf(),
             syncs: Mutex::new(BTreeMap::new()),
+            confirmed: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
             lock: Mutex::new(()),
         };
@@ -358,6 +362,16 @@ impl Store {
         self.touch();
     }
 
+    /// Records that the copy of `workload`'s `volume` in force was found current by a
+    /// sync that changed nothing (memory only: nothing is written).
+    pub fn confirm_copy(&self, workload: &str, volume: &str) {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((workload.to_string(), volume.to_string()), Utc::now());
+        self.touch();
+    }
+
     /// Tells subscribers that a copy came into force.
     pub fn copy_changed(&self) {
         self.touch();
@@ -408,14 +422,21 @@ impl Store {
                 path: None,
             });
         }
+        let confirmed = self
+            .confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for (workload, volume) in self.copy_keys() {
             if let Some((m, _)) = self.copy(&workload, &volume) {
+                let seen = confirmed.get(&(workload.clone(), volume.clone())).copied();
+                let at = seen.map_or(m.at, |s| s.max(m.at));
                 out.push(VolumeReport {
                     workload,
                     volume,
                     role: VolumeRole::Copy,
                     epoch: m.epoch,
-                    at: Some(m.at),
+                    at: Some(at),
                     bytes: m.bytes,
                     files: m.files,
                     origin: None,

@@ -221,6 +221,30 @@ async fn copies_are_exact_incremental_and_carry_attributes() {
         "an unchanged volume costs its list only: {again:?}"
     );
     assert_eq!(again.files, 0);
+    let (m2, _) = sb.store.copy("w", "data").expect("copy");
+    assert_eq!(
+        m2.generation, m1.generation,
+        "and nothing is written on the standby"
+    );
+
+    // A file written again with the same bytes (a backup command run anew): its time
+    // changes, its bytes do not cross the wire.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(root.join("wallets/wallet.dat"), pseudo_random(1 << 20, 1)).expect("write");
+    let rewritten = push(&owner, &sb.addr, "n2", ("w", "data", 7), root, &exclude, 0)
+        .await
+        .expect("push");
+    assert!(rewritten.sent < 4096, "same bytes, new time: {rewritten:?}");
+    assert_eq!(
+        meta(&copy_root(&sb).join("wallets/wallet.dat"))
+            .modified()
+            .expect("mtime"),
+        meta(&root.join("wallets/wallet.dat"))
+            .modified()
+            .expect("mtime"),
+        "the copy carries the new time"
+    );
+    assert_eq!(files(&copy_root(&sb)), want);
 
     // One file changes: it alone is sent.
     std::fs::write(root.join("wallets/sub/backup.dat"), b"backup 2").expect("write");

@@ -2,7 +2,8 @@
 //! - `*` matches any run of characters but `/`, `?` one character but `/`;
 //! - `**` matches any run of characters, `/` included, and `**/` also nothing, so
 //!   `**/x` matches `x` at any depth, the top included;
-//! - a pattern without `/` matches the last component at any depth (`*.lock`);
+//! - a pattern without `/` matches the last component at any depth (`*.lock`); a
+//!   leading `/` anchors one at the volume's top (`/wallet.dat`);
 //! - a trailing `/` matches directories only (`blocks/`);
 //! - a directory that matches is left out with all it holds.
 //!
@@ -52,24 +53,23 @@ impl Glob {
         if pattern.len() > MAX_LEN {
             return Err(GlobError("longer than 256 characters"));
         }
-        if pattern.starts_with('/') {
-            return Err(GlobError("must be relative to the volume (no leading '/')"));
-        }
         if pattern.chars().any(|c| c.is_control()) {
             return Err(GlobError("holds a control character"));
         }
+        let anchored = pattern.starts_with('/');
         let dir_only = pattern.ends_with('/');
-        let body = pattern.trim_end_matches('/');
+        let body = pattern.trim_start_matches('/').trim_end_matches('/');
         if body.is_empty() {
             return Err(GlobError("empty pattern"));
         }
-        if body
-            .split('/')
-            .any(|c| c == ".." || c == "." || c.is_empty())
+        if pattern.starts_with("//")
+            || body
+                .split('/')
+                .any(|c| c == ".." || c == "." || c.is_empty())
         {
             return Err(GlobError("has an empty, '.' or '..' component"));
         }
-        let anywhere = !body.contains('/');
+        let anywhere = !anchored && !body.contains('/');
         let b = body.as_bytes();
         let mut tokens = Vec::with_capacity(b.len());
         let mut i = 0;
@@ -206,6 +206,15 @@ mod tests {
     }
 
     #[test]
+    fn a_leading_slash_anchors_at_the_top() {
+        assert!(m("/wallet.dat", "wallet.dat", false));
+        assert!(!m("/wallet.dat", "backup/wallet.dat", false));
+        assert!(m("wallet.dat", "backup/wallet.dat", false));
+        assert!(m("/database/", "database", true));
+        assert!(!m("/database/", "x/database", true));
+    }
+
+    #[test]
     fn a_trailing_slash_matches_directories_only() {
         assert!(m("chainstate/", "chainstate", true));
         assert!(!m("chainstate/", "chainstate", false));
@@ -218,7 +227,9 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_refused_with_a_reason() {
-        for p in ["", "/", "/abs", "../x", "a/../b", "a//b", "./a", "x\ny"] {
+        for p in [
+            "", "/", "//", "//x", "../x", "/../x", "a/../b", "a//b", "./a", "x\ny",
+        ] {
             assert!(Glob::new(p).is_err(), "{p:?}");
         }
         assert!(Glob::new(&"a".repeat(300)).is_err());

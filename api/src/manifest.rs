@@ -397,8 +397,9 @@ pub struct VolumeSync {
     /// backupwallet /data/backup.dat`); a sync whose command fails is not made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub before: Vec<String>,
-    /// Paths (globs relative to the volume: `*`, `?`, `**`; a trailing `/` matches a
-    /// directory and all it holds) never copied.
+    /// Paths never copied: globs relative to the volume (`*`, `?`, `**`; without a `/`
+    /// a pattern matches a name at any depth, a leading `/` anchors it at the top, a
+    /// trailing `/` matches a directory and all it holds; see [`crate::glob`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
 }

@@ -992,6 +992,120 @@ spec:
         );
     }
 
+    const WALLET: &str = "\
+apiVersion: bramble/v1
+kind: Wallet
+metadata: {name: ltc}
+spec:
+  image: pool/ltc:1
+";
+
+    #[test]
+    fn managed_volumes_and_sync_rules_are_checked_with_their_place() {
+        let ok = parse_manifests(
+            "w.yaml",
+            &format!("{WALLET}  volumes: [{{name: ltc-data, path: /data}}, {{hostPath: /var/lib/bramble/volumes/x, path: /x}}]\n"),
+        )
+        .expect("parses");
+        let m = &ok.workloads[0].manifest;
+        assert_eq!(m.spec.volumes[0].managed(), Some("ltc-data"));
+        assert_eq!(
+            m.sync(),
+            Some(crate::manifest::VolumeSync::default()),
+            "a Wallet syncs by default"
+        );
+        let spec = crate::task::TaskSpec::from_manifest(m);
+        assert!(spec.sync.is_some());
+        // Off by copies: 0; a Service opts in; without a managed volume nothing syncs.
+        let off = parse_manifests(
+            "w.yaml",
+            &format!("{WALLET}  volumes: [{{name: d, path: /d}}]\n  sync: {{copies: 0}}\n"),
+        )
+        .expect("parses");
+        assert_eq!(off.workloads[0].manifest.sync(), None);
+        let svc = parse_manifests("s.yaml", &GOOD.replace("replicas: 2", "replicas: 1\n  volumes: [{name: d, path: /d}]\n  sync: {every: 30s, copies: 2, before: [sh, -c, x], exclude: [\"blocks/\", \"*.log\"]}")).expect("parses");
+        let rule = svc.workloads[0].manifest.sync().expect("opted in");
+        assert_eq!(
+            (rule.every.as_millis(), rule.copies, rule.exclude.len()),
+            (30_000, 2, 2)
+        );
+        let plain = parse_manifests("w.yaml", WALLET).expect("parses");
+        assert_eq!(plain.workloads[0].manifest.sync(), None);
+        assert_eq!(
+            crate::task::TaskSpec::from_manifest(&plain.workloads[0].manifest).hash(),
+            crate::task::TaskSpec::from_manifest(&plain.workloads[0].manifest).hash()
+        );
+
+        for (extra, field, says) in [
+            (
+                "  volumes: [{path: /data}]\n",
+                "spec.volumes[0]",
+                "needs name",
+            ),
+            (
+                "  volumes: [{name: d, hostPath: /var/lib/bramble/volumes/d, path: /data}]\n",
+                "spec.volumes[0]",
+                "not both",
+            ),
+            (
+                "  volumes: [{name: Data, path: /data}]\n",
+                "spec.volumes[0].name",
+                "invalid name",
+            ),
+            (
+                "  volumes: [{name: d, path: data}]\n",
+                "spec.volumes[0].path",
+                "absolute",
+            ),
+            (
+                "  volumes: [{name: d, path: /a}, {name: d, path: /b}]\n",
+                "spec.volumes[1].name",
+                "already mounted",
+            ),
+            ("  sync: {copies: 1}\n", "spec.sync", "has none"),
+            (
+                "  volumes: [{name: d, path: /d}]\n  sync: {every: 10ms}\n",
+                "spec.sync.every",
+                "minimum",
+            ),
+            (
+                "  volumes: [{name: d, path: /d}]\n  sync: {copies: 9}\n",
+                "spec.sync.copies",
+                "limit of 5",
+            ),
+            (
+                "  volumes: [{name: d, path: /d}]\n  sync: {before: [\"\"]}\n",
+                "spec.sync.before",
+                "first word",
+            ),
+            (
+                "  volumes: [{name: d, path: /d}]\n  sync: {exclude: [\"../x\"]}\n",
+                "spec.sync.exclude[0]",
+                "'..'",
+            ),
+            (
+                "  volumes: [{name: d, path: /d}]\n  sync: {exclude: [\"//x\"]}\n",
+                "spec.sync.exclude[0]",
+                "empty",
+            ),
+            (
+                "  volumes: [{name: d, path: /d}]\n  sync: {every: 1m, often: true}\n",
+                "spec.sync",
+                "unknown field",
+            ),
+        ] {
+            let e = one(&format!("{WALLET}{extra}"));
+            assert!(e.field.starts_with(field), "{extra}: {e}");
+            assert!(e.message.contains(says), "{extra}: {e}");
+        }
+        let e = one(&GOOD.replace(
+            "replicas: 2",
+            "replicas: 3\n  volumes: [{name: d, path: /d}]\n  sync: {copies: 1}",
+        ));
+        assert_eq!(e.field, "spec.sync", "{e}");
+        assert!(e.message.contains("replicas: 1"), "{e}");
+    }
+
     #[test]
     fn unknown_kind_is_an_error() {
         let e = one(&GOOD.replace("kind: Service", "kind: Deployment"));

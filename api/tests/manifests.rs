@@ -43,3 +43,26 @@ fn every_example_manifest_is_valid() {
         ),
     }
 }
+
+#[test]
+fn the_example_wallet_copies_its_consistent_backup_and_not_the_live_wallet() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/ltc-wallet.yaml");
+    let text = std::fs::read_to_string(&path).expect("readable");
+    let docs = bramble_api::parse::parse_manifests("ltc-wallet.yaml", &text).expect("valid");
+    let m = &docs.workloads[0].manifest;
+    let rule = m.sync().expect("the wallet's keys follow it");
+    assert!(rule.before.iter().any(|w| w == "backupwallet"), "{rule:?}");
+    let globs: Vec<_> = rule
+        .exclude
+        .iter()
+        .map(|g| bramble_api::glob::Glob::new(g).expect("valid glob"))
+        .collect();
+    let out = |p: &str, dir: bool| bramble_api::glob::excluded(&globs, p, dir);
+    assert!(out("wallet.dat", false) && out("database", true) && out(".walletlock", false));
+    assert!(
+        !out("backup", true) && !out("backup/wallet.dat", false),
+        "the backup is copied"
+    );
+    let keys: Vec<_> = m.spec.volumes.iter().filter_map(|v| v.managed()).collect();
+    assert_eq!(keys, ["ltc-wallet-keys"]);
+}

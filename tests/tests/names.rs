@@ -583,6 +583,7 @@ fn example(file: &str) -> Result<(Option<String>, bramble_api::manifest::Manifes
     m.spec.image = "bramble-testimg:latest".into();
     m.spec.command = Some(vec!["/testimg".into()]);
     m.spec.volumes.clear();
+    m.spec.sync = None;
     m.spec.placement = Default::default();
     m.spec.probes = Default::default();
     m.spec.resources = Default::default();

@@ -1206,6 +1206,47 @@ mod tests {
         assert!(epochs.contains(&(Kind::Service, None)), "{epochs:?}");
     }
 
+    #[test]
+    fn a_task_with_synced_volumes_carries_an_epoch_and_goes_where_its_data_is() {
+        let synced = workload(
+            "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: db}\nspec:\n  image: db:1\n  volumes: [{name: db-data, path: /d}]\n  sync: {copies: 1}\n",
+        );
+        let ws = [synced];
+        let mut n1 = node("n1");
+        let mut n2 = node("n2");
+        let mut n3 = node("n3");
+        let rank = |epoch, in_use| crate::core::volumes::Rank {
+            epoch,
+            in_use,
+            at: None,
+        };
+        n1.holding.insert("db".into(), rank(3, false));
+        n3.holding.insert("db".into(), rank(5, false));
+        n2.holding.insert("other".into(), rank(9, true));
+        let nodes = vec![n1, n2, n3];
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let mut snap = snapshot_of(&ws, &tasks);
+            snap.revision = 70;
+            let mut writes = plan(&ws, &tasks, &nodes, Utc::now());
+            stamp_epochs(&mut writes, &snap);
+            apply(&mut tasks, &writes);
+        }
+        let t = &tasks[0].value;
+        assert_eq!(
+            t.node.as_deref(),
+            Some("n3"),
+            "the node with the newest copy"
+        );
+        assert_eq!(t.epoch, 71);
+        let set = assignments(
+            &snapshot_of(&ws, &tasks),
+            "n3",
+            &crate::core::secrets::tests::Mirror,
+        );
+        assert_eq!(set[0].epoch, Some(71));
+    }
+
     fn snapshot_of(ws: &[StoredWorkload], tasks: &[Versioned<Task>]) -> Snapshot {
         let mut snap = Snapshot::default();
         for (i, w) in ws.iter().enumerate() {

@@ -922,6 +922,36 @@ mod tests {
     }
 
     #[test]
+    fn a_task_goes_where_its_newest_data_is_when_that_node_fits() {
+        let mut r = req("t", "w");
+        r.prefer = vec!["c".into(), "b".into()];
+        // The newest holder wins over a lighter, emptier node.
+        let mut c = node("c");
+        c.workload_tasks.insert((Kind::Service, "other".into()), 5);
+        assert_eq!(
+            place_one(vec![node("a"), node("b"), c.clone()], r.clone()),
+            Ok("c".into())
+        );
+        // It does not fit: the next holder.
+        let mut full = c;
+        full.cordoned = true;
+        assert_eq!(
+            place_one(vec![node("a"), node("b"), full.clone()], r.clone()),
+            Ok("b".into())
+        );
+        // No holder fits: anywhere, by the usual rules.
+        let mut b = node("b");
+        b.ready = false;
+        assert_eq!(
+            place_one(vec![node("a"), b, full], r.clone()),
+            Ok("a".into())
+        );
+        // A node the task just failed on is avoided even if it holds the data.
+        r.avoid = vec!["c".into()];
+        assert_eq!(place_one(vec![node("a"), node("c")], r), Ok("a".into()));
+    }
+
+    #[test]
     fn one_plan_never_overcommits_and_spreads_replicas() {
         let nodes = vec![node("a"), node("b"), node("c")];
         // 1 GiB each: three 400Mi tasks per node would not fit, two do.
