@@ -5,6 +5,7 @@ mod dashboard;
 mod ha;
 mod link;
 mod names;
+mod volumes;
 
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,14 @@ enum What {
     Names {
         /// Wallet moves.
         #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
+    /// Volumes that follow a wallet: bytes sent by a sync of an unchanged 1 GiB volume,
+    /// standby writes per hour for an idle wallet, restore time of 100 MiB, and failover
+    /// with and without a copy (3 nodes with their own engines). Not in `all`.
+    Volumes {
+        /// Failovers with a copy, and as many without.
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
     /// Failover on a 3-node cluster in network namespaces: node power-off until a
@@ -612,6 +621,7 @@ async fn main() -> Result<()> {
         What::ApplyLatency { rounds } => apply_latency(rounds).await?,
         What::Memory => memory().await?,
         What::Names { rounds } => names::names(rounds).await?,
+        What::Volumes { rounds } => volumes::volumes(rounds).await?,
         What::Link { rounds, idle_secs } => link::link(rounds, idle_secs).await?,
         What::FakeNodes { nodes, secs } => link::fake_nodes(nodes, secs).await?,
         What::Failover { rounds } => failover(rounds).await?,
