@@ -6,7 +6,7 @@ const $ = (s) => document.querySelector(s);
 const TOKEN = 'bramble.token';
 const ESC = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
 const esc = (v) => String(v ?? '').replace(/[&<>"']/g, (c) => ESC[c]);
-const S = { role: null, nodes: [], hist: {}, tasks: [], workloads: [], cronjobs: [], events: [], seq: 0, controllers: [], endpoints: [] };
+const S = { role: null, nodes: [], hist: {}, tasks: [], workloads: [], cronjobs: [], events: [], seq: 0, controllers: [], endpoints: [], volumes: [] };
 const FINISHED = ['Succeeded', 'Failed', 'Stopped', 'Lost'];
 const RUNS = ['Job', 'CronJob'];
 let ctl = null;
@@ -121,6 +121,7 @@ const on = {
     render();
     pollControllers();
     pollEndpoints();
+    pollVolumes();
   },
   nodes(d) {
     S.nodes = d;
@@ -169,7 +170,8 @@ function renderSummary() {
   const live = S.tasks.filter(running);
   const up = live.filter((t) => t.phase === 'Running').length;
   const short = S.workloads.filter((w) => w.running < w.desired).length;
-  const warns = S.nodes.reduce((a, n) => a + (n.warnings || []).length, 0) + short;
+  const warns = S.nodes.reduce((a, n) => a + (n.warnings || []).length, 0) + short +
+    S.volumes.filter((v) => volumeTrouble(v)).length;
   const chip = (label, v, bad) => `<span class="chip ${bad ? 'bad' : 'ok'}"><small>${label}</small>${v}</span>`;
   const lead = S.controllers.find((c) => c.leader);
   const many = S.controllers.length > 1;
@@ -202,6 +204,28 @@ function poller(path, key, then) {
 }
 const pollControllers = poller('/v1/controllers', 'controllers', () => renderSummary());
 const pollEndpoints = poller('/v1/endpoints', 'endpoints', () => renderWorkloads());
+const pollVolumes = poller('/v1/volumes', 'volumes', () => { renderWorkloads(); renderSummary(); });
+
+// A workload's managed volumes: where each is, its last sync, its copies; red when it
+// started empty, its sync fails, or it has no copy to fail over to.
+function volumeTrouble(v) {
+  if (v.origin && v.origin.from === 'empty' && v.copies.length + v.setAside.length > 0) return 'started empty';
+  if (v.lastSync && v.lastSync.error) return 'sync failed';
+  if (v.sync && v.node && !v.copies.some((c) => !c.stale)) return 'no copy';
+  return '';
+}
+
+function volumes(w) {
+  const vs = S.volumes.filter((v) => v.workload === w.name);
+  if (!vs.length) return '<span class="none">-</span>';
+  return vs.map((v) => {
+    const bad = volumeTrouble(v);
+    const copies = v.copies.map((c) => `${c.node}${c.stale ? ' (older placement)' : ''}, ${ago(c.at)}`).join('\n');
+    const synced = v.lastSync && !v.lastSync.error ? ` <small>synced ${esc(ago(v.lastSync.at))}</small>` : '';
+    const title = `${v.node ? 'on ' + v.node + ', ' + mib(v.bytes) : 'not in use'}${copies ? '\ncopies:\n' + copies : ''}${v.lastSync && v.lastSync.error ? '\n' + v.lastSync.error : ''}`;
+    return `<code title="${esc(title)}">${esc(v.name)}</code>${synced}${bad ? ` <span class="pill Failed">${esc(bad)}</span>` : ''}`;
+  }).join('<br>');
+}
 
 function address(w) {
   const e = S.endpoints.find((x) => x.kind === w.kind && x.name === w.name);
@@ -307,9 +331,9 @@ function renderWorkloads() {
     const key = `${w.kind}/${w.name}`;
     const btn = admin() && !RUNS.includes(w.kind) ? `<button data-act="restart" data-kind="${esc(w.kind.toLowerCase())}" data-name="${esc(w.name)}" class="ghost">Restart</button>` : '';
     return `<tr data-workload="${esc(key)}"><td>${esc(w.kind)}</td><td><b>${esc(w.name)}</b></td><td><code>${esc(w.image)}</code></td>` +
-      `<td class="${w.running < w.desired ? 'short' : 'full'}">${w.running}/${w.desired}</td><td>${address(w)}</td><td>${btn}</td></tr>`;
+      `<td class="${w.running < w.desired ? 'short' : 'full'}">${w.running}/${w.desired}</td><td>${address(w)}</td><td>${volumes(w)}</td><td>${btn}</td></tr>`;
   });
-  patch($('#workloads tbody'), rows.join('') || '<tr><td colspan="6" class="none">No workloads: <code>bramblectl apply -f manifests/</code></td></tr>');
+  patch($('#workloads tbody'), rows.join('') || '<tr><td colspan="7" class="none">No workloads: <code>bramblectl apply -f manifests/</code></td></tr>');
 }
 
 function renderCron() {
