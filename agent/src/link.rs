@@ -206,6 +206,7 @@ pub async fn run(
         Some(port) => match crate::mesh::Mesh::load_or_new(&cfg.node_name, &cfg.data_dir) {
             Ok(mesh) => {
                 let mesh = Arc::new(mesh);
+                runtime = runtime.with_fetch(Arc::clone(&receiver), Arc::clone(&mesh));
                 if let Some((ns, dns)) = serve_names(&routes, &mut serving).await {
                     runtime = runtime.with_dns(dns);
                     let proxy = crate::proxy::Proxy::new(

@@ -326,6 +326,16 @@ pub enum Request {
         /// The container port.
         port: u16,
     },
+    /// To get this node's copy of `workload`'s `volume`, for the placement `epoch`
+    /// now on the asking node.
+    Fetch {
+        /// The workload.
+        workload: String,
+        /// The managed volume.
+        volume: String,
+        /// The asker's placement epoch.
+        epoch: u64,
+    },
     /// To take a copy of `workload`'s `volume`, sent for its placement `epoch`.
     Sync {
         /// The workload.
@@ -346,6 +356,11 @@ impl Request {
                 volume,
                 epoch,
             } => format!("{MAGIC} SYNC {workload} {volume} {epoch}\n"),
+            Request::Fetch {
+                workload,
+                volume,
+                epoch,
+            } => format!("{MAGIC} FETCH {workload} {volume} {epoch}\n"),
         }
     }
 }
@@ -406,7 +421,7 @@ fn parse_request(line: &str) -> Result<Request, &'static str> {
         return Err("not a Bramble mesh request");
     }
     let task = parts.next().filter(|t| !t.is_empty()).ok_or("no task")?;
-    if task == "SYNC" {
+    if task == "SYNC" || task == "FETCH" {
         let name = |p: Option<&str>, what| {
             p.filter(|n| n.parse::<bramble_api::manifest::Name>().is_ok())
                 .map(str::to_string)
@@ -421,10 +436,18 @@ fn parse_request(line: &str) -> Result<Request, &'static str> {
         if parts.next().is_some() {
             return Err("extra words");
         }
-        return Ok(Request::Sync {
-            workload,
-            volume,
-            epoch,
+        return Ok(if task == "SYNC" {
+            Request::Sync {
+                workload,
+                volume,
+                epoch,
+            }
+        } else {
+            Request::Fetch {
+                workload,
+                volume,
+                epoch,
+            }
         });
     }
     let port = parts
@@ -456,6 +479,11 @@ mod tests {
                 workload: "ltc-wallet".into(),
                 volume: "ltc-data".into(),
                 epoch: 42,
+            },
+            Request::Fetch {
+                workload: "ltc-wallet".into(),
+                volume: "ltc-data".into(),
+                epoch: 43,
             },
         ] {
             assert_eq!(parse_request(req.line().trim_end()), Ok(req));

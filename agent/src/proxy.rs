@@ -495,6 +495,23 @@ impl Proxy {
                 };
                 let (task, port) = match req {
                     crate::mesh::Request::Task { task, port } => (task, port),
+                    crate::mesh::Request::Fetch {
+                        workload,
+                        volume,
+                        epoch,
+                    } => {
+                        match &me.copies {
+                            Some(r) => r.serve_fetch(stream, workload, volume, epoch).await,
+                            None => {
+                                let _ = crate::mesh::answer(
+                                    &mut stream,
+                                    &Err("this node keeps no copies".into()),
+                                )
+                                .await;
+                            }
+                        }
+                        return;
+                    }
                     crate::mesh::Request::Sync {
                         workload,
                         volume,

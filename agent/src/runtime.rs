@@ -363,6 +363,19 @@ pub struct Runtime {
     host_paths: Arc<host_paths::Policy>,
     dns: Option<Arc<Dns>>,
     volumes: Option<Arc<crate::volumes::Store>>,
+    /// Fetches a newer copy of a task's volumes from the node holding it.
+    fetch: Option<Fetch>,
+}
+
+/// What fetching a copy from another node takes: this node's receiver of copies and
+/// its mesh identity.
+#[derive(Clone)]
+struct Fetch(Arc<crate::sync::Receiver>, Arc<crate::mesh::Mesh>);
+
+impl std::fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fetch")
+    }
 }
 
 /// The resolver containers on this node use: the agent's ([`crate::dns`]), so that
@@ -409,6 +422,7 @@ impl Runtime {
             host_paths: Arc::new(host_paths::Policy::default()),
             dns: None,
             volumes: None,
+            fetch: None,
         })
     }
 
@@ -421,6 +435,17 @@ impl Runtime {
     /// This runtime with managed volumes kept in `store`.
     pub fn with_volumes(mut self, store: Arc<crate::volumes::Store>) -> Runtime {
         self.volumes = Some(store);
+        self
+    }
+
+    /// This runtime fetching a newer copy of a task's volumes from the node holding it
+    /// (the task's `restore_from`) before its container starts.
+    pub fn with_fetch(
+        mut self,
+        receiver: Arc<crate::sync::Receiver>,
+        mesh: Arc<crate::mesh::Mesh>,
+    ) -> Runtime {
+        self.fetch = Some(Fetch(receiver, mesh));
         self
     }
 
@@ -662,6 +687,36 @@ impl Runtime {
                 ),
             },
         })?;
+        if let (Some(src), Some(Fetch(receiver, mesh))) = (&a.restore_from, &self.fetch) {
+            let mine = crate::volumes::newest_here(&store, &a.workload, name);
+            if crate::volumes::older_than(mine, src.epoch, src.at) {
+                info!(volume = name, from = %src.node, epoch = src.epoch, "fetching the newest copy of the volume before the task starts");
+                // The holder learns that this node now runs the workload in its own task
+                // set, which may reach it a moment after this one reached here.
+                let mut tries = 0;
+                let fetched = loop {
+                    tries += 1;
+                    match receiver
+                        .fetch(mesh, src, &a.workload, name, a.epoch.unwrap_or(0))
+                        .await
+                    {
+                        Err(crate::sync::SyncError::Mesh(e)) if tries < 10 => {
+                            debug!(error = %e, "the holder refused the copy for now; asking again");
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        r => break r,
+                    }
+                };
+                fetched.map_err(|e| Error::Volume {
+                    name: name.to_string(),
+                    source: crate::volumes::VolumeError::Io {
+                        what: "cannot fetch its newest copy from",
+                        path: PathBuf::from(&src.node),
+                        source: std::io::Error::other(e.to_string()),
+                    },
+                })?;
+            }
+        }
         let (workload, volume, epoch) =
             (a.workload.clone(), name.to_string(), a.epoch.unwrap_or(0));
         let prepared =
@@ -1366,6 +1421,7 @@ mod tests {
             timeout: None,
         };
         Assignment {
+            restore_from: None,
             sync_to: Vec::new(),
             task: "ltc-abcdef-0".into(),
             kind: Kind::Wallet,
@@ -1419,6 +1475,7 @@ mod tests {
         )
         .expect("client");
         let rt = Runtime {
+            fetch: None,
             volumes: None,
             dns: None,
             docker,

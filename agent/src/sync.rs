@@ -5,8 +5,12 @@
 //! # Protocol
 //! After `BRAMBLE/1 SYNC WORKLOAD VOLUME EPOCH` and `OK`, frames are a 4-byte big-endian
 //! length and JSON, except file contents, which follow their [`Frame::File`] raw:
-//! 1. sender: [`Frame::Offer`], every entry of the volume (path, kind, size, time, mode,
-//!    owner), excluded paths left out;
+//! 1. sender: [`Frame::Digest`], the SHA-256 of its list of entries; a receiver whose
+//!    copy was made from that very list, for the same sender and placement, answers
+//!    [`Reply::Unchanged`] and that is all (an unchanged volume costs ~100 bytes);
+//!    otherwise [`Reply::SendOffer`], and the sender sends [`Frame::Offer`], every
+//!    entry of the volume (path, kind, size, time, mode, owner), excluded paths left
+//!    out;
 //! 2. receiver: [`Reply::Need`], the files its copy in force lacks or holds otherwise
 //!    (size, modification time, mode or owner differ): unchanged files cost nothing;
 //! 3. sender, for each: [`Frame::File`], the bytes, [`Frame::End`] saying whether the
@@ -121,6 +125,11 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "camelCase")]
 pub enum Frame {
+    /// The SHA-256 (hex) of the offer that follows if asked for.
+    Digest {
+        /// Hex.
+        digest: String,
+    },
     /// Every entry.
     Offer {
         /// Sorted by path, parents first.
@@ -189,6 +198,10 @@ pub enum Reply {
         /// they are missing).
         kept_old: Vec<String>,
     },
+    /// The copy in force was made from the digested list: nothing to send.
+    Unchanged,
+    /// Send the list.
+    SendOffer,
     /// The receiver gave up.
     Failed {
         /// Why.
@@ -419,11 +432,7 @@ pub async fn push(
     rate: u64,
 ) -> Result<Pushed, SyncError> {
     let (workload, volume, epoch) = req;
-    let root_buf = root.to_path_buf();
-    let globs = exclude.to_vec();
-    let entries = tokio::task::spawn_blocking(move || scan(&root_buf, &globs))
-        .await
-        .map_err(|e| SyncError::Protocol(e.to_string()))??;
+    let entries = scan_async(root, exclude).await?;
     let mut stream = mesh
         .dial_for(
             addr,
@@ -435,27 +444,65 @@ pub async fn push(
             },
         )
         .await?;
+    send(&mut stream, &entries, root, rate).await
+}
+
+async fn scan_async(root: &Path, exclude: &[Glob]) -> Result<Vec<Entry>, SyncError> {
+    let root_buf = root.to_path_buf();
+    let globs = exclude.to_vec();
+    tokio::task::spawn_blocking(move || scan(&root_buf, &globs))
+        .await
+        .map_err(|e| SyncError::Protocol(e.to_string()))?
+        .map_err(SyncError::from)
+}
+
+/// The sender's side of the protocol on an open stream: the files of `entries` under
+/// `root`.
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    entries: &[Entry],
+    root: &Path,
+    rate: u64,
+) -> Result<Pushed, SyncError> {
     let mut out = Pushed::default();
     let mut throttle = Throttle::new(rate);
+    out.sent += write_frame(
+        stream,
+        &Frame::Digest {
+            digest: list_digest(entries),
+        },
+    )
+    .await?;
+    stream.flush().await?;
+    match read_frame::<_, Reply>(stream).await? {
+        Reply::Unchanged => return Ok(out),
+        Reply::SendOffer => {}
+        Reply::Failed { why } => return Err(SyncError::Refused(why)),
+        other => {
+            return Err(SyncError::Protocol(format!(
+                "expected an answer to the digest, got {other:?}"
+            )))
+        }
+    }
     let n = write_frame(
-        &mut stream,
+        stream,
         &Frame::Offer {
-            entries: entries.clone(),
+            entries: entries.to_vec(),
         },
     )
     .await?;
     throttle.spend(n).await;
     out.sent += n;
-    let need = match read_frame::<_, Reply>(&mut stream).await? {
+    let need = match read_frame::<_, Reply>(stream).await? {
         Reply::Need { need, hashes } => need
             .into_iter()
             .zip(hashes.into_iter().chain(std::iter::repeat(None)))
             .collect::<Vec<_>>(),
         Reply::Failed { why } => return Err(SyncError::Refused(why)),
-        Reply::Committed { .. } => {
-            return Err(SyncError::Protocol(
-                "committed before anything was sent".into(),
-            ))
+        other => {
+            return Err(SyncError::Protocol(format!(
+                "expected the files to send, got {other:?}"
+            )))
         }
     };
     let mut buf = vec![0u8; CHUNK];
@@ -469,7 +516,7 @@ pub async fn push(
         if let Some(theirs) = theirs {
             if let Some(same) = same_bytes(&path, &theirs).await {
                 out.sent += write_frame(
-                    &mut stream,
+                    stream,
                     &Frame::Same {
                         index,
                         mtime: same.0,
@@ -510,7 +557,7 @@ pub async fn push(
                 uid: before.uid(),
                 gid: before.gid(),
             };
-            let n = write_frame(&mut stream, &header).await?;
+            let n = write_frame(stream, &header).await?;
             out.sent += n;
             let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
             let mut left = size;
@@ -548,7 +595,7 @@ pub async fn push(
                 same = read_again_matches(&path, size, digest.finish().as_ref()).await;
             }
             out.sent += write_frame(
-                &mut stream,
+                stream,
                 &Frame::End {
                     index,
                     intact: same,
@@ -566,15 +613,17 @@ pub async fn push(
             out.kept_old.push(e.path.clone());
         }
     }
-    out.sent += write_frame(&mut stream, &Frame::Done).await?;
+    out.sent += write_frame(stream, &Frame::Done).await?;
     stream.flush().await?;
-    match read_frame::<_, Reply>(&mut stream).await? {
+    match read_frame::<_, Reply>(stream).await? {
         Reply::Committed { kept_old, .. } => {
             out.kept_old = kept_old;
             Ok(out)
         }
         Reply::Failed { why } => Err(SyncError::Refused(why)),
-        Reply::Need { .. } => Err(SyncError::Protocol("asked again".into())),
+        other => Err(SyncError::Protocol(format!(
+            "expected the commit, got {other:?}"
+        ))),
     }
 }
 
@@ -613,6 +662,12 @@ async fn same_bytes(path: &Path, want: &str) -> Option<(i64, u32, u32, u32)> {
             before.gid(),
         )
     })
+}
+
+/// The SHA-256 (hex) of a list of entries, as the protocol sends it.
+pub fn list_digest(entries: &[Entry]) -> String {
+    let json = serde_json::to_vec(entries).unwrap_or_default();
+    hex(ring::digest::digest(&ring::digest::SHA256, &json).as_ref())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -781,7 +836,7 @@ impl Receiver {
         let owner_name = duty.map(|d| d.owner).unwrap_or_default();
         let result = async {
             crate::mesh::answer(&mut stream, &Ok(())).await?;
-            self.take(&mut stream, &workload, &volume, epoch, &owner_name)
+            self.take(&mut stream, &workload, &volume, epoch, &owner_name, None)
                 .await
         }
         .await;
@@ -809,6 +864,115 @@ impl Receiver {
         }
     }
 
+    /// Serves a node that now runs a workload this node keeps a copy of and asks for
+    /// it (it holds older data, or none): this node sends its copy in force, as a sync
+    /// would, to the node and placement its duty names.
+    pub async fn serve_fetch(
+        &self,
+        mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        workload: String,
+        volume: String,
+        epoch: u64,
+    ) {
+        let duty = self.duties.find(&workload);
+        let owner = duty
+            .as_ref()
+            .is_some_and(|d| crate::mesh::peer_is(&stream, &d.owner));
+        let copy = self.store.copy(&workload, &volume);
+        let why = match (&duty, &copy) {
+            (_, None) => Some("this node holds no copy of that volume".to_string()),
+            (d, Some(_)) => refusal(d.as_ref(), owner, &volume, epoch, None),
+        };
+        if let Some(why) = why {
+            tracing::warn!(
+                workload,
+                volume,
+                epoch,
+                why,
+                "refused to send a volume copy"
+            );
+            let _ = crate::mesh::answer(&mut stream, &Err(why)).await;
+            return;
+        }
+        let Some((meta, gen)) = copy else { return };
+        let sent = async {
+            crate::mesh::answer(&mut stream, &Ok(())).await?;
+            write_frame(&mut stream, &meta).await?;
+            let entries = scan_async(&gen, &[]).await?;
+            // No cap: a wallet waits for this to start.
+            send(&mut stream, &entries, &gen, 0).await
+        }
+        .await;
+        match sent {
+            Ok(p) => tracing::info!(
+                workload,
+                volume,
+                epoch,
+                sent_bytes = p.sent,
+                "volume copy sent to the node now running the workload"
+            ),
+            Err(e) => {
+                tracing::warn!(workload, volume, epoch, error = %e, "could not send a volume copy")
+            }
+        }
+    }
+
+    /// Fetches `source`'s copy of `workload`'s `volume` for this node's placement
+    /// `epoch`, and puts it in force here (as a copy: [`Store::prepare`] then restores
+    /// it).
+    pub async fn fetch(
+        &self,
+        mesh: &Mesh,
+        source: &bramble_api::wire::RestoreSource,
+        workload: &str,
+        volume: &str,
+        epoch: u64,
+    ) -> Result<CopyMeta, SyncError> {
+        let key = (workload.to_string(), volume.to_string());
+        if !self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return Err(SyncError::Refused(
+                "a copy of that volume is being received already".into(),
+            ));
+        }
+        let result = async {
+            let mut stream = mesh
+                .dial_for(
+                    &source.mesh,
+                    &source.node,
+                    &Request::Fetch {
+                        workload: workload.to_string(),
+                        volume: volume.to_string(),
+                        epoch,
+                    },
+                )
+                .await?;
+            let meta: CopyMeta = read_frame(&mut stream).await?;
+            self.take(
+                &mut stream,
+                workload,
+                volume,
+                meta.epoch,
+                &meta.owner,
+                Some(meta.at),
+            )
+            .await
+        }
+        .await;
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        if result.is_ok() {
+            self.store.copy_changed();
+        }
+        result
+    }
+
     async fn take<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
@@ -816,15 +980,37 @@ impl Receiver {
         volume: &str,
         epoch: u64,
         owner: &str,
+        made_at: Option<chrono::DateTime<Utc>>,
     ) -> Result<CopyMeta, SyncError> {
         let dir = self.store.copy_dir(workload, volume);
         tokio::fs::create_dir_all(&dir).await?;
         let current = self.store.copy(workload, volume);
+        let digest = match read_frame::<_, Frame>(stream).await? {
+            Frame::Digest { digest } => digest,
+            _ => return Err(SyncError::Protocol("expected the list's digest".into())),
+        };
+        if let Some((meta, _)) = current.as_ref().filter(|(m, _)| {
+            m.epoch == epoch && m.owner == owner && m.list.as_deref() == Some(digest.as_str())
+        }) {
+            // The copy in force was made from this very list: nothing is sent, nothing
+            // is written.
+            self.store.confirm_copy(workload, volume);
+            write_frame(stream, &Reply::Unchanged).await?;
+            stream.flush().await?;
+            return Ok(meta.clone());
+        }
+        write_frame(stream, &Reply::SendOffer).await?;
+        stream.flush().await?;
         let entries = match read_frame::<_, Frame>(stream).await? {
             Frame::Offer { entries } => entries,
             _ => return Err(SyncError::Protocol("expected the offer".into())),
         };
         check_offer(&entries).map_err(SyncError::Protocol)?;
+        if list_digest(&entries) != digest {
+            return Err(SyncError::Protocol(
+                "the list does not match its digest".into(),
+            ));
+        }
         let old_gen = current.as_ref().map(|c| c.1.clone());
         let (have, need, hashes) = {
             let (offer, old) = (entries.clone(), old_gen.clone());
@@ -919,9 +1105,10 @@ impl Receiver {
             })?;
             volumes::sync_dir(&dir2);
             let meta = CopyMeta {
+                list: Some(digest),
                 generation,
                 epoch,
-                at: Utc::now(),
+                at: made_at.unwrap_or_else(Utc::now),
                 owner,
                 bytes,
                 files,

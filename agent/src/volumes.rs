@@ -92,6 +92,11 @@ pub struct CopyMeta {
     pub bytes: u64,
     /// Number of files.
     pub files: u64,
+    /// The SHA-256 of the list of entries it was made from (see
+    /// [`crate::sync::list_digest`]): a sender whose list is the same has nothing to
+    /// send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
 }
 
 /// What a task's volume starts from. The decision of [`decide`].
@@ -134,6 +139,30 @@ pub fn decide(workload: &str, epoch: u64, have: Option<&InUse>, copy: Option<u64
 /// workload's current placement (`current`) is newer and not on this node. Pure.
 pub fn stale(have: &InUse, current: Option<u64>, placed_here: bool) -> bool {
     !placed_here && current.is_some_and(|c| c > have.epoch)
+}
+
+/// How new the data of `workload`'s `volume` on this node is: (epoch, in use, copy
+/// time). Data in use is newer than any copy of its own placement.
+pub type Newest = Option<(u64, bool, Option<DateTime<Utc>>)>;
+
+/// The newest data of `workload`'s `volume` this node holds (in use or a copy).
+pub fn newest_here(store: &Store, workload: &str, volume: &str) -> Newest {
+    let in_use = store
+        .in_use(volume)
+        .filter(|h| h.workload == workload && store.volume_dir(volume).is_dir())
+        .map(|h| (h.epoch, true, None));
+    let copy = store
+        .copy(workload, volume)
+        .map(|(m, _)| (m.epoch, false, Some(m.at)));
+    in_use.max(copy)
+}
+
+/// Whether `mine` is older than a copy of placement `epoch` completed at `at`. Pure.
+pub fn older_than(mine: Newest, epoch: u64, at: Option<DateTime<Utc>>) -> bool {
+    match mine {
+        None => true,
+        Some((e, in_use, t)) => e < epoch || (e == epoch && !in_use && t < at),
+    }
 }
 
 /// This node's managed volumes, copies and set-aside data.
@@ -674,6 +703,26 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_elsewhere_is_fetched_only_if_it_is_newer() {
+        let t = |s| chrono::TimeZone::timestamp_opt(&Utc, s, 0).single();
+        assert!(older_than(None, 3, t(1)));
+        assert!(
+            older_than(Some((2, true, None)), 3, t(1)),
+            "in use, of an older placement"
+        );
+        assert!(
+            !older_than(Some((3, true, None)), 3, t(9)),
+            "in use beats a copy of its placement"
+        );
+        assert!(
+            older_than(Some((3, false, t(1))), 3, t(2)),
+            "an older copy of the placement"
+        );
+        assert!(!older_than(Some((3, false, t(2))), 3, t(2)));
+        assert!(!older_than(Some((4, false, t(0))), 3, t(9)));
+    }
+
+    #[test]
     fn only_data_of_an_older_placement_elsewhere_is_stale() {
         let h = have("w", 5);
         assert!(stale(&h, Some(6), false));
@@ -697,6 +746,7 @@ mod tests {
         std::fs::create_dir_all(copy.join("gen-1/sub")).expect("mkdir");
         std::fs::write(copy.join("gen-1/sub/a"), b"copied").expect("write");
         let meta = CopyMeta {
+            list: None,
             generation: 1,
             epoch: 4,
             at: Utc::now(),

@@ -46,6 +46,7 @@ fn assignment(task: &str, kind: Kind, args: &[&str]) -> Assignment {
         timeout: None,
     };
     Assignment {
+        restore_from: None,
         sync_to: Vec::new(),
         task: task.to_string(),
         kind,

@@ -79,16 +79,24 @@ async fn standby(ca: &Ca, name: &str) -> Standby {
             };
             let (m, r) = (Arc::clone(&m), Arc::clone(&receiver));
             tokio::spawn(async move {
-                if let Ok((
-                    stream,
-                    Request::Sync {
-                        workload,
-                        volume,
-                        epoch,
-                    },
-                )) = m.accept(tcp).await
-                {
-                    r.receive(stream, workload, volume, epoch).await;
+                match m.accept(tcp).await {
+                    Ok((
+                        stream,
+                        Request::Sync {
+                            workload,
+                            volume,
+                            epoch,
+                        },
+                    )) => r.receive(stream, workload, volume, epoch).await,
+                    Ok((
+                        stream,
+                        Request::Fetch {
+                            workload,
+                            volume,
+                            epoch,
+                        },
+                    )) => r.serve_fetch(stream, workload, volume, epoch).await,
+                    _ => {}
                 }
             });
         }
@@ -217,8 +225,8 @@ async fn copies_are_exact_incremental_and_carry_attributes() {
         .await
         .expect("second push");
     assert!(
-        again.sent < 4096,
-        "an unchanged volume costs its list only: {again:?}"
+        again.sent < 256,
+        "an unchanged volume costs the digest of its list only: {again:?}"
     );
     assert_eq!(again.files, 0);
     let (m2, _) = sb.store.copy("w", "data").expect("copy");
@@ -430,4 +438,79 @@ async fn a_sender_lost_mid_copy_leaves_the_previous_copy_in_force() {
     // A restore now gives the last complete copy.
     let (path, _) = sb.store.prepare("w", "data", 3).expect("restore");
     assert_eq!(files(&path), vec![("a".to_string(), b"first".to_vec())]);
+}
+
+#[tokio::test]
+async fn the_node_now_running_a_workload_fetches_the_newest_copy_from_its_holder() {
+    let ca = ca();
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let n1 = mesh(&ca, "n1", d1.path());
+    let sb = standby(&ca, "n2").await;
+    sb.duties.set(duty("n1", 5));
+    let vol = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(vol.path().join("backup")).expect("mkdir");
+    std::fs::write(
+        vol.path().join("backup/wallet.dat"),
+        pseudo_random(300_000, 9),
+    )
+    .expect("write");
+    std::fs::write(vol.path().join("live"), b"v1").expect("write");
+    push(&n1, &sb.addr, "n2", ("w", "data", 5), vol.path(), &[], 0)
+        .await
+        .expect("push");
+    let (held, _) = sb.store.copy("w", "data").expect("copy");
+
+    // n1 is gone; the wallet now runs on n3 (epoch 9), which holds nothing, and n2 is
+    // its standby.
+    let d3 = tempfile::tempdir().expect("tempdir");
+    let n3 = mesh(&ca, "n3", d3.path());
+    let store3 = Arc::new(Store::open(d3.path()).expect("store"));
+    let r3 = Receiver::new(Arc::clone(&store3), Arc::new(Duties::default()));
+    let source = bramble_api::wire::RestoreSource {
+        node: "n2".into(),
+        mesh: sb.addr.clone(),
+        epoch: held.epoch,
+        at: Some(held.at),
+    };
+    // Before the leader names n3 as the owner, n2 sends nothing.
+    let early = r3.fetch(&n3, &source, "w", "data", 9).await;
+    assert!(early.is_err(), "{early:?}");
+    sb.duties.set(duty("n3", 9));
+    // Another node of the cluster cannot take it either.
+    let d4 = tempfile::tempdir().expect("tempdir");
+    let n4 = mesh(&ca, "n4", d4.path());
+    let r4 = Receiver::new(
+        Arc::new(Store::open(d4.path()).expect("store")),
+        Arc::new(Duties::default()),
+    );
+    assert!(r4.fetch(&n4, &source, "w", "data", 9).await.is_err());
+
+    let got = r3
+        .fetch(&n3, &source, "w", "data", 9)
+        .await
+        .expect("fetched");
+    assert_eq!(
+        (got.epoch, got.owner.as_str(), got.at),
+        (5, "n1", held.at),
+        "the copy keeps its placement and time"
+    );
+    let (path, origin) = store3.prepare("w", "data", 9).expect("restore");
+    assert!(
+        matches!(
+            origin,
+            bramble_api::wire::VolumeOrigin::Copy { epoch: 5, .. }
+        ),
+        "{origin:?}"
+    );
+    assert_eq!(
+        files(&path),
+        files(vol.path()),
+        "the volume as the last sync left it"
+    );
+    // n3 now pushes to n2 as the new owner: nothing but the list crosses the wire.
+    let again = push(&n3, &sb.addr, "n2", ("w", "data", 9), &path, &[], 0)
+        .await
+        .expect("push");
+    assert!(again.sent < 4096 && again.files == 0, "{again:?}");
+    assert_eq!(sb.store.copy("w", "data").expect("copy").0.epoch, 9);
 }

@@ -392,6 +392,26 @@ pub struct Assignment {
     /// Added after protocol version 1 shipped: optional.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sync_to: Vec<SyncPeer>,
+    /// A node holding newer data of the task's managed volumes than this one: the agent
+    /// fetches that copy before the container starts. Added after protocol version 1
+    /// shipped: optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<RestoreSource>,
+}
+
+/// Where the newest copy of a task's volumes is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSource {
+    /// The node holding it.
+    pub node: String,
+    /// Where its agent listens for other agents (`IP:PORT`).
+    pub mesh: String,
+    /// The placement that made the copy.
+    pub epoch: u64,
+    /// When the copy completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// A node that keeps copies of a task's managed volumes.

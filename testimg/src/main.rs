@@ -35,6 +35,8 @@
 //! testimg cat PATH                 print PATH's bytes (exit 1 if it cannot be read)
 //! testimg copy FROM TO             copy FROM to TO.part, then rename it to TO (a backup command)
 //! testimg fill PATH MIB            write MIB MiB of pseudo-random bytes to PATH
+//! testimg churn PATH KIB PAUSE_MS rewrite PATH in place forever, each version KIB KiB of one
+//!                                  byte value, pausing PAUSE_MS between versions
 //! testimg touch PATH | rm PATH | exists PATH
 //!                                  make or remove an empty file; exists exits 0 if it is there,
 //!                                  1 if not (a readiness switch for exec probes)
@@ -287,6 +289,29 @@ fn run(args: &[&str]) -> Result<ExitCode, String> {
                     .map_err(|e| format!("fill {path}: {e}"))?;
             }
             Ok(ExitCode::SUCCESS)
+        }
+        ["churn", path, kib, pause_ms] => {
+            // Rewrites PATH in place, each version KIB KiB of one byte value (1, 2, …),
+            // in 4 KiB writes, pausing PAUSE_MS between versions: a copy that mixes two
+            // values was read while it changed.
+            let kib: usize = parse(kib, "KIB")?;
+            let pause = Duration::from_millis(parse(pause_ms, "PAUSE_MS")?);
+            let mut v: u8 = 1;
+            loop {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(|e| format!("churn {path}: {e}"))?;
+                for _ in 0..kib / 4 {
+                    f.write_all(&[v; 4096])
+                        .map_err(|e| format!("churn {path}: {e}"))?;
+                }
+                drop(f);
+                v = if v == 255 { 1 } else { v + 1 };
+                thread::sleep(pause);
+            }
         }
         [] => Err("no subcommand".to_string()),
         _ => Err(format!("unknown or malformed command {args:?}")),

@@ -313,3 +313,141 @@ async fn two_copies(c: &mut NetCluster) -> Result<()> {
     ensure!(files(&gen)?.get("live").map(Vec::as_slice) == Some(&b"v2"[..]));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_while_it_syncs_is_never_restored_torn() {
+    let mut c = NetCluster::start_with_engines(2, HEALING_FLAGS)
+        .await
+        .expect("the cluster starts");
+    if let Err(e) = never_torn(&mut c).await {
+        panic!("{e:#}\n{}", c.controller().logs());
+    }
+}
+
+async fn never_torn(c: &mut NetCluster) -> Result<()> {
+    let w = bramble_tests::harness::unique("coin");
+    let vol = format!("{w}-data");
+    // The wallet rewrites its ledger in place all the time (256 KiB per version, a short
+    // pause between versions); no `before`: the live file itself is copied.
+    let manifest = format!(
+        "apiVersion: bramble/v1
+kind: Wallet
+metadata: {{name: {w}}}
+spec:
+  image: bramble-testimg:latest
+  args: [\"churn\", \"/data/ledger\", \"256\", \"300\"]
+  volumes: [{{name: {vol}, path: /data}}]
+  sync: {{every: 1s, copies: 1}}
+  resources: {{cpu: 200m, memory: 16Mi}}
+"
+    );
+    c.apply(&manifest).await?;
+    let (owner, _) = eventually(WAIT, "the wallet running", || async {
+        Ok(c.instances(&w)?.into_iter().next())
+    })
+    .await?;
+    let standby = c
+        .nodes()
+        .into_iter()
+        .find(|n| *n != owner)
+        .ok_or_else(|| anyhow!("no second node"))?;
+    // Several copies in force, each checked: whole versions only.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 3 && std::time::Instant::now() < deadline {
+        if let Ok((m, gen)) = copy_in_force(&c.data_dir(&standby)?, &w, &vol) {
+            if let Ok(bytes) = std::fs::read(gen.join("ledger")) {
+                ensure!(
+                    bytes.len() == 256 << 10,
+                    "a copy of the wrong size: {}",
+                    bytes.len()
+                );
+                ensure!(
+                    bytes.iter().all(|b| *b == bytes[0]),
+                    "a torn ledger in copy {m}"
+                );
+                seen.insert(m["generation"].as_u64().unwrap_or(0));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(
+        seen.len() >= 3,
+        "fewer than 3 copies of the ledger completed in 60 s: {seen:?}"
+    );
+    // The restored ledger is a whole version too.
+    c.power_off(&owner)?;
+    let (node, id) = eventually(WAIT, "the wallet running on the standby", || async {
+        Ok(c.instances(&w)?.into_iter().find(|(n, _)| *n != owner))
+    })
+    .await?;
+    ensure!(node == standby, "the wallet went to {node}");
+    let view = c.get(&format!("/v1/volumes/{vol}")).await?;
+    ensure!(view["origin"]["from"] == "copy", "{view}");
+    // The new instance churns the file again at once: what it started from is the copy
+    // in force on its node, which is checked whole.
+    let _ = id;
+    let (_, gen) = copy_in_force(&c.data_dir(&node)?, &w, &vol)?;
+    let bytes = std::fs::read(gen.join("ledger"))?;
+    ensure!(
+        bytes.iter().all(|b| *b == bytes[0]),
+        "the copy restored from is torn"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wallet_that_cannot_go_to_its_standby_fetches_the_copy_from_it() {
+    let mut c = NetCluster::start_with_engines(3, HEALING_FLAGS)
+        .await
+        .expect("the cluster starts");
+    if let Err(e) = fetched(&mut c).await {
+        panic!("{e:#}\n{}", c.controller().logs());
+    }
+}
+
+async fn fetched(c: &mut NetCluster) -> Result<()> {
+    let w = bramble_tests::harness::unique("coin");
+    let vol = format!("{w}-data");
+    c.apply(&wallet(&w, &vol, 1)).await?;
+    let (owner, first) = eventually(WAIT, "the wallet running", || async {
+        Ok(c.instances(&w)?.into_iter().next())
+    })
+    .await?;
+    exec_ok(c, &owner, &first, &["write", "/data/live", "v1"]).await?;
+    let view = synced_after(c, &vol, SystemTime::now(), 1).await?;
+    let standby = view["copies"][0]["node"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no copy: {view}"))?
+        .to_string();
+    // The standby is cordoned for maintenance: it takes no task, and keeps its copy.
+    c.cordon(&standby).await?;
+    let third = c
+        .nodes()
+        .into_iter()
+        .find(|n| *n != owner && *n != standby)
+        .ok_or_else(|| anyhow!("no third node"))?;
+    c.power_off(&owner)?;
+    let (node, second) = eventually(WAIT, "the wallet running on the third node", || async {
+        Ok(c.instances(&w)?.into_iter().find(|(n, _)| *n != owner))
+    })
+    .await?;
+    ensure!(
+        node == third,
+        "the wallet went to {node}, not to {third} (the standby {standby} is cordoned)"
+    );
+    ensure!(
+        exec_ok(c, &node, &second, &["cat", "/data/live"]).await? == "v1",
+        "the wallet started without its data"
+    );
+    let v = c.get(&format!("/v1/volumes/{vol}")).await?;
+    ensure!(
+        v["node"] == node.as_str() && v["origin"]["from"] == "copy",
+        "{v}"
+    );
+    ensure!(
+        c.agent(&third)?.logs().contains("fetching the newest copy"),
+        "the third node fetched the copy"
+    );
+    Ok(())
+}

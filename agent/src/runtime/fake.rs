@@ -91,6 +91,7 @@ pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
         timeout: None,
     };
     Assignment {
+        restore_from: None,
         sync_to: Vec::new(),
         task: task.into(),
         kind,

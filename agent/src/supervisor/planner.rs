@@ -902,6 +902,7 @@ mod tests {
             timeout: None,
         };
         Assignment {
+            restore_from: None,
             sync_to: Vec::new(),
             task: task.into(),
             kind,

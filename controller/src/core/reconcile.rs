@@ -205,6 +205,7 @@ pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assi
         .map(|t| &t.value)
         .filter(|t| t.node.as_deref() == Some(node) && t.desired == DesiredState::Running)
         .map(|t| Assignment {
+            restore_from: None,
             sync_to: Vec::new(),
             task: t.id.clone(),
             kind: t.kind,

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use bramble_api::manifest::{Arch, Placement};
 use bramble_api::rest::{VolumeCopyView, VolumeView};
 use bramble_api::task::{DesiredState, Task};
-use bramble_api::wire::{StandbyDuty, SyncPeer, VolumeOrigin, VolumeReport, VolumeRole};
+use bramble_api::wire::{
+    RestoreSource, StandbyDuty, SyncPeer, VolumeOrigin, VolumeReport, VolumeRole,
+};
 use chrono::{DateTime, Utc};
 
 use super::events::Draft;
@@ -80,7 +82,7 @@ pub fn holders(reports: &Reports, workload: &str, volumes: &[String]) -> Vec<Str
 pub struct Candidate {
     /// Its name.
     pub name: String,
-    /// Heard from and not cordoned.
+    /// Heard from (a cordoned node still keeps copies).
     pub usable: bool,
     /// Its architecture.
     pub arch: Arch,
@@ -108,6 +110,9 @@ pub struct Duties {
     pub standby: BTreeMap<String, Vec<StandbyDuty>>,
     /// By workload: its current placement's epoch.
     pub epochs: BTreeMap<String, u64>,
+    /// By task id: a standby holding newer data of its volumes than its own node, which
+    /// its agent fetches before the container starts.
+    pub restore_from: BTreeMap<String, RestoreSource>,
 }
 
 /// The managed volume names of a task.
@@ -165,6 +170,23 @@ pub fn duties(snap: &Snapshot, candidates: &[Candidate], reports: &Reports) -> D
                 })
             })
             .collect();
+        let own = holding(reports.get(owner).unwrap_or(&empty), &t.workload, &volumes);
+        let newer = peers.iter().find_map(|p| {
+            let r = holding(
+                reports.get(&p.node).unwrap_or(&empty),
+                &t.workload,
+                &volumes,
+            )?;
+            (Some(r) > own).then(|| RestoreSource {
+                node: p.node.clone(),
+                mesh: p.mesh.clone(),
+                epoch: r.epoch,
+                at: r.at,
+            })
+        });
+        if let Some(src) = newer {
+            out.restore_from.insert(t.id.clone(), src);
+        }
         for p in &peers {
             *load.entry(p.node.clone()).or_default() += 1;
             out.standby
@@ -478,6 +500,25 @@ mod tests {
             nodes("a-1"),
             vec!["n3"],
             "the holder of a copy stays the standby"
+        );
+        let src = &d.restore_from["a-1"];
+        assert_eq!(
+            (src.node.as_str(), src.epoch),
+            ("n3", 7),
+            "n1 holds nothing: it fetches n3's copy"
+        );
+        assert!(
+            !d.restore_from.contains_key("b-1"),
+            "no one holds newer data of b"
+        );
+        let mut held = reports.clone();
+        held.insert(
+            "n1".into(),
+            vec![rep("a", "a-data", VolumeRole::InUse, 7, 0)],
+        );
+        assert!(
+            duties(&snap, &cands, &held).restore_from.is_empty(),
+            "once the owner holds the data in use, nothing is fetched"
         );
         assert_eq!(
             nodes("b-1"),

@@ -434,8 +434,9 @@ fn copy_duties(state: &ClusterState, snap: &crate::core::Snapshot) -> volumes::D
         .values()
         .map(|n| volumes::Candidate {
             name: n.value.info.name.clone(),
-            usable: !n.value.cordoned
-                && state.live.status(&n.value.info.name) == bramble_api::rest::NodeStatus::Ready,
+            // Cordoned nodes keep copies: cordoning stops new tasks, and a standby that
+            // holds a wallet's newest copy is worth most when the wallet must move.
+            usable: state.live.status(&n.value.info.name) == bramble_api::rest::NodeStatus::Ready,
             arch: n.value.info.arch,
             labels: n.value.info.labels.clone(),
             mesh: n.value.info.mesh.clone(),
