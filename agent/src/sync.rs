@@ -1461,17 +1461,31 @@ impl Syncer {
             let mut errors = Vec::new();
             let mut kept: BTreeSet<String> = BTreeSet::new();
             for peer in &a.sync_to {
-                match push(
-                    &self.mesh,
-                    &peer.mesh,
-                    &peer.node,
-                    (&a.workload, v, epoch),
-                    &root,
-                    &globs,
-                    self.rate,
-                )
-                .await
-                {
+                let mut tries = 0;
+                let pushed = loop {
+                    tries += 1;
+                    let r = push(
+                        &self.mesh,
+                        &peer.mesh,
+                        &peer.node,
+                        (&a.workload, v, epoch),
+                        &root,
+                        &globs,
+                        self.rate,
+                    )
+                    .await;
+                    match r {
+                        // A standby just named learns so from its own task set, which
+                        // may reach it a moment after this node's.
+                        Err(SyncError::Mesh(crate::mesh::MeshError::Refused { .. }))
+                            if tries < 4 =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        r => break r,
+                    }
+                };
+                match pushed {
                     Ok(p) => {
                         sent += p.sent;
                         kept.extend(p.kept_old);

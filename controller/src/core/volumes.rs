@@ -100,8 +100,8 @@ fn fits(c: &Candidate, p: &Placement) -> bool {
 }
 
 /// What every agent is told about copies: the standby nodes of each running task whose
-/// volumes sync, the duties of each standby node, and the current epoch of each such
-/// workload.
+/// volumes sync, the duties of each standby node, and the current epoch of each
+/// workload with managed volumes whose placements carry one.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Duties {
     /// By task id: where its agent sends copies.
@@ -133,14 +133,17 @@ pub fn duties(snap: &Snapshot, candidates: &[Candidate], reports: &Reports) -> D
     let mut load: BTreeMap<String, usize> = BTreeMap::new();
     let empty = Vec::new();
     for t in snap.tasks.values().map(|v| &v.value) {
-        let (Some(rule), Some(owner)) = (&t.spec.sync, &t.node) else {
-            continue;
-        };
+        let Some(owner) = &t.node else { continue };
         if t.desired != DesiredState::Running || t.phase.is_terminal() {
             continue;
         }
-        out.epochs.insert(t.workload.clone(), t.epoch);
         let volumes = managed(t);
+        // Every placement ordered by epoch (Wallets, and whatever syncs) with managed
+        // volumes: data of an older one on another node is set aside, synced or not.
+        if !volumes.is_empty() && super::reconcile::carries_epoch(t) {
+            out.epochs.insert(t.workload.clone(), t.epoch);
+        }
+        let Some(rule) = &t.spec.sync else { continue };
         let mut picks: Vec<(Option<Rank>, &Candidate)> = candidates
             .iter()
             .filter(|c| c.usable && &c.name != owner && c.mesh.is_some() && fits(c, &t.placement))
@@ -536,6 +539,14 @@ mod tests {
         assert_eq!(n3, vec![("a", "n1", 7), ("b", "n1", 8)]);
         // Deterministic.
         assert_eq!(d, duties(&snap, &cands, &reports));
+    }
+
+    #[test]
+    fn a_wallet_that_does_not_sync_still_names_its_epoch_so_old_data_is_set_aside() {
+        let snap = snap_with(vec![wallet_task("a-1", "a", "n1", 7, 0)]);
+        let d = duties(&snap, &[cand("n1"), cand("n2")], &Reports::new());
+        assert_eq!(d.epochs, BTreeMap::from([("a".to_string(), 7)]));
+        assert!(d.standby.is_empty() && d.restore_from.is_empty());
     }
 
     #[test]

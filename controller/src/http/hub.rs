@@ -426,7 +426,11 @@ struct Assigned {
 /// Who keeps copies of what (see [`volumes::duties`]), from the snapshot, the nodes'
 /// health and their volume reports.
 fn copy_duties(state: &ClusterState, snap: &crate::core::Snapshot) -> volumes::Duties {
-    if !snap.tasks.values().any(|t| t.value.spec.sync.is_some()) {
+    if !snap
+        .tasks
+        .values()
+        .any(|t| t.value.spec.volumes.iter().any(|v| v.name.is_some()))
+    {
         return volumes::Duties::default();
     }
     let candidates: Vec<volumes::Candidate> = snap
