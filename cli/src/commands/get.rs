@@ -630,6 +630,71 @@ mod tests {
     }
 
     #[test]
+    fn volume_table_says_where_a_volume_is_its_sync_and_its_copies() {
+        use bramble_api::rest::{VolumeCopyView, VolumeView};
+        let at = now() - chrono::Duration::seconds(40);
+        let v = VolumeView {
+            name: "ltc-wallet-keys".into(),
+            workload: "ltc-wallet".into(),
+            kind: Some(Kind::Wallet),
+            sync: Some(bramble_api::manifest::VolumeSync::default()),
+            node: Some("pi-1".into()),
+            bytes: 3 << 20,
+            files: 4,
+            last_sync: Some(bramble_api::wire::SyncOutcome {
+                at,
+                done: vec!["pi-2".into()],
+                sent_bytes: 120,
+                error: None,
+            }),
+            copies: vec![VolumeCopyView {
+                node: "pi-2".into(),
+                epoch: 9,
+                at: Some(at),
+                bytes: 3 << 20,
+                files: 4,
+                ..VolumeCopyView::default()
+            }],
+            set_aside: vec![VolumeCopyView {
+                node: "pi-3".into(),
+                epoch: 4,
+                path: Some("/var/lib/bramble/set-aside/x".into()),
+                ..VolumeCopyView::default()
+            }],
+            ..VolumeView::default()
+        };
+        let t = volumes_table(std::slice::from_ref(&v), true, now()).to_string();
+        let mut lines = t.lines();
+        assert_eq!(
+            lines
+                .next()
+                .map(str::split_whitespace)
+                .map(Iterator::collect::<Vec<_>>),
+            Some(vec![
+                "NAME", "WORKLOAD", "NODE", "SIZE", "LAST", "SYNC", "COPIES", "SET", "ASIDE"
+            ])
+        );
+        let row = lines.next().unwrap_or_default();
+        for part in [
+            "ltc-wallet-keys",
+            "pi-1",
+            "3Mi",
+            "40s ago",
+            "pi-2(40s ago)",
+            "pi-3:/var/lib/bramble/set-aside/x",
+        ] {
+            assert!(row.contains(part), "{part:?} in {row}");
+        }
+        let mut failing = v.clone();
+        failing.copies.clear();
+        if let Some(s) = failing.last_sync.as_mut() {
+            s.error = Some("pi-2: refused".into());
+        }
+        let t = volumes_table(&[failing], false, now()).to_string();
+        assert!(t.contains("failed 40s ago") && t.contains("<none>"), "{t}");
+    }
+
+    #[test]
     fn workload_table_has_counts_and_image() {
         let t = workloads_table(&[wallet()], true, now()).to_string();
         assert_eq!(
