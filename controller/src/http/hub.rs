@@ -474,6 +474,7 @@ async fn writer(
         let mut tasks = reconcile::assignments(&snap, &node, vault.as_ref());
         for a in &mut tasks {
             a.sync_to = duties.sync_to.get(&a.task).cloned().unwrap_or_default();
+            a.restore_from = duties.restore_from.get(&a.task).cloned();
         }
         let set = Assigned {
             tasks,
