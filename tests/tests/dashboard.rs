@@ -177,6 +177,20 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
     )
     .await?;
 
+    // A wallet's managed volume, in its row: on this machine's shared engine the agents
+    // serve no agent-to-agent port, so it has no copy to fail over to, and says so.
+    c.apply(
+        "coin.yaml",
+        "apiVersion: bramble/v1\nkind: Wallet\nmetadata: {name: coin}\nspec:\n  image: bramble-testimg:latest\n  args: [\"serve\", \"8080\"]\n  volumes: [{name: coin-data, path: /data}]\n  resources: {cpu: 50m, memory: 16Mi}\n",
+    )
+    .await?;
+    until(
+        &b,
+        "the wallet's volume in its row, marked without a copy",
+        "return [...document.querySelectorAll('tr[data-workload=\"Wallet/coin\"] td')].some(td => td.textContent.includes('coin-data') && td.querySelector('.pill.Failed') && td.textContent.includes('no copy'))",
+    )
+    .await?;
+
     // Let the sparklines gather a few 10-second points before the picture.
     until(
         &b,
@@ -219,7 +233,7 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
     for want in [
         format!("bramble_node_status{{node=\"{node}\",status=\"Ready\"}} 1"),
         format!("bramble_node_cpu_percent{{node=\"{node}\"}}"),
-        "bramble_tasks{phase=\"Running\"} 1".to_string(),
+        "bramble_tasks{phase=\"Running\"} 2".to_string(),
         "bramble_store_writes_total ".to_string(),
         "bramble_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/workloads/{kind}/{name}/restart\",le=\"+Inf\"} 1".to_string(),
         // The viewer's stream (the admin's may not be noticed as closed yet).
