@@ -24,8 +24,9 @@
 //! - [`dns`]: the resolver containers use, for workload names.
 //! - [`volumes`]: managed volumes, the copies kept of other nodes' volumes, data set
 //!   aside; what a task's volume starts from.
-//! - [`sync`]: sending a task's volumes to its standby nodes and taking copies from
-//!   other nodes (over the mesh port).
+//! - [`sync`]: the copy protocol: sending a volume to a standby node, taking copies
+//!   from other nodes, fetching one (over the mesh port).
+//! - [`syncer`]: the loop that syncs this node's running tasks' volumes.
 
 pub mod credential;
 pub mod discovery;
@@ -44,6 +45,7 @@ pub mod routes;
 pub mod runtime;
 pub mod supervisor;
 pub mod sync;
+pub mod syncer;
 pub mod volumes;
 
 use std::collections::BTreeMap;

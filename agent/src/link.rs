@@ -274,7 +274,7 @@ pub async fn run(
     let desired_tx = Arc::new(desired_tx);
     let syncer = mesh.as_ref().map(|(m, _)| {
         tokio::spawn(
-            crate::sync::Syncer {
+            crate::syncer::Syncer {
                 store: Arc::clone(&volumes),
                 mesh: Arc::clone(m),
                 runtime: runtime.clone(),

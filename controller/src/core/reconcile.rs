@@ -170,7 +170,7 @@ pub fn change(
 pub fn stamp_epochs(writes: &mut [Write], snap: &Snapshot) {
     for w in writes.iter_mut() {
         let Some(t) = w.value.as_mut() else { continue };
-        if !carries_epoch(t) || t.node.is_none() {
+        if !super::volumes::carries_epoch(t) || t.node.is_none() {
             continue;
         }
         let before = snap.task(&w.id).and_then(|v| v.value.node.clone());
@@ -178,12 +178,6 @@ pub fn stamp_epochs(writes: &mut [Write], snap: &Snapshot) {
             t.epoch = snap.revision + 1;
         }
     }
-}
-
-/// Whether a task's placements are ordered by epoch: a Wallet's (fencing) and any whose
-/// volumes sync (a copy says which placement made it).
-pub fn carries_epoch(t: &Task) -> bool {
-    t.kind == Kind::Wallet || t.spec.sync.is_some()
 }
 
 /// The deadline of a Job or CronJob run: `timeout` after its firing (a CronJob's slot,
@@ -214,7 +208,7 @@ pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assi
             spec: t.spec.clone(),
             deadline: run_deadline(t),
             secrets: secrets::resolve(snap, t, sealer),
-            epoch: carries_epoch(t).then_some(t.epoch),
+            epoch: super::volumes::carries_epoch(t).then_some(t.epoch),
         })
         .collect()
 }

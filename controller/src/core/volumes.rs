@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use bramble_api::manifest::Kind;
 use bramble_api::manifest::{Arch, Placement};
 use bramble_api::rest::{VolumeCopyView, VolumeView};
 use bramble_api::task::{DesiredState, Task};
@@ -115,6 +116,12 @@ pub struct Duties {
     pub restore_from: BTreeMap<String, RestoreSource>,
 }
 
+/// Whether a task's placements are ordered by epoch: a Wallet's (fencing) and any whose
+/// volumes sync (a copy says which placement made it).
+pub fn carries_epoch(t: &Task) -> bool {
+    t.kind == Kind::Wallet || t.spec.sync.is_some()
+}
+
 /// The managed volume names of a task.
 pub fn managed(t: &Task) -> Vec<String> {
     t.spec
@@ -140,7 +147,7 @@ pub fn duties(snap: &Snapshot, candidates: &[Candidate], reports: &Reports) -> D
         let volumes = managed(t);
         // Every placement ordered by epoch (Wallets, and whatever syncs) with managed
         // volumes: data of an older one on another node is set aside, synced or not.
-        if !volumes.is_empty() && super::reconcile::carries_epoch(t) {
+        if !volumes.is_empty() && carries_epoch(t) {
             out.epochs.insert(t.workload.clone(), t.epoch);
         }
         let Some(rule) = &t.spec.sync else { continue };
