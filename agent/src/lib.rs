@@ -2,6 +2,7 @@
 //! controller, converges Docker onto the node's desired task set and reports back.
 //!
 //! # Layout
+//! - [`beneath`]: opening what lies under a volume without following links.
 //! - [`credential`]: this node's own credential, kept 0600 in the data dir.
 //! - [`discovery`]: finds the controller over mDNS when no URL is given.
 //! - [`host`]: the machine's identity, the node name, memory-limit support.
@@ -28,6 +29,7 @@
 //!   from other nodes, fetching one (over the mesh port).
 //! - [`syncer`]: the loop that syncs this node's running tasks' volumes.
 
+pub mod beneath;
 pub mod credential;
 pub mod discovery;
 pub mod disk;

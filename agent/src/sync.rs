@@ -250,67 +250,53 @@ fn system_time(ns: i64) -> SystemTime {
 /// The entries of the tree at `root`, excluded ones (and all they hold) left out,
 /// sorted so that every directory comes before what it holds. Blocking.
 pub fn scan(root: &Path, exclude: &[Glob]) -> io::Result<Vec<Entry>> {
+    use rustix::fs::FileType;
+    // Every directory is opened beneath the root without following links, and listed
+    // from its descriptor (see `crate::beneath`): a container cannot lead this out of
+    // its volume, however it rearranges it meanwhile.
+    let root_fd = crate::beneath::open_root(root)?;
     let mut out = Vec::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
-        let dir = if rel.is_empty() {
-            root.to_path_buf()
+        let found = if rel.is_empty() {
+            crate::beneath::list(&root_fd)?
         } else {
-            root.join(&rel)
-        };
-        let mut names: Vec<String> = Vec::new();
-        for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            match e.file_name().into_string() {
-                Ok(n) => names.push(n),
-                Err(n) => {
-                    tracing::warn!(name = ?n, dir = %dir.display(), "a file name that is not UTF-8 is not copied")
-                }
+            match crate::beneath::open_at(&root_fd, &rel, true) {
+                Ok(fd) => crate::beneath::list(&fd)?,
+                // Gone, or swapped for a link, since it was listed: its entries are not
+                // copied this round.
+                Err(_) => continue,
             }
-        }
-        names.sort();
+        };
         let mut subdirs = Vec::new();
-        for n in names {
+        for f in found {
             let path = if rel.is_empty() {
-                n.clone()
+                f.name.clone()
             } else {
-                format!("{rel}/{n}")
+                format!("{rel}/{}", f.name)
             };
-            let Ok(m) = std::fs::symlink_metadata(dir.join(&n)) else {
-                continue; // gone meanwhile
-            };
-            let ft = m.file_type();
-            let kind = if ft.is_dir() {
-                Kind::Dir
-            } else if ft.is_file() {
-                Kind::File
-            } else if ft.is_symlink() {
-                Kind::Link
-            } else {
-                continue; // sockets, pipes, devices: nothing to copy
+            let kind = match f.kind {
+                FileType::Directory => Kind::Dir,
+                FileType::RegularFile => Kind::File,
+                FileType::Symlink => Kind::Link,
+                // Sockets, pipes, devices: nothing to copy.
+                _ => continue,
             };
             if bramble_api::glob::excluded(exclude, &path, kind == Kind::Dir) {
                 continue;
             }
-            let target = match kind {
-                Kind::Link => match std::fs::read_link(dir.join(&n))?
-                    .into_os_string()
-                    .into_string()
-                {
-                    Ok(t) => Some(t),
-                    Err(_) => continue,
-                },
-                _ => None,
-            };
+            if kind == Kind::Link && f.target.is_none() {
+                continue;
+            }
             out.push(Entry {
                 path: path.clone(),
                 kind,
-                size: if kind == Kind::File { m.len() } else { 0 },
-                mtime: mtime_ns(&m),
-                mode: m.mode() & 0o7777,
-                uid: m.uid(),
-                gid: m.gid(),
-                target,
+                size: if kind == Kind::File { f.size } else { 0 },
+                mtime: f.mtime,
+                mode: f.mode,
+                uid: f.uid,
+                gid: f.gid,
+                target: f.target,
             });
             if kind == Kind::Dir {
                 subdirs.push(path);
@@ -506,9 +492,8 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 "asked for entry {index}, not offered"
             )));
         };
-        let path = root.join(&e.path);
         if let Some(theirs) = theirs {
-            if let Some(same) = same_bytes(&path, &theirs).await {
+            if let Some(same) = same_bytes(root, &e.path, &theirs).await {
                 out.sent += write_frame(
                     stream,
                     &Frame::Same {
@@ -525,13 +510,8 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let mut intact = false;
         for _ in 0..ATTEMPTS {
-            let mut file = match tokio::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(&path)
-                .await
-            {
-                Ok(f) => f,
+            let mut file = match crate::beneath::open_file(root, &e.path) {
+                Ok(f) => tokio::fs::File::from_std(f),
                 // Gone or replaced by something else: nothing intact to send.
                 Err(_) => break,
             };
@@ -586,7 +566,7 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 && after.ctime() == before.ctime()
                 && after.ctime_nsec() == before.ctime_nsec();
             if same && young {
-                same = read_again_matches(&path, size, digest.finish().as_ref()).await;
+                same = read_again_matches(root, &e.path, size, digest.finish().as_ref()).await;
             }
             out.sent += write_frame(
                 stream,
@@ -623,13 +603,8 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// The attributes of the file at `path` if it holds still while read and its SHA-256
 /// is `want` (hex).
-async fn same_bytes(path: &Path, want: &str) -> Option<(i64, u32, u32, u32)> {
-    let mut f = tokio::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .await
-        .ok()?;
+async fn same_bytes(root: &Path, rel: &str, want: &str) -> Option<(i64, u32, u32, u32)> {
+    let mut f = tokio::fs::File::from_std(crate::beneath::open_file(root, rel).ok()?);
     let before = f.metadata().await.ok()?;
     if !before.is_file() {
         return None;
@@ -701,10 +676,11 @@ pub fn unchanged(offer: &[Entry], have: &BTreeMap<String, Entry>) -> bool {
         })
 }
 
-async fn read_again_matches(path: &Path, size: u64, want: &[u8]) -> bool {
-    let Ok(mut f) = tokio::fs::File::open(path).await else {
+async fn read_again_matches(root: &Path, rel: &str, size: u64, want: &[u8]) -> bool {
+    let Ok(f) = crate::beneath::open_file(root, rel) else {
         return false;
     };
+    let mut f = tokio::fs::File::from_std(f);
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
@@ -1088,6 +1064,7 @@ impl Receiver {
                 &need_set,
                 &received,
                 old_gen.as_deref(),
+                &have,
                 &incoming2,
             )?;
             let gen_dir = dir2.join(volumes::gen_name(generation));
@@ -1276,6 +1253,7 @@ fn build(
     need: &BTreeSet<u32>,
     arrived: &BTreeMap<u32, Arrived>,
     old: Option<&Path>,
+    have: &BTreeMap<String, Entry>,
     incoming: &Path,
 ) -> Result<(Vec<String>, u64, u64), volumes::VolumeError> {
     let io = |what: &'static str, path: &Path| {
@@ -1302,11 +1280,10 @@ fn build(
                     files += 1;
                     continue;
                 }
+                // Only a file the copy in force lists as one: its path there runs through
+                // real directories only, never through a link.
                 let from = old.map(|o| o.join(&e.path));
-                let usable = from
-                    .as_ref()
-                    .and_then(|f| std::fs::symlink_metadata(f).ok())
-                    .filter(|m| m.is_file());
+                let usable = have.get(&e.path).filter(|h| h.kind == Kind::File);
                 if need.contains(&i) && got.is_none() {
                     kept_old.push(e.path.clone());
                 }
@@ -1329,7 +1306,7 @@ fn build(
                         // relies on, are the same either way, and no data is written.
                         volumes::set_meta(&to, *uid, *gid, *mode, Some(system_time(*mtime)))?;
                     }
-                    bytes += m.len();
+                    bytes += m.size;
                     files += 1;
                 }
             }

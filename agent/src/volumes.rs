@@ -568,23 +568,10 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
-/// Bytes and files under `dir`, symbolic links not followed.
+/// Bytes and files under `dir`, symbolic links not followed (a volume's contents are
+/// its container's: see [`crate::beneath`]).
 pub fn tree_size(dir: &Path) -> (u64, u64) {
-    let mut bytes = 0;
-    let mut files = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() {
-                bytes += m.len();
-                files += 1;
-            }
-        }
-    }
-    (bytes, files)
+    crate::beneath::tree_size(dir)
 }
 
 /// Copies the tree at `from` to `to` (which must not exist): files, directories and

@@ -514,3 +514,39 @@ async fn the_node_now_running_a_workload_fetches_the_newest_copy_from_its_holder
     assert!(again.sent < 4096 && again.files == 0, "{again:?}");
     assert_eq!(sb.store.copy("w", "data").expect("copy").0.epoch, 9);
 }
+
+#[tokio::test]
+async fn links_in_a_volume_are_copied_as_links_and_never_followed() {
+    let ca = ca();
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let n1 = mesh(&ca, "n1", d1.path());
+    let sb = standby(&ca, "n2").await;
+    sb.duties.set(duty("n1", 1));
+    // What the container planted: links to a directory and a file of the host.
+    let host = tempfile::tempdir().expect("tempdir");
+    std::fs::write(host.path().join("shadow"), b"root:secret").expect("write");
+    let vol = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(host.path(), vol.path().join("etc")).expect("link");
+    std::os::unix::fs::symlink(host.path().join("shadow"), vol.path().join("shadow"))
+        .expect("link");
+    std::fs::write(vol.path().join("own"), b"mine").expect("write");
+    push(&n1, &sb.addr, "n2", ("w", "data", 1), vol.path(), &[], 0)
+        .await
+        .expect("push");
+    let copy = copy_root(&sb);
+    assert_eq!(
+        files(&copy),
+        vec![("own".to_string(), b"mine".to_vec())],
+        "no host file came along"
+    );
+    assert_eq!(
+        std::fs::read_link(copy.join("etc")).expect("a link"),
+        host.path()
+    );
+    assert!(std::fs::symlink_metadata(copy.join("etc"))
+        .expect("meta")
+        .file_type()
+        .is_symlink());
+    // The size the node reports counts the volume's own files only.
+    assert_eq!(bramble_agent::volumes::tree_size(vol.path()), (4, 1));
+}
