@@ -495,30 +495,9 @@ impl Proxy {
                 };
                 let (task, port) = match req {
                     crate::mesh::Request::Task { task, port } => (task, port),
-                    crate::mesh::Request::Fetch {
-                        workload,
-                        volume,
-                        epoch,
-                    } => {
+                    copy => {
                         match &me.copies {
-                            Some(r) => r.serve_fetch(stream, workload, volume, epoch).await,
-                            None => {
-                                let _ = crate::mesh::answer(
-                                    &mut stream,
-                                    &Err("this node keeps no copies".into()),
-                                )
-                                .await;
-                            }
-                        }
-                        return;
-                    }
-                    crate::mesh::Request::Sync {
-                        workload,
-                        volume,
-                        epoch,
-                    } => {
-                        match &me.copies {
-                            Some(r) => r.receive(stream, workload, volume, epoch).await,
+                            Some(r) => r.serve(stream, copy).await,
                             None => {
                                 let _ = crate::mesh::answer(
                                     &mut stream,

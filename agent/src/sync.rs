@@ -726,6 +726,23 @@ pub struct Receiver {
     busy: Mutex<BTreeSet<(String, String)>>,
 }
 
+/// A copy being received, released when dropped.
+struct Claim<'a> {
+    busy: &'a Mutex<BTreeSet<(String, String)>>,
+    key: (String, String),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+const BUSY: &str = "a copy of that volume is being received already";
+
 /// Why an offer is refused, if it is. Pure.
 pub fn refusal(
     duty: Option<&StandbyDuty>,
@@ -771,38 +788,76 @@ impl Receiver {
         }
     }
 
+    /// Serves a copy request of another agent on an accepted mesh connection (a task
+    /// connection is the proxy's).
+    pub async fn serve(
+        &self,
+        mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        req: Request,
+    ) {
+        match req {
+            Request::Sync {
+                workload,
+                volume,
+                epoch,
+            } => self.receive(stream, workload, volume, epoch).await,
+            Request::Fetch {
+                workload,
+                volume,
+                epoch,
+            } => self.serve_fetch(stream, workload, volume, epoch).await,
+            Request::Task { .. } => {
+                let _ = crate::mesh::answer(&mut stream, &Err("not a copy request".into())).await;
+            }
+        }
+    }
+
+    /// One copy of `workload`'s `volume` at a time: `None` while another is received.
+    fn claim(&self, workload: &str, volume: &str) -> Option<Claim<'_>> {
+        let key = (workload.to_string(), volume.to_string());
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+            .then_some(Claim {
+                busy: &self.busy,
+                key,
+            })
+    }
+
+    /// The duty this node has for `workload`, and whether the peer of `stream` is the
+    /// node it names as the workload's owner.
+    fn duty_of(
+        &self,
+        stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        workload: &str,
+    ) -> (Option<StandbyDuty>, bool) {
+        let duty = self.duties.find(workload);
+        let owner = duty
+            .as_ref()
+            .is_some_and(|d| crate::mesh::peer_is(stream, &d.owner));
+        (duty, owner)
+    }
+
     /// Serves one offer on an accepted mesh connection.
-    pub async fn receive(
+    async fn receive(
         &self,
         mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
         workload: String,
         volume: String,
         epoch: u64,
     ) {
-        let duty = self.duties.find(&workload);
-        let owner = duty
-            .as_ref()
-            .is_some_and(|d| crate::mesh::peer_is(&stream, &d.owner));
+        let (duty, owner) = self.duty_of(&stream, &workload);
         let held = self.store.copy(&workload, &volume).map(|(m, _)| m.epoch);
         if let Some(why) = refusal(duty.as_ref(), owner, &volume, epoch, held) {
             tracing::warn!(workload, volume, epoch, why, "refused a volume copy");
             let _ = crate::mesh::answer(&mut stream, &Err(why)).await;
             return;
         }
-        let key = (workload.clone(), volume.clone());
-        if !self
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone())
-        {
-            let _ = crate::mesh::answer(
-                &mut stream,
-                &Err("a copy of that volume is being received already".into()),
-            )
-            .await;
+        let Some(claim) = self.claim(&workload, &volume) else {
+            let _ = crate::mesh::answer(&mut stream, &Err(BUSY.into())).await;
             return;
-        }
+        };
         let owner_name = duty.map(|d| d.owner).unwrap_or_default();
         let result = async {
             crate::mesh::answer(&mut stream, &Ok(())).await?;
@@ -810,10 +865,7 @@ impl Receiver {
                 .await
         }
         .await;
-        self.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        drop(claim);
         match result {
             Ok(meta) => {
                 tracing::info!(
@@ -837,17 +889,14 @@ impl Receiver {
     /// Serves a node that now runs a workload this node keeps a copy of and asks for
     /// it (it holds older data, or none): this node sends its copy in force, as a sync
     /// would, to the node and placement its duty names.
-    pub async fn serve_fetch(
+    async fn serve_fetch(
         &self,
         mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
         workload: String,
         volume: String,
         epoch: u64,
     ) {
-        let duty = self.duties.find(&workload);
-        let owner = duty
-            .as_ref()
-            .is_some_and(|d| crate::mesh::peer_is(&stream, &d.owner));
+        let (duty, owner) = self.duty_of(&stream, &workload);
         let copy = self.store.copy(&workload, &volume);
         let why = match (&duty, &copy) {
             (_, None) => Some("this node holds no copy of that volume".to_string()),
@@ -898,17 +947,9 @@ impl Receiver {
         volume: &str,
         epoch: u64,
     ) -> Result<CopyMeta, SyncError> {
-        let key = (workload.to_string(), volume.to_string());
-        if !self
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone())
-        {
-            return Err(SyncError::Refused(
-                "a copy of that volume is being received already".into(),
-            ));
-        }
+        let Some(claim) = self.claim(workload, volume) else {
+            return Err(SyncError::Refused(BUSY.into()));
+        };
         let result = async {
             let mut stream = mesh
                 .dial_for(
@@ -933,10 +974,7 @@ impl Receiver {
             .await
         }
         .await;
-        self.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        drop(claim);
         if result.is_ok() {
             self.store.copy_changed();
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bramble_agent::mesh::{Mesh, Request};
+use bramble_agent::mesh::Mesh;
 use bramble_agent::sync::{push, Duties, Receiver, SyncError};
 use bramble_agent::volumes::Store;
 use bramble_api::glob::Glob;
@@ -79,24 +79,8 @@ async fn standby(ca: &Ca, name: &str) -> Standby {
             };
             let (m, r) = (Arc::clone(&m), Arc::clone(&receiver));
             tokio::spawn(async move {
-                match m.accept(tcp).await {
-                    Ok((
-                        stream,
-                        Request::Sync {
-                            workload,
-                            volume,
-                            epoch,
-                        },
-                    )) => r.receive(stream, workload, volume, epoch).await,
-                    Ok((
-                        stream,
-                        Request::Fetch {
-                            workload,
-                            volume,
-                            epoch,
-                        },
-                    )) => r.serve_fetch(stream, workload, volume, epoch).await,
-                    _ => {}
+                if let Ok((stream, req)) = m.accept(tcp).await {
+                    r.serve(stream, req).await;
                 }
             });
         }

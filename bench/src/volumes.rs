@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Context, Result};
-use bramble_agent::mesh::{Mesh, Request};
+use bramble_agent::mesh::Mesh;
 use bramble_agent::sync::{push, Duties, Receiver};
 use bramble_agent::volumes::Store;
 use bramble_api::wire::StandbyDuty;
@@ -58,6 +58,22 @@ struct Pair {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Pair {
+    /// The owner sends `root` to the standby as `w`'s volume `data`, placement 1.
+    async fn push(&self, root: &Path) -> Result<bramble_agent::sync::Pushed> {
+        Ok(push(
+            &self.owner,
+            &self.addr,
+            "n2",
+            ("w", "data", 1),
+            root,
+            &[],
+            0,
+        )
+        .await?)
+    }
+}
+
 impl Drop for Pair {
     fn drop(&mut self) {
         self.task.abort();
@@ -94,16 +110,8 @@ async fn pair() -> Result<Pair> {
         while let Ok((tcp, _)) = listener.accept().await {
             let (m, r) = (Arc::clone(&standby), Arc::clone(&receiver));
             tokio::spawn(async move {
-                if let Ok((
-                    stream,
-                    Request::Sync {
-                        workload,
-                        volume,
-                        epoch,
-                    },
-                )) = m.accept(tcp).await
-                {
-                    r.receive(stream, workload, volume, epoch).await;
+                if let Ok((stream, req)) = m.accept(tcp).await {
+                    r.serve(stream, req).await;
                 }
             });
         }
@@ -130,20 +138,13 @@ fn duty() -> Vec<StandbyDuty> {
 async fn protocol() -> Result<()> {
     let p = pair().await?;
     p.duties.set(duty());
-    let push_once = |root: &Path| {
-        let root = root.to_path_buf();
-        let owner = Arc::clone(&p.owner);
-        let addr = p.addr.clone();
-        async move { push(&owner, &addr, "n2", ("w", "data", 1), &root, &[], 0).await }
-    };
-
     // 1 GiB in 1,024 files of 1 MiB.
     let vol = tempfile::tempdir()?;
     for i in 0..1024 {
         fill(&vol.path().join(format!("f{i:04}")), 1 << 20, i + 1)?;
     }
     let t = Instant::now();
-    let first = push_once(vol.path()).await?;
+    let first = p.push(vol.path()).await?;
     let first_took = t.elapsed();
     let mut unchanged = Vec::new();
     let mut unchanged_sent = Vec::new();
@@ -151,7 +152,7 @@ async fn protocol() -> Result<()> {
     for _ in 0..5 {
         let w0 = written();
         let t = Instant::now();
-        let again = push_once(vol.path()).await?;
+        let again = p.push(vol.path()).await?;
         unchanged.push(t.elapsed());
         unchanged_sent.push(again.sent);
         unchanged_written.push(written().saturating_sub(w0));
@@ -181,16 +182,7 @@ async fn protocol() -> Result<()> {
     std::fs::create_dir_all(wallet.path().join("backup"))?;
     fill(&wallet.path().join("wallet.dat"), 4 << 20, 7)?;
     fill(&wallet.path().join("backup/wallet.dat"), 4 << 20, 7)?;
-    push(
-        &p.owner,
-        &p.addr,
-        "n2",
-        ("w", "data", 1),
-        wallet.path(),
-        &[],
-        0,
-    )
-    .await?;
+    p.push(wallet.path()).await?;
     let mut idle_written = 0;
     let mut sent = 0;
     for _ in 0..60 {
@@ -200,17 +192,7 @@ async fn protocol() -> Result<()> {
         std::fs::copy(wallet.path().join("wallet.dat"), &tmp)?;
         std::fs::rename(&tmp, wallet.path().join("backup/wallet.dat"))?;
         let w0 = written();
-        sent += push(
-            &p.owner,
-            &p.addr,
-            "n2",
-            ("w", "data", 1),
-            wallet.path(),
-            &[],
-            0,
-        )
-        .await?
-        .sent;
+        sent += p.push(wallet.path()).await?.sent;
         idle_written += written().saturating_sub(w0);
     }
     println!(
@@ -226,16 +208,7 @@ async fn protocol() -> Result<()> {
     for i in 0..100 {
         fill(&vol.path().join(format!("f{i:03}")), 1 << 20, i + 1)?;
     }
-    push(
-        &p.owner,
-        &p.addr,
-        "n2",
-        ("w", "data", 1),
-        vol.path(),
-        &[],
-        0,
-    )
-    .await?;
+    p.push(vol.path()).await?;
     let mut restores = Vec::new();
     for epoch in 2..5 {
         let t = Instant::now();
@@ -256,27 +229,17 @@ async fn protocol() -> Result<()> {
     Ok(())
 }
 
-fn wallet(name: &str, volume: &str, copies: u32) -> String {
-    format!(
-        "apiVersion: bramble/v1
-kind: Wallet
-metadata: {{name: {name}}}
-spec:
-  image: bramble-testimg:latest
-  args: [\"serve\", \"8080\"]
-  volumes: [{{name: {volume}, path: /data}}]
-  sync: {{every: 2s, copies: {copies}}}
-  resources: {{cpu: 100m, memory: 16Mi}}
-"
-    )
-}
-
 /// Power-off of the wallet's node -> its container running on another node, `rounds`
 /// times; between rounds the node comes back and (with copies) a sync completes.
 async fn failovers(c: &mut NetCluster, copies: u32, rounds: usize) -> Result<Vec<Duration>> {
     let w = bramble_tests::harness::unique("fo-vol");
     let vol = format!("{w}-data");
-    c.apply(&wallet(&w, &vol, copies)).await?;
+    c.apply(&bramble_tests::volumes::wallet(
+        &w,
+        &vol,
+        &format!("every: 2s, copies: {copies}"),
+    ))
+    .await?;
     let wait = Duration::from_secs(120);
     let mut times = Vec::new();
     for round in 0..rounds {
@@ -289,19 +252,7 @@ async fn failovers(c: &mut NetCluster, copies: u32, rounds: usize) -> Result<Vec
             anyhow::ensure!(ok, "fill: {out}");
         }
         if copies > 0 {
-            let since: chrono::DateTime<chrono::Utc> = SystemTime::now().into();
-            eventually(wait, "a complete sync of the 100 MiB", || async {
-                let v = c.get(&format!("/v1/volumes/{vol}")).await?;
-                let s = &v["lastSync"];
-                let at = s["at"]
-                    .as_str()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-                let ok = at.is_some_and(|at| at > since)
-                    && s["error"].is_null()
-                    && s["done"].as_array().is_some_and(|d| !d.is_empty());
-                Ok(ok.then_some(()))
-            })
-            .await?;
+            bramble_tests::volumes::synced_after(c, &vol, SystemTime::now(), 1, wait).await?;
         }
         let t = Instant::now();
         c.power_off(&node)?;

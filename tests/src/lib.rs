@@ -24,6 +24,7 @@ pub mod engines;
 pub mod hanet;
 pub mod harness;
 pub mod netns;
+pub mod volumes;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -4,86 +4,44 @@
 //! old node's data is set aside when it comes back.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Result};
 use bramble_tests::eventually;
 use bramble_tests::netns::{NetCluster, HEALING_FLAGS};
+use bramble_tests::volumes::{copy_in_force, files, synced_after, wallet};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(40);
 
-fn wallet(name: &str, volume: &str, copies: u32) -> String {
-    format!(
-        "apiVersion: bramble/v1
-kind: Wallet
-metadata: {{name: {name}}}
-spec:
-  image: bramble-testimg:latest
-  args: [\"serve\", \"8080\"]
-  volumes: [{{name: {volume}, path: /data}}]
-  sync:
-    every: 1s
-    copies: {copies}
-    before: [\"/testimg\", \"copy\", \"/data/live\", \"/data/backup\"]
-    exclude: [\"*.tmp\"]
-  resources: {{cpu: 50m, memory: 16Mi}}
-"
+/// A wallet whose `before` copies `/data/live` to `/data/backup`, syncing every second
+/// to `copies` standbys, `*.tmp` excluded.
+fn copying_wallet(w: &str, vol: &str, copies: u32) -> String {
+    wallet(
+        w,
+        vol,
+        &format!("every: 1s, copies: {copies}, before: [\"/testimg\", \"copy\", \"/data/live\", \"/data/backup\"], exclude: [\"*.tmp\"]"),
     )
 }
 
-/// Every file under `root` (relative path → bytes).
-fn files(root: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
-            let e = e?;
-            let m = std::fs::symlink_metadata(e.path())?;
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() {
-                let rel = e.path().strip_prefix(root)?.display().to_string();
-                out.insert(rel, std::fs::read(e.path())?);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The copy in force on a node: its `CURRENT` record and its directory.
-fn copy_in_force(data_dir: &Path, workload: &str, volume: &str) -> Result<(Value, PathBuf)> {
-    let dir = data_dir.join("copies").join(workload).join(volume);
-    let current: Value = serde_json::from_slice(
-        &std::fs::read(dir.join("CURRENT"))
-            .with_context(|| format!("no copy in {}", dir.display()))?,
-    )?;
-    let generation = current["generation"]
-        .as_u64()
-        .ok_or_else(|| anyhow!("CURRENT without a generation: {current}"))?;
-    Ok((current, dir.join(format!("gen-{generation}"))))
+/// A copying wallet (see [`copying_wallet`]) with `copies` standbys, started, with
+/// `/data/live` = "v1" synced to all of them: its name, volume, node, container and the
+/// volume's view.
+async fn synced_v1(c: &NetCluster, copies: u32) -> Result<(String, String, String, String, Value)> {
+    let w = bramble_tests::harness::unique("coin");
+    let vol = format!("{w}-data");
+    c.apply(&copying_wallet(&w, &vol, copies)).await?;
+    let (owner, first) = eventually(WAIT, "the wallet running", || async {
+        Ok(c.instances(&w)?.into_iter().next())
+    })
+    .await?;
+    exec_ok(c, &owner, &first, &["write", "/data/live", "v1"]).await?;
+    let view = synced_after(c, &vol, SystemTime::now(), copies as usize, WAIT).await?;
+    Ok((w, vol, owner, first, view))
 }
 
 fn names(m: &BTreeMap<String, Vec<u8>>) -> Vec<&str> {
     m.keys().map(String::as_str).collect()
-}
-
-/// Waits for a sync of `volume` that ended after `after` with a copy complete on every
-/// node of `on`; the volume's view then.
-async fn synced_after(c: &NetCluster, volume: &str, after: SystemTime, on: usize) -> Result<Value> {
-    let after: chrono::DateTime<chrono::Utc> = after.into();
-    eventually(WAIT, "a sync completed after the write", || async {
-        let v = c.get(&format!("/v1/volumes/{volume}")).await?;
-        let s = &v["lastSync"];
-        let at = s["at"]
-            .as_str()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-        let done = s["done"].as_array().map_or(0, Vec::len);
-        let fresh = at.is_some_and(|at| at > after) && s["error"].is_null() && done >= on;
-        Ok(fresh.then_some(v))
-    })
-    .await
 }
 
 async fn exec_ok(c: &NetCluster, node: &str, id: &str, cmd: &[&str]) -> Result<String> {
@@ -115,7 +73,7 @@ async fn a_wallet_comes_back_with_exactly_its_last_complete_copy_and_its_old_dat
 async fn comes_back(c: &mut NetCluster) -> Result<()> {
     let w = bramble_tests::harness::unique("coin");
     let vol = format!("{w}-data");
-    c.apply(&wallet(&w, &vol, 1)).await?;
+    c.apply(&copying_wallet(&w, &vol, 1)).await?;
     let (owner, first) = eventually(WAIT, "the wallet running", || async {
         Ok(c.instances(&w)?.into_iter().next())
     })
@@ -129,7 +87,7 @@ async fn comes_back(c: &mut NetCluster) -> Result<()> {
     )
     .await?;
     let wrote = SystemTime::now();
-    let view = synced_after(c, &vol, wrote, 1).await?;
+    let view = synced_after(c, &vol, wrote, 1, WAIT).await?;
     let standby = view["copies"][0]["node"]
         .as_str()
         .ok_or_else(|| anyhow!("no copy: {view}"))?
@@ -259,15 +217,7 @@ async fn two_copies_outlive_a_dead_standby_and_a_newer_placement_replaces_an_old
 }
 
 async fn two_copies(c: &mut NetCluster) -> Result<()> {
-    let w = bramble_tests::harness::unique("coin");
-    let vol = format!("{w}-data");
-    c.apply(&wallet(&w, &vol, 2)).await?;
-    let (owner, first) = eventually(WAIT, "the wallet running", || async {
-        Ok(c.instances(&w)?.into_iter().next())
-    })
-    .await?;
-    exec_ok(c, &owner, &first, &["write", "/data/live", "v1"]).await?;
-    let view = synced_after(c, &vol, SystemTime::now(), 2).await?;
+    let (w, vol, owner, first, view) = synced_v1(c, 2).await?;
     let standbys: Vec<String> = view["lastSync"]["done"]
         .as_array()
         .into_iter()
@@ -282,7 +232,7 @@ async fn two_copies(c: &mut NetCluster) -> Result<()> {
     c.power_off(&dead)?;
     c.wait_status(&dead, "NotReady", WAIT).await.ok();
     exec_ok(c, &owner, &first, &["write", "/data/live", "v2"]).await?;
-    synced_after(c, &vol, SystemTime::now(), 1).await?;
+    synced_after(c, &vol, SystemTime::now(), 1, WAIT).await?;
     let (_, gen) = copy_in_force(&c.data_dir(&alive)?, &w, &vol)?;
     ensure!(files(&gen)?.get("live").map(Vec::as_slice) == Some(&b"v2"[..]));
 
@@ -407,15 +357,7 @@ async fn a_wallet_that_cannot_go_to_its_standby_fetches_the_copy_from_it() {
 }
 
 async fn fetched(c: &mut NetCluster) -> Result<()> {
-    let w = bramble_tests::harness::unique("coin");
-    let vol = format!("{w}-data");
-    c.apply(&wallet(&w, &vol, 1)).await?;
-    let (owner, first) = eventually(WAIT, "the wallet running", || async {
-        Ok(c.instances(&w)?.into_iter().next())
-    })
-    .await?;
-    exec_ok(c, &owner, &first, &["write", "/data/live", "v1"]).await?;
-    let view = synced_after(c, &vol, SystemTime::now(), 1).await?;
+    let (w, vol, owner, _first, view) = synced_v1(c, 1).await?;
     let standby = view["copies"][0]["node"]
         .as_str()
         .ok_or_else(|| anyhow!("no copy: {view}"))?
