@@ -9,6 +9,7 @@
 //! - [`host_paths`]: which `hostPath` volumes this node lets containers mount (its own
 //!   allow list, on top of the universal rules), checked before any container or
 //!   directory is made.
+//! - [`logging`]: how the binaries log (colour on terminals only, JSON on request).
 //! - [`link`]: the connection to the controller (hello, task sets, heartbeats, logs).
 //! - [`supervisor`]: converges containers onto the desired tasks; restarts with back-off.
 //!   A pure planner, an I/O shell generic over [`runtime::Engine`], and the fence
@@ -39,6 +40,7 @@ pub mod fence;
 pub mod host;
 pub mod host_paths;
 pub mod link;
+pub mod logging;
 pub mod mesh;
 pub mod metrics;
 pub mod probe;

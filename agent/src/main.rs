@@ -114,12 +114,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BRAMBLE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    if let Err(e) = bramble_agent::logging::init() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
     if let Some(Err(e)) = args
         .node_name
         .as_deref()

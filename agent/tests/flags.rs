@@ -138,3 +138,51 @@ fn a_bad_join_token_or_a_plain_http_controller_is_refused_before_anything_is_don
     );
     assert!(!data.exists());
 }
+
+/// The agent's output when it starts, logs its first line, and stops because its Docker
+/// Engine is not there.
+fn first_log(format: Option<&str>) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = base(dir.path());
+    cmd.args(["--controller", "https://127.0.0.1:9"])
+        .env("BRAMBLE_LOG", "info")
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .env_remove("NO_COLOR");
+    match format {
+        Some(f) => cmd.env("BRAMBLE_LOG_FORMAT", f),
+        None => cmd.env_remove("BRAMBLE_LOG_FORMAT"),
+    };
+    run(&mut cmd)
+}
+
+#[test]
+fn logs_written_to_a_pipe_hold_no_colour_and_json_is_one_object_a_line() {
+    let out = first_log(None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("host path rules"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in a piped log: {text:?}"
+    );
+
+    let out = first_log(Some("json"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let rules = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "host path rules")
+        .unwrap_or_else(|| panic!("no host path rules line in {text}"));
+    assert_eq!(rules["level"], "INFO");
+    assert!(rules["fields"]["host_paths"].is_string(), "{rules}");
+
+    let out = first_log(Some("xml"));
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BRAMBLE_LOG_FORMAT=\"xml\": expected text or json"),
+        "{err}"
+    );
+}
