@@ -27,7 +27,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -560,13 +560,10 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 out.sent += got as u64;
             }
             let after = file.metadata().await?;
-            let mut same = !short
-                && after.len() == size
-                && mtime_ns(&after) == mtime_ns(&before)
-                && after.ctime() == before.ctime()
-                && after.ctime_nsec() == before.ctime_nsec();
+            let mut same = !short && held_still(&before, &after);
             if same && young {
-                same = read_again_matches(root, &e.path, size, digest.finish().as_ref()).await;
+                let first = hex(digest.finish().as_ref());
+                same = read_again_matches(root, &e.path, size, &first).await;
             }
             out.sent += write_frame(
                 stream,
@@ -601,36 +598,57 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The attributes of the file at `path` if it holds still while read and its SHA-256
-/// is `want` (hex).
-async fn same_bytes(root: &Path, rel: &str, want: &str) -> Option<(i64, u32, u32, u32)> {
-    let mut f = tokio::fs::File::from_std(crate::beneath::open_file(root, rel).ok()?);
-    let before = f.metadata().await.ok()?;
-    if !before.is_file() {
-        return None;
-    }
+/// Whether a file's size, modification time and change time are the same after it
+/// was read as before: nothing wrote it meanwhile.
+fn held_still(before: &std::fs::Metadata, after: &std::fs::Metadata) -> bool {
+    after.len() == before.len()
+        && mtime_ns(after) == mtime_ns(before)
+        && after.ctime() == before.ctime()
+        && after.ctime_nsec() == before.ctime_nsec()
+}
+
+/// The SHA-256 (hex) of what `f` holds from where it stands, and its byte count.
+/// Blocking.
+fn sha256_hex(f: &mut std::fs::File) -> io::Result<(String, u64)> {
+    use std::io::Read;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
     loop {
-        match f.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => digest.update(&buf[..n]),
-            Err(_) => return None,
+        match f.read(&mut buf)? {
+            0 => return Ok((hex(digest.finish().as_ref()), total)),
+            n => {
+                digest.update(&buf[..n]);
+                total += n as u64;
+            }
         }
     }
-    let after = f.metadata().await.ok()?;
-    let still = after.len() == before.len()
-        && mtime_ns(&after) == mtime_ns(&before)
-        && after.ctime() == before.ctime()
-        && after.ctime_nsec() == before.ctime_nsec();
-    (still && hex(digest.finish().as_ref()) == want).then(|| {
-        (
-            mtime_ns(&before),
-            before.mode() & 0o7777,
-            before.uid(),
-            before.gid(),
-        )
+}
+
+/// The attributes of the file `rel` under `root` if it holds still while read and its
+/// SHA-256 is `want` (hex).
+async fn same_bytes(root: &Path, rel: &str, want: &str) -> Option<(i64, u32, u32, u32)> {
+    let (root, rel, want) = (root.to_path_buf(), rel.to_string(), want.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut f = crate::beneath::open_file(&root, &rel).ok()?;
+        let before = f.metadata().ok()?;
+        if !before.is_file() {
+            return None;
+        }
+        let (got, _) = sha256_hex(&mut f).ok()?;
+        let after = f.metadata().ok()?;
+        (held_still(&before, &after) && got == want).then(|| {
+            (
+                mtime_ns(&before),
+                before.mode() & 0o7777,
+                before.uid(),
+                before.gid(),
+            )
+        })
     })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// The SHA-256 (hex) of a list of entries, as the protocol sends it.
@@ -645,18 +663,8 @@ fn hex(bytes: &[u8]) -> String {
 
 /// SHA-256 (hex) of a file. Blocking.
 fn file_sha256(path: &Path) -> Option<String> {
-    use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => digest.update(&buf[..n]),
-            Err(_) => return None,
-        }
-    }
-    Some(hex(digest.finish().as_ref()))
+    sha256_hex(&mut f).ok().map(|(h, _)| h)
 }
 
 /// Whether an offer lists exactly what the receiver holds: the same entries, files
@@ -676,25 +684,16 @@ pub fn unchanged(offer: &[Entry], have: &BTreeMap<String, Entry>) -> bool {
         })
 }
 
-async fn read_again_matches(root: &Path, rel: &str, size: u64, want: &[u8]) -> bool {
-    let Ok(f) = crate::beneath::open_file(root, rel) else {
-        return false;
-    };
-    let mut f = tokio::fs::File::from_std(f);
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        match f.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                digest.update(&buf[..n]);
-                total += n as u64;
-            }
-            Err(_) => return false,
-        }
-    }
-    total == size && digest.finish().as_ref() == want
+/// Whether the file `rel` under `root`, read again, has `size` bytes with the SHA-256
+/// `want` (hex).
+async fn read_again_matches(root: &Path, rel: &str, size: u64, want: &str) -> bool {
+    let (root, rel) = (root.to_path_buf(), rel.to_string());
+    let again = tokio::task::spawn_blocking(move || {
+        let mut f = crate::beneath::open_file(&root, &rel)?;
+        sha256_hex(&mut f)
+    })
+    .await;
+    matches!(again, Ok(Ok((h, n))) if n == size && h == want)
 }
 
 /// The standby duties the leader gave this node, shared by the link (which sets them)
@@ -1358,11 +1357,6 @@ fn build(
     }
     volumes::sync_dir(incoming);
     Ok((kept_old, bytes, files))
-}
-
-/// The directory of a volume (for the bench and tests).
-pub fn volume_path(data_dir: &Path, name: &str) -> PathBuf {
-    data_dir.join(volumes::VOLUMES_DIR).join(name)
 }
 
 #[cfg(test)]
