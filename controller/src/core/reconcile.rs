@@ -38,9 +38,10 @@ pub struct NodeState {
     pub cordoned: bool,
     /// Silent long enough that its agent has surely stopped its Wallets.
     pub wallets_fenced: bool,
-    /// How new the managed volume data it holds is, by workload (see
-    /// [`super::volumes::holding`]): a task goes where its data is newest, if it fits.
-    pub holding: BTreeMap<String, super::volumes::Rank>,
+    /// What it last reported of its managed volumes, copies and data set aside: a task
+    /// goes where the newest data of its volumes is, if it fits (see
+    /// [`super::volumes::holders`]).
+    pub volumes: Vec<bramble_api::wire::VolumeReport>,
 }
 
 /// One store write: put `value` at task `id` if its revision is still `rev` (0 = absent),
@@ -477,15 +478,14 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState], now: DateTime<U
 
 /// The nodes holding data of `t`'s managed volumes, newest first.
 fn preferred(t: &Task, nodes: &[NodeState]) -> Vec<String> {
-    if !t.spec.volumes.iter().any(|v| v.name.is_some()) {
-        return Vec::new();
-    }
-    let mut held: Vec<(&super::volumes::Rank, &str)> = nodes
-        .iter()
-        .filter_map(|n| Some((n.holding.get(&t.workload)?, n.info.name.as_str())))
-        .collect();
-    held.sort_by(|a, b| b.0.cmp(a.0).then(a.1.cmp(b.1)));
-    held.into_iter().map(|(_, n)| n.to_string()).collect()
+    let volumes = super::volumes::managed(t);
+    super::volumes::holders(
+        nodes
+            .iter()
+            .map(|n| (n.info.name.as_str(), n.volumes.as_slice())),
+        &t.workload,
+        &volumes,
+    )
 }
 
 /// Whether `t` is waiting out its give-up back-off at `now`.
@@ -607,7 +607,7 @@ mod tests {
 
     fn node(name: &str) -> NodeState {
         NodeState {
-            holding: Default::default(),
+            volumes: Vec::new(),
             info: NodeInfo {
                 mesh: None,
                 name: name.into(),
@@ -1210,14 +1210,22 @@ mod tests {
         let mut n1 = node("n1");
         let mut n2 = node("n2");
         let mut n3 = node("n3");
-        let rank = |epoch, in_use| crate::core::volumes::Rank {
+        let report = |workload: &str, volume: &str, epoch, role| bramble_api::wire::VolumeReport {
+            workload: workload.into(),
+            volume: volume.into(),
+            role,
             epoch,
-            in_use,
             at: None,
+            bytes: 0,
+            files: 0,
+            origin: None,
+            last_sync: None,
+            path: None,
         };
-        n1.holding.insert("db".into(), rank(3, false));
-        n3.holding.insert("db".into(), rank(5, false));
-        n2.holding.insert("other".into(), rank(9, true));
+        use bramble_api::wire::VolumeRole::{Copy, InUse};
+        n1.volumes.push(report("db", "db-data", 3, Copy));
+        n3.volumes.push(report("db", "db-data", 5, Copy));
+        n2.volumes.push(report("other", "other-data", 9, InUse));
         let nodes = vec![n1, n2, n3];
         let mut tasks = Vec::new();
         for _ in 0..3 {

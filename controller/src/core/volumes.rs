@@ -68,14 +68,19 @@ pub fn holding(reports: &[VolumeReport], workload: &str, volumes: &[String]) -> 
         .flatten()
 }
 
-/// The nodes holding data of `workload`'s `volumes`, newest first (ties by name).
-pub fn holders(reports: &Reports, workload: &str, volumes: &[String]) -> Vec<String> {
-    let mut held: Vec<(Rank, &String)> = reports
-        .iter()
+/// The nodes, among `nodes` with their reports, holding data of every one of
+/// `workload`'s `volumes`, newest first (ties by name).
+pub fn holders<'a>(
+    nodes: impl IntoIterator<Item = (&'a str, &'a [VolumeReport])>,
+    workload: &str,
+    volumes: &[String],
+) -> Vec<String> {
+    let mut held: Vec<(Rank, &str)> = nodes
+        .into_iter()
         .filter_map(|(n, rs)| Some((holding(rs, workload, volumes)?, n)))
         .collect();
     held.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-    held.into_iter().map(|(_, n)| n.clone()).collect()
+    held.into_iter().map(|(_, n)| n.to_string()).collect()
 }
 
 /// A node that could keep copies.
@@ -398,6 +403,10 @@ mod tests {
         }
     }
 
+    fn of(reports: &Reports) -> impl Iterator<Item = (&str, &[VolumeReport])> {
+        reports.iter().map(|(n, r)| (n.as_str(), r.as_slice()))
+    }
+
     #[test]
     fn newer_placements_win_then_use_then_time_and_every_volume_counts() {
         use VolumeRole::*;
@@ -425,17 +434,17 @@ mod tests {
                 rep("w", "b", SetAside, 9, 50),
             ],
         );
-        assert_eq!(holders(&reports, "w", &vols), vec!["n2", "n1", "n3"]);
+        assert_eq!(holders(of(&reports), "w", &vols), vec!["n2", "n1", "n3"]);
         reports.insert(
             "n3".into(),
             vec![rep("w", "a", InUse, 5, 1), rep("w", "b", InUse, 5, 1)],
         );
         assert_eq!(
-            holders(&reports, "w", &vols)[0],
+            holders(of(&reports), "w", &vols)[0],
             "n3",
             "in use beats a copy of its own placement"
         );
-        assert!(holders(&reports, "other", &vols).is_empty());
+        assert!(holders(of(&reports), "other", &vols).is_empty());
     }
 
     fn cand(name: &str) -> Candidate {

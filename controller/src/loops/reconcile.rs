@@ -87,7 +87,7 @@ pub async fn pass(state: &State) -> Result<Option<Instant>, state::Error> {
                 wallets_fenced: state
                     .live
                     .wallets_fenced(name, snap.suspects.contains_key(name)),
-                holding: holding(&reports, name),
+                volumes: reports.get(name).cloned().unwrap_or_default(),
             }
         })
         .collect();
@@ -168,25 +168,4 @@ async fn suspect(state: &State) -> Result<bool, state::Error> {
         }
         Outcome::Conflict(_) => Ok(true),
     }
-}
-
-/// How new the volume data `node` holds is, per workload with managed volumes.
-fn holding(
-    reports: &crate::core::volumes::Reports,
-    node: &str,
-) -> std::collections::BTreeMap<String, crate::core::volumes::Rank> {
-    let Some(rs) = reports.get(node) else {
-        return Default::default();
-    };
-    let mut by_workload: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
-    for r in rs {
-        let v = by_workload.entry(r.workload.as_str()).or_default();
-        if !v.contains(&r.volume) {
-            v.push(r.volume.clone());
-        }
-    }
-    by_workload
-        .into_iter()
-        .filter_map(|(w, vols)| Some((w.to_string(), crate::core::volumes::holding(rs, w, &vols)?)))
-        .collect()
 }
