@@ -280,14 +280,11 @@ impl Store {
             copy.as_ref().map(|c| c.0.epoch),
         );
         let origin = match start {
-            Start::Keep => {
-                let h = have.as_ref().map(|h| h.origin.clone());
-                if have.as_ref().is_some_and(|h| h.epoch == epoch) {
-                    h.unwrap_or(VolumeOrigin::Kept)
-                } else {
-                    VolumeOrigin::Kept
-                }
-            }
+            // The same placement restarting keeps the origin it started with.
+            Start::Keep => have
+                .as_ref()
+                .filter(|h| h.epoch == epoch)
+                .map_or(VolumeOrigin::Kept, |h| h.origin.clone()),
             Start::Restore { set_aside } => {
                 if set_aside || dir.exists() {
                     self.set_aside_locked(name, have.as_ref())?;

@@ -662,7 +662,12 @@ pub fn volume_page(
             };
             page.field(
                 "Sync",
-                format!("every {}, {} copies{before}", s.every, s.copies),
+                format!(
+                    "every {}, {} {}{before}",
+                    s.every,
+                    s.copies,
+                    if s.copies == 1 { "copy" } else { "copies" }
+                ),
             )
         }
         None => page.field("Sync", "<none: the volume stays on its node>"),
