@@ -1199,6 +1199,8 @@ mod tests {
                 finished_at: None,
                 gave_up: false,
                 output: None,
+                reason: None,
+                restart_at: None,
             },
         };
         for msg in [beat, status] {

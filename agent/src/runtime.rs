@@ -36,6 +36,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use bramble_api::manifest::{EnvValue, Kind};
+use bramble_api::task::Reason;
 use bramble_api::task::{container_name, labels};
 use bramble_api::wire::Assignment;
 use chrono::{DateTime, Utc};
@@ -219,6 +220,31 @@ pub enum Error {
 
 /// Result of a runtime call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// What an operator can act on, by name, when creating or starting a task's
+    /// container failed this way.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Error::ImagePull { .. } | Error::ImageInspect { .. } => Reason::ImagePullBackOff,
+            Error::SecretMissing { .. } => Reason::SecretMissing,
+            Error::HostPath { .. } => Reason::HostPathRefused,
+            Error::Volume { .. } | Error::HostDir { .. } => Reason::VolumeError,
+            Error::Start { .. } | Error::Create { .. } if port_in_use(&error_chain(self)) => {
+                Reason::PortInUse
+            }
+            Error::Start { .. } => Reason::RunContainerError,
+            _ => Reason::CreateContainerError,
+        }
+    }
+}
+
+/// Whether an engine's error says a published host port is taken: by another
+/// container (`port is already allocated`) or by a process of the host
+/// (`address already in use`).
+pub fn port_in_use(error: &str) -> bool {
+    error.contains("port is already allocated") || error.contains("address already in use")
+}
 
 pub use bramble_api::error_chain;
 
@@ -1666,6 +1692,45 @@ mod tests {
         for max in 1..40 {
             assert!(last_output(text, max).len() <= max, "{max}");
         }
+    }
+
+    #[test]
+    fn failures_are_named_for_the_operator() {
+        let docker = |message: &str| DockerError::DockerResponseServerError {
+            status_code: 500,
+            message: message.into(),
+        };
+        let taken = Error::Start {
+            id: "c".into(),
+            source: docker("driver failed programming external connectivity on endpoint x: Bind for 0.0.0.0:8080 failed: port is already allocated"),
+        };
+        assert_eq!(taken.reason(), Reason::PortInUse);
+        let host = Error::Start {
+            id: "c".into(),
+            source: docker("listen tcp4 0.0.0.0:80: bind: address already in use"),
+        };
+        assert_eq!(host.reason(), Reason::PortInUse);
+        let other = Error::Start {
+            id: "c".into(),
+            source: docker("OCI runtime create failed: exec: \"nope\": not found"),
+        };
+        assert_eq!(other.reason(), Reason::RunContainerError);
+        let pull = Error::ImagePull {
+            image: "x:1".into(),
+            source: docker("pull access denied"),
+        };
+        assert_eq!(pull.reason(), Reason::ImagePullBackOff);
+        let create = Error::Create {
+            name: "c".into(),
+            source: docker("invalid mount config"),
+        };
+        assert_eq!(create.reason(), Reason::CreateContainerError);
+        let secret = Error::SecretMissing {
+            var: "A".into(),
+            secret: "s".into(),
+            key: "k".into(),
+        };
+        assert_eq!(secret.reason(), Reason::SecretMissing);
     }
 
     #[test]

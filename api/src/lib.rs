@@ -39,6 +39,7 @@ pub mod parse;
 pub mod quantity;
 pub mod rest;
 pub mod schedule;
+pub mod status;
 pub mod task;
 pub mod token;
 pub mod wire;

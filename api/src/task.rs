@@ -12,6 +12,7 @@ use crate::manifest::{
     EnvValue, Kind, Manifest, Placement, Port, Probes, Resources, Restart, SecretRef, Volume,
     VolumeSync,
 };
+pub use crate::status::Reason;
 
 /// What the agent needs to run one task's container. Two tasks with equal specs run
 /// equal containers; a changed spec (image, env, …) means a new container.
@@ -234,6 +235,13 @@ pub struct Task {
     /// Job and CronJob: the last 64 KiB of output, kept once the run has finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// What an operator can act on, as its node named it (`CrashLoopBackOff`, …);
+    /// the message says the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// When its node tries again (restart, create or start), while it backs off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_at: Option<DateTime<Utc>>,
     /// When the task was created.
     pub created_at: DateTime<Utc>,
     /// When its container last started.

@@ -555,6 +555,13 @@ pub struct TaskStatus {
     /// outlives the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Why the task is not running as wanted, by name (added after protocol version 1
+    /// shipped: optional; an unknown name parses as `Unknown`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<crate::status::Reason>,
+    /// When the node tries again, while it backs off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_at: Option<DateTime<Utc>>,
 }
 
 impl NodeInfo {
@@ -1123,6 +1130,8 @@ mod tests {
                 finished_at: None,
                 gave_up: false,
                 output: Some("paid 3 miners\n".repeat(4000)),
+                reason: None,
+                restart_at: None,
             }],
             credential: Some(Secret("c".repeat(64))),
             standby: false,

@@ -307,6 +307,38 @@ impl Container<'_> {
 }
 
 /// A task's READY cell.
+/// A task's status as an operator reads it (see [`bramble_api::status`]), with when
+/// the next try is: `CrashLoopBackOff (next try in 8s)`.
+pub fn status_line(t: &Task, now: DateTime<Utc>) -> String {
+    let s = bramble_api::status::of(t, now);
+    match s.retry_at {
+        Some(at) => format!("{} (next try {})", s.status, crate::output::until(at, now)),
+        None => s.status,
+    }
+}
+
+/// The `STATUS` cell of task tables: the status, then why, kept to one short line
+/// (`-o wide` and `describe` have the whole message).
+pub fn status_cell(t: &Task, now: DateTime<Utc>) -> String {
+    const MAX: usize = 120;
+    let line = status_line(t, now);
+    let s = bramble_api::status::of(t, now);
+    match s
+        .reason
+        .filter(|_| s.level >= bramble_api::status::Level::Warning)
+    {
+        Some(why) => {
+            let why = cell(&why);
+            if why.chars().count() > MAX {
+                format!("{line}: {}…", why.chars().take(MAX).collect::<String>())
+            } else {
+                format!("{line}: {why}")
+            }
+        }
+        None => line,
+    }
+}
+
 pub fn ready(t: &Task) -> &'static str {
     match t.ready {
         Some(true) => "true",
@@ -323,7 +355,7 @@ fn tasks_table(tasks: &[Task], with_node: bool, with_workload: bool, now: DateTi
     if with_node {
         headers.push("NODE");
     }
-    headers.extend(["PHASE", "READY", "RESTARTS", "AGE", "MESSAGE"]);
+    headers.extend(["STATUS", "READY", "RESTARTS", "AGE", "MESSAGE"]);
     let mut table = Table::new(headers);
     for t in tasks {
         let mut row = vec![t.id.clone()];
@@ -334,7 +366,7 @@ fn tasks_table(tasks: &[Task], with_node: bool, with_workload: bool, now: DateTi
             row.push(or_none(t.node.as_deref()));
         }
         row.extend([
-            t.phase.to_string(),
+            status_line(t, now),
             ready(t).to_string(),
             t.restarts.to_string(),
             age(t.created_at, now),
@@ -760,6 +792,7 @@ pub fn task(t: &Task, events: Option<&[Event]>, now: DateTime<Utc>) -> String {
         .field("Replica", t.replica)
         .field("Node", or_none(t.node.as_deref()))
         .field("Phase", t.phase)
+        .field("Status", status_line(t, now))
         .field("Message", or_none(t.message.as_deref().map(cell)))
         .field("Desired", desired_state(t.desired))
         .field(
@@ -1203,7 +1236,7 @@ mod tests {
             "Restart:     Always, back-off 1s..5m, give up after 5 failures in 10m\n",
             "Liveness:    exec [litecoin-cli getblockcount] delay=2m timeout=10s period=30s #failure=3\n",
             "Readiness:   <none>\n",
-            "Tasks:\n  NAME                  NODE     PHASE     READY   RESTARTS   AGE   MESSAGE\n",
+            "Tasks:\n  NAME                  NODE     STATUS    READY   RESTARTS   AGE   MESSAGE\n",
             "  ltc-wallet-0a1b2c-0   <none>   Pending   -       0          45s   no node fits: pi-1: label disk=ssd missing; pi-2: needs 256Mi memory, 100Mi free\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
@@ -1287,7 +1320,7 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("\nNode:         <none>\nPhase:        Pending\nMessage:      no node fits: pi-1: label disk=ssd missing;"), "{text}");
+        assert!(text.contains("\nNode:         <none>\nPhase:        Pending\nStatus:       Pending\nMessage:      no node fits: pi-1: label disk=ssd missing;"), "{text}");
         assert!(
             text.contains("\nReady:        <no readiness probe>\n"),
             "{text}"
@@ -1305,7 +1338,7 @@ mod tests {
             "Capacity:\n  CPU:           4 cores\n  Memory:        1.0Gi\n",
             "Allocated:\n  CPU:           1500m (38%)\n  Memory:        512Mi (50%)\n  Tasks:         1\n",
             "  CPU:           12%\n  Memory:        410Mi / 1.0Gi (40%)\n  Load (1m):     0.52\n",
-            "Tasks:\n  NAME           WORKLOAD      PHASE     READY   RESTARTS   AGE   MESSAGE\n  web-0a1b2c-1   service/web   Running   true    2          3h\n",
+            "Tasks:\n  NAME           WORKLOAD      STATUS    READY   RESTARTS   AGE   MESSAGE\n  web-0a1b2c-1   service/web   Running   true    2          3h\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

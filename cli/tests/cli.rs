@@ -825,7 +825,7 @@ fn describe_node_shows_allocation_and_its_tasks() {
         "Name:           pi-1\n",
         "Status:         Ready,SchedulingDisabled\n",
         "Allocated:\n  CPU:           500m (13%)\n  Memory:        256Mi (25%)\n",
-        "Tasks:\n  NAME             WORKLOAD        PHASE     READY   RESTARTS   AGE",
+        "Tasks:\n  NAME             WORKLOAD        STATUS    READY   RESTARTS   AGE",
         "\n  hello-abcdef-0   service/hello   Running   -       0          ",
     ] {
         assert!(r.stdout.contains(want), "missing {want:?} in\n{}", r.stdout);

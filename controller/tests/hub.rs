@@ -422,6 +422,8 @@ async fn a_node_cannot_report_for_or_write_into_another_nodes_tasks() {
             finished_at: None,
             gave_up: true,
             output: None,
+            reason: None,
+            restart_at: None,
         },
     })
     .await;

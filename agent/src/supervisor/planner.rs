@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use bramble_api::backoff;
 use bramble_api::manifest::{Kind, RestartPolicy};
-use bramble_api::task::TaskPhase;
+use bramble_api::task::{Reason, TaskPhase};
 use bramble_api::wire::{Assignment, TaskStatus};
 use chrono::{DateTime, Utc};
 
@@ -112,6 +112,25 @@ pub enum RemoveReason {
     Fenced,
 }
 
+/// A failed action: what an operator can act on, and the error in words.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// By name.
+    pub reason: Reason,
+    /// The error chain.
+    pub message: String,
+}
+
+impl From<String> for Failure {
+    /// A failure the engine gave no more precise reason for.
+    fn from(message: String) -> Failure {
+        Failure {
+            reason: Reason::CreateContainerError,
+            message,
+        }
+    }
+}
+
 /// Failure history per task: what [`plan`] needs to know beyond Docker's state.
 #[derive(Debug, Clone, Default)]
 pub struct RestartTracker {
@@ -129,6 +148,8 @@ struct Record {
     restarts: u32,
     /// The last failed create or start, which left no running container behind.
     last_error: Option<String>,
+    /// Its reason.
+    reason: Option<Reason>,
     /// Set once the task was given up.
     gave_up: Option<String>,
     /// A run whose liveness probe failed, and the probe's message.
@@ -148,12 +169,12 @@ impl RestartTracker {
 
     /// Folds the outcome of an executed action into the history. `outcome` is the error
     /// text when the action failed; `now` is when it finished.
-    pub fn apply(&mut self, action: &Action, outcome: Result<(), String>, now: DateTime<Utc>) {
+    pub fn apply(&mut self, action: &Action, outcome: Result<(), Failure>, now: DateTime<Utc>) {
         match action {
             Action::Create { assignment } => {
                 let rec = self.tasks.entry(assignment.task.clone()).or_default();
                 match outcome {
-                    Ok(()) => rec.last_error = None,
+                    Ok(()) => rec.clear_error(),
                     Err(e) => rec.fail(now, Some(e)),
                 }
             }
@@ -164,7 +185,7 @@ impl RestartTracker {
                         .or_default()
                         .fail(now, Some(e));
                 } else if let Some(rec) = self.tasks.get_mut(task) {
-                    rec.last_error = None;
+                    rec.clear_error();
                 }
             }
             Action::Restart {
@@ -183,7 +204,7 @@ impl RestartTracker {
                 match outcome {
                     Ok(()) => {
                         rec.restarts += 1;
-                        rec.last_error = None;
+                        rec.clear_error();
                         // A new run: verdicts about the old one are moot.
                         rec.liveness_failed = None;
                         rec.ready = None;
@@ -277,13 +298,19 @@ impl RestartTracker {
 }
 
 impl Record {
-    fn fail(&mut self, at: DateTime<Utc>, error: Option<String>) {
+    fn fail(&mut self, at: DateTime<Utc>, error: Option<Failure>) {
         self.streak = self.streak.saturating_add(1);
         if let Some(e) = error {
-            self.last_error = Some(e);
+            self.last_error = Some(e.message);
+            self.reason = Some(e.reason);
         }
         self.failures.push(at);
         self.failures.sort();
+    }
+
+    fn clear_error(&mut self) {
+        self.last_error = None;
+        self.reason = None;
     }
 
     fn failures_since(&self, since: DateTime<Utc>) -> usize {
@@ -392,6 +419,8 @@ fn plan_fenced(
             finished_at: None,
             gave_up: false,
             output: None,
+            reason: Some(Reason::Fenced),
+            restart_at: None,
         },
     });
     for c in containers {
@@ -483,6 +512,8 @@ fn plan_task(
         finished_at: None,
         gave_up: false,
         output: None,
+        reason: None,
+        restart_at: None,
     };
 
     let never_started = c.is_none_or(|c| c.state == ContainerState::Created);
@@ -493,6 +524,7 @@ fn plan_task(
                 .map(|e| format!(" (last error: {e})"))
                 .unwrap_or_default();
             status.phase = TaskPhase::Failed;
+            status.reason = Some(Reason::DeadlineExceeded);
             status.message = Some(format!(
                 "timed out: not started by its deadline {}{why}",
                 deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -550,6 +582,7 @@ fn plan_task(
             let hung = liveness_failure(rec, c).filter(|_| c.state == ContainerState::Running);
             if let Some(cause) = hung {
                 // Stopped now, restarted (after the back-off) as if it had crashed.
+                status.reason = Some(Reason::Unhealthy);
                 status.message = Some(cause.to_string());
                 actions.push(Action::Report { status });
                 actions.push(Action::Stop {
@@ -563,6 +596,7 @@ fn plan_task(
                 Some(deadline) if now >= deadline => {
                     // Stopped now; the exited run is then final (see `plan_exited`).
                     let cause = timeout_cause(a);
+                    status.reason = Some(Reason::DeadlineExceeded);
                     status.message = Some(format!("{cause}; stopping"));
                     actions.push(Action::Report { status });
                     actions.push(Action::Stop {
@@ -624,11 +658,13 @@ fn attempt(
         if let Some(msg) = &r.gave_up {
             status.phase = TaskPhase::Failed;
             status.message = Some(msg.clone());
+            status.reason = r.reason;
             status.gave_up = true;
             actions.push(Action::Report { status });
             return;
         }
         if let Some(err) = &r.last_error {
+            status.reason = r.reason;
             let failures = r.failures_since(since);
             if failures >= a.spec.restart.max_failures as usize {
                 let message = gave_up_message(failures, a, err);
@@ -645,6 +681,9 @@ fn attempt(
             // No time in the text: an unchanged situation must give an unchanged report.
             status.message = Some(format!("{err}; retrying with back-off"));
             let until = r.last_failure().unwrap_or(now) + delay(a, r.streak);
+            // Set whether or not the wait is over, so the report made when it is over
+            // equals the one made while waiting (no new report, no store write).
+            status.restart_at = Some(until);
             if now < until {
                 actions.push(Action::Report { status });
                 actions.push(Action::Wait {
@@ -676,9 +715,18 @@ fn plan_exited(
     let liveness = liveness_failure(rec, c);
     let success = c.exit_code == Some(0) && !c.oom_killed && liveness.is_none();
     let cause = liveness.map_or_else(|| exit_cause(c), str::to_string);
+    // Why it failed, if it did; a crash loop is named once it is restarted.
+    let failed_because = if liveness.is_some() {
+        Some(Reason::Unhealthy)
+    } else if c.oom_killed {
+        Some(Reason::OomKilled)
+    } else {
+        None
+    };
 
     if let Some(msg) = rec.and_then(|r| r.gave_up.clone()) {
         status.phase = TaskPhase::Failed;
+        status.reason = failed_because.or(Some(Reason::CrashLoopBackOff));
         status.message = Some(msg);
         status.gave_up = true;
         actions.push(Action::Report { status });
@@ -688,6 +736,7 @@ fn plan_exited(
         // A failed attempt, whatever the exit code (a graceful stop may exit 0). Never
         // restarted here: retrying is the controller's decision (`retries`).
         status.phase = TaskPhase::Failed;
+        status.reason = Some(Reason::DeadlineExceeded);
         status.message = Some(timeout_cause(a));
         actions.push(Action::Report { status });
         return;
@@ -704,6 +753,7 @@ fn plan_exited(
             status.phase = TaskPhase::Succeeded;
         } else {
             status.phase = TaskPhase::Failed;
+            status.reason = failed_because;
             status.message = Some(cause);
         }
         actions.push(Action::Report { status });
@@ -723,6 +773,7 @@ fn plan_exited(
     let failures = past + usize::from(!recorded && failed_at > since);
     if failures >= restart.max_failures as usize {
         let message = gave_up_message(failures, a, &cause);
+        status.reason = failed_because.or(Some(Reason::CrashLoopBackOff));
         status.phase = TaskPhase::Failed;
         status.message = Some(message.clone());
         status.gave_up = true;
@@ -750,6 +801,11 @@ fn plan_exited(
         Some(err) if recorded => format!("{cause}; restart failed: {err}; retrying with back-off"),
         _ => format!("{cause}; restarting with back-off"),
     });
+    status.reason = match rec.and_then(|r| r.reason) {
+        Some(r) if recorded => Some(r),
+        _ => Some(Reason::CrashLoopBackOff),
+    };
+    status.restart_at = Some(until);
     actions.push(Action::Report { status });
     if now < until {
         actions.push(Action::Wait {
@@ -771,6 +827,7 @@ fn plan_exited(
 /// is created, started or restarted; the refusal is the whole message.
 fn refuse(mut status: TaskStatus, why: &str, actions: &mut Vec<Action>) {
     status.phase = TaskPhase::Failed;
+    status.reason = Some(Reason::HostPathRefused);
     status.message = Some(why.to_string());
     status.gave_up = true;
     actions.push(Action::Report { status });
@@ -861,6 +918,8 @@ pub fn observed_status(o: &Observed) -> TaskStatus {
         finished_at: ended.then_some(o.finished_at).flatten(),
         gave_up: false,
         output: None,
+        reason: (phase == TaskPhase::Failed && o.oom_killed).then_some(Reason::OomKilled),
+        restart_at: None,
     }
 }
 
@@ -1360,7 +1419,7 @@ mod tests {
             let actions = plan(std::slice::from_ref(&a), &[], &tracker, now, false);
             if let Some(c) = actions.iter().find(|x| matches!(x, Action::Create { .. })) {
                 attempts.push((now - t(0)).num_seconds());
-                tracker.apply(c, Err(err.clone()), now);
+                tracker.apply(c, Err(err.clone().into()), now);
             } else if let Some(g) = actions.iter().find(|x| matches!(x, Action::GiveUp { .. })) {
                 tracker.apply(g, Ok(()), now);
                 break;
@@ -1371,6 +1430,12 @@ mod tests {
                     s.message.as_deref(),
                     Some(format!("{err}; retrying with back-off").as_str())
                 );
+                assert_eq!(s.reason, Some(Reason::CreateContainerError));
+                let wait = actions.iter().find_map(|x| match x {
+                    Action::Wait { until, .. } => Some(*until),
+                    _ => None,
+                });
+                assert_eq!(s.restart_at, wait, "the next try is the end of the wait");
             }
             now += chrono::Duration::milliseconds(500);
             assert!(now < t(100), "must give up");
@@ -1391,6 +1456,78 @@ mod tests {
             Some(format!("gave up after 3 failures in 10m: {err}").as_str())
         );
         assert!(s.gave_up);
+        assert_eq!(s.reason, Some(Reason::CreateContainerError));
+    }
+
+    #[test]
+    fn failures_are_named_and_the_report_does_not_change_when_the_wait_ends() {
+        let a = service("web-0");
+        let mut tracker = RestartTracker::new();
+        let failure = Failure {
+            reason: Reason::PortInUse,
+            message: "cannot start container c: port is already allocated".into(),
+        };
+        let create = Action::Create {
+            assignment: Box::new(a.clone()),
+        };
+        tracker.apply(&create, Err(failure), t(0));
+        let waiting = plan(std::slice::from_ref(&a), &[], &tracker, t(0), false);
+        let over = plan(std::slice::from_ref(&a), &[], &tracker, t(5), false);
+        assert_eq!(moves(&waiting), vec!["wait web-0 1s"]);
+        assert_eq!(moves(&over), vec!["create web-0"]);
+        assert_eq!(reports(&waiting)[0].reason, Some(Reason::PortInUse));
+        assert_eq!(reports(&waiting)[0].restart_at, Some(t(1)));
+        assert_eq!(
+            reports(&waiting),
+            reports(&over),
+            "no new report, no store write"
+        );
+        // Created at last: the reason goes with the error.
+        tracker.apply(&create, Ok(()), t(6));
+        let running = container(&a, "c1", ContainerState::Running);
+        let s = &reports(&plan(
+            std::slice::from_ref(&a),
+            &[running],
+            &tracker,
+            t(7),
+            false,
+        ))[0];
+        assert_eq!(
+            (s.phase, s.reason, s.restart_at),
+            (TaskPhase::Running, None, None)
+        );
+
+        // A crash loop, and a kill for memory within it.
+        let crashed = exited(&a, "c1", 3, 6, 7);
+        let s = reports(&plan(
+            std::slice::from_ref(&a),
+            &[crashed],
+            &tracker,
+            t(7),
+            false,
+        ))[0]
+            .clone();
+        assert_eq!(s.reason, Some(Reason::CrashLoopBackOff));
+        assert_eq!(
+            s.restart_at,
+            Some(t(9)),
+            "the create failure counts in the streak"
+        );
+        let mut oom = exited(&a, "c1", 137, 6, 7);
+        oom.oom_killed = true;
+        let s = reports(&plan(
+            std::slice::from_ref(&a),
+            &[oom],
+            &tracker,
+            t(7),
+            false,
+        ))[0]
+            .clone();
+        assert_eq!(s.reason, Some(Reason::CrashLoopBackOff));
+        assert_eq!(
+            s.message.as_deref(),
+            Some("killed: out of memory; restarting with back-off")
+        );
     }
 
     #[test]

@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, instrument, warn};
 
 use super::planner::{
-    observed_status, pick_keeper, plan, probe_targets, Action, RemoveReason, RestartTracker,
+    observed_status, pick_keeper, plan, probe_targets, Action, Failure, RemoveReason,
+    RestartTracker,
 };
 use super::sweeper::{enforce_fence, Gate};
 use super::{Desired, RESYNC_INTERVAL};
@@ -447,9 +448,10 @@ impl<R: Engine> Supervisor<R> {
                 }
             };
             let outcome = outcome.map_err(|e| {
-                let msg = error_chain(&e);
-                warn!(error = %msg, ?action, "action failed");
-                msg
+                let message = error_chain(&e);
+                let reason = e.reason();
+                warn!(error = %message, %reason, ?action, "action failed");
+                Failure { reason, message }
             });
             self.tracker.apply(action, outcome, Utc::now());
         }

@@ -18,7 +18,9 @@ use serde::Serialize;
 use super::not_found;
 use crate::args::GetArgs;
 use crate::client::Client;
-use crate::describe::{firing_outcome, memory_limits, node_status, ready};
+use crate::describe::{
+    firing_outcome, memory_limits, node_status, ready, status_cell, status_line,
+};
 use crate::error::usage;
 use crate::output::{age, ago, or_none, timestamp, until, write_structured, Format, Resource};
 use crate::table::{cell, Table};
@@ -514,7 +516,7 @@ pub fn cronjobs_table(cronjobs: &[CronJobView], wide: bool, now: DateTime<Utc>) 
 /// a retry, so a list of services does not carry two empty columns.
 pub fn tasks_table(tasks: &[Task], wide: bool, now: DateTime<Utc>) -> Table {
     let mut headers = vec![
-        "NAME", "WORKLOAD", "NODE", "PHASE", "READY", "RESTARTS", "AGE",
+        "NAME", "WORKLOAD", "NODE", "PHASE", "READY", "RESTARTS", "AGE", "STATUS",
     ];
     let runs = wide && tasks.iter().any(|t| t.slot.is_some() || t.attempt > 0);
     if wide {
@@ -534,6 +536,11 @@ pub fn tasks_table(tasks: &[Task], wide: bool, now: DateTime<Utc>) -> Table {
             ready(task).to_string(),
             task.restarts.to_string(),
             age(task.created_at, now),
+            if wide {
+                status_line(task, now)
+            } else {
+                status_cell(task, now)
+            },
         ];
         if wide {
             row.extend([
@@ -785,8 +792,29 @@ mod tests {
         sort_tasks(&mut tasks);
         let t = tasks_table(&tasks, true, now()).to_string();
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines[0], "NAME                  WORKLOAD     NODE     PHASE     READY   RESTARTS   AGE   KIND      EXIT   CONTAINER      MESSAGE");
-        assert_eq!(lines[1], "ltc-wallet-0a1b2c-0   ltc-wallet   <none>   Pending   -       0          45s   Wallet    -      -              no node fits: pi-1: label disk=ssd missing; pi-2: needs 256Mi memory, 100Mi free");
-        assert_eq!(lines[2], "web-0a1b2c-1          web          pi-1     Running   true    2          3h    Service   -      4f9a2b7c1d3e");
+        assert_eq!(lines[0], "NAME                  WORKLOAD     NODE     PHASE     READY   RESTARTS   AGE   STATUS    KIND      EXIT   CONTAINER      MESSAGE");
+        assert_eq!(lines[1], "ltc-wallet-0a1b2c-0   ltc-wallet   <none>   Pending   -       0          45s   Pending   Wallet    -      -              no node fits: pi-1: label disk=ssd missing; pi-2: needs 256Mi memory, 100Mi free");
+        assert_eq!(lines[2], "web-0a1b2c-1          web          pi-1     Running   true    2          3h    Running   Service   -      4f9a2b7c1d3e");
+        let narrow = tasks_table(&tasks, false, now()).to_string();
+        let lines: Vec<&str> = narrow.lines().collect();
+        assert!(lines[1].ends_with("45s   Pending: no node fits: pi-1: label disk=ssd missing; pi-2: needs 256Mi memory, 100Mi free"), "{narrow}");
+        assert!(lines[2].ends_with("3h    Running"), "{narrow}");
+    }
+
+    #[test]
+    fn task_table_names_a_crash_loop_with_its_cause_and_next_try() {
+        let mut t = running_task();
+        t.phase = bramble_api::task::TaskPhase::Starting;
+        t.reason = Some(bramble_api::task::Reason::CrashLoopBackOff);
+        t.message = Some("exited with code 3; restarting with back-off".into());
+        t.restart_at = Some(now() + chrono::Duration::seconds(8));
+        let narrow = tasks_table(&[t], false, now()).to_string();
+        let row = narrow.lines().nth(1).unwrap_or_default();
+        assert!(
+            row.ends_with(
+                "CrashLoopBackOff (next try in 8s): exited with code 3; restarting with back-off"
+            ),
+            "{narrow}"
+        );
     }
 }

@@ -1238,6 +1238,8 @@ mod tests {
             finished_at: None,
             gave_up: false,
             output: None,
+            reason: None,
+            restart_at: None,
         };
         assert!(task_status(&snap, "pi2", &s, Utc::now()).is_none());
         assert!(task_removed(&snap, "pi2", &id).is_none());

@@ -291,6 +291,7 @@ pub fn reset_to_pending(t: &mut Task, why: String) {
     t.phase = TaskPhase::Pending;
     t.container_id = None;
     t.ready = None;
+    t.restart_at = None;
     t.message = Some(why);
 }
 
@@ -386,6 +387,8 @@ pub(crate) fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTi
         created_at: now,
         started_at: None,
         finished_at: None,
+        reason: None,
+        restart_at: None,
     }
 }
 
@@ -465,6 +468,9 @@ fn place(work: &mut BTreeMap<String, Task>, nodes: &[NodeState], now: DateTime<U
             t.node = Some(p.node);
             t.phase = TaskPhase::Scheduled;
             t.message = None;
+            // Said by the last node about the last placement.
+            t.reason = None;
+            t.restart_at = None;
         }
     }
     for u in result.unplaced {
@@ -523,6 +529,8 @@ pub fn apply_status(task: &Task, node: &str, s: &TaskStatus, now: DateTime<Utc>)
         t.exit_code = None;
     }
     t.message = s.message.clone();
+    t.reason = s.reason;
+    t.restart_at = s.restart_at;
     if s.container_id.is_some() {
         t.container_id = s.container_id.clone();
     }
@@ -823,6 +831,8 @@ mod tests {
             finished_at: None,
             gave_up: false,
             output: None,
+            reason: None,
+            restart_at: None,
         };
         assert!(apply_status(t, "n2", &s, Utc::now()).is_none());
         let updated = apply_status(t, "n1", &s, Utc::now()).expect("changes");
@@ -915,6 +925,8 @@ mod tests {
             finished_at: None,
             gave_up: true,
             output: None,
+            reason: None,
+            restart_at: None,
         };
         let moved = apply_status(&t, &first, &s, Utc::now()).expect("changes");
         assert_eq!(moved.node, None);
@@ -967,6 +979,8 @@ mod tests {
             finished_at: None,
             gave_up: true,
             output: None,
+            reason: None,
+            restart_at: None,
         }
     }
 

@@ -788,6 +788,8 @@ mod tests {
             finished_at: None,
             gave_up: false,
             output: None,
+            reason: None,
+            restart_at: None,
         };
         tx.send(Report::Status(running)).await.expect("queued");
         drop(tx);
