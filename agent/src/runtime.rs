@@ -239,6 +239,23 @@ impl Error {
     }
 }
 
+/// An engine error chain as an operator reads it: without bollard's `Docker responded
+/// with status code 500: ` and, for a taken port, only what says which port.
+pub fn tidy(chain: &str, reason: Reason) -> String {
+    let mut text = chain.to_string();
+    while let Some(start) = text.find("Docker responded with status code ") {
+        let rest = &text[start..];
+        let Some(colon) = rest.find(": ") else { break };
+        text.replace_range(start..start + colon + 2, "");
+    }
+    if reason == Reason::PortInUse {
+        if let Some(i) = text.find("Bind for ").or_else(|| text.find("listen tcp")) {
+            return format!("host port taken on this node: {}", &text[i..]);
+        }
+    }
+    text
+}
+
 /// Whether an engine's error says a published host port is taken: by another
 /// container (`port is already allocated`) or by a process of the host
 /// (`address already in use`).
@@ -1731,6 +1748,15 @@ mod tests {
             key: "k".into(),
         };
         assert_eq!(secret.reason(), Reason::SecretMissing);
+
+        assert_eq!(
+            tidy(&error_chain(&host), Reason::PortInUse),
+            "host port taken on this node: listen tcp4 0.0.0.0:80: bind: address already in use"
+        );
+        assert_eq!(
+            tidy(&error_chain(&pull), Reason::ImagePullBackOff),
+            "image x:1 not found locally and pull failed: pull access denied"
+        );
     }
 
     #[test]

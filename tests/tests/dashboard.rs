@@ -248,3 +248,131 @@ async fn dashboard_shows_the_cluster_live_and_limits_viewers() -> Result<()> {
     assert_eq!(anonymous.status(), 401);
     Ok(())
 }
+
+/// A free TCP port on the host, held by the returned listener.
+fn hold_a_port() -> Result<(std::net::TcpListener, u16)> {
+    let l = std::net::TcpListener::bind("0.0.0.0:0").context("binding a port")?;
+    let port = l.local_addr()?.port();
+    Ok((l, port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_tasks_are_named_in_red_with_their_reason_and_the_warnings_open_a_list(
+) -> Result<()> {
+    ensure_test_image().await?;
+    let node = harness::unique("fail");
+    let c = Controller::start(ControllerOpts {
+        local_node: Some(node.clone()),
+        args: Vec::new(),
+    })
+    .await?;
+    // Failing without giving up, so each stays on its node's card for the test.
+    const KEEP_TRYING: &str =
+        "  restart: {policy: Always, maxFailures: 100, backoff: {initial: 1s, max: 4s}}\n";
+    // A port a process of the host holds: the container cannot publish it.
+    let (_held, port) = hold_a_port()?;
+    let manifests = format!(
+        "apiVersion: bramble/v1\nkind: Service\nmetadata: {{name: crasher}}\nspec:\n  image: bramble-testimg:latest\n  args: [\"exit\", \"3\"]\n  resources: {{cpu: 50m, memory: 16Mi}}\n{KEEP_TRYING}---\n\
+         apiVersion: bramble/v1\nkind: Service\nmetadata: {{name: nopull}}\nspec:\n  image: bramble-no-such-image.invalid/none:1\n  resources: {{cpu: 50m, memory: 16Mi}}\n{KEEP_TRYING}---\n\
+         apiVersion: bramble/v1\nkind: Service\nmetadata: {{name: porty}}\nspec:\n  image: bramble-testimg:latest\n  args: [\"serve\", \"8080\"]\n  ports: [{{container: 8080, host: {port}}}]\n  resources: {{cpu: 50m, memory: 16Mi}}\n{KEEP_TRYING}---\n\
+         apiVersion: bramble/v1\nkind: CronJob\nmetadata: {{name: tick}}\nspec:\n  schedule: \"0 3 * * *\"\n  image: bramble-testimg:latest\n  args: [\"print\", \"tock\", \"10\", \"1\"]\n  resources: {{cpu: 50m, memory: 16Mi}}\n"
+    );
+    c.apply("failing.yaml", &manifests).await?;
+    // Each is named by the API as the dashboard will name it.
+    for (workload, status) in [
+        ("crasher", "CrashLoopBackOff"),
+        ("nopull", "ImagePullBackOff"),
+        ("porty", "PortInUse"),
+    ] {
+        eventually(WAIT, &format!("{workload} {status}"), || async {
+            let tasks = c.get(&format!("/v1/tasks?workload={workload}")).await?;
+            Ok(tasks
+                .as_array()
+                .is_some_and(|a| a.iter().any(|t| t["reason"] == status))
+                .then_some(()))
+        })
+        .await?;
+    }
+    c.post("/v1/cronjobs/tick/run").await?;
+
+    let b = Browser::start(1400, 1100, &c).await?;
+    b.goto(&format!("{}/", c.url())).await?;
+    sign_in(&b, ADMIN_TOKEN).await?;
+    let card = format!("article[data-node=\"{node}\"]");
+    for status in ["CrashLoopBackOff", "ImagePullBackOff", "PortInUse"] {
+        b.wait_for(
+            &format!("{card} li.task[data-status=\"{status}\"] .pill.lv-failing"),
+            WAIT,
+        )
+        .await?;
+        let why = b
+            .text(&format!("{card} li.task[data-status=\"{status}\"] .why"))
+            .await?;
+        let want = match status {
+            "CrashLoopBackOff" => "exited with code 3",
+            "ImagePullBackOff" => "pull failed",
+            _ => "address already in use",
+        };
+        assert!(why.contains(want), "{status}: {why}");
+    }
+    b.wait_for(&format!("{card}.failing"), WAIT).await?;
+    until(
+        &b,
+        "a next try counting down",
+        "return [...document.querySelectorAll('.why [data-until]')].some(e => e.textContent.startsWith('in '))",
+    )
+    .await?;
+
+    // The Warnings chip opens the list of what needs attention, with each failing task.
+    b.click("#summary .chip[data-open=\"warnlist\"]").await?;
+    b.wait_for("#warnlist:not([hidden])", WAIT).await?;
+    let list = b.text("#warnlist-items").await?;
+    for want in [
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "PortInUse",
+        "service/crasher",
+    ] {
+        assert!(
+            list.contains(want),
+            "{want:?} in the warnings list:\n{list}"
+        );
+    }
+    b.screenshot(&artifact("dashboard-warnings.png")).await?;
+    b.click("#warnlist-close").await?;
+
+    // A crash loop's repeated events fold into one row with a count.
+    until(
+        &b,
+        "a folded event",
+        "return [...document.querySelectorAll('#events .count')].some(c => /^×[2-9]/.test(c.textContent))",
+    )
+    .await?;
+    // The feed filters.
+    b.type_into("#event-filter", "nopull").await?;
+    until(
+        &b,
+        "only nopull's events shown",
+        "return [...document.querySelectorAll('#events li')].filter(li => !li.hidden).every(li => li.textContent.includes('nopull')) && [...document.querySelectorAll('#events li')].some(li => li.hidden)",
+    )
+    .await?;
+    b.exec("const f = document.querySelector('#event-filter'); f.value = ''; f.dispatchEvent(new Event('input')); return true").await?;
+
+    // The cron job's history: its manual run, with its result, exit code and logs.
+    b.click("tr[data-cronjob=\"tick\"] button[data-act=\"history\"]")
+        .await?;
+    until(
+        &b,
+        "the run in the history",
+        "const h = document.querySelector('tr[data-history=\"tick\"]'); return !!h && h.textContent.includes('Succeeded') && !!h.querySelector('button[data-act=\"logs\"]')",
+    )
+    .await?;
+    let png = artifact("dashboard-failing.png");
+    b.screenshot(&png).await?;
+    let size = std::fs::metadata(&png).context("screenshot written")?.len();
+    assert!(
+        size > 10_000,
+        "screenshot of {size} bytes is suspiciously small"
+    );
+    Ok(())
+}

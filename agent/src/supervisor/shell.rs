@@ -448,8 +448,8 @@ impl<R: Engine> Supervisor<R> {
                 }
             };
             let outcome = outcome.map_err(|e| {
-                let message = error_chain(&e);
                 let reason = e.reason();
+                let message = crate::runtime::tidy(&error_chain(&e), reason);
                 warn!(error = %message, %reason, ?action, "action failed");
                 Failure { reason, message }
             });

@@ -150,12 +150,32 @@ const on = {
     S.seq = fresh[fresh.length - 1].seq;
     const ol = $('#events');
     for (const e of fresh) {
+      // The same event again (a crash loop's every restart, "restart 7", "restart 8")
+      // folds into its row among the recent ones, which moves to the top with a count
+      // and the newest message, as kubectl counts events.
+      const key = `${e.severity}|${e.reason}|${e.object}|${String(e.message).replace(/\d+/g, '#')}`;
+      const time = `<time title="${esc(e.at)}">${esc(new Date(e.at).toLocaleTimeString())}</time>`;
+      const same = [...ol.children].slice(0, 50).find((li) => li.dataset.key === key);
+      if (same) {
+        const n = Number(same.dataset.count) + 1;
+        same.dataset.count = n;
+        same.querySelector('time').outerHTML = time;
+        same.querySelector('.count').textContent = '×' + n;
+        const msg = same.querySelector('.msg');
+        msg.textContent = e.message;
+        msg.title = e.message;
+        ol.prepend(same);
+        continue;
+      }
       const li = document.createElement('li');
       li.className = e.severity === 'Warning' ? 'warning' : '';
-      li.innerHTML = `<time title="${esc(e.at)}">${esc(new Date(e.at).toLocaleTimeString())}</time><b>${esc(e.reason)}</b><span class="obj">${esc(e.object)}</span><span class="msg">${esc(e.message)}</span>`;
+      li.dataset.key = key;
+      li.dataset.count = 1;
+      li.innerHTML = `${time}<b>${esc(e.reason)}<span class="count"></span></b><span class="obj">${esc(e.object)}</span><span class="msg" title="${esc(e.message)}">${esc(e.message)}</span>`;
+      filterEvent(li);
       ol.prepend(li);
     }
-    while (ol.children.length > 100) ol.lastChild.remove();
+    while (ol.children.length > 500) ol.lastChild.remove();
   },
 };
 
@@ -163,23 +183,57 @@ const on = {
 
 function render() { renderNodes(); renderWorkloads(); renderCron(); renderSummary(); }
 
+// The event feed's filter: words that must all appear, and warnings only.
+function filterEvent(li) {
+  const words = $('#event-filter').value.toLowerCase().split(/\s+/).filter(Boolean);
+  const text = li.textContent.toLowerCase();
+  const warnOnly = $('#event-warnings').checked;
+  li.hidden = (warnOnly && !li.classList.contains('warning')) || !words.every((w) => text.includes(w));
+}
+function filterEvents() { for (const li of $('#events').children) filterEvent(li); }
+$('#event-filter').addEventListener('input', filterEvents);
+$('#event-warnings').addEventListener('change', filterEvents);
+
+// Everything that needs an operator, in words: the Warnings chip counts it and opens it.
+function warnings() {
+  const out = [];
+  for (const n of S.nodes) for (const w of n.warnings || []) out.push({ level: 'failing', what: 'node/' + n.name, text: w });
+  for (const t of S.tasks) {
+    if (t.level !== 'failing' && t.level !== 'warning') continue;
+    if (RUNS.includes(t.kind) && FINISHED.includes(t.phase) && t.phase !== 'Failed') continue;
+    out.push({ level: t.level, what: 'task/' + t.id, text: `${t.status}${t.message ? ': ' + t.message : ''}${t.retryAt ? ' (next try ' + ago(t.retryAt) + ')' : ''}`, task: t.id });
+  }
+  for (const w of S.workloads) if (w.running < w.desired) out.push({ level: 'warning', what: `${w.kind.toLowerCase()}/${w.name}`, text: `${w.running} of ${w.desired} running` });
+  for (const v of S.volumes) {
+    const bad = volumeTrouble(v);
+    if (bad) out.push({ level: 'failing', what: 'volume/' + v.name, text: bad + (v.lastSync && v.lastSync.error ? ': ' + v.lastSync.error : '') });
+  }
+  return out;
+}
+
+function renderWarnings() {
+  const list = warnings();
+  patch($('#warnlist-items'), list.length ? list.map((w) =>
+    `<li class="lv-${esc(w.level)}"><code>${esc(w.what)}</code><span>${esc(w.text)}</span>${w.task ? `<button data-act="logs" data-task="${esc(w.task)}" class="link">logs</button>` : ''}</li>`).join('')
+    : '<li class="none">Nothing needs attention.</li>');
+  return list.length;
+}
+
 function running(t) { return !t.desired && !(RUNS.includes(t.kind) && FINISHED.includes(t.phase)); }
 
 function renderSummary() {
   const ready = S.nodes.filter((n) => n.status === 'Ready').length;
   const live = S.tasks.filter(running);
   const up = live.filter((t) => t.phase === 'Running').length;
-  const short = S.workloads.filter((w) => w.running < w.desired).length;
-  const warns = S.nodes.reduce((a, n) => a + (n.warnings || []).length, 0) + short +
-    S.volumes.filter((v) => volumeTrouble(v)).length;
-  const chip = (label, v, bad) => `<span class="chip ${bad ? 'bad' : 'ok'}"><small>${label}</small>${v}</span>`;
+  const warns = renderWarnings();
+  const chip = (label, v, bad, act) => `<span class="chip ${bad ? 'bad' : 'ok'}"${act ? ` role="button" tabindex="0" data-open="${act}" title="show the list"` : ''}><small>${label}</small>${v}</span>`;
   const lead = S.controllers.find((c) => c.leader);
   const many = S.controllers.length > 1;
   const ctls = !S.controllers.length ? '' : chip(many ? 'Controllers' : 'Controller',
     lead ? `${many ? S.controllers.length + ' · ' : ''}${esc(lead.name)} leads` : 'no leader', !lead);
   $('#summary').innerHTML = chip('Nodes ready', `${ready}/${S.nodes.length}`, ready < S.nodes.length) +
     chip('Tasks running', `${up}/${live.length}`, up < live.length) +
-    chip('Warnings', warns, warns > 0) + ctls;
+    chip('Warnings', warns, warns > 0, 'warnlist') + ctls;
   const c = $('#summary .chip:last-child');
   if (ctls && c) {
     c.title = S.controllers.map((m) => `${m.name}${m.url ? ' ' + m.url : ''}: ${m.leader ? 'leader since ' + new Date(m.leaderSince).toLocaleString() : 'follower'}, up since ${new Date(m.started).toLocaleString()}${m.answering ? ' (this one)' : ''}`).join('\n');
@@ -291,12 +345,23 @@ function nodeTasks(n) {
   return '<ul class="tasks">' + ts.map((t) => {
     const u = (n.usage || {})[t.id];
     const use = u ? `<span class="use">${u[0] == null ? '…' : pct(u[0])} · ${u[1] == null ? 'mem unavailable' : mib(u[1])}</span>` : '';
-    const why = t.message && t.phase !== 'Running' ? ` title="${esc(t.message)}"` : '';
-    const state = t.desired ? t.desired : t.phase;
-    return `<li class="task" data-task="${esc(t.id)}" data-phase="${esc(t.phase)}"><span class="pill ${esc(state)}"${why}>${esc(state)}</span>` +
+    return `<li class="task" data-task="${esc(t.id)}" data-phase="${esc(t.phase)}" data-status="${esc(t.status)}">${statusPill(t)}` +
       `<b>${esc(t.workload)}</b><code>${esc(t.id)}</code>${t.restarts ? `<span class="restarts">↻${t.restarts}</span>` : ''}${use}` +
-      `<button data-act="logs" data-task="${esc(t.id)}" class="link">logs</button></li>`;
+      `<button data-act="logs" data-task="${esc(t.id)}" class="link">logs</button>${why(t)}</li>`;
   }).join('') + '</ul>';
+}
+
+// A task's state by name, coloured by how bad it is.
+function statusPill(t) {
+  return `<span class="pill lv-${esc(t.level)}">${esc(t.status)}</span>`;
+}
+
+// Why a task is not as wanted, and when it is tried again: under the task, in red for
+// failing; the whole message on hover.
+function why(t) {
+  if (t.level !== 'failing' && t.level !== 'warning') return '';
+  const next = t.retryAt ? ` · next try <span data-until="${esc(t.retryAt)}">${esc(ago(t.retryAt))}</span>` : '';
+  return t.message || next ? `<div class="why lv-${esc(t.level)}" title="${esc(t.message)}">${esc(t.message)}${next}</div>` : '';
 }
 
 // Cards are kept per node and each part is rewritten only when its text changed, so a
@@ -315,7 +380,8 @@ function renderNodes() {
       card.innerHTML = '<div class="head"></div><div class="body"></div><div class="tasklist"></div>';
       grid.append(card);
     }
-    card.className = 'card ' + n.status + (n.warnings && n.warnings.length ? ' warned' : '');
+    const failing = S.tasks.some((t) => t.node === n.name && t.level === 'failing' && !(RUNS.includes(t.kind) && FINISHED.includes(t.phase)));
+    card.className = 'card ' + n.status + (n.warnings && n.warnings.length ? ' warned' : '') + (failing ? ' failing' : '');
     patch(card.children[0], nodeHead(n));
     patch(card.children[1], nodeBody(n));
     patch(card.children[2], nodeTasks(n));
@@ -323,7 +389,7 @@ function renderNodes() {
   if (!S.nodes.length) grid.innerHTML = '<p class="none">No nodes yet: start an agent with the join token.</p>';
   const pending = S.tasks.filter((t) => !t.node && !t.desired && !FINISHED.includes(t.phase));
   patch($('#unplaced'), pending.length ? '<h3>Waiting for a node</h3><ul class="tasks">' + pending.map((t) =>
-    `<li class="task" data-task="${esc(t.id)}"><span class="pill Pending">${esc(t.phase)}</span><b>${esc(t.workload)}</b><code>${esc(t.id)}</code><span class="msg">${esc(t.message)}</span></li>`).join('') + '</ul>' : '');
+    `<li class="task" data-task="${esc(t.id)}" data-status="${esc(t.status)}">${statusPill(t)}<b>${esc(t.workload)}</b><code>${esc(t.id)}</code>${why(t) || `<span class="msg">${esc(t.message)}</span>`}</li>`).join('') + '</ul>' : '');
 }
 
 function renderWorkloads() {
@@ -336,12 +402,29 @@ function renderWorkloads() {
   patch($('#workloads tbody'), rows.join('') || '<tr><td colspan="7" class="none">No workloads: <code>bramblectl apply -f manifests/</code></td></tr>');
 }
 
+const openCron = new Set();
+const secs = (ms) => ms == null ? '—' : ms < 1000 ? ms + ' ms' : (ms / 1000).toFixed(ms < 10000 ? 1 : 0) + ' s';
+
+// A cron job's last runs: when, how it went, its exit code, how long, how late, logs.
+function cronRuns(c) {
+  if (!c.runs.length) return '<p class="none">No runs yet.</p>';
+  return '<table class="runs"><thead><tr><th>Slot</th><th>Result</th><th>Exit</th><th>Took</th><th>Started late</th><th></th></tr></thead><tbody>' +
+    c.runs.map((r) => {
+      const result = r.phase || r.outcome;
+      return `<tr><td title="${esc(r.slot)}">${esc(new Date(r.slot).toLocaleString())}</td><td><span class="pill ${esc(result)}">${esc(result)}</span></td>` +
+        `<td>${r.exitCode == null ? '—' : r.exitCode}</td><td>${secs(r.millis)}</td><td>${secs(r.lateMillis)}</td>` +
+        `<td>${r.task ? `<button data-act="logs" data-task="${esc(r.task)}" class="link">logs</button>` : ''}</td></tr>`;
+    }).join('') + '</tbody></table>';
+}
+
 function renderCron() {
   const rows = S.cronjobs.map((c) => `<tr data-cronjob="${esc(c.name)}"><td><b>${esc(c.name)}</b>${c.suspended ? ' <span class="pill cordoned">suspended</span>' : ''}</td>` +
     `<td><code>${esc(c.schedule)}</code> <small>${esc(c.timezone)}</small></td>` +
     `<td>${esc(ago(c.last))}${c.result ? ` <span class="pill ${esc(c.result)}">${esc(c.result)}</span>` : ''}${c.missed ? ` <span class="pill Failed">${c.missed} missed</span>` : ''}</td>` +
-    `<td>${c.suspended ? '—' : esc(ago(c.next))}${c.active ? ` · ${c.active} active` : ''}</td></tr>`);
-  patch($('#cronjobs tbody'), rows.join('') || '<tr><td colspan="4" class="none">No cron jobs</td></tr>');
+    `<td>${c.suspended ? '—' : esc(ago(c.next))}${c.active ? ` · ${c.active} active` : ''}</td>` +
+    `<td><button data-act="history" data-cronjob="${esc(c.name)}" class="link">${openCron.has(c.name) ? 'hide' : 'history'}</button></td></tr>` +
+    (openCron.has(c.name) ? `<tr class="history" data-history="${esc(c.name)}"><td colspan="5">${cronRuns(c)}</td></tr>` : ''));
+  patch($('#cronjobs tbody'), rows.join('') || '<tr><td colspan="5" class="none">No cron jobs</td></tr>');
 }
 
 // ---- actions ----
@@ -372,6 +455,9 @@ document.addEventListener('click', async (e) => {
       }
       const r = await (await call('POST', `/v1/workloads/${d.kind}/${encodeURIComponent(d.name)}/restart`)).json();
       toast(`${d.name}: ${r.tasksRestarted} tasks restarting`);
+    } else if (d.act === 'history') {
+      if (openCron.has(d.cronjob)) openCron.delete(d.cronjob); else openCron.add(d.cronjob);
+      renderCron();
     } else if (d.act === 'logs') {
       $('#logs-title').textContent = 'Logs of ' + d.task + ' (last 200 lines)';
       $('#logs-text').textContent = 'loading…';
@@ -385,8 +471,22 @@ document.addEventListener('click', async (e) => {
   }
 });
 
+document.addEventListener('click', (e) => {
+  const c = e.target.closest('[data-open]');
+  if (c) { renderWarnings(); $('#' + c.dataset.open).hidden = false; }
+});
+document.addEventListener('keydown', (e) => {
+  if (e.key === 'Escape') { $('#logs').hidden = true; $('#warnlist').hidden = true; }
+  const c = e.target.closest && e.target.closest('[data-open]');
+  if (c && (e.key === 'Enter' || e.key === ' ')) { e.preventDefault(); $('#' + c.dataset.open).hidden = false; }
+});
 $('#logs-close').addEventListener('click', () => { $('#logs').hidden = true; });
-document.addEventListener('keydown', (e) => { if (e.key === 'Escape') $('#logs').hidden = true; });
+$('#warnlist-close').addEventListener('click', () => { $('#warnlist').hidden = true; });
+
+// Countdowns ("next try in 8s") tick without waiting for the stream.
+setInterval(() => {
+  for (const el of document.querySelectorAll('[data-until]')) el.textContent = ago(el.dataset.until);
+}, 1000);
 
 // ---- sign-in ----
 

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use bramble_api::health::{decode_throttled, ContainerUsage, DiskUsage};
-use bramble_api::rest::{CronJobView, NodeStatus, NodeView, WorkloadView};
+use bramble_api::rest::{CronJobView, FiringOutcome, NodeStatus, NodeView, WorkloadView};
+use bramble_api::status::Level;
 use bramble_api::task::{DesiredState, Task, TaskPhase};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -269,6 +270,13 @@ pub struct TaskRow {
     /// Why it is where it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Its state by name (`CrashLoopBackOff`, …): see [`bramble_api::status`].
+    pub status: String,
+    /// How bad that is.
+    pub level: Level,
+    /// When its node or the scheduler tries again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -277,10 +285,11 @@ fn is_zero(n: &u32) -> bool {
 
 /// Task rows; finished runs of Jobs and CronJobs beyond the newest few are left out
 /// (their history is on the cron job row and in `bramblectl`).
-pub fn task_rows(tasks: &[Task]) -> Vec<TaskRow> {
+pub fn task_rows(tasks: &[Task], now: DateTime<Utc>) -> Vec<TaskRow> {
     let mut rows: Vec<TaskRow> = tasks
         .iter()
-        .map(|t| TaskRow {
+        .map(|t| (t, bramble_api::status::of(t, now)))
+        .map(|(t, state)| TaskRow {
             id: t.id.clone(),
             kind: t.kind.to_string(),
             workload: t.workload.clone(),
@@ -290,6 +299,9 @@ pub fn task_rows(tasks: &[Task]) -> Vec<TaskRow> {
             restarts: t.restarts,
             ready: t.ready,
             message: t.message.clone(),
+            status: state.status,
+            level: state.level,
+            retry_at: state.retry_at,
         })
         .collect();
     rows.sort_by(|a, b| (&a.workload, &a.id).cmp(&(&b.workload, &b.id)));
@@ -349,12 +361,65 @@ pub struct CronRow {
     pub active: u32,
     /// Slots missed or skipped among the recent ones.
     pub missed: u32,
+    /// The newest firings, newest first, with how their runs went.
+    pub runs: Vec<CronRun>,
 }
 
+/// One firing of a cron job, as its history on the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CronRun {
+    /// The scheduled time.
+    pub slot: DateTime<Utc>,
+    /// Fired, missed, skipped, …
+    pub outcome: FiringOutcome,
+    /// The run's task, while it is kept (its logs are a click away).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The run's phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TaskPhase>,
+    /// Its exit code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// How long it ran, in milliseconds, once finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub millis: Option<i64>,
+    /// How late its container started after the slot, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub late_millis: Option<i64>,
+}
+
+/// How many firings each cron job row carries.
+pub const CRON_RUNS: usize = 8;
+
 /// Cron job rows.
-pub fn cron_rows(cs: &[CronJobView]) -> Vec<CronRow> {
+pub fn cron_rows(cs: &[CronJobView], tasks: &[Task]) -> Vec<CronRow> {
+    let by_id: std::collections::HashMap<&str, &Task> =
+        tasks.iter().map(|t| (t.id.as_str(), t)).collect();
     cs.iter()
         .map(|c| CronRow {
+            runs: c
+                .firings
+                .iter()
+                .take(CRON_RUNS)
+                .map(|f| {
+                    let t = f.task.as_deref().and_then(|id| by_id.get(id));
+                    CronRun {
+                        slot: f.slot,
+                        outcome: f.outcome,
+                        task: f.task.clone(),
+                        phase: t.map(|t| t.phase),
+                        exit_code: t.and_then(|t| t.exit_code),
+                        millis: t.and_then(|t| {
+                            Some((t.finished_at? - t.started_at?).num_milliseconds())
+                        }),
+                        late_millis: t
+                            .and_then(|t| t.started_at)
+                            .map(|s| (s - f.slot).num_milliseconds()),
+                    }
+                })
+                .collect(),
             name: c.name.clone(),
             schedule: c.schedule.clone(),
             timezone: c.timezone.clone(),

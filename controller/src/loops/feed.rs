@@ -186,10 +186,12 @@ pub struct Lists {
 
 /// The lists of a snapshot.
 pub fn lists(snap: &Snapshot) -> Lists {
+    let now = chrono::Utc::now();
+    let tasks = views::tasks(snap, None, None, None);
     Lists {
-        tasks: cards::task_rows(&views::tasks(snap, None, None, None)),
+        tasks: cards::task_rows(&tasks, now),
         workloads: cards::workload_rows(&views::workloads(snap, None)),
-        cronjobs: cards::cron_rows(&cron::views(snap, chrono::Utc::now())),
+        cronjobs: cards::cron_rows(&cron::views(snap, now), &tasks),
     }
 }
 
