@@ -475,6 +475,32 @@ pub struct RestartResponse {
     pub tasks_restarted: u32,
 }
 
+/// `POST /v1/workloads/{kind}/{name}/scale?replicas=N` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleResponse {
+    /// Kind.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+    /// Replicas before.
+    pub previous: u32,
+    /// Replicas now.
+    pub replicas: u32,
+}
+
+/// `POST /v1/tasks/{id}/restart` answer: the task stops on its node, then is placed
+/// and started again (a Wallet never runs twice meanwhile).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRestartResponse {
+    /// The task.
+    pub task: String,
+    /// When the restart was asked for (controller clock): a run started after it is
+    /// the new one.
+    pub requested_at: DateTime<Utc>,
+}
+
 /// A configured webhook with its delivery counters since the controller started
 /// (`GET /v1/webhooks`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,8 @@ use bramble_api::duration::Duration;
 use bramble_api::manifest::Kind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::output::{Format, ObjectRef, Resource, UnknownResource};
+use crate::output::{Format, ObjectRef, Output, Resource, UnknownResource};
+use crate::selector::Selector;
 
 /// Control a Bramble cluster: apply manifests, look at nodes, workloads, tasks and
 /// events, read logs, cordon and drain nodes, run and suspend CronJobs.
@@ -87,6 +88,13 @@ pub enum Command {
     Uncordon(NodeArgs),
     /// Cordon a node and move its tasks elsewhere, waiting until it is empty
     Drain(DrainArgs),
+    /// Set a Service's number of replicas
+    Scale(ScaleArgs),
+    /// Restart a Service one replica at a time (each Ready before the next), or a Wallet
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// CPU, memory and temperature of nodes, or CPU and memory of tasks
+    Top(TopArgs),
     /// Start a CronJob's run by hand, or suspend and resume its schedule
     #[command(subcommand)]
     Cron(CronCommand),
@@ -134,13 +142,15 @@ pub struct ApplyArgs {
     pub dry_run: bool,
 }
 
-/// A resource type, optionally with a name: `tasks`, `service/hello`.
+/// A resource type, optionally with a name: `tasks`, `service/hello`; or `all`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceArg {
     /// The type.
     pub resource: Resource,
     /// The name after a slash.
     pub name: Option<String>,
+    /// `all` (only `get` takes it).
+    pub all: bool,
 }
 
 impl ResourceArg {
@@ -159,22 +169,41 @@ impl ResourceArg {
 impl FromStr for ResourceArg {
     type Err = UnknownResource;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("all") {
+            return Ok(ResourceArg {
+                resource: Resource::Workloads(None),
+                name: None,
+                all: true,
+            });
+        }
         let (resource, name) = Resource::parse_with_name(s)?;
-        Ok(ResourceArg { resource, name })
+        Ok(ResourceArg {
+            resource,
+            name,
+            all: false,
+        })
     }
 }
 
 /// `get`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct GetArgs {
-    /// nodes | workloads | tasks | services | wallets | cronjobs | jobs
+    /// nodes | workloads | tasks | services | wallets | cronjobs | jobs | all
     #[arg(value_name = "TYPE")]
     pub resource: ResourceArg,
     /// Show only this one
     pub name: Option<String>,
-    /// Output format (default: a table)
-    #[arg(short, long, value_enum, value_name = "FORMAT")]
-    pub output: Option<Format>,
+    /// Output format: wide, yaml, json, name, or jsonpath=TEMPLATE
+    /// (e.g. -o jsonpath='{.items[*].id}'); default: a table
+    #[arg(short, long, value_name = "FORMAT")]
+    pub output: Option<Output>,
+    /// Only objects whose labels match, e.g. app=web,tier!=cache (tasks and cron jobs
+    /// by their workload's labels)
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<Selector>,
+    /// After the list, keep printing objects as they change
+    #[arg(short, long)]
+    pub watch: bool,
     /// Workloads and tasks of this kind only
     #[arg(long, value_name = "KIND")]
     pub kind: Option<Kind>,
@@ -216,14 +245,24 @@ pub struct DeleteArgs {
     /// Succeed when a workload does not exist
     #[arg(long)]
     pub ignore_not_found: bool,
+    /// Every workload of the kind (of every kind for `workloads`)
+    #[arg(long, conflicts_with_all = ["files", "names"])]
+    pub all: bool,
+    /// The workloads of the kind whose labels match, e.g. app=web
+    #[arg(short = 'l', long, value_name = "SELECTOR", conflicts_with_all = ["files", "names"])]
+    pub selector: Option<Selector>,
 }
 
 /// `logs`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     /// Task id, or the name of a workload
-    #[arg(value_name = "TASK|WORKLOAD")]
-    pub target: String,
+    #[arg(value_name = "TASK|WORKLOAD", required_unless_present = "selector")]
+    pub target: Option<String>,
+    /// The tasks of every workload whose labels match, e.g. app=web (each line
+    /// prefixed with [task id])
+    #[arg(short = 'l', long, value_name = "SELECTOR", conflicts_with = "target")]
+    pub selector: Option<Selector>,
     /// Keep streaming new output
     #[arg(short, long)]
     pub follow: bool,
@@ -284,6 +323,62 @@ pub struct DrainArgs {
     /// How long to wait for the tasks to leave, e.g. 90s, 5m, 1h
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     pub timeout: Duration,
+}
+
+/// `scale`.
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// service/NAME (or service NAME)
+    #[arg(value_name = "KIND/NAME")]
+    pub target: ResourceArg,
+    /// Name, when not given as KIND/NAME
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+    /// How many replicas
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub replicas: u32,
+}
+
+/// `rollout …`.
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Restart every task: a Service's replicas one at a time, each running (and Ready,
+    /// with a readiness probe) before the next stops; a Wallet's one task stops, then
+    /// starts again
+    Restart(RolloutArgs),
+}
+
+/// `rollout restart`.
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// service/NAME or wallet/NAME
+    #[arg(value_name = "KIND/NAME")]
+    pub target: ResourceArg,
+    /// Name, when not given as KIND/NAME
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+    /// How long to wait for each task, e.g. 90s, 5m
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    pub timeout: Duration,
+}
+
+/// What `top` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TopResource {
+    /// Nodes: CPU, memory, temperature, load.
+    #[value(alias = "node", alias = "no")]
+    Nodes,
+    /// Tasks: their containers' CPU and memory.
+    #[value(alias = "task")]
+    Tasks,
+}
+
+/// `top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// nodes | tasks
+    #[arg(value_enum, value_name = "TYPE")]
+    pub resource: TopResource,
 }
 
 /// `cron …`.
@@ -373,10 +468,49 @@ pub struct CompletionArgs {
     pub shell: clap_complete::Shell,
 }
 
+/// For an unknown command (`bramblectl gte nodes`), the message with the command
+/// meant, when clap has none to offer.
+pub fn suggest_command(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use clap::CommandFactory;
+    if e.kind() != ErrorKind::InvalidSubcommand || e.get(ContextKind::SuggestedSubcommand).is_some()
+    {
+        return None;
+    }
+    let Some(ContextValue::String(word)) = e.get(ContextKind::InvalidSubcommand) else {
+        return None;
+    };
+    let cmd = Cli::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .flat_map(|c| {
+            std::iter::once(c.get_name().to_string()).chain(c.get_all_aliases().map(str::to_string))
+        })
+        .collect();
+    let meant = crate::suggest::did_you_mean(word, names.iter().map(String::as_str))?;
+    Some(format!(
+        "error: unknown command {word:?}: did you mean {meant:?}?\n\nUsage: bramblectl {meant} …  (bramblectl --help lists every command)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn a_mistyped_command_gets_the_one_meant() {
+        let e = Cli::try_parse_from(["bramblectl", "gte", "nodes"]).expect_err("unknown");
+        let hint = suggest_command(&e).expect("a suggestion");
+        assert!(
+            hint.starts_with("error: unknown command \"gte\": did you mean \"get\"?"),
+            "{hint}"
+        );
+        let e = Cli::try_parse_from(["bramblectl", "zzzz"]).expect_err("unknown");
+        assert_eq!(suggest_command(&e), None);
+        let e = Cli::try_parse_from(["bramblectl", "get", "nodse"]).expect_err("unknown type");
+        assert!(e.to_string().contains("did you mean \"nodes\"?"), "{e}");
+    }
 
     #[test]
     fn the_command_line_is_consistent() {
@@ -404,7 +538,7 @@ mod tests {
             Resource::Workloads(Some(Kind::Service))
         );
         assert_eq!(g.resource.name.as_deref(), Some("web"));
-        assert_eq!(g.output, Some(Format::Wide));
+        assert!(matches!(g.output, Some(Output::Format(Format::Wide))));
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub enum Error {
         "unauthorized: the server rejected the token (set --token, BRAMBLE_TOKEN or a context)"
     )]
     Unauthorized,
+    /// 401 to a request that carried no token at all.
+    #[error("unauthorized: no token was sent; give --token, set BRAMBLE_TOKEN, or add one to a context (bramblectl config set-context NAME --token T); the admin token is in the controller's data directory")]
+    NoToken,
     /// An error answer in the API's shape.
     #[error("{}", body.message)]
     Api {
@@ -415,7 +418,11 @@ impl Client {
             return Ok(resp);
         }
         if status == StatusCode::UNAUTHORIZED {
-            return Err(Sent::Failed(Error::Unauthorized));
+            return Err(Sent::Failed(if self.auth.is_some() {
+                Error::Unauthorized
+            } else {
+                Error::NoToken
+            }));
         }
         let text = resp.text().await.unwrap_or_default();
         Err(Sent::Failed(
@@ -627,6 +634,44 @@ impl Client {
             resp,
             server: self.server.clone(),
         })
+    }
+
+    /// `POST /v1/workloads/{kind}/{name}/scale?replicas=N`.
+    pub async fn scale(
+        &self,
+        kind: Kind,
+        name: &str,
+        replicas: u32,
+    ) -> Result<bramble_api::rest::ScaleResponse> {
+        let n = replicas.to_string();
+        self.json(
+            Method::POST,
+            &["workloads", kind.path(), name, "scale"],
+            &[("replicas", n.as_str())],
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/workloads/{kind}/{name}/restart`: every task at once.
+    pub async fn restart(
+        &self,
+        kind: Kind,
+        name: &str,
+    ) -> Result<bramble_api::rest::RestartResponse> {
+        self.json(
+            Method::POST,
+            &["workloads", kind.path(), name, "restart"],
+            &[],
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/tasks/{id}/restart`: one task.
+    pub async fn restart_task(&self, id: &str) -> Result<bramble_api::rest::TaskRestartResponse> {
+        self.json(Method::POST, &["tasks", id, "restart"], &[], None)
+            .await
     }
 
     /// `POST /v1/nodes/{name}/cordon`.

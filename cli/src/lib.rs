@@ -20,8 +20,11 @@ pub mod commands;
 pub mod config;
 pub mod describe;
 pub mod error;
+pub mod jsonpath;
 pub mod output;
+pub mod selector;
 pub mod sources;
+pub mod suggest;
 pub mod table;
 
 pub use args::Cli;

@@ -5,7 +5,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = bramblectl::Cli::parse();
+    let cli = match bramblectl::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(hint) = bramblectl::args::suggest_command(&e) {
+                eprintln!("{hint}");
+                return ExitCode::from(bramblectl::error::EXIT_USAGE);
+            }
+            e.exit()
+        }
+    };
     bramblectl::client::install_tls_provider();
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()

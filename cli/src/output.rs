@@ -150,8 +150,74 @@ pub enum Resource {
 
 /// A resource type the command line does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown resource type {0:?}: expected nodes, workloads, tasks, services, wallets, cronjobs, jobs, secrets, controllers, endpoints or volumes")]
 pub struct UnknownResource(pub String);
+
+/// Every spelling of a resource type, for "did you mean".
+pub const RESOURCE_NAMES: &[&str] = &[
+    "nodes",
+    "node",
+    "workloads",
+    "workload",
+    "tasks",
+    "task",
+    "services",
+    "service",
+    "svc",
+    "wallets",
+    "wallet",
+    "cronjobs",
+    "cronjob",
+    "jobs",
+    "job",
+    "secrets",
+    "secret",
+    "controllers",
+    "controller",
+    "endpoints",
+    "endpoint",
+    "volumes",
+    "volume",
+    "all",
+];
+
+impl fmt::Display for UnknownResource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown resource type {:?}", self.0)?;
+        if let Some(m) = crate::suggest::did_you_mean(&self.0, RESOURCE_NAMES.iter().copied()) {
+            write!(f, " (did you mean {m:?}?)")?;
+        }
+        f.write_str(": expected nodes, workloads, tasks, services, wallets, cronjobs, jobs, secrets, controllers, endpoints or volumes")
+    }
+}
+
+/// `-o` of `get`: a table, the objects, their names, or a JSONPath template.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// `wide`, `yaml`, `json`.
+    Format(Format),
+    /// `name`: `service/web`, one a line.
+    Name,
+    /// `jsonpath=TEMPLATE`.
+    JsonPath(crate::jsonpath::Template),
+}
+
+impl FromStr for Output {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Output, String> {
+        match s {
+            "wide" => Ok(Output::Format(Format::Wide)),
+            "yaml" => Ok(Output::Format(Format::Yaml)),
+            "json" => Ok(Output::Format(Format::Json)),
+            "name" => Ok(Output::Name),
+            _ => match s.split_once('=') {
+                Some(("jsonpath", t)) => t.parse().map(Output::JsonPath).map_err(|e| e.to_string()),
+                _ => Err(format!(
+                    "unknown output format {s:?}: expected wide, yaml, json, name or jsonpath=TEMPLATE"
+                )),
+            },
+        }
+    }
+}
 
 impl FromStr for Resource {
     type Err = UnknownResource;

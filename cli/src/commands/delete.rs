@@ -23,7 +23,14 @@ enum Target {
 /// Deletes each workload (or node) in turn; a missing one is reported and the rest
 /// still go.
 pub async fn run(client: &Client, args: &DeleteArgs, out: &mut dyn Write) -> Result<()> {
-    let targets = targets(args)?;
+    let targets = match (&args.resource, args.all || args.selector.is_some()) {
+        (Some(r), true) => selected(client, args, r).await?,
+        _ => targets(args)?,
+    };
+    if targets.is_empty() {
+        let _ = writeln!(std::io::stderr(), "No workloads found.");
+        return Ok(());
+    }
     let mut missing = 0;
     for target in &targets {
         let (r, result) = match target {
@@ -58,6 +65,42 @@ pub async fn run(client: &Client, args: &DeleteArgs, out: &mut dyn Write) -> Res
     Ok(())
 }
 
+/// `delete KIND --all` and `delete KIND -l SELECTOR`: the workloads of the kind (of
+/// every kind for `workloads`) that match.
+async fn selected(
+    client: &Client,
+    args: &DeleteArgs,
+    resource: &crate::args::ResourceArg,
+) -> Result<Vec<Target>> {
+    if resource.all {
+        return Err(usage(
+            "delete all is not a type: use delete workloads --all",
+        ));
+    }
+    if resource.name.is_some() || !args.names.is_empty() {
+        return Err(usage("--all and -l select by themselves: give no NAME"));
+    }
+    let Resource::Workloads(kind) = resource.resource else {
+        return Err(usage(format!(
+            "--all and -l delete workloads: name a kind (service, wallet, cronjob, job) or workloads, not {}",
+            resource.resource
+        )));
+    };
+    let mut ws = client.workloads(kind).await?;
+    ws.retain(|w| kind.is_none_or(|k| w.manifest.kind == k));
+    if let Some(s) = &args.selector {
+        ws.retain(|w| s.matches(&w.manifest.metadata.labels));
+    }
+    ws.sort_by(|a, b| {
+        (a.manifest.kind, a.manifest.metadata.name.as_str())
+            .cmp(&(b.manifest.kind, b.manifest.metadata.name.as_str()))
+    });
+    Ok(ws
+        .into_iter()
+        .map(|w| Target::Workload(w.manifest.kind, w.manifest.metadata.name.to_string()))
+        .collect())
+}
+
 /// What the arguments name, in order.
 fn targets(args: &DeleteArgs) -> Result<Vec<Target>> {
     if !args.files.is_empty() {
@@ -88,6 +131,11 @@ fn targets(args: &DeleteArgs) -> Result<Vec<Target>> {
             "name what to delete: KIND NAME, KIND/NAME or -f FILE",
         ));
     };
+    if resource.all {
+        return Err(usage(
+            "delete all is not a type: use delete workloads --all",
+        ));
+    }
     let kind =
         match resource.resource {
             Resource::Workloads(Some(kind)) => kind,

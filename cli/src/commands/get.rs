@@ -22,16 +22,182 @@ use crate::describe::{
     firing_outcome, memory_limits, node_status, ready, status_cell, status_line,
 };
 use crate::error::usage;
-use crate::output::{age, ago, or_none, timestamp, until, write_structured, Format, Resource};
+use crate::output::{
+    age, ago, or_none, timestamp, until, write_structured, Format, Output, Resource,
+};
 use crate::table::{cell, Table};
 
-/// Lists or shows objects.
+/// Lists or shows objects; with `--watch`, keeps printing what changes.
 pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<()> {
+    if args.resource.all {
+        if args.name.is_some() || args.resource.name.is_some() {
+            return Err(usage("get all takes no name"));
+        }
+        if args.watch {
+            return Err(usage("get all cannot --watch: watch one type"));
+        }
+        return all(client, args, out).await;
+    }
+    if !args.watch {
+        return render(client, args, out).await;
+    }
+    watch(client, args, out).await
+}
+
+/// `get all`: workloads, tasks and cron jobs, each under its heading.
+async fn all(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<()> {
+    let mut first = true;
+    for resource in [
+        Resource::Workloads(None),
+        Resource::Tasks,
+        Resource::Workloads(Some(Kind::CronJob)),
+    ] {
+        let one = GetArgs {
+            resource: crate::args::ResourceArg {
+                resource,
+                name: None,
+                all: false,
+            },
+            name: None,
+            output: args.output.clone(),
+            kind: None,
+            workload: None,
+            node: None,
+            selector: args.selector.clone(),
+            watch: false,
+        };
+        let mut buf = Vec::new();
+        render(client, &one, &mut buf).await?;
+        if buf.is_empty() {
+            continue;
+        }
+        if !first && matches!(args.output, None | Some(Output::Format(Format::Wide))) {
+            writeln!(out)?;
+        }
+        first = false;
+        out.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+/// How often `--watch` looks again when no event has said that something changed
+/// (node metrics and ages change without events).
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `get -w`: the list, then each row again whenever it changes (a row that goes away
+/// is printed once more, marked deleted), as kubectl's watch prints. The controller's
+/// event stream says when to look again; a poll catches what makes no event.
+async fn watch(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<()> {
+    let table = matches!(args.output, None | Some(Output::Format(Format::Wide)));
+    let mut events = client.watch_events(None).await.ok();
+    let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+    let mut first = true;
+    loop {
+        let mut buf = Vec::new();
+        render(client, args, &mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if table {
+            let mut lines = text.lines();
+            let header = lines.next().unwrap_or_default();
+            let two = header.starts_with("KIND ");
+            let mut now_seen = std::collections::BTreeMap::new();
+            for line in lines {
+                let key: Vec<&str> = line
+                    .split_whitespace()
+                    .take(if two { 2 } else { 1 })
+                    .collect();
+                now_seen.insert(key.join(" "), line.to_string());
+            }
+            if first && !header.is_empty() {
+                writeln!(out, "{header}")?;
+            }
+            for (key, line) in &now_seen {
+                if seen.get(key) != Some(line) {
+                    writeln!(out, "{line}")?;
+                }
+            }
+            for (key, line) in &seen {
+                if !now_seen.contains_key(key) {
+                    writeln!(out, "{line}   (deleted)")?;
+                }
+            }
+            seen = now_seen;
+        } else if seen.get("") != Some(&text) {
+            if !first && matches!(args.output, Some(Output::Format(Format::Yaml))) {
+                writeln!(out, "---")?;
+            }
+            out.write_all(text.as_bytes())?;
+            seen.insert(String::new(), text);
+        }
+        out.flush()?;
+        first = false;
+        // Wait for an event (then a moment for its burst to settle) or the poll.
+        let woke = match events.as_mut() {
+            Some(stream) => match tokio::time::timeout(WATCH_POLL, stream.next()).await {
+                Ok(Ok(Some(_))) => true,
+                Ok(_) => {
+                    // The stream ended or broke: poll from now on.
+                    events = None;
+                    false
+                }
+                Err(_) => false,
+            },
+            None => {
+                tokio::time::sleep(WATCH_POLL).await;
+                false
+            }
+        };
+        if woke {
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        }
+    }
+}
+
+/// Lists or shows objects once.
+async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<()> {
     let name = args.resource.with_name(&args.name)?;
     let resource = args.resource.resource;
-    let format = args.output.unwrap_or_default();
+    let output = args.output.clone().unwrap_or(Output::Format(Format::Table));
+    let format = match &output {
+        Output::Format(f) => *f,
+        _ => Format::Table,
+    };
     let wide = format == Format::Wide;
     let now = Utc::now();
+    let sel = args.selector.as_ref();
+    if sel.is_some()
+        && matches!(
+            resource,
+            Resource::Controllers | Resource::Endpoints | Resource::Volumes
+        )
+    {
+        return Err(usage(
+            "-l applies to nodes, workloads, tasks, cronjobs and secrets (the objects with labels)",
+        ));
+    }
+    // Tasks and cron jobs carry their workload's labels.
+    let workload_labels = match (sel, resource) {
+        (Some(_), Resource::Tasks | Resource::Workloads(Some(Kind::CronJob))) => client
+            .workloads(None)
+            .await?
+            .into_iter()
+            .map(|w| {
+                (
+                    (w.manifest.kind, w.manifest.metadata.name.to_string()),
+                    w.manifest.metadata.labels.clone(),
+                )
+            })
+            .collect(),
+        _ => std::collections::HashMap::new(),
+    };
+    let of_workload = |kind: Kind, name: &str| -> bool {
+        sel.is_none_or(|s| {
+            workload_labels
+                .get(&(kind, name.to_string()))
+                .is_some_and(|l| s.matches(l))
+        })
+    };
+
     if resource != Resource::Tasks && (args.workload.is_some() || args.node.is_some()) {
         return Err(usage("--workload and --node apply to tasks only"));
     }
@@ -58,19 +224,33 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
                     .map_err(|e| not_found(e, "cronjob", n))?],
                 None => {
                     let mut v = client.cronjobs().await?;
+                    v.retain(|c| of_workload(Kind::CronJob, &c.name));
                     v.sort_by(|a, b| a.name.cmp(&b.name));
                     v
                 }
             };
-            emit(out, format, name.is_some(), resource, &cronjobs, || {
-                cronjobs_table(&cronjobs, wide, now)
-            })
+            emit(
+                out,
+                &output,
+                name.is_some(),
+                resource,
+                &cronjobs,
+                |c| format!("cronjob/{}", c.name),
+                || cronjobs_table(&cronjobs, wide, now),
+            )
         }
         Resource::Nodes => {
-            let nodes = super::nodes(client, name.as_deref()).await?;
-            emit(out, format, name.is_some(), resource, &nodes, || {
-                nodes_table(&nodes, wide, now)
-            })
+            let mut nodes = super::nodes(client, name.as_deref()).await?;
+            nodes.retain(|n| sel.is_none_or(|s| s.matches(&n.info.labels)));
+            emit(
+                out,
+                &output,
+                name.is_some(),
+                resource,
+                &nodes,
+                |n| format!("node/{}", n.info.name),
+                || nodes_table(&nodes, wide, now),
+            )
         }
         Resource::Endpoints => {
             let endpoints = match &name {
@@ -80,9 +260,15 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
                     .map_err(|e| not_found(e, "endpoint", n))?],
                 None => client.endpoints().await?,
             };
-            emit(out, format, name.is_some(), resource, &endpoints, || {
-                endpoints_table(&endpoints, wide)
-            })
+            emit(
+                out,
+                &output,
+                name.is_some(),
+                resource,
+                &endpoints,
+                |e| format!("endpoint/{}", e.name),
+                || endpoints_table(&endpoints, wide),
+            )
         }
         Resource::Volumes => {
             let volumes = match &name {
@@ -92,9 +278,15 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
                     .map_err(|e| not_found(e, "volume", n))?],
                 None => client.volumes().await?,
             };
-            emit(out, format, name.is_some(), resource, &volumes, || {
-                volumes_table(&volumes, wide, now)
-            })
+            emit(
+                out,
+                &output,
+                name.is_some(),
+                resource,
+                &volumes,
+                |v| format!("volume/{}", v.name),
+                || volumes_table(&volumes, wide, now),
+            )
         }
         Resource::Controllers => {
             let mut controllers = client.controllers().await?;
@@ -106,9 +298,15 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
                     ));
                 }
             }
-            emit(out, format, name.is_some(), resource, &controllers, || {
-                controllers_table(&controllers, wide, now)
-            })
+            emit(
+                out,
+                &output,
+                name.is_some(),
+                resource,
+                &controllers,
+                |c| format!("controller/{}", c.name),
+                || controllers_table(&controllers, wide, now),
+            )
         }
         Resource::Workloads(kind) => {
             let kind = match (kind, args.kind) {
@@ -131,6 +329,7 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
                     let mut v: Vec<WorkloadView> = client.workloads(kind).await?;
                     // Filter here too: it costs nothing and holds if a server ignores ?kind.
                     v.retain(|w| kind.is_none_or(|k| w.manifest.kind == k));
+                    v.retain(|w| sel.is_none_or(|s| s.matches(&w.manifest.metadata.labels)));
                     if let Some(n) = &name {
                         v.retain(|w| w.manifest.metadata.name.as_str() == n);
                         if v.is_empty() {
@@ -145,9 +344,15 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
                 }
             };
             let single = name.is_some() && workloads.len() == 1;
-            emit(out, format, single, what, &workloads, || {
-                workloads_table(&workloads, wide, now)
-            })
+            emit(
+                out,
+                &output,
+                single,
+                what,
+                &workloads,
+                |w| format!("{}/{}", w.manifest.kind.path(), w.manifest.metadata.name),
+                || workloads_table(&workloads, wide, now),
+            )
         }
         Resource::Secrets => {
             let secrets = match &name {
@@ -155,11 +360,21 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
                     .secret(n)
                     .await
                     .map_err(|e| not_found(e, "secret", n))?],
-                None => client.secrets().await?,
+                None => {
+                    let mut v = client.secrets().await?;
+                    v.retain(|x| sel.is_none_or(|s| s.matches(&x.labels)));
+                    v
+                }
             };
-            emit(out, format, name.is_some(), resource, &secrets, || {
-                secrets_table(&secrets, wide, now)
-            })
+            emit(
+                out,
+                &output,
+                name.is_some(),
+                resource,
+                &secrets,
+                |x| format!("secret/{}", x.name),
+                || secrets_table(&secrets, wide, now),
+            )
         }
         Resource::Tasks => {
             let tasks = match &name {
@@ -172,13 +387,20 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
                         .tasks(args.workload.as_deref(), args.node.as_deref())
                         .await?;
                     v.retain(|t| args.kind.is_none_or(|k| t.kind == k));
+                    v.retain(|t| of_workload(t.kind, &t.workload));
                     sort_tasks(&mut v);
                     v
                 }
             };
-            emit(out, format, name.is_some(), resource, &tasks, || {
-                tasks_table(&tasks, wide, now)
-            })
+            emit(
+                out,
+                &output,
+                name.is_some(),
+                resource,
+                &tasks,
+                |t| format!("task/{}", t.id),
+                || tasks_table(&tasks, wide, now),
+            )
         }
     }
 }
@@ -187,12 +409,35 @@ pub async fn run(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result
 /// stderr, as kubectl does, so scripts reading stdout see nothing.
 fn emit<T: Serialize>(
     out: &mut dyn Write,
-    format: Format,
+    output: &Output,
     single: bool,
     resource: Resource,
     items: &[T],
+    name_of: impl Fn(&T) -> String,
     table: impl FnOnce() -> Table,
 ) -> Result<()> {
+    let format = match output {
+        Output::Name => {
+            for i in items {
+                writeln!(out, "{}", name_of(i))?;
+            }
+            return Ok(());
+        }
+        Output::JsonPath(t) => {
+            let value = match (single, items) {
+                (true, [one]) => serde_json::to_value(one)?,
+                _ => crate::jsonpath::list(
+                    items
+                        .iter()
+                        .map(serde_json::to_value)
+                        .collect::<Result<_, _>>()?,
+                ),
+            };
+            out.write_all(t.render(&value).as_bytes())?;
+            return Ok(());
+        }
+        Output::Format(f) => *f,
+    };
     match format {
         Format::Json | Format::Yaml => match (single, items) {
             (true, [one]) => write_structured(out, format, one),

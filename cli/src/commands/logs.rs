@@ -12,12 +12,33 @@ use crate::client::{self, Client};
 
 /// Streams logs to stdout as they arrive.
 pub async fn run(client: &Client, args: &LogsArgs, out: &mut dyn Write) -> Result<()> {
-    let tasks = match client.task(&args.target).await {
+    let target = match (&args.target, &args.selector) {
+        (Some(t), _) => t.clone(),
+        (None, Some(sel)) => {
+            // Every task of the matching workloads, each line marked with its task.
+            let chosen: std::collections::HashSet<(bramble_api::manifest::Kind, String)> = client
+                .workloads(None)
+                .await?
+                .into_iter()
+                .filter(|w| sel.matches(&w.manifest.metadata.labels))
+                .map(|w| (w.manifest.kind, w.manifest.metadata.name.to_string()))
+                .collect();
+            let mut tasks = client.tasks(None, None).await?;
+            tasks.retain(|t| chosen.contains(&(t.kind, t.workload.clone())));
+            if tasks.is_empty() {
+                bail!("no task of a workload matching {sel}");
+            }
+            sort_tasks(&mut tasks);
+            return all(client, &tasks, args, out).await;
+        }
+        (None, None) => bail!("name a task or workload, or give -l SELECTOR"),
+    };
+    let tasks = match client.task(&target).await {
         Ok(t) => vec![t],
         Err(e) if e.is_not_found() => {
-            let mut tasks = client.tasks(Some(&args.target), None).await?;
+            let mut tasks = client.tasks(Some(&target), None).await?;
             if tasks.is_empty() {
-                bail!("no task or workload named {:?}", args.target);
+                bail!("no task or workload named {target:?}");
             }
             sort_tasks(&mut tasks);
             tasks
@@ -37,7 +58,7 @@ pub async fn run(client: &Client, args: &LogsArgs, out: &mut dyn Write) -> Resul
         let _ = writeln!(
             std::io::stderr(),
             "note: {:?} has {} tasks; showing {} (others: {}; use --all for every task)",
-            args.target,
+            target,
             tasks.len(),
             chosen.id,
             others.join(", ")

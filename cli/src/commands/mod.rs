@@ -22,6 +22,9 @@ pub mod events;
 pub mod get;
 pub mod login;
 pub mod logs;
+pub mod rollout;
+pub mod scale;
+pub mod top;
 pub mod version;
 pub mod webhooks;
 
@@ -43,6 +46,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Uncordon(a) => cordon::run(&connect(&global)?, &a.node, false, out).await,
         Command::Drain(a) => drain::run(&connect(&global)?, &a, out).await,
         Command::Cron(c) => cron::run(&connect(&global)?, &c, out).await,
+        Command::Scale(a) => scale::run(&connect(&global)?, &a, out).await,
+        Command::Rollout(c) => rollout::run(&connect(&global)?, &c, out).await,
+        Command::Top(a) => top::run(&connect(&global)?, &a, out).await,
         Command::Webhooks(c) => webhooks::run(&connect(&global)?, &c, out).await,
     }
 }

@@ -16,7 +16,7 @@ use bramble_api::manifest::Kind;
 use bramble_api::parse::{ManifestError, Parsed};
 use bramble_api::rest::{
     ApplyOutcome, ApplyResponse, ApplyResult, DeleteResponse, PendingTask, RestartResponse,
-    SecretApplyResult,
+    ScaleResponse, SecretApplyResult,
 };
 use bramble_api::task::{DesiredState, Task};
 use bramble_api::wire::{NodeInfo, TaskStatus};
@@ -517,6 +517,84 @@ pub fn restart(
     ))
 }
 
+/// `kind/name` with `replicas` replicas: its manifest changed as `apply` would change
+/// it (validated the same way, a new generation, an `Applied` event), so `get -o yaml`
+/// shows it and the next `apply -f` of the file sets it back, as with `kubectl scale`.
+pub fn scale(
+    snap: &Snapshot,
+    kind: Kind,
+    name: &str,
+    replicas: u32,
+    sealer: &dyn Sealer,
+    now: DateTime<Utc>,
+) -> Result<(Change, ScaleResponse), DomainError> {
+    if kind != Kind::Service {
+        return Err(DomainError::BadRequest(match kind {
+            Kind::Wallet => {
+                "a Wallet runs exactly one task and cannot be scaled; delete it to stop it"
+                    .to_string()
+            }
+            k => format!("a {k} runs to completion and has no replicas"),
+        }));
+    }
+    let w = snap
+        .workload(kind, name)
+        .ok_or_else(|| DomainError::not_found(kind.path(), name))?;
+    let previous = w.value.manifest.replicas();
+    let mut manifest = w.value.manifest.clone();
+    manifest.spec.replicas = Some(replicas);
+    let answer = ScaleResponse {
+        kind,
+        name: name.to_string(),
+        previous,
+        replicas,
+    };
+    if previous == replicas {
+        return Ok((Change::default(), answer));
+    }
+    let text = serde_yaml::to_string(&manifest)
+        .map_err(|e| DomainError::BadRequest(format!("cannot write the manifest: {e}")))?;
+    let source = bramble_api::parse::Source {
+        name: format!("scale {}/{name}", kind.path()),
+        content: text,
+    };
+    let docs = bramble_api::parse::parse_sources(std::slice::from_ref(&source))
+        .map_err(DomainError::InvalidManifest)?;
+    let (change, _) = apply(snap, &docs, sealer, false, now)?;
+    Ok((change, answer))
+}
+
+/// Restarts one task: it stops on its node and is then placed and started afresh, as a
+/// workload's restart does with each of its tasks. `rollout restart` goes through a
+/// Service's replicas with it, one at a time.
+pub fn restart_task(snap: &Snapshot, id: &str) -> Result<(Change, ()), DomainError> {
+    let t = snap
+        .task(id)
+        .ok_or_else(|| DomainError::not_found("task", id))?;
+    if t.value.kind.runs_to_completion() {
+        return Err(DomainError::BadRequest(format!(
+            "task {id} is a run of a {}: runs are not restarted; start a new one (bramblectl cron run)",
+            t.value.kind
+        )));
+    }
+    if !restartable(&t.value, t.value.kind, &t.value.workload) {
+        return Err(DomainError::Conflict(format!(
+            "task {id} is not running on a node (it is {}): nothing to restart",
+            t.value.phase
+        )));
+    }
+    let mut next = t.value.clone();
+    next.desired = DesiredState::Evicting;
+    let mut change = Change::default();
+    change.drafts.push(Draft::normal(
+        format!("task/{id}"),
+        "Evicting",
+        "restart of the task requested".to_string(),
+    ));
+    change.writes.push(Write::task(next, t.rev));
+    Ok((change, ()))
+}
+
 /// Records a task state reported by `node`; `None` when nothing changes (or the task is
 /// not that node's: the next task set tells its agent to remove it).
 pub fn task_status(
@@ -849,6 +927,80 @@ mod tests {
         let (c, r) = apply(&after, &docs, &Mirror, false, Utc::now()).expect("applies");
         assert_eq!(r.results[0].outcome, ApplyOutcome::Unchanged);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn scaling_changes_the_manifest_as_apply_would_and_only_services() {
+        let mut with_env = manifest(Kind::Service, "web");
+        with_env.spec.env.insert(
+            "A".into(),
+            bramble_api::manifest::EnvValue::Text("1".into()),
+        );
+        let docs = of(vec![doc("w.yaml", 1, (3, 11), with_env)]);
+        let (c, _) =
+            apply(&Snapshot::default(), &docs, &Mirror, false, Utc::now()).expect("applies");
+        let snap = commit(Snapshot::default(), &c, 3);
+        let hash = snap
+            .workload(Kind::Service, "web")
+            .map(|w| w.value.spec_hash.clone());
+
+        let (c, r) = scale(&snap, Kind::Service, "web", 3, &Mirror, Utc::now()).expect("scales");
+        assert_eq!((r.previous, r.replicas), (1, 3));
+        let after = commit(snap.clone(), &c, 4);
+        let w = &after.workload(Kind::Service, "web").expect("kept").value;
+        assert_eq!(w.manifest.replicas(), 3);
+        assert_eq!(w.generation, 2);
+        assert_eq!(Some(w.spec_hash.clone()), hash, "scaling replaces no task");
+        assert_eq!(
+            w.manifest.spec.env.len(),
+            1,
+            "the rest of the manifest is kept"
+        );
+
+        let (c, r) = scale(&after, Kind::Service, "web", 3, &Mirror, Utc::now()).expect("no-op");
+        assert!(c.is_empty() && r.previous == 3);
+        for (kind, name, n, want) in [
+            (Kind::Service, "web", 1001, "more than the limit of 1000"),
+            (Kind::Service, "nope", 2, "NotFound"),
+            (Kind::Wallet, "web", 2, "exactly one task"),
+            (Kind::Job, "web", 2, "no replicas"),
+        ] {
+            let err = scale(&after, kind, name, n, &Mirror, Utc::now()).expect_err(name);
+            assert!(
+                format!("{err:?}").contains(want),
+                "{kind} {name} {n}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn restarting_one_task_evicts_it_alone() {
+        let snap = with_tasks(vec![
+            task(Kind::Service, "web", Some("pi1"), TaskPhase::Running),
+            Task {
+                id: "web-abc-1".into(),
+                replica: 1,
+                ..task(Kind::Service, "web", Some("pi2"), TaskPhase::Running)
+            },
+        ]);
+        let (c, ()) = restart_task(&snap, "web-abc-0").expect("restarts");
+        assert_eq!(c.writes.len(), 1);
+        let after = commit(snap.clone(), &c, 9);
+        assert_eq!(
+            after.task("web-abc-0").map(|t| t.value.desired),
+            Some(DesiredState::Evicting)
+        );
+        assert_eq!(
+            after.task("web-abc-1").map(|t| t.value.desired),
+            Some(DesiredState::Running)
+        );
+        assert!(restart_task(&snap, "nope").is_err());
+        let pending = with_tasks(vec![task(Kind::Service, "web", None, TaskPhase::Pending)]);
+        let err = restart_task(&pending, "web-abc-0").expect_err("not placed");
+        assert!(
+            format!("{err:?}").contains("not running on a node"),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -434,6 +434,13 @@ mod tests {
                 Forbidden,
             ),
             (v, Method::DELETE, "/v1/workloads/service/web", Forbidden),
+            (
+                v,
+                Method::POST,
+                "/v1/workloads/service/web/scale",
+                Forbidden,
+            ),
+            (v, Method::POST, "/v1/tasks/web-1/restart", Forbidden),
             (v, Method::POST, "/v1/webhooks/ops/test", Forbidden),
             (v, Method::PUT, "/v1/nodes/pi1", Forbidden),
             (a, Method::GET, "/metrics", Allowed),

@@ -170,6 +170,55 @@ pub async fn restart(
     json(answer)
 }
 
+#[derive(Debug, Deserialize)]
+pub struct ScaleQuery {
+    replicas: Option<String>,
+}
+
+/// `POST /v1/workloads/{kind}/{name}/scale?replicas=N`.
+#[tracing::instrument(skip(app))]
+pub async fn scale(
+    axum::extract::State(app): Shared,
+    Path((kind, name)): Path<(String, String)>,
+    Query(q): Query<ScaleQuery>,
+) -> Answer {
+    let kind = parse_kind(&kind)?;
+    let replicas: u32 = q
+        .replicas
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request("replicas=N is missing".to_string()))?
+        .parse()
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "replicas={:?} is not a number of replicas (0 to 1000)",
+                q.replicas.as_deref().unwrap_or_default()
+            ))
+        })?;
+    let now = Utc::now();
+    let answer = app
+        .state
+        .update("scale", Scope::Any, |snap| {
+            ops::scale(snap, kind, &name, replicas, app.vault.as_ref(), now)
+        })
+        .await?;
+    json(answer)
+}
+
+/// `POST /v1/tasks/{id}/restart`.
+#[tracing::instrument(skip(app))]
+pub async fn restart_task(axum::extract::State(app): Shared, Path(id): Path<String>) -> Answer {
+    let requested_at = Utc::now();
+    app.state
+        .update("task restart", Scope::Any, |snap| {
+            ops::restart_task(snap, &id)
+        })
+        .await?;
+    json(bramble_api::rest::TaskRestartResponse {
+        task: id,
+        requested_at,
+    })
+}
+
 fn node_view(app: &App, name: &str) -> Answer {
     json(views::node(&app.state.snapshot(), name, |n| {
         app.state.live.view(n)

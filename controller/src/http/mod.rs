@@ -85,6 +85,8 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/workloads/{kind}/{name}/restart",
             post(handlers::restart),
         )
+        .route("/v1/workloads/{kind}/{name}/scale", post(handlers::scale))
+        .route("/v1/tasks/{id}/restart", post(handlers::restart_task))
         .route("/v1/volumes", get(handlers::list_volumes))
         .route("/v1/volumes/{name}", get(handlers::get_volume))
         .route("/v1/endpoints", get(handlers::list_endpoints))
