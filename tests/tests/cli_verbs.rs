@@ -300,3 +300,32 @@ async fn kubectl_habits_work_against_a_real_cluster() -> Result<()> {
     assert_eq!(refused.status.code(), Some(2));
     Ok(())
 }
+
+#[test]
+fn the_install_script_puts_the_three_binaries_on_a_prefix() -> Result<()> {
+    let prefix = tempfile::tempdir()?;
+    let target = bin("bramblectl")
+        .parent()
+        .and_then(|p| p.parent())
+        .map(std::path::Path::to_path_buf)
+        .context("target dir")?;
+    let out = Command::new(harness::workspace_root().join("scripts/install.sh"))
+        .args(["--profile", "dev", "--no-build", "--prefix"])
+        .arg(prefix.path())
+        .env("CARGO_TARGET_DIR", &target)
+        .output()?;
+    let stdout = ok(&out);
+    for b in ["bramblectl", "bramble-controller", "bramble-agent"] {
+        assert!(prefix.path().join("bin").join(b).is_file(), "{b}: {stdout}");
+    }
+    assert!(stdout.contains("is not on PATH"), "{stdout}");
+    let v = Command::new(prefix.path().join("bin/bramblectl"))
+        .args(["version", "--client"])
+        .output()?;
+    assert!(ok(&v).starts_with("Client Version: "));
+    let bad = Command::new(harness::workspace_root().join("scripts/install.sh"))
+        .args(["--profile", "fast"])
+        .output()?;
+    assert_eq!(bad.status.code(), Some(64));
+    Ok(())
+}
