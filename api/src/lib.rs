@@ -29,6 +29,7 @@
 //!   [`parse`] uses, with nesting and size limits.
 
 pub mod backoff;
+pub mod diff;
 pub mod duration;
 pub mod endpoints;
 pub mod glob;

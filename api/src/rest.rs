@@ -87,6 +87,7 @@ impl std::fmt::Display for ApplyOutcome {
 
 /// One workload's apply result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ApplyResult {
     /// Kind.
     pub kind: Kind,
@@ -94,6 +95,25 @@ pub struct ApplyResult {
     pub name: String,
     /// What happened.
     pub outcome: ApplyOutcome,
+    /// The fields that change (configured workloads).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<crate::diff::FieldChange>,
+    /// Tasks stopped and started afresh: their container changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<String>,
+    /// Tasks added (more replicas, or a new workload's).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub added: u32,
+    /// Tasks removed (fewer replicas).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    /// Why tasks are replaced when no field of the workload changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `POST /v1/apply` answer.

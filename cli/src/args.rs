@@ -61,6 +61,9 @@ pub struct Global {
 pub enum Command {
     /// Create or update workloads from manifest files
     Apply(ApplyArgs),
+    /// Show what apply -f would change, field by field, and which tasks it would
+    /// replace; exits 1 when something would change
+    Diff(DiffArgs),
     /// List nodes, workloads, tasks or cronjobs
     #[command(
         after_help = "TYPE is nodes (node, no), workloads (workload, wl), tasks (task), \
@@ -137,9 +140,22 @@ pub struct ApplyArgs {
         required = true
     )]
     pub files: Vec<PathBuf>,
-    /// Validate on the server without storing anything
+    /// Validate on the server without storing anything, and show what would change
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// `diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// Manifest file, directory (recursive, *.yaml and *.yml) or - for stdin; repeatable
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR|-",
+        required = true
+    )]
+    pub files: Vec<PathBuf>,
 }
 
 /// A resource type, optionally with a name: `tasks`, `service/hello`; or `all`.

@@ -158,6 +158,49 @@ async fn kubectl_habits_work_against_a_real_cluster() -> Result<()> {
         assert!(all.contains(want), "{want:?} in get all:\n{all}");
     }
 
+    // diff and apply --dry-run say what would change and which tasks go.
+    let dir = tempfile::tempdir()?;
+    let same = dir.path().join("same.yaml");
+    std::fs::write(&same, service("web", 2, "tour"))?;
+    let unchanged = c.ctl(&["diff", "-f", &same.to_string_lossy()]);
+    assert_eq!(
+        (unchanged.status.code(), unchanged.stdout.is_empty()),
+        (Some(0), true)
+    );
+    let changed = dir.path().join("changed.yaml");
+    std::fs::write(
+        &changed,
+        service("web", 2, "tour").replace("\"8080\"]", "\"8081\"]"),
+    )?;
+    let d = c.ctl(&["diff", "-f", &changed.to_string_lossy()]);
+    let text = String::from_utf8_lossy(&d.stdout).into_owned();
+    assert_eq!(d.status.code(), Some(1), "{text}");
+    assert!(
+        text.starts_with("service/web would be configured: replaces 2 tasks (web-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  ~ spec.args[1]: 8080 -> 8081\n"),
+        "{text}"
+    );
+    let dry = ok(&c.ctl(&["apply", "--dry-run", "-f", &changed.to_string_lossy()]));
+    assert!(
+        dry.starts_with("service/web configured (dry run): replaces 2 tasks"),
+        "{dry}"
+    );
+    let more = dir.path().join("more.yaml");
+    std::fs::write(&more, service("web", 3, "tour"))?;
+    let dry = ok(&c.ctl(&["apply", "--dry-run", "-f", &more.to_string_lossy()]));
+    assert!(
+        dry.starts_with("service/web configured (dry run): adds 1 task\n  ~ spec.replicas: 2 -> 3"),
+        "{dry}"
+    );
+    let wl = c.get("/v1/workloads/service/web").await?;
+    assert_eq!(
+        wl["manifest"]["spec"]["replicas"], 2,
+        "a dry run stores nothing"
+    );
+
     // A typo, and a request without a token.
     let typo = c.ctl(&["gte", "nodes"]);
     assert_eq!(typo.status.code(), Some(2));

@@ -37,6 +37,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Version(a) => version::run(&a, &global, out).await,
         Command::Login(a) => login::run(&a, &global, out).await,
         Command::Apply(a) => apply::run(&connect(&global)?, &a, out).await,
+        Command::Diff(a) => apply::diff(&connect(&global)?, &a, out).await,
         Command::Get(a) => get::run(&connect(&global)?, &a, out).await,
         Command::Describe(a) => describe::run(&connect(&global)?, &a, out).await,
         Command::Delete(a) => delete::run(&connect(&global)?, &a, out).await,

@@ -239,7 +239,18 @@ pub fn apply(
                 Some(n) => (ApplyOutcome::Configured, Some(n), v.rev),
             },
         };
+        let mut result = ApplyResult {
+            kind: m.kind,
+            name: name.to_string(),
+            outcome,
+            changes: Vec::new(),
+            replaced: Vec::new(),
+            added: 0,
+            removed: Vec::new(),
+            note: None,
+        };
         if let Some(new) = new {
+            effects(snap, existing.map(|v| &v.value), &new, &mut result);
             writes.push(Write {
                 key: model::workload_key(m.kind, name),
                 expect: Expect::of(rev),
@@ -251,11 +262,7 @@ pub fn apply(
                 outcome.to_string(),
             ));
         }
-        results.push(ApplyResult {
-            kind: m.kind,
-            name: name.to_string(),
-            outcome,
-        });
+        results.push(result);
     }
     // Stored workloads whose Secrets changed: new values mean new tasks.
     for w in snap.workloads.values() {
@@ -269,6 +276,17 @@ pub fn apply(
         let Some(new) = w.value.updated(w.value.manifest.clone(), hash, now) else {
             continue;
         };
+        let mut result = ApplyResult {
+            kind,
+            name: name.to_string(),
+            outcome: ApplyOutcome::Configured,
+            changes: Vec::new(),
+            replaced: Vec::new(),
+            added: 0,
+            removed: Vec::new(),
+            note: Some("a Secret it references changed".into()),
+        };
+        effects(snap, Some(&w.value), &new, &mut result);
         writes.push(Write {
             key: model::workload_key(kind, name),
             expect: Expect::Rev(w.rev),
@@ -279,11 +297,7 @@ pub fn apply(
             "SecretChanged",
             "a referenced Secret changed: tasks are replaced to use its new values",
         ));
-        results.push(ApplyResult {
-            kind,
-            name: name.to_string(),
-            outcome: ApplyOutcome::Configured,
-        });
+        results.push(result);
     }
     if writes.len() > MAX_APPLY_CHANGES {
         return Err(DomainError::BadRequest(format!(
@@ -515,6 +529,44 @@ pub fn restart(
             tasks_restarted: u32::try_from(moving.len()).unwrap_or(u32::MAX),
         },
     ))
+}
+
+/// What storing `new` over `old` does: the fields that change, and the workload's tasks
+/// it replaces (a new container), adds and removes.
+fn effects(
+    snap: &Snapshot,
+    old: Option<&StoredWorkload>,
+    new: &StoredWorkload,
+    r: &mut ApplyResult,
+) {
+    if let Some(old) = old {
+        r.changes = bramble_api::diff::changes(&old.manifest, &new.manifest);
+    }
+    let kind = new.kind();
+    if kind.runs_to_completion() {
+        // A new Job runs once; a CronJob's runs come from its schedule.
+        r.added = u32::from(old.is_none() && kind == Kind::Job);
+        return;
+    }
+    let mut live: Vec<&Task> = snap
+        .tasks
+        .values()
+        .map(|t| &t.value)
+        .filter(|t| {
+            t.kind == kind && t.workload == new.name() && t.desired == DesiredState::Running
+        })
+        .collect();
+    live.sort_by(|a, b| (a.replica, &a.id).cmp(&(b.replica, &b.id)));
+    let replicas = new.manifest.replicas();
+    let kept = live.iter().filter(|t| t.replica < replicas).count();
+    r.added = replicas.saturating_sub(u32::try_from(kept).unwrap_or(u32::MAX));
+    for t in live {
+        if t.replica >= replicas {
+            r.removed.push(t.id.clone());
+        } else if t.spec_hash != new.spec_hash {
+            r.replaced.push(t.id.clone());
+        }
+    }
 }
 
 /// `kind/name` with `replicas` replicas: its manifest changed as `apply` would change
@@ -971,6 +1023,72 @@ mod tests {
                 "{kind} {name} {n}: {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_dry_run_says_which_fields_change_and_which_tasks_are_replaced_added_or_removed() {
+        let web = |image: &str, replicas: u32| {
+            let yaml = format!("apiVersion: bramble/v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{image: '{image}', replicas: {replicas}}}\n");
+            of(vec![doc(
+                "w.yaml",
+                1,
+                (3, 11),
+                bramble_api::parse::parse_manifests("w.yaml", &yaml)
+                    .expect("valid")
+                    .workloads[0]
+                    .manifest
+                    .clone(),
+            )])
+        };
+        let (c, _) = apply(
+            &Snapshot::default(),
+            &web("a:1", 2),
+            &Mirror,
+            false,
+            Utc::now(),
+        )
+        .expect("applies");
+        let mut snap = commit(Snapshot::default(), &c, 3);
+        let stored = snap
+            .workload(Kind::Service, "web")
+            .expect("stored")
+            .value
+            .clone();
+        for replica in 0..2u32 {
+            let t = crate::core::reconcile::new_task(
+                &stored,
+                format!("web-abc-{replica}"),
+                replica,
+                Utc::now(),
+            );
+            snap.tasks.insert(
+                t.id.clone(),
+                Arc::new(Versioned {
+                    value: t,
+                    rev: 4 + u64::from(replica),
+                    created: 4,
+                }),
+            );
+        }
+        let (c, r) = apply(&snap, &web("a:2", 3), &Mirror, true, Utc::now()).expect("dry run");
+        assert!(c.is_empty(), "a dry run writes nothing");
+        let r = &r.results[0];
+        let paths: Vec<&str> = r.changes.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, vec!["spec.image", "spec.replicas"]);
+        assert_eq!(r.replaced, vec!["web-abc-0", "web-abc-1"]);
+        assert_eq!((r.added, r.removed.len()), (1, 0));
+
+        let (_, r) = apply(&snap, &web("a:1", 1), &Mirror, true, Utc::now()).expect("dry run");
+        let r = &r.results[0];
+        assert!(r.replaced.is_empty(), "same image: nothing replaced");
+        assert_eq!(
+            (r.added, r.removed.clone()),
+            (0, vec!["web-abc-1".to_string()])
+        );
+
+        let (_, r) = apply(&snap, &web("a:1", 2), &Mirror, true, Utc::now()).expect("dry run");
+        assert_eq!(r.results[0].outcome, ApplyOutcome::Unchanged);
+        assert!(r.results[0].changes.is_empty() && r.results[0].replaced.is_empty());
     }
 
     #[test]
