@@ -35,7 +35,9 @@ pub async fn run(client: &Client, args: &ApplyArgs, out: &mut dyn Write) -> Resu
     }
     for r in &resp.results {
         write!(out, "{} {}{suffix}", object_ref(r.kind, &r.name), r.outcome)?;
-        match effects(r) {
+        // A new workload's tasks go without saying, but not in a dry run.
+        let said = args.dry_run || r.outcome == bramble_api::rest::ApplyOutcome::Configured;
+        match effects(r).filter(|_| said) {
             Some(e) => writeln!(out, ": {e}")?,
             None => writeln!(out)?,
         }
