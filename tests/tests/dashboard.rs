@@ -376,3 +376,79 @@ async fn failing_tasks_are_named_in_red_with_their_reason_and_the_warnings_open_
     );
     Ok(())
 }
+
+/// Twelve nodes (twelve real agents, sharing this machine's engine) on one page: every
+/// card there, none squeezed below a readable width or cut off, and a screenshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twelve_nodes_stay_readable() -> Result<()> {
+    ensure_test_image().await?;
+    let c = Controller::start(ControllerOpts {
+        local_node: None,
+        args: Vec::new(),
+    })
+    .await?;
+    let prefix = harness::unique("g");
+    let names: Vec<String> = (1..=12).map(|i| format!("{prefix}-{i:02}")).collect();
+    let mut agents = Vec::new();
+    for n in &names {
+        agents.push(bramble_tests::harness::Agent::start(&c, n)?);
+    }
+    eventually(WAIT, "12 nodes Ready", || async {
+        let nodes = c.get("/v1/nodes").await?;
+        Ok((nodes
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|n| n["status"] == "Ready").count())
+            == 12)
+            .then_some(()))
+    })
+    .await?;
+    c.apply(
+        "spread.yaml",
+        "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: spread}\nspec:\n  image: bramble-testimg:latest\n  args: [\"serve\", \"8080\"]\n  resources: {cpu: 10m, memory: 8Mi}\n  replicas: 12\n",
+    )
+    .await?;
+    eventually(WAIT, "12 replicas running", || async {
+        let tasks = c.get("/v1/tasks?workload=spread").await?;
+        Ok((tasks
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|t| t["phase"] == "Running").count())
+            == 12)
+            .then_some(()))
+    })
+    .await?;
+
+    let b = Browser::start(1400, 2200, &c).await?;
+    b.goto(&format!("{}/", c.url())).await?;
+    sign_in(&b, ADMIN_TOKEN).await?;
+    until(
+        &b,
+        "twelve cards, each with its running task",
+        "return document.querySelectorAll('#nodes article.card').length === 12 && [...document.querySelectorAll('#nodes article.card')].every(c => c.querySelector('li.task[data-status=\"Running\"]'))",
+    )
+    .await?;
+    let layout = b
+        .exec(
+            "const cs = [...document.querySelectorAll('#nodes article.card')]; \
+             return {minWidth: Math.min(...cs.map(c => c.getBoundingClientRect().width)), \
+                     cut: cs.filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.dataset.node), \
+                     columns: new Set(cs.map(c => Math.round(c.getBoundingClientRect().left))).size, \
+                     pageOverflow: document.documentElement.scrollWidth > document.documentElement.clientWidth}",
+        )
+        .await?;
+    assert!(
+        layout["minWidth"].as_f64().unwrap_or(0.0) >= 300.0,
+        "cards too narrow: {layout}"
+    );
+    assert_eq!(layout["cut"], serde_json::json!([]), "{layout}");
+    assert_eq!(layout["pageOverflow"], false, "{layout}");
+    assert!(layout["columns"].as_u64().unwrap_or(0) >= 3, "{layout}");
+    let png = artifact("dashboard-12-nodes.png");
+    b.screenshot(&png).await?;
+    let size = std::fs::metadata(&png).context("screenshot written")?.len();
+    assert!(
+        size > 10_000,
+        "screenshot of {size} bytes is suspiciously small"
+    );
+    drop(agents);
+    Ok(())
+}
