@@ -36,6 +36,7 @@ pub mod discovery;
 pub mod disk;
 pub mod dns;
 pub mod epoch;
+pub mod exec;
 pub mod fence;
 pub mod host;
 pub mod host_paths;

@@ -800,6 +800,7 @@ async fn session_at(
 
     let (log_tx, mut log_rx) = mpsc::channel::<AgentMessage>(256);
     let mut logs: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut execs: HashMap<u64, crate::exec::Session> = HashMap::new();
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check = tokio::time::interval(fence::CHECK_EVERY);
@@ -901,6 +902,37 @@ async fn session_at(
                                 h.abort();
                             }
                         }
+                        Ok(ControllerMessage::Exec { request, task, command, tty, stdin, size }) => {
+                            execs.retain(|_, s| !s.task.is_finished());
+                            let container = container_name(&info.name, &task);
+                            let req = crate::exec::Request { request, container, task, command, tty, stdin, size };
+                            execs.insert(request, crate::exec::start(shared.runtime.clone(), req, log_tx.clone()));
+                        }
+                        Ok(ControllerMessage::ExecInput { request, data, eof }) => {
+                            if let Some(s) = execs.get(&request) {
+                                use base64::Engine as _;
+                                match base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) {
+                                    Ok(bytes) if !bytes.is_empty() => {
+                                        let _ = s.input.try_send(crate::exec::Input::Data(bytes));
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => tracing::warn!(request, error = %e, "exec input is not base64; dropped"),
+                                }
+                                if eof {
+                                    let _ = s.input.try_send(crate::exec::Input::Eof);
+                                }
+                            }
+                        }
+                        Ok(ControllerMessage::ExecResize { request, size }) => {
+                            if let Some(s) = execs.get(&request) {
+                                let _ = s.input.try_send(crate::exec::Input::Resize(size));
+                            }
+                        }
+                        Ok(ControllerMessage::CancelExec { request }) => {
+                            if let Some(s) = execs.remove(&request) {
+                                s.task.abort();
+                            }
+                        }
                         Ok(ControllerMessage::Error { code, message }) => tracing::warn!(code = %code, message = %message, "controller reported an error"),
                         Ok(ControllerMessage::Welcome { .. } | ControllerMessage::Vouch) => {}
                         Ok(ControllerMessage::Endpoints { revision, table }) => shared.routes.update(revision, table),
@@ -926,6 +958,9 @@ async fn session_at(
     };
     for (_, h) in logs {
         h.abort();
+    }
+    for (_, s) in execs {
+        s.task.abort();
     }
     result
 }
@@ -1027,6 +1062,8 @@ fn msg_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::Volumes { .. } => "volumes",
         AgentMessage::LogData { .. } => "logData",
         AgentMessage::LogEnd { .. } => "logEnd",
+        AgentMessage::ExecData { .. } => "execData",
+        AgentMessage::ExecEnd { .. } => "execEnd",
     }
 }
 

@@ -221,6 +221,21 @@ pub enum Error {
 /// Result of a runtime call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A command running in a container with its streams attached.
+pub struct Attached {
+    /// The engine's exec id.
+    pub exec: String,
+    /// stdout and stderr (one stream with a TTY).
+    pub output: std::pin::Pin<
+        Box<
+            dyn Stream<Item = std::result::Result<bollard::container::LogOutput, DockerError>>
+                + Send,
+        >,
+    >,
+    /// stdin.
+    pub input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+}
+
 impl Error {
     /// What an operator can act on, by name, when creating or starting a task's
     /// container failed this way.
@@ -900,6 +915,89 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Err(Error::ExecUnfinished { id: id.to_string() })
+    }
+
+    /// Starts `cmd` in a running container with its streams attached (`bramblectl
+    /// exec`): the exec's id, its output and its stdin.
+    #[instrument(skip(self))]
+    pub async fn exec_attached(
+        &self,
+        id: &str,
+        cmd: &[String],
+        tty: bool,
+        stdin: bool,
+    ) -> Result<Attached> {
+        let exec_err = |source| Error::Exec {
+            id: id.to_string(),
+            source,
+        };
+        let created = self
+            .docker
+            .create_exec(
+                id,
+                CreateExecOptions {
+                    cmd: Some(cmd.to_vec()),
+                    attach_stdin: Some(stdin),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(tty),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| container_error(id, e, |_, e| exec_err(e)))?;
+        let options = bollard::exec::StartExecOptions {
+            detach: false,
+            tty,
+            output_capacity: None,
+        };
+        match self
+            .docker
+            .start_exec(&created.id, Some(options))
+            .await
+            .map_err(exec_err)?
+        {
+            StartExecResults::Attached { output, input } => Ok(Attached {
+                exec: created.id,
+                output,
+                input,
+            }),
+            StartExecResults::Detached => Err(Error::ExecUnfinished { id: id.to_string() }),
+        }
+    }
+
+    /// Resizes an attached exec's terminal.
+    pub async fn resize_exec(&self, exec: &str, cols: u16, rows: u16) -> Result<()> {
+        self.docker
+            .resize_exec(
+                exec,
+                bollard::exec::ResizeExecOptions {
+                    height: rows,
+                    width: cols,
+                },
+            )
+            .await
+            .map_err(|source| Error::Exec {
+                id: exec.to_string(),
+                source,
+            })
+    }
+
+    /// An exec's exit code once it has ended (None while it runs).
+    pub async fn exec_exit_code(&self, exec: &str) -> Result<Option<i64>> {
+        let info = self
+            .docker
+            .inspect_exec(exec)
+            .await
+            .map_err(|source| Error::Exec {
+                id: exec.to_string(),
+                source,
+            })?;
+        Ok(if info.running == Some(true) {
+            None
+        } else {
+            info.exit_code
+        })
     }
 
     /// The container's IP address on its (first) network, if it has one: where HTTP and

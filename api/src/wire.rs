@@ -824,10 +824,15 @@ impl AgentMessage {
                 Ok(())
             }
             AgentMessage::LogData { .. } => Ok(()),
-            AgentMessage::LogEnd { error, .. } => match error {
+            AgentMessage::LogEnd { error, .. } | AgentMessage::ExecEnd { error, .. } => match error
+            {
                 Some(e) => text_within("error", e, MAX_MESSAGE_BYTES),
                 None => Ok(()),
             },
+            // base64 of at most MAX_EXEC_CHUNK bytes.
+            AgentMessage::ExecData { data, .. } => {
+                text_within("data", data, MAX_EXEC_CHUNK.div_ceil(3) * 4)
+            }
         }
     }
 
@@ -846,7 +851,9 @@ impl AgentMessage {
             }
             AgentMessage::Heartbeat { metrics } => metrics.cap(),
             AgentMessage::Status { status } => status.cap(),
-            AgentMessage::Removed { .. } | AgentMessage::LogData { .. } => false,
+            AgentMessage::Removed { .. }
+            | AgentMessage::LogData { .. }
+            | AgentMessage::ExecData { .. } => false,
             AgentMessage::Volumes { volumes } => {
                 let mut cut = cap_list(volumes, MAX_VOLUME_REPORTS);
                 for v in volumes.iter_mut() {
@@ -856,7 +863,7 @@ impl AgentMessage {
                 }
                 cut
             }
-            AgentMessage::LogEnd { error, .. } => error
+            AgentMessage::LogEnd { error, .. } | AgentMessage::ExecEnd { error, .. } => error
                 .as_mut()
                 .is_some_and(|e| truncate(e, MAX_MESSAGE_BYTES)),
         }
@@ -931,6 +938,42 @@ pub enum AgentMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// Output of a command run in a task's container ([`ControllerMessage::Exec`]).
+    /// Added after protocol version 1 shipped.
+    ExecData {
+        /// Request id.
+        request: u64,
+        /// The bytes, base64 (a terminal's output need not be UTF-8), at most
+        /// [`MAX_EXEC_CHUNK`] of them.
+        data: String,
+        /// From stderr (never with a TTY, which has one stream).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stderr: bool,
+    },
+    /// The command ended.
+    ExecEnd {
+        /// Request id.
+        request: u64,
+        /// Its exit code, when it ran.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i64>,
+        /// Why it could not run or was cut off.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// The most bytes of one [`AgentMessage::ExecData`] or [`ControllerMessage::ExecInput`]
+/// (before base64).
+pub const MAX_EXEC_CHUNK: usize = 32 * 1024;
+
+/// A terminal's size, in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermSize {
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
 }
 
 /// Controller → agent.
@@ -1005,6 +1048,49 @@ pub enum ControllerMessage {
     },
     /// Stop a log stream.
     CancelLogs {
+        /// Request id.
+        request: u64,
+    },
+    /// Run a command in a task's container, its output back as ExecData/ExecEnd.
+    /// Added after protocol version 1 shipped.
+    Exec {
+        /// Request id, echoed back.
+        request: u64,
+        /// Task id.
+        task: String,
+        /// The command and its arguments.
+        command: Vec<String>,
+        /// With a terminal (stdout and stderr as one stream).
+        #[serde(default)]
+        tty: bool,
+        /// Keep its stdin open for ExecInput.
+        #[serde(default)]
+        stdin: bool,
+        /// The terminal's size, when `tty`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<TermSize>,
+    },
+    /// Bytes for an exec's stdin; `eof` closes it.
+    ExecInput {
+        /// Request id.
+        request: u64,
+        /// The bytes, base64.
+        #[serde(default)]
+        data: String,
+        /// No more input.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        eof: bool,
+    },
+    /// The exec's terminal changed size.
+    ExecResize {
+        /// Request id.
+        request: u64,
+        /// The new size.
+        size: TermSize,
+    },
+    /// End an exec: its stream is dropped (the engine cannot kill an exec's process; it
+    /// gets end-of-file on stdin and ends with the container at the latest).
+    CancelExec {
         /// Request id.
         request: u64,
     },

@@ -91,6 +91,11 @@ pub enum Command {
     Uncordon(NodeArgs),
     /// Cordon a node and move its tasks elsewhere, waiting until it is empty
     Drain(DrainArgs),
+    /// Run a command in a task's container, through the controller (admin token only)
+    #[command(
+        after_help = "Examples:\n  bramblectl exec ltc-wallet -- litecoin-cli getblockcount\n  bramblectl exec -it web -- sh"
+    )]
+    Exec(ExecArgs),
     /// Set a Service's number of replicas
     Scale(ScaleArgs),
     /// Restart a Service one replica at a time (each Ready before the next), or a Wallet
@@ -339,6 +344,23 @@ pub struct DrainArgs {
     /// How long to wait for the tasks to leave, e.g. 90s, 5m, 1h
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     pub timeout: Duration,
+}
+
+/// `exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Task id, or a workload (one of its running tasks)
+    #[arg(value_name = "TASK|WORKLOAD")]
+    pub target: String,
+    /// Pass stdin to the command
+    #[arg(short = 'i', long)]
+    pub stdin: bool,
+    /// Give the command a terminal (with -i, an interactive shell)
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// The command and its arguments, after --
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 /// `scale`.

@@ -152,6 +152,8 @@ pub struct Client {
     servers: Vec<String>,
     /// The one that last answered.
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The TLS setup pinning the cluster CA, for the WebSocket of `exec`.
+    tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 /// How a request failed.
@@ -294,6 +296,7 @@ impl Client {
             server: target.server.clone(),
         })?;
         let tls = bramble_tls::client_config(bramble_tls::Pins::one(pinned(trust)?));
+        let ws_tls = std::sync::Arc::new(tls.clone());
         let auth = match &target.token {
             Some(t) => {
                 let mut v =
@@ -322,6 +325,7 @@ impl Client {
             bases,
             current: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             auth,
+            tls: ws_tls,
         })
     }
 
@@ -515,6 +519,97 @@ impl Client {
             path,
             reason: e.to_string(),
         })
+    }
+
+    /// Opens `GET /v1/tasks/{id}/exec?…` as a WebSocket on the controller in use (exec
+    /// goes over the leader's link: a follower's refusal names the leader).
+    pub async fn exec_socket(
+        &self,
+        id: &str,
+        query: &[(&str, &str)],
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    > {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let i = self.in_use();
+        let base = &self.bases[i];
+        let server = self.servers[i].clone();
+        let mut url = rebase(&self.url(&["tasks", id, "exec"], query), base);
+        let _ = url.set_scheme("wss");
+        let host = base
+            .host_str()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_string();
+        let port = base.port_or_known_default().unwrap_or(443);
+        let unreachable = |reason: String| Error::Unreachable {
+            server: server.clone(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(crate::output::describe_io(&e)))?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+            Error::BadServer {
+                server: server.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&self.tls))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| Error::Untrusted {
+                server: server.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| Error::Connect {
+                server: server.clone(),
+                reason: e.to_string(),
+            })?;
+        if let Some(auth) = &self.auth {
+            req.headers_mut().insert(AUTHORIZATION, auth.clone());
+        }
+        let (ws, _) = tokio_tungstenite::client_async(req, tls)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(r) => {
+                    let status = StatusCode::from_u16(r.status().as_u16())
+                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    let text = r
+                        .body()
+                        .as_deref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    if status == StatusCode::UNAUTHORIZED {
+                        return if self.auth.is_some() {
+                            Error::Unauthorized
+                        } else {
+                            Error::NoToken
+                        };
+                    }
+                    match serde_json::from_str::<ApiErrorBody>(&text) {
+                        Ok(body) => Error::Api { status, body },
+                        Err(_) => Error::Http {
+                            server: server.clone(),
+                            status,
+                            text: first_line(&text, 200),
+                        },
+                    }
+                }
+                e => Error::Connect {
+                    server: server.clone(),
+                    reason: e.to_string(),
+                },
+            })?;
+        Ok(ws)
     }
 
     /// `GET /v1/version`.

@@ -65,7 +65,7 @@ const USAGE: &str =
     "usage: testimg serve PORT [TEXT] | sleep SECS | exit CODE [AFTER_SECS] | crash | \
 hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | env | get HOST:PORT [PATH] | \
 poll HOST:PORT PATH EVERY_MS | hold HOST:PORT | rtt HOST:PORT N | sink PORT | \
-blast HOST:PORT MIB | touch PATH | rm PATH | exists PATH";
+blast HOST:PORT MIB | touch PATH | rm PATH | exists PATH | echo-stdin | isatty";
 
 fn main() -> ExitCode {
     exit_on_sigterm();
@@ -257,6 +257,30 @@ fn run(args: &[&str]) -> Result<ExitCode, String> {
         ["write", path, text] => std::fs::write(path, text)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| format!("write {path}: {e}")),
+        // stdin to stdout until its end (`bramblectl exec -i`).
+        ["echo-stdin"] => {
+            std::io::copy(&mut std::io::stdin().lock(), &mut std::io::stdout().lock())
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(|e| format!("echo-stdin: {e}"))
+        }
+        // Whether stdin and stdout are terminals (`bramblectl exec -t`).
+        ["isatty"] => {
+            use std::io::IsTerminal;
+            println!(
+                "stdin {} stdout {}",
+                if std::io::stdin().is_terminal() {
+                    "tty"
+                } else {
+                    "pipe"
+                },
+                if std::io::stdout().is_terminal() {
+                    "tty"
+                } else {
+                    "pipe"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         ["cat", path] => {
             let bytes = std::fs::read(path).map_err(|e| format!("cat {path}: {e}"))?;
             std::io::stdout()

@@ -372,3 +372,163 @@ fn the_install_script_puts_the_three_binaries_on_a_prefix() -> Result<()> {
     assert_eq!(bad.status.code(), Some(64));
     Ok(())
 }
+
+/// bramblectl with another token, or none.
+fn ctl_as(c: &Controller, token: Option<&str>, args: &[&str], stdin: &[u8]) -> Result<Output> {
+    use std::io::Write;
+    let mut cmd = Command::new(bin("bramblectl"));
+    cmd.args(args)
+        .env("BRAMBLE_SERVER", c.url())
+        .env(
+            "BRAMBLE_CA_FINGERPRINT",
+            c.ca_fingerprint().unwrap_or_default(),
+        )
+        .env("BRAMBLE_CONFIG", "/nonexistent/bramble-test-config.yaml")
+        .env_remove("BRAMBLE_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(t) = token {
+        cmd.env("BRAMBLE_TOKEN", t);
+    }
+    let mut child = cmd.spawn()?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(stdin)?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_commands_in_a_real_container_for_the_admin_only() -> Result<()> {
+    ensure_test_image().await?;
+    let node = harness::unique("exec");
+    let c = Controller::start(ControllerOpts {
+        local_node: Some(node.clone()),
+        args: vec![
+            "--viewer-token".into(),
+            "exec-viewer-token-0123456789".into(),
+        ],
+    })
+    .await?;
+    c.apply("shell.yaml", &service("shell", 1, "shell")).await?;
+    all_serving(&c, "shell", 1).await?;
+    let admin = Some(ADMIN_TOKEN);
+
+    let out = ctl_as(
+        &c,
+        admin,
+        &[
+            "exec",
+            "shell",
+            "--",
+            "/testimg",
+            "print",
+            "hello from inside",
+            "10",
+            "1",
+        ],
+        b"",
+    )?;
+    let said = ok(&out);
+    assert!(
+        said.starts_with("hello from inside") && said.lines().count() == 1,
+        "{said:?}"
+    );
+    let code = ctl_as(
+        &c,
+        admin,
+        &["exec", "shell", "--", "/testimg", "exit", "3"],
+        b"",
+    )?;
+    assert_eq!(
+        code.status.code(),
+        Some(3),
+        "the command's exit code is bramblectl's"
+    );
+    let echoed = ctl_as(
+        &c,
+        admin,
+        &["exec", "-i", "shell", "--", "/testimg", "echo-stdin"],
+        b"line one\nline two\n",
+    )?;
+    assert_eq!(ok(&echoed), "line one\nline two\n");
+    let tty = ctl_as(
+        &c,
+        admin,
+        &["exec", "-t", "shell", "--", "/testimg", "isatty"],
+        b"",
+    )?;
+    let text = ok(&tty);
+    assert!(text.contains("stdout tty"), "{text:?}");
+    let plain = ctl_as(
+        &c,
+        admin,
+        &["exec", "shell", "--", "/testimg", "isatty"],
+        b"",
+    )?;
+    assert!(ok(&plain).contains("stdout pipe"));
+
+    // A viewer may read logs but not run commands; nothing runs without a token.
+    let viewer = ctl_as(
+        &c,
+        Some("exec-viewer-token-0123456789"),
+        &[
+            "exec",
+            "shell",
+            "--",
+            "/testimg",
+            "touch",
+            "/viewer-was-here",
+        ],
+        b"",
+    )?;
+    assert_eq!(viewer.status.code(), Some(1), "{viewer:?}");
+    let anonymous = ctl_as(
+        &c,
+        None,
+        &[
+            "exec",
+            "shell",
+            "--",
+            "/testimg",
+            "touch",
+            "/anonymous-was-here",
+        ],
+        b"",
+    )?;
+    assert!(
+        String::from_utf8_lossy(&anonymous.stderr).contains("no token was sent"),
+        "{anonymous:?}"
+    );
+    for f in ["/viewer-was-here", "/anonymous-was-here"] {
+        let seen = ctl_as(
+            &c,
+            admin,
+            &["exec", "shell", "--", "/testimg", "exists", f],
+            b"",
+        )?;
+        assert_eq!(seen.status.code(), Some(1), "{f} exists: {seen:?}");
+    }
+
+    // Errors that name what is wrong.
+    let missing = ctl_as(&c, admin, &["exec", "nope", "--", "/testimg", "env"], b"")?;
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no task or workload named \"nope\""),
+        "{missing:?}"
+    );
+    let bad = ctl_as(&c, admin, &["exec", "shell", "--", "/no/such/binary"], b"")?;
+    // As with docker exec: the engine's message, and 126 or 127.
+    assert!(matches!(bad.status.code(), Some(126 | 127)), "{bad:?}");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad.stdout),
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(said.contains("no such file or directory"), "{said}");
+    let none = ctl_as(&c, admin, &["exec", "shell"], b"")?;
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("name the command"),
+        "{none:?}"
+    );
+    Ok(())
+}

@@ -19,6 +19,7 @@ pub mod delete;
 pub mod describe;
 pub mod drain;
 pub mod events;
+pub mod exec;
 pub mod get;
 pub mod login;
 pub mod logs;
@@ -47,6 +48,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Uncordon(a) => cordon::run(&connect(&global)?, &a.node, false, out).await,
         Command::Drain(a) => drain::run(&connect(&global)?, &a, out).await,
         Command::Cron(c) => cron::run(&connect(&global)?, &c, out).await,
+        Command::Exec(a) => exec::run(&connect(&global)?, &a, out).await,
         Command::Scale(a) => scale::run(&connect(&global)?, &a, out).await,
         Command::Rollout(c) => rollout::run(&connect(&global)?, &c, out).await,
         Command::Top(a) => top::run(&connect(&global)?, &a, out).await,

@@ -77,7 +77,9 @@ pub fn access(role: Option<Role>, method: &axum::http::Method, path: &str) -> Ac
         Some(Role::Agent | Role::Node) if path == "/v1/agent" => Access::Allowed,
         Some(Role::Agent | Role::Node) | None => Access::Unauthenticated,
         Some(Role::Viewer) => {
-            if (method == Method::GET || method == Method::HEAD) && path != "/v1/agent" {
+            // A command in a container changes whatever it likes: not a read.
+            let exec = path.starts_with("/v1/tasks/") && path.ends_with("/exec");
+            if (method == Method::GET || method == Method::HEAD) && path != "/v1/agent" && !exec {
                 Access::Allowed
             } else {
                 Access::Forbidden
@@ -441,6 +443,8 @@ mod tests {
                 Forbidden,
             ),
             (v, Method::POST, "/v1/tasks/web-1/restart", Forbidden),
+            (v, Method::GET, "/v1/tasks/web-1/exec", Forbidden),
+            (a, Method::GET, "/v1/tasks/web-1/exec", Allowed),
             (v, Method::POST, "/v1/webhooks/ops/test", Forbidden),
             (v, Method::PUT, "/v1/nodes/pi1", Forbidden),
             (a, Method::GET, "/metrics", Allowed),

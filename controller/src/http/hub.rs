@@ -39,7 +39,7 @@ use super::App;
 use crate::core::ops::Admission;
 use crate::core::{endpoints, health, ops, reconcile, volumes, Change, DomainError};
 use crate::state::live::Connection;
-use crate::state::logs::LogEvent;
+use crate::state::logs::{ExecEvent, LogEvent};
 use crate::state::vault::Vault;
 use crate::state::{Scope, State as ClusterState};
 
@@ -631,6 +631,34 @@ fn handle(state: &ClusterState, node: &str, text: &str, reports: &mpsc::Sender<R
             state.live.seen(node, None);
             if !state.logs.deliver(node, request, LogEvent::End(error)) {
                 tracing::warn!(node = %node, request, "refusing a log frame for another node's request");
+            }
+            return true;
+        }
+        AgentMessage::ExecData {
+            request,
+            data,
+            stderr,
+        } => {
+            state.live.seen(node, None);
+            if !state
+                .execs
+                .deliver(node, request, ExecEvent::Data(data, stderr))
+            {
+                tracing::warn!(node = %node, request, "refusing an exec frame for another node's request");
+            }
+            return true;
+        }
+        AgentMessage::ExecEnd {
+            request,
+            exit_code,
+            error,
+        } => {
+            state.live.seen(node, None);
+            if !state
+                .execs
+                .deliver(node, request, ExecEvent::End(exit_code, error))
+            {
+                tracing::warn!(node = %node, request, "refusing an exec frame for another node's request");
             }
             return true;
         }

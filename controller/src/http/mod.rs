@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod dashboard;
 pub mod error;
+pub mod exec;
 pub mod handlers;
 pub mod hub;
 pub mod metrics;
@@ -87,6 +88,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/workloads/{kind}/{name}/scale", post(handlers::scale))
         .route("/v1/tasks/{id}/restart", post(handlers::restart_task))
+        .route("/v1/tasks/{id}/exec", get(exec::exec))
         .route("/v1/volumes", get(handlers::list_volumes))
         .route("/v1/volumes/{name}", get(handlers::get_volume))
         .route("/v1/endpoints", get(handlers::list_endpoints))

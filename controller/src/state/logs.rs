@@ -1,6 +1,6 @@
-//! Log streams from agents to HTTP clients. Each request is bound to the node it was
-//! sent to: a frame from any other node is refused, so one node cannot write into
-//! another node's log stream.
+//! Log and exec streams from agents to HTTP clients. Each request is bound to the node
+//! it was sent to: a frame from any other node is refused, so one node cannot write
+//! into another node's stream.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,22 +16,46 @@ pub enum LogEvent {
     End(Option<String>),
 }
 
+/// A piece of an exec's output on its way from an agent to `bramblectl exec`.
+#[derive(Debug)]
+pub enum ExecEvent {
+    /// Bytes, base64 as on the wire; from stderr or not.
+    Data(String, bool),
+    /// The end: the exit code, or why there is none.
+    End(Option<i64>, Option<String>),
+}
+
 /// Chunks queued per stream before a slow client loses some.
 const QUEUE: usize = 1024;
 
 /// The open log streams, by request id.
-#[derive(Default)]
-pub struct LogStreams {
-    open: Mutex<HashMap<u64, (String, mpsc::Sender<LogEvent>)>>,
+pub type LogStreams = Streams<LogEvent>;
+
+/// The open exec streams, by request id.
+pub type ExecStreams = Streams<ExecEvent>;
+
+type Open<E> = HashMap<u64, (String, mpsc::Sender<E>)>;
+
+/// Open streams of events `E`, by request id.
+pub struct Streams<E> {
+    open: Mutex<Open<E>>,
 }
 
-impl LogStreams {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, mpsc::Sender<LogEvent>)>> {
+impl<E> Default for Streams<E> {
+    fn default() -> Self {
+        Streams {
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<E> Streams<E> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open<E>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers stream `request`, asked of `node`; its frames go to the receiver.
-    pub fn open(&self, request: u64, node: &str) -> mpsc::Receiver<LogEvent> {
+    pub fn open(&self, request: u64, node: &str) -> mpsc::Receiver<E> {
         let (tx, rx) = mpsc::channel(QUEUE);
         self.lock().insert(request, (node.to_string(), tx));
         rx
@@ -45,7 +69,7 @@ impl LogStreams {
     /// Hands a frame from `node` to its client. Returns false (and delivers nothing)
     /// when the request was not sent to that node. A client too slow to keep up loses
     /// chunks rather than stalling the agent's link (and with it, its heartbeats).
-    pub fn deliver(&self, node: &str, request: u64, ev: LogEvent) -> bool {
+    pub fn deliver(&self, node: &str, request: u64, ev: E) -> bool {
         let tx = match self.lock().get(&request) {
             Some((n, tx)) if n == node => tx.clone(),
             Some(_) => return false,
@@ -53,7 +77,7 @@ impl LogStreams {
             None => return true,
         };
         if tx.try_send(ev).is_err() {
-            tracing::warn!(request, "log client too slow; dropping a chunk");
+            tracing::warn!(request, "stream client too slow; dropping a chunk");
         }
         true
     }

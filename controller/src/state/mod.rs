@@ -144,6 +144,8 @@ pub struct State {
     pub history: history::History,
     /// Log streams.
     pub logs: logs::LogStreams,
+    /// Open `bramblectl exec` streams.
+    pub execs: logs::ExecStreams,
 }
 
 impl Drop for State {
@@ -283,6 +285,7 @@ impl State {
             live: live::Live::new(health),
             history: history::History::default(),
             logs: logs::LogStreams::default(),
+            execs: logs::ExecStreams::default(),
         });
         tokio::spawn(follow_leadership(Arc::downgrade(&state), leader_rx));
         let handle = tokio::spawn(reflect(Arc::downgrade(&state), store, from));
