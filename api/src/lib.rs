@@ -38,6 +38,7 @@ pub mod host_path;
 pub mod manifest;
 pub mod parse;
 pub mod quantity;
+pub mod reason;
 pub mod rest;
 pub mod schedule;
 pub mod status;

@@ -12,7 +12,7 @@ use crate::manifest::{
     EnvValue, Kind, Manifest, Placement, Port, Probes, Resources, Restart, SecretRef, Volume,
     VolumeSync,
 };
-pub use crate::status::Reason;
+pub use crate::reason::Reason;
 
 /// What the agent needs to run one task's container. Two tasks with equal specs run
 /// equal containers; a changed spec (image, env, …) means a new container.

@@ -558,7 +558,7 @@ pub struct TaskStatus {
     /// Why the task is not running as wanted, by name (added after protocol version 1
     /// shipped: optional; an unknown name parses as `Unknown`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<crate::status::Reason>,
+    pub reason: Option<crate::reason::Reason>,
     /// When the node tries again, while it backs off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_at: Option<DateTime<Utc>>,
