@@ -1815,21 +1815,18 @@ mod tests {
             status_code: 500,
             message: message.into(),
         };
-        let taken = Error::Start {
+        let start = |message: &str| Error::Start {
             id: "c".into(),
-            source: docker("driver failed programming external connectivity on endpoint x: Bind for 0.0.0.0:8080 failed: port is already allocated"),
+            source: docker(message),
         };
-        assert_eq!(taken.reason(), Reason::PortInUse);
-        let host = Error::Start {
-            id: "c".into(),
-            source: docker("listen tcp4 0.0.0.0:80: bind: address already in use"),
-        };
-        assert_eq!(host.reason(), Reason::PortInUse);
-        let other = Error::Start {
-            id: "c".into(),
-            source: docker("OCI runtime create failed: exec: \"nope\": not found"),
-        };
-        assert_eq!(other.reason(), Reason::RunContainerError);
+        for (message, want) in [
+            ("driver failed programming external connectivity on endpoint x: Bind for 0.0.0.0:8080 failed: port is already allocated", Reason::PortInUse),
+            ("listen tcp4 0.0.0.0:80: bind: address already in use", Reason::PortInUse),
+            ("OCI runtime create failed: exec: \"nope\": not found", Reason::RunContainerError),
+        ] {
+            assert_eq!(start(message).reason(), want, "{message}");
+        }
+        let host = start("listen tcp4 0.0.0.0:80: bind: address already in use");
         let pull = Error::ImagePull {
             image: "x:1".into(),
             source: docker("pull access denied"),

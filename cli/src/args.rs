@@ -134,9 +134,9 @@ pub struct LoginArgs {
     pub name: Option<String>,
 }
 
-/// `apply`.
+/// `-f` of the commands that read manifests.
 #[derive(Debug, Args)]
-pub struct ApplyArgs {
+pub struct ManifestFiles {
     /// Manifest file, directory (recursive, *.yaml and *.yml) or - for stdin; repeatable
     #[arg(
         short = 'f',
@@ -145,6 +145,14 @@ pub struct ApplyArgs {
         required = true
     )]
     pub files: Vec<PathBuf>,
+}
+
+/// `apply`.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The manifests.
+    #[command(flatten)]
+    pub manifests: ManifestFiles,
     /// Validate on the server without storing anything, and show what would change
     #[arg(long)]
     pub dry_run: bool,
@@ -153,14 +161,9 @@ pub struct ApplyArgs {
 /// `diff`.
 #[derive(Debug, Args)]
 pub struct DiffArgs {
-    /// Manifest file, directory (recursive, *.yaml and *.yml) or - for stdin; repeatable
-    #[arg(
-        short = 'f',
-        long = "filename",
-        value_name = "FILE|DIR|-",
-        required = true
-    )]
-    pub files: Vec<PathBuf>,
+    /// The manifests.
+    #[command(flatten)]
+    pub manifests: ManifestFiles,
 }
 
 /// A resource type, optionally with a name: `tasks`, `service/hello`; or `all`.

@@ -1498,15 +1498,10 @@ mod tests {
         );
 
         // A crash loop, and a kill for memory within it.
-        let crashed = exited(&a, "c1", 3, 6, 7);
-        let s = reports(&plan(
-            std::slice::from_ref(&a),
-            &[crashed],
-            &tracker,
-            t(7),
-            false,
-        ))[0]
-            .clone();
+        let report = |c: Observed| {
+            reports(&plan(std::slice::from_ref(&a), &[c], &tracker, t(7), false))[0].clone()
+        };
+        let s = report(exited(&a, "c1", 3, 6, 7));
         assert_eq!(s.reason, Some(Reason::CrashLoopBackOff));
         assert_eq!(
             s.restart_at,
@@ -1515,14 +1510,7 @@ mod tests {
         );
         let mut oom = exited(&a, "c1", 137, 6, 7);
         oom.oom_killed = true;
-        let s = reports(&plan(
-            std::slice::from_ref(&a),
-            &[oom],
-            &tracker,
-            t(7),
-            false,
-        ))[0]
-            .clone();
+        let s = report(oom);
         assert_eq!(s.reason, Some(Reason::CrashLoopBackOff));
         assert_eq!(
             s.message.as_deref(),

@@ -12,23 +12,29 @@ use crate::error::Failure;
 use crate::output::object_ref;
 use crate::sources;
 
+/// Reads and validates the manifests locally, then sends them in one request (the
+/// controller applies all or nothing). `verb` names the command in messages.
+async fn send(
+    client: &Client,
+    manifests: &crate::args::ManifestFiles,
+    dry_run: bool,
+    (verb, done): (&str, &'static str),
+) -> Result<bramble_api::rest::ApplyResponse> {
+    let sources = sources::read(&manifests.files, &mut std::io::stdin().lock())?;
+    let docs = parse_sources(&sources).map_err(|errors| Failure::Invalid {
+        errors,
+        action: done,
+    })?;
+    if docs.is_empty() {
+        bail!("no objects passed to {verb}: the files hold no manifests");
+    }
+    Ok(client.apply(&ApplyRequest { sources, dry_run }).await?)
+}
+
 /// Validates locally, then sends everything in one request: the controller applies all
 /// or nothing.
 pub async fn run(client: &Client, args: &ApplyArgs, out: &mut dyn Write) -> Result<()> {
-    let sources = sources::read(&args.files, &mut std::io::stdin().lock())?;
-    let docs = parse_sources(&sources).map_err(|errors| Failure::Invalid {
-        errors,
-        action: "applied",
-    })?;
-    if docs.is_empty() {
-        bail!("no objects passed to apply: the files hold no manifests");
-    }
-    let resp = client
-        .apply(&ApplyRequest {
-            sources,
-            dry_run: args.dry_run,
-        })
-        .await?;
+    let resp = send(client, &args.manifests, args.dry_run, ("apply", "applied")).await?;
     let suffix = if args.dry_run { " (dry run)" } else { "" };
     for r in &resp.secrets {
         writeln!(out, "secret/{} {}{suffix}", r.name, r.outcome)?;
@@ -100,20 +106,7 @@ pub async fn diff(
     args: &crate::args::DiffArgs,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let sources = sources::read(&args.files, &mut std::io::stdin().lock())?;
-    let docs = parse_sources(&sources).map_err(|errors| Failure::Invalid {
-        errors,
-        action: "compared",
-    })?;
-    if docs.is_empty() {
-        bail!("no objects passed to diff: the files hold no manifests");
-    }
-    let resp = client
-        .apply(&ApplyRequest {
-            sources,
-            dry_run: true,
-        })
-        .await?;
+    let resp = send(client, &args.manifests, true, ("diff", "compared")).await?;
     let mut differs = false;
     for r in &resp.secrets {
         if r.outcome != bramble_api::rest::ApplyOutcome::Unchanged {
