@@ -121,35 +121,12 @@ mod tests {
         let text =
             "apiVersion: bramble/v1\nkind: Service\nmetadata: {name: web}\nspec: {image: 'a:1'}\n";
         let parsed = crate::parse::parse_manifests("t.yaml", text).expect("valid manifest");
-        let spec = crate::task::TaskSpec::from_manifest(&parsed.workloads[0].manifest);
+        let m = &parsed.workloads[0].manifest;
+        let hash = crate::task::TaskSpec::from_manifest(m).hash();
         Task {
-            id: "web-abc123-0".into(),
-            kind: Kind::Service,
-            workload: "web".into(),
-            replica: 0,
-            spec_hash: spec.hash(),
-            spec,
-            placement: Default::default(),
             node: Some("pi-1".into()),
-            desired: DesiredState::Running,
             phase,
-            ready: None,
-            exit_code: None,
-            message: None,
-            container_id: None,
-            restarts: 0,
-            avoid: Vec::new(),
-            slot: None,
-            attempt: 0,
-            retry_at: None,
-            give_ups: 0,
-            epoch: 0,
-            output: None,
-            reason: None,
-            restart_at: None,
-            created_at: at(0),
-            started_at: None,
-            finished_at: None,
+            ..Task::pending("web-abc123-0".into(), m, hash, 0, at(0))
         }
     }
 

@@ -252,6 +252,49 @@ pub struct Task {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+impl Task {
+    /// A pending, unplaced task `id`: replica `replica` of `manifest`'s workload, whose
+    /// spec hashes to `spec_hash` (with its Secrets' versions, which the manifest alone
+    /// does not know).
+    pub fn pending(
+        id: String,
+        manifest: &Manifest,
+        spec_hash: String,
+        replica: u32,
+        now: DateTime<Utc>,
+    ) -> Task {
+        Task {
+            id,
+            kind: manifest.kind,
+            workload: manifest.metadata.name.to_string(),
+            replica,
+            spec_hash,
+            spec: TaskSpec::from_manifest(manifest),
+            placement: manifest.spec.placement.clone(),
+            node: None,
+            desired: DesiredState::Running,
+            phase: TaskPhase::Pending,
+            ready: None,
+            exit_code: None,
+            message: None,
+            container_id: None,
+            restarts: 0,
+            avoid: Vec::new(),
+            slot: None,
+            attempt: 0,
+            retry_at: None,
+            give_ups: 0,
+            epoch: 0,
+            output: None,
+            reason: None,
+            restart_at: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
 /// Docker labels every Bramble container carries.
 pub mod labels {
     /// The task id.

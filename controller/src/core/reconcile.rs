@@ -8,7 +8,7 @@ use std::time::Duration;
 use bramble_api::backoff::Backoff;
 use bramble_api::manifest::Kind;
 use bramble_api::rest::NodeStatus;
-use bramble_api::task::{task_id, DesiredState, Task, TaskPhase, TaskSpec};
+use bramble_api::task::{task_id, DesiredState, Task, TaskPhase};
 use bramble_api::wire::{Assignment, NodeInfo, TaskStatus};
 use chrono::{DateTime, SecondsFormat, Utc};
 
@@ -361,35 +361,7 @@ fn converge_workload(w: &StoredWorkload, work: &mut BTreeMap<String, Task>, now:
 
 /// A pending, unplaced task of the workload.
 pub(crate) fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTime<Utc>) -> Task {
-    Task {
-        id,
-        kind: w.kind(),
-        workload: w.name().to_string(),
-        replica,
-        spec_hash: w.spec_hash.clone(),
-        spec: TaskSpec::from_manifest(&w.manifest),
-        placement: w.manifest.spec.placement.clone(),
-        node: None,
-        desired: DesiredState::Running,
-        phase: TaskPhase::Pending,
-        ready: None,
-        exit_code: None,
-        message: None,
-        container_id: None,
-        restarts: 0,
-        avoid: Vec::new(),
-        slot: None,
-        attempt: 0,
-        retry_at: None,
-        give_ups: 0,
-        epoch: 0,
-        output: None,
-        created_at: now,
-        started_at: None,
-        finished_at: None,
-        reason: None,
-        restart_at: None,
-    }
+    Task::pending(id, &w.manifest, w.spec_hash.clone(), replica, now)
 }
 
 /// Places pending tasks with the scheduler and records why the others cannot be placed.
