@@ -794,18 +794,23 @@ fn plan_exited(
     let until = match rec.and_then(Record::last_failure) {
         // A failed restart attempt: back off from that attempt.
         Some(last) if recorded => last.max(failed_at) + delay(a, streak),
-        _ if healthy_run => failed_at + delay(a, 1),
+        // The first crash after a healthy run is not a loop: restarted at once. The
+        // back-off is for crash loops, and grows from here if it becomes one.
+        _ if healthy_run => failed_at,
         _ => failed_at + delay(a, streak + 1),
     };
+    let at_once = healthy_run && !recorded;
     status.message = Some(match rec.and_then(|r| r.last_error.as_ref()) {
         Some(err) if recorded => format!("{cause}; restart failed: {err}; retrying with back-off"),
+        _ if at_once => format!("{cause}; restarting"),
         _ => format!("{cause}; restarting with back-off"),
     });
     status.reason = match rec.and_then(|r| r.reason) {
         Some(r) if recorded => Some(r),
+        _ if at_once => failed_because,
         _ => Some(Reason::CrashLoopBackOff),
     };
-    status.restart_at = Some(until);
+    status.restart_at = (!at_once).then_some(until);
     actions.push(Action::Report { status });
     if now < until {
         actions.push(Action::Wait {
@@ -1400,11 +1405,31 @@ mod tests {
             moves(&plan(&[a.clone()], &[quick], &tracker, t(22), false)),
             vec!["wait web-0 29s"]
         );
-        // After a run of 10 × initial (10s) the delay is back to 1s.
+        // After a run of 10 × initial (10s) the first crash restarts at once…
         let healthy = exited(&a, "c1", 1, 20, 30);
+        let actions = plan(
+            &[a.clone()],
+            std::slice::from_ref(&healthy),
+            &tracker,
+            t(30),
+            false,
+        );
+        assert_eq!(moves(&actions), vec!["restart c1"]);
+        let s = &reports(&actions)[0];
         assert_eq!(
-            moves(&plan(&[a.clone()], &[healthy], &tracker, t(30), false)),
-            vec!["wait web-0 31s"]
+            (s.message.as_deref(), s.reason, s.restart_at),
+            (Some("exited with code 1; restarting"), None, None)
+        );
+        // …and a quick second one backs off: 2 s, the second failure of a new streak.
+        let restart = actions
+            .iter()
+            .find(|x| matches!(x, Action::Restart { .. }))
+            .expect("restart");
+        tracker.apply(restart, Ok(()), t(30));
+        let again = exited(&a, "c1", 1, 30, 31);
+        assert_eq!(
+            moves(&plan(&[a.clone()], &[again], &tracker, t(31), false)),
+            vec!["wait web-0 33s"]
         );
     }
 
@@ -2054,12 +2079,14 @@ mod tests {
             t(11),
             false,
         );
-        assert_eq!(moves(&actions), vec!["wait web-0 12s"]);
+        // It ran 10 s, healthy by the back-off's measure: restarted at once.
+        assert_eq!(moves(&actions), vec!["restart c1"]);
         let s = &reports(&actions)[0];
         assert_eq!(s.phase, TaskPhase::Starting);
+        assert_eq!(s.reason, Some(Reason::Unhealthy));
         assert_eq!(
             s.message.as_deref(),
-            Some(format!("{HUNG}; restarting with back-off").as_str())
+            Some(format!("{HUNG}; restarting").as_str())
         );
         let actions = plan(
             std::slice::from_ref(&a),
