@@ -228,6 +228,9 @@ pub struct GetArgs {
     /// After the list, keep printing objects as they change
     #[arg(short, long)]
     pub watch: bool,
+    /// Say nothing of an empty list (`get all` leaves empty types out).
+    #[arg(skip)]
+    pub quiet: bool,
     /// Workloads and tasks of this kind only
     #[arg(long, value_name = "KIND")]
     pub kind: Option<Kind>,

@@ -65,6 +65,7 @@ async fn all(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<()>
             node: None,
             selector: args.selector.clone(),
             watch: false,
+            quiet: true,
         };
         let mut buf = Vec::new();
         render(client, &one, &mut buf).await?;
@@ -232,6 +233,7 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
             emit(
                 out,
                 &output,
+                args.quiet,
                 name.is_some(),
                 resource,
                 &cronjobs,
@@ -245,6 +247,7 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
             emit(
                 out,
                 &output,
+                args.quiet,
                 name.is_some(),
                 resource,
                 &nodes,
@@ -263,6 +266,7 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
             emit(
                 out,
                 &output,
+                args.quiet,
                 name.is_some(),
                 resource,
                 &endpoints,
@@ -281,6 +285,7 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
             emit(
                 out,
                 &output,
+                args.quiet,
                 name.is_some(),
                 resource,
                 &volumes,
@@ -301,6 +306,7 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
             emit(
                 out,
                 &output,
+                args.quiet,
                 name.is_some(),
                 resource,
                 &controllers,
@@ -347,6 +353,7 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
             emit(
                 out,
                 &output,
+                args.quiet,
                 single,
                 what,
                 &workloads,
@@ -369,6 +376,7 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
             emit(
                 out,
                 &output,
+                args.quiet,
                 name.is_some(),
                 resource,
                 &secrets,
@@ -395,6 +403,7 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
             emit(
                 out,
                 &output,
+                args.quiet,
                 name.is_some(),
                 resource,
                 &tasks,
@@ -407,9 +416,11 @@ async fn render(client: &Client, args: &GetArgs, out: &mut dyn Write) -> Result<
 
 /// Prints a list (or one object) as a table, YAML or JSON. An empty table is said on
 /// stderr, as kubectl does, so scripts reading stdout see nothing.
+#[allow(clippy::too_many_arguments)]
 fn emit<T: Serialize>(
     out: &mut dyn Write,
     output: &Output,
+    quiet: bool,
     single: bool,
     resource: Resource,
     items: &[T],
@@ -445,7 +456,9 @@ fn emit<T: Serialize>(
         },
         Format::Table | Format::Wide => {
             if items.is_empty() {
-                let _ = writeln!(std::io::stderr(), "No {resource} found.");
+                if !quiet {
+                    let _ = writeln!(std::io::stderr(), "No {resource} found.");
+                }
                 return Ok(());
             }
             write!(out, "{}", table())?;
