@@ -3,8 +3,6 @@
 //! link in [`AgentMessage::ExecData`] chunks and its end in [`AgentMessage::ExecEnd`];
 //! stdin and terminal sizes come the other way.
 
-use std::time::Duration;
-
 use base64::Engine as _;
 use bollard::container::LogOutput;
 use bramble_api::wire::{AgentMessage, TermSize, MAX_EXEC_CHUNK};
@@ -148,21 +146,13 @@ async fn run(
             },
         }
     }
-    // The stream may end a moment before the engine records the exit code.
-    let mut exit_code = None;
-    for _ in 0..50 {
-        match runtime.exec_exit_code(&attached.exec).await {
-            Ok(Some(c)) => {
-                exit_code = Some(c);
-                break;
-            }
-            Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => {
-                error.get_or_insert_with(|| crate::runtime::error_chain(&e));
-                break;
-            }
+    let exit_code = match runtime.exec_finished(&req.container, &attached.exec).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            error.get_or_insert_with(|| crate::runtime::error_chain(&e));
+            None
         }
-    }
+    };
     tracing::info!(request, task = %req.task, exit_code = ?exit_code, "exec ended");
     let _ = tx
         .send(AgentMessage::ExecEnd {

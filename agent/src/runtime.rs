@@ -869,44 +869,29 @@ impl Runtime {
     /// kill an exec; it ends with the container at the latest.
     #[instrument(skip(self))]
     pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<i64> {
-        let exec_err = |source| Error::Exec {
-            id: id.to_string(),
-            source,
-        };
-        let created = self
-            .docker
-            .create_exec(
-                id,
-                CreateExecOptions {
-                    cmd: Some(cmd.to_vec()),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| container_error(id, e, |_, e| exec_err(e)))?;
-        match self
-            .docker
-            .start_exec(&created.id, None)
-            .await
-            .map_err(exec_err)?
-        {
-            StartExecResults::Attached { mut output, input } => {
-                while let Some(chunk) = output.next().await {
-                    chunk.map_err(exec_err)?;
-                }
-                drop(input);
-            }
-            StartExecResults::Detached => {}
+        let mut attached = self.exec_attached(id, cmd, false, false).await?;
+        while let Some(chunk) = attached.output.next().await {
+            chunk.map_err(|source| Error::Exec {
+                id: id.to_string(),
+                source,
+            })?;
         }
-        // The stream may end a moment before the engine records the exit code.
+        drop(attached.input);
+        self.exec_finished(id, &attached.exec).await
+    }
+
+    /// The exit code of an exec whose output has ended, in `container`. The stream may
+    /// end a moment before the engine records the exit code: it is asked for up to 1 s.
+    pub async fn exec_finished(&self, container: &str, exec: &str) -> Result<i64> {
         for _ in 0..50 {
             let info = self
                 .docker
-                .inspect_exec(&created.id)
+                .inspect_exec(exec)
                 .await
-                .map_err(exec_err)?;
+                .map_err(|source| Error::Exec {
+                    id: container.to_string(),
+                    source,
+                })?;
             if info.running != Some(true) {
                 if let Some(code) = info.exit_code {
                     return Ok(code);
@@ -914,7 +899,9 @@ impl Runtime {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(Error::ExecUnfinished { id: id.to_string() })
+        Err(Error::ExecUnfinished {
+            id: container.to_string(),
+        })
     }
 
     /// Starts `cmd` in a running container with its streams attached (`bramblectl
@@ -981,23 +968,6 @@ impl Runtime {
                 id: exec.to_string(),
                 source,
             })
-    }
-
-    /// An exec's exit code once it has ended (None while it runs).
-    pub async fn exec_exit_code(&self, exec: &str) -> Result<Option<i64>> {
-        let info = self
-            .docker
-            .inspect_exec(exec)
-            .await
-            .map_err(|source| Error::Exec {
-                id: exec.to_string(),
-                source,
-            })?;
-        Ok(if info.running == Some(true) {
-            None
-        } else {
-            info.exit_code
-        })
     }
 
     /// The container's IP address on its (first) network, if it has one: where HTTP and

@@ -147,9 +147,7 @@ struct Record {
     /// Restarts so far.
     restarts: u32,
     /// The last failed create or start, which left no running container behind.
-    last_error: Option<String>,
-    /// Its reason.
-    reason: Option<Reason>,
+    last_error: Option<Failure>,
     /// Set once the task was given up.
     gave_up: Option<String>,
     /// A run whose liveness probe failed, and the probe's message.
@@ -174,7 +172,7 @@ impl RestartTracker {
             Action::Create { assignment } => {
                 let rec = self.tasks.entry(assignment.task.clone()).or_default();
                 match outcome {
-                    Ok(()) => rec.clear_error(),
+                    Ok(()) => rec.last_error = None,
                     Err(e) => rec.fail(now, Some(e)),
                 }
             }
@@ -185,7 +183,7 @@ impl RestartTracker {
                         .or_default()
                         .fail(now, Some(e));
                 } else if let Some(rec) = self.tasks.get_mut(task) {
-                    rec.clear_error();
+                    rec.last_error = None;
                 }
             }
             Action::Restart {
@@ -204,7 +202,7 @@ impl RestartTracker {
                 match outcome {
                     Ok(()) => {
                         rec.restarts += 1;
-                        rec.clear_error();
+                        rec.last_error = None;
                         // A new run: verdicts about the old one are moot.
                         rec.liveness_failed = None;
                         rec.ready = None;
@@ -301,16 +299,10 @@ impl Record {
     fn fail(&mut self, at: DateTime<Utc>, error: Option<Failure>) {
         self.streak = self.streak.saturating_add(1);
         if let Some(e) = error {
-            self.last_error = Some(e.message);
-            self.reason = Some(e.reason);
+            self.last_error = Some(e);
         }
         self.failures.push(at);
         self.failures.sort();
-    }
-
-    fn clear_error(&mut self) {
-        self.last_error = None;
-        self.reason = None;
     }
 
     fn failures_since(&self, since: DateTime<Utc>) -> usize {
@@ -520,7 +512,8 @@ fn plan_task(
     if never_started {
         if let Some(deadline) = unstarted_past_deadline(a, now) {
             let why = rec
-                .and_then(|r| r.last_error.as_deref())
+                .and_then(|r| r.last_error.as_ref())
+                .map(|e| e.message.as_str())
                 .map(|e| format!(" (last error: {e})"))
                 .unwrap_or_default();
             status.phase = TaskPhase::Failed;
@@ -658,13 +651,17 @@ fn attempt(
         if let Some(msg) = &r.gave_up {
             status.phase = TaskPhase::Failed;
             status.message = Some(msg.clone());
-            status.reason = r.reason;
+            status.reason = r.last_error.as_ref().map(|e| e.reason);
             status.gave_up = true;
             actions.push(Action::Report { status });
             return;
         }
-        if let Some(err) = &r.last_error {
-            status.reason = r.reason;
+        if let Some(Failure {
+            reason,
+            message: err,
+        }) = &r.last_error
+        {
+            status.reason = Some(*reason);
             let failures = r.failures_since(since);
             if failures >= a.spec.restart.max_failures as usize {
                 let message = gave_up_message(failures, a, err);
@@ -801,11 +798,14 @@ fn plan_exited(
     };
     let at_once = healthy_run && !recorded;
     status.message = Some(match rec.and_then(|r| r.last_error.as_ref()) {
-        Some(err) if recorded => format!("{cause}; restart failed: {err}; retrying with back-off"),
+        Some(err) if recorded => format!(
+            "{cause}; restart failed: {}; retrying with back-off",
+            err.message
+        ),
         _ if at_once => format!("{cause}; restarting"),
         _ => format!("{cause}; restarting with back-off"),
     });
-    status.reason = match rec.and_then(|r| r.reason) {
+    status.reason = match rec.and_then(|r| r.last_error.as_ref()).map(|e| e.reason) {
         Some(r) if recorded => Some(r),
         _ if at_once => failed_because,
         _ => Some(Reason::CrashLoopBackOff),
