@@ -306,14 +306,16 @@ impl Container<'_> {
     }
 }
 
-/// A task's READY cell.
 /// A task's status as an operator reads it (see [`bramble_api::status`]), with when
 /// the next try is: `CrashLoopBackOff (next try in 8s)`.
 pub fn status_line(t: &Task, now: DateTime<Utc>) -> String {
-    let s = bramble_api::status::of(t, now);
+    named(&bramble_api::status::of(t, now), now)
+}
+
+fn named(s: &bramble_api::status::TaskState, now: DateTime<Utc>) -> String {
     match s.retry_at {
         Some(at) => format!("{} (next try {})", s.status, crate::output::until(at, now)),
-        None => s.status,
+        None => s.status.clone(),
     }
 }
 
@@ -321,8 +323,8 @@ pub fn status_line(t: &Task, now: DateTime<Utc>) -> String {
 /// (`-o wide` and `describe` have the whole message).
 pub fn status_cell(t: &Task, now: DateTime<Utc>) -> String {
     const MAX: usize = 120;
-    let line = status_line(t, now);
     let s = bramble_api::status::of(t, now);
+    let line = named(&s, now);
     match s
         .reason
         .filter(|_| s.level >= bramble_api::status::Level::Warning)
@@ -339,6 +341,7 @@ pub fn status_cell(t: &Task, now: DateTime<Utc>) -> String {
     }
 }
 
+/// A task's READY cell.
 pub fn ready(t: &Task) -> &'static str {
     match t.ready {
         Some(true) => "true",

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 
 use super::error::DomainError;
 use super::events::{self, Draft};
-use super::model::{self, StoredNode, StoredSecret, StoredWorkload};
+use super::model::{self, StoredNode, StoredSecret, StoredWorkload, Versioned};
 use super::reconcile;
 use super::secrets::{self, Sealer, SecretApply};
 use super::snapshot::{Change, Expect, Item, Snapshot, Write};
@@ -512,14 +512,7 @@ pub fn restart(
         ));
     }
     for t in &moving {
-        let mut next = t.value.clone();
-        next.desired = DesiredState::Evicting;
-        change.drafts.push(Draft::normal(
-            format!("task/{}", t.value.id),
-            "Evicting",
-            format!("restart of {object} requested"),
-        ));
-        change.writes.push(Write::task(next, t.rev));
+        evict(&mut change, t, format!("restart of {object} requested"));
     }
     Ok((
         change,
@@ -635,16 +628,22 @@ pub fn restart_task(snap: &Snapshot, id: &str) -> Result<(Change, ()), DomainErr
             t.value.phase
         )));
     }
+    let mut change = Change::default();
+    evict(&mut change, t, "restart of the task requested".to_string());
+    Ok((change, ()))
+}
+
+/// Marks `t` for a restart through eviction (its node stops it, then it is placed and
+/// started again), with an `Evicting` event saying `why`.
+fn evict(change: &mut Change, t: &Versioned<Task>, why: String) {
     let mut next = t.value.clone();
     next.desired = DesiredState::Evicting;
-    let mut change = Change::default();
     change.drafts.push(Draft::normal(
-        format!("task/{id}"),
+        format!("task/{}", t.value.id),
         "Evicting",
-        "restart of the task requested".to_string(),
+        why,
     ));
     change.writes.push(Write::task(next, t.rev));
-    Ok((change, ()))
 }
 
 /// Records a task state reported by `node`; `None` when nothing changes (or the task is
