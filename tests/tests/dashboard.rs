@@ -305,15 +305,19 @@ async fn failing_tasks_are_named_in_red_with_their_reason_and_the_warnings_open_
             WAIT,
         )
         .await?;
-        let why = b
-            .text(&format!("{card} li.task[data-status=\"{status}\"] .why"))
-            .await?;
         let want = match status {
             "CrashLoopBackOff" => "exited with code 3",
             "ImagePullBackOff" => "pull failed",
             _ => "address already in use",
         };
-        assert!(why.contains(want), "{status}: {why}");
+        // Read in one script: the task's row is redrawn as its status changes, so an
+        // element found by one WebDriver call may be gone by the next.
+        until(
+            &b,
+            &format!("{status}'s reason under its task"),
+            &format!("const e = document.querySelector('{card} li.task[data-status=\"{status}\"] .why'); return !!e && e.textContent.includes('{want}')"),
+        )
+        .await?;
     }
     b.wait_for(&format!("{card}.failing"), WAIT).await?;
     until(
