@@ -318,6 +318,8 @@ pub struct Observed {
     pub node: String,
     /// Lifecycle state.
     pub state: ContainerState,
+    /// The host ports it binds, as `PORT/PROTOCOL` (`8080/tcp`), whether or not it runs.
+    pub host_ports: Vec<String>,
     /// Exit code, once the container has exited.
     pub exit_code: Option<i64>,
     /// Whether the kernel's OOM killer ended the last run.
@@ -1398,6 +1400,25 @@ fn container_config(
     }
 }
 
+/// `PORT/PROTOCOL` of every host port in Docker's port bindings (keyed by the
+/// container's `PORT/PROTOCOL`).
+fn host_ports(bindings: &HashMap<String, Option<Vec<PortBinding>>>) -> Vec<String> {
+    let mut ports: Vec<String> = bindings
+        .iter()
+        .flat_map(|(inside, hosts)| {
+            let protocol = inside.split_once('/').map_or("tcp", |(_, p)| p);
+            hosts
+                .iter()
+                .flatten()
+                .filter_map(|b| b.host_port.as_deref().filter(|p| !p.is_empty()))
+                .map(move |p| format!("{p}/{protocol}"))
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    ports
+}
+
 fn observed_from(id: &str, resp: ContainerInspectResponse) -> Result<Observed> {
     let labels = resp
         .config
@@ -1412,6 +1433,12 @@ fn observed_from(id: &str, resp: ContainerInspectResponse) -> Result<Observed> {
         });
     };
     let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+    let host_ports = resp
+        .host_config
+        .as_ref()
+        .and_then(|h| h.port_bindings.as_ref())
+        .map(host_ports)
+        .unwrap_or_default();
     let st = resp.state.unwrap_or_default();
     let state = match st.status {
         Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
@@ -1439,6 +1466,7 @@ fn observed_from(id: &str, resp: ContainerInspectResponse) -> Result<Observed> {
         task,
         id,
         state,
+        host_ports,
         exit_code,
         oom_killed: st.oom_killed.unwrap_or(false),
         error: st.error.filter(|e| !e.is_empty()),

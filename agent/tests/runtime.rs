@@ -211,6 +211,11 @@ async fn creates_a_container_with_labels_env_limits_ports_and_mounts() {
     assert_eq!(listed.len(), 1);
     let o = &listed[0];
     assert_eq!(
+        o.host_ports,
+        [format!("{port}/tcp")],
+        "the host ports it binds, for the round's lanes"
+    );
+    assert_eq!(
         (o.id.as_str(), o.task.as_str()),
         (id.as_str(), a.task.as_str())
     );

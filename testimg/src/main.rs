@@ -45,7 +45,8 @@
 //! As PID 1 in a container the kernel ignores signals with the default disposition, so a
 //! program that does not handle SIGTERM is only stopped by Docker's SIGKILL after the grace
 //! period. testimg handles SIGTERM and SIGINT and exits 0 at once (a graceful stop is a
-//! success), which keeps the tests fast.
+//! success), which keeps the tests fast. With `TESTIMG_IGNORE_SIGTERM=1` in its
+//! environment it does not, and only the grace's SIGKILL stops it, as a careless program.
 //!
 //! Start-up lines and `exit`'s farewell go to stderr, payload lines to stdout, so log tests
 //! can check that both streams arrive.
@@ -68,7 +69,9 @@ poll HOST:PORT PATH EVERY_MS | hold HOST:PORT | rtt HOST:PORT N | sink PORT | \
 blast HOST:PORT MIB | touch PATH | rm PATH | exists PATH | echo-stdin | isatty";
 
 fn main() -> ExitCode {
-    exit_on_sigterm();
+    if std::env::var_os("TESTIMG_IGNORE_SIGTERM").is_none_or(|v| v != "1") {
+        exit_on_sigterm();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match run(&args) {

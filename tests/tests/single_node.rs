@@ -247,6 +247,62 @@ async fn restarted_agent_adopts_its_containers_instead_of_starting_copies() -> R
     Ok(())
 }
 
+/// A container that ignores SIGTERM takes the whole stop grace (10 s) to go. The agent
+/// runs a round's independent actions side by side, so a new workload in the same
+/// apply starts while the old container is still dying. (Its Running report still
+/// waits for the end of the agent's round, which the dying container holds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_ignores_sigterm_does_not_hold_up_other_starts() -> Result<()> {
+    let node = harness::unique("lane");
+    let (c, dir) = started(&node, 1).await?;
+    let careless = |arg: &str| {
+        format!(
+            "apiVersion: bramble/v1\nkind: Service\nmetadata: {{name: careless}}\nspec:\n  image: bramble-testimg:latest\n  args: [\"sleep\", \"{arg}\"]\n  env: {{TESTIMG_IGNORE_SIGTERM: \"1\"}}\n  resources: {{cpu: 100m, memory: 16Mi}}\n"
+        )
+    };
+    let file = write(&dir, "careless.yaml", &careless("100000"));
+    ok(&c.ctl(&["apply", "-f", &file]));
+    let old = running(&node, 1).await?;
+    let old_id = old[0]["Id"].as_str().unwrap_or_default().to_string();
+
+    // One apply: the careless workload changes (its container is replaced) and a new
+    // one comes.
+    let both = format!("{}---\n{}", careless("100001"), service("fresh", 1, "hi"));
+    let file = write(&dir, "both.yaml", &both);
+    ok(&c.ctl(&["apply", "-f", &file]));
+    let fresh_running_while_old_lives = eventually(WAIT, "the fresh container running", || async {
+        let fresh = harness::node_containers(&node, false)?;
+        let fresh = harness::inspect(&fresh)?
+            .into_iter()
+            .any(|c| c["Config"]["Labels"]["bramble.workload"] == "fresh");
+        if !fresh {
+            return Ok(None);
+        }
+        // Gone (inspect fails) counts as not running.
+        let old_running =
+            bramble_tests::docker_inspect(&old_id).is_ok_and(|old| old["State"]["Running"] == true);
+        Ok(Some(old_running))
+    })
+    .await?;
+    assert!(
+        fresh_running_while_old_lives,
+        "the fresh workload started only after the careless container's grace; logs:\n{}",
+        c.logs()
+    );
+    eventually(WAIT, "the careless workload replaced", || async {
+        let tasks = c.get("/v1/tasks?workload=careless").await?;
+        let new = tasks.as_array().and_then(|a| {
+            a.iter()
+                .find(|t| t["phase"] == "Running" && t["containerId"] != old_id.as_str())
+                .cloned()
+        });
+        Ok(new)
+    })
+    .await?;
+    c.ctl(&["delete", "service", "careless"]);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_manifests_are_rejected_with_file_line_column_and_field_and_nothing_is_stored(
 ) -> Result<()> {

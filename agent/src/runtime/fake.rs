@@ -52,6 +52,8 @@ struct State {
     missing_images: HashSet<String>,
     /// Containers whose removal fails.
     stuck: HashSet<String>,
+    /// Containers that ignore SIGTERM: a stop takes the whole grace.
+    stubborn: HashSet<String>,
     /// Containers' output.
     outputs: HashMap<String, String>,
     /// How many of the next `list` or `list_kind` calls fail.
@@ -148,6 +150,11 @@ impl Fake {
         id
     }
 
+    /// Makes the container ignore SIGTERM: stopping it takes the whole grace.
+    pub(crate) fn ignore_sigterm(&self, id: &str) {
+        self.state().stubborn.insert(id.to_string());
+    }
+
     /// A running container of `a`, started a minute ago; see [`Fake::put`].
     pub(crate) fn running(&self, a: &Assignment) -> String {
         let started = Utc::now() - chrono::Duration::minutes(1);
@@ -164,6 +171,12 @@ impl Fake {
             spec_hash: a.spec_hash.clone(),
             node: self.node.clone(),
             state: ContainerState::Running,
+            host_ports: a
+                .spec
+                .ports
+                .iter()
+                .filter_map(|p| p.host.map(|h| format!("{h}/{}", p.protocol.as_str())))
+                .collect(),
             exit_code: None,
             oom_killed: false,
             error: None,
@@ -286,8 +299,13 @@ impl Fake {
     }
 
     fn stopped(&self, id: &str, grace: Duration) -> Result<()> {
+        self.state().calls.push(Call::Stop(id.to_string(), grace));
+        self.exited(id)
+    }
+
+    /// The container's process ended (after a stop).
+    fn exited(&self, id: &str) -> Result<()> {
         let mut s = self.state();
-        s.calls.push(Call::Stop(id.to_string(), grace));
         let c = s.containers.iter_mut().find(|c| c.id == id);
         let c = c.ok_or_else(|| Error::NotFound { id: id.to_string() })?;
         if c.state == ContainerState::Running {
@@ -343,7 +361,16 @@ impl Engine for Fake {
     }
 
     fn stop(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send {
-        std::future::ready(self.stopped(id, grace))
+        let (this, id) = (self.clone(), id.to_string());
+        async move {
+            if this.state().stubborn.contains(&id) {
+                // Only the SIGKILL at the end of the grace ends it.
+                this.state().calls.push(Call::Stop(id.clone(), grace));
+                tokio::time::sleep(grace).await;
+                return this.exited(&id);
+            }
+            this.stopped(&id, grace)
+        }
     }
 
     fn terminate(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send {

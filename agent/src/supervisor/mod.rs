@@ -73,6 +73,7 @@
 //!   long image pull cannot delay it. A Wallet starts only under a gate the sweeper also
 //!   holds, and only if neither a fence nor a newer task set arrived since the plan.
 
+mod lanes;
 mod planner;
 mod shell;
 mod sweeper;

@@ -993,6 +993,7 @@ mod tests {
             spec_hash: a.spec_hash.clone(),
             node: "n".into(),
             state,
+            host_ports: Vec::new(),
             exit_code: None,
             oom_killed: false,
             error: None,

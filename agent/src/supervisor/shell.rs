@@ -21,6 +21,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, instrument, warn};
 
+use super::lanes::{lanes, MAX_PARALLEL};
 use super::planner::{
     observed_status, pick_keeper, plan, probe_targets, Action, Failure, RemoveReason,
     RestartTracker,
@@ -41,6 +42,19 @@ const EVENTS_RETRY: Duration = Duration::from_secs(1);
 /// limit ([`bramble_api::wire::MAX_FRAME_BYTES`]) however many finished runs the node
 /// keeps; runs beyond it are reported without output.
 pub const HELLO_OUTPUT_BUDGET: usize = 1 << 20;
+
+/// What one lane of a round did (see [`Supervisor::lane`]).
+#[derive(Default)]
+struct LaneOutcome<'a> {
+    /// Something was changed in Docker.
+    acted: bool,
+    /// The earliest back-off end among its tasks.
+    wake: Option<DateTime<Utc>>,
+    /// Containers it stopped or removed.
+    touched: Vec<&'a str>,
+    /// Each action's index, outcome and when it ended, for the restart history.
+    done: Vec<(usize, Result<(), Failure>, DateTime<Utc>)>,
+}
 
 /// The last status sent per task, shared between the supervisor and its observers.
 type Sent = Arc<Mutex<HashMap<String, TaskStatus>>>;
@@ -356,12 +370,67 @@ impl<R: Engine> Supervisor<R> {
             .filter(|a| a.kind.runs_to_completion())
             .map(|a| a.task.as_str())
             .collect();
+        // Independent actions run side by side (see `lanes`); the history takes their
+        // outcomes afterwards, in plan order, as if they had run one by one.
+        let this = &*self;
+        let outcomes: Vec<LaneOutcome<'_>> =
+            futures_util::stream::iter(lanes(&actions, desired, &observed))
+                .map(|lane| this.lane(lane, &actions, &wallets, &completing, latest))
+                .buffer_unordered(MAX_PARALLEL)
+                .collect()
+                .await;
         let mut acted = false;
         let mut wake: Option<DateTime<Utc>> = None;
-        let mut not_removed: HashSet<String> = HashSet::new();
         // Containers stopped or removed in this round: they get no prober.
         let mut touched: HashSet<&str> = HashSet::new();
-        for action in &actions {
+        let mut done = Vec::with_capacity(actions.len());
+        for o in outcomes {
+            acted |= o.acted;
+            if let Some(w) = o.wake {
+                wake = Some(wake.map_or(w, |x| x.min(w)));
+            }
+            touched.extend(o.touched);
+            done.extend(o.done);
+        }
+        done.sort_by_key(|(i, _, _)| *i);
+        for (i, outcome, at) in done {
+            self.tracker.apply(&actions[i], outcome, at);
+        }
+
+        // Tasks reported earlier that are neither assigned nor in Docker any more (e.g.
+        // unassigned while their image could not be pulled): confirm them gone too.
+        let wanted: HashSet<&str> = desired.iter().map(|a| a.task.as_str()).collect();
+        let present: HashSet<&str> = observed.iter().map(|o| o.task.as_str()).collect();
+        let orphans: Vec<String> = lock(&self.sent)
+            .keys()
+            .filter(|t| !wanted.contains(t.as_str()) && !present.contains(t.as_str()))
+            .cloned()
+            .collect();
+        for task in orphans {
+            self.report_removed(&task).await;
+        }
+        let untouched: Vec<Observed> = observed
+            .iter()
+            .filter(|o| !touched.contains(o.id.as_str()))
+            .cloned()
+            .collect();
+        self.sync_probers(desired, &untouched);
+        Ok((acted, wake))
+    }
+
+    /// Runs one lane's actions (indexes into `actions`) one after another.
+    async fn lane<'a>(
+        &self,
+        lane: Vec<usize>,
+        actions: &'a [Action],
+        wallets: &HashSet<&str>,
+        completing: &HashSet<&str>,
+        latest: &watch::Receiver<Desired>,
+    ) -> LaneOutcome<'a> {
+        let mut out = LaneOutcome::default();
+        let mut not_removed: HashSet<&str> = HashSet::new();
+        for i in lane {
+            let action = &actions[i];
             let wallet_start = match action {
                 Action::Create { assignment } => assignment.kind == Kind::Wallet,
                 Action::Start { task, .. } | Action::Restart { task, .. } => {
@@ -397,11 +466,11 @@ impl<R: Engine> Supervisor<R> {
                     continue;
                 }
                 (Ok(()), Action::Wait { until, .. }) => {
-                    wake = Some(wake.map_or(*until, |w| w.min(*until)));
+                    out.wake = Some(out.wake.map_or(*until, |w| w.min(*until)));
                     continue;
                 }
                 (Ok(()), Action::ReportRemoved { task }) => {
-                    if !not_removed.contains(task) {
+                    if !not_removed.contains(task.as_str()) {
                         self.report_removed(task).await;
                     }
                     continue;
@@ -411,29 +480,29 @@ impl<R: Engine> Supervisor<R> {
                     Ok(())
                 }
                 (Ok(()), Action::Create { assignment }) => {
-                    acted = true;
+                    out.acted = true;
                     info!(task = %assignment.task, image = %assignment.spec.image, "creating container");
                     self.runtime.create_and_start(assignment).await.map(|_| ())
                 }
                 (Ok(()), Action::Start { id, task }) => {
-                    acted = true;
+                    out.acted = true;
                     info!(task = %task, container = %id, "starting container");
                     self.runtime.start(id).await
                 }
                 (Ok(()), Action::Restart { id, task, .. }) => {
-                    acted = true;
+                    out.acted = true;
                     info!(task = %task, container = %id, restarts = self.tracker.restarts(task) + 1, "restarting container");
                     self.runtime.start(id).await
                 }
                 (Ok(()), Action::Stop { id, task, cause }) => {
-                    acted = true;
-                    touched.insert(id.as_str());
+                    out.acted = true;
+                    out.touched.push(id.as_str());
                     warn!(task = %task, container = %id, cause = %cause, "stopping an unhealthy container");
                     self.runtime.stop(id, STOP_GRACE).await
                 }
                 (Ok(()), Action::Remove { id, task, reason }) => {
-                    acted = true;
-                    touched.insert(id.as_str());
+                    out.acted = true;
+                    out.touched.push(id.as_str());
                     let r = if *reason == RemoveReason::Fenced {
                         warn!(task = %task, container = %id, "removing a wallet: the node is fenced");
                         self.runtime.terminate(id, fence::GRACE).await
@@ -442,7 +511,7 @@ impl<R: Engine> Supervisor<R> {
                         self.stop_and_remove(id).await
                     };
                     if r.is_err() {
-                        not_removed.insert(task.clone());
+                        not_removed.insert(task.as_str());
                     }
                     r
                 }
@@ -453,28 +522,9 @@ impl<R: Engine> Supervisor<R> {
                 warn!(error = %message, %reason, ?action, "action failed");
                 Failure { reason, message }
             });
-            self.tracker.apply(action, outcome, Utc::now());
+            out.done.push((i, outcome, Utc::now()));
         }
-
-        // Tasks reported earlier that are neither assigned nor in Docker any more (e.g.
-        // unassigned while their image could not be pulled): confirm them gone too.
-        let wanted: HashSet<&str> = desired.iter().map(|a| a.task.as_str()).collect();
-        let present: HashSet<&str> = observed.iter().map(|o| o.task.as_str()).collect();
-        let orphans: Vec<String> = lock(&self.sent)
-            .keys()
-            .filter(|t| !wanted.contains(t.as_str()) && !present.contains(t.as_str()))
-            .cloned()
-            .collect();
-        for task in orphans {
-            self.report_removed(&task).await;
-        }
-        let untouched: Vec<Observed> = observed
-            .iter()
-            .filter(|o| !touched.contains(o.id.as_str()))
-            .cloned()
-            .collect();
-        self.sync_probers(desired, &untouched);
-        Ok((acted, wake))
+        out
     }
 
     /// Tells the history which desired tasks this node refuses to start: those with a
@@ -862,6 +912,49 @@ mod tests {
         assert_eq!(removed(&msgs), ["job-0", "old-0"]);
         let web = last_status(&msgs, "web-0").expect("web-0 is reported");
         assert_eq!(web.container_id.as_deref(), Some(web_id.as_str()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_that_ignores_sigterm_holds_up_only_what_shares_its_port_or_wallet() {
+        let fake = Fake::new(NODE);
+        let port = |mut a: Assignment, host: u16| {
+            a.spec.ports.push(bramble_api::manifest::Port {
+                container: 80,
+                host: Some(host),
+                protocol: Default::default(),
+            });
+            a
+        };
+        let stubborn = fake.running(&port(assignment("old-0", Kind::Service), 8080));
+        fake.ignore_sigterm(&stubborn);
+        let old_wallet = fake.running(&assignment("coin-0", Kind::Wallet));
+        fake.ignore_sigterm(&old_wallet);
+        let free = assignment("web-0", Kind::Service);
+        let same_port = port(assignment("api-0", Kind::Service), 8080);
+        let new_wallet = assignment("coin-1", Kind::Wallet);
+        let (mut sup, _rx) = supervisor(&fake);
+        let tasks = [free.clone(), same_port.clone(), new_wallet.clone()];
+
+        sup.round(&tasks, false, &desired(&tasks, false))
+            .await
+            .expect("round");
+
+        let calls = changes(&fake);
+        let at = |c: &Call| calls.iter().position(|x| x == c).expect("called");
+        let created = |a: &Assignment| at(&Call::Create(a.task.clone()));
+        let removed = |id: &str| at(&Call::Remove(id.to_string()));
+        assert!(
+            created(&free) < removed(&stubborn) && created(&free) < removed(&old_wallet),
+            "an unrelated start does not wait for the stops' grace: {calls:?}"
+        );
+        assert!(
+            removed(&stubborn) < created(&same_port),
+            "the port is free before it is bound again: {calls:?}"
+        );
+        assert!(
+            removed(&old_wallet) < created(&new_wallet),
+            "a Wallet's old container is gone before its new one starts: {calls:?}"
+        );
     }
 
     #[tokio::test]
