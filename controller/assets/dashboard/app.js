@@ -125,18 +125,21 @@ const on = {
   },
   nodes(d) {
     S.nodes = d;
-    for (const n of d) {
-      if (!n.point) continue;
-      const [t, cpu, mem, temp] = n.point;
-      const h = S.hist[n.name] || (S.hist[n.name] = { t: null, cpu: [], mem: [], temp: [] });
-      if (h.t != null && t <= h.t) continue;
-      // Empty 10-second slots (no heartbeats) stay gaps in the lines.
-      const gap = h.t == null ? 0 : Math.min((t - h.t) / 10 - 1, 360);
-      for (let i = 0; i < gap; i++) { h.cpu.push(null); h.mem.push(null); h.temp.push(null); }
-      h.cpu.push(cpu); h.mem.push(mem); h.temp.push(temp);
-      for (const k of ['cpu', 'mem', 'temp']) if (h[k].length > 360) h[k].splice(0, h[k].length - 360);
-      h.t = t;
+    addPoints(d);
+    renderNodes();
+    renderCron();
+    renderSummary();
+  },
+  // Per node, only the fields that changed; null: the field is gone.
+  nodedelta(d) {
+    for (const delta of d) {
+      const n = S.nodes.find((x) => x.name === delta.name);
+      if (!n) continue;
+      for (const [k, v] of Object.entries(delta)) {
+        if (v === null) delete n[k]; else n[k] = v;
+      }
     }
+    addPoints(d);
     renderNodes();
     renderCron();
     renderSummary();
@@ -314,11 +317,27 @@ function disk(label, d) {
   return `<span title="${esc(d.path)}">${label} <b>${mib(d.freeBytes)}</b> free (${free}%)</span>`;
 }
 
+// Appends each card's newest history point to its node's sparklines.
+function addPoints(list) {
+  for (const n of list) {
+    if (!n.point) continue;
+    const [t, cpu, mem, temp] = n.point;
+    const h = S.hist[n.name] || (S.hist[n.name] = { t: null, cpu: [], mem: [], temp: [] });
+    if (h.t != null && t <= h.t) continue;
+    // Empty 10-second slots (no heartbeats) stay gaps in the lines.
+    const gap = h.t == null ? 0 : Math.min((t - h.t) / 10 - 1, 360);
+    for (let i = 0; i < gap; i++) { h.cpu.push(null); h.mem.push(null); h.temp.push(null); }
+    h.cpu.push(cpu); h.mem.push(mem); h.temp.push(temp);
+    for (const k of ['cpu', 'mem', 'temp']) if (h[k].length > 360) h[k].splice(0, h[k].length - 360);
+    h.t = t;
+  }
+}
+
 function nodeHead(n) {
   const act = admin() && n.status !== 'Dead'
     ? `<button data-act="${n.cordoned ? 'uncordon' : 'cordon'}" data-node="${esc(n.name)}" class="ghost">${n.cordoned ? 'Uncordon' : 'Cordon'}</button>` : '';
   return `<div class="title"><h3>${esc(n.name)}</h3><span class="pill ${esc(n.status)}">${esc(n.status)}</span>${n.cordoned ? '<span class="pill cordoned">cordoned</span>' : ''}${act}</div>` +
-    `<div class="sub">${esc(n.arch)} · ${n.cores} cores · seen ${esc(ago(n.lastSeen))}</div>`;
+    `<div class="sub">${esc(n.arch)} · ${n.cores} cores · ${n.status === 'Ready' ? 'heard now' : 'seen ' + esc(ago(n.lastSeen))}</div>`;
 }
 
 function nodeBody(n) {

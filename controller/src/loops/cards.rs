@@ -195,6 +195,11 @@ pub fn node_warnings(n: &NodeView) -> Vec<String> {
     w
 }
 
+/// Rounded to a tenth: what a card shows, and no longer on the wire.
+fn tenth(x: f32) -> f32 {
+    (x * 10.0).round() / 10.0
+}
+
 /// A node card from its view and newest history point.
 pub fn node_card(n: &NodeView, point: Option<Point>) -> NodeCard {
     let m = n.metrics.as_ref().filter(|_| n.status != NodeStatus::Dead);
@@ -202,7 +207,9 @@ pub fn node_card(n: &NodeView, point: Option<Point>) -> NodeCard {
         .and_then(|m| m.containers.as_ref())
         .map(|cs| {
             cs.iter()
-                .map(|c: &ContainerUsage| (c.task.clone(), (c.cpu_percent, c.memory_bytes)))
+                .map(|c: &ContainerUsage| {
+                    (c.task.clone(), (c.cpu_percent.map(tenth), c.memory_bytes))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -213,8 +220,10 @@ pub fn node_card(n: &NodeView, point: Option<Point>) -> NodeCard {
         arch: n.info.arch.to_string(),
         cores: n.info.cores,
         last_seen: n.last_seen,
-        cpu: m.map(|m| (m.cpu_percent * 10.0).round() / 10.0),
-        per_core: m.and_then(|m| m.cores_percent.clone()),
+        cpu: m.map(|m| tenth(m.cpu_percent)),
+        per_core: m
+            .and_then(|m| m.cores_percent.as_ref())
+            .map(|cs| cs.iter().map(|c| tenth(*c)).collect()),
         mem_used: m.map(|m| m.memory_used_bytes),
         mem_total: m.map_or(n.info.memory_bytes, |m| m.memory_total_bytes.max(1)),
         mem_available: m.and_then(|m| m.memory_available_bytes),

@@ -1,9 +1,13 @@
 //! The dashboard's live feed, as Server-Sent Events (`text/event-stream`; the HTTP
 //! side is `GET /v1/stream`). On connect a client gets one `snapshot` event with
 //! everything (nodes with their hour of history, tasks, workloads, cron jobs, recent
-//! events and its role); then, pushed as they change, `nodes` (at most once per
-//! second), `tasks`, `workloads`, `cronjobs` (full lists, when the store changed) and
-//! `events` (new ones only). No polling by the client, no reloads.
+//! events and its role); then, pushed as they change: `nodes` (every card, when a node
+//! comes or goes), `nodedelta` (per node, only the fields that changed: at once when
+//! its health, cordon, warnings or history point change, its metrics at most every
+//! [`METRICS_EVERY`]), `tasks`, `workloads`, `cronjobs` (full lists, when the store
+//! changed) and `events` (new ones only). No polling by the client, no reloads. At rest a
+//! node costs the stream one small delta per 10-second history point, whatever its
+//! heartbeat rate.
 //!
 //! One publisher task ([`run`]) computes and serializes every frame once and hands the
 //! same bytes to every client, and only while someone is connected. Each client has a
@@ -11,7 +15,7 @@
 //! rather than buffered for: its browser reconnects and starts over from a snapshot.
 //! So the controller's memory does not grow with slow or many tabs.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +37,25 @@ pub const MAX_CLIENTS: usize = 32;
 
 /// How often the publisher looks for news.
 pub const TICK: Duration = Duration::from_secs(1);
+
+/// A node's metrics (CPU, memory, load, temperature, disks, per-task usage, last
+/// seen) are sent at most this often: the sparklines' step, so each delta carries
+/// the newest point with the figures it sums up.
+pub const METRICS_EVERY: Duration = Duration::from_secs(10);
+
+/// Card fields that change with every heartbeat; see [`METRICS_EVERY`].
+const METRIC_FIELDS: [&str; 10] = [
+    "lastSeen",
+    "cpu",
+    "perCore",
+    "memUsed",
+    "memAvailable",
+    "load",
+    "temp",
+    "dataDisk",
+    "dockerDisk",
+    "usage",
+];
 
 /// Send a comment line after this much silence, so proxies keep the connection.
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -224,11 +247,101 @@ pub fn opening(state: &State, role: &'static str, recent: Vec<Event>) -> Bytes {
     )
 }
 
+/// A node card as JSON fields, as the client holds it.
+pub type CardFields = serde_json::Map<String, serde_json::Value>;
+
+/// What the clients hold of one node, and when its metrics were last sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentCard {
+    /// The card's fields as last sent.
+    pub fields: CardFields,
+    /// When its metrics were last sent.
+    pub metrics_at: tokio::time::Instant,
+}
+
+/// What to send about the nodes this tick.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeNews {
+    /// Nothing changed that is due.
+    Nothing,
+    /// Every card (a node came or went): the `nodes` event.
+    All(Vec<CardFields>),
+    /// Per changed node, its name and the fields that changed (null: the field is
+    /// gone): the `nodedelta` event.
+    Deltas(Vec<CardFields>),
+}
+
+/// What the clients should be sent about the nodes, given what they hold (`sent`,
+/// updated to what they will hold) and the cards now, in order. Pure: the clock is an
+/// argument.
+pub fn node_news(
+    sent: &mut BTreeMap<String, SentCard>,
+    cards: Vec<CardFields>,
+    now: tokio::time::Instant,
+) -> NodeNews {
+    let name = |c: &CardFields| {
+        c.get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let same_nodes = cards.len() == sent.len() && cards.iter().all(|c| sent.contains_key(&name(c)));
+    if !same_nodes {
+        sent.clear();
+        for c in &cards {
+            sent.insert(
+                name(c),
+                SentCard {
+                    fields: c.clone(),
+                    metrics_at: now,
+                },
+            );
+        }
+        return NodeNews::All(cards);
+    }
+    let mut deltas = Vec::new();
+    for card in cards {
+        let Some(last) = sent.get_mut(&name(&card)) else {
+            continue;
+        };
+        let changed = |k: &str| card.get(k) != last.fields.get(k);
+        let keys: BTreeSet<&String> = card.keys().chain(last.fields.keys()).collect();
+        let urgent = keys
+            .iter()
+            .any(|k| !METRIC_FIELDS.contains(&k.as_str()) && changed(k));
+        let metrics_due = now.duration_since(last.metrics_at) >= METRICS_EVERY;
+        let metrics = METRIC_FIELDS.iter().any(|k| changed(k));
+        if !(urgent || (metrics && metrics_due)) {
+            continue;
+        }
+        let mut delta = CardFields::new();
+        delta.insert("name".into(), name(&card).into());
+        for k in keys {
+            if changed(k) {
+                delta.insert(
+                    k.clone(),
+                    card.get(k).cloned().unwrap_or(serde_json::Value::Null),
+                );
+            }
+        }
+        if metrics {
+            last.metrics_at = now;
+        }
+        last.fields = card;
+        deltas.push(delta);
+    }
+    if deltas.is_empty() {
+        NodeNews::Nothing
+    } else {
+        NodeNews::Deltas(deltas)
+    }
+}
+
 /// What the publisher last sent, to skip unchanged lists.
 #[derive(Default)]
 struct Sent {
     revision: u64,
-    nodes: Bytes,
+    nodes: BTreeMap<String, SentCard>,
     tasks: Bytes,
     workloads: Bytes,
     cronjobs: Bytes,
@@ -285,12 +398,28 @@ pub async fn run(state: Arc<State>, feed: Arc<Feed>, mut stop: watch::Receiver<b
 fn publish(state: &State, feed: &Feed, sent: &mut Sent) -> bool {
     let resync = feed.resync.swap(false, Ordering::Relaxed);
     let snap = state.snapshot();
-    let nodes = frame("nodes", &node_cards(state, &snap));
+    let cards: Vec<CardFields> = node_cards(state, &snap)
+        .iter()
+        .filter_map(|c| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(m)) => Some(m),
+            _ => None,
+        })
+        .collect();
+    if resync {
+        // A new client's snapshot may predate what the others hold: everyone gets all.
+        sent.nodes.clear();
+    }
     let mut any = false;
-    if resync || nodes != sent.nodes {
-        feed.broadcast(&nodes);
-        sent.nodes = nodes;
-        any = true;
+    match node_news(&mut sent.nodes, cards, tokio::time::Instant::now()) {
+        NodeNews::Nothing => {}
+        NodeNews::All(cards) => {
+            feed.broadcast(&frame("nodes", &cards));
+            any = true;
+        }
+        NodeNews::Deltas(deltas) => {
+            feed.broadcast(&frame("nodedelta", &deltas));
+            any = true;
+        }
     }
     if snap.revision == sent.revision && !resync {
         return any;
@@ -328,6 +457,70 @@ mod tests {
     fn frames_are_one_event_with_one_data_line() {
         let f = frame("tasks", &serde_json::json!({"a": "x\ny"}));
         assert_eq!(&f[..], b"event: tasks\ndata: {\"a\":\"x\\ny\"}\n\n");
+    }
+
+    fn card(name: &str, status: &str, cpu: f64, point: i64) -> CardFields {
+        match serde_json::json!({"name": name, "status": status, "cpu": cpu, "lastSeen": cpu.to_string(), "point": [point, 1.0, 1, null]})
+        {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("an object"),
+        }
+    }
+
+    #[test]
+    fn node_news_sends_all_cards_when_nodes_come_or_go_and_deltas_otherwise() {
+        let t0 = tokio::time::Instant::now();
+        let mut sent = BTreeMap::new();
+        let first = vec![card("a", "Ready", 1.0, 0), card("b", "Ready", 2.0, 0)];
+        assert_eq!(
+            node_news(&mut sent, first.clone(), t0),
+            NodeNews::All(first)
+        );
+        // Same cards: nothing.
+        let same = vec![card("a", "Ready", 1.0, 0), card("b", "Ready", 2.0, 0)];
+        assert_eq!(node_news(&mut sent, same, t0), NodeNews::Nothing);
+        // Metrics changed one second later: not due yet.
+        let t1 = t0 + Duration::from_secs(1);
+        let busier = vec![card("a", "Ready", 9.0, 0), card("b", "Ready", 2.0, 0)];
+        assert_eq!(node_news(&mut sent, busier.clone(), t1), NodeNews::Nothing);
+        // A health change goes at once, with the metrics that changed meanwhile.
+        let suspect = vec![card("a", "Ready", 9.0, 0), card("b", "Suspect", 2.0, 0)];
+        assert_eq!(
+            node_news(&mut sent, suspect.clone(), t1),
+            NodeNews::Deltas(vec![
+                match serde_json::json!({"name": "b", "status": "Suspect"}) {
+                    serde_json::Value::Object(m) => m,
+                    _ => unreachable!(),
+                }
+            ])
+        );
+        // Metrics are due after METRICS_EVERY: only a's changed fields go.
+        let t2 = t0 + METRICS_EVERY;
+        match node_news(&mut sent, suspect.clone(), t2) {
+            NodeNews::Deltas(d) => {
+                assert_eq!(d.len(), 1);
+                assert_eq!(d[0]["name"], "a");
+                assert_eq!(d[0]["cpu"], 9.0);
+                assert_eq!(d[0]["lastSeen"], "9");
+                assert!(!d[0].contains_key("status") && !d[0].contains_key("point"));
+            }
+            other => panic!("a delta for a: {other:?}"),
+        }
+        // A new history point is not held back, and a field that went is sent as null.
+        let mut pointed = card("a", "Ready", 9.0, 10);
+        pointed.remove("lastSeen");
+        let next = vec![pointed, card("b", "Suspect", 2.0, 0)];
+        match node_news(&mut sent, next, t2 + Duration::from_millis(10)) {
+            NodeNews::Deltas(d) => {
+                assert_eq!(d[0]["point"], serde_json::json!([10, 1.0, 1, null]));
+                assert_eq!(d[0]["lastSeen"], serde_json::Value::Null);
+            }
+            other => panic!("a delta for a's point: {other:?}"),
+        }
+        // A node gone: every card again.
+        let fewer = vec![card("a", "Ready", 9.0, 10)];
+        assert!(matches!(node_news(&mut sent, fewer, t2), NodeNews::All(c) if c.len() == 1));
+        assert_eq!(sent.len(), 1);
     }
 
     #[tokio::test]
