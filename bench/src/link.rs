@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{mib, percentile, rerun, wait_ready};
 
-fn tls_config(c: &Controller) -> Result<Arc<rustls::ClientConfig>> {
+pub(crate) fn tls_config(c: &Controller) -> Result<Arc<rustls::ClientConfig>> {
     bramble_tls::install_provider();
     let fp = c.ca_fingerprint()?.parse()?;
     Ok(Arc::new(bramble_tls::client_config(
@@ -39,7 +39,7 @@ async fn tls_connect(
 }
 
 /// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
@@ -181,10 +181,16 @@ fn heartbeat_at_the_limits() -> String {
     wire::encode(&AgentMessage::Heartbeat { metrics })
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
-/// Joins as a new node with the join token; the link once welcomed.
-async fn join(addr: &str, tls: &Arc<rustls::ClientConfig>, secret: &str, name: &str) -> Result<Ws> {
+/// Joins as a new node with the join token; the link once welcomed, and the heartbeat
+/// interval the controller asked for.
+pub(crate) async fn join(
+    addr: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    secret: &str,
+    name: &str,
+) -> Result<(Ws, Duration)> {
     let stream = tls_connect(addr, tls).await?;
     let mut req = format!("wss://{addr}/v1/agent").into_client_request()?;
     req.headers_mut().insert(
@@ -203,7 +209,9 @@ async fn join(addr: &str, tls: &Arc<rustls::ClientConfig>, secret: &str, name: &
     loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
             Some(Ok(Message::Text(t))) => match wire::decode::<ControllerMessage>(t.as_str())? {
-                ControllerMessage::Welcome { .. } => return Ok(ws),
+                ControllerMessage::Welcome { heartbeat_ms, .. } => {
+                    return Ok((ws, Duration::from_millis(heartbeat_ms.max(1))))
+                }
                 ControllerMessage::Error { code, message } => bail!("{name}: {code}: {message}"),
                 _ => {}
             },
@@ -275,7 +283,11 @@ pub async fn fake_nodes(nodes: usize, secs: u64) -> Result<()> {
     );
     let mut links = Vec::new();
     for i in 0..nodes {
-        links.push(join(&addr, &tls, &token.secret, &format!("fake-a{i}")).await?);
+        links.push(
+            join(&addr, &tls, &token.secret, &format!("fake-a{i}"))
+                .await?
+                .0,
+        );
     }
     let joined = harness::rss_bytes(pid).unwrap_or(0);
     let peak_huge = flood(
@@ -292,7 +304,11 @@ pub async fn fake_nodes(nodes: usize, secs: u64) -> Result<()> {
     let at_limits = heartbeat_at_the_limits();
     let mut links = Vec::new();
     for i in 0..nodes {
-        links.push(join(&addr, &tls, &token.secret, &format!("fake-b{i}")).await?);
+        links.push(
+            join(&addr, &tls, &token.secret, &format!("fake-b{i}"))
+                .await?
+                .0,
+        );
     }
     let peak_limits = flood(
         links,

@@ -5,6 +5,7 @@ mod dashboard;
 mod ha;
 mod link;
 mod names;
+mod scale;
 mod volumes;
 
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ struct Args {
     what: What,
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum What {
     /// Everything below.
     All,
@@ -119,6 +120,23 @@ enum What {
         /// Node power-offs.
         #[arg(long, default_value_t = 5)]
         power_offs: usize,
+    },
+    /// The controller at rest at scale: simulated agents (the real wire protocol over
+    /// TLS, no Docker) heartbeating, Services of ten replicas on them; CPU, RSS, store
+    /// writes at rest, and the dashboard stream's bytes per minute. Not in `all`.
+    Scale {
+        /// Simulated nodes.
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        /// Tasks (rounded up to tens).
+        #[arg(long, default_value_t = 1000)]
+        tasks: usize,
+        /// The controller's heartbeat interval (its `--heartbeat`).
+        #[arg(long, default_value = "250ms")]
+        heartbeat: String,
+        /// Seconds measured at rest, without and then with a dashboard stream.
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
     },
     /// Scheduler placements per second on 1,000 nodes.
     Scheduler {
@@ -626,6 +644,12 @@ async fn main() -> Result<()> {
         What::FakeNodes { nodes, secs } => link::fake_nodes(nodes, secs).await?,
         What::Failover { rounds } => failover(rounds).await?,
         What::Scheduler { nodes, tasks } => scheduler(nodes, tasks),
+        What::Scale {
+            nodes,
+            tasks,
+            heartbeat,
+            secs,
+        } => scale::scale(nodes, tasks, &heartbeat, secs).await?,
         What::Dashboard { minutes, nodes } => dashboard::dashboard(minutes, nodes).await?,
         What::EtcdRest { minutes, nodes } => ha::etcd_rest(minutes, nodes).await?,
         What::LeaderKill { rounds, power_offs } => ha::leader_kill(rounds, power_offs).await?,
