@@ -41,6 +41,9 @@ if [ -n "$controller_dev" ]; then
 fi
 
 targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+# Where the cross builds go (scripts/test.sh gives them their own directory, so they can
+# build while the host's tests hold the workspace's target directory).
+cross_dir="${BRAMBLE_CROSS_DIR:-target}"
 declare -A gnu=([aarch64-unknown-linux-gnu]=aarch64-linux-gnu [armv7-unknown-linux-gnueabihf]=arm-linux-gnueabihf)
 declare -A debarch=([aarch64-unknown-linux-gnu]=arm64 [armv7-unknown-linux-gnueabihf]=armhf)
 
@@ -104,8 +107,8 @@ for t in "${targets[@]}"; do
     export "AR_${cc_env}=${gnu[$t]}-ar"
     # Separately: built together, cargo unifies their dependencies' features, and the
     # agent would carry the controller's (the etcd client's HTTP/2, ~0.6 MB) for nothing.
-    cargo build ${cargo_profile[@]+"${cargo_profile[@]}"} --locked --target "$t" -p bramble-agent
-    cargo build ${controller_cargo_profile[@]+"${controller_cargo_profile[@]}"} --locked --target "$t" -p bramble-controller
+    CARGO_TARGET_DIR="$cross_dir" cargo build ${cargo_profile[@]+"${cargo_profile[@]}"} --locked --target "$t" -p bramble-agent
+    CARGO_TARGET_DIR="$cross_dir" cargo build ${controller_cargo_profile[@]+"${controller_cargo_profile[@]}"} --locked --target "$t" -p bramble-controller
 done
 
 step "binary sizes (stripped)"
@@ -116,7 +119,7 @@ for t in "${targets[@]}"; do
     for b in bramble-agent bramble-controller; do
         p="$profile"
         [ "$b" = bramble-controller ] && p="$controller_profile"
-        bin="target/$t/$p/$b"
+        bin="$cross_dir/$t/$p/$b"
         [ -f "$bin" ] || die "$bin was not built"
         # Release builds are stripped by the profile already; debug builds are measured
         # on a stripped copy so the figures compare.

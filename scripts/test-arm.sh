@@ -73,13 +73,19 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 docker info >/dev/null 2>&1 || die "the Docker Engine is not reachable (docker info failed)"
 
+cross_dir="${BRAMBLE_CROSS_DIR:-target}"
 step "cross-build (release)"
 # The agents in release (their size and memory are the Pi budgets); the controllers only
 # have to build, link and print their version under qemu, so the dev profile does.
-scripts/cross-build.sh --release --controller-dev
+# scripts/test.sh builds them alongside the host's tests (BRAMBLE_CROSS_BUILT=1).
+if [ "${BRAMBLE_CROSS_BUILT:-0}" = 1 ]; then
+    echo "built already, in $cross_dir"
+else
+    scripts/cross-build.sh --release --controller-dev
+fi
 
-a64_agent=target/aarch64-unknown-linux-gnu/release/bramble-agent
-arm_agent=target/armv7-unknown-linux-gnueabihf/release/bramble-agent
+a64_agent="$cross_dir/aarch64-unknown-linux-gnu/release/bramble-agent"
+arm_agent="$cross_dir/armv7-unknown-linux-gnueabihf/release/bramble-agent"
 run_a64() { qemu-aarch64 -L /usr/aarch64-linux-gnu "$@"; }
 run_arm() { qemu-arm -L /usr/arm-linux-gnueabihf "$@"; }
 
@@ -89,9 +95,9 @@ for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
         p=release
         [ "$b" = bramble-controller ] && p=debug
         if [ "$t" = aarch64-unknown-linux-gnu ]; then
-            out="$(run_a64 "target/$t/$p/$b" --version)" || die "$t $b --version failed under qemu"
+            out="$(run_a64 "$cross_dir/$t/$p/$b" --version)" || die "$t $b --version failed under qemu"
         else
-            out="$(run_arm "target/$t/$p/$b" --version)" || die "$t $b --version failed under qemu"
+            out="$(run_arm "$cross_dir/$t/$p/$b" --version)" || die "$t $b --version failed under qemu"
         fi
         [[ "$out" == "$b "* ]] || die "$t $b --version printed \"$out\""
         printf '%-32s %s\n' "$t" "$out"
