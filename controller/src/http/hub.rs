@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use super::auth::{credential_hash, Role};
 use super::App;
 use crate::core::ops::Admission;
-use crate::core::{endpoints, health, ops, reconcile, volumes, Change, DomainError};
+use crate::core::{health, ops, reconcile, volumes, Change, DomainError};
 use crate::state::live::Connection;
 use crate::state::logs::{ExecEvent, LogEvent};
 use crate::state::vault::Vault;
@@ -45,6 +45,9 @@ use crate::state::{Scope, State as ClusterState};
 
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Read and write buffer of an agent link (frames larger than it still pass).
+const LINK_BUFFER: usize = 8 << 10;
 
 /// Reports queued per node before the link is closed for the agent to resend.
 const REPORT_QUEUE: usize = 1024;
@@ -97,7 +100,11 @@ pub async fn agent(
         ))
         .into_response();
     };
+    // Small buffers: a link carries heartbeats of a few KiB, and the 128 KiB defaults,
+    // allocated per link, were most of a controller's memory with a hundred nodes.
     ws.max_message_size(MAX_FRAME_BYTES)
+        .read_buffer_size(LINK_BUFFER)
+        .write_buffer_size(LINK_BUFFER)
         .on_upgrade(move |socket| async move {
             let _permit = permit;
             serve(socket, app, addr, admission, wants_standby).await
@@ -463,22 +470,87 @@ async fn writer(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut world = state.subscribe();
     let mut sent: Option<Assigned> = None;
-    let mut routed: Option<bramble_api::endpoints::Table> = None;
+    let mut routed: Option<Arc<bramble_api::endpoints::Table>> = None;
     let mut volumes_changed = state.live.volumes_changed();
+    // Whether the snapshot or the volume reports changed since the task set and the
+    // endpoints were last computed. Only then are they computed again: pings and
+    // requests go out every heartbeat, and recomputing a node's share of the whole
+    // cluster for each of them made the controller's work at rest grow with nodes ×
+    // tasks × heartbeat rate.
+    let mut dirty = true;
+    let link = Link {
+        state: &state,
+        vault: &vault,
+        node: &node,
+    };
     loop {
-        // The task set first, whenever the snapshot or the volume reports have changed
-        // (and at the start).
-        let snap = world.borrow_and_update().clone();
-        volumes_changed.borrow_and_update();
-        let duties = copy_duties(&state, &snap);
-        let mut tasks = reconcile::assignments(&snap, &node, vault.as_ref());
+        if dirty {
+            dirty = false;
+            let snap = world.borrow_and_update().clone();
+            volumes_changed.borrow_and_update();
+            if !link
+                .send_changes(&snap, &mut sent, &mut routed, &mut sink)
+                .await
+            {
+                break;
+            }
+        }
+        let frame = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => Message::Text(wire::encode(&m).into()),
+                // The connection was replaced or dropped (all senders gone).
+                None => break,
+            },
+            _ = ping.tick() => Message::Ping(Default::default()),
+            r = world.changed() => match r {
+                Ok(()) => {
+                    dirty = true;
+                    continue;
+                }
+                Err(_) => break,
+            },
+            r = volumes_changed.changed() => match r {
+                Ok(()) => {
+                    dirty = true;
+                    continue;
+                }
+                Err(_) => break,
+            },
+        };
+        if sink.send(frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// One node's leader link, as its writer sees it.
+struct Link<'a> {
+    state: &'a ClusterState,
+    vault: &'a Vault,
+    node: &'a str,
+}
+
+impl Link<'_> {
+    /// Sends the node its task set and the endpoints table of `snap` if they differ
+    /// from what it was last sent (`sent`, `routed`); false when the link is gone.
+    async fn send_changes(
+        &self,
+        snap: &crate::core::Snapshot,
+        sent: &mut Option<Assigned>,
+        routed: &mut Option<Arc<bramble_api::endpoints::Table>>,
+        sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    ) -> bool {
+        let (state, vault, node) = (self.state, self.vault, self.node);
+        let duties = copy_duties(state, snap);
+        let mut tasks = reconcile::assignments(snap, node, vault);
         for a in &mut tasks {
             a.sync_to = duties.sync_to.get(&a.task).cloned().unwrap_or_default();
             a.restore_from = duties.restore_from.get(&a.task).cloned();
         }
         let set = Assigned {
             tasks,
-            standby: duties.standby.get(&node).cloned().unwrap_or_default(),
+            standby: duties.standby.get(node).cloned().unwrap_or_default(),
             epochs: duties.epochs,
         };
         if sent.as_ref() != Some(&set) {
@@ -489,43 +561,24 @@ async fn writer(
                 epochs: set.epochs.clone(),
             });
             if sink.send(Message::Text(frame.into())).await.is_err() {
-                break;
+                return false;
             }
             tracing::debug!(node = %node, revision = snap.revision, tasks = set.tasks.len(), "task set sent");
-            sent = Some(set);
+            *sent = Some(set);
         }
-        let table = endpoints::table(&snap, bramble_api::endpoints::DEFAULT_RANGE);
+        let table = state.routes(snap);
         if routed.as_ref() != Some(&table) {
             let frame = wire::encode(&ControllerMessage::Endpoints {
                 revision: snap.revision,
-                table: table.clone(),
+                table: (*table).clone(),
             });
             if sink.send(Message::Text(frame.into())).await.is_err() {
-                break;
+                return false;
             }
-            routed = Some(table);
+            *routed = Some(table);
         }
-        let frame = tokio::select! {
-            m = rx.recv() => match m {
-                Some(m) => Message::Text(wire::encode(&m).into()),
-                // The connection was replaced or dropped (all senders gone).
-                None => break,
-            },
-            _ = ping.tick() => Message::Ping(Default::default()),
-            r = world.changed() => match r {
-                Ok(()) => continue,
-                Err(_) => break,
-            },
-            r = volumes_changed.changed() => match r {
-                Ok(()) => continue,
-                Err(_) => break,
-            },
-        };
-        if sink.send(frame).await.is_err() {
-            break;
-        }
+        true
     }
-    let _ = sink.close().await;
 }
 
 /// Writes a node's reports in order, each until it is written, while the connection

@@ -138,6 +138,9 @@ pub struct State {
     /// When a quorum read of the store's revision was last sent that the snapshot has
     /// caught up with since: the snapshot holds every commit completed before then.
     fresh: Mutex<Option<Instant>>,
+    /// The endpoints table of the newest snapshot asked for, by its revision: every
+    /// agent link sends the same one, so it is computed and held once, not per node.
+    routes: Mutex<Option<(u64, Arc<bramble_api::endpoints::Table>)>>,
     /// Node health and links, in memory.
     pub live: live::Live,
     /// Node metrics history, in memory.
@@ -282,6 +285,7 @@ impl State {
             ids: AtomicU64::new(1),
             reflector: Mutex::new(None),
             fresh: Mutex::new(None),
+            routes: Mutex::new(None),
             live: live::Live::new(health),
             history: history::History::default(),
             logs: logs::LogStreams::default(),
@@ -302,6 +306,23 @@ impl State {
     /// The newest snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.world.borrow().clone()
+    }
+
+    /// The endpoints table of `snap` ([`crate::core::endpoints::table`]), computed once
+    /// per snapshot revision for all the agent links.
+    pub fn routes(&self, snap: &Snapshot) -> Arc<bramble_api::endpoints::Table> {
+        let mut cached = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some((rev, table)) if *rev == snap.revision => Arc::clone(table),
+            _ => {
+                let table = Arc::new(crate::core::endpoints::table(
+                    snap,
+                    bramble_api::endpoints::DEFAULT_RANGE,
+                ));
+                *cached = Some((snap.revision, Arc::clone(&table)));
+                table
+            }
+        }
     }
 
     /// Snapshots as they change (for loops and agent links that act on every change).
