@@ -97,6 +97,23 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The task it is for.
+    pub fn task(&self) -> &str {
+        match self {
+            Action::Create { assignment } => &assignment.task,
+            Action::Start { task, .. }
+            | Action::Restart { task, .. }
+            | Action::Stop { task, .. }
+            | Action::Remove { task, .. }
+            | Action::ReportRemoved { task }
+            | Action::GiveUp { task, .. }
+            | Action::Wait { task, .. } => task,
+            Action::Report { status } => &status.task,
+        }
+    }
+}
+
 /// Why a container is removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemoveReason {

@@ -52,6 +52,8 @@ struct LaneOutcome<'a> {
     wake: Option<DateTime<Utc>>,
     /// Containers it stopped or removed.
     touched: Vec<&'a str>,
+    /// The tasks its actions were for.
+    tasks: Vec<&'a str>,
     /// Each action's index, outcome and when it ended, for the restart history.
     done: Vec<(usize, Result<(), Failure>, DateTime<Utc>)>,
 }
@@ -373,12 +375,24 @@ impl<R: Engine> Supervisor<R> {
         // Independent actions run side by side (see `lanes`); the history takes their
         // outcomes afterwards, in plan order, as if they had run one by one.
         let this = &*self;
-        let outcomes: Vec<LaneOutcome<'_>> =
-            futures_util::stream::iter(lanes(&actions, desired, &observed))
-                .map(|lane| this.lane(lane, &actions, &wallets, &completing, latest))
-                .buffer_unordered(MAX_PARALLEL)
-                .collect()
-                .await;
+        let all = lanes(&actions, desired, &observed);
+        let count = all.len();
+        let mut running = futures_util::stream::iter(all)
+            .map(|lane| this.lane(lane, &actions, &wallets, &completing, latest))
+            .buffer_unordered(MAX_PARALLEL);
+        let mut outcomes: Vec<LaneOutcome<'_>> = Vec::with_capacity(count);
+        while let Some(o) = running.next().await {
+            let acted = o.acted;
+            outcomes.push(o);
+            // A lane that started something while others still run (a container
+            // taking its stop grace): its new state is reported now, not when the
+            // slowest lane is done.
+            if acted && outcomes.len() < count {
+                this.report_early(desired, fenced, &actions, &outcomes, &completing)
+                    .await;
+            }
+        }
+        drop(running);
         let mut acted = false;
         let mut wake: Option<DateTime<Utc>> = None;
         // Containers stopped or removed in this round: they get no prober.
@@ -418,6 +432,41 @@ impl<R: Engine> Supervisor<R> {
         Ok((acted, wake))
     }
 
+    /// Reports the states of the tasks of the lanes done so far (`done`), as the next
+    /// round would: observed afresh, planned with their outcomes in the history.
+    async fn report_early(
+        &self,
+        desired: &[Assignment],
+        fenced: bool,
+        actions: &[Action],
+        done: &[LaneOutcome<'_>],
+        completing: &HashSet<&str>,
+    ) {
+        let Ok(observed) = self.runtime.list().await else {
+            // The round's end observes again and reports.
+            return;
+        };
+        let mut tracker = self.tracker.clone();
+        let mut tasks: HashSet<&str> = HashSet::new();
+        let mut results: Vec<&(usize, Result<(), Failure>, DateTime<Utc>)> =
+            done.iter().flat_map(|o| o.done.iter()).collect();
+        results.sort_by_key(|(i, _, _)| *i);
+        for (i, outcome, at) in results {
+            tracker.apply(&actions[*i], outcome.clone(), *at);
+        }
+        for o in done {
+            tasks.extend(o.tasks.iter().copied());
+        }
+        for action in plan(desired, &observed, &tracker, Utc::now(), fenced) {
+            if let Action::Report { status } = action {
+                if tasks.contains(status.task.as_str()) {
+                    self.report(&status, completing.contains(status.task.as_str()))
+                        .await;
+                }
+            }
+        }
+    }
+
     /// Runs one lane's actions (indexes into `actions`) one after another.
     async fn lane<'a>(
         &self,
@@ -431,6 +480,7 @@ impl<R: Engine> Supervisor<R> {
         let mut not_removed: HashSet<&str> = HashSet::new();
         for i in lane {
             let action = &actions[i];
+            out.tasks.push(action.task());
             let wallet_start = match action {
                 Action::Create { assignment } => assignment.kind == Kind::Wallet,
                 Action::Start { task, .. } | Action::Restart { task, .. } => {
@@ -932,7 +982,7 @@ mod tests {
         let free = assignment("web-0", Kind::Service);
         let same_port = port(assignment("api-0", Kind::Service), 8080);
         let new_wallet = assignment("coin-1", Kind::Wallet);
-        let (mut sup, _rx) = supervisor(&fake);
+        let (mut sup, mut rx) = supervisor(&fake);
         let tasks = [free.clone(), same_port.clone(), new_wallet.clone()];
 
         sup.round(&tasks, false, &desired(&tasks, false))
@@ -954,6 +1004,19 @@ mod tests {
         assert!(
             removed(&old_wallet) < created(&new_wallet),
             "a Wallet's old container is gone before its new one starts: {calls:?}"
+        );
+        let msgs = sent(&mut rx);
+        let running = msgs
+            .iter()
+            .position(|m| matches!(m, AgentMessage::Status { status } if status.task == free.task && status.phase == TaskPhase::Running))
+            .expect("the free task is reported Running");
+        let gone = msgs
+            .iter()
+            .position(|m| matches!(m, AgentMessage::Removed { task } if task == "old-0"))
+            .expect("the old task is reported removed");
+        assert!(
+            running < gone,
+            "a started task is reported Running without waiting for the slow stop: {msgs:?}"
         );
     }
 
