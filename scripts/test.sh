@@ -72,6 +72,12 @@ fi
 cargo test --workspace --locked --no-fail-fast "$@"
 
 disk
+step "fuzz: every target for ${BRAMBLE_FUZZ_SECS:-10} s (scripts/fuzz.sh)"
+# A short bounded run: it catches what a change breaks in the parsers; the long runs
+# (scripts/fuzz.sh --runs 10000000) are for a bench session.
+scripts/fuzz.sh --secs "${BRAMBLE_FUZZ_SECS:-10}"
+
+disk
 if [ "${BRAMBLE_FREE_DISK:-0}" = 1 ]; then
     # Everything but the built binaries, which the Arm step's host controller reuses.
     rm -rf target/debug/deps target/debug/build target/debug/incremental target/debug/.fingerprint target/debug/examples
