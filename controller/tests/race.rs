@@ -128,8 +128,9 @@ async fn delete(state: &State, i: usize) {
 /// Both reconcilers, interleaved, `rounds` times. Errors are part of the race (a lost
 /// commit is redone on the next pass), never a loss.
 async fn race(a: &State, b: &State, rounds: usize) {
+    let (sa, sb) = (Default::default(), Default::default());
     for _ in 0..rounds {
-        let (ra, rb) = tokio::join!(reconcile::pass(a), reconcile::pass(b));
+        let (ra, rb) = tokio::join!(reconcile::pass(a, &sa), reconcile::pass(b, &sb));
         let _ = (ra, rb);
     }
 }

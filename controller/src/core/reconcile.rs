@@ -28,7 +28,7 @@ pub const GIVE_UP_BACKOFF: Backoff = Backoff::new(Duration::from_secs(5), Durati
 pub const GIVE_UP_FORGOTTEN_AFTER: Duration = Duration::from_secs(600);
 
 /// A node as the reconciler sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeState {
     /// What the agent reported.
     pub info: NodeInfo,
@@ -42,6 +42,30 @@ pub struct NodeState {
     /// goes where the newest data of its volumes is, if it fits (see
     /// [`super::volumes::holders`]).
     pub volumes: Vec<bramble_api::wire::VolumeReport>,
+}
+
+/// The inputs of a pass that changed nothing and waits for no instant (see
+/// [`settled`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settled {
+    /// The snapshot's revision.
+    pub revision: u64,
+    /// The nodes as the pass saw them.
+    pub nodes: Vec<NodeState>,
+}
+
+/// Whether [`change`] over `snap` and `nodes` would again change nothing, because the
+/// last pass (`last`) saw the same snapshot and nodes, changed nothing, and no task
+/// waits for a node (only such a task's give-up back-off and run deadline depend on the
+/// clock). A controller at rest is woken often (a heartbeat moves each node's health
+/// thresholds); this keeps those wake-ups from re-planning every task.
+pub fn settled(last: Option<&Settled>, snap: &Snapshot, nodes: &[NodeState]) -> bool {
+    last.is_some_and(|l| l.revision == snap.revision && l.nodes == nodes)
+        && !snap.tasks.values().any(|t| {
+            t.value.node.is_none()
+                && t.value.desired == DesiredState::Running
+                && !t.value.phase.is_terminal()
+        })
 }
 
 /// One store write: put `value` at task `id` if its revision is still `rev` (0 = absent),
@@ -1234,6 +1258,50 @@ mod tests {
             &crate::core::secrets::tests::Mirror,
         );
         assert_eq!(set[0].epoch, Some(71));
+    }
+
+    #[test]
+    fn a_settled_pass_is_skipped_only_while_nothing_it_reads_has_changed() {
+        let ws = vec![service("web", 2, "nginx:1")];
+        let nodes = vec![node("n1"), node("n2")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        let snap = snapshot_of(&ws, &tasks);
+        assert!(
+            change(&snap, &nodes, Utc::now()).0.is_empty(),
+            "placed: nothing to do"
+        );
+        let last = Settled {
+            revision: snap.revision,
+            nodes: nodes.clone(),
+        };
+        assert!(!settled(None, &snap, &nodes), "no pass yet");
+        assert!(settled(Some(&last), &snap, &nodes));
+
+        let mut suspect = nodes.clone();
+        suspect[1].status = NodeStatus::NotReady;
+        assert!(
+            !settled(Some(&last), &snap, &suspect),
+            "a node's health changed"
+        );
+        let mut fenced = nodes.clone();
+        fenced[0].wallets_fenced = true;
+        assert!(!settled(Some(&last), &snap, &fenced));
+        let other = Settled {
+            revision: snap.revision + 1,
+            nodes: nodes.clone(),
+        };
+        assert!(!settled(Some(&other), &snap, &nodes), "the store changed");
+
+        // A task waiting for a node depends on the clock (back-off, deadline).
+        let mut waiting = tasks.clone();
+        waiting[0].value.node = None;
+        let snap = snapshot_of(&ws, &waiting);
+        let last = Settled {
+            revision: snap.revision,
+            nodes: nodes.clone(),
+        };
+        assert!(!settled(Some(&last), &snap, &nodes));
     }
 
     fn snapshot_of(ws: &[StoredWorkload], tasks: &[Versioned<Task>]) -> Snapshot {

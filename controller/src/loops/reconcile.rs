@@ -18,6 +18,10 @@ use crate::state::{self, Outcome, Scope, State};
 
 use super::Runner;
 
+/// The endpoints table whose transitions were last announced, with its snapshot's
+/// revision.
+type Announced = Option<(u64, Arc<Table>)>;
+
 /// Runs reconcile passes until `stop`.
 pub async fn run(state: Arc<State>, resync: Duration, stop: watch::Receiver<bool>) {
     let runner = Runner {
@@ -26,13 +30,15 @@ pub async fn run(state: Arc<State>, resync: Duration, stop: watch::Receiver<bool
         leader_only: true,
     };
     let s = Arc::clone(&state);
-    let last: Arc<Mutex<Option<Table>>> = Arc::default();
+    let last: Arc<Mutex<Announced>> = Arc::default();
+    let settled: Arc<Mutex<Option<reconcile::Settled>>> = Arc::default();
     runner
         .run(state, stop, move || {
             let s = Arc::clone(&s);
             let last = Arc::clone(&last);
+            let settled = Arc::clone(&settled);
             async move {
-                let next = pass(&s).await?;
+                let next = pass(&s, &settled).await?;
                 addresses(&s, &last).await?;
                 Ok::<_, state::Error>(next)
             }
@@ -41,9 +47,18 @@ pub async fn run(state: Arc<State>, resync: Duration, stop: watch::Receiver<bool
 }
 
 /// Gives new workloads their addresses, and records a workload losing its last Ready
-/// instance (or getting one back) since the previous pass of this leader.
-async fn addresses(state: &State, last: &Mutex<Option<Table>>) -> Result<(), state::Error> {
+/// instance (or getting one back) since the previous pass of this leader. Nothing to
+/// do for a snapshot it has seen (`last` holds its revision).
+async fn addresses(state: &State, last: &Mutex<Announced>) -> Result<(), state::Error> {
     let snap = state.snapshot();
+    let seen = last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|(rev, _)| *rev == snap.revision);
+    if seen {
+        return Ok(());
+    }
     let (change, waiting) = endpoints::allocate(&snap, RANGE);
     if waiting > 0 {
         tracing::warn!(waiting, range = %RANGE, "the workload address range is full: some workloads get no address (and no name) until others are deleted");
@@ -52,17 +67,18 @@ async fn addresses(state: &State, last: &Mutex<Option<Table>>) -> Result<(), sta
         // A conflict (an apply in between) is redone by the pass its commit wakes.
         state.commit(change, Scope::Leader).await?;
     }
-    let table = endpoints::table(&snap, RANGE);
+    let table = state.routes(&snap);
     let before = last
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .replace(table.clone());
+        .replace((snap.revision, Arc::clone(&table)))
+        .map(|(_, t)| t);
     if let Some(before) = before {
         let drafts = endpoints::transitions(&before, &table);
         if !drafts.is_empty() {
             if let Err(e) = state.commit(Change::events(drafts), Scope::Leader).await {
-                // Said again on the next pass.
-                *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(before);
+                // Said again on the next pass (which the old revision lets run).
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((0, before));
                 return Err(e);
             }
         }
@@ -70,8 +86,12 @@ async fn addresses(state: &State, last: &Mutex<Option<Table>>) -> Result<(), sta
     Ok(())
 }
 
-/// One pass; returns when the next one is due at the latest.
-pub async fn pass(state: &State) -> Result<Option<Instant>, state::Error> {
+/// One pass; returns when the next one is due at the latest. `settled` remembers the
+/// inputs of the last pass that changed nothing (see [`reconcile::settled`]).
+pub async fn pass(
+    state: &State,
+    settled: &Mutex<Option<reconcile::Settled>>,
+) -> Result<Option<Instant>, state::Error> {
     let mut again = suspect(state).await?;
     let snap = state.snapshot();
     let reports = state.live.volumes();
@@ -109,7 +129,20 @@ pub async fn pass(state: &State) -> Result<Option<Instant>, state::Error> {
     }
 
     let now = Utc::now();
-    let (changes, retry_at) = reconcile::change(&snap, &nodes, now);
+    let mut memo = settled.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (changes, retry_at) = if reconcile::settled(memo.as_ref(), &snap, &nodes) {
+        (Vec::new(), None)
+    } else {
+        memo = None;
+        reconcile::change(&snap, &nodes, now)
+    };
+    if changes.is_empty() && retry_at.is_none() {
+        *settled.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(memo.unwrap_or(reconcile::Settled {
+                revision: snap.revision,
+                nodes: nodes.clone(),
+            }));
+    }
     for change in changes {
         let writes = change.writes.len();
         match state.commit(change, Scope::Leader).await? {
