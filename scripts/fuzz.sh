@@ -7,7 +7,7 @@
 #   --secs N   each target for N seconds (default 60)
 #   --runs N   each target for N executions (10000000 for the full run)
 #
-# Needs the nightly toolchain and cargo-fuzz; installs them when missing. A crash, a
+# Needs cargo-fuzz (installed from crates.io when missing). A crash, a
 # timeout (10 s for one input), or an input that makes the parser use more than 512 MiB
 # stops the run: the input is kept under fuzz/artifacts/TARGET/ and must become a
 # regression test next to the parser it broke. Corpora grow under fuzz/corpus/ (not
@@ -28,10 +28,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    echo "installing the nightly toolchain (cargo fuzz needs it)"
-    rustup toolchain install nightly --profile minimal
-fi
+# cargo fuzz passes rustc unstable flags (-Zsanitizer=address and others). The
+# machines that build Bramble have one toolchain, a stable one, and no other can be
+# fetched: RUSTC_BOOTSTRAP lets that one accept them. Only this script's builds see it,
+# in their own target directory (fuzz/target); the product never does.
+export RUSTC_BOOTSTRAP=1
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     echo "installing cargo-fuzz"
     cargo install cargo-fuzz --locked
@@ -41,9 +42,9 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 
 # One build for all targets: the instrumented bramble-api and its dependencies.
-cargo +nightly fuzz build --fuzz-dir fuzz -O --debug-assertions "${targets[@]:0:1}" >/dev/null
+cargo fuzz build --fuzz-dir fuzz -O --debug-assertions "${targets[@]:0:1}" >/dev/null
 for t in "${targets[@]:1}"; do
-    cargo +nightly fuzz build --fuzz-dir fuzz -O --debug-assertions "$t" >/dev/null
+    cargo fuzz build --fuzz-dir fuzz -O --debug-assertions "$t" >/dev/null
 done
 
 limit=(-max_total_time="$secs")
@@ -57,7 +58,7 @@ for t in "${targets[@]}"; do
     # 64 KiB inputs: manifests and frames larger than any seed, without making each
     # run slow; -rss_limit_mb and -malloc_limit_mb turn an outsized allocation into a
     # failure instead of a swapping machine.
-    if cargo +nightly fuzz run --fuzz-dir fuzz -O --debug-assertions "$t" "$corpus" "fuzz/seeds/$t" -- \
+    if cargo fuzz run --fuzz-dir fuzz -O --debug-assertions "$t" "$corpus" "fuzz/seeds/$t" -- \
         "${limit[@]}" -max_len=65536 -timeout=10 -rss_limit_mb=512 -malloc_limit_mb=512 \
         -print_final_stats=1 >"$log" 2>&1; then
         status=ok

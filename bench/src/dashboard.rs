@@ -20,7 +20,34 @@ async fn get_len(http: &reqwest::Client, url: &str) -> Result<usize> {
     Ok(r.bytes().await?.len())
 }
 
-async fn store_writes(c: &Controller) -> Result<u64> {
+/// Opens the dashboard's stream as the admin; the response, the size of its opening
+/// snapshot event and the bytes of live updates read with it.
+pub(crate) async fn open_stream(
+    http: &reqwest::Client,
+    base: &str,
+) -> Result<(reqwest::Response, usize, u64)> {
+    let mut stream = http
+        .get(format!("{base}/v1/stream"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?;
+    if !stream.status().is_success() {
+        bail!("GET /v1/stream: {}", stream.status());
+    }
+    // The snapshot is the first event; everything after it is live updates.
+    let mut pending = Vec::new();
+    let snapshot = loop {
+        let chunk = stream.chunk().await?.context("the stream ended early")?;
+        pending.extend_from_slice(&chunk);
+        if let Some(i) = pending.windows(2).position(|w| w == b"\n\n") {
+            break i + 2;
+        }
+    };
+    let live = (pending.len() - snapshot) as u64;
+    Ok((stream, snapshot, live))
+}
+
+pub(crate) async fn store_writes(c: &Controller) -> Result<u64> {
     c.get("/v1/status").await?["storeWrites"]
         .as_u64()
         .context("storeWrites in /v1/status")
@@ -63,24 +90,7 @@ pub async fn dashboard(minutes: u64, nodes: usize) -> Result<()> {
     let js = get_len(&http, &format!("{base}/dashboard/app.js")).await?;
     let css = get_len(&http, &format!("{base}/dashboard/style.css")).await?;
 
-    let mut stream = http
-        .get(format!("{base}/v1/stream"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await?;
-    if !stream.status().is_success() {
-        bail!("GET /v1/stream: {}", stream.status());
-    }
-    // The snapshot is the first event; everything after it is live updates.
-    let mut pending = Vec::new();
-    let snapshot = loop {
-        let chunk = stream.chunk().await?.context("the stream ended early")?;
-        pending.extend_from_slice(&chunk);
-        if let Some(i) = pending.windows(2).position(|w| w == b"\n\n") {
-            break i + 2;
-        }
-    };
-    let mut live_bytes = (pending.len() - snapshot) as u64;
+    let (mut stream, snapshot, mut live_bytes) = open_stream(&http, &base).await?;
     let writes_before = store_writes(&c).await?;
     let rss_open = harness::rss_bytes(pid).context("controller RSS")?;
     let mut rss_max = rss_open;

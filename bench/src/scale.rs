@@ -17,11 +17,12 @@ use bramble_api::health::ContainerUsage;
 use bramble_api::task::TaskPhase;
 use bramble_api::token::JoinToken;
 use bramble_api::wire::{self, AgentMessage, ControllerMessage, NodeMetrics, TaskStatus};
-use bramble_tests::harness::{self, Controller, ControllerOpts, ADMIN_TOKEN};
+use bramble_tests::harness::{self, Controller, ControllerOpts};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::dashboard::store_writes;
 use crate::link::{cpu_seconds, join, tls_config, Ws};
 use crate::{mib, rerun};
 
@@ -162,12 +163,6 @@ async fn agent(
     Ok(())
 }
 
-async fn store_writes(c: &Controller) -> Result<u64> {
-    c.get("/v1/status").await?["storeWrites"]
-        .as_u64()
-        .context("storeWrites in /v1/status")
-}
-
 async fn count_ready(c: &Controller) -> Result<usize> {
     let nodes = c.get("/v1/nodes").await?;
     Ok(nodes
@@ -202,24 +197,8 @@ async fn window(
     let mut live = None;
     let mut bytes = 0u64;
     if stream {
-        let mut s = http
-            .get(format!("{}/v1/stream", c.url()))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await?;
-        if !s.status().is_success() {
-            bail!("GET /v1/stream: {}", s.status());
-        }
-        // Everything after the opening snapshot is live updates.
-        let mut pending = Vec::new();
-        let snapshot = loop {
-            let chunk = s.chunk().await?.context("the stream ended early")?;
-            pending.extend_from_slice(&chunk);
-            if let Some(i) = pending.windows(2).position(|w| w == b"\n\n") {
-                break i + 2;
-            }
-        };
-        bytes = (pending.len() - snapshot) as u64;
+        let (s, _, live_bytes) = crate::dashboard::open_stream(&http, &c.url()).await?;
+        bytes = live_bytes;
         live = Some(s);
     }
     let writes0 = store_writes(c).await?;
