@@ -131,9 +131,10 @@ enum What {
         /// Tasks (rounded up to tens).
         #[arg(long, default_value_t = 1000)]
         tasks: usize,
-        /// The controller's heartbeat interval (its `--heartbeat`).
-        #[arg(long, default_value = "250ms")]
-        heartbeat: String,
+        /// The controller's heartbeat interval in milliseconds; its health thresholds
+        /// keep their default ratios to it.
+        #[arg(long, default_value_t = 250)]
+        heartbeat_ms: u64,
         /// Seconds measured at rest, without and then with a dashboard stream.
         #[arg(long, default_value_t = 30)]
         secs: u64,
@@ -647,9 +648,9 @@ async fn main() -> Result<()> {
         What::Scale {
             nodes,
             tasks,
-            heartbeat,
+            heartbeat_ms,
             secs,
-        } => scale::scale(nodes, tasks, &heartbeat, secs).await?,
+        } => scale::scale(nodes, tasks, heartbeat_ms, secs).await?,
         What::Dashboard { minutes, nodes } => dashboard::dashboard(minutes, nodes).await?,
         What::EtcdRest { minutes, nodes } => ha::etcd_rest(minutes, nodes).await?,
         What::LeaderKill { rounds, power_offs } => ha::leader_kill(rounds, power_offs).await?,

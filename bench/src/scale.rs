@@ -247,12 +247,26 @@ async fn window(
 /// Runs the benchmark: `nodes` simulated agents heartbeating every `heartbeat`, `tasks`
 /// tasks (Services of ten replicas) on them, then `secs` at rest without and `secs`
 /// with a dashboard stream open.
-pub async fn scale(nodes: usize, tasks: usize, heartbeat: &str, secs: u64) -> Result<()> {
+pub async fn scale(nodes: usize, tasks: usize, heartbeat_ms: u64, secs: u64) -> Result<()> {
+    // The defaults' ratios to the 250 ms heartbeat: NotReady after 4, Dead after 8, the
+    // fence and its margin 6 heartbeats.
+    let ms = |n: u64| format!("{}ms", heartbeat_ms * n);
+    let args = [
+        ("--heartbeat", ms(1)),
+        ("--node-not-ready-after", ms(4)),
+        ("--node-dead-after", ms(8)),
+        ("--fence-timeout", ms(6)),
+        ("--fence-margin", ms(6)),
+    ];
     let c = Controller::start(ControllerOpts {
         local_node: None,
-        args: vec!["--heartbeat".into(), heartbeat.into()],
+        args: args
+            .iter()
+            .flat_map(|(k, v)| [k.to_string(), v.clone()])
+            .collect(),
     })
     .await?;
+    let heartbeat = ms(1);
     let pid = c.pid().context("controller pid")?;
     let addr = format!("127.0.0.1:{}", c.port);
     let tls = tls_config(&c)?;
@@ -368,7 +382,7 @@ pub async fn scale(nodes: usize, tasks: usize, heartbeat: &str, secs: u64) -> Re
         }
     }
     rerun(&format!(
-        "scale --nodes {nodes} --tasks {tasks} --heartbeat {heartbeat} --secs {secs}"
+        "scale --nodes {nodes} --tasks {tasks} --heartbeat-ms {heartbeat_ms} --secs {secs}"
     ));
     Ok(())
 }
