@@ -341,6 +341,14 @@ pub enum Protocol {
     Udp,
 }
 
+impl Port {
+    /// The host port it binds, as `PORT/PROTOCOL` (`8080/tcp`); None when it is not
+    /// published on the host.
+    pub fn host_binding(&self) -> Option<String> {
+        self.host.map(|h| format!("{h}/{}", self.protocol.as_str()))
+    }
+}
+
 impl Protocol {
     fn is_tcp(&self) -> bool {
         *self == Protocol::Tcp

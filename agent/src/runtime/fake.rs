@@ -175,7 +175,7 @@ impl Fake {
                 .spec
                 .ports
                 .iter()
-                .filter_map(|p| p.host.map(|h| format!("{h}/{}", p.protocol.as_str())))
+                .filter_map(|p| p.host_binding())
                 .collect(),
             exit_code: None,
             oom_killed: false,

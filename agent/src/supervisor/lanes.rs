@@ -33,10 +33,7 @@ enum Key<'a> {
 
 /// The host ports a task's spec binds, as `PORT/PROTOCOL`.
 fn spec_ports(a: &Assignment) -> impl Iterator<Item = String> + '_ {
-    a.spec
-        .ports
-        .iter()
-        .filter_map(|p| p.host.map(|h| format!("{h}/{}", p.protocol.as_str())))
+    a.spec.ports.iter().filter_map(|p| p.host_binding())
 }
 
 /// Everything `action` touches.
