@@ -58,6 +58,17 @@ struct LaneOutcome<'a> {
     done: Vec<(usize, Result<(), Failure>, DateTime<Utc>)>,
 }
 
+/// Folds the outcomes of `lanes` into `tracker` in plan order, as if their actions had
+/// run one by one.
+fn fold(tracker: &mut RestartTracker, actions: &[Action], lanes: &[LaneOutcome<'_>]) {
+    let mut done: Vec<&(usize, Result<(), Failure>, DateTime<Utc>)> =
+        lanes.iter().flat_map(|o| o.done.iter()).collect();
+    done.sort_by_key(|(i, _, _)| *i);
+    for (i, outcome, at) in done {
+        tracker.apply(&actions[*i], outcome.clone(), *at);
+    }
+}
+
 /// The last status sent per task, shared between the supervisor and its observers.
 type Sent = Arc<Mutex<HashMap<String, TaskStatus>>>;
 
@@ -393,22 +404,17 @@ impl<R: Engine> Supervisor<R> {
             }
         }
         drop(running);
+        fold(&mut self.tracker, &actions, &outcomes);
         let mut acted = false;
         let mut wake: Option<DateTime<Utc>> = None;
         // Containers stopped or removed in this round: they get no prober.
         let mut touched: HashSet<&str> = HashSet::new();
-        let mut done = Vec::with_capacity(actions.len());
         for o in outcomes {
             acted |= o.acted;
             if let Some(w) = o.wake {
                 wake = Some(wake.map_or(w, |x| x.min(w)));
             }
             touched.extend(o.touched);
-            done.extend(o.done);
-        }
-        done.sort_by_key(|(i, _, _)| *i);
-        for (i, outcome, at) in done {
-            self.tracker.apply(&actions[i], outcome, at);
         }
 
         // Tasks reported earlier that are neither assigned nor in Docker any more (e.g.
@@ -447,16 +453,8 @@ impl<R: Engine> Supervisor<R> {
             return;
         };
         let mut tracker = self.tracker.clone();
-        let mut tasks: HashSet<&str> = HashSet::new();
-        let mut results: Vec<&(usize, Result<(), Failure>, DateTime<Utc>)> =
-            done.iter().flat_map(|o| o.done.iter()).collect();
-        results.sort_by_key(|(i, _, _)| *i);
-        for (i, outcome, at) in results {
-            tracker.apply(&actions[*i], outcome.clone(), *at);
-        }
-        for o in done {
-            tasks.extend(o.tasks.iter().copied());
-        }
+        fold(&mut tracker, actions, done);
+        let tasks: HashSet<&str> = done.iter().flat_map(|o| o.tasks.iter().copied()).collect();
         for action in plan(desired, &observed, &tracker, Utc::now(), fenced) {
             if let Action::Report { status } = action {
                 if tasks.contains(status.task.as_str()) {
