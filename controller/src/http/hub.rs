@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -566,16 +566,14 @@ impl Link<'_> {
             tracing::debug!(node = %node, revision = snap.revision, tasks = set.tasks.len(), "task set sent");
             *sent = Some(set);
         }
-        let table = state.routes(snap);
-        if routed.as_ref() != Some(&table) {
-            let frame = wire::encode(&ControllerMessage::Endpoints {
-                revision: snap.revision,
-                table: (*table).clone(),
-            });
-            if sink.send(Message::Text(frame.into())).await.is_err() {
+        let routes = state.routes(snap);
+        if routed.as_ref() != Some(&routes.table) {
+            // Encoded once for every link (see `State::routes`).
+            let frame = Utf8Bytes::try_from(routes.frame).expect("an encoded frame is UTF-8");
+            if sink.send(Message::Text(frame)).await.is_err() {
                 return false;
             }
-            *routed = Some(table);
+            *routed = Some(routes.table);
         }
         true
     }

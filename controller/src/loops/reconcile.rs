@@ -67,7 +67,7 @@ async fn addresses(state: &State, last: &Mutex<Announced>) -> Result<(), state::
         // A conflict (an apply in between) is redone by the pass its commit wakes.
         state.commit(change, Scope::Leader).await?;
     }
-    let table = state.routes(&snap);
+    let table = state.routes(&snap).table;
     let before = last
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -119,6 +119,15 @@ pub enum Outcome {
     Conflict(u64),
 }
 
+/// A snapshot's endpoints table, and the `Endpoints` frame that sends it to agents.
+#[derive(Debug, Clone)]
+pub struct Routes {
+    /// The table.
+    pub table: Arc<bramble_api::endpoints::Table>,
+    /// [`bramble_api::wire::ControllerMessage::Endpoints`] with it, encoded.
+    pub frame: bytes::Bytes,
+}
+
 /// Everything the controller keeps, in the store and in memory.
 pub struct State {
     store: Arc<dyn Store>,
@@ -138,9 +147,10 @@ pub struct State {
     /// When a quorum read of the store's revision was last sent that the snapshot has
     /// caught up with since: the snapshot holds every commit completed before then.
     fresh: Mutex<Option<Instant>>,
-    /// The endpoints table of the newest snapshot asked for, by its revision: every
-    /// agent link sends the same one, so it is computed and held once, not per node.
-    routes: Mutex<Option<(u64, Arc<bramble_api::endpoints::Table>)>>,
+    /// The endpoints of the newest snapshot asked for, by its revision: every agent
+    /// link sends the same table, so it is computed, encoded and held once, not per
+    /// node.
+    routes: Mutex<Option<(u64, Routes)>>,
     /// Node health and links, in memory.
     pub live: live::Live,
     /// Node metrics history, in memory.
@@ -308,19 +318,26 @@ impl State {
         self.world.borrow().clone()
     }
 
-    /// The endpoints table of `snap` ([`crate::core::endpoints::table`]), computed once
-    /// per snapshot revision for all the agent links.
-    pub fn routes(&self, snap: &Snapshot) -> Arc<bramble_api::endpoints::Table> {
+    /// The endpoints of `snap` ([`crate::core::endpoints::table`]) and their frame for
+    /// the agents, computed once per snapshot revision for all the agent links.
+    pub fn routes(&self, snap: &Snapshot) -> Routes {
         let mut cached = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         match &*cached {
-            Some((rev, table)) if *rev == snap.revision => Arc::clone(table),
+            Some((rev, routes)) if *rev == snap.revision => routes.clone(),
             _ => {
-                let table = Arc::new(crate::core::endpoints::table(
-                    snap,
-                    bramble_api::endpoints::DEFAULT_RANGE,
-                ));
-                *cached = Some((snap.revision, Arc::clone(&table)));
-                table
+                let table =
+                    crate::core::endpoints::table(snap, bramble_api::endpoints::DEFAULT_RANGE);
+                let frame =
+                    bramble_api::wire::encode(&bramble_api::wire::ControllerMessage::Endpoints {
+                        revision: snap.revision,
+                        table: table.clone(),
+                    });
+                let routes = Routes {
+                    table: Arc::new(table),
+                    frame: bytes::Bytes::from(frame),
+                };
+                *cached = Some((snap.revision, routes.clone()));
+                routes
             }
         }
     }
