@@ -736,6 +736,8 @@ async fn session_at(
         tasks,
         credential: Some(bramble_api::token::Secret(shared.credential.clone())),
         standby: shared.standby,
+        // The supervisor starts a run sent ahead of its slot at the slot.
+        not_before: true,
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.send(Message::text(frame(hello))))
         .await

@@ -388,6 +388,10 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// [`Self::host_paths`] is [`Error::HostPath`], with no directory made.
     fn create_and_start(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send;
 
+    /// Creates the container of an assigned task without starting it, as
+    /// [`Self::create_and_start`] does before it starts; returns its id.
+    fn create(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send;
+
     /// Starts an existing container (again).
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
 
@@ -664,6 +668,21 @@ impl Runtime {
     /// minutes, and a link planted meanwhile must not be followed.
     #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
     pub async fn create_and_start(&self, a: &Assignment) -> Result<String> {
+        let id = self.create(a).await?;
+        if let Err(e) = self.start(&id).await {
+            if let Err(cleanup) = self.remove(&id).await {
+                warn!(container = %id, error = %error_chain(&cleanup), "cannot remove a container that failed to start");
+            }
+            return Err(e);
+        }
+        info!(container = %id, "container started");
+        Ok(id)
+    }
+
+    /// Creates the container of an assigned task, as [`Self::create_and_start`] does,
+    /// without starting it; returns its id.
+    #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
+    pub async fn create(&self, a: &Assignment) -> Result<String> {
         if let Some((var, r)) = a
             .spec
             .secret_refs()
@@ -722,15 +741,7 @@ impl Runtime {
                 name: name.clone(),
                 source,
             })?;
-        let id = created.id;
-        if let Err(e) = self.start(&id).await {
-            if let Err(cleanup) = self.remove(&id).await {
-                warn!(container = %id, error = %error_chain(&cleanup), "cannot remove a container that failed to start");
-            }
-            return Err(e);
-        }
-        info!(container = %id, "container started");
-        Ok(id)
+        Ok(created.id)
     }
 
     /// Readies managed volume `name` of `a` (see [`crate::volumes::decide`]): its
@@ -1162,6 +1173,10 @@ impl Engine for Runtime {
         Runtime::create_and_start(self, a)
     }
 
+    fn create(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send {
+        Runtime::create(self, a)
+    }
+
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send {
         Runtime::start(self, id)
     }
@@ -1561,6 +1576,7 @@ mod tests {
         };
         Assignment {
             restore_from: None,
+            not_before: None,
             sync_to: Vec::new(),
             task: "ltc-abcdef-0".into(),
             kind: Kind::Wallet,

@@ -47,6 +47,7 @@ fn assignment(task: &str, kind: Kind, args: &[&str]) -> Assignment {
     };
     Assignment {
         restore_from: None,
+        not_before: None,
         sync_to: Vec::new(),
         task: task.to_string(),
         kind,

@@ -58,6 +58,7 @@ fn spec(args: &[&str]) -> TaskSpec {
 fn assignment(task: &str, kind: Kind, spec: TaskSpec) -> Assignment {
     Assignment {
         restore_from: None,
+        not_before: None,
         sync_to: Vec::new(),
         task: task.to_string(),
         kind,

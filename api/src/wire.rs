@@ -397,6 +397,11 @@ pub struct Assignment {
     /// shipped: optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<RestoreSource>,
+    /// A CronJob's run sent ahead of its slot: the agent readies its container (image
+    /// and create) at once, and starts it at this instant, never before. Added after
+    /// protocol version 1 shipped: optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
 }
 
 /// Where the newest copy of a task's volumes is.
@@ -900,6 +905,12 @@ pub enum AgentMessage {
         /// version 1 shipped: optional.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         csr: Option<String>,
+        /// The agent starts an assignment no earlier than its
+        /// [`Assignment::not_before`]. A controller sends an agent that does not say so
+        /// (an older one) a CronJob's run only once its slot has come, as such an agent
+        /// would start it on receipt. Added after protocol version 1 shipped: optional.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        not_before: bool,
     },
     /// Periodic liveness and load.
     Heartbeat {
@@ -1182,6 +1193,7 @@ mod tests {
     /// A Raspberry Pi 3 as its agent describes itself.
     fn pi_hello() -> AgentMessage {
         AgentMessage::Hello {
+            not_before: true,
             csr: None,
             node: NodeInfo {
                 mesh: None,
@@ -1621,6 +1633,7 @@ mod tests {
             unreachable!()
         };
         let big = AgentMessage::Hello {
+            not_before: true,
             csr: None,
             node,
             tasks: (0..40)

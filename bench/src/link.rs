@@ -204,6 +204,7 @@ pub(crate) async fn join(
         tasks: vec![],
         credential: Some(Secret(format!("{:064x}", rand_u128(name)))),
         standby: false,
+        not_before: true,
     };
     ws.send(Message::text(wire::encode(&hello))).await?;
     loop {

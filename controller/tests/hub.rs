@@ -120,6 +120,7 @@ async fn hello(
 ) -> (Ws, ControllerMessage) {
     let mut ws = open(c, bearer).await.expect("upgraded");
     let hello = AgentMessage::Hello {
+        not_before: true,
         csr: None,
         node: info,
         tasks: vec![],

@@ -216,6 +216,7 @@ async fn dial(
         Err(e) => panic!("unexpected handshake failure: {e}"),
     };
     let hello = AgentMessage::Hello {
+        not_before: true,
         csr: None,
         node: node(),
         tasks: vec![],

@@ -181,3 +181,74 @@ async fn a_failing_job_is_retried_then_recorded_failed() -> Result<()> {
     assert_eq!(again.as_array().map(Vec::len), Some(3), "{again}");
     Ok(())
 }
+
+/// Docker's `Created` and `State.StartedAt` of a task's container on `node`.
+fn created_and_started(node: &str, task: &str) -> Result<Option<(String, String)>> {
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=bramble.node={node}"),
+            "--filter",
+            &format!("label=bramble.task={task}"),
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(id) = stdout.lines().next() else {
+        return Ok(None);
+    };
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.Created}} {{.State.StartedAt}}", id])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .trim()
+        .split_once(' ')
+        .map(|(c, s)| (c.to_string(), s.to_string())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slots_container_is_created_ahead_and_started_at_the_slot_never_before() -> Result<()> {
+    use bramble_tests::netns::parse_time;
+    let (c, node) = cluster("ca").await?;
+    apply(&c, &cronjob("early", "[\"exit\", \"0\"]", "Allow")).await?;
+    let runs = eventually(Duration::from_secs(40), "three runs finished", || async {
+        let tasks = c.get("/v1/tasks?workload=early").await?;
+        let done: Vec<(String, String)> = tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["phase"] == "Succeeded")
+            .filter_map(|t| {
+                Some((
+                    t["id"].as_str()?.to_string(),
+                    t["slot"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        Ok((done.len() >= 3).then_some(done))
+    })
+    .await?;
+    let mut ahead = 0;
+    for (task, slot) in &runs {
+        let (created, started) = created_and_started(&node, task)?
+            .ok_or_else(|| anyhow::anyhow!("no container for {task}"))?;
+        let when = |s: &str| parse_time(s).ok_or_else(|| anyhow::anyhow!("bad time {s}"));
+        let (slot_at, created_at, started_at) = (when(slot)?, when(&created)?, when(&started)?);
+        assert!(
+            started_at >= slot_at,
+            "{task} started at {started}, before its slot {slot}"
+        );
+        if created_at < slot_at {
+            ahead += 1;
+        }
+    }
+    // Made ahead unless the machine was too slow to create it within the lead (2 s).
+    assert!(
+        ahead * 3 >= runs.len() * 2,
+        "only {ahead} of {} containers were made ahead of their slot: {runs:?}",
+        runs.len()
+    );
+    Ok(())
+}

@@ -94,6 +94,7 @@ pub(crate) fn assignment(task: &str, kind: Kind) -> Assignment {
     };
     Assignment {
         restore_from: None,
+        not_before: None,
         sync_to: Vec::new(),
         task: task.into(),
         kind,
@@ -268,7 +269,8 @@ impl Fake {
         Ok(())
     }
 
-    fn create(&self, a: &Assignment) -> Result<String> {
+    /// Creates the task's container, running when `start`, else created only.
+    fn create(&self, a: &Assignment, start: bool) -> Result<String> {
         // As the runtime does: before anything is pulled or made.
         self.host_paths
             .check_volumes(&a.spec.volumes)
@@ -281,7 +283,11 @@ impl Fake {
         s.calls.push(Call::Create(a.task.clone()));
         s.created += 1;
         let id = format!("c{}", s.created);
-        let o = self.observed(&id, a, Utc::now());
+        let mut o = self.observed(&id, a, Utc::now());
+        if !start {
+            o.state = ContainerState::Created;
+            o.started_at = None;
+        }
         s.containers.push(o);
         Ok(id)
     }
@@ -353,7 +359,11 @@ impl Engine for Fake {
     }
 
     fn create_and_start(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send {
-        std::future::ready(self.create(a))
+        std::future::ready(Fake::create(self, a, true))
+    }
+
+    fn create(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send {
+        std::future::ready(Fake::create(self, a, false))
     }
 
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send {

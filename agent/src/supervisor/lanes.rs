@@ -60,7 +60,9 @@ fn keys<'a>(
                 keys.push(Key::Wallet(assignment.workload.as_str()));
             }
         }
-        Action::Start { id, task } | Action::Restart { id, task, .. } => {
+        // Created, not started: no port is bound before the start.
+        Action::Prepare { assignment } => keys.push(Key::Task(assignment.task.as_str())),
+        Action::Start { id, task, .. } | Action::Restart { id, task, .. } => {
             keys.push(Key::Task(task.as_str()));
             if let Some(a) = desired.get(task.as_str()) {
                 keys.extend(spec_ports(a).map(Key::Port));

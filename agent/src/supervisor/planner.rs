@@ -25,6 +25,11 @@ pub const HEALTHY_RUN_FACTOR: u32 = 10;
 pub const FENCED_MESSAGE: &str =
     "fenced: no word from the controller; the wallet runs again only when the controller assigns it anew";
 
+/// How long before a run's [`Assignment::not_before`] the round that starts it is
+/// planned: the start then waits for the instant itself, so listing the node's
+/// containers and planning are not part of the run's lateness.
+pub const PLANNED_AHEAD: chrono::Duration = chrono::Duration::milliseconds(100);
+
 /// One step towards the desired state, as decided by [`plan`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -33,12 +38,21 @@ pub enum Action {
         /// The task (boxed: it is by far the largest variant).
         assignment: Box<Assignment>,
     },
+    /// Create the task's container (pulling its image if needed) without starting it: a
+    /// run sent ahead of its [`Assignment::not_before`].
+    Prepare {
+        /// The task.
+        assignment: Box<Assignment>,
+    },
     /// Start a container that was created but never ran (not a restart).
     Start {
         /// Container id.
         id: String,
         /// Task id.
         task: String,
+        /// Not before this instant (a run's slot), which is at most [`PLANNED_AHEAD`]
+        /// away when planned.
+        at: Option<DateTime<Utc>>,
     },
     /// Start an exited container again after a failure.
     Restart {
@@ -101,7 +115,7 @@ impl Action {
     /// The task it is for.
     pub fn task(&self) -> &str {
         match self {
-            Action::Create { assignment } => &assignment.task,
+            Action::Create { assignment } | Action::Prepare { assignment } => &assignment.task,
             Action::Start { task, .. }
             | Action::Restart { task, .. }
             | Action::Stop { task, .. }
@@ -186,7 +200,7 @@ impl RestartTracker {
     /// text when the action failed; `now` is when it finished.
     pub fn apply(&mut self, action: &Action, outcome: Result<(), Failure>, now: DateTime<Utc>) {
         match action {
-            Action::Create { assignment } => {
+            Action::Create { assignment } | Action::Prepare { assignment } => {
                 let rec = self.tasks.entry(assignment.task.clone()).or_default();
                 match outcome {
                     Ok(()) => rec.last_error = None,
@@ -551,11 +565,31 @@ fn plan_task(
         }
     }
 
-    let Some(c) = c else {
-        let create = Action::Create {
+    // A run sent ahead of its slot: readied now, started at the slot, never before.
+    let waits_until = a.not_before.filter(|at| *at > now);
+    if let Some(at) = waits_until.filter(|_| never_started) {
+        status.message = Some(format!(
+            "waiting for its slot {}",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ));
+    }
+    let create = |a: &Assignment| match waits_until {
+        Some(_) => Action::Prepare {
             assignment: Box::new(a.clone()),
-        };
-        attempt(a, rec, since, now, status, create, actions);
+        },
+        None => Action::Create {
+            assignment: Box::new(a.clone()),
+        },
+    };
+
+    let Some(c) = c else {
+        if let Some(at) = waits_until {
+            actions.push(Action::Wait {
+                task: a.task.clone(),
+                until: at - PLANNED_AHEAD,
+            });
+        }
+        attempt(a, rec, since, now, status, create(a), actions);
         return;
     };
 
@@ -577,9 +611,7 @@ fn plan_task(
         }
         actions.push(Action::Report { status });
         actions.push(remove);
-        actions.push(Action::Create {
-            assignment: Box::new(a.clone()),
-        });
+        actions.push(create(a));
         return;
     }
 
@@ -629,11 +661,20 @@ fn plan_task(
             actions.push(Action::Report { status });
         }
         ContainerState::Created => {
-            // Created but never started: an agent that died between create and start,
-            // or a start that failed.
+            // Created but never started: a run readied ahead of its slot, an agent that
+            // died between create and start, or a start that failed.
+            if let Some(at) = waits_until.filter(|at| now < *at - PLANNED_AHEAD) {
+                actions.push(Action::Report { status });
+                actions.push(Action::Wait {
+                    task: a.task.clone(),
+                    until: at - PLANNED_AHEAD,
+                });
+                return;
+            }
             let start = Action::Start {
                 id: c.id.clone(),
                 task: a.task.clone(),
+                at: waits_until,
             };
             attempt(a, rec, since, now, status, start, actions);
         }
@@ -984,6 +1025,7 @@ mod tests {
         };
         Assignment {
             restore_from: None,
+            not_before: None,
             sync_to: Vec::new(),
             task: task.into(),
             kind,
@@ -1035,6 +1077,7 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Create { assignment } => Some(format!("create {}", assignment.task)),
+                Action::Prepare { assignment } => Some(format!("prepare {}", assignment.task)),
                 Action::Start { id, .. } => Some(format!("start {id}")),
                 Action::Restart { id, .. } => Some(format!("restart {id}")),
                 Action::Stop { id, .. } => Some(format!("stop {id}")),
@@ -1717,6 +1760,14 @@ mod tests {
                         ContainerState::Running,
                     )
                 }),
+                Action::Prepare { assignment } => observed.push(Observed {
+                    created_at: Some(now),
+                    ..container(
+                        assignment,
+                        &format!("new-{}", assignment.task),
+                        ContainerState::Created,
+                    )
+                }),
                 Action::Start { id, .. } | Action::Restart { id, .. } => {
                     for c in observed.iter_mut().filter(|c| &c.id == id) {
                         c.state = ContainerState::Running;
@@ -2248,5 +2299,88 @@ mod tests {
         };
         assert!(targets(std::slice::from_ref(&a), &[outdated]).is_empty());
         assert!(targets(std::slice::from_ref(&a), &[]).is_empty());
+    }
+
+    #[test]
+    fn a_run_sent_ahead_of_its_slot_is_created_at_once_and_started_at_the_slot_never_before() {
+        let slot = t(10);
+        let a = Assignment {
+            not_before: Some(slot),
+            ..assignment("run", Kind::CronJob, RestartPolicy::Never)
+        };
+        let tracker = RestartTracker::new();
+        let ms = chrono::Duration::milliseconds;
+        let created = Observed {
+            started_at: None,
+            ..container(&a, "c1", ContainerState::Created)
+        };
+        let planned = |observed: &[Observed], now| {
+            plan(std::slice::from_ref(&a), observed, &tracker, now, false)
+        };
+
+        // Seconds ahead, nothing there: created (not started), and a look again just
+        // before the slot.
+        let actions = planned(&[], t(5));
+        assert_eq!(moves(&actions), ["wait run 9s", "prepare run"]);
+        assert!(actions.contains(&Action::Wait {
+            task: "run".into(),
+            until: slot - PLANNED_AHEAD
+        }));
+        let status = &reports(&actions)[0];
+        assert_eq!(status.phase, TaskPhase::Starting);
+        assert_eq!(
+            status.message.as_deref(),
+            Some("waiting for its slot 2027-01-15T08:00:10.000Z")
+        );
+
+        // Created and still ahead: it waits, and says the same (no new report).
+        let waiting = planned(std::slice::from_ref(&created), t(5) + ms(300));
+        assert_eq!(moves(&waiting), ["wait run 9s"]);
+        assert_eq!(
+            reports(&waiting),
+            reports(&actions)
+                .iter()
+                .map(|s| TaskStatus {
+                    container_id: Some("c1".into()),
+                    ..s.clone()
+                })
+                .collect::<Vec<_>>()
+        );
+
+        // Within PLANNED_AHEAD of the slot: a start that waits for the slot itself.
+        for now in [slot - PLANNED_AHEAD, slot - ms(1)] {
+            let actions = planned(std::slice::from_ref(&created), now);
+            assert!(
+                actions.contains(&Action::Start {
+                    id: "c1".into(),
+                    task: "run".into(),
+                    at: Some(slot)
+                }),
+                "{now}: {actions:?}"
+            );
+        }
+        // At or past the slot: started at once; nothing there yet: created and started.
+        for now in [slot, slot + ms(400)] {
+            let actions = planned(std::slice::from_ref(&created), now);
+            assert!(actions.contains(&Action::Start {
+                id: "c1".into(),
+                task: "run".into(),
+                at: None
+            }));
+            assert_eq!(moves(&planned(&[], now)), ["create run"]);
+        }
+        // A created container of an older spec is replaced by one made ahead too (the
+        // round after it sees the new one created, and waits).
+        let outdated = Observed {
+            spec_hash: "old".into(),
+            ..created.clone()
+        };
+        assert_eq!(
+            moves(&planned(std::slice::from_ref(&outdated), t(5))),
+            ["remove c1 Outdated", "prepare run"]
+        );
+        // A run that is going is a run like any other.
+        let running = container(&a, "c1", ContainerState::Running);
+        assert!(moves(&planned(std::slice::from_ref(&running), slot + ms(1))).is_empty());
     }
 }

@@ -532,8 +532,18 @@ impl<R: Engine> Supervisor<R> {
                     info!(task = %assignment.task, image = %assignment.spec.image, "creating container");
                     self.runtime.create_and_start(assignment).await.map(|_| ())
                 }
-                (Ok(()), Action::Start { id, task }) => {
+                (Ok(()), Action::Prepare { assignment }) => {
                     out.acted = true;
+                    info!(task = %assignment.task, image = %assignment.spec.image, not_before = ?assignment.not_before, "creating container ahead of its start");
+                    self.runtime.create(assignment).await.map(|_| ())
+                }
+                (Ok(()), Action::Start { id, task, at }) => {
+                    out.acted = true;
+                    if let Some(at) = at {
+                        // At most PLANNED_AHEAD: the start waits for the run's instant.
+                        let wait = (*at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                        tokio::time::sleep(wait).await;
+                    }
                     info!(task = %task, container = %id, "starting container");
                     self.runtime.start(id).await
                 }
@@ -1016,6 +1026,49 @@ mod tests {
             running < gone,
             "a started task is reported Running without waiting for the slow stop: {msgs:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_run_sent_ahead_of_its_slot_is_created_at_once_and_started_at_the_slot() {
+        let fake = Fake::new(NODE);
+        let slot = Utc::now() + chrono::Duration::milliseconds(800);
+        let run = Assignment {
+            not_before: Some(slot),
+            ..assignment("tick-0", Kind::CronJob)
+        };
+        let (sup, mut rx) = supervisor(&fake);
+        let (tx, latest) = watch::channel(Desired {
+            tasks: Some(vec![run]),
+            fenced: false,
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let supervising = tokio::spawn(sup.run(latest, async {
+            let _ = stopped.await;
+        }));
+        let state = || fake.containers().first().map(|c| (c.state, c.started_at));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while state().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(Utc::now() < slot, "created at once, well ahead of the slot");
+        assert_eq!(state(), Some((ContainerState::Created, None)));
+        let waiting = last_status(&sent(&mut rx), "tick-0").cloned();
+        assert_eq!(waiting.map(|s| s.phase), Some(TaskPhase::Starting));
+        while state().is_some_and(|(s, _)| s == ContainerState::Created)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let Some((ContainerState::Running, Some(started))) = state() else {
+            panic!("not started: {:?}", fake.calls());
+        };
+        assert!(
+            started >= slot,
+            "started at {started}, before its slot {slot}"
+        );
+        let _ = stop.send(());
+        supervising.await.expect("supervisor ends");
+        drop(tx);
     }
 
     #[tokio::test]

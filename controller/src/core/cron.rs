@@ -9,6 +9,10 @@
 //! does nothing; a controller that crashed before the transaction left nothing, and the
 //! slot fires on the next pass if it is still within its starting deadline.
 //!
+//! Ahead of time: a slot is fired [`LEAD`] before it, with the same record in the same
+//! transaction, and its run starts at the slot (the agent waits for it). A job
+//! suspended meanwhile stops such a run before it starts, and its record says Skipped.
+//!
 //! Slots are the instants of [`Schedule::next_after`]: whole seconds, with the
 //! daylight-saving rule documented in [`bramble_api::schedule`].
 
@@ -27,6 +31,12 @@ use super::events::Draft;
 use super::model::{self, CronState, StoredWorkload, Versioned, FIRINGS};
 use super::reconcile;
 use super::snapshot::{Change, Expect, Item, Snapshot, Write};
+
+/// How long before its slot a CronJob's run is decided, recorded and placed: its node
+/// pulls the image and creates the container meanwhile, and starts it at the slot
+/// ([`bramble_api::wire::Assignment::not_before`]), so a run's lateness is one
+/// container start, not a store commit, a placement, a round trip and a create on top.
+pub const LEAD: Duration = Duration::from_secs(2);
 
 /// Firing records kept per job (the newest is what makes a slot fire once).
 pub const KEEP_FIRINGS: usize = 100;
@@ -406,6 +416,36 @@ fn fire(
             }
         }
     }
+    let mut next = due.next;
+    if let (None, Some(slot)) = (due.fire, due.next) {
+        let lead = TimeDelta::from_std(LEAD).unwrap_or_default();
+        if slot - lead <= now {
+            // Decided ahead only when the concurrency policy cannot change its mind by
+            // the slot: with Forbid or Replace and a run still going, the slot is
+            // decided at the slot, as it always was.
+            let policy = spec.concurrency_policy.unwrap_or_default();
+            let active = runs.iter().filter(|t| active(&t.value)).count();
+            if policy == ConcurrencyPolicy::Allow || active == 0 {
+                let id = task_id_for(job, slot);
+                change
+                    .writes
+                    .push(Write::task(run_task(w, id.clone(), Some(slot), 0, now), 0));
+                change
+                    .writes
+                    .push(record(slot, FiringOutcome::Fired, Some(id.clone())));
+                let ahead = (slot - now).num_milliseconds();
+                change.drafts.push(Draft::normal(
+                    &obj,
+                    "Fired",
+                    format!("slot {slot} → task {id} ({ahead} ms ahead; it starts at the slot)"),
+                ));
+                // The commit wakes the loop, which then looks for the slot after it.
+                next = None;
+            }
+        } else {
+            next = Some(slot - lead);
+        }
+    }
     // Old records go, never the newest (it is what keeps a slot from firing twice).
     if firings.len() > KEEP_FIRINGS + 20 {
         for f in firings.iter().take(firings.len() - KEEP_FIRINGS) {
@@ -416,7 +456,7 @@ fn fire(
             });
         }
     }
-    (change, due.next)
+    (change, next)
 }
 
 /// Failed runs with retries left get a new attempt after a back-off ([`RETRY`]).
@@ -624,18 +664,55 @@ pub fn suspend(
         state.resumed_at = Some(now);
     }
     let reason = if suspended { "Suspended" } else { "Resumed" };
+    let mut writes = vec![Write {
+        key: model::cron_state_key(name),
+        expect: Expect::of(rev),
+        value: Some(Item::CronState(state)),
+    }];
+    if suspended {
+        writes.extend(unfire_ahead(snap, name, now));
+    }
     Ok(Change::new(
-        vec![Write {
-            key: model::cron_state_key(name),
-            expect: Expect::of(rev),
-            value: Some(Item::CronState(state)),
-        }],
+        writes,
         vec![Draft::normal(
             format!("cronjob/{name}"),
             reason,
             "by the operator",
         )],
     ))
+}
+
+/// The runs of `job` fired ahead of a slot still to come, stopped before they start,
+/// and their slots' records changed to Skipped (kept: the slot must not fire again).
+fn unfire_ahead(snap: &Snapshot, job: &str, now: DateTime<Utc>) -> Vec<Write> {
+    let mut writes = Vec::new();
+    for f in snap.firings_of(job) {
+        let Some(id) = f.value.task.as_deref() else {
+            continue;
+        };
+        if f.value.outcome != FiringOutcome::Fired || f.value.slot <= now {
+            continue;
+        }
+        let Some(t) = snap.task(id) else { continue };
+        if t.value.desired != DesiredState::Running || t.value.started_at.is_some() {
+            continue;
+        }
+        let mut stopped = t.value.clone();
+        stopped.desired = DesiredState::Stopped;
+        stopped.message = Some("suspended before its slot".into());
+        writes.push(Write::task(stopped, t.rev));
+        writes.push(Write {
+            key: firing_key(job, f.value.slot),
+            expect: Expect::of(f.rev),
+            value: Some(Item::Firing(Firing {
+                outcome: FiringOutcome::Skipped,
+                task: None,
+                decided_at: now,
+                ..f.value.clone()
+            })),
+        });
+    }
+    writes
 }
 
 #[cfg(test)]
@@ -1194,5 +1271,230 @@ mod tests {
             prop_assert!(again.missed.is_empty());
             prop_assert_eq!(again.next, d.next);
         }
+    }
+
+    /// A CronJob made at `created`, with `policy`.
+    fn cronjob(expr: &str, policy: &str, created: DateTime<Utc>) -> StoredWorkload {
+        let yaml = format!(
+            "apiVersion: bramble/v1\nkind: CronJob\nmetadata: {{name: tick}}\nspec:\n  image: busybox\n  schedule: \"{expr}\"\n  concurrencyPolicy: {policy}\n  startingDeadline: 30s\n"
+        );
+        let docs = bramble_api::parse::parse_manifests("t.yaml", &yaml)
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .workloads;
+        StoredWorkload::new(docs[0].manifest.clone(), created)
+    }
+
+    fn snapshot_of(w: StoredWorkload) -> Snapshot {
+        let mut snap = Snapshot::default();
+        let key = model::workload_key(w.kind(), w.name());
+        snap.insert(&key, Item::Workload(w), 1, 1);
+        snap.revision = 1;
+        snap
+    }
+
+    /// Commits `change` as the store would: all or nothing, refused when a write that
+    /// expects its key absent finds it there (what makes a slot fire once).
+    fn commit(snap: &mut Snapshot, change: &Change) -> bool {
+        let present = |snap: &Snapshot, key: &str| {
+            snap.firings.contains_key(key)
+                || key
+                    .strip_prefix(model::TASKS)
+                    .is_some_and(|id| snap.tasks.contains_key(id))
+        };
+        if change
+            .writes
+            .iter()
+            .any(|w| w.expect == Expect::Absent && present(snap, &w.key))
+        {
+            return false;
+        }
+        snap.revision += 1;
+        let rev = snap.revision;
+        for w in &change.writes {
+            match &w.value {
+                Some(item) => snap.insert(&w.key, item.clone(), rev, rev),
+                None => snap.remove(&w.key),
+            }
+        }
+        true
+    }
+
+    /// Runs the cron loop on a fake clock from `from` to `to`, as the shell does: a pass,
+    /// its changes committed, then a sleep until what it says is next (at most a second,
+    /// and a little late), or 1 ms after a commit (the commit wakes it).
+    fn run_loop(snap: &mut Snapshot, from: DateTime<Utc>, to: DateTime<Utc>) {
+        let mut now = from;
+        let mut tick = 0i64;
+        while now < to {
+            let (changes, next) = pass(snap, now);
+            let mut committed = false;
+            for c in &changes {
+                committed |= commit(snap, c);
+            }
+            tick += 1;
+            now = if committed {
+                now + TimeDelta::milliseconds(1)
+            } else {
+                let resync = now + TimeDelta::seconds(1);
+                next.map_or(resync, |n| n.min(resync)).max(now)
+                    + TimeDelta::milliseconds(1 + tick % 5)
+            };
+        }
+    }
+
+    #[test]
+    fn every_slot_is_fired_once_ahead_of_time_and_its_run_starts_at_the_slot() {
+        let lead = TimeDelta::from_std(LEAD).unwrap_or_default();
+        // Every 10 s; every second (a period shorter than the lead); Allow and Forbid
+        // (runs never finish here, so under Forbid only the first slot may fire ahead).
+        // Slots up to the loop's end plus the lead are fired.
+        for (expr, policy, secs, fired) in [
+            ("*/10 * * * * *", "Allow", 120, 12),
+            ("* * * * * *", "Allow", 60, 62),
+            ("*/10 * * * * *", "Forbid", 120, 1),
+        ] {
+            let t0 = at("2026-12-01T10:00:00.400Z");
+            let mut snap = snapshot_of(cronjob(expr, policy, t0));
+            run_loop(&mut snap, t0, t0 + TimeDelta::seconds(secs));
+            let firings = snap.firings_of("tick");
+            let runs: Vec<_> = firings
+                .iter()
+                .filter(|f| f.value.outcome == FiringOutcome::Fired)
+                .collect();
+            assert_eq!(runs.len(), fired, "{expr} {policy}");
+            assert!(
+                firings
+                    .iter()
+                    .all(|f| f.value.outcome != FiringOutcome::Missed),
+                "{expr} {policy}: nothing is missed: {firings:?}"
+            );
+            for f in runs {
+                let id = f.value.task.as_deref().unwrap_or_default();
+                let task = &snap.task(id).unwrap_or_else(|| panic!("{id}")).value;
+                let decided = f.value.decided_at;
+                assert!(
+                    decided < f.value.slot && decided >= f.value.slot - lead,
+                    "{expr} {policy}: slot {} decided at {decided}",
+                    f.value.slot
+                );
+                assert_eq!(
+                    reconcile::not_before(task),
+                    Some(f.value.slot),
+                    "{expr} {policy}: the run starts at its slot"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn forbid_and_replace_with_a_run_going_decide_at_the_slot_not_ahead() {
+        let t0 = at("2026-12-01T10:00:00.400Z");
+        let slot = at("2026-12-01T10:00:10Z");
+        for (policy, outcome) in [
+            ("Forbid", FiringOutcome::Skipped),
+            ("Replace", FiringOutcome::Fired),
+            ("Allow", FiringOutcome::Fired),
+        ] {
+            let mut snap = snapshot_of(cronjob("*/10 * * * * *", policy, t0));
+            let w = snap
+                .workload(Kind::CronJob, "tick")
+                .map(|w| w.value.clone())
+                .unwrap_or_else(|| panic!("the job"));
+            let running = run_task(&w, "tick-old".into(), Some(t0), 0, t0);
+            assert!(commit(
+                &mut snap,
+                &Change::new(vec![Write::task(running, 0)], vec![])
+            ));
+
+            let (changes, next) = pass(&snap, slot - TimeDelta::milliseconds(1500));
+            if policy == "Allow" {
+                assert_eq!(changes.len(), 1, "Allow fires ahead whatever runs");
+                assert!(commit(&mut snap, &changes[0]));
+            } else {
+                assert!(changes.is_empty(), "{policy}: nothing ahead: {changes:?}");
+                assert_eq!(next, Some(slot), "{policy}: decided at the slot");
+                let (changes, _) = pass(&snap, slot + TimeDelta::milliseconds(3));
+                for c in &changes {
+                    assert!(commit(&mut snap, c));
+                }
+            }
+            let recorded: Vec<_> = snap
+                .firings_of("tick")
+                .iter()
+                .map(|f| (f.value.slot, f.value.outcome))
+                .collect();
+            assert_eq!(recorded, vec![(slot, outcome)], "{policy}");
+            // Decided once: the passes up to the next slot's lead change nothing more.
+            for ms in [0, 100, 5000, 7900] {
+                let (changes, _) = pass(&snap, slot + TimeDelta::milliseconds(ms));
+                let again = changes
+                    .iter()
+                    .flat_map(|c| &c.writes)
+                    .any(|w| w.key == firing_key("tick", slot));
+                assert!(!again, "{policy}: {changes:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_job_suspended_between_a_firing_ahead_and_its_slot_does_not_run_it() {
+        let t0 = at("2026-12-01T10:00:00.400Z");
+        let slot = at("2026-12-01T10:00:10Z");
+        let mut snap = snapshot_of(cronjob("*/10 * * * * *", "Allow", t0));
+        let (changes, _) = pass(&snap, slot - TimeDelta::milliseconds(1500));
+        assert_eq!(changes.len(), 1);
+        assert!(commit(&mut snap, &changes[0]));
+        let id = task_id_for("tick", slot);
+        assert!(snap.task(&id).is_some(), "fired ahead");
+
+        let now = slot - TimeDelta::milliseconds(700);
+        let change = suspend(&snap, "tick", true, now).unwrap_or_else(|e| panic!("{e}"));
+        assert!(commit(&mut snap, &change));
+        let run = &snap.task(&id).unwrap_or_else(|| panic!("kept")).value;
+        assert_eq!(run.desired, DesiredState::Stopped);
+        let f = snap.firings_of("tick");
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].value.outcome, FiringOutcome::Skipped);
+        assert_eq!(f[0].value.task, None);
+
+        // Resumed after the slot: the slot stays decided; the next one fires.
+        let change = suspend(&snap, "tick", false, slot + TimeDelta::seconds(1))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(commit(&mut snap, &change));
+        run_loop(
+            &mut snap,
+            slot + TimeDelta::seconds(1),
+            slot + TimeDelta::seconds(12),
+        );
+        let slots: Vec<_> = snap
+            .firings_of("tick")
+            .iter()
+            .map(|f| (f.value.slot, f.value.outcome))
+            .collect();
+        assert_eq!(
+            slots,
+            vec![
+                (slot, FiringOutcome::Skipped),
+                (at("2026-12-01T10:00:20Z"), FiringOutcome::Fired)
+            ]
+        );
+
+        // A run that has started (a clock running ahead) is not the suspension's to stop.
+        let mut snap = snapshot_of(cronjob("*/10 * * * * *", "Allow", t0));
+        let (changes, _) = pass(&snap, slot - TimeDelta::milliseconds(1500));
+        assert!(commit(&mut snap, &changes[0]));
+        let mut started = snap
+            .task(&id)
+            .map(|t| t.value.clone())
+            .unwrap_or_else(|| panic!("run"));
+        started.started_at = Some(now);
+        let write = Write {
+            key: model::task_key(&id),
+            expect: Expect::Any,
+            value: Some(Item::Task(started)),
+        };
+        assert!(commit(&mut snap, &Change::new(vec![write], vec![])));
+        let change = suspend(&snap, "tick", true, now).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(change.writes.len(), 1, "the job's state only: {change:?}");
     }
 }

@@ -234,8 +234,32 @@ pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assi
             deadline: run_deadline(t),
             secrets: secrets::resolve(snap, t, sealer),
             epoch: super::volumes::carries_epoch(t).then_some(t.epoch),
+            not_before: not_before(t),
         })
         .collect()
+}
+
+/// When a run may start at the earliest: a CronJob's first attempt at its slot (the
+/// cron loop fires a slot [`super::cron::LEAD`] ahead, so that its node readies the
+/// container meanwhile). Retries and other tasks start when they can.
+pub fn not_before(t: &Task) -> Option<DateTime<Utc>> {
+    t.slot.filter(|_| t.kind == Kind::CronJob && t.attempt == 0)
+}
+
+/// Takes the runs that must not start before a later instant than `now` out of a task
+/// set meant for an agent that would start them on receipt (one older than
+/// [`Assignment::not_before`]); returns when the first of them is due, to send the set
+/// again then.
+pub fn hold_back(tasks: &mut Vec<Assignment>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let mut due: Option<DateTime<Utc>> = None;
+    tasks.retain(|a| match a.not_before {
+        Some(at) if at > now => {
+            due = Some(due.map_or(at, |d| d.min(at)));
+            false
+        }
+        _ => true,
+    });
+    due
 }
 
 /// Job and CronJob runs still waiting for a node when their deadline passes have
@@ -1325,5 +1349,62 @@ mod tests {
             );
         }
         snap
+    }
+
+    #[test]
+    fn only_a_cronjobs_first_attempt_waits_for_its_slot_and_old_agents_get_it_at_the_slot() {
+        let job = workload("apiVersion: bramble/v1\nkind: CronJob\nmetadata: {name: tick}\nspec:\n  image: busybox\n  schedule: \"* * * * *\"\n");
+        let now = Utc::now();
+        let slot = now + chrono::Duration::seconds(2);
+        let run = |id: &str, attempt| Task {
+            slot: Some(slot),
+            attempt,
+            ..new_task(&job, id.into(), 0, now)
+        };
+        assert_eq!(not_before(&run("tick-a", 0)), Some(slot));
+        assert_eq!(
+            not_before(&run("tick-a-r1", 1)),
+            None,
+            "a retry starts when due"
+        );
+        let svc = new_task(&service("web", 1, "nginx"), "web-0".into(), 0, now);
+        assert_eq!(
+            not_before(&Task {
+                slot: Some(slot),
+                ..svc
+            }),
+            None
+        );
+
+        let assigned = |id: &str, at: Option<DateTime<Utc>>| {
+            let t = run(id, 0);
+            Assignment {
+                task: t.id,
+                kind: t.kind,
+                workload: t.workload,
+                spec_hash: t.spec_hash,
+                spec: t.spec,
+                deadline: None,
+                secrets: Default::default(),
+                epoch: None,
+                sync_to: Vec::new(),
+                restore_from: None,
+                not_before: at,
+            }
+        };
+        let mut tasks = vec![
+            assigned("later", Some(slot + chrono::Duration::seconds(5))),
+            assigned("now", Some(now)),
+            assigned("soon", Some(slot)),
+            assigned("any", None),
+        ];
+        assert_eq!(
+            hold_back(&mut tasks, now),
+            Some(slot),
+            "sent again at the first slot"
+        );
+        let ids: Vec<&str> = tasks.iter().map(|a| a.task.as_str()).collect();
+        assert_eq!(ids, ["now", "any"]);
+        assert_eq!(hold_back(&mut tasks, now), None);
     }
 }

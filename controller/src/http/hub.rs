@@ -30,7 +30,7 @@ use bramble_api::backoff::{Backoff, Retry};
 use bramble_api::wire::{
     self, AgentMessage, ControllerMessage, NodeInfo, TaskStatus, MAX_FRAME_BYTES,
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
@@ -121,15 +121,20 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: String) {
     let _ = socket.close().await;
 }
 
-/// What a Hello says: the node, the tasks it has, the hash of its credential, whether
-/// the agent can keep a standby link, its certificate request.
-type Hello = (
-    NodeInfo,
-    Vec<TaskStatus>,
-    Option<String>,
-    bool,
-    Option<String>,
-);
+/// What a Hello says.
+struct Hello {
+    node: NodeInfo,
+    /// The tasks it has.
+    tasks: Vec<TaskStatus>,
+    /// The hash of its credential.
+    credential: Option<String>,
+    /// Whether the agent can keep a standby link.
+    standby: bool,
+    /// Its certificate request.
+    csr: Option<String>,
+    /// Whether it waits for a run's `notBefore` (see `hold_back`).
+    not_before: bool,
+}
 
 async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
@@ -157,10 +162,15 @@ async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
             credential,
             standby,
             csr,
-        }) => {
-            let hash = credential.map(|c| credential_hash(&c.0));
-            Ok((node, tasks, hash, standby, csr))
-        }
+            not_before,
+        }) => Ok(Hello {
+            node,
+            tasks,
+            credential: credential.map(|c| credential_hash(&c.0)),
+            standby,
+            csr,
+            not_before,
+        }),
         Ok(_) => Err((
             "bad_message".into(),
             "the first message must be hello".into(),
@@ -194,7 +204,14 @@ async fn serve(
     wants_standby: bool,
 ) {
     let state = Arc::clone(&app.state);
-    let (node, tasks, credential, standby_ok, csr) = match hello(&mut socket).await {
+    let Hello {
+        node,
+        tasks,
+        credential,
+        standby: standby_ok,
+        csr,
+        not_before: waits,
+    } = match hello(&mut socket).await {
         Ok(h) => h,
         Err((code, msg)) => return send_error(&mut socket, &code, msg).await,
     };
@@ -324,6 +341,7 @@ async fn serve(
         Arc::clone(&state),
         Arc::clone(&app.vault),
         name.clone(),
+        waits,
         sink,
         rx,
     ));
@@ -461,6 +479,7 @@ async fn writer(
     state: Arc<ClusterState>,
     vault: Arc<Vault>,
     node: String,
+    waits: bool,
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<ControllerMessage>,
 ) {
@@ -478,22 +497,29 @@ async fn writer(
     // cluster for each of them made the controller's work at rest grow with nodes ×
     // tasks × heartbeat rate.
     let mut dirty = true;
+    // When a run held back from an agent that would start it early is due.
+    let mut held: Option<tokio::time::Instant> = None;
     let link = Link {
         state: &state,
         vault: &vault,
         node: &node,
+        waits,
     };
     loop {
         if dirty {
             dirty = false;
             let snap = world.borrow_and_update().clone();
             volumes_changed.borrow_and_update();
-            if !link
+            let Some(due) = link
                 .send_changes(&snap, &mut sent, &mut routed, &mut sink)
                 .await
-            {
+            else {
                 break;
-            }
+            };
+            held = due.map(|at| {
+                let wait = (at - Utc::now()).to_std().unwrap_or_default();
+                tokio::time::Instant::now() + wait
+            });
         }
         let frame = tokio::select! {
             m = rx.recv() => match m {
@@ -516,6 +542,11 @@ async fn writer(
                 }
                 Err(_) => break,
             },
+            () = sleep_until_opt(held) => {
+                held = None;
+                dirty = true;
+                continue;
+            }
         };
         if sink.send(frame).await.is_err() {
             break;
@@ -529,21 +560,29 @@ struct Link<'a> {
     state: &'a ClusterState,
     vault: &'a Vault,
     node: &'a str,
+    /// The agent waits for a run's `notBefore` (see [`reconcile::hold_back`]).
+    waits: bool,
 }
 
 impl Link<'_> {
     /// Sends the node its task set and the endpoints table of `snap` if they differ
-    /// from what it was last sent (`sent`, `routed`); false when the link is gone.
+    /// from what it was last sent (`sent`, `routed`). `None` when the link is gone;
+    /// else when a run held back from the task set is due (then it must be sent again).
     async fn send_changes(
         &self,
         snap: &crate::core::Snapshot,
         sent: &mut Option<Assigned>,
         routed: &mut Option<Arc<bramble_api::endpoints::Table>>,
         sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    ) -> bool {
+    ) -> Option<Option<DateTime<Utc>>> {
         let (state, vault, node) = (self.state, self.vault, self.node);
         let duties = copy_duties(state, snap);
         let mut tasks = reconcile::assignments(snap, node, vault);
+        let held = if self.waits {
+            None
+        } else {
+            reconcile::hold_back(&mut tasks, Utc::now())
+        };
         for a in &mut tasks {
             a.sync_to = duties.sync_to.get(&a.task).cloned().unwrap_or_default();
             a.restore_from = duties.restore_from.get(&a.task).cloned();
@@ -561,7 +600,7 @@ impl Link<'_> {
                 epochs: set.epochs.clone(),
             });
             if sink.send(Message::Text(frame.into())).await.is_err() {
-                return false;
+                return None;
             }
             tracing::debug!(node = %node, revision = snap.revision, tasks = set.tasks.len(), "task set sent");
             *sent = Some(set);
@@ -571,11 +610,18 @@ impl Link<'_> {
             // Encoded once for every link (see `State::routes`).
             let frame = Utf8Bytes::try_from(routes.frame).expect("an encoded frame is UTF-8");
             if sink.send(Message::Text(frame)).await.is_err() {
-                return false;
+                return None;
             }
             *routed = Some(routes.table);
         }
-        true
+        Some(held)
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
