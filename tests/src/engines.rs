@@ -148,6 +148,11 @@ impl Engine {
         self.child.is_some()
     }
 
+    /// The dockerd process, while it runs (`nsenter` execs it: same pid).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `unix://…/docker.sock`: what `DOCKER_HOST` of the node's agent says.
     pub fn host(&self) -> String {
         format!("unix://{}", self.dir.join("docker.sock").display())

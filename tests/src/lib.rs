@@ -16,6 +16,8 @@
 //! - [`netns`]: multi-node clusters with real networking: each agent in its own network
 //!   namespace on a test bridge, with power loss, partitions and controller crashes.
 //! - [`engines`]: a Docker Engine of its own for every node of a [`netns`] cluster.
+//! - [`swarm`]: Docker Swarm on the same namespaces and engines, with the same faults,
+//!   to measure Bramble against.
 //! - [`hanet`]: the same with three etcd members and three controllers, each in a
 //!   namespace of its own too, for controller failover, partitions and rolling restarts.
 
@@ -24,6 +26,7 @@ pub mod engines;
 pub mod hanet;
 pub mod harness;
 pub mod netns;
+pub mod swarm;
 pub mod volumes;
 
 use std::future::Future;

@@ -315,6 +315,20 @@ pub(crate) struct Link {
     pub(crate) ip: Ipv4Addr,
 }
 
+impl Link {
+    /// Cuts the namespace off the bridge: the host end of its veth goes down. What runs
+    /// inside keeps running and keeps reaching whatever it reaches through files (a
+    /// Docker socket); only the network is lost, both ways.
+    pub(crate) fn cut(&self) -> Result<()> {
+        ip(&["link", "set", &self.host_veth, "down"]).map(drop)
+    }
+
+    /// Ends a [`Link::cut`].
+    pub(crate) fn mend(&self) -> Result<()> {
+        ip(&["link", "set", &self.host_veth, "up"]).map(drop)
+    }
+}
+
 /// The bridge, the namespaces and the registry entries of one cluster; removed on drop.
 pub(crate) struct Network {
     pub(crate) id: String,
@@ -405,6 +419,12 @@ impl Network {
             return Ok(x);
         }
         bail!("no free subnet {}.{}.X.0/24 after 64 tries", NET[0], NET[1])
+    }
+
+    /// The name of the `i`-th node (`brt<id>-<i>`): its agent's, its engine's, and what
+    /// the leftover sweep recognizes in its containerd shims.
+    pub(crate) fn node_name(&self, i: usize) -> String {
+        format!("{PREFIX}{}-{i}", self.id)
     }
 
     pub(crate) fn gateway(&self) -> Ipv4Addr {
@@ -506,6 +526,87 @@ impl Drop for Network {
     }
 }
 
+/// What the node engines of one cluster share: a containerd and a directory named with
+/// the cluster id (so the leftover sweep recognizes a crashed run's containerd). Field
+/// order is drop order: containerd before the directory it keeps its files in. Its
+/// engines must be dropped before it.
+pub(crate) struct Engines {
+    containerd: Containerd,
+    dir: tempfile::TempDir,
+}
+
+impl Engines {
+    /// Lets the cluster's namespaces reach each other (engines talk to each other, and
+    /// agents to each other's mesh endpoints) and starts the shared containerd.
+    pub(crate) fn create(net: &mut Network) -> Result<Engines> {
+        net.allow_forwarding()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{PREFIX}{}-engines-", net.id))
+            .tempdir()
+            .context("a directory for the node engines")?;
+        let containerd = Containerd::start(&dir.path().join("containerd"))?;
+        Ok(Engines { containerd, dir })
+    }
+
+    /// Starts the engine of the `i`-th node, named `node`, in its namespace, and loads
+    /// `image` into it. Each node's containers get a bridge of their own
+    /// (`172.30.(10+i).1/24`), distinct from every other node's and from the test subnet.
+    pub(crate) fn start(&self, link: &Link, node: &str, i: usize, image: &str) -> Result<Engine> {
+        let engine = Engine::start(
+            &self.containerd,
+            &link.ns,
+            node,
+            &self.dir.path().join(node),
+            &format!("172.30.{}.1/24", 10 + i),
+        )?;
+        engine.load(image)?;
+        Ok(engine)
+    }
+}
+
+/// `docker ps` of the containers carrying `label` with `extra` on one node's engine. A
+/// container that does not name its node (one Bramble did not start) is the engine's
+/// node's.
+pub(crate) fn ps_engine(
+    node: &str,
+    engine: &Engine,
+    label: &str,
+    extra: &[&str],
+) -> Result<Vec<Container>> {
+    ps_host(node, &engine.host(), label, extra)
+}
+
+fn ps_host(node: &str, host: &str, label: &str, extra: &[&str]) -> Result<Vec<Container>> {
+    let mut docker = Command::new("docker");
+    docker.args(["-H", host]);
+    let mut found = ps_on(docker, label, extra)?;
+    for c in &mut found {
+        if c.node.is_empty() {
+            c.node = node.to_string();
+        }
+    }
+    Ok(found)
+}
+
+/// Samples the running containers carrying `label` on the engines `hosts` (node name,
+/// `DOCKER_HOST`) every `every`; a powered-off engine does not answer: it runs nothing.
+pub(crate) fn sample_engines(
+    hosts: Vec<(String, String)>,
+    label: &str,
+    every: Duration,
+) -> Sampler {
+    let label = label.to_string();
+    Sampler::start_with(every, move || {
+        let mut all = Vec::new();
+        for (node, host) in &hosts {
+            if let Ok(some) = ps_host(node, host, &label, &["--filter", "status=running"]) {
+                all.extend(some);
+            }
+        }
+        Ok(all)
+    })
+}
+
 /// One node: its agent, its namespace unless it runs in the host's, and its own
 /// Docker Engine when the cluster gives nodes one. Field order is drop order: the
 /// agent before its engine.
@@ -522,8 +623,7 @@ pub struct NetCluster {
     // controller, the engines' containerd and files, and all before the network.
     nodes: Vec<Node>,
     controller: Controller,
-    containerd: Option<Containerd>,
-    _engines_dir: Option<tempfile::TempDir>,
+    engines: Option<Engines>,
     net: Network,
 }
 
@@ -566,36 +666,22 @@ impl NetCluster {
             &net.gateway().to_string(),
         )
         .await?;
-        let (containerd, engines_dir) = if engines {
-            net.allow_forwarding()?;
-            // Named with the cluster id, so a crashed run's containerd is recognized.
-            let dir = tempfile::Builder::new()
-                .prefix(&format!("{PREFIX}{}-engines-", net.id))
-                .tempdir()
-                .context("a directory for the node engines")?;
-            let containerd = Containerd::start(&dir.path().join("containerd"))?;
-            (Some(containerd), Some(dir))
+        let engines = if engines {
+            Some(Engines::create(&mut net)?)
         } else {
-            (None, None)
+            None
         };
         let mut nodes = Vec::with_capacity(agents);
         for (i, link) in links.into_iter().enumerate() {
-            let name = format!("{PREFIX}{}-{i}", net.id);
-            let (agent, engine) = match (&containerd, &engines_dir) {
-                (Some(containerd), Some(dir)) => {
-                    let engine = Engine::start(
-                        containerd,
-                        &link.ns,
-                        &name,
-                        &dir.path().join(&name),
-                        &format!("172.30.{}.1/24", 10 + i),
-                    )?;
-                    engine.load(&image)?;
+            let name = net.node_name(i);
+            let (agent, engine) = match &engines {
+                Some(engines) => {
+                    let engine = engines.start(&link, &name, i, &image)?;
                     let agent =
                         Agent::start_on_engine_in(&link.ns, &controller, &name, &engine.host())?;
                     (agent, Some(engine))
                 }
-                _ => (Agent::start_in(&link.ns, &controller, &name)?, None),
+                None => (Agent::start_in(&link.ns, &controller, &name)?, None),
             };
             nodes.push(Node {
                 agent,
@@ -606,8 +692,7 @@ impl NetCluster {
         let cluster = NetCluster {
             nodes,
             controller,
-            containerd,
-            _engines_dir: engines_dir,
+            engines,
             net,
         };
         for node in cluster.nodes() {
@@ -622,7 +707,7 @@ impl NetCluster {
     pub fn add_discovering_node(&mut self) -> Result<String> {
         let i = self.nodes.len();
         let link = self.net.add_namespace(i)?;
-        let name = format!("{PREFIX}{}-{i}", self.net.id);
+        let name = self.net.node_name(i);
         let peer = format!("{PREFIX}{}p{i}", self.net.id);
         let agent = Agent::start_discovering_in(&link.ns, &peer, &self.controller, &name)?;
         self.nodes.push(Node {
@@ -731,45 +816,35 @@ impl NetCluster {
         n.agent.restart()
     }
 
-    /// The `DOCKER_HOST` of every node engine (none when nodes share the machine's).
-    fn engine_hosts(&self) -> Vec<String> {
+    /// The node name and `DOCKER_HOST` of every node engine (none when nodes share the
+    /// machine's).
+    fn engine_hosts(&self) -> Vec<(String, String)> {
         self.nodes
             .iter()
-            .filter_map(|n| n.engine.as_ref().map(Engine::host))
+            .filter_map(|n| Some((n.agent.node.clone(), n.engine.as_ref()?.host())))
             .collect()
     }
 
     /// Records container events carrying `label` on every node's engine.
     pub fn record_events(&self, label: &str) -> Result<EventRecorder> {
-        EventRecorder::start_on(&self.engine_hosts(), label)
+        let hosts: Vec<String> = self.engine_hosts().into_iter().map(|(_, h)| h).collect();
+        EventRecorder::start_on(&hosts, label)
     }
 
     /// Samples the running containers carrying `label` on every node, every `every`
     /// (see [`Sampler`]); a powered-off node runs none.
     pub fn sample(&self, label: &str, every: Duration) -> Sampler {
         let hosts = self.engine_hosts();
-        let label = label.to_string();
         if hosts.is_empty() {
-            return Sampler::start(&label, every);
+            return Sampler::start(label, every);
         }
-        Sampler::start_with(every, move || {
-            let mut all = Vec::new();
-            for h in &hosts {
-                let mut docker = Command::new("docker");
-                docker.args(["-H", h]);
-                // A powered-off engine does not answer: it runs nothing.
-                if let Ok(some) = ps_on(docker, &label, &["--filter", "status=running"]) {
-                    all.extend(some);
-                }
-            }
-            Ok(all)
-        })
+        sample_engines(hosts, label, every)
     }
 
     /// The containers carrying `label` on every running node (stopped ones too when
     /// `all`): each node engine's view, or the machine's when nodes share it.
     pub fn containers(&self, label: &str, all: bool) -> Result<Vec<Container>> {
-        if self.containerd.is_none() {
+        if self.engines.is_none() {
             return containers(label, all);
         }
         self.on_engines(label, if all { &["-a"] } else { &[] })
@@ -783,7 +858,7 @@ impl NetCluster {
     /// The running containers carrying `label` on every node: each node engine's view
     /// (a powered-off node runs none), or the machine's engine when nodes share it.
     pub fn running(&self, label: &str) -> Result<Vec<Container>> {
-        if self.containerd.is_none() {
+        if self.engines.is_none() {
             return running_containers(label);
         }
         self.on_engines(label, &["--filter", "status=running"])
@@ -845,13 +920,10 @@ impl NetCluster {
     /// `docker ps` of `label` with `extra` on every running node engine.
     fn on_engines(&self, label: &str, extra: &[&str]) -> Result<Vec<Container>> {
         let mut found = Vec::new();
-        for engine in self
-            .nodes
-            .iter()
-            .filter_map(|n| n.engine.as_ref())
-            .filter(|e| e.is_on())
-        {
-            found.extend(ps_on(engine.docker(), label, extra)?);
+        for node in &self.nodes {
+            if let Some(engine) = node.engine.as_ref().filter(|e| e.is_on()) {
+                found.extend(ps_engine(&node.agent.node, engine, label, extra)?);
+            }
         }
         Ok(found)
     }
@@ -867,12 +939,12 @@ impl NetCluster {
     /// running and keeps reaching Docker (a file), so only the link to the controller is
     /// lost, both ways.
     pub fn partition(&self, node: &str) -> Result<()> {
-        ip(&["link", "set", &self.link(node)?.host_veth, "down"]).map(drop)
+        self.link(node)?.cut()
     }
 
     /// Ends a [`NetCluster::partition`].
     pub fn heal(&self, node: &str) -> Result<()> {
-        ip(&["link", "set", &self.link(node)?.host_veth, "up"]).map(drop)
+        self.link(node)?.mend()
     }
 
     /// SIGKILLs the controller (agents keep running).
