@@ -1,6 +1,7 @@
 //! Bramble benchmarks. Each prints its figures and the command that reruns it.
 //! Figures, not assertions: these machines are noisy, so nothing here fails on a number.
 
+mod compare;
 mod dashboard;
 mod ha;
 mod link;
@@ -138,6 +139,15 @@ enum What {
         /// Seconds measured at rest, without and then with a dashboard stream.
         #[arg(long, default_value_t = 30)]
         secs: u64,
+    },
+    /// Bramble and Docker Swarm side by side on the same harness (nodes in network
+    /// namespaces, each with its own dockerd): create -> running, crash -> running,
+    /// power-off and partition -> replacement, 10 replicas, memory; Swarm at its
+    /// defaults and tuned. One table. Not in `all` (about 15 minutes).
+    Compare {
+        /// Rounds of each scenario.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Scheduler placements per second on 1,000 nodes.
     Scheduler {
@@ -644,6 +654,7 @@ async fn main() -> Result<()> {
         What::Link { rounds, idle_secs } => link::link(rounds, idle_secs).await?,
         What::FakeNodes { nodes, secs } => link::fake_nodes(nodes, secs).await?,
         What::Failover { rounds } => failover(rounds).await?,
+        What::Compare { rounds } => compare::compare(rounds).await?,
         What::Scheduler { nodes, tasks } => scheduler(nodes, tasks),
         What::Scale {
             nodes,
