@@ -695,8 +695,15 @@ impl Runtime {
             });
         }
         self.check_host_paths(a)?;
-        self.ensure_image(&a.spec.image).await?;
-        self.check_host_paths(a)?;
+        // The image is almost always there: the create is tried first and the image
+        // pulled only when Docker says it is missing, which saves an inspect per start.
+        // A task with volumes has its image first (a pull may take minutes, and its
+        // host paths are checked again after it, right before they are made).
+        let mut pulled = !a.spec.volumes.is_empty();
+        if pulled {
+            self.ensure_image(&a.spec.image).await?;
+            self.check_host_paths(a)?;
+        }
         let mut sources = Vec::with_capacity(a.spec.volumes.len());
         for v in &a.spec.volumes {
             if let Some(name) = v.managed() {
@@ -712,36 +719,48 @@ impl Runtime {
             sources.push(v.host_path.clone());
         }
         let name = container_name(&self.node, &a.task);
-        match self.inspect(&name).await {
-            Ok(old) if old.node == self.node => {
-                warn!(container = %old.id, "removing a leftover container with the task's name");
-                self.remove(&old.id).await?;
+        let config = container_config(a, &self.node, self.dns.as_deref(), &sources);
+        // Likewise, a leftover with the task's name is looked for only on a conflict.
+        let mut cleared = false;
+        loop {
+            let options = CreateContainerOptionsBuilder::default().name(&name).build();
+            let source = match self
+                .docker
+                .create_container(Some(options), config.clone())
+                .await
+            {
+                Ok(created) => return Ok(created.id),
+                Err(source) => source,
+            };
+            if is_status(&source, 404) && !pulled {
+                self.ensure_image(&a.spec.image).await?;
+                pulled = true;
+                continue;
             }
-            Ok(old) => {
-                return Err(Error::NameTaken {
-                    name,
-                    owner: old.node,
-                })
+            if is_status(&source, 409) && !cleared {
+                cleared = true;
+                match self.inspect(&name).await {
+                    Ok(old) if old.node == self.node => {
+                        warn!(container = %old.id, "removing a leftover container with the task's name");
+                        self.remove(&old.id).await?;
+                        continue;
+                    }
+                    Ok(old) => {
+                        return Err(Error::NameTaken {
+                            name,
+                            owner: old.node,
+                        })
+                    }
+                    // Gone meanwhile: try again.
+                    Err(Error::NotFound { .. }) => continue,
+                    // Same name but no Bramble labels: someone else's container; Docker's
+                    // "name in use" conflict says it clearly.
+                    Err(Error::NotBramble { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
-            Err(Error::NotFound { .. }) => {}
-            // Same name but no Bramble labels: someone else's container; let create fail
-            // with Docker's clear "name in use" conflict.
-            Err(Error::NotBramble { .. }) => {}
-            Err(e) => return Err(e),
+            return Err(Error::Create { name, source });
         }
-        let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let created = self
-            .docker
-            .create_container(
-                Some(options),
-                container_config(a, &self.node, self.dns.as_deref(), &sources),
-            )
-            .await
-            .map_err(|source| Error::Create {
-                name: name.clone(),
-                source,
-            })?;
-        Ok(created.id)
     }
 
     /// Readies managed volume `name` of `a` (see [`crate::volumes::decide`]): its
