@@ -118,9 +118,20 @@ async fn hello(
     info: NodeInfo,
     credential: Option<&str>,
 ) -> (Ws, ControllerMessage) {
+    hello_as(c, bearer, info, credential, true).await
+}
+
+/// [`hello`] from an agent that does or does not wait for a run's `notBefore`.
+async fn hello_as(
+    c: &Running,
+    bearer: &str,
+    info: NodeInfo,
+    credential: Option<&str>,
+    not_before: bool,
+) -> (Ws, ControllerMessage) {
     let mut ws = open(c, bearer).await.expect("upgraded");
     let hello = AgentMessage::Hello {
-        not_before: true,
+        not_before,
         csr: None,
         node: info,
         tasks: vec![],
@@ -755,4 +766,51 @@ async fn oversized_hellos_and_heartbeats_are_refused_with_the_field_named() {
         !nodes.contains("wwwwwwww"),
         "nothing of the refused heartbeat kept"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_run_reaches_its_node_ahead_of_its_slot_but_an_older_agent_only_at_the_slot() {
+    for waits in [true, false] {
+        let data = tempfile::tempdir().expect("temp dir");
+        let c = controller(data.path()).await;
+        let (ws, answer) = hello_as(&c, JOIN, node("pi-a", "aaaa"), Some(CRED_A), waits).await;
+        assert!(matches!(answer, ControllerMessage::Welcome { .. }));
+        let mut a = fake(ws);
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured((*c.tls).clone())
+            .build()
+            .expect("client");
+        let manifest = "apiVersion: bramble/v1\nkind: CronJob\nmetadata: {name: tick}\nspec:\n  image: x\n  schedule: \"*/5 * * * * *\"\n";
+        let r = http
+            .post(format!("https://{}/v1/apply", c.addr))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({"sources": [{"name": "tick.yaml", "content": manifest}]}))
+            .send()
+            .await
+            .expect("apply");
+        assert!(r.status().is_success());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let (slot, got) = loop {
+            let m = tokio::time::timeout_at(deadline, a.got.recv())
+                .await
+                .expect("a run within 15 s")
+                .expect("link open");
+            if let ControllerMessage::Assign { tasks, .. } = m {
+                if let Some(t) = tasks.first() {
+                    break (
+                        t.not_before.expect("a cron run has its slot"),
+                        chrono::Utc::now(),
+                    );
+                }
+            }
+        };
+        if waits {
+            assert!(got < slot, "sent ahead of its slot {slot}, got at {got}");
+        } else {
+            assert!(
+                got >= slot,
+                "an older agent got the run at {got}, before its slot {slot}"
+            );
+        }
+    }
 }
