@@ -357,6 +357,21 @@ fn fire(
             decided_at: now,
         })),
     };
+    // The slot's run and its record, in one change: what makes it fire once.
+    let fire_run = |change: &mut Change, slot: DateTime<Utc>, when: &str| {
+        let id = task_id_for(job, slot);
+        change
+            .writes
+            .push(Write::task(run_task(w, id.clone(), Some(slot), 0, now), 0));
+        change
+            .writes
+            .push(record(slot, FiringOutcome::Fired, Some(id.clone())));
+        change.drafts.push(Draft::normal(
+            &obj,
+            "Fired",
+            format!("slot {slot} → task {id} ({when})"),
+        ));
+    };
     for slot in &due.missed {
         change
             .writes
@@ -400,19 +415,8 @@ fn fire(
                         change.writes.push(Write::task(stopped, t.rev));
                     }
                 }
-                let id = task_id_for(job, slot);
-                change
-                    .writes
-                    .push(Write::task(run_task(w, id.clone(), Some(slot), 0, now), 0));
-                change
-                    .writes
-                    .push(record(slot, FiringOutcome::Fired, Some(id.clone())));
                 let late = (now - slot).num_milliseconds();
-                change.drafts.push(Draft::normal(
-                    &obj,
-                    "Fired",
-                    format!("slot {slot} → task {id} ({late} ms after the slot)"),
-                ));
+                fire_run(&mut change, slot, &format!("{late} ms after the slot"));
             }
         }
     }
@@ -426,19 +430,12 @@ fn fire(
             let policy = spec.concurrency_policy.unwrap_or_default();
             let active = runs.iter().filter(|t| active(&t.value)).count();
             if policy == ConcurrencyPolicy::Allow || active == 0 {
-                let id = task_id_for(job, slot);
-                change
-                    .writes
-                    .push(Write::task(run_task(w, id.clone(), Some(slot), 0, now), 0));
-                change
-                    .writes
-                    .push(record(slot, FiringOutcome::Fired, Some(id.clone())));
                 let ahead = (slot - now).num_milliseconds();
-                change.drafts.push(Draft::normal(
-                    &obj,
-                    "Fired",
-                    format!("slot {slot} → task {id} ({ahead} ms ahead; it starts at the slot)"),
-                ));
+                fire_run(
+                    &mut change,
+                    slot,
+                    &format!("{ahead} ms ahead; it starts at the slot"),
+                );
                 // The commit wakes the loop, which then looks for the slot after it.
                 next = None;
             }
