@@ -658,9 +658,10 @@ impl Runtime {
     ///
     /// The container is named `bramble-{node}-{task}`. Pulls the image if needed and
     /// creates missing volume directories. A leftover container with that name (an
-    /// agent that crashed mid-create) is removed first, but only if it belongs to this
-    /// node. If the start fails, the created
-    /// container is removed again, so a failed attempt leaves nothing behind.
+    /// agent that crashed mid-create), found when Docker refuses the name, is removed
+    /// and the create tried again, but only if it belongs to this node. If the start
+    /// fails, the created container is removed again, so a failed attempt leaves
+    /// nothing behind.
     ///
     /// A task with a volume this node refuses (see [`crate::host_paths`]) is
     /// [`Error::HostPath`] before anything is pulled, made or created. The check runs

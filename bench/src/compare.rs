@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use bramble_tests::harness::{self, ADMIN_TOKEN};
 use bramble_tests::netns::{self, Container, EventRecorder, NetCluster, Sampler};
 use bramble_tests::swarm::Swarm;
-use bramble_tests::{unique_name, TEST_IMAGE};
+use bramble_tests::{eventually_every, unique_name, TEST_IMAGE};
 
 use crate::{mib, percentile, POLL};
 
@@ -71,11 +71,7 @@ trait System {
 
 /// `docker kill` through `docker` (a node engine's command).
 fn docker_kill(mut docker: std::process::Command, id: &str) -> Result<()> {
-    let out = docker.args(["kill", id]).output().context("docker kill")?;
-    if !out.status.success() {
-        bail!("docker kill {id}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+    harness::run(docker.args(["kill", id])).map(drop)
 }
 
 struct Bramble {
@@ -210,30 +206,11 @@ impl System for DockerSwarm {
             docker.args(["--restart-delay", "0s"]);
         }
         docker.args([TEST_IMAGE, "serve", "8080"]);
-        let out = docker.output().context("docker service create")?;
-        if !out.status.success() {
-            bail!(
-                "docker service create {workload}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        harness::run(&mut docker).map(drop)
     }
 
     async fn remove(&self, _kind: Kind, workload: &str) -> Result<()> {
-        let out = self
-            .swarm
-            .docker()
-            .args(["service", "rm", workload])
-            .output()
-            .context("docker service rm")?;
-        if !out.status.success() {
-            bail!(
-                "docker service rm {workload}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        harness::run(self.swarm.docker().args(["service", "rm", workload])).map(drop)
     }
 
     fn running(&self, label: &str) -> Result<Vec<Container>> {
@@ -277,21 +254,10 @@ impl System for DockerSwarm {
     }
 }
 
-/// Polls every [`POLL`] until `check` gives a value, or fails after [`ROUND_TIMEOUT`].
+/// Polls every [`POLL`] (a round's figure is when the first look sees it) until
+/// `check` gives a value, or fails after [`ROUND_TIMEOUT`].
 async fn poll<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let t = Instant::now();
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if t.elapsed() > ROUND_TIMEOUT {
-            bail!("{what}: not after {ROUND_TIMEOUT:?} {last}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    eventually_every(ROUND_TIMEOUT, POLL, what, || std::future::ready(check())).await
 }
 
 /// The one running container of a label, once exactly one runs.

@@ -463,15 +463,7 @@ async fn cron_lateness(firings: usize) -> Result<()> {
 /// `State.StartedAt`, over `n` containers on the machine's engine.
 fn docker_start_latency(n: usize) -> Result<Duration> {
     let docker = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new("docker").args(args).output()?;
-        if !out.status.success() {
-            bail!(
-                "docker {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        harness::run(std::process::Command::new("docker").args(args)).map(|o| o.trim().to_string())
     };
     let mut took = Vec::with_capacity(n);
     for _ in 0..n {

@@ -183,7 +183,21 @@ fn check(out: &Output, what: &str) -> anyhow::Result<()> {
 /// `Ok(None)` means "not yet"; `Err(e)` also means "not yet" but records `e` as the last
 /// state, so a check can say what it saw (`bail!("container is {state:?}")`). After
 /// `timeout` it fails with `timed out after …s waiting for {what}; last state: …`.
-pub async fn eventually<F, Fut, T>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+pub async fn eventually<F, Fut, T>(timeout: Duration, what: &str, f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    eventually_every(timeout, Duration::from_millis(100), what, f).await
+}
+
+/// [`eventually`], looking every `every`.
+pub async fn eventually_every<F, Fut, T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut f: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
@@ -202,7 +216,7 @@ where
                 timeout.as_secs_f64()
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -542,7 +542,7 @@ async fn writer(
                 }
                 Err(_) => break,
             },
-            () = sleep_until_opt(held) => {
+            () = tokio::time::sleep_until(held.unwrap_or_else(tokio::time::Instant::now)), if held.is_some() => {
                 held = None;
                 dirty = true;
                 continue;
@@ -615,13 +615,6 @@ impl Link<'_> {
             *routed = Some(routes.table);
         }
         Some(held)
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
