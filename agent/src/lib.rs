@@ -38,6 +38,7 @@ pub mod dns;
 pub mod epoch;
 pub mod exec;
 pub mod fence;
+pub mod gate;
 pub mod host;
 pub mod host_paths;
 pub mod link;
@@ -94,6 +95,9 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The cron gate named by `--cron-gate` is unusable.
+    #[error("--cron-gate")]
+    Gate(#[from] gate::GateError),
     /// The data directory cannot be created.
     #[error("data directory {path}")]
     DataDir {
@@ -134,6 +138,10 @@ pub struct Config {
     pub mesh_port: Option<u16>,
     /// Bytes a second each volume copy sent to a standby node may use (0: no cap).
     pub sync_rate: u64,
+    /// The static `bramble-gate` executable that starts cron runs on time (see
+    /// [`gate`]); `None`: the one beside the agent's executable, if there is a usable
+    /// one.
+    pub cron_gate: Option<PathBuf>,
 }
 
 impl Config {
@@ -156,6 +164,9 @@ impl Config {
             };
             bramble_api::manifest::check_label_key(k).map_err(label)?;
             bramble_api::manifest::check_label_value(v).map_err(label)?;
+        }
+        if let Some(path) = &self.cron_gate {
+            gate::check(path)?;
         }
         let docker_host = std::env::var("DOCKER_HOST").ok();
         let mut policy =
@@ -186,5 +197,7 @@ pub async fn run(
         source,
     })?;
     let credential = credential::load_or_create(&cfg.data_dir)?;
-    link::run(cfg, token, credential, urls, host_paths, shutdown).await
+    let exe = std::env::current_exe().ok();
+    let gate = gate::find(cfg.cron_gate.as_deref(), exe.as_deref())?;
+    link::run(cfg, token, credential, urls, host_paths, gate, shutdown).await
 }

@@ -181,12 +181,22 @@ pub async fn run(
     credential: String,
     urls: Vec<String>,
     host_paths: HostPaths,
+    gate: Option<crate::gate::Gate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     tracing::info!(host_paths = %host_paths, "host path rules");
     let mut runtime = Runtime::connect(&cfg.node_name)
         .await?
         .with_host_paths(host_paths);
+    match gate {
+        Some(gate) => {
+            tracing::info!(gate = %gate.path().display(), "cron runs start ahead of their slot, held by the gate until it");
+            runtime = runtime.with_gate(gate);
+        }
+        None => tracing::info!(
+            "no cron gate (bramble-gate beside the agent, or --cron-gate): cron runs are started by Docker at their slot, a Docker start late"
+        ),
+    }
     let routes = crate::routes::Routes::load(&cfg.data_dir);
     let volumes =
         Arc::new(

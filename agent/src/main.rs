@@ -77,6 +77,11 @@ struct Args {
     /// (a third of a Pi 3's 100 Mbit/s link); 0 means no cap.
     #[arg(long, env = "BRAMBLE_SYNC_RATE", default_value = "4Mi", value_parser = parse_rate)]
     sync_rate: u64,
+    /// The static `bramble-gate` executable: cron runs are started ahead of their slot
+    /// with it holding their command until the slot, so they begin on time, not a
+    /// Docker start late [default: bramble-gate beside this executable, if static].
+    #[arg(long, env = "BRAMBLE_CRON_GATE", value_name = "FILE")]
+    cron_gate: Option<PathBuf>,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -176,6 +181,7 @@ fn main() -> ExitCode {
         allow_host_paths: args.allow_host_paths,
         mesh_port: (!args.no_service_proxy).then_some(args.mesh_port),
         sync_rate: args.sync_rate,
+        cron_gate: args.cron_gate,
     };
     // Refused here, before anything starts, rather than by the controller later.
     if let Err(e) = cfg.validate() {

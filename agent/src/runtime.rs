@@ -392,6 +392,10 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// [`Self::create_and_start`] does before it starts; returns its id.
     fn create(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send;
 
+    /// Readies a run sent ahead of its slot: creates its container and, where the node
+    /// has a cron gate, starts it with its command held until the slot; returns its id.
+    fn prepare(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send;
+
     /// Starts an existing container (again).
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
 
@@ -429,6 +433,8 @@ pub struct Runtime {
     volumes: Option<Arc<crate::volumes::Store>>,
     /// Fetches a newer copy of a task's volumes from the node holding it.
     fetch: Option<Fetch>,
+    /// Starts cron runs ahead of their slot, holding their command until it.
+    gate: Option<Arc<crate::gate::Gate>>,
 }
 
 /// What fetching a copy from another node takes: this node's receiver of copies and
@@ -487,7 +493,15 @@ impl Runtime {
             dns: None,
             volumes: None,
             fetch: None,
+            gate: None,
         })
+    }
+
+    /// This runtime starting runs sent ahead of their slot through `gate` (see
+    /// [`crate::gate`]).
+    pub fn with_gate(mut self, gate: crate::gate::Gate) -> Runtime {
+        self.gate = Some(Arc::new(gate));
+        self
     }
 
     /// This runtime with containers made from now on resolving through `dns`.
@@ -684,6 +698,132 @@ impl Runtime {
     /// without starting it; returns its id.
     #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
     pub async fn create(&self, a: &Assignment) -> Result<String> {
+        self.create_with(a, None).await
+    }
+
+    /// Readies a run sent ahead of its slot ([`Assignment::not_before`]) and returns its
+    /// container's id. With a usable gate (see [`crate::gate`]) the container is started
+    /// now, its command held by the gate until the slot; otherwise it is only created,
+    /// and started at the slot. A gate Docker cannot run is not used again: the run is
+    /// then made again without it.
+    #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
+    pub async fn prepare(&self, a: &Assignment) -> Result<String> {
+        let (Some(gate), Some(at)) = (self.gate.as_ref().filter(|g| g.usable()), a.not_before)
+        else {
+            return self.create(a).await;
+        };
+        let (image_entrypoint, image_cmd) = match a.spec.command {
+            // The task's own command: the image's defaults do not matter.
+            Some(_) => (None, None),
+            None => self.image_command(&a.spec.image).await?,
+        };
+        let Some((entrypoint, cmd)) = crate::gate::gated_command(
+            at,
+            a.spec.command.as_deref(),
+            a.spec.args.as_deref(),
+            image_entrypoint.as_deref(),
+            image_cmd.as_deref(),
+        ) else {
+            return self.create(a).await;
+        };
+        let gated = Gated {
+            source: gate.path().display().to_string(),
+            entrypoint,
+            cmd,
+        };
+        let id = self.create_with(a, Some(gated)).await?;
+        let failed = match self.start(&id).await {
+            Ok(()) => self.gate_failed(gate, &id, at).await,
+            Err(e) => {
+                let message = error_chain(&e);
+                if !crate::gate::blames_gate(&message) {
+                    if let Err(cleanup) = self.remove(&id).await {
+                        warn!(container = %id, error = %error_chain(&cleanup), "cannot remove a container that failed to start");
+                    }
+                    return Err(e);
+                }
+                Some(message)
+            }
+        };
+        let Some(why) = failed else {
+            info!(container = %id, not_before = %at, "container started ahead; the gate holds its command until the slot");
+            return Ok(id);
+        };
+        if gate.mark_broken() {
+            warn!(gate = %gate.path().display(), error = %why, "containers cannot run the cron gate; cron runs are started at their slot from now on");
+        }
+        // The command never ran (the gate runs it only at the slot): made again, plain.
+        self.remove(&id).await?;
+        self.create(a).await
+    }
+
+    /// Why the gate could not run in container `id`, started ahead of `at`, if it could
+    /// not. Checked on the node's first gated run only: an exec failure (a file that
+    /// passed [`crate::gate::check`] but the kernel will not run) ends the container
+    /// within moments of its start, long before its slot.
+    async fn gate_failed(
+        &self,
+        gate: &crate::gate::Gate,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Option<String> {
+        const WATCH: Duration = Duration::from_millis(100);
+        let watch = chrono::Duration::from_std(WATCH).unwrap_or_default();
+        if gate.proven() || Utc::now() + watch * 2 >= at {
+            return None;
+        }
+        tokio::time::sleep(WATCH).await;
+        let c = self.inspect(id).await.ok()?;
+        // Only an end before the slot is the gate's own: from the slot on it may be the
+        // run's command, which must never run twice.
+        // Ended by a signal (SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGTERM: the run called
+        // off meanwhile) is no failure of the gate.
+        let signalled = matches!(c.exit_code, Some(129..=131 | 137 | 143));
+        let ended_early = c.state != ContainerState::Running
+            && !signalled
+            && c.finished_at.is_some_and(|f| f < at)
+            && Utc::now() < at;
+        if !ended_early {
+            if c.state == ContainerState::Running && gate.mark_proven() {
+                debug!(gate = %gate.path().display(), "the cron gate runs in containers on this node");
+            }
+            return None;
+        }
+        let output = self.output(id, 512).await.unwrap_or_default();
+        Some(format!(
+            "the container ended before its slot (exit code {}){}",
+            c.exit_code.map_or("unknown".to_string(), |c| c.to_string()),
+            if output.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {}", output.trim())
+            }
+        ))
+    }
+
+    /// An image's entrypoint and default arguments, pulling it first if it is missing.
+    async fn image_command(
+        &self,
+        image: &str,
+    ) -> Result<(Option<Vec<String>>, Option<Vec<String>>)> {
+        let inspected = match self.docker.inspect_image(image).await {
+            Err(e) if is_status(&e, 404) => {
+                self.ensure_image(image).await?;
+                self.docker.inspect_image(image).await
+            }
+            r => r,
+        };
+        let config = inspected
+            .map_err(|source| Error::ImageInspect {
+                image: image.to_string(),
+                source,
+            })?
+            .config
+            .unwrap_or_default();
+        Ok((config.entrypoint, config.cmd))
+    }
+
+    async fn create_with(&self, a: &Assignment, gated: Option<Gated>) -> Result<String> {
         if let Some((var, r)) = a
             .spec
             .secret_refs()
@@ -720,7 +860,10 @@ impl Runtime {
             sources.push(v.host_path.clone());
         }
         let name = container_name(&self.node, &a.task);
-        let config = container_config(a, &self.node, self.dns.as_deref(), &sources);
+        let mut config = container_config(a, &self.node, self.dns.as_deref(), &sources);
+        if let Some(g) = gated {
+            g.apply(&mut config);
+        }
         // Likewise, a leftover with the task's name is looked for only on a conflict.
         let mut cleared = false;
         loop {
@@ -1197,6 +1340,10 @@ impl Engine for Runtime {
         Runtime::create(self, a)
     }
 
+    fn prepare(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send {
+        Runtime::prepare(self, a)
+    }
+
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send {
         Runtime::start(self, id)
     }
@@ -1329,6 +1476,32 @@ fn with_default_tag(image: &str) -> String {
         image.to_string()
     } else {
         format!("{image}:latest")
+    }
+}
+
+/// A run started through the cron gate: the gate's path on the node, and the
+/// container's entrypoint and command from [`crate::gate::gated_command`].
+#[derive(Debug, Clone, PartialEq)]
+struct Gated {
+    source: String,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+}
+
+impl Gated {
+    /// Makes `config` run the gate: its entrypoint and command, and the gate mounted
+    /// read-only (so a task cannot change it for later runs).
+    fn apply(self, config: &mut ContainerCreateBody) {
+        config.entrypoint = Some(self.entrypoint);
+        config.cmd = Some(self.cmd);
+        let host = config.host_config.get_or_insert_with(Default::default);
+        host.mounts.get_or_insert_with(Vec::new).push(Mount {
+            typ: Some(MountType::BIND),
+            source: Some(self.source),
+            target: Some(crate::gate::TARGET.to_string()),
+            read_only: Some(true),
+            ..Default::default()
+        });
     }
 }
 
@@ -1651,6 +1824,7 @@ mod tests {
         .expect("client");
         let rt = Runtime {
             fetch: None,
+            gate: None,
             volumes: None,
             dns: None,
             docker,
@@ -1714,6 +1888,39 @@ mod tests {
         let log = h.log_config.expect("log config");
         assert_eq!(log.typ.as_deref(), Some("json-file"));
         assert_eq!(log.config.expect("log opts")["max-size"], "10m");
+    }
+
+    #[test]
+    fn a_gated_run_keeps_its_mounts_and_adds_the_gate_read_only() {
+        let a = assignment();
+        let mut c = container_config(&a, "pi-1", None, &sources_of(&a));
+        let before = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.mounts.clone())
+            .unwrap_or_default();
+        Gated {
+            source: "/usr/local/bin/bramble-gate".into(),
+            entrypoint: vec![crate::gate::TARGET.into(), "1".into(), "--".into()],
+            cmd: vec!["/bin/ltcd".into(), "-x".into()],
+        }
+        .apply(&mut c);
+        assert_eq!(
+            c.entrypoint,
+            Some(vec![
+                crate::gate::TARGET.to_string(),
+                "1".into(),
+                "--".into()
+            ])
+        );
+        assert_eq!(c.cmd, Some(vec!["/bin/ltcd".to_string(), "-x".into()]));
+        let mounts = c.host_config.and_then(|h| h.mounts).expect("mounts");
+        assert_eq!(&mounts[..before.len()], &before[..]);
+        let gate = mounts.last().expect("gate mount");
+        assert_eq!(gate.source.as_deref(), Some("/usr/local/bin/bramble-gate"));
+        assert_eq!(gate.target.as_deref(), Some(crate::gate::TARGET));
+        assert_eq!(gate.read_only, Some(true));
+        assert_eq!(gate.typ, Some(MountType::BIND));
     }
 
     #[test]

@@ -147,6 +147,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
     let cfg = bramble_agent::Config {
         mesh_port: None,
         sync_rate: 0,
+        cron_gate: None,
         controller: Some(base.clone()),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -296,6 +297,7 @@ async fn an_agent_that_never_reaches_the_controller_fences_its_wallets() {
     let cfg = bramble_agent::Config {
         mesh_port: None,
         sync_rate: 0,
+        cron_gate: None,
         controller: Some(format!("https://{closed}")),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -351,6 +353,7 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
     let cfg = bramble_agent::Config {
         mesh_port: None,
         sync_rate: 0,
+        cron_gate: None,
         controller: Some(format!("https://{}", listener.local_addr().expect("addr"))),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -491,6 +494,7 @@ async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent(
     let cfg = bramble_agent::Config {
         mesh_port: None,
         sync_rate: 0,
+        cron_gate: None,
         controller: Some(format!("{},{}", url(&leader), url(&follower))),
         join_token: token(&ca),
         node_name: node.clone(),
@@ -592,6 +596,7 @@ async fn a_task_set_with_an_older_wallet_epoch_is_refused_whole() {
     let cfg = bramble_agent::Config {
         mesh_port: None,
         sync_rate: 0,
+        cron_gate: None,
         controller: Some(format!("https://{}", listener.local_addr().expect("addr"))),
         join_token: token(&ca),
         node_name: node.clone(),

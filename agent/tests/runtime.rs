@@ -1431,3 +1431,68 @@ async fn image_prune_removes_unused_images_only() {
         "the parent image is untouched"
     );
 }
+
+/// A run sent ahead with the node's cron gate: its container runs at once, the image's
+/// own entrypoint (the task sets args only) begins at the slot, and a run called off
+/// before its slot ends at once without its command ever running.
+#[tokio::test]
+async fn a_gated_run_starts_ahead_runs_its_command_at_the_slot_and_can_be_called_off() {
+    let (_, rt, _guard) = node().await;
+    let gate = bramble_agent::gate::Gate::open(&bramble_tests::cron_gate().expect("gate"))
+        .expect("a static gate");
+    let rt = rt.with_gate(gate);
+    let slot = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let a = Assignment {
+        not_before: Some(slot),
+        ..assignment("g-aaaaaa-0", Kind::CronJob, spec(&["now"]))
+    };
+    let id = rt.prepare(&a).await.expect("prepared");
+    let o = rt.inspect(&id).await.expect("inspect");
+    assert_eq!(o.state, ContainerState::Running, "started ahead");
+    assert!(o.started_at.is_some_and(|s| s < slot));
+    assert_eq!(
+        rt.output(&id, 100).await.expect("output"),
+        "",
+        "nothing ran yet"
+    );
+    let done = eventually(WAIT, "the run finished", || async {
+        let o = rt.inspect(&id).await?;
+        Ok((o.state == ContainerState::Exited).then_some(o))
+    })
+    .await
+    .expect("finished");
+    assert_eq!(done.exit_code, Some(0));
+    let printed = rt.output(&id, 100).await.expect("output");
+    let began: i64 = printed.trim().parse().expect("testimg now prints micros");
+    assert!(
+        began >= slot.timestamp_micros(),
+        "the command began at {began}, before its slot {slot}"
+    );
+    rt.remove(&id).await.expect("removed");
+
+    // Called off 5 s ahead of its slot: stopped at once (the gate is PID 1 and handles
+    // SIGTERM), and the command never ran.
+    let slot = chrono::Utc::now() + chrono::Duration::seconds(5);
+    let a = Assignment {
+        not_before: Some(slot),
+        ..assignment("g-bbbbbb-0", Kind::CronJob, spec(&["now"]))
+    };
+    let id = rt.prepare(&a).await.expect("prepared");
+    let t = Instant::now();
+    rt.stop(&id, Duration::from_secs(10))
+        .await
+        .expect("stopped");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the gate waited for SIGKILL"
+    );
+    let o = rt.inspect(&id).await.expect("inspect");
+    assert_eq!(o.exit_code, Some(143));
+    let said = rt.output(&id, 500).await.expect("output");
+    assert!(said.contains("the command did not run"), "{said:?}");
+    assert!(!said.trim().chars().all(|c| c.is_ascii_digit()), "{said:?}");
+    assert!(
+        chrono::Utc::now() < slot,
+        "the test was too slow to call it off ahead"
+    );
+}

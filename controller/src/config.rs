@@ -91,6 +91,9 @@ pub struct LocalAgent {
     pub allow_host_paths: Vec<std::path::PathBuf>,
     /// Its agent-to-agent port; `None`: it serves no workload addresses.
     pub mesh_port: Option<u16>,
+    /// The static `bramble-gate` that starts its cron runs on time (the agent's
+    /// `--cron-gate`); `None`: the one beside the executable, if usable.
+    pub cron_gate: Option<std::path::PathBuf>,
 }
 
 /// A configuration that cannot work, said in terms of its flags.
@@ -167,6 +170,10 @@ impl Config {
                 .map_err(|e| Invalid(format!("--node-name: {e}")))?;
             bramble_agent::host_paths::Policy::new(la.allow_host_paths.clone())
                 .map_err(|e| Invalid(format!("--allow-host-path: {e}")))?;
+            if let Some(gate) = &la.cron_gate {
+                bramble_agent::gate::check(gate)
+                    .map_err(|e| Invalid(format!("--cron-gate: {e}")))?;
+            }
         }
         Ok(())
     }
@@ -252,6 +259,7 @@ mod tests {
             node_name: "Not A Name".into(),
             labels: BTreeMap::new(),
             allow_host_paths: vec![],
+            cron_gate: None,
         });
         assert!(c
             .validate()
@@ -268,8 +276,31 @@ mod tests {
             node_name: "pi".into(),
             labels: BTreeMap::new(),
             allow_host_paths: vec!["/etc/bramble".into()],
+            cron_gate: None,
         });
         let e = c.validate().expect_err("a system path");
         assert!(e.0.starts_with("--allow-host-path:"), "{e}");
+    }
+
+    #[test]
+    fn refuses_a_cron_gate_that_cannot_run_in_every_image() {
+        let mut c = config();
+        c.local_agent = Some(LocalAgent {
+            mesh_port: None,
+            node_name: "pi".into(),
+            labels: BTreeMap::new(),
+            allow_host_paths: vec![],
+            cron_gate: Some("/nonexistent/bramble-gate".into()),
+        });
+        let e = c.validate().expect_err("missing");
+        assert!(
+            e.0.starts_with("--cron-gate: cannot read /nonexistent/bramble-gate"),
+            "{e}"
+        );
+        if std::path::Path::new("/bin/ls").exists() {
+            c.local_agent.as_mut().expect("agent").cron_gate = Some("/bin/ls".into());
+            let e = c.validate().expect_err("dynamic");
+            assert!(e.0.contains("dynamically linked"), "{e}");
+        }
     }
 }

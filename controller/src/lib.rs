@@ -357,6 +357,7 @@ impl Controller {
             allow_host_paths: la.allow_host_paths.clone(),
             mesh_port: la.mesh_port,
             sync_rate: 4 << 20,
+            cron_gate: la.cron_gate.clone(),
         };
         Some(tokio::spawn(async move {
             let shutdown = async move {

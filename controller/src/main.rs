@@ -67,6 +67,11 @@ struct Args {
         value_delimiter = ','
     )]
     allow_host_paths: Vec<std::path::PathBuf>,
+    /// The static `bramble-gate` executable with which the local agent starts cron runs
+    /// ahead of their slot, their command held until it [default: bramble-gate beside
+    /// this executable, if static].
+    #[arg(long, env = "BRAMBLE_CRON_GATE", value_name = "FILE")]
+    cron_gate: Option<std::path::PathBuf>,
     /// How often agents send heartbeats (and the controller pings them).
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     heartbeat: Duration,
@@ -225,6 +230,7 @@ fn config(args: Args) -> Result<Config, String> {
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         allow_host_paths: args.allow_host_paths,
         mesh_port: (!args.no_service_proxy).then_some(args.mesh_port),
+        cron_gate: args.cron_gate,
     });
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     let member = if args.etcd_cluster.is_empty() {

@@ -64,7 +64,7 @@ use signal_hook::iterator::Signals;
 
 const USAGE: &str =
     "usage: testimg serve PORT [TEXT] | sleep SECS | exit CODE [AFTER_SECS] | crash | \
-hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | env | get HOST:PORT [PATH] | \
+hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | now | env | get HOST:PORT [PATH] | \
 poll HOST:PORT PATH EVERY_MS | hold HOST:PORT | rtt HOST:PORT N | sink PORT | \
 blast HOST:PORT MIB | touch PATH | rm PATH | exists PATH | echo-stdin | isatty";
 
@@ -136,6 +136,11 @@ fn run(args: &[&str]) -> Result<ExitCode, String> {
             };
             let count: Option<u64> = rest.get(1).map(|c| parse(c, "COUNT")).transpose()?;
             print_lines(text, every, count);
+            Ok(ExitCode::SUCCESS)
+        }
+        ["now"] => {
+            // The instant the command began, for lateness measured from inside.
+            println!("{}", unix_micros());
             Ok(ExitCode::SUCCESS)
         }
         ["env"] => {
@@ -380,6 +385,13 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
         return Err(head.lines().next().unwrap_or_default().to_string());
     }
     Ok(body.to_string())
+}
+
+fn unix_micros() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or_default()
 }
 
 fn unix_ms() -> u128 {

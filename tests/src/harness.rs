@@ -409,6 +409,9 @@ impl Controller {
             Some(n) => cmd.args(["--node-name", n, "--no-service-proxy"]),
             None => cmd.arg("--no-local-agent"),
         };
+        if self.opts.local_node.is_some() && !self.opts.args.iter().any(|a| a == "--cron-gate") {
+            cmd.env("BRAMBLE_CRON_GATE", crate::cron_gate()?);
+        }
         Ok(cmd)
     }
 
@@ -615,6 +618,8 @@ pub struct Agent {
     /// The Docker Engine it runs containers on (`DOCKER_HOST`), `None` for the
     /// machine's.
     docker_host: Option<String>,
+    /// Its cron gate, if not the harness's static one.
+    cron_gate: Option<PathBuf>,
 }
 
 impl Agent {
@@ -709,7 +714,14 @@ impl Agent {
             starts: 0,
             netns: netns.map(str::to_string),
             docker_host: None,
+            cron_gate: None,
         })
+    }
+
+    /// Runs this agent with `gate` as its cron gate from its next start on (by
+    /// default it has the harness's static one, [`crate::cron_gate`]).
+    pub fn set_cron_gate(&mut self, gate: PathBuf) {
+        self.cron_gate = Some(gate);
     }
 
     /// Whether the process is still alive (it may have exited on its own).
@@ -749,7 +761,12 @@ impl Agent {
                 cmd.arg("--no-service-proxy");
             }
         }
+        let gate = match &self.cron_gate {
+            Some(gate) => gate.clone(),
+            None => crate::cron_gate()?,
+        };
         let child = cmd
+            .env("BRAMBLE_CRON_GATE", gate)
             .args(["--node-name", &self.node])
             // In the environment, not in argv (which anyone on the machine can read).
             .env("BRAMBLE_JOIN_TOKEN", &self.token)

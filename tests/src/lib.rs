@@ -90,9 +90,28 @@ fn workspace_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
-/// Builds testimg and returns the path of the binary, as cargo reports it (so a custom
-/// `CARGO_TARGET_DIR` is honoured).
+/// Builds testimg and returns the path of the binary.
 fn build_testimg() -> anyhow::Result<PathBuf> {
+    build_static("bramble-testimg", "testimg")
+}
+
+/// The static `bramble-gate` every agent the harness starts uses (`BRAMBLE_CRON_GATE`),
+/// as a node with the gate installed does: built once per test process for the musl
+/// target (the gate runs inside `FROM scratch` containers).
+pub fn cron_gate() -> anyhow::Result<PathBuf> {
+    static GATE: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut done = GATE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(path) = done.as_ref() {
+        return Ok(path.clone());
+    }
+    let path = build_static("bramble-gate", "bramble-gate")?;
+    *done = Some(path.clone());
+    Ok(path)
+}
+
+/// Builds binary `bin` of `package` static (release, musl target) and returns its path,
+/// as cargo reports it (so a custom `CARGO_TARGET_DIR` is honoured).
+fn build_static(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let out = Command::new(&cargo)
         .current_dir(workspace_root())
@@ -100,16 +119,16 @@ fn build_testimg() -> anyhow::Result<PathBuf> {
             "build",
             "--release",
             "-p",
-            "bramble-testimg",
+            package,
             "--target",
             MUSL_TARGET,
             "--message-format=json-render-diagnostics",
         ])
         .output()
-        .with_context(|| format!("running {cargo} build for testimg"))?;
+        .with_context(|| format!("running {cargo} build for {package}"))?;
     if !out.status.success() {
         bail!(
-            "building testimg failed ({}): {}",
+            "building {package} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
@@ -118,13 +137,13 @@ fn build_testimg() -> anyhow::Result<PathBuf> {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "testimg" {
+        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == bin {
             if let Some(exe) = msg["executable"].as_str() {
                 return Ok(PathBuf::from(exe));
             }
         }
     }
-    bail!("cargo built testimg but reported no executable")
+    bail!("cargo built {package} but reported no executable {bin}")
 }
 
 /// The binary hash label of `image`, or None when the image is absent.

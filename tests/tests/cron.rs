@@ -3,7 +3,7 @@
 //! the running one; a failing Job is retried and then recorded as failed.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use bramble_tests::harness::{self, Controller, ControllerOpts, ADMIN_TOKEN};
@@ -182,40 +182,64 @@ async fn a_failing_job_is_retried_then_recorded_failed() -> Result<()> {
     Ok(())
 }
 
-/// Docker's `Created` and `State.StartedAt` of a task's container on `node`.
-fn created_and_started(node: &str, task: &str) -> Result<Option<(String, String)>> {
-    let out = std::process::Command::new("docker")
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=bramble.node={node}"),
-            "--filter",
-            &format!("label=bramble.task={task}"),
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let Some(id) = stdout.lines().next() else {
-        return Ok(None);
-    };
-    let out = std::process::Command::new("docker")
-        .args(["inspect", "-f", "{{.Created}} {{.State.StartedAt}}", id])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
-        .trim()
-        .split_once(' ')
-        .map(|(c, s)| (c.to_string(), s.to_string())))
+/// A finished run's container on `node`: Docker's `Created` and `State.StartedAt`, and
+/// what its command printed (testimg's `now`: the instant it began, in microseconds).
+struct RunContainer {
+    created: SystemTime,
+    started: SystemTime,
+    began: SystemTime,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slots_container_is_created_ahead_and_started_at_the_slot_never_before() -> Result<()> {
+fn run_container(node: &str, task: &str) -> Result<RunContainer> {
     use bramble_tests::netns::parse_time;
-    let (c, node) = cluster("ca").await?;
-    apply(&c, &cronjob("early", "[\"exit\", \"0\"]", "Allow")).await?;
-    let runs = eventually(Duration::from_secs(40), "three runs finished", || async {
-        let tasks = c.get("/v1/tasks?workload=early").await?;
-        let done: Vec<(String, String)> = tasks
+    let docker = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new("docker").args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let ids = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=bramble.node={node}"),
+        "--filter",
+        &format!("label=bramble.task={task}"),
+    ])?;
+    let id = ids
+        .lines()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no container for {task}"))?;
+    let times = docker(&["inspect", "-f", "{{.Created}} {{.State.StartedAt}}", id])?;
+    let (created, started) = times
+        .split_once(' ')
+        .ok_or_else(|| anyhow::anyhow!("inspect said {times:?}"))?;
+    let when = |s: &str| parse_time(s).ok_or_else(|| anyhow::anyhow!("bad time {s}"));
+    let printed = docker(&["logs", id])?;
+    let micros: u64 = printed
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{task} printed {printed:?}, not its start instant"))?;
+    Ok(RunContainer {
+        created: when(created)?,
+        started: when(started)?,
+        began: UNIX_EPOCH + Duration::from_micros(micros),
+    })
+}
+
+/// The finished runs of `workload`: (task id, slot), once there are `n`.
+async fn finished_runs(
+    c: &Controller,
+    workload: &str,
+    n: usize,
+) -> Result<Vec<(String, SystemTime)>> {
+    use bramble_tests::netns::parse_time;
+    eventually(Duration::from_secs(40), "runs finished", || async {
+        let tasks = c.get(&format!("/v1/tasks?workload={workload}")).await?;
+        let done: Vec<(String, SystemTime)> = tasks
             .as_array()
             .into_iter()
             .flatten()
@@ -223,32 +247,78 @@ async fn a_slots_container_is_created_ahead_and_started_at_the_slot_never_before
             .filter_map(|t| {
                 Some((
                     t["id"].as_str()?.to_string(),
-                    t["slot"].as_str()?.to_string(),
+                    parse_time(t["slot"].as_str()?)?,
                 ))
             })
             .collect();
-        Ok((done.len() >= 3).then_some(done))
+        Ok((done.len() >= n).then_some(done))
+    })
+    .await
+}
+
+/// With the cron gate (the harness gives every agent the static one), a run's container
+/// is made and started ahead of its slot and its command begins at the slot, never
+/// before, by the command's own clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slots_container_is_created_ahead_and_started_at_the_slot_never_before() -> Result<()> {
+    let (c, node) = cluster("ca").await?;
+    apply(&c, &cronjob("early", "[\"now\"]", "Allow")).await?;
+    let runs = finished_runs(&c, "early", 3).await?;
+    let (mut created_ahead, mut started_ahead) = (0, 0);
+    for (task, slot) in &runs {
+        let run = run_container(&node, task)?;
+        assert!(
+            run.began >= *slot,
+            "{task}'s command began at {:?}, before its slot {slot:?}",
+            run.began
+        );
+        created_ahead += usize::from(run.created < *slot);
+        started_ahead += usize::from(run.started < *slot);
+    }
+    // Made and started ahead unless the machine was too slow to within the lead (2 s).
+    assert!(
+        created_ahead * 3 >= runs.len() * 2 && started_ahead * 3 >= runs.len() * 2,
+        "of {} runs, {created_ahead} containers were made and {started_ahead} started ahead of their slot",
+        runs.len()
+    );
+    Ok(())
+}
+
+/// A gate that passes every check but cannot run in a container (here cut short, so it
+/// crashes at once) is found out on the first run: that run is made again without it
+/// and still begins at its slot, as do all later ones, each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_that_cannot_run_is_dropped_and_runs_still_start_at_their_slot() -> Result<()> {
+    ensure_test_image().await?;
+    let good = bramble_tests::cron_gate()?;
+    let dir = tempfile::tempdir()?;
+    let broken = dir.path().join("bramble-gate");
+    let bytes = std::fs::read(&good)?;
+    std::fs::write(&broken, &bytes[..2000.min(bytes.len())])?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755))?;
+    let node = harness::unique("cg");
+    let c = Controller::start(ControllerOpts {
+        local_node: Some(node.clone()),
+        args: vec!["--cron-gate".into(), broken.display().to_string()],
     })
     .await?;
-    let mut ahead = 0;
+    apply(&c, &cronjob("fallback", "[\"now\"]", "Allow")).await?;
+    let runs = finished_runs(&c, "fallback", 3).await?;
     for (task, slot) in &runs {
-        let (created, started) = created_and_started(&node, task)?
-            .ok_or_else(|| anyhow::anyhow!("no container for {task}"))?;
-        let when = |s: &str| parse_time(s).ok_or_else(|| anyhow::anyhow!("bad time {s}"));
-        let (slot_at, created_at, started_at) = (when(slot)?, when(&created)?, when(&started)?);
+        let run = run_container(&node, task)?;
+        assert!(run.began >= *slot, "{task} began before its slot");
         assert!(
-            started_at >= slot_at,
-            "{task} started at {started}, before its slot {slot}"
+            run.started >= *slot,
+            "{task} was started ahead, by the broken gate"
         );
-        if created_at < slot_at {
-            ahead += 1;
-        }
     }
-    // Made ahead unless the machine was too slow to create it within the lead (2 s).
+    let slots: BTreeSet<_> = runs.iter().map(|(_, s)| *s).collect();
+    assert_eq!(slots.len(), runs.len(), "a slot ran twice: {runs:?}");
+    let logs = c.logs();
     assert!(
-        ahead * 3 >= runs.len() * 2,
-        "only {ahead} of {} containers were made ahead of their slot: {runs:?}",
-        runs.len()
+        logs.contains("containers cannot run the cron gate"),
+        "no word of the broken gate in the log"
     );
     Ok(())
 }

@@ -531,7 +531,11 @@ fn plan_task(
         container_id: c.map(|c| c.id.clone()),
         restarts,
         ready: readiness(a, rec, c),
-        started_at: c.and_then(|c| c.started_at),
+        // A run started ahead through the cron gate began at its slot, when the gate
+        // ran its command, not when its container started.
+        started_at: c
+            .and_then(|c| c.started_at)
+            .map(|started| a.not_before.map_or(started, |at| started.max(at))),
         finished_at: None,
         gave_up: false,
         output: None,
@@ -616,6 +620,22 @@ fn plan_task(
     }
 
     match c.state {
+        ContainerState::Running if waits_until.is_some() => {
+            // Started ahead through the cron gate, which holds the run's command until
+            // its slot: the run itself has not begun.
+            if let Some(at) = waits_until {
+                status.started_at = None;
+                status.message = Some(format!(
+                    "started ahead; its command runs at its slot {}",
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                ));
+                actions.push(Action::Report { status });
+                actions.push(Action::Wait {
+                    task: a.task.clone(),
+                    until: at,
+                });
+            }
+        }
         ContainerState::Running | ContainerState::Paused => {
             status.phase = TaskPhase::Running;
             if c.state == ContainerState::Paused {
@@ -2382,5 +2402,62 @@ mod tests {
         // A run that is going is a run like any other.
         let running = container(&a, "c1", ContainerState::Running);
         assert!(moves(&planned(std::slice::from_ref(&running), slot + ms(1))).is_empty());
+    }
+
+    #[test]
+    fn a_run_started_ahead_through_the_gate_begins_at_its_slot() {
+        let slot = t(10);
+        let a = Assignment {
+            not_before: Some(slot),
+            ..assignment("run", Kind::CronJob, RestartPolicy::Never)
+        };
+        let tracker = RestartTracker::new();
+        let ms = chrono::Duration::milliseconds;
+        // The container started 1.5 s ahead; the gate holds the command.
+        let gated = Observed {
+            started_at: Some(slot - ms(1500)),
+            ..container(&a, "c1", ContainerState::Running)
+        };
+        let planned = |observed: &[Observed], now| {
+            plan(std::slice::from_ref(&a), observed, &tracker, now, false)
+        };
+        for now in [slot - ms(1400), slot - ms(1)] {
+            let actions = planned(std::slice::from_ref(&gated), now);
+            // Not started again, not stopped: looked at again at the slot.
+            assert_eq!(moves(&actions), ["wait run 10s"], "{now}");
+            assert!(actions.contains(&Action::Wait {
+                task: "run".into(),
+                until: slot
+            }));
+            let status = &reports(&actions)[0];
+            assert_eq!(status.phase, TaskPhase::Starting);
+            assert_eq!(status.started_at, None);
+            assert_eq!(
+                status.message.as_deref(),
+                Some("started ahead; its command runs at its slot 2027-01-15T08:00:10.000Z")
+            );
+        }
+        // From the slot on it runs, and began at the slot, not at its container's start.
+        let actions = planned(std::slice::from_ref(&gated), slot + ms(5));
+        let status = &reports(&actions)[0];
+        assert_eq!(status.phase, TaskPhase::Running);
+        assert_eq!(status.started_at, Some(slot));
+        // Finished: the same start time.
+        let done = Observed {
+            started_at: Some(slot - ms(1500)),
+            finished_at: Some(slot + ms(40)),
+            ..exited(&a, "c1", 0, 0, 0)
+        };
+        let actions = planned(std::slice::from_ref(&done), slot + ms(100));
+        let status = &reports(&actions)[0];
+        assert_eq!(status.phase, TaskPhase::Succeeded);
+        assert_eq!(status.started_at, Some(slot));
+        // A container started by Docker after the slot keeps its own start time.
+        let late = Observed {
+            started_at: Some(slot + ms(180)),
+            ..container(&a, "c1", ContainerState::Running)
+        };
+        let status = &reports(&planned(std::slice::from_ref(&late), slot + ms(200)))[0];
+        assert_eq!(status.started_at, Some(slot + ms(180)));
     }
 }

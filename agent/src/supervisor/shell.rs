@@ -535,7 +535,7 @@ impl<R: Engine> Supervisor<R> {
                 (Ok(()), Action::Prepare { assignment }) => {
                     out.acted = true;
                     info!(task = %assignment.task, image = %assignment.spec.image, not_before = ?assignment.not_before, "creating container ahead of its start");
-                    self.runtime.create(assignment).await.map(|_| ())
+                    self.runtime.prepare(assignment).await.map(|_| ())
                 }
                 (Ok(()), Action::Start { id, task, at }) => {
                     out.acted = true;
