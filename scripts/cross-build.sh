@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Cross-builds bramble-agent and bramble-controller for the Pi, without Docker:
+# Cross-builds bramble-agent, bramble-controller and the static bramble-gate for the Pi,
+# without Docker:
 #   aarch64-unknown-linux-gnu      Raspberry Pi OS 64-bit, Ubuntu Server for Pi
 #   armv7-unknown-linux-gnueabihf  Raspberry Pi OS 32-bit (armhf)
 # Binaries land in target/<triple>/{debug,release}/. Prints their stripped sizes at the end.
@@ -29,7 +30,7 @@ for arg in "$@"; do
     case "$arg" in
         --release) profile=release; cargo_profile=(--release) ;;
         --controller-dev) controller_dev=1 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "usage: scripts/cross-build.sh [--release] [--controller-dev] (unknown argument: $arg)" >&2; exit 64 ;;
     esac
 done
@@ -109,6 +110,13 @@ for t in "${targets[@]}"; do
     # agent would carry the controller's (the etcd client's HTTP/2, ~0.6 MB) for nothing.
     CARGO_TARGET_DIR="$cross_dir" cargo build ${cargo_profile[@]+"${cargo_profile[@]}"} --locked --target "$t" -p bramble-agent
     CARGO_TARGET_DIR="$cross_dir" cargo build ${controller_cargo_profile[@]+"${controller_cargo_profile[@]}"} --locked --target "$t" -p bramble-controller
+    # The cron gate runs inside containers of any image, FROM scratch ones too: linked
+    # statically (glibc's static libc suffices: it needs no NSS). In a directory of its
+    # own, as the flag changes every dependency's build; then put beside the agent, where
+    # the agent and bramble-image look for it.
+    RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$cross_dir/static" \
+        cargo build ${cargo_profile[@]+"${cargo_profile[@]}"} --locked --target "$t" -p bramble-gate
+    install -m 755 "$cross_dir/static/$t/$profile/bramble-gate" "$cross_dir/$t/$profile/bramble-gate"
 done
 
 step "binary sizes (stripped)"
@@ -116,7 +124,7 @@ tmp="$(mktemp)"
 trap 'rm -f "$tmp"' EXIT
 printf '%-32s %-20s %-8s %12s %9s\n' target binary profile bytes MiB
 for t in "${targets[@]}"; do
-    for b in bramble-agent bramble-controller; do
+    for b in bramble-agent bramble-controller bramble-gate; do
         p="$profile"
         [ "$b" = bramble-controller ] && p="$controller_profile"
         bin="$cross_dir/$t/$p/$b"

@@ -104,6 +104,18 @@ for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
     done
 done
 
+step "the cron gate: static, runs under qemu-user with no libraries at all"
+for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+    gate="$cross_dir/$t/release/bramble-gate"
+    q=qemu-arm
+    [ "$t" = aarch64-unknown-linux-gnu ] && q=qemu-aarch64
+    # No -L: a dynamically linked gate would not even start, as in a FROM scratch image.
+    out="$("$q" "$gate" 0 -- /nonexistent 2>&1)" && rc=0 || rc=$?
+    [ "$rc" = 127 ] && [[ "$out" == *'cannot run "/nonexistent"'* ]] \
+        || die "$t bramble-gate under $q: exit $rc, printed \"$out\""
+    printf '%-32s bramble-gate runs static (%s bytes)\n' "$t" "$(stat -c %s "$gate")"
+done
+
 step "host controller and test image"
 # The whole workspace, as scripts/test.sh builds it: a lone `-p bramble-controller`
 # unifies features differently and would rebuild much of the dependency tree.

@@ -136,12 +136,12 @@ pub fn check(path: &Path) -> Result<PathBuf, GateError> {
         return Err(GateError::NotExecutable { path: abs });
     }
     let bytes = std::fs::read(&abs).map_err(read)?;
-    match has_interpreter(&bytes) {
+    match bramble_api::elf::has_interpreter(&bytes) {
         Ok(false) => {}
         Ok(true) => return Err(GateError::Dynamic { path: abs }),
         Err(why) => return Err(GateError::NotElf { path: abs, why }),
     }
-    let found = machine(&bytes).map_err(|why| GateError::NotElf {
+    let found = bramble_api::elf::machine(&bytes).map_err(|why| GateError::NotElf {
         path: abs.clone(),
         why,
     })?;
@@ -165,65 +165,6 @@ pub fn host_machine() -> Option<u16> {
         "riscv64" => Some(243),
         _ => None,
     }
-}
-
-/// An ELF file's machine (`e_machine`).
-pub fn machine(elf: &[u8]) -> Result<u16, &'static str> {
-    let b = elf.get(0x12..0x14).ok_or("truncated")?;
-    match elf.get(5) {
-        Some(1) => Ok(u16::from_le_bytes([b[0], b[1]])),
-        Some(2) => Ok(u16::from_be_bytes([b[0], b[1]])),
-        _ => Err("unknown byte order"),
-    }
-}
-
-/// Whether an ELF file names an interpreter (a `PT_INTERP` program header): a
-/// dynamically linked executable needs its loader in the container, a static one does
-/// not. Errors say what is malformed.
-pub fn has_interpreter(elf: &[u8]) -> Result<bool, &'static str> {
-    const PT_INTERP: u32 = 3;
-    if elf.get(..4) != Some(b"\x7fELF".as_slice()) {
-        return Err("no ELF magic");
-    }
-    let wide = match elf.get(4) {
-        Some(1) => false,
-        Some(2) => true,
-        _ => return Err("unknown ELF class"),
-    };
-    let little = match elf.get(5) {
-        Some(1) => true,
-        Some(2) => false,
-        _ => return Err("unknown byte order"),
-    };
-    let int = |at: usize, len: usize| -> Result<u64, &'static str> {
-        let b = elf
-            .get(at..at.checked_add(len).ok_or("truncated")?)
-            .ok_or("truncated")?;
-        let mut v: u64 = 0;
-        for i in 0..len {
-            let byte = if little { b[len - 1 - i] } else { b[i] };
-            v = (v << 8) | u64::from(byte);
-        }
-        Ok(v)
-    };
-    let (phoff, phentsize, phnum) = if wide {
-        (int(0x20, 8)?, int(0x36, 2)?, int(0x38, 2)?)
-    } else {
-        (int(0x1c, 4)?, int(0x2a, 2)?, int(0x2c, 2)?)
-    };
-    if phentsize < 4 {
-        return Err("program headers too small");
-    }
-    for i in 0..phnum {
-        let at = phoff
-            .checked_add(i * phentsize)
-            .and_then(|a| usize::try_from(a).ok())
-            .ok_or("program header out of range")?;
-        if int(at, 4)? == u64::from(PT_INTERP) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 /// The entrypoint and command of a run started through the gate at `at`: the gate,
@@ -329,46 +270,9 @@ mod tests {
     }
 
     #[test]
-    fn a_static_executable_has_no_interpreter_and_a_dynamic_one_has() {
-        // This test binary is dynamically linked (a glibc target) or static (musl).
-        let exe = std::env::current_exe().expect("exe");
-        let bytes = std::fs::read(&exe).expect("read");
-        let dynamic = has_interpreter(&bytes).expect("ELF");
-        assert_eq!(dynamic, cfg!(target_env = "gnu"));
-        if let Ok(ls) = std::fs::read("/bin/ls") {
-            assert_eq!(has_interpreter(&ls), Ok(true));
-        }
-    }
-
-    #[test]
-    fn malformed_elf_files_are_errors_not_panics() {
-        assert_eq!(has_interpreter(b""), Err("no ELF magic"));
-        assert_eq!(has_interpreter(b"#!/bin/sh\n"), Err("no ELF magic"));
-        assert_eq!(has_interpreter(b"\x7fELF\x03"), Err("unknown ELF class"));
-        assert_eq!(has_interpreter(b"\x7fELF\x02\x01"), Err("truncated"));
-        // A header whose program headers lie beyond the file.
-        let mut h = vec![0u8; 64];
-        h[..6].copy_from_slice(b"\x7fELF\x02\x01");
-        h[0x20] = 0xff;
-        h[0x36] = 56;
-        h[0x38] = 1;
-        assert_eq!(has_interpreter(&h), Err("truncated"));
-        // Huge offsets do not overflow.
-        h[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(has_interpreter(&h).is_err());
-        h[0x36] = 1;
-        assert_eq!(has_interpreter(&h), Err("program headers too small"));
-        // Every prefix of a real executable is handled.
-        let exe = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
-        for len in 0..256.min(exe.len()) {
-            let _ = has_interpreter(&exe[..len]);
-        }
-    }
-
-    #[test]
     fn an_executable_for_another_machine_is_refused() {
         let exe = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
-        assert_eq!(machine(&exe).ok(), host_machine());
+        assert_eq!(bramble_api::elf::machine(&exe).ok(), host_machine());
         let dir = tempfile::tempdir().expect("dir");
         // Made static-looking (no interpreter) and for another machine.
         let mut elf = vec![0u8; 64];
@@ -391,7 +295,6 @@ mod tests {
             std::fs::write(&path, &elf).expect("write");
             assert!(check(&path).is_ok());
         }
-        assert_eq!(machine(b"\x7fELF\x02\x01"), Err("truncated"));
     }
 
     #[test]

@@ -31,6 +31,7 @@
 pub mod backoff;
 pub mod diff;
 pub mod duration;
+pub mod elf;
 pub mod endpoints;
 pub mod glob;
 pub mod health;

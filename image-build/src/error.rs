@@ -149,6 +149,20 @@ pub enum Error {
         /// Where it was looked for.
         path: PathBuf,
     },
+    /// The cron gate named by --gate is not there.
+    #[error("cron gate {path} not found: build it with `scripts/cross-build.sh --release`, or leave --gate out")]
+    GateMissing {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// The cron gate cannot run on the image's boards.
+    #[error("cron gate {path}: {why}")]
+    Gate {
+        /// The binary.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The agent binary is for another architecture than the image.
     #[error("agent binary {path} is for {found}, but the image's userland is {want}")]
     AgentArch {

@@ -71,7 +71,7 @@ fn file(path: &str, data: impl Into<Vec<u8>>, secret: bool) -> BootFile {
 
 /// The files under `bramble/` (and `firstrun.sh` for [`Hook::FirstRun`]), with the agent
 /// binary.
-pub fn files(s: &Settings, os: &Os, agent: Vec<u8>) -> Vec<BootFile> {
+pub fn files(s: &Settings, os: &Os, agent: Vec<u8>, gate: Option<Vec<u8>>) -> Vec<BootFile> {
     let mut out = vec![
         file(&format!("{DIR}/bramble-agent"), agent, false),
         file(&format!("{DIR}/firstboot.sh"), SCRIPT, false),
@@ -84,6 +84,9 @@ pub fn files(s: &Settings, os: &Os, agent: Vec<u8>) -> Vec<BootFile> {
         file(&format!("{DIR}/settings.env"), settings_env(s, os), false),
         file(&format!("{DIR}/agent.env"), agent_env(s), true),
     ];
+    if let Some(gate) = gate {
+        out.push(file(&format!("{DIR}/bramble-gate"), gate, false));
+    }
     if let Some(keys) = &s.ssh_keys {
         out.push(file(
             &format!("{DIR}/authorized_keys"),
@@ -487,7 +490,15 @@ systemd.run_success_action=reboot systemd.unit=kernel-command-line.target\n"
     #[test]
     fn secrets_are_marked_and_settings_hold_none() {
         let s = settings();
-        let files = files(&s, &Os::PiOsBookworm, b"ELF".to_vec());
+        let files = files(
+            &s,
+            &Os::PiOsBookworm,
+            b"ELF".to_vec(),
+            Some(b"GATE".to_vec()),
+        );
+        assert!(files
+            .iter()
+            .any(|f| f.path == "bramble/bramble-gate" && f.data == b"GATE" && !f.secret));
         let secret: Vec<&str> = files
             .iter()
             .filter(|f| f.secret)
@@ -510,7 +521,8 @@ systemd.run_success_action=reboot systemd.unit=kernel-command-line.target\n"
             );
         }
         assert!(files.iter().any(|f| f.path == "firstrun.sh"));
-        let cloud = super::files(&s, &Os::PiOsTrixie, Vec::new());
+        let cloud = super::files(&s, &Os::PiOsTrixie, Vec::new(), None);
+        assert!(!cloud.iter().any(|f| f.path == "bramble/bramble-gate"));
         assert!(!cloud.iter().any(|f| f.path == "firstrun.sh"));
         let env = settings_env(
             &s,

@@ -45,6 +45,10 @@ enable_unit() {
 
 # --- the agent ---------------------------------------------------------------------
 install -D -m 755 "$here/bramble-agent" "$root/usr/local/bin/bramble-agent" || fail "cannot install the agent binary"
+# The cron gate, beside the agent, which finds it there.
+if [ -f "$here/bramble-gate" ]; then
+    install -D -m 755 "$here/bramble-gate" "$root/usr/local/bin/bramble-gate" || fail "cannot install the cron gate"
+fi
 install -D -m 644 "$here/bramble-agent.service" "$root/etc/systemd/system/bramble-agent.service" || fail "cannot install bramble-agent.service"
 install -D -m 644 "$here/bramble-docker.service" "$root/etc/systemd/system/bramble-docker.service" || fail "cannot install bramble-docker.service"
 install -d -m 700 "$root/etc/bramble"

@@ -88,6 +88,9 @@ pub struct Options {
     pub out: PathBuf,
     /// The agent binary; by default the release build for the image's architecture.
     pub agent: Option<PathBuf>,
+    /// The static cron gate installed beside the agent; by default `bramble-gate` beside
+    /// the agent binary, if there.
+    pub gate: Option<PathBuf>,
     /// Controller URL; none means mDNS discovery.
     pub controller: Option<String>,
     /// Join token.
@@ -119,6 +122,8 @@ pub struct Report {
     pub arch: Arch,
     /// The agent binary put in.
     pub agent: PathBuf,
+    /// The cron gate put in, if any.
+    pub gate: Option<PathBuf>,
     /// Files written on the boot partition.
     pub files: Vec<String>,
 }
@@ -317,6 +322,11 @@ pub fn build(opts: &Options) -> Result<Report> {
             return Err(Error::AgentMissing { path: a.clone() });
         }
     }
+    if let Some(g) = &opts.gate {
+        if !g.is_file() {
+            return Err(Error::GateMissing { path: g.clone() });
+        }
+    }
 
     let mut name = opts.out.clone().into_os_string();
     name.push(".partial");
@@ -399,7 +409,19 @@ pub fn build(opts: &Options) -> Result<Report> {
         }
     }
 
-    let mut files = firstboot::files(&settings, &os, agent);
+    // The gate starts cron runs on time; without it they start a Docker start late.
+    let gate_path = opts.gate.clone().or_else(|| {
+        agent_path
+            .parent()
+            .map(|dir| dir.join("bramble-gate"))
+            .filter(|p| p.is_file())
+    });
+    let gate = match &gate_path {
+        Some(p) => Some(read_gate(p, arch)?),
+        None => None,
+    };
+
+    let mut files = firstboot::files(&settings, &os, agent, gate);
     let cmdline = boot.read("cmdline.txt")?.unwrap_or_default();
     files.push(boot_file(
         "cmdline.txt",
@@ -459,8 +481,43 @@ pub fn build(opts: &Options) -> Result<Report> {
         os,
         arch,
         agent: agent_path,
+        gate: gate_path,
         files: files.into_iter().map(|f| f.path).collect(),
     })
+}
+
+/// Reads the cron gate at `path` and checks that it runs on `arch` in any container:
+/// built for it, and static.
+fn read_gate(path: &Path, arch: Arch) -> Result<Vec<u8>> {
+    let gate = std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => Error::GateMissing {
+            path: path.to_path_buf(),
+        },
+        _ => Error::ReadInput {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let bad = |why: String| Error::Gate {
+        path: path.to_path_buf(),
+        why,
+    };
+    match os::elf_machine(&gate) {
+        Some(ElfMachine::Supported(a)) if a == arch => {}
+        found => {
+            return Err(bad(format!(
+                "it is for {}, but the image's userland is {arch}",
+                found.map_or("not an ELF program".into(), |m| m.to_string())
+            )))
+        }
+    }
+    match bramble_api::elf::has_interpreter(&gate) {
+        Ok(false) => Ok(gate),
+        Ok(true) => Err(bad(
+            "it is dynamically linked, and must run in images without a loader: build it with `scripts/cross-build.sh --release` (static)".into(),
+        )),
+        Err(why) => Err(bad(format!("not a usable ELF program ({why})"))),
+    }
 }
 
 fn boot_file(path: &str, data: impl Into<Vec<u8>>) -> firstboot::BootFile {

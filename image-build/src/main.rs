@@ -51,6 +51,10 @@ struct BuildArgs {
     /// architecture, as scripts/cross-build.sh --release makes it].
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// The static cron gate installed beside the agent, so cron runs start on time
+    /// [default: bramble-gate beside the agent binary, if there].
+    #[arg(long, value_name = "FILE")]
+    gate: Option<PathBuf>,
     /// Hostnames become PREFIX-xxxxxx, from the last six hex digits of each board's serial.
     #[arg(long, default_value = "bramble")]
     hostname_prefix: String,
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
         base: a.base,
         out: a.out.clone(),
         agent: a.agent,
+        gate: a.gate,
         controller: a.controller,
         join_token,
         hostname_prefix: a.hostname_prefix,
@@ -129,6 +134,12 @@ fn main() -> ExitCode {
                 r.arch,
                 r.agent.display()
             );
+            match &r.gate {
+                Some(g) => println!("cron gate {}", g.display()),
+                None => println!(
+                    "no cron gate (bramble-gate beside the agent, or --gate): cron runs will start a Docker start late"
+                ),
+            }
             println!("boot partition: {}", r.files.join(", "));
             ExitCode::SUCCESS
         }

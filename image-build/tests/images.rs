@@ -28,6 +28,8 @@ struct Work {
     dir: tempfile::TempDir,
     agent64: Vec<u8>,
     agent32: Vec<u8>,
+    gate64: Vec<u8>,
+    gate32: Vec<u8>,
 }
 
 impl Work {
@@ -38,6 +40,10 @@ impl Work {
         let agent32 = support::fake_elf(false, 200 << 10);
         std::fs::write(dir.path().join("agent-arm64"), &agent64).expect("write agent");
         std::fs::write(dir.path().join("agent-armhf"), &agent32).expect("write agent");
+        let gate64 = support::fake_elf(true, 40 << 10);
+        let gate32 = support::fake_elf(false, 30 << 10);
+        std::fs::write(dir.path().join("gate-arm64"), &gate64).expect("write gate");
+        std::fs::write(dir.path().join("gate-armhf"), &gate32).expect("write gate");
         std::fs::write(dir.path().join("id.pub"), format!("{SSH_KEY}\n")).expect("write key");
         std::fs::write(dir.path().join("wifi.txt"), format!("{WIFI_PASSWORD}\n"))
             .expect("write pw");
@@ -46,6 +52,8 @@ impl Work {
             dir,
             agent64,
             agent32,
+            gate64,
+            gate32,
         }
     }
 
@@ -56,6 +64,7 @@ impl Work {
     /// The flags of a full build, with the agent for `arm64` or armhf.
     fn args(&self, arm64: bool) -> Vec<String> {
         let agent = self.path(if arm64 { "agent-arm64" } else { "agent-armhf" });
+        let gate = self.path(if arm64 { "gate-arm64" } else { "gate-armhf" });
         [
             "--controller",
             CONTROLLER,
@@ -77,6 +86,8 @@ impl Work {
         .chain([
             "--agent".to_string(),
             agent.display().to_string(),
+            "--gate".to_string(),
+            gate.display().to_string(),
             "--ssh-key".to_string(),
             self.path("id.pub").display().to_string(),
             "--wifi-password-file".to_string(),
@@ -144,7 +155,9 @@ fn builds(flavor: Flavor, arm64: bool, xz: bool) {
 
     let boot = support::read_boot(&out);
     let agent = if arm64 { &w.agent64 } else { &w.agent32 };
+    let gate = if arm64 { &w.gate64 } else { &w.gate32 };
     check_boot(flavor, &boot, agent);
+    assert_eq!(boot["bramble/bramble-gate"], *gate, "cron gate");
 
     // The root partition is read, never written: byte for byte the base's (for an .xz
     // base, as decompressed here independently).
@@ -368,6 +381,11 @@ fn first_boot(flavor: Flavor, files: &BTreeMap<String, Vec<u8>>, agent: &[u8]) {
     };
     assert_eq!(read("usr/local/bin/bramble-agent"), agent);
     assert_eq!(mode("usr/local/bin/bramble-agent"), 0o755);
+    // The cron gate beside the agent, where the agent looks for it.
+    if let Some(gate) = files.get("bramble/bramble-gate") {
+        assert_eq!(&read("usr/local/bin/bramble-gate"), gate);
+        assert_eq!(mode("usr/local/bin/bramble-gate"), 0o755);
+    }
     assert_eq!(
         read("etc/systemd/system/bramble-agent.service"),
         files["bramble/bramble-agent.service"]
@@ -537,6 +555,7 @@ fn finds_the_agent_in_the_target_directory_by_default() {
     let dir = w.path("target/armv7-unknown-linux-gnueabihf/release");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("bramble-agent"), &w.agent32).expect("write");
+    std::fs::write(dir.join("bramble-gate"), &w.gate32).expect("write");
     let spec = Spec {
         arm64: false,
         ..Spec::new(Flavor::Trixie)
@@ -550,6 +569,8 @@ fn finds_the_agent_in_the_target_directory_by_default() {
     );
     assert_ok(&o);
     assert_eq!(support::read_boot(&out)["bramble/bramble-agent"], w.agent32);
+    // The gate beside the agent goes in with it.
+    assert_eq!(support::read_boot(&out)["bramble/bramble-gate"], w.gate32);
     // Without --controller the agent finds the controller over mDNS.
     assert!(!text(&support::read_boot(&out)["bramble/agent.env"]).contains("BRAMBLE_CONTROLLER"));
 }
@@ -657,6 +678,32 @@ fn rejects_a_missing_agent_or_one_for_another_architecture() {
         "is for armhf, but the image's userland is arm64",
         &out,
     );
+}
+
+#[test]
+fn rejects_a_cron_gate_that_cannot_run_on_the_boards() {
+    let w = Work::new();
+    let base = support::make_image(w.dir.path(), "base", &Spec::new(Flavor::Ubuntu), false);
+    let out = w.path("out.img");
+    let mut args = w.args(true);
+    let i = args.iter().position(|a| a == "--gate").expect("has --gate");
+    args[i + 1] = w.path("no-such-gate").display().to_string();
+    assert_fails(&w.build(&base, &out, &args), "cron gate", &out);
+    args[i + 1] = w.path("gate-armhf").display().to_string();
+    assert_fails(
+        &w.build(&base, &out, &args),
+        "it is for armhf, but the image's userland is arm64",
+        &out,
+    );
+    // An arm64 program that names a loader (PT_INTERP): dynamically linked.
+    let mut dynamic = support::fake_elf(true, 4 << 10);
+    dynamic[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+    dynamic[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    dynamic[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+    dynamic[64..68].copy_from_slice(&3u32.to_le_bytes());
+    std::fs::write(w.path("gate-dynamic"), &dynamic).expect("write");
+    args[i + 1] = w.path("gate-dynamic").display().to_string();
+    assert_fails(&w.build(&base, &out, &args), "dynamically linked", &out);
 }
 
 /// A file's permission bits.
