@@ -340,6 +340,30 @@ fn parse_expr(expr: &str) -> Result<Cron, ScheduleError> {
     }
     let cron = parser().parse(text).map_err(|e| bad(locate(&fields, &e)))?;
 
+    // A field that allows no value at all (a list of nothing, `,,`) matches no date; said
+    // here, as croner would look for one second by second up to its horizon, which
+    // takes a minute.
+    let p = &cron.pattern;
+    for (name, c) in [
+        ("seconds", &p.seconds),
+        ("minute", &p.minutes),
+        ("hour", &p.hours),
+        ("month", &p.months),
+    ] {
+        if c.values().is_empty() {
+            return Err(bad(format!(
+                "matches no date: the {name} field allows no value"
+            )));
+        }
+    }
+    let no_days = p.days.values().is_empty() && !p.days.has_modifiers();
+    let no_weekdays = p.days_of_week.values().is_empty() && !p.days_of_week.has_modifiers();
+    if no_days && no_weekdays {
+        return Err(bad(
+            "matches no date: the day-of-month and day-of-week fields allow no value".into(),
+        ));
+    }
+
     // Croner gives up at year 5000; the Gregorian calendar repeats every 400 years, so
     // an expression that matches nothing by then never matches.
     let reference = DateTime::from_timestamp(946_684_800, 0) // 2000-01-01T00:00:00
@@ -749,6 +773,13 @@ mod tests {
             ("   ", "must not be empty"),
             ("0 0 30 2 *", "matches no date"),
             ("0 0 31 4,6,9,11 *", "matches no date"),
+            // Found by fuzzing: a field listing nothing took croner a minute of search
+            // (the fuzzer's timeout) before it said so.
+            ("0,,,5,\x0c,,,,,,,,, */1 * * *", "matches no date: the minute field allows no value"),
+            (", * * * * *", "the seconds field allows no value"),
+            ("0 ,, * * *", "the hour field allows no value"),
+            ("0 0 * ,, *", "the month field allows no value"),
+            ("0 0 ,, * ,,", "the day-of-month and day-of-week fields allow no value"),
         ];
         for (expr, want) in cases {
             let e = Schedule::parse(expr, None).expect_err(expr);
