@@ -356,12 +356,12 @@ fn parse_expr(expr: &str) -> Result<Cron, ScheduleError> {
             )));
         }
     }
-    let no_days = p.days.values().is_empty() && !p.days.has_modifiers();
-    let no_weekdays = p.days_of_week.values().is_empty() && !p.days_of_week.has_modifiers();
-    if no_days && no_weekdays {
-        return Err(bad(
-            "matches no date: the day-of-month and day-of-week fields allow no value".into(),
-        ));
+    for (name, c) in [("day-of-month", &p.days), ("day-of-week", &p.days_of_week)] {
+        if c.values().is_empty() && !c.has_modifiers() {
+            return Err(bad(format!(
+                "matches no date: the {name} field allows no value"
+            )));
+        }
     }
 
     // Croner gives up at year 5000; the Gregorian calendar repeats every 400 years, so
@@ -779,7 +779,9 @@ mod tests {
             (", * * * * *", "the seconds field allows no value"),
             ("0 ,, * * *", "the hour field allows no value"),
             ("0 0 * ,, *", "the month field allows no value"),
-            ("0 0 ,, * ,,", "the day-of-month and day-of-week fields allow no value"),
+            ("0 0 ,, * *", "the day-of-month field allows no value"),
+            // Found by fuzzing too: `+` (day-of-month AND day-of-week) with no weekday.
+            ("0 2 * * +", "the day-of-week field allows no value"),
         ];
         for (expr, want) in cases {
             let e = Schedule::parse(expr, None).expect_err(expr);
