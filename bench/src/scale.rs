@@ -163,6 +163,34 @@ async fn agent(
     Ok(())
 }
 
+/// Simulated agents whose link ended, with why and when.
+type Failures = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// Fails if a simulated agent's link ended, with the controller's log lines about it.
+fn all_linked(failures: &Failures, c: &Controller) -> Result<()> {
+    let failed = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some((first, _)) = failed.first() else {
+        return Ok(());
+    };
+    let log = c.logs();
+    let about: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(first.as_str()) && !l.contains("DEBUG"))
+        .collect();
+    let tail = about.len().saturating_sub(20);
+    bail!(
+        "{} simulated agents lost their link: {}\n--- the controller's log about {first} (last 20 lines):\n{}",
+        failed.len(),
+        failed
+            .iter()
+            .take(5)
+            .map(|(n, why)| format!("{n} {why}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+        about[tail..].join("\n")
+    )
+}
+
 async fn count_ready(c: &Controller) -> Result<usize> {
     let nodes = c.get("/v1/nodes").await?;
     Ok(nodes
@@ -275,6 +303,8 @@ pub async fn scale(nodes: usize, tasks: usize, heartbeat_ms: u64, secs: u64) -> 
     let rss_empty = harness::rss_bytes(pid).context("controller RSS")?;
 
     let counters = Arc::new(Counters::default());
+    let failures: Failures = Arc::default();
+    let started = Instant::now();
     let (stop_tx, stop) = watch::channel(false);
     let prefix = harness::unique("sim");
     let t = Instant::now();
@@ -293,14 +323,21 @@ pub async fn scale(nodes: usize, tasks: usize, heartbeat_ms: u64, secs: u64) -> 
             .enumerate()
         {
             let (ws, every) = joined?;
-            let seed = bramble_api::task::fnv1a64(format!("{prefix}-{}", chunk[i]).as_bytes());
-            agents.push(tokio::spawn(agent(
-                ws,
-                every,
-                seed,
-                counters.clone(),
-                stop.clone(),
-            )));
+            let name = format!("{prefix}-{}", chunk[i]);
+            let seed = bramble_api::task::fnv1a64(name.as_bytes());
+            let run = agent(ws, every, seed, counters.clone(), stop.clone());
+            let failures = Arc::clone(&failures);
+            agents.push(tokio::spawn(async move {
+                let r = run.await;
+                if let Err(e) = &r {
+                    let at = started.elapsed().as_secs_f64();
+                    failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((name, format!("after {at:.1} s: {e:#}")));
+                }
+                r
+            }));
         }
     }
     while count_ready(&c).await? < nodes {
@@ -311,6 +348,7 @@ pub async fn scale(nodes: usize, tasks: usize, heartbeat_ms: u64, secs: u64) -> 
     }
     let joined_in = t.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    all_linked(&failures, &c)?;
     let rss_nodes = harness::rss_bytes(pid).context("controller RSS")?;
 
     let workloads = tasks.div_ceil(REPLICAS);
@@ -336,9 +374,13 @@ pub async fn scale(nodes: usize, tasks: usize, heartbeat_ms: u64, secs: u64) -> 
     let placed_in = t.elapsed();
     // Settle: the last reports written, the first full minute of history buckets.
     tokio::time::sleep(Duration::from_secs(10)).await;
+    all_linked(&failures, &c)?;
 
+    // A window with a simulated agent gone would measure a smaller cluster than asked.
     let quiet = window(&c, pid, secs, false, &counters).await?;
+    all_linked(&failures, &c)?;
     let watched = window(&c, pid, secs, true, &counters).await?;
+    all_linked(&failures, &c)?;
     let _ = stop_tx.send(true);
     for a in agents {
         match a.await {

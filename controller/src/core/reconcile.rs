@@ -3,6 +3,7 @@
 //! each pass and running it twice on its own output changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bramble_api::backoff::Backoff;
@@ -219,10 +220,59 @@ pub fn run_deadline(t: &Task) -> Option<DateTime<Utc>> {
 /// deadline and the values of its Secret references (this node's tasks' only). Sent to
 /// the node's agent whenever it changes.
 pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assignment> {
-    snap.tasks
+    let tasks = snap
+        .tasks
         .values()
+        .filter(|t| t.value.node.as_deref() == Some(node));
+    assignments_of(snap, tasks, sealer)
+}
+
+/// Each node's placed tasks, in id order: computed once per snapshot, so that the
+/// links of a thousand nodes do not each scan every task whenever anything changes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placed {
+    /// Task ids by node.
+    pub by_node: BTreeMap<String, Vec<String>>,
+    /// Whether any task has a managed volume (only then are copy duties worked out).
+    pub managed_volumes: bool,
+}
+
+/// Where `snap`'s tasks are placed.
+pub fn placed(snap: &Snapshot) -> Placed {
+    let mut out = Placed::default();
+    for t in snap.tasks.values().map(|t| &t.value) {
+        out.managed_volumes |= t.spec.volumes.iter().any(|v| v.name.is_some());
+        if let Some(node) = &t.node {
+            out.by_node
+                .entry(node.clone())
+                .or_default()
+                .push(t.id.clone());
+        }
+    }
+    out
+}
+
+/// [`assignments`] of `node` by way of [`placed`]: the same set, read from the index.
+pub fn assignments_placed(
+    snap: &Snapshot,
+    placed: &Placed,
+    node: &str,
+    sealer: &dyn Sealer,
+) -> Vec<Assignment> {
+    let ids = placed.by_node.get(node).map_or(&[][..], Vec::as_slice);
+    let tasks = ids.iter().filter_map(|id| snap.tasks.get(id));
+    assignments_of(snap, tasks, sealer)
+}
+
+/// The assignments of `tasks` (one node's, in id order) meant to run.
+fn assignments_of<'a>(
+    snap: &Snapshot,
+    tasks: impl Iterator<Item = &'a Arc<Versioned<Task>>>,
+    sealer: &dyn Sealer,
+) -> Vec<Assignment> {
+    tasks
         .map(|t| &t.value)
-        .filter(|t| t.node.as_deref() == Some(node) && t.desired == DesiredState::Running)
+        .filter(|t| t.desired == DesiredState::Running)
         .map(|t| Assignment {
             restore_from: None,
             sync_to: Vec::new(),
@@ -1113,6 +1163,41 @@ mod tests {
             msg.contains("0/1 node fit"),
             "keeps the reason it never started: {msg}"
         );
+    }
+
+    #[test]
+    fn the_placed_index_gives_every_node_the_same_set_as_a_full_scan() {
+        let ws = [
+            service("web", 5, "a:1"),
+            service("api", 3, "b:1"),
+            workload(
+                "apiVersion: bramble/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  image: a:1\n",
+            ),
+        ];
+        let nodes = [node("n1"), node("n2"), node("n3")];
+        let mut tasks = Vec::new();
+        run_to_fixpoint(&ws, &mut tasks, &nodes);
+        // One task stopped on its node, one not placed at all.
+        tasks[0].value.desired = DesiredState::Stopped;
+        tasks[1].value.node = None;
+        let snap = snapshot_of(&ws, &tasks);
+        let placed = placed(&snap);
+        assert!(!placed.managed_volumes);
+        let sealer = crate::core::secrets::tests::Mirror;
+        let mut seen = 0;
+        for n in ["n1", "n2", "n3", "n4"] {
+            let full = assignments(&snap, n, &sealer);
+            assert_eq!(assignments_placed(&snap, &placed, n, &sealer), full, "{n}");
+            seen += full.len();
+        }
+        assert_eq!(seen, tasks.len() - 2, "every placed running task, once");
+        // A task that is gone from the snapshot but still in an older index is skipped.
+        let mut fewer = snap.clone();
+        let gone = tasks[2].value.id.clone();
+        fewer.tasks.remove(&gone);
+        let n = tasks[2].value.node.clone().expect("placed");
+        let set = assignments_placed(&fewer, &placed, &n, &sealer);
+        assert!(set.iter().all(|a| a.task != gone));
     }
 
     #[test]

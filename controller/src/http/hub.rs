@@ -450,12 +450,12 @@ struct Assigned {
 
 /// Who keeps copies of what (see [`volumes::duties`]), from the snapshot, the nodes'
 /// health and their volume reports.
-fn copy_duties(state: &ClusterState, snap: &crate::core::Snapshot) -> volumes::Duties {
-    if !snap
-        .tasks
-        .values()
-        .any(|t| t.value.spec.volumes.iter().any(|v| v.name.is_some()))
-    {
+fn copy_duties(
+    state: &ClusterState,
+    snap: &crate::core::Snapshot,
+    placed: &reconcile::Placed,
+) -> volumes::Duties {
+    if !placed.managed_volumes {
         return volumes::Duties::default();
     }
     let candidates: Vec<volumes::Candidate> = snap
@@ -576,8 +576,9 @@ impl Link<'_> {
         sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     ) -> Option<Option<DateTime<Utc>>> {
         let (state, vault, node) = (self.state, self.vault, self.node);
-        let duties = copy_duties(state, snap);
-        let mut tasks = reconcile::assignments(snap, node, vault);
+        let placed = state.placed(snap);
+        let duties = copy_duties(state, snap, &placed);
+        let mut tasks = reconcile::assignments_placed(snap, &placed, node, vault);
         let held = if self.waits {
             None
         } else {
@@ -606,7 +607,10 @@ impl Link<'_> {
             *sent = Some(set);
         }
         let routes = state.routes(snap);
-        if routed.as_ref() != Some(&routes.table) {
+        if !routed
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, &routes.table))
+        {
             // Encoded once for every link (see `State::routes`).
             let frame = Utf8Bytes::try_from(routes.frame).expect("an encoded frame is UTF-8");
             if sink.send(Message::Text(frame)).await.is_err() {

@@ -151,6 +151,9 @@ pub struct State {
     /// link sends the same table, so it is computed, encoded and held once, not per
     /// node.
     routes: Mutex<Option<(u64, Routes)>>,
+    /// Where the newest snapshot asked for places its tasks, by its revision: every
+    /// agent link reads its own node's share of the same index.
+    placed: Mutex<Option<(u64, Arc<crate::core::reconcile::Placed>)>>,
     /// Node health and links, in memory.
     pub live: live::Live,
     /// Node metrics history, in memory.
@@ -296,6 +299,7 @@ impl State {
             reflector: Mutex::new(None),
             fresh: Mutex::new(None),
             routes: Mutex::new(None),
+            placed: Mutex::new(None),
             live: live::Live::new(health),
             history: history::History::default(),
             logs: logs::LogStreams::default(),
@@ -327,6 +331,13 @@ impl State {
             _ => {
                 let table =
                     crate::core::endpoints::table(snap, bramble_api::endpoints::DEFAULT_RANGE);
+                // Most revisions change no endpoint: the links then see the very table
+                // they sent last and compare pointers, not a thousand tables each.
+                if let Some((_, last)) = cached.as_ref().filter(|(_, r)| *r.table == table) {
+                    let routes = last.clone();
+                    *cached = Some((snap.revision, routes.clone()));
+                    return routes;
+                }
                 let frame =
                     bramble_api::wire::encode(&bramble_api::wire::ControllerMessage::Endpoints {
                         revision: snap.revision,
@@ -338,6 +349,20 @@ impl State {
                 };
                 *cached = Some((snap.revision, routes.clone()));
                 routes
+            }
+        }
+    }
+
+    /// Where `snap` places its tasks ([`crate::core::reconcile::placed`]), computed once
+    /// per snapshot revision for all the agent links.
+    pub fn placed(&self, snap: &Snapshot) -> Arc<crate::core::reconcile::Placed> {
+        let mut cached = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some((rev, placed)) if *rev == snap.revision => Arc::clone(placed),
+            _ => {
+                let placed = Arc::new(crate::core::reconcile::placed(snap));
+                *cached = Some((snap.revision, Arc::clone(&placed)));
+                placed
             }
         }
     }
