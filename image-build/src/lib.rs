@@ -389,15 +389,7 @@ pub fn build(opts: &Options) -> Result<Report> {
         Some(p) => p.clone(),
         None => default_agent(arch),
     };
-    let agent = std::fs::read(&agent_path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => Error::AgentMissing {
-            path: agent_path.clone(),
-        },
-        _ => Error::ReadInput {
-            path: agent_path.clone(),
-            source,
-        },
-    })?;
+    let agent = read_input(&agent_path, |path| Error::AgentMissing { path })?;
     match os::elf_machine(&agent) {
         Some(ElfMachine::Supported(a)) if a == arch => {}
         found => {
@@ -486,18 +478,21 @@ pub fn build(opts: &Options) -> Result<Report> {
     })
 }
 
-/// Reads the cron gate at `path` and checks that it runs on `arch` in any container:
-/// built for it, and static.
-fn read_gate(path: &Path, arch: Arch) -> Result<Vec<u8>> {
-    let gate = std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => Error::GateMissing {
-            path: path.to_path_buf(),
-        },
+/// Reads an input file; a missing one is `missing(path)`.
+fn read_input(path: &Path, missing: impl FnOnce(PathBuf) -> Error) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => missing(path.to_path_buf()),
         _ => Error::ReadInput {
             path: path.to_path_buf(),
             source,
         },
-    })?;
+    })
+}
+
+/// Reads the cron gate at `path` and checks that it runs on `arch` in any container:
+/// built for it, and static.
+fn read_gate(path: &Path, arch: Arch) -> Result<Vec<u8>> {
+    let gate = read_input(path, |path| Error::GateMissing { path })?;
     let bad = |why: String| Error::Gate {
         path: path.to_path_buf(),
         why,

@@ -2321,13 +2321,19 @@ mod tests {
         assert!(targets(std::slice::from_ref(&a), &[]).is_empty());
     }
 
-    #[test]
-    fn a_run_sent_ahead_of_its_slot_is_created_at_once_and_started_at_the_slot_never_before() {
+    /// A CronJob run sent ahead of its slot at `t(10)`, and the slot.
+    fn run_ahead() -> (Assignment, DateTime<Utc>) {
         let slot = t(10);
         let a = Assignment {
             not_before: Some(slot),
             ..assignment("run", Kind::CronJob, RestartPolicy::Never)
         };
+        (a, slot)
+    }
+
+    #[test]
+    fn a_run_sent_ahead_of_its_slot_is_created_at_once_and_started_at_the_slot_never_before() {
+        let (a, slot) = run_ahead();
         let tracker = RestartTracker::new();
         let ms = chrono::Duration::milliseconds;
         let created = Observed {
@@ -2406,11 +2412,7 @@ mod tests {
 
     #[test]
     fn a_run_started_ahead_through_the_gate_begins_at_its_slot() {
-        let slot = t(10);
-        let a = Assignment {
-            not_before: Some(slot),
-            ..assignment("run", Kind::CronJob, RestartPolicy::Never)
-        };
+        let (a, slot) = run_ahead();
         let tracker = RestartTracker::new();
         let ms = chrono::Duration::milliseconds;
         // The container started 1.5 s ahead; the gate holds the command.
