@@ -115,8 +115,10 @@ pub fn find(explicit: Option<&Path>, exe: Option<&Path>) -> Result<Option<Gate>,
     }
     match Gate::open(&beside) {
         Ok(gate) => Ok(Some(gate)),
+        // A development build puts a dynamically linked one there (`cargo build` builds
+        // for the host's glibc): expected, so said plainly rather than warned about.
         Err(e) => {
-            tracing::warn!(error = %e, "not using the cron gate found beside the agent");
+            tracing::info!(error = %e, "not using the cron gate found beside the agent");
             Ok(None)
         }
     }
