@@ -195,6 +195,18 @@ pub fn gated_command(
     Some((entrypoint, run))
 }
 
+/// How long the agent watches the node's first gated container: an exec failure ends
+/// it within milliseconds, and the watch allows for a loaded node.
+pub const WATCH: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether a run due at `at` may start through the gate at `now`: always once a
+/// container ran the gate on this node, else only with time to watch it before the
+/// slot (a run whose gate failed unwatched would be lost).
+pub fn may_use(proven: bool, now: DateTime<Utc>, at: DateTime<Utc>) -> bool {
+    let watch = chrono::Duration::from_std(WATCH).unwrap_or_default();
+    proven || now + watch * 2 < at
+}
+
 /// Whether a Docker error is about the gate itself (the engine could not exec it).
 pub fn blames_gate(message: &str) -> bool {
     message.contains(TARGET)
@@ -329,6 +341,29 @@ mod tests {
         assert!(find(None, Some(&dir.path().join("bramble-agent")))
             .expect("none")
             .is_none());
+    }
+
+    #[test]
+    fn an_unproven_gate_is_used_only_with_time_to_watch_it() {
+        let at = DateTime::parse_from_rfc3339("2026-12-03T04:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let ms = chrono::Duration::milliseconds;
+        for (proven, ahead, want) in [
+            (false, 2000, true),
+            (false, 1001, true),
+            (false, 1000, false),
+            (false, 300, false),
+            (false, -5, false),
+            (true, 2000, true),
+            (true, 1, true),
+        ] {
+            assert_eq!(
+                may_use(proven, at - ms(ahead), at),
+                want,
+                "{proven} {ahead}"
+            );
+        }
     }
 
     #[test]

@@ -712,6 +712,9 @@ impl Runtime {
         else {
             return self.create(a).await;
         };
+        if !crate::gate::may_use(gate.proven(), Utc::now(), at) {
+            return self.create(a).await;
+        }
         let (image_entrypoint, image_cmd) = match a.spec.command {
             // The task's own command: the image's defaults do not matter.
             Some(_) => (None, None),
@@ -758,22 +761,29 @@ impl Runtime {
     }
 
     /// Why the gate could not run in container `id`, started ahead of `at`, if it could
-    /// not. Checked on the node's first gated run only: an exec failure (a file that
-    /// passed [`crate::gate::check`] but the kernel will not run) ends the container
-    /// within moments of its start, long before its slot.
+    /// not. Watched for [`crate::gate::WATCH`] until a container on this node has run
+    /// it: an exec failure (a file that passed [`crate::gate::check`] but the kernel
+    /// will not run) ends the container within moments of its start, long before its
+    /// slot ([`crate::gate::may_use`] left the time for that).
     async fn gate_failed(
         &self,
         gate: &crate::gate::Gate,
         id: &str,
         at: DateTime<Utc>,
     ) -> Option<String> {
-        const WATCH: Duration = Duration::from_millis(100);
-        let watch = chrono::Duration::from_std(WATCH).unwrap_or_default();
-        if gate.proven() || Utc::now() + watch * 2 >= at {
+        // Looked at every POLL, so that a failure is acted on at once.
+        const POLL: Duration = Duration::from_millis(100);
+        if gate.proven() {
             return None;
         }
-        tokio::time::sleep(WATCH).await;
-        let c = self.inspect(id).await.ok()?;
+        let until = Utc::now() + chrono::Duration::from_std(crate::gate::WATCH).unwrap_or_default();
+        let c = loop {
+            tokio::time::sleep(POLL).await;
+            let c = self.inspect(id).await.ok()?;
+            if c.state != ContainerState::Running || Utc::now() >= until {
+                break c;
+            }
+        };
         // Only an end before the slot is the gate's own: from the slot on it may be the
         // run's command, which must never run twice.
         // Ended by a signal (SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGTERM: the run called
