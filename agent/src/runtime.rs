@@ -685,9 +685,7 @@ impl Runtime {
     pub async fn create_and_start(&self, a: &Assignment) -> Result<String> {
         let id = self.create(a).await?;
         if let Err(e) = self.start(&id).await {
-            if let Err(cleanup) = self.remove(&id).await {
-                warn!(container = %id, error = %error_chain(&cleanup), "cannot remove a container that failed to start");
-            }
+            self.discard_unstarted(&id).await;
             return Err(e);
         }
         info!(container = %id, "container started");
@@ -740,9 +738,7 @@ impl Runtime {
             Err(e) => {
                 let message = error_chain(&e);
                 if !crate::gate::blames_gate(&message) {
-                    if let Err(cleanup) = self.remove(&id).await {
-                        warn!(container = %id, error = %error_chain(&cleanup), "cannot remove a container that failed to start");
-                    }
+                    self.discard_unstarted(&id).await;
                     return Err(e);
                 }
                 Some(message)
@@ -809,6 +805,15 @@ impl Runtime {
                 format!(": {}", output.trim())
             }
         ))
+    }
+
+    /// Removes a container whose start failed, so that a failed attempt leaves nothing
+    /// behind; a removal that fails too is logged (the start's error is the one to
+    /// report).
+    async fn discard_unstarted(&self, id: &str) {
+        if let Err(cleanup) = self.remove(id).await {
+            warn!(container = %id, error = %error_chain(&cleanup), "cannot remove a container that failed to start");
+        }
     }
 
     /// An image's entrypoint and default arguments, pulling it first if it is missing.
