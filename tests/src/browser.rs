@@ -222,48 +222,57 @@ impl Browser {
 
     /// The visible text of the first element matching `css`.
     pub async fn text(&self, css: &str) -> Result<String> {
-        let e = self
-            .find(css)
-            .await?
-            .ok_or_else(|| anyhow!("no element {css:?}"))?;
         let v = self
-            .request(
-                reqwest::Method::GET,
-                &self.session_path(&format!("/element/{e}/text")),
-                None,
-            )
+            .on_element(css, "text", reqwest::Method::GET, None)
             .await?;
         Ok(v.as_str().unwrap_or_default().to_string())
     }
 
     /// Clicks the first element matching `css`.
     pub async fn click(&self, css: &str) -> Result<()> {
-        let e = self
-            .find(css)
-            .await?
-            .ok_or_else(|| anyhow!("no element {css:?} to click"))?;
-        self.request(
-            reqwest::Method::POST,
-            &self.session_path(&format!("/element/{e}/click")),
-            Some(json!({})),
-        )
-        .await?;
+        self.on_element(css, "click", reqwest::Method::POST, Some(json!({})))
+            .await?;
         Ok(())
     }
 
     /// Types into the first element matching `css`.
     pub async fn type_into(&self, css: &str, text: &str) -> Result<()> {
-        let e = self
-            .find(css)
-            .await?
-            .ok_or_else(|| anyhow!("no element {css:?} to type into"))?;
-        self.request(
+        self.on_element(
+            css,
+            "value",
             reqwest::Method::POST,
-            &self.session_path(&format!("/element/{e}/value")),
             Some(json!({ "text": text })),
         )
         .await?;
         Ok(())
+    }
+
+    /// One command on the first element matching `css`. The dashboard redraws parts of
+    /// the page as the cluster changes, so the element found may be replaced before the
+    /// command reaches it ("stale element reference"): then it is found again, as a user's
+    /// click lands on whatever is on the screen at that instant.
+    async fn on_element(
+        &self,
+        css: &str,
+        command: &str,
+        method: reqwest::Method,
+        body: Option<Value>,
+    ) -> Result<Value> {
+        let mut tries = 0;
+        loop {
+            let e = self
+                .find(css)
+                .await?
+                .ok_or_else(|| anyhow!("no element {css:?} for {command}"))?;
+            let path = self.session_path(&format!("/element/{e}/{command}"));
+            match self.request(method.clone(), &path, body.clone()).await {
+                Err(err) if tries < 10 && err.to_string().contains("stale element reference") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs a script in the page (`return …` for a value).
