@@ -83,11 +83,29 @@ struct Member {
     child: Option<Child>,
 }
 
+/// A free TCP port on loopback for an etcd member to listen on.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Picked below the kernel's ephemeral range (32768 and up by default), from a
+    // counter starting at a place of this process's own: a port taken from that range
+    // by `bind(0)` and released was, now and then, the source port of some outgoing
+    // connection by the time the server bound it ("address already in use").
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 fn etcd_binary() -> PathBuf {
