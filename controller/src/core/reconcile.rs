@@ -458,7 +458,7 @@ fn converge_workload(w: &StoredWorkload, work: &mut BTreeMap<String, Task>, now:
 }
 
 /// A pending, unplaced task of the workload.
-pub(crate) fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTime<Utc>) -> Task {
+pub fn new_task(w: &StoredWorkload, id: String, replica: u32, now: DateTime<Utc>) -> Task {
     Task::pending(id, &w.manifest, w.spec_hash.clone(), replica, now)
 }
 

@@ -357,3 +357,142 @@ impl Change {
         self.drafts.extend(other.drafts);
     }
 }
+
+/// Changes decided on one snapshot, joined into one (see [`group`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Group {
+    /// The joined change.
+    pub change: Change,
+    /// For each change given, in order: whether it is part of `change`.
+    pub taken: Vec<bool>,
+}
+
+/// Joins changes that were decided independently on one snapshot into one change, for
+/// one transaction. Taken in order, each change that writes no key an earlier taken one
+/// writes and keeps the total within `max_writes`; the others are left, to be decided
+/// again on the snapshot that follows. The first change is always taken (alone, it is
+/// what a commit of its own would write).
+///
+/// Why joining is sound: every write compares the revision it was decided on, so a
+/// change whose decision read a key another write of the group moves fails as a whole
+/// and is decided again; and no two taken changes write one key, so none overwrites
+/// another's write unseen. The joined change is what committing them one by one in any
+/// order would store, as long as each decision reads only keys it writes — which holds
+/// for agents' task reports, the changes grouped this way.
+pub fn group(changes: Vec<Change>, max_writes: usize) -> Group {
+    let mut out = Group {
+        change: Change::default(),
+        taken: Vec::with_capacity(changes.len()),
+    };
+    let mut keys: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for (i, c) in changes.into_iter().enumerate() {
+        let fits = i == 0
+            || (out.change.writes.len() + c.writes.len() <= max_writes
+                && c.writes.iter().all(|w| !keys.contains(&w.key))
+                // A change writing one key twice is left to itself too.
+                && c.writes.len()
+                    == c.writes
+                        .iter()
+                        .map(|w| w.key.as_str())
+                        .collect::<std::collections::HashSet<_>>()
+                        .len());
+        out.taken.push(fits);
+        if fits {
+            keys.extend(c.writes.iter().map(|w| w.key.clone()));
+            out.change.extend(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::events::Draft;
+
+    fn put(key: &str, rev: u64) -> Write {
+        Write {
+            key: key.into(),
+            expect: Expect::of(rev),
+            value: None,
+        }
+    }
+
+    fn change(keys: &[&str]) -> Change {
+        Change::new(keys.iter().map(|k| put(k, 7)).collect(), Vec::new())
+    }
+
+    #[test]
+    fn changes_on_other_keys_are_joined_in_order_with_their_events() {
+        let mut a = change(&["/tasks/a"]);
+        a.drafts.push(Draft::normal("task/a", "Started", "a"));
+        let b = change(&["/tasks/b", "/tasks/c"]);
+        let events_only = Change::events(vec![Draft::normal("node/pi1", "Volumes", "v")]);
+        let g = group(
+            vec![a.clone(), b.clone(), Change::default(), events_only.clone()],
+            96,
+        );
+        assert_eq!(g.taken, vec![true, true, true, true]);
+        let mut want = a;
+        want.extend(b);
+        want.extend(events_only);
+        assert_eq!(g.change, want);
+    }
+
+    #[test]
+    fn a_change_on_a_key_already_written_is_left_for_the_next_group() {
+        let g = group(
+            vec![
+                change(&["/tasks/a"]),
+                change(&["/tasks/b", "/tasks/a"]),
+                change(&["/tasks/b"]),
+                change(&["/tasks/a"]),
+                change(&["/tasks/c"]),
+            ],
+            96,
+        );
+        // The second is left (it writes a); so b stays free for the third.
+        assert_eq!(g.taken, vec![true, false, true, false, true]);
+        let keys: Vec<&str> = g.change.writes.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["/tasks/a", "/tasks/b", "/tasks/c"]);
+    }
+
+    #[test]
+    fn the_group_stays_within_the_write_limit_but_always_takes_the_first() {
+        let big = change(&["/k1", "/k2", "/k3"]);
+        let g = group(vec![big.clone(), change(&["/k4"])], 2);
+        assert_eq!(
+            g.taken,
+            vec![true, false],
+            "the first goes even alone over the limit"
+        );
+        assert_eq!(g.change, big);
+
+        let g = group(
+            vec![
+                change(&["/a"]),
+                change(&["/b", "/c"]),
+                change(&["/d"]),
+                change(&["/e"]),
+            ],
+            3,
+        );
+        // b+c fits (3); d would make 4; e neither.
+        assert_eq!(g.taken, vec![true, true, false, false]);
+        assert_eq!(g.change.writes.len(), 3);
+    }
+
+    #[test]
+    fn a_later_change_writing_one_key_twice_is_left_alone() {
+        let g = group(vec![change(&["/a"]), change(&["/b", "/b"])], 96);
+        assert_eq!(g.taken, vec![true, false]);
+        // First, it goes (as its own commit would).
+        let g = group(vec![change(&["/b", "/b"]), change(&["/a"])], 96);
+        assert_eq!(g.taken, vec![true, true]);
+    }
+
+    #[test]
+    fn nothing_given_is_an_empty_group() {
+        assert_eq!(group(Vec::new(), 96), Group::default());
+    }
+}

@@ -632,19 +632,14 @@ async fn reporter(
     mut reports: mpsc::Receiver<Report>,
 ) {
     while let Some(r) = reports.recv().await {
+        let r = Arc::new(r);
         let mut retry = Retry::new(REPORT_RETRY);
         loop {
-            let now = Utc::now();
+            // Grouped with other nodes' reports (each reads only the task it writes),
+            // and in order for this node: the next is sent only once this one is in.
+            let (report, node_) = (Arc::clone(&r), node.clone());
             let written = state
-                .update("task report", Scope::Any, |snap| {
-                    let change = match &r {
-                        Report::Status(s) => ops::task_status(snap, &node, s, now),
-                        Report::Removed(id) => ops::task_removed(snap, &node, id),
-                        Report::Present(present) => Some(ops::forget_missing(snap, &node, present)),
-                        Report::Events(drafts) => Some(Change::events(drafts.clone())),
-                    };
-                    Ok((change.unwrap_or_else(Change::default), ()))
-                })
+                .update_grouped(move |snap| decide_report(snap, &node_, &report, Utc::now()))
                 .await;
             match written {
                 Ok(()) => break,
@@ -664,6 +659,22 @@ async fn reporter(
             }
         }
     }
+}
+
+/// What a node's report changes in the store.
+fn decide_report(
+    snap: &crate::core::Snapshot,
+    node: &str,
+    report: &Report,
+    now: DateTime<Utc>,
+) -> Change {
+    let change = match report {
+        Report::Status(s) => ops::task_status(snap, node, s, now),
+        Report::Removed(id) => ops::task_removed(snap, node, id),
+        Report::Present(present) => Some(ops::forget_missing(snap, node, present)),
+        Report::Events(drafts) => Some(Change::events(drafts.clone())),
+    };
+    change.unwrap_or_default()
 }
 
 /// Why a Hello for node `name` must be refused: the name is connected now from an

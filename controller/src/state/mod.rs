@@ -47,7 +47,7 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::core::error::DomainError;
 use crate::core::health::HealthConfig;
@@ -67,6 +67,13 @@ const PRUNE_SLACK: usize = 100;
 
 /// How many times [`State::update`] decides again after losing a race.
 const UPDATE_ATTEMPTS: usize = 10;
+
+/// The most writes one grouped commit ([`State::update_grouped`]) joins: room under
+/// [`store::MAX_TXN_OPS`] for the events record and the pruning of old ones.
+const GROUP_WRITES: usize = 96;
+
+/// Grouped decisions queued at most (each agent link has one in flight at a time).
+const GROUP_QUEUE: usize = 2048;
 
 /// How long a commit waits for the snapshot to show it.
 const CATCH_UP: Duration = Duration::from_secs(5);
@@ -99,6 +106,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// The controller is shutting down: what was asked was not written.
+    #[error("the controller is shutting down")]
+    Closed,
 }
 
 /// Who a commit is for.
@@ -154,6 +164,8 @@ pub struct State {
     /// Where the newest snapshot asked for places its tasks, by its revision: every
     /// agent link reads its own node's share of the same index.
     placed: Mutex<Option<(u64, Arc<crate::core::reconcile::Placed>)>>,
+    /// Decisions waiting for a grouped commit ([`State::update_grouped`]).
+    grouped: mpsc::Sender<Grouped>,
     /// Node health and links, in memory.
     pub live: live::Live,
     /// Node metrics history, in memory.
@@ -284,6 +296,7 @@ impl State {
         let (events, _) = broadcast::channel(1024);
         let writer = format!("{:016x}", rand::random::<u64>());
         let leader_rx = leader.watch();
+        let (grouped, grouped_rx) = mpsc::channel(GROUP_QUEUE);
         let state = Arc::new(State {
             store: Arc::clone(&store),
             world,
@@ -300,12 +313,14 @@ impl State {
             fresh: Mutex::new(None),
             routes: Mutex::new(None),
             placed: Mutex::new(None),
+            grouped,
             live: live::Live::new(health),
             history: history::History::default(),
             logs: logs::LogStreams::default(),
             execs: logs::ExecStreams::default(),
         });
         tokio::spawn(follow_leadership(Arc::downgrade(&state), leader_rx));
+        tokio::spawn(commit_groups(Arc::downgrade(&state), grouped_rx));
         let handle = tokio::spawn(reflect(Arc::downgrade(&state), store, from));
         *state.reflector.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         tracing::info!(revision = from, writer = %state.writer, "state loaded");
@@ -589,6 +604,85 @@ impl State {
         .into())
     }
 
+    /// As [`State::update`] for a decision that reads only the keys it writes (an
+    /// agent's task report), committed in one transaction together with such decisions
+    /// of other callers queued meanwhile (see [`crate::core::snapshot::group`]).
+    ///
+    /// Why: a thousand nodes placing their tasks report thousands of changes in a few
+    /// seconds. One transaction each was one store revision each, and every revision
+    /// is a new snapshot for every agent link, the reconcile loop and the dashboard to
+    /// read; the controller fell so far behind that it stopped hearing heartbeats and
+    /// declared healthy nodes dead. Grouped, the revisions grow with the bursts, not
+    /// with the reports in them.
+    pub async fn update_grouped(
+        &self,
+        decide: impl FnMut(&Snapshot) -> Change + Send + 'static,
+    ) -> Result<(), Error> {
+        let (done, answer) = oneshot::channel();
+        let job = Grouped {
+            decide: Box::new(decide),
+            done,
+        };
+        match self.grouped.send(job).await {
+            Ok(()) => answer.await.unwrap_or(Err(Error::Closed)),
+            Err(mpsc::error::SendError(mut job)) => {
+                self.update("a grouped change", Scope::Any, |snap| {
+                    Ok(((job.decide)(snap), ()))
+                })
+                .await
+            }
+        }
+    }
+
+    /// Commits what `jobs` decide in one transaction, the ones [`group`] takes; the
+    /// rest are handed back for the next group. A group that keeps losing races, or
+    /// that the store refuses, is committed one decision at a time instead, so each
+    /// caller gets its own answer.
+    ///
+    /// [`group`]: crate::core::snapshot::group
+    async fn commit_group(&self, mut jobs: Vec<Grouped>) -> Vec<Grouped> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let snap = self.snapshot();
+            let changes = jobs.iter_mut().map(|j| (j.decide)(&snap)).collect();
+            let group = crate::core::snapshot::group(changes, GROUP_WRITES);
+            match self.commit(group.change, Scope::Any).await {
+                Ok(Outcome::Committed(_)) => {
+                    let mut left = Vec::new();
+                    for (job, taken) in jobs.into_iter().zip(group.taken) {
+                        if taken {
+                            // The caller may have given up waiting: nothing to tell.
+                            let _ = job.done.send(Ok(()));
+                        } else {
+                            left.push(job);
+                        }
+                    }
+                    return left;
+                }
+                Ok(Outcome::Conflict(rev)) => {
+                    tracing::debug!(
+                        revision = rev,
+                        jobs = jobs.len(),
+                        "a grouped commit lost a race; deciding again"
+                    );
+                    self.catch_up(rev.max(snap.revision + 1)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, jobs = jobs.len(), "a grouped commit failed; committing one by one");
+                    break;
+                }
+            }
+        }
+        for mut job in jobs {
+            let r = self
+                .update("a grouped change", Scope::Any, |snap| {
+                    Ok(((job.decide)(snap), ()))
+                })
+                .await;
+            let _ = job.done.send(r);
+        }
+        Vec::new()
+    }
+
     /// Applies one watched batch to the snapshot and announces its new events.
     fn apply(&self, batch: &WatchBatch) {
         let mut new_events: Vec<Event> = Vec::new();
@@ -655,6 +749,31 @@ impl State {
             // No subscriber is fine: nobody is listening.
             let _ = self.events.send(e);
         }
+    }
+}
+
+/// A decision waiting for a grouped commit, and who waits for its answer.
+struct Grouped {
+    decide: Box<dyn FnMut(&Snapshot) -> Change + Send>,
+    done: oneshot::Sender<Result<(), Error>>,
+}
+
+/// Commits the queued decisions of [`State::update_grouped`], as many at once as
+/// [`crate::core::snapshot::group`] joins; what it leaves goes first in the next group.
+async fn commit_groups(state: Weak<State>, mut rx: mpsc::Receiver<Grouped>) {
+    let mut jobs: Vec<Grouped> = Vec::new();
+    loop {
+        if jobs.is_empty() {
+            match rx.recv().await {
+                Some(job) => jobs.push(job),
+                None => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            jobs.push(job);
+        }
+        let Some(state) = state.upgrade() else { return };
+        jobs = state.commit_group(std::mem::take(&mut jobs)).await;
     }
 }
 
