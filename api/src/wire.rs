@@ -253,6 +253,28 @@ pub fn decode<M: for<'de> Deserialize<'de>>(text: &str) -> Result<M, WireError> 
 /// decoded, any frame over [`MAX_FRAME_BYTES`] too, and a decoded message must pass
 /// [`AgentMessage::validate`]. What a controller calls on every agent frame.
 pub fn decode_agent(text: &str) -> Result<AgentMessage, WireError> {
+    refuse_large_heartbeat(text)?;
+    let msg = match decode_heartbeat(text) {
+        Some(heartbeat) => heartbeat,
+        None => decode(text)?,
+    };
+    msg.validate()?;
+    Ok(msg)
+}
+
+/// What [`decode_agent`] does, with every frame decoded the general way (the enum's
+/// `type` tag read through serde's buffered content). The reference the heartbeat fast
+/// path is checked against, by tests and by the `wire_agent` fuzz target.
+#[doc(hidden)]
+pub fn decode_agent_reference(text: &str) -> Result<AgentMessage, WireError> {
+    refuse_large_heartbeat(text)?;
+    let msg: AgentMessage = decode(text)?;
+    msg.validate()?;
+    Ok(msg)
+}
+
+/// Refuses a heartbeat frame over [`MAX_HEARTBEAT_FRAME_BYTES`] before it is decoded.
+fn refuse_large_heartbeat(text: &str) -> Result<(), WireError> {
     if text.len() > MAX_HEARTBEAT_FRAME_BYTES && text.len() <= MAX_FRAME_BYTES {
         // Only the type is read here: serde skips the other values without keeping them.
         #[derive(Deserialize)]
@@ -268,9 +290,38 @@ pub fn decode_agent(text: &str) -> Result<AgentMessage, WireError> {
             });
         }
     }
-    let msg: AgentMessage = decode(text)?;
-    msg.validate()?;
-    Ok(msg)
+    Ok(())
+}
+
+/// A heartbeat of the current version, decoded straight into its fields; `None` for
+/// any other frame, and for one this cannot decode (the general way then decodes it,
+/// or says what is wrong with it, as before).
+///
+/// Why: every node sends one every heartbeat, and the general way (a flattened,
+/// internally tagged enum) buffers and copies the whole frame twice before reading
+/// it. That was a quarter of a 1,000-node controller's CPU at rest.
+fn decode_heartbeat(text: &str) -> Option<AgentMessage> {
+    if text.len() > MAX_HEARTBEAT_FRAME_BYTES {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        v: u32,
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    let head: Head = serde_json::from_str(text).ok()?;
+    if head.v != PROTOCOL_VERSION || head.kind != "heartbeat" {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Body {
+        metrics: NodeMetrics,
+    }
+    let body: Body = serde_json::from_str(text).ok()?;
+    Some(AgentMessage::Heartbeat {
+        metrics: body.metrics,
+    })
 }
 
 /// What a node is, as its agent reports it when it connects.
@@ -1275,6 +1326,38 @@ mod tests {
         let mut t = tasks.remove(0);
         t.task = task.into();
         t
+    }
+
+    #[test]
+    fn heartbeats_decode_the_same_by_the_fast_path_as_the_general_way() {
+        let hb = encode(&AgentMessage::Heartbeat {
+            metrics: pi_heartbeat(),
+        });
+        let old = r#"{"v":1,"type":"heartbeat","metrics":{"at":"2026-01-01T00:00:00Z","cpuPercent":12.5,"memoryUsedBytes":1,"memoryTotalBytes":2,"load1":0.5}}"#;
+        let frames = [
+            hb.clone(),
+            old.to_string(),
+            // Keys in another order, an unknown field, an escaped tag.
+            r#"{"metrics":{"at":"2026-01-01T00:00:00Z","cpuPercent":1,"memoryUsedBytes":1,"memoryTotalBytes":2,"load1":0},"type":"heartbeat","v":1,"extra":[1,{"a":2}]}"#.into(),
+            r#"{"v":1,"type":"heart\u0062eat","metrics":{"at":"2026-01-01T00:00:00Z","cpuPercent":1,"memoryUsedBytes":1,"memoryTotalBytes":2,"load1":0}}"#.into(),
+            // Errors: another version, no metrics, metrics twice, a tag twice, a bad
+            // value, a value over a limit, not JSON, another type.
+            hb.replacen("\"v\":1", "\"v\":2", 1),
+            r#"{"v":1,"type":"heartbeat"}"#.into(),
+            old.replacen("}}", "},\"metrics\":{}}", 1),
+            old.replacen("\"type\":\"heartbeat\"", "\"type\":\"heartbeat\",\"type\":\"heartbeat\"", 1),
+            old.replacen("12.5", "\"12.5\"", 1),
+            old.replacen("12.5", "1e9", 1),
+            old[..old.len() - 3].to_string(),
+            encode(&AgentMessage::Removed { task: "web-abc-0".into() }),
+        ];
+        for f in &frames {
+            let fast = decode_agent(f).map_err(|e| e.to_string());
+            let reference = decode_agent_reference(f).map_err(|e| e.to_string());
+            assert_eq!(fast, reference, "frame {f}");
+        }
+        assert!(decode_agent(&hb).is_ok());
+        assert!(decode_agent(&frames[4]).is_err());
     }
 
     #[test]
