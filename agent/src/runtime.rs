@@ -633,15 +633,19 @@ impl Runtime {
     /// with progress in the debug log.
     #[instrument(skip(self))]
     pub async fn ensure_image(&self, image: &str) -> Result<()> {
+        self.inspect_or_pull(image).await.map(drop)
+    }
+
+    /// What the engine knows of `image`, pulled first when it does not have it.
+    async fn inspect_or_pull(&self, image: &str) -> Result<bollard::models::ImageInspect> {
+        let inspect_error = |source| Error::ImageInspect {
+            image: image.to_string(),
+            source,
+        };
         match self.docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
+            Ok(inspected) => return Ok(inspected),
             Err(e) if is_status(&e, 404) => {}
-            Err(source) => {
-                return Err(Error::ImageInspect {
-                    image: image.to_string(),
-                    source,
-                })
-            }
+            Err(source) => return Err(inspect_error(source)),
         }
         let reference = with_default_tag(image);
         info!(%reference, "pulling image");
@@ -665,7 +669,10 @@ impl Runtime {
             }
         }
         info!(%reference, "image pulled");
-        Ok(())
+        self.docker
+            .inspect_image(image)
+            .await
+            .map_err(inspect_error)
     }
 
     /// Creates and starts the container of an assigned task and returns its id.
@@ -821,18 +828,9 @@ impl Runtime {
         &self,
         image: &str,
     ) -> Result<(Option<Vec<String>>, Option<Vec<String>>)> {
-        let inspected = match self.docker.inspect_image(image).await {
-            Err(e) if is_status(&e, 404) => {
-                self.ensure_image(image).await?;
-                self.docker.inspect_image(image).await
-            }
-            r => r,
-        };
-        let config = inspected
-            .map_err(|source| Error::ImageInspect {
-                image: image.to_string(),
-                source,
-            })?
+        let config = self
+            .inspect_or_pull(image)
+            .await?
             .config
             .unwrap_or_default();
         Ok((config.entrypoint, config.cmd))
