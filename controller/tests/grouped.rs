@@ -2,13 +2,11 @@
 //! decisions queued together are written in few transactions, and none is lost or
 //! applied on a value another decision of its group changed.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bramble_api::manifest::Arch;
 use bramble_api::parse::parse_manifests;
 use bramble_api::task::TaskPhase;
-use bramble_api::wire::{NodeInfo, TaskStatus};
+use bramble_api::wire::TaskStatus;
 use bramble_controller::config::HealthConfig;
 use bramble_controller::core::model::StoredWorkload;
 use bramble_controller::core::ops::{self, Admission};
@@ -19,22 +17,10 @@ use bramble_controller::store::{SqliteStore, Store};
 use chrono::Utc;
 use futures_util::future::join_all;
 
-fn node(name: &str) -> NodeInfo {
-    NodeInfo {
-        mesh: None,
-        name: name.into(),
-        arch: Arch::Arm64,
-        cores: 4,
-        memory_bytes: 1 << 30,
-        docker_version: "20.10".into(),
-        labels: BTreeMap::new(),
-        agent_version: "0".into(),
-        os: String::new(),
-        machine_id: None,
-        memory_limits: None,
-        warnings: Vec::new(),
-    }
-}
+#[path = "support/nodes.rs"]
+mod nodes;
+
+use nodes::node;
 
 /// A state on a fresh store with node pi1 and `n` tasks scheduled on it.
 async fn cluster(n: usize) -> (Arc<State>, Arc<SqliteStore>) {
@@ -101,13 +87,15 @@ fn running(task: &str) -> TaskStatus {
 async fn reports_queued_together_are_written_in_few_transactions_and_all_land() {
     let (state, store) = cluster(200).await;
     let before = store.revision().await.expect("revision");
-    // All 200 queued before the committer runs (one thread: join_all sends each in turn).
-    let answers = join_all((0..200).map(|i| {
+    // All 200 queued before the committer runs: one thread, join_all sends each in
+    // turn, and unconstrained so that tokio's cooperative budget (128 per poll) does
+    // not hand the thread to the committer halfway through.
+    let answers = tokio::task::unconstrained(join_all((0..200).map(|i| {
         let id = format!("web-abc-{i}");
         state.update_grouped(move |snap| {
             ops::task_status(snap, "pi1", &running(&id), Utc::now()).unwrap_or_default()
         })
-    }))
+    })))
     .await;
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
     let after = store.revision().await.expect("revision");

@@ -6,11 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use bramble_api::manifest::{Arch, Kind};
+use bramble_api::manifest::Kind;
 use bramble_api::parse::parse_sources;
 use bramble_api::rest::Source;
 use bramble_api::task::DesiredState;
-use bramble_api::wire::NodeInfo;
 use bramble_controller::config::HealthConfig;
 use bramble_controller::core::{ops, Change};
 use bramble_controller::loops::reconcile;
@@ -19,6 +18,11 @@ use bramble_controller::state::{Scope, Solo, State};
 use bramble_controller::store::{SqliteStore, Store};
 use chrono::Utc;
 use proptest::prelude::*;
+
+#[path = "support/nodes.rs"]
+mod nodes;
+
+use nodes::node;
 
 #[derive(Debug, Clone)]
 struct Workload {
@@ -71,23 +75,6 @@ fn step() -> impl Strategy<Value = Step> {
         3 => prop::collection::vec(workload(), 1..4).prop_map(Step::Apply),
         1 => (0usize..4).prop_map(Step::Delete),
     ]
-}
-
-fn node(name: &str) -> NodeInfo {
-    NodeInfo {
-        mesh: None,
-        name: name.into(),
-        arch: Arch::Arm64,
-        cores: 4,
-        memory_bytes: 1 << 30,
-        docker_version: "20.10".into(),
-        labels: BTreeMap::new(),
-        agent_version: "0".into(),
-        os: String::new(),
-        machine_id: None,
-        memory_limits: None,
-        warnings: Vec::new(),
-    }
 }
 
 async fn apply(state: &State, ws: &[Workload]) {
