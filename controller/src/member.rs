@@ -315,6 +315,11 @@ fn etcd_args(cfg: &MemberConfig, host: &str, dir: &Path, data: &Path, ca: &Path)
         ("--peer-key-file", member_key),
         ("--peer-trusted-ca-file", ca),
         ("--peer-client-cert-auth", "true".into()),
+        // A member back from a power cut asks before it campaigns (Raft's pre-vote;
+        // etcd 3.4 leaves it off). Without it, a member whose election timer ran out
+        // while it rejoined bumps the term and unseats a healthy etcd leader, and the
+        // stall made the controller that led lose its lease.
+        ("--pre-vote", "true".into()),
         ("--auto-compaction-mode", "revision".into()),
         ("--auto-compaction-retention", KEEP_REVISIONS.to_string()),
         ("--logger", "zap".into()),
@@ -595,6 +600,7 @@ mod tests {
             "--advertise-client-urls=https://10.0.0.1:2379",
             "--initial-cluster=a=https://10.0.0.1:2380,b=https://10.0.0.2:2380,c=https://10.0.0.3:2380",
             "--data-dir=/d/etcd/data",
+            "--pre-vote=true",
         ] {
             assert!(args.iter().any(|a| a == want), "{want} missing from {args:?}");
         }

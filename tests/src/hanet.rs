@@ -328,6 +328,9 @@ impl HaCluster {
             ])
             // Faster elections than the defaults (100/1000 ms): tests wait less.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // As controllers run their own members (and as docs/ha.md asks of an etcd
+            // one runs): a rejoining member must not unseat the etcd leader.
+            .args(["--pre-vote=true"])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
