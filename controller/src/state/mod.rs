@@ -160,10 +160,10 @@ pub struct State {
     /// The endpoints of the newest snapshot asked for, by its revision: every agent
     /// link sends the same table, so it is computed, encoded and held once, not per
     /// node.
-    routes: Mutex<Option<(u64, Routes)>>,
+    routes: PerRevision<Routes>,
     /// Where the newest snapshot asked for places its tasks, by its revision: every
     /// agent link reads its own node's share of the same index.
-    placed: Mutex<Option<(u64, Arc<crate::core::reconcile::Placed>)>>,
+    placed: PerRevision<Arc<crate::core::reconcile::Placed>>,
     /// Decisions waiting for a grouped commit ([`State::update_grouped`]).
     grouped: mpsc::Sender<Grouped>,
     /// Node health and links, in memory.
@@ -311,8 +311,8 @@ impl State {
             ids: AtomicU64::new(1),
             reflector: Mutex::new(None),
             fresh: Mutex::new(None),
-            routes: Mutex::new(None),
-            placed: Mutex::new(None),
+            routes: PerRevision::default(),
+            placed: PerRevision::default(),
             grouped,
             live: live::Live::new(health),
             history: history::History::default(),
@@ -340,46 +340,31 @@ impl State {
     /// The endpoints of `snap` ([`crate::core::endpoints::table`]) and their frame for
     /// the agents, computed once per snapshot revision for all the agent links.
     pub fn routes(&self, snap: &Snapshot) -> Routes {
-        let mut cached = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        match &*cached {
-            Some((rev, routes)) if *rev == snap.revision => routes.clone(),
-            _ => {
-                let table =
-                    crate::core::endpoints::table(snap, bramble_api::endpoints::DEFAULT_RANGE);
-                // Most revisions change no endpoint: the links then see the very table
-                // they sent last and compare pointers, not a thousand tables each.
-                if let Some((_, last)) = cached.as_ref().filter(|(_, r)| *r.table == table) {
-                    let routes = last.clone();
-                    *cached = Some((snap.revision, routes.clone()));
-                    return routes;
-                }
-                let frame =
-                    bramble_api::wire::encode(&bramble_api::wire::ControllerMessage::Endpoints {
-                        revision: snap.revision,
-                        table: table.clone(),
-                    });
-                let routes = Routes {
-                    table: Arc::new(table),
-                    frame: bytes::Bytes::from(frame),
-                };
-                *cached = Some((snap.revision, routes.clone()));
-                routes
+        self.routes.get(snap.revision, |last| {
+            let table = crate::core::endpoints::table(snap, bramble_api::endpoints::DEFAULT_RANGE);
+            // Most revisions change no endpoint: the links then see the very table they
+            // sent last and compare pointers, not a thousand tables each.
+            if let Some(last) = last.filter(|r| *r.table == table) {
+                return last.clone();
             }
-        }
+            let frame =
+                bramble_api::wire::encode(&bramble_api::wire::ControllerMessage::Endpoints {
+                    revision: snap.revision,
+                    table: table.clone(),
+                });
+            Routes {
+                table: Arc::new(table),
+                frame: bytes::Bytes::from(frame),
+            }
+        })
     }
 
     /// Where `snap` places its tasks ([`crate::core::reconcile::placed`]), computed once
     /// per snapshot revision for all the agent links.
     pub fn placed(&self, snap: &Snapshot) -> Arc<crate::core::reconcile::Placed> {
-        let mut cached = self.placed.lock().unwrap_or_else(|e| e.into_inner());
-        match &*cached {
-            Some((rev, placed)) if *rev == snap.revision => Arc::clone(placed),
-            _ => {
-                let placed = Arc::new(crate::core::reconcile::placed(snap));
-                *cached = Some((snap.revision, Arc::clone(&placed)));
-                placed
-            }
-        }
+        self.placed.get(snap.revision, |_| {
+            Arc::new(crate::core::reconcile::placed(snap))
+        })
     }
 
     /// Snapshots as they change (for loops and agent links that act on every change).
@@ -625,12 +610,7 @@ impl State {
         };
         match self.grouped.send(job).await {
             Ok(()) => answer.await.unwrap_or(Err(Error::Closed)),
-            Err(mpsc::error::SendError(mut job)) => {
-                self.update("a grouped change", Scope::Any, |snap| {
-                    Ok(((job.decide)(snap), ()))
-                })
-                .await
-            }
+            Err(mpsc::error::SendError(mut job)) => self.update_alone(&mut job).await,
         }
     }
 
@@ -673,14 +653,18 @@ impl State {
             }
         }
         for mut job in jobs {
-            let r = self
-                .update("a grouped change", Scope::Any, |snap| {
-                    Ok(((job.decide)(snap), ()))
-                })
-                .await;
+            let r = self.update_alone(&mut job).await;
             let _ = job.done.send(r);
         }
         Vec::new()
+    }
+
+    /// Commits one grouped decision on its own, as [`State::update`] does.
+    async fn update_alone(&self, job: &mut Grouped) -> Result<(), Error> {
+        self.update("a grouped change", Scope::Any, |snap| {
+            Ok(((job.decide)(snap), ()))
+        })
+        .await
     }
 
     /// Applies one watched batch to the snapshot and announces its new events.
@@ -748,6 +732,32 @@ impl State {
             tracing::info!(object = %e.object, reason = %e.reason, message = %e.message, "event");
             // No subscriber is fine: nobody is listening.
             let _ = self.events.send(e);
+        }
+    }
+}
+
+/// A value worked out from a snapshot, held for the newest revision asked about: every
+/// agent link asks for the same one, and it is computed once for them all.
+struct PerRevision<T>(Mutex<Option<(u64, T)>>);
+
+impl<T> Default for PerRevision<T> {
+    fn default() -> Self {
+        PerRevision(Mutex::new(None))
+    }
+}
+
+impl<T: Clone> PerRevision<T> {
+    /// The value for `revision`; `compute` makes it (given the value held for an earlier
+    /// revision, if any) when it is not held yet.
+    fn get(&self, revision: u64, compute: impl FnOnce(Option<&T>) -> T) -> T {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*held {
+            Some((rev, value)) if *rev == revision => value.clone(),
+            earlier => {
+                let value = compute(earlier.as_ref().map(|(_, v)| v));
+                *held = Some((revision, value.clone()));
+                value
+            }
         }
     }
 }
