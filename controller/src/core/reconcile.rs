@@ -216,9 +216,9 @@ pub fn run_deadline(t: &Task) -> Option<DateTime<Utc>> {
     t.slot.unwrap_or(t.created_at).checked_add_signed(timeout)
 }
 
-/// What `node` should run: its placed tasks meant to run, sorted by id, each with its
-/// deadline and the values of its Secret references (this node's tasks' only). Sent to
-/// the node's agent whenever it changes.
+/// [`assignments_placed`] by a scan of every task: the reference the index is checked
+/// against, and the tests' way to ask for a node's set.
+#[cfg(test)]
 pub fn assignments(snap: &Snapshot, node: &str, sealer: &dyn Sealer) -> Vec<Assignment> {
     let tasks = snap
         .tasks
@@ -252,7 +252,9 @@ pub fn placed(snap: &Snapshot) -> Placed {
     out
 }
 
-/// [`assignments`] of `node` by way of [`placed`]: the same set, read from the index.
+/// What `node` should run: its placed tasks meant to run, sorted by id, each with its
+/// deadline and the values of its Secret references (this node's tasks' only), read
+/// from the index [`placed`]. Sent to the node's agent whenever it changes.
 pub fn assignments_placed(
     snap: &Snapshot,
     placed: &Placed,
