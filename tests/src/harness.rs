@@ -3,7 +3,6 @@
 //! workspace. Every process and container is cleaned up by Drop, also when a test fails.
 
 use std::fs::{self, File};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -115,30 +114,9 @@ pub fn bin(name: &str) -> PathBuf {
 /// A free TCP port on loopback, for a server started next (released again: another
 /// process may take it meanwhile, but not as an outgoing connection's port).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Picked below the kernel's ephemeral range (32768 and up by default), from a
-    // counter starting at a place of this process's own: a port taken from that range
-    // by `bind(0)` and released was, now and then, the source port of some outgoing
-    // connection by the time the server bound it ("address already in use").
-    // 26000–31999: the etcd fixture (`controller/tests/support/etcd.rs`, included by
-    // the HA tests) counts in 20000–25999, so the two counters of one process never
-    // hand out one port twice.
-    const LOW: u32 = 26_000;
-    const SPAN: u32 = 6_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7919) % SPAN,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    for _ in 0..SPAN {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {LOW}..{}", LOW + SPAN)
+    // 26000–31999: the etcd fixture counts in 20000–25999 (see `crate::ports`).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    crate::ports::free_port_in(&NEXT, 26_000, 6_000)
 }
 
 /// A short random suffix for names, so tests running in parallel never share a name.

@@ -13,6 +13,7 @@
 //! - [`browser`]: headless Chromium over WebDriver, for the dashboard test.
 //! - [`harness`]: whole Bramble processes (controller, agents, `bramblectl`) for
 //!   cluster tests.
+//! - [`ports`]: free loopback ports for the servers tests start.
 //! - [`netns`]: multi-node clusters with real networking: each agent in its own network
 //!   namespace on a test bridge, with power loss, partitions and controller crashes.
 //! - [`engines`]: a Docker Engine of its own for every node of a [`netns`] cluster.
@@ -26,6 +27,7 @@ pub mod engines;
 pub mod hanet;
 pub mod harness;
 pub mod netns;
+pub mod ports;
 pub mod swarm;
 pub mod volumes;
 

@@ -5,13 +5,15 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bramble_controller::store::etcd::TlsFiles;
 use bramble_controller::store::EtcdStore;
+
+#[path = "../../../tests/src/ports.rs"]
+mod ports;
 
 /// A running etcd cluster.
 pub struct Etcd {
@@ -85,30 +87,9 @@ struct Member {
 
 /// A free TCP port on loopback for an etcd member to listen on.
 fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Picked below the kernel's ephemeral range (32768 and up by default), from a
-    // counter starting at a place of this process's own: a port taken from that range
-    // by `bind(0)` and released was, now and then, the source port of some outgoing
-    // connection by the time the server bound it ("address already in use").
-    // 20000–25999: `bramble_tests::harness::free_port` counts in 26000–31999, and the
-    // end-to-end tests include this file too, so the two counters of one process
-    // never hand out one port twice.
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 6_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7919) % SPAN,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    for _ in 0..SPAN {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {LOW}..{}", LOW + SPAN)
+    // 20000–25999: the end-to-end harness counts in 26000–31999 (see `ports`).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    ports::free_port_in(&NEXT, 20_000, 6_000)
 }
 
 fn etcd_binary() -> PathBuf {
