@@ -34,7 +34,7 @@ use chrono::{DateTime, LocalResult, NaiveDateTime, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::errors::CronError;
 use croner::parser::{CronParser, Seconds, Year};
-use croner::Cron;
+use croner::{Cron, CronPattern, Weekday};
 
 /// A parsed cron expression in a time zone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,36 +272,39 @@ fn suggest_timezone(name: &str) -> Option<String> {
     if name.is_empty() || name.len() > 64 {
         return None;
     }
-    let lower = name.to_ascii_lowercase();
     chrono_tz::TZ_VARIANTS
         .iter()
         .map(|tz| tz.name())
-        .map(|known| {
-            let d = if known.eq_ignore_ascii_case(name) {
-                0
-            } else {
-                edit_distance(&lower, &known.to_ascii_lowercase())
-            };
-            (d, known)
-        })
-        .filter(|(d, _)| *d <= 2)
+        .filter_map(|known| Some((edits_within(name, known, 2)?, known)))
         .min()
         .map(|(_, known)| known.to_string())
 }
 
-/// Levenshtein distance over bytes (zone names are ASCII).
-fn edit_distance(a: &str, b: &str) -> usize {
+/// The edit distance (Levenshtein, over bytes, ignoring ASCII case: zone names are
+/// ASCII) between `a` and `b` if it is at most `max`. Every one of the ~600 zones is
+/// measured against each unknown name, so the work is cut short: names whose lengths
+/// differ by more than `max` are not compared, and a comparison stops at the first row
+/// already past `max`.
+fn edits_within(a: &str, b: &str, max: usize) -> Option<usize> {
     let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len().abs_diff(b.len()) > max {
+        return None;
+    }
     let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
     for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
+        cur[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
-            let subst = prev[j] + usize::from(ca != cb);
+            let subst = prev[j] + usize::from(!ca.eq_ignore_ascii_case(cb));
             cur[j + 1] = subst.min(prev[j + 1] + 1).min(cur[j] + 1);
         }
-        prev = cur;
+        // A row's least value never falls in later rows.
+        if cur.iter().min().is_some_and(|least| *least > max) {
+            return None;
+        }
+        std::mem::swap(&mut prev, &mut cur);
     }
-    prev[b.len()]
+    Some(prev[b.len()]).filter(|d| *d <= max)
 }
 
 fn parse_expr(expr: &str) -> Result<Cron, ScheduleError> {
@@ -364,18 +367,43 @@ fn parse_expr(expr: &str) -> Result<Cron, ScheduleError> {
         }
     }
 
-    // Croner gives up at year 5000; the Gregorian calendar repeats every 400 years, so
-    // an expression that matches nothing by then never matches.
-    let reference = DateTime::from_timestamp(946_684_800, 0) // 2000-01-01T00:00:00
-        .unwrap_or_default()
-        .naive_utc();
-    if cron.find_next_occurrence(&reference, true).is_err() {
+    if !dates_meet(&cron.pattern) {
         return Err(bad(
             "matches no date: the day-of-month, month and day-of-week fields never meet (e.g. 30 February)"
                 .into(),
         ));
     }
     Ok(cron)
+}
+
+/// Whether the date fields of `p` (day of month, month, day of week) meet on some day.
+///
+/// Years are not part of a pattern, so this is a question about the calendar's fourteen
+/// kinds of year (the weekday of 1 January, leap or not), and 2000–2027 hold every one
+/// of them: seven leap years starting on seven different weekdays, and each common kind
+/// three times. A walk through those 28 years answers for all time in at most 10,227
+/// day checks, by croner's own matcher. Croner's search for a date that never comes
+/// (`0 0 31 2 *`) runs on to its horizon, year 5000, which takes milliseconds an
+/// expression: a manifest of such CronJobs could keep a controller busy.
+fn dates_meet(p: &CronPattern) -> bool {
+    // 2000-01-01 was a Saturday.
+    let mut first = Weekday::Saturday;
+    for year in 2000..2028 {
+        for month in 1..=12 {
+            let length = croner::time::days_in_month(year, month);
+            if p.month_match(month).unwrap_or(false) {
+                let meets = (1..=length).any(|day| {
+                    let weekday = first.shift(day as i32 - 1);
+                    p.day_match(year, month, day, weekday).unwrap_or(false)
+                });
+                if meets {
+                    return true;
+                }
+            }
+            first = first.shift(length as i32);
+        }
+    }
+    false
 }
 
 /// Names the first field croner rejects on its own, or croner's message as is.
@@ -1015,9 +1043,123 @@ mod tests {
         }
     }
 
+    /// Croner's own answer to whether `expr`'s dates ever meet: its search, run from
+    /// 2000 to its horizon (slow when they never do).
+    fn croner_finds_a_date(expr: &str) -> bool {
+        let cron = parser()
+            .parse(expr)
+            .unwrap_or_else(|e| panic!("{expr}: {e}"));
+        let from = DateTime::from_timestamp(946_684_800, 0) // 2000-01-01T00:00:00
+            .unwrap_or_default()
+            .naive_utc();
+        cron.find_next_occurrence(&from, true).is_ok()
+    }
+
+    fn meet(expr: &str) -> bool {
+        let cron = parser()
+            .parse(expr)
+            .unwrap_or_else(|e| panic!("{expr}: {e}"));
+        dates_meet(&cron.pattern)
+    }
+
+    #[test]
+    fn the_28_year_walk_finds_a_date_exactly_when_croner_does() {
+        // (expression, whether its dates meet)
+        let cases = [
+            ("0 0 30 2 *", false),
+            ("0 0 29 2 *", true),
+            ("0 0 31 4,6,9,11 *", false),
+            ("0 0 31 4,6,9,12 *", true),
+            ("0 0 L 2 *", true),
+            ("0 0 LW 2 *", true),
+            ("0 0 30W 2 *", false),
+            ("0 0 31W 4 *", false),
+            ("0 0 1W * *", true),
+            // Either field may match without `+`, both must with it.
+            ("0 0 30 2 MON", true),
+            ("0 0 30 2 +MON", false),
+            // 29 February on a Monday: every 28 years (2016, 2044).
+            ("0 0 29 2 +MON", true),
+            // A fifth weekday in February: only in a leap year starting that month
+            // on that weekday (a fifth Sunday in 2004, a fifth Friday in 2008).
+            ("0 0 ? 2 SUN#5", true),
+            ("0 0 29 2 +FRI#5", true),
+            ("0 0 28 2 +FRI#5", false),
+            ("0 0 ? 4 FRI#5", true),
+            ("0 0 ? 2 5L", true),
+            ("0 0 1 * +5L", false),
+            ("0 0 31 2 +5L", false),
+            ("0 0 15W * +SAT", false),
+            ("0 0 15W * +FRI", true),
+            ("0 0 1 1 +SUN", true),
+        ];
+        for (expr, want) in cases {
+            assert_eq!(meet(expr), want, "{expr}");
+            assert_eq!(croner_finds_a_date(expr), want, "croner on {expr}");
+        }
+    }
+
+    fn date_fields() -> impl proptest::strategy::Strategy<Value = String> {
+        let day = proptest::prop_oneof![
+            Just("*".to_string()),
+            Just("L".to_string()),
+            Just("LW".to_string()),
+            (1u32..=31).prop_map(|d| d.to_string()),
+            (1u32..=31).prop_map(|d| format!("{d}W")),
+            (1u32..=31, 1u32..=31).prop_map(|(a, b)| format!("{a},{b}")),
+            (1u32..=31, 1u32..=15).prop_map(|(a, step)| format!("{a}/{step}")),
+        ];
+        let month = proptest::prop_oneof![
+            Just("*".to_string()),
+            (1u32..=12).prop_map(|m| m.to_string()),
+            (1u32..=12, 1u32..=12).prop_map(|(a, b)| format!("{a},{b}")),
+        ];
+        let weekday = proptest::prop_oneof![
+            Just("*".to_string()),
+            (0u32..=7).prop_map(|d| d.to_string()),
+            (0u32..=6, 1u32..=5).prop_map(|(d, n)| format!("{d}#{n}")),
+            (0u32..=6).prop_map(|d| format!("{d}L")),
+            (0u32..=6, 0u32..=6).prop_map(|(a, b)| format!("{a},{b}")),
+        ];
+        (day, month, weekday, any::<bool>())
+            .prop_map(|(d, m, w, and)| format!("0 0 {d} {m} {}{w}", if and { "+" } else { "" }))
+    }
+
     use proptest::prelude::*;
 
+    /// Levenshtein distance in full, ignoring ASCII case: what `edits_within` cuts short.
+    fn edit_distance(a: &str, b: &str) -> usize {
+        let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.iter().enumerate() {
+            let mut cur = vec![i + 1; b.len() + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let subst = prev[j] + usize::from(ca != cb);
+                cur[j + 1] = subst.min(prev[j + 1] + 1).min(cur[j] + 1);
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+
     proptest! {
+        #[test]
+        fn edits_within_is_the_edit_distance_when_it_is_small(
+            a in "[a-dA-D/_]{0,12}",
+            b in "[a-dA-D/_]{0,12}",
+            max in 0usize..4,
+        ) {
+            let d = edit_distance(&a, &b);
+            prop_assert_eq!(edits_within(&a, &b, max), (d <= max).then_some(d));
+        }
+
+        #[test]
+        fn dates_meet_exactly_when_croner_finds_one(expr in date_fields()) {
+            prop_assume!(parser().parse(&expr).is_ok());
+            prop_assert_eq!(meet(&expr), croner_finds_a_date(&expr), "{}", expr);
+        }
+
         #[test]
         fn next_after_is_the_first_firing_after(expr in any_schedule(), (tz, t) in any_zone_time()) {
             let s = sched(&expr, tz);
