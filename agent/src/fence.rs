@@ -1,7 +1,8 @@
 //! Fencing: a node that no controller vouches for stops its Wallets by itself, so that
 //! a partition never yields two running copies of a wallet.
 //!
-//! The leader pings every agent each heartbeat interval and says its fence timeout in
+//! The leader sends every agent a keep-alive (a WebSocket ping or, since it needs no
+//! answer, an unsolicited pong) each heartbeat interval and says its fence timeout in
 //! Welcome; followers send a Vouch on their standby links every heartbeat while they
 //! may (see `link`). The links note every frame of the leader's link (text, ping or
 //! pong) and every Vouch in a [`Contact`]; a watcher ([`watch()`]) looks at it every

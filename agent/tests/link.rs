@@ -1,5 +1,5 @@
 //! The agent's link against a fake controller (a WebSocket server over TLS, with a CA
-//! of its own pinned in the join token) and the real Docker engine: pings keep a node
+//! of its own pinned in the join token) and the real Docker engine: keep-alives keep a node
 //! unfenced, silence fences its Wallet, and only a task set on a new session brings it
 //! back.
 
@@ -84,15 +84,20 @@ async fn send(ws: &mut Ws, msg: &ControllerMessage) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Plays a live controller for `how_long`: pings every 200 ms (and nothing else) and
-/// reads whatever the agent sends.
-async fn ping_for(ws: &mut Ws, how_long: Duration) -> anyhow::Result<()> {
+/// Plays a live controller for `how_long`: a keep-alive every 200 ms (an unsolicited
+/// pong, as controllers send) and nothing else, reading whatever the agent sends.
+async fn alive_for(ws: &mut Ws, how_long: Duration) -> anyhow::Result<()> {
+    alive_with(ws, how_long, Message::Pong(Default::default())).await
+}
+
+/// [`alive_for`] with `keep` as the keep-alive (a ping, as older controllers send).
+async fn alive_with(ws: &mut Ws, how_long: Duration, keep: Message) -> anyhow::Result<()> {
     let until = tokio::time::Instant::now() + how_long;
-    let mut ping = tokio::time::interval(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(until) => return Ok(()),
-            _ = ping.tick() => ws.send(Message::Ping(Default::default())).await?,
+            _ = tick.tick() => ws.send(keep.clone()).await?,
             frame = ws.next() => match frame {
                 Some(Ok(_)) => {}
                 other => bail!("the agent hung up: {other:?}"),
@@ -102,7 +107,7 @@ async fn ping_for(ws: &mut Ws, how_long: Duration) -> anyhow::Result<()> {
 }
 
 /// Plays a follower on a standby link for `how_long`: every 200 ms a Vouch (`vouch`)
-/// or only a ping, reading whatever the agent sends.
+/// or only a keep-alive, reading whatever the agent sends.
 async fn standby_for(ws: &mut Ws, vouch: bool, how_long: Duration) -> anyhow::Result<()> {
     let until = tokio::time::Instant::now() + how_long;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -113,7 +118,7 @@ async fn standby_for(ws: &mut Ws, vouch: bool, how_long: Duration) -> anyhow::Re
                 if vouch {
                     send(ws, &ControllerMessage::Vouch).await?;
                 } else {
-                    ws.send(Message::Ping(Default::default())).await?;
+                    ws.send(Message::Pong(Default::default())).await?;
                 }
             }
             frame = ws.next() => match frame {
@@ -184,7 +189,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
         tasks: tasks.clone(),
     };
     send(&mut ws, &assign).await.expect("assign");
-    // A live controller pings while the containers start (a slow start must not
+    // A live controller sends keep-alives while the containers start (a slow start must not
     // outlast the fence timeout in silence).
     let pool_id = tokio::select! {
         r = eventually(WAIT, "both tasks to run", || async {
@@ -194,13 +199,25 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
             );
             Ok(w.and(p))
         }) => r.expect("running"),
-        r = ping_for(&mut ws, WAIT + Duration::from_secs(1)) => panic!("pinging ended first: {r:?}"),
+        r = alive_for(&mut ws, WAIT + Duration::from_secs(1)) => panic!("the keep-alives ended first: {r:?}"),
     };
 
-    // Pings alone, for longer than the fence timeout, keep the node unfenced.
-    ping_for(&mut ws, Duration::from_millis(2500))
+    // Keep-alives alone, for longer than the fence timeout, keep the node unfenced:
+    // pongs, and the pings of an older controller.
+    alive_for(&mut ws, Duration::from_millis(2500))
         .await
-        .expect("pinging");
+        .expect("keep-alives");
+    assert!(
+        running(&rt, &wallet.task).await.expect("list").is_some(),
+        "pongs count as word from the controller"
+    );
+    alive_with(
+        &mut ws,
+        Duration::from_millis(2500),
+        Message::Ping(Default::default()),
+    )
+    .await
+    .expect("pings");
     assert!(
         running(&rt, &wallet.task).await.expect("list").is_some(),
         "pings count as word from the controller"
@@ -221,7 +238,7 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
     let took = silent.elapsed();
     assert!(
         took >= Duration::from_millis(800) && took < Duration::from_millis(2500),
-        "fenced {took:?} after the last ping (fence 1s)"
+        "fenced {took:?} after the last keep-alive (fence 1s)"
     );
     assert_eq!(
         running(&rt, &pool.task).await.expect("list"),
@@ -245,9 +262,9 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
     );
     send(&mut ws2, &welcome).await.expect("welcome");
     // Welcomed, but no task set yet: the wallet stays stopped.
-    ping_for(&mut ws2, Duration::from_millis(700))
+    alive_for(&mut ws2, Duration::from_millis(700))
         .await
-        .expect("pinging");
+        .expect("keep-alives");
     assert_eq!(running(&rt, &wallet.task).await.expect("list"), None);
     let assign = ControllerMessage::Assign {
         epochs: Default::default(),
@@ -256,13 +273,13 @@ async fn a_silent_controller_fences_the_wallet_and_only_a_new_session_lifts_it()
         tasks: tasks.clone(),
     };
     send(&mut ws2, &assign).await.expect("assign");
-    // A live controller goes on pinging while the wallet starts.
+    // A live controller goes on with its keep-alives while the wallet starts.
     let deadline = Instant::now() + WAIT;
     while running(&rt, &wallet.task).await.expect("list").is_none() {
         assert!(Instant::now() < deadline, "the wallet never ran again");
-        ping_for(&mut ws2, Duration::from_millis(200))
+        alive_for(&mut ws2, Duration::from_millis(200))
             .await
-            .expect("pinging");
+            .expect("keep-alives");
     }
 
     let _ = stop.send(());
@@ -479,7 +496,7 @@ async fn a_controller_cannot_make_the_agent_mount_what_its_rules_refuse() {
 }
 
 // Several threads: the agent runs in this process, and a busy CI machine must not
-// starve the test's pings of the one thread (the fence is only 2 s).
+// starve the test's keep-alives of the one thread (the fence is only 2 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent() {
     let node = unique_name("standby");
@@ -546,7 +563,7 @@ async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent(
     send(&mut lws, &assign).await.expect("assign");
     let id = tokio::select! {
         r = eventually(WAIT, "the wallet to run", || async { running(&rt, &wallet.task).await }) => r.expect("running"),
-        r = ping_for(&mut lws, WAIT + Duration::from_secs(1)) => panic!("pinging ended first: {r:?}"),
+        r = alive_for(&mut lws, WAIT + Duration::from_secs(1)) => panic!("the keep-alives ended first: {r:?}"),
         r = standby_for(&mut fws, false, WAIT + Duration::from_secs(1)) => panic!("standby ended first: {r:?}"),
     };
 
@@ -562,7 +579,7 @@ async fn a_followers_vouches_keep_the_wallet_running_while_the_leader_is_silent(
     );
 
     // The follower stops vouching (it lost the store's quorum, or the leader suspects
-    // the node): its pings do not count, and the wallet is fenced.
+    // the node): its keep-alives do not count, and the wallet is fenced.
     let silent = Instant::now();
     tokio::select! {
         r = eventually(WAIT, "the fenced wallet to go", || async {
@@ -643,7 +660,7 @@ async fn a_task_set_with_an_older_wallet_epoch_is_refused_whole() {
         r = eventually(WAIT, "both to run", || async {
             Ok(running(&rt, "ltc-cccccc-0").await?.and(running(&rt, &pool.task).await?))
         }) => r.expect("running"),
-        r = ping_for(&mut ws, WAIT + Duration::from_secs(1)) => panic!("pinging ended first: {r:?}"),
+        r = alive_for(&mut ws, WAIT + Duration::from_secs(1)) => panic!("the keep-alives ended first: {r:?}"),
     };
 
     // A set with an older placement of the wallet (and without the pool): refused as a
@@ -651,9 +668,9 @@ async fn a_task_set_with_an_older_wallet_epoch_is_refused_whole() {
     send(&mut ws, &assign(2, vec![with_epoch(3)]))
         .await
         .expect("assign");
-    ping_for(&mut ws, Duration::from_millis(1500))
+    alive_for(&mut ws, Duration::from_millis(1500))
         .await
-        .expect("pinging");
+        .expect("keep-alives");
     assert!(
         running(&rt, &pool.task).await.expect("list").is_some(),
         "the stale set was not applied"
@@ -667,7 +684,7 @@ async fn a_task_set_with_an_older_wallet_epoch_is_refused_whole() {
         r = eventually(WAIT, "the pool to go", || async {
             Ok(running(&rt, &pool.task).await?.is_none().then_some(()))
         }) => r.expect("gone"),
-        r = ping_for(&mut ws, WAIT + Duration::from_secs(1)) => panic!("pinging ended first: {r:?}"),
+        r = alive_for(&mut ws, WAIT + Duration::from_secs(1)) => panic!("the keep-alives ended first: {r:?}"),
     };
     let _ = stop.send(());
     tokio::time::timeout(WAIT, agent)

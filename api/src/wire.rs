@@ -1050,7 +1050,8 @@ pub enum ControllerMessage {
         heartbeat_ms: u64,
         /// Fence timeout in milliseconds: an agent that has received nothing from the
         /// controller for this long stops its Wallet containers by itself. The controller
-        /// sends a WebSocket ping every heartbeat interval, so silence means a lost link.
+        /// sends a keep-alive every heartbeat interval (a WebSocket pong, unsolicited;
+        /// older controllers a ping), so silence means a lost link.
         #[serde(default = "default_fence_ms")]
         fence_ms: u64,
         /// This controller does not lead: the link is a standby one, which carries

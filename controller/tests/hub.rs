@@ -316,15 +316,16 @@ async fn a_join_token_cannot_become_a_joined_node_connected_or_not() {
     assert_eq!(open(&c, CRED_A).await.err(), Some(401));
 }
 
-/// A fake agent's link, read in the background so pings are answered; controller
-/// messages arrive on the channel.
+/// A fake agent's link: read in the background, controller messages arriving on `got`,
+/// and heartbeating every 250 ms as agents do (a silent node is suspected within a
+/// second, and its link closed). Frames go out through `out`, in order.
 struct Fake {
-    send: futures_util::stream::SplitSink<Ws, Message>,
+    out: tokio::sync::mpsc::UnboundedSender<Message>,
     got: tokio::sync::mpsc::UnboundedReceiver<ControllerMessage>,
 }
 
 fn fake(ws: Ws) -> Fake {
-    let (send, mut recv) = ws.split();
+    let (mut send, mut recv) = ws.split();
     let (tx, got) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(m)) = recv.next().await {
@@ -335,15 +336,33 @@ fn fake(ws: Ws) -> Fake {
             }
         }
     });
-    Fake { send, got }
+    let (out, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Message>();
+    tokio::spawn(async move {
+        let beat = Message::text(wire::encode(&AgentMessage::Heartbeat {
+            metrics: Default::default(),
+        }));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            let m = tokio::select! {
+                _ = tick.tick() => beat.clone(),
+                m = outgoing.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            if send.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    Fake { out, got }
 }
 
 impl Fake {
     async fn say(&mut self, m: AgentMessage) {
-        self.send
+        self.out
             .send(Message::text(wire::encode(&m)))
-            .await
-            .expect("sent");
+            .expect("the link is up");
     }
 
     async fn expect(
@@ -728,7 +747,7 @@ async fn oversized_hellos_and_heartbeats_are_refused_with_the_field_named() {
         wire::PROTOCOL_VERSION,
         "w".repeat(2_700_000)
     );
-    a.send.send(Message::text(huge)).await.expect("sent");
+    a.out.send(Message::text(huge)).expect("sent");
     let m = a
         .expect("the refusal", |m| {
             matches!(m, ControllerMessage::Error { .. })
@@ -813,4 +832,64 @@ async fn a_cron_run_reaches_its_node_ahead_of_its_slot_but_an_older_agent_only_a
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaders_keep_alives_are_pongs_which_no_agent_answers() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let c = controller(data.path()).await;
+    let (mut ws, answer) = hello(&c, JOIN, node("pi-a", "aaaa"), Some(CRED_A)).await;
+    let ControllerMessage::Welcome { heartbeat_ms, .. } = answer else {
+        panic!("expected a welcome, got {answer:?}");
+    };
+    // Twelve heartbeats of a live agent, longer than the dead timeout, counting what
+    // the controller sends besides text. A ping would have this very client
+    // (tungstenite, as the agent) answer with a pong: a third frame per heartbeat for
+    // the controller to read.
+    let beat = Message::text(wire::encode(&AgentMessage::Heartbeat {
+        metrics: Default::default(),
+    }));
+    let mut tick = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+    let end = tokio::time::Instant::now() + Duration::from_millis(12 * heartbeat_ms);
+    let (mut pongs, mut pings) = (0, 0);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(end) => break,
+            _ = tick.tick() => ws.send(beat.clone()).await.expect("heartbeat sent"),
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Pong(_))) => pongs += 1,
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(_)) => {}
+                other => panic!("the link ended: {other:?}"),
+            },
+        }
+    }
+    assert_eq!(pings, 0, "keep-alives that ask for an answer");
+    assert!(
+        pongs >= 6,
+        "a keep-alive every heartbeat ({heartbeat_ms} ms): only {pongs} in twelve"
+    );
+
+    // An agent that goes silent with its TCP connection up (a partition sends no
+    // reset) is suspected once it has been silent for `not_ready_after`, and its link
+    // closed: nothing of the leader may reach it then, so that only a vouch could keep
+    // its Wallets running.
+    let not_ready = bramble_controller::config::HealthConfig::default().not_ready_after;
+    let silent = tokio::time::Instant::now();
+    let end = loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the silent link is closed")
+        {
+            Some(Ok(Message::Close(c))) => break format!("closed: {c:?}"),
+            Some(Err(e)) => break format!("failed: {e}"),
+            None => break "ended".to_string(),
+            Some(Ok(_)) => {}
+        }
+    };
+    let took = silent.elapsed();
+    assert!(
+        took + Duration::from_millis(300) >= not_ready,
+        "{end} {took:?} into the silence, before the node could be suspected ({not_ready:?})"
+    );
 }

@@ -115,20 +115,21 @@ fn node() -> NodeInfo {
     }
 }
 
-/// What an agent's link sees: its controller's messages, and pings as `None`.
+/// What an agent's link sees: its controller's messages, and keep-alives (unsolicited
+/// pongs) as `None`.
 struct Link {
     rx: mpsc::UnboundedReceiver<Option<ControllerMessage>>,
     beats: tokio::task::JoinHandle<()>,
 }
 
 impl Link {
-    /// The next frame within `within`: `Some(Some(msg))`, `Some(None)` for a ping,
+    /// The next frame within `within`: `Some(Some(msg))`, `Some(None)` for a keep-alive,
     /// `None` when the link closed or nothing came.
     async fn next(&mut self, within: Duration) -> Option<Option<ControllerMessage>> {
         tokio::time::timeout(within, self.rx.recv()).await.ok()?
     }
 
-    /// Waits for a Vouch (true) or for `within` to pass with pings only (false).
+    /// Waits for a Vouch (true) or for `within` to pass with keep-alives only (false).
     async fn vouches_within(&mut self, within: Duration) -> bool {
         let end = tokio::time::Instant::now() + within;
         while let Some(left) = end.checked_duration_since(tokio::time::Instant::now()) {
@@ -144,16 +145,16 @@ impl Link {
     /// Whether no Vouch arrives for `quiet` (the link staying up all along).
     async fn silent_for(&mut self, quiet: Duration) -> bool {
         let end = tokio::time::Instant::now() + quiet;
-        let mut pings = 0;
+        let mut keep_alives = 0;
         while let Some(left) = end.checked_duration_since(tokio::time::Instant::now()) {
             match self.next(left).await {
                 Some(Some(ControllerMessage::Vouch)) => return false,
-                Some(None) => pings += 1,
+                Some(None) => keep_alives += 1,
                 Some(Some(_)) => {}
                 None => break,
             }
         }
-        pings > 0
+        keep_alives > 0
     }
 
     /// Whether the controller closes the link within `within`.
@@ -255,7 +256,8 @@ async fn dial(
                     Some(Ok(Message::Text(t))) => {
                         let _ = tx.send(wire::decode::<ControllerMessage>(t.as_str()).ok());
                     }
-                    Some(Ok(Message::Ping(_))) => {
+                    // A pong, not a ping: a ping would draw an answer from every agent.
+                    Some(Ok(Message::Pong(_))) => {
                         let _ = tx.send(None);
                     }
                     Some(Ok(_)) => {}

@@ -6,7 +6,7 @@
 //! - the reporter writes the reports through the state layer, each retried until it is
 //!   written: a report is never dropped. If they back up (the store is down), the link
 //!   is closed, and the agent's next Hello carries every task's state again;
-//! - the writer sends pings (an agent that hears nothing fences its Wallets), the
+//! - the writer sends keep-alives (an agent that hears nothing fences its Wallets), the
 //!   controller's requests, and the node's task set whenever it changes in the snapshot
 //!   (level-triggered: every controller sharing the store serves its agents the same
 //!   way).
@@ -48,6 +48,13 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Read and write buffer of an agent link (frames larger than it still pass).
 const LINK_BUFFER: usize = 8 << 10;
+
+/// What a controller sends an agent every heartbeat to show it is there: an
+/// unsolicited Pong, which RFC 6455 (5.5.3) allows as a one-way heartbeat. A Ping would
+/// do as much for the agent's fence, which counts every frame of the link, but each
+/// agent's WebSocket answers a Ping with a Pong: a third frame per heartbeat, which the
+/// controller read, decrypted and dropped, a third of its work on a link at rest.
+const KEEP_ALIVE: Message = Message::Pong(axum::body::Bytes::new());
 
 /// Reports queued per node before the link is closed for the agent to resend.
 const REPORT_QUEUE: usize = 1024;
@@ -347,28 +354,41 @@ async fn serve(
     ));
 
     // A link that stays silent past the dead timeout is dead even if TCP has not
-    // noticed (a partition sends no reset).
+    // noticed (a partition sends no reset). One timer, moved on only when it fires,
+    // rather than one armed and dropped for every frame.
     let silence = health.dead_after;
+    let mut heard = tokio::time::Instant::now();
+    let quiet = tokio::time::sleep(silence);
+    tokio::pin!(quiet);
     loop {
         tokio::select! {
-            frame = tokio::time::timeout(silence, stream.next()) => match frame.unwrap_or_else(|_| {
+            () = &mut quiet => {
+                let due = heard + silence;
+                if due > tokio::time::Instant::now() {
+                    quiet.as_mut().reset(due);
+                    continue;
+                }
                 tracing::info!(node = %name, "agent link silent; closing it");
-                None
-            }) {
-                Some(Ok(Message::Text(t))) => {
-                    if !handle(&state, &name, t.as_str(), &reports) {
-                        tracing::warn!(node = %name, "task reports backed up; closing the link so the agent resends them");
+                break;
+            }
+            frame = stream.next() => {
+                heard = tokio::time::Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(t))) => {
+                        if !handle(&state, &name, t.as_str(), &reports) {
+                            tracing::warn!(node = %name, "task reports backed up; closing the link so the agent resends them");
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => state.live.seen(&name, None),
+                    Some(Ok(Message::Binary(_))) => tracing::warn!(node = %name, "ignoring binary frame"),
+                    Some(Err(e)) => {
+                        tracing::info!(node = %name, error = %e, "agent link failed");
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None => break,
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => state.live.seen(&name, None),
-                Some(Ok(Message::Binary(_))) => tracing::warn!(node = %name, "ignoring binary frame"),
-                Some(Err(e)) => {
-                    tracing::info!(node = %name, error = %e, "agent link failed");
-                    break;
-                }
-            },
+            }
             _ = &mut writer => break,
         }
     }
@@ -381,8 +401,9 @@ async fn serve(
     state.wake();
 }
 
-/// A follower's standby link (see the module documentation): pings every heartbeat,
-/// so the agent knows the link is up, and a Vouch whenever `health::may_vouch` allows.
+/// A follower's standby link (see the module documentation): a keep-alive every
+/// heartbeat ([`KEEP_ALIVE`]), so the agent knows the link is up, and a Vouch instead
+/// whenever `health::may_vouch` allows.
 /// Ends when the agent goes silent or closes, or when this controller becomes the
 /// leader (the agent then dials it again for a leader's link).
 async fn serve_standby(socket: WebSocket, state: &ClusterState, name: &str) {
@@ -411,7 +432,7 @@ async fn serve_standby(socket: WebSocket, state: &ClusterState, name: &str) {
                 let frame = if may {
                     Message::Text(vouch.clone().into())
                 } else {
-                    Message::Ping(Vec::new().into())
+                    KEEP_ALIVE
                 };
                 match tokio::time::timeout(cfg.fence, sink.send(frame)).await {
                     Ok(Ok(())) => {}
@@ -483,8 +504,8 @@ async fn writer(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<ControllerMessage>,
 ) {
-    // Pings tell the agent the controller is there: an agent that hears nothing for the
-    // fence timeout stops its Wallets (see HealthConfig).
+    // Keep-alives tell the agent the controller is there: an agent that hears nothing
+    // for the fence timeout stops its Wallets (see HealthConfig).
     let mut ping = tokio::time::interval(state.live.config().heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut world = state.subscribe();
@@ -527,7 +548,7 @@ async fn writer(
                 // The connection was replaced or dropped (all senders gone).
                 None => break,
             },
-            _ = ping.tick() => Message::Ping(Default::default()),
+            _ = ping.tick() => KEEP_ALIVE,
             r = world.changed() => match r {
                 Ok(()) => {
                     dirty = true;
