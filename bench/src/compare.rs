@@ -308,13 +308,16 @@ async fn remove_gone(sys: &impl System, kind: Kind, name: &str) -> Result<()> {
 
 /// Request sent -> the `replicas`-th container started (Docker's `start` events), each
 /// round with a fresh service, removed (and its containers gone) before the next.
+/// Also returns, per round, the part of it inside Docker: from the first container's
+/// `create` event to the last `start`, which no orchestrator can shorten.
 async fn create_rounds(
     sys: &impl System,
     replicas: usize,
     rounds: usize,
     what: &str,
-) -> Result<Vec<Duration>> {
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let mut took = Vec::with_capacity(rounds);
+    let mut in_docker = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let name = unique_name("cmp-new");
         let label = sys.label(&name);
@@ -327,11 +330,13 @@ async fn create_rounds(
             Ok(starts.get(replicas - 1).map(|e| e.at))
         })
         .await?;
+        let created = events.with_action("create").first().map_or(last, |e| e.at);
         took.push(last.duration_since(t0).unwrap_or_default());
+        in_docker.push(last.duration_since(created).unwrap_or_default());
         remove_gone(sys, Kind::Service, &name).await?;
         progress(what, round, rounds, took.last());
     }
-    Ok(took)
+    Ok((took, in_docker))
 }
 
 /// `docker kill` of the one container -> the next start, by Docker's `die` and `start`
@@ -485,6 +490,8 @@ fn mean(values: &[Option<u64>]) -> Option<u64> {
 #[derive(Default)]
 struct Column {
     create: Vec<Duration>,
+    /// Of `create`, the time from Docker's create event to its start event.
+    create_in_docker: Vec<Duration>,
     ten: Vec<Duration>,
     crash: Vec<Duration>,
     off_service: Vec<Duration>,
@@ -510,9 +517,14 @@ async fn measure_bramble(rounds: usize) -> Result<Column> {
             .await
             .context("starting the Bramble cluster")?,
     };
+    let (create, create_in_docker) =
+        create_rounds(&sys, 1, rounds, "Bramble create -> running").await?;
     let mut col = Column {
-        create: create_rounds(&sys, 1, rounds, "Bramble create -> running").await?,
-        ten: create_rounds(&sys, 10, rounds, "Bramble 10 replicas -> running").await?,
+        create,
+        create_in_docker,
+        ten: create_rounds(&sys, 10, rounds, "Bramble 10 replicas -> running")
+            .await?
+            .0,
         ..Column::default()
     };
     // A run of 10 x the initial back-off (1 s by default) is healthy and resets it:
@@ -595,9 +607,14 @@ async fn swarm_column(
     what: &str,
     joined_growth: Option<u64>,
 ) -> Result<Column> {
+    let (create, create_in_docker) =
+        create_rounds(&*sys, 1, rounds, &format!("{what} create -> running")).await?;
     let mut col = Column {
-        create: create_rounds(&*sys, 1, rounds, &format!("{what} create -> running")).await?,
-        ten: create_rounds(&*sys, 10, rounds, &format!("{what} 10 replicas -> running")).await?,
+        create,
+        create_in_docker,
+        ten: create_rounds(&*sys, 10, rounds, &format!("{what} 10 replicas -> running"))
+            .await?
+            .0,
         ..Column::default()
     };
     col.crash = crash_rounds(
@@ -698,6 +715,10 @@ pub async fn compare(rounds: usize) -> Result<()> {
         (
             "create -> running, 1 replica",
             row(&|c| Cell::time(&c.create)),
+        ),
+        (
+            "  of which in Docker (its create -> start events)",
+            row(&|c| Cell::time(&c.create_in_docker)),
         ),
         ("10 replicas -> all running", row(&|c| Cell::time(&c.ten))),
         ("crash -> running", row(&|c| Cell::time(&c.crash))),
@@ -805,6 +826,7 @@ pub async fn compare(rounds: usize) -> Result<()> {
         netns::HEALING_FLAGS.join(" ")
     );
     println!("  create, 10 replicas: from sending the request (Bramble POST /v1/apply; Swarm spawning docker service create --detach) to the Docker start event of the last replica");
+    println!("  in Docker: from the container's create event to its start event on its node's engine (the same engines for all three); the rest of create -> running is the orchestrator's");
     println!("  crash: docker kill of the one container after a healthy run (Bramble restarts a first crash at once; its back-off, 1 s doubling by default, is for crash loops; Swarm waits its restart-delay, 5 s by default); its die event -> the next start event");
     println!("  power-off (dockerd, shims and containers of the node killed) and partition (node's link down): docker ps on every engine every 50 ms from the fault until a copy runs on another node");
     println!("  partition: held {} s past the replacement running, then healed; two copies = time between a sample seeing two copies and the next sample", PARTITION_HOLD.as_secs());

@@ -72,7 +72,7 @@ struct Args {
     /// this executable, if static].
     #[arg(long, env = "BRAMBLE_CRON_GATE", value_name = "FILE")]
     cron_gate: Option<std::path::PathBuf>,
-    /// How often agents send heartbeats (and the controller pings them).
+    /// How often agents send heartbeats (and the controller its keep-alives).
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     heartbeat: Duration,
     /// A node silent this long is NotReady (gets no new tasks).
