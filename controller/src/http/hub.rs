@@ -51,9 +51,9 @@ const LINK_BUFFER: usize = 8 << 10;
 
 /// What a controller sends an agent every heartbeat to show it is there: an
 /// unsolicited Pong, which RFC 6455 (5.5.3) allows as a one-way heartbeat. A Ping would
-/// do as much for the agent's fence, which counts every frame of the link, but each
-/// agent's WebSocket answers a Ping with a Pong: a third frame per heartbeat, which the
-/// controller read, decrypted and dropped, a third of its work on a link at rest.
+/// do as much for the agent's fence, which counts every frame of the link (every agent
+/// version has), but each agent's WebSocket answers a Ping with a Pong: a third frame
+/// per heartbeat that the Pi encrypted and sent and the controller read and dropped.
 const KEEP_ALIVE: Message = Message::Pong(axum::body::Bytes::new());
 
 /// Reports queued per node before the link is closed for the agent to resend.
