@@ -3,11 +3,9 @@
 //! joined name is admitted only with its own credential (connected or not, whatever
 //! machine id is claimed), and no refusal names another node's identity.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bramble_api::manifest::Arch;
 use bramble_api::token::Secret;
 use bramble_api::wire::{self, AgentMessage, ControllerMessage, NodeInfo};
 use bramble_controller::{Config, Controller};
@@ -17,6 +15,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+#[path = "support/nodes.rs"]
+mod nodes;
 
 const WAIT: Duration = Duration::from_secs(10);
 const JOIN: &str = "join-token-for-tests";
@@ -69,18 +70,10 @@ async fn controller(data: &std::path::Path) -> Running {
 
 fn node(name: &str, machine_id: &str) -> NodeInfo {
     NodeInfo {
-        mesh: None,
-        name: name.into(),
-        arch: Arch::Arm64,
-        cores: 4,
-        memory_bytes: 1 << 30,
-        docker_version: "20.10.24".into(),
-        labels: BTreeMap::new(),
-        agent_version: bramble_api::VERSION.into(),
-        os: String::new(),
         machine_id: Some(machine_id.into()),
         memory_limits: Some(false),
         warnings: vec!["memory limits are not enforced".into()],
+        ..nodes::node(name)
     }
 }
 

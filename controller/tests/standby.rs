@@ -4,11 +4,9 @@
 //! the leader suspects it, vouches again once the leader hears it back, and hands the
 //! link over (closes it) when it becomes the leader itself.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bramble_api::manifest::Arch;
 use bramble_api::token::Secret;
 use bramble_api::wire::{self, AgentMessage, ControllerMessage, NodeInfo, NodeMetrics};
 use bramble_controller::config::{Cluster, Etcd as EtcdConfig, HealthConfig};
@@ -21,6 +19,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
+#[path = "support/nodes.rs"]
+mod nodes;
 #[path = "support/etcd.rs"]
 mod support;
 
@@ -100,18 +100,9 @@ async fn controller(
 
 fn node() -> NodeInfo {
     NodeInfo {
-        mesh: None,
-        name: "pi1".into(),
-        arch: Arch::Arm64,
-        cores: 4,
-        memory_bytes: 1 << 30,
-        docker_version: "20.10.24".into(),
-        labels: BTreeMap::new(),
-        agent_version: bramble_api::VERSION.into(),
-        os: String::new(),
         machine_id: Some("10000000aaaaaa11".into()),
         memory_limits: Some(true),
-        warnings: vec![],
+        ..nodes::node("pi1")
     }
 }
 
