@@ -12,7 +12,8 @@
 //! testimg hang PORT AFTER_SECS     serve like `serve` until AFTER_SECS, then accept connections
 //!                                  but never answer, staying alive (a hung daemon: HTTP probes
 //!                                  time out, TCP probes still connect)
-//! testimg eat MIB                  allocate and touch MIB MiB, then sleep forever
+//! testimg eat MIB [AFTER_SECS]     after AFTER_SECS (default 0), allocate and touch MIB MiB,
+//!                                  then sleep forever
 //! testimg print TEXT [EVERY_MS] [COUNT]
 //!                                  print "TEXT N" (N = 1, 2, …) every EVERY_MS (default 1000) ms;
 //!                                  after COUNT lines (default: never) exit 0
@@ -64,7 +65,7 @@ use signal_hook::iterator::Signals;
 
 const USAGE: &str =
     "usage: testimg serve PORT [TEXT] | sleep SECS | exit CODE [AFTER_SECS] | crash | \
-hang PORT AFTER_SECS | eat MIB | print TEXT [EVERY_MS] [COUNT] | now | env | get HOST:PORT [PATH] | \
+hang PORT AFTER_SECS | eat MIB [AFTER_SECS] | print TEXT [EVERY_MS] [COUNT] | now | env | get HOST:PORT [PATH] | \
 poll HOST:PORT PATH EVERY_MS | hold HOST:PORT | rtt HOST:PORT N | sink PORT | \
 blast HOST:PORT MIB | touch PATH | rm PATH | exists PATH | echo-stdin | isatty";
 
@@ -125,8 +126,12 @@ fn run(args: &[&str]) -> Result<ExitCode, String> {
             let after = secs_arg(after)?;
             serve(parse(port, "PORT")?, "hello from testimg", Some(after))
         }
-        ["eat", mib] => {
-            eat(parse(mib, "MIB")?);
+        ["eat", mib, rest @ ..] if rest.len() <= 1 => {
+            let mib = parse(mib, "MIB")?;
+            if let Some(after) = rest.first() {
+                thread::sleep(secs_arg(after)?);
+            }
+            eat(mib);
             sleep_forever()
         }
         ["print", text, rest @ ..] if rest.len() <= 2 => {
@@ -576,6 +581,8 @@ mod tests {
             &["sleep", "-1"],
             &["serve"],
             &["eat", "lots"],
+            &["eat", "1", "soon"],
+            &["eat", "1", "1", "1"],
             &["print", "a", "b"],
         ] {
             assert!(run(args).is_err(), "{args:?}");

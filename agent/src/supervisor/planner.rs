@@ -965,11 +965,20 @@ fn exit_cause(c: &Observed) -> String {
         "killed: out of memory".to_string()
     } else {
         match c.exit_code {
+            // Docker flags an OOM kill only when containerd was already watching the
+            // container's memory cgroup, which it starts after the process does: one
+            // killed in its first milliseconds shows as a bare SIGKILL.
+            Some(SIGKILLED) => format!(
+                "exited with code {SIGKILLED} (SIGKILL: out of memory, or killed from outside)"
+            ),
             Some(code) => format!("exited with code {code}"),
             None => "exited".to_string(),
         }
     }
 }
+
+/// The exit code of a process killed by SIGKILL (128 + 9).
+const SIGKILLED: i64 = 137;
 
 fn gave_up_message(failures: usize, a: &Assignment, cause: &str) -> String {
     format!(
@@ -1336,6 +1345,21 @@ mod tests {
         assert_eq!(s.container_id.as_deref(), Some("c1"));
         assert_eq!((s.started_at, s.finished_at), (Some(t(1)), Some(t(2))));
         assert_eq!(s.message.as_deref(), Some("exited with code 4"));
+
+        // A SIGKILL that Docker did not flag as an OOM kill may still be one.
+        let actions = plan(
+            std::slice::from_ref(&once),
+            &[exited(&once, "c1", 137, 1, 2)],
+            &RestartTracker::new(),
+            t(10),
+            false,
+        );
+        let s = &reports(&actions)[0];
+        assert_eq!((s.phase, s.reason), (TaskPhase::Failed, None));
+        assert_eq!(
+            s.message.as_deref(),
+            Some("exited with code 137 (SIGKILL: out of memory, or killed from outside)")
+        );
 
         let web = service("web-0");
         let actions = plan(
