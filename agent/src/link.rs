@@ -748,6 +748,8 @@ async fn session_at(
         standby: shared.standby,
         // The supervisor starts a run sent ahead of its slot at the slot.
         not_before: true,
+        // `Routes::apply` patches the table this link sent last.
+        endpoint_changes: true,
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.send(Message::text(frame(hello))))
         .await
@@ -948,6 +950,8 @@ async fn session_at(
                         Ok(ControllerMessage::Error { code, message }) => tracing::warn!(code = %code, message = %message, "controller reported an error"),
                         Ok(ControllerMessage::Welcome { .. } | ControllerMessage::Vouch) => {}
                         Ok(ControllerMessage::Endpoints { revision, table }) => shared.routes.update(revision, table),
+                        // A link's first table is whole, so the current one is what it sent last.
+                        Ok(ControllerMessage::EndpointChanges { revision, changes }) => shared.routes.apply(revision, changes),
                         Err(e) => tracing::warn!(error = %e, "ignoring a frame the agent does not understand"),
                     },
                     Some(Ok(Message::Close(_))) | None => break Err(SessionError::Lost("closed by the controller".into())),

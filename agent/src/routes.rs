@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bramble_api::endpoints::Table;
+use bramble_api::endpoints::{Changes, Table};
 use tokio::sync::watch;
 
 const FILE: &str = "endpoints.json";
@@ -48,6 +48,16 @@ impl Routes {
     /// Follows the table.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Table>> {
         self.tx.subscribe()
+    }
+
+    /// Changes from the leader to the table it sent last: applied, then as [`Routes::update`].
+    pub fn apply(&self, revision: u64, changes: Changes) {
+        if changes.is_empty() && self.current().range == changes.range {
+            return;
+        }
+        let mut table = (*self.current()).clone();
+        table.apply(changes);
+        self.update(revision, table);
     }
 
     /// A table from the leader: kept, and written down when it differs.
@@ -118,5 +128,36 @@ mod tests {
         assert_eq!(*Routes::load(dir.path()).current(), table);
         std::fs::write(dir.path().join(FILE), "garbage").expect("write");
         assert!(Routes::load(dir.path()).current().endpoints.is_empty());
+    }
+
+    #[test]
+    fn changes_are_applied_to_the_current_table_and_kept_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let routes = Routes::load(dir.path());
+        let endpoint = |name: &str, last: u8| Endpoint {
+            kind: Kind::Service,
+            name: name.into(),
+            address: std::net::Ipv4Addr::new(169, 254, 100, last),
+            ports: vec![80],
+            backends: Vec::new(),
+        };
+        let first = Table {
+            range: DEFAULT_RANGE,
+            endpoints: vec![endpoint("api", 3), endpoint("web", 2)],
+        };
+        routes.update(1, first.clone());
+        let next = Table {
+            range: DEFAULT_RANGE,
+            endpoints: vec![endpoint("db", 4), endpoint("web", 5)],
+        };
+        let mut rx = routes.subscribe();
+        routes.apply(2, first.changes_to(&next));
+        assert!(rx.has_changed().expect("open"));
+        rx.borrow_and_update();
+        assert_eq!(*routes.current(), next);
+        assert_eq!(*Routes::load(dir.path()).current(), next, "kept on disk");
+        // No change: nothing to tell the proxy or write.
+        routes.apply(3, next.changes_to(&next));
+        assert!(!rx.has_changed().expect("open"));
     }
 }

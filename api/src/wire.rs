@@ -962,6 +962,11 @@ pub enum AgentMessage {
         /// would start it on receipt. Added after protocol version 1 shipped: optional.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         not_before: bool,
+        /// The agent applies [`ControllerMessage::EndpointChanges`] to the table it was
+        /// sent last on the link; an agent that does not say so (an older one) is sent
+        /// every table whole. Added after protocol version 1 shipped: optional.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        endpoint_changes: bool,
     },
     /// Periodic liveness and load.
     Heartbeat {
@@ -1097,6 +1102,15 @@ pub enum ControllerMessage {
         /// The table.
         table: crate::endpoints::Table,
     },
+    /// What changed in the endpoints table since the one sent last on this link, which
+    /// is always a whole [`ControllerMessage::Endpoints`] first; only to an agent whose
+    /// Hello says `endpoint_changes`.
+    EndpointChanges {
+        /// The store revision the new table was computed at.
+        revision: u64,
+        /// The changes.
+        changes: crate::endpoints::Changes,
+    },
     /// Stream a task's logs back as LogData/LogEnd.
     Logs {
         /// Request id, echoed back.
@@ -1216,6 +1230,37 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_changes_are_opt_in_and_named_on_the_wire() {
+        let old = r#"{"v":1,"type":"hello","node":{"name":"pi1","arch":"arm64","cores":4,"memoryBytes":1,"dockerVersion":"20.10","agentVersion":"0.1.0"},"tasks":[]}"#;
+        let Ok(AgentMessage::Hello {
+            endpoint_changes, ..
+        }) = decode::<AgentMessage>(old)
+        else {
+            panic!("an old hello must parse");
+        };
+        assert!(!endpoint_changes, "an older agent is sent whole tables");
+        assert!(encode(&pi_hello()).contains(r#""endpoint_changes":true"#));
+
+        let m = ControllerMessage::EndpointChanges {
+            revision: 9,
+            changes: crate::endpoints::Changes {
+                range: crate::endpoints::DEFAULT_RANGE,
+                set: Vec::new(),
+                removed: vec![crate::endpoints::Gone {
+                    kind: crate::manifest::Kind::Wallet,
+                    name: "coin".into(),
+                }],
+            },
+        };
+        let text = encode(&m);
+        assert_eq!(
+            text,
+            r#"{"v":1,"type":"endpointChanges","revision":9,"changes":{"range":"169.254.100.0/22","removed":[{"kind":"Wallet","name":"coin"}]}}"#
+        );
+        assert_eq!(decode::<ControllerMessage>(&text).expect("decodes"), m);
+    }
+
+    #[test]
     fn standby_links_are_opt_in_on_both_sides() {
         // Messages of agents and controllers that predate standby links.
         let old_welcome =
@@ -1246,6 +1291,7 @@ mod tests {
     fn pi_hello() -> AgentMessage {
         AgentMessage::Hello {
             not_before: true,
+            endpoint_changes: true,
             csr: None,
             node: NodeInfo {
                 mesh: None,
@@ -1718,6 +1764,7 @@ mod tests {
         };
         let big = AgentMessage::Hello {
             not_before: true,
+            endpoint_changes: true,
             csr: None,
             node,
             tasks: (0..40)

@@ -205,6 +205,7 @@ pub(crate) async fn join(
         credential: Some(Secret(format!("{:064x}", rand_u128(name)))),
         standby: false,
         not_before: true,
+        endpoint_changes: true,
     };
     ws.send(Message::text(wire::encode(&hello))).await?;
     loop {

@@ -111,20 +111,36 @@ async fn hello(
     info: NodeInfo,
     credential: Option<&str>,
 ) -> (Ws, ControllerMessage) {
-    hello_as(c, bearer, info, credential, true).await
+    hello_as(c, bearer, info, credential, Says::CURRENT).await
 }
 
-/// [`hello`] from an agent that does or does not wait for a run's `notBefore`.
+/// What a Hello says the agent can take.
+#[derive(Clone, Copy)]
+struct Says {
+    not_before: bool,
+    endpoint_changes: bool,
+}
+
+impl Says {
+    /// An agent of this version.
+    const CURRENT: Says = Says {
+        not_before: true,
+        endpoint_changes: true,
+    };
+}
+
+/// [`hello`] from an agent that can take what `says` says.
 async fn hello_as(
     c: &Running,
     bearer: &str,
     info: NodeInfo,
     credential: Option<&str>,
-    not_before: bool,
+    says: Says,
 ) -> (Ws, ControllerMessage) {
     let mut ws = open(c, bearer).await.expect("upgraded");
     let hello = AgentMessage::Hello {
-        not_before,
+        not_before: says.not_before,
+        endpoint_changes: says.endpoint_changes,
         csr: None,
         node: info,
         tasks: vec![],
@@ -785,7 +801,11 @@ async fn a_cron_run_reaches_its_node_ahead_of_its_slot_but_an_older_agent_only_a
     for waits in [true, false] {
         let data = tempfile::tempdir().expect("temp dir");
         let c = controller(data.path()).await;
-        let (ws, answer) = hello_as(&c, JOIN, node("pi-a", "aaaa"), Some(CRED_A), waits).await;
+        let says = Says {
+            not_before: waits,
+            ..Says::CURRENT
+        };
+        let (ws, answer) = hello_as(&c, JOIN, node("pi-a", "aaaa"), Some(CRED_A), says).await;
         assert!(matches!(answer, ControllerMessage::Welcome { .. }));
         let mut a = fake(ws);
         let http = reqwest::Client::builder()
@@ -824,6 +844,103 @@ async fn a_cron_run_reaches_its_node_ahead_of_its_slot_but_an_older_agent_only_a
                 "an older agent got the run at {got}, before its slot {slot}"
             );
         }
+    }
+}
+
+/// A task the fake agent reports Running.
+fn running(task: &str) -> AgentMessage {
+    AgentMessage::Status {
+        status: wire::TaskStatus {
+            task: task.to_string(),
+            phase: bramble_api::task::TaskPhase::Running,
+            exit_code: None,
+            message: None,
+            container_id: Some(format!("c-{task}")),
+            restarts: 0,
+            ready: None,
+            started_at: Some(chrono::Utc::now()),
+            finished_at: None,
+            gave_up: false,
+            output: None,
+            reason: None,
+            restart_at: None,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_says_so_gets_the_endpoints_whole_once_then_only_their_changes() {
+    for changes in [true, false] {
+        let data = tempfile::tempdir().expect("temp dir");
+        let c = controller(data.path()).await;
+        let says = Says {
+            endpoint_changes: changes,
+            ..Says::CURRENT
+        };
+        let (ws, answer) = hello_as(&c, JOIN, node("pi-a", "aaaa"), Some(CRED_A), says).await;
+        assert!(matches!(answer, ControllerMessage::Welcome { .. }));
+        let mut a = fake(ws);
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured((*c.tls).clone())
+            .build()
+            .expect("client");
+        let apply = |name: &str| {
+            let manifest = format!("apiVersion: bramble/v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  image: x\n  replicas: 2\n  ports: [{{container: 80}}]\n");
+            http.post(format!("https://{}/v1/apply", c.addr))
+                .bearer_auth(ADMIN)
+                .json(&serde_json::json!({"sources": [{"name": "w.yaml", "content": manifest}]}))
+                .send()
+        };
+        // A new link's first table is whole (here still empty).
+        let whole = a
+            .expect("the whole table", |m| {
+                matches!(m, ControllerMessage::Endpoints { .. })
+            })
+            .await;
+        let ControllerMessage::Endpoints { mut table, .. } = whole else {
+            unreachable!()
+        };
+        assert!(table.endpoints.is_empty(), "{table:?}");
+        assert!(apply("web").await.expect("apply").status().is_success());
+        // Until the table has web's two instances and api: each change is applied to
+        // the table as an agent does, and checked to be only what changed. web's tasks
+        // are reported Running when they come, and api is applied then.
+        let mut reported = false;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let m = tokio::time::timeout_at(deadline, a.got.recv())
+                .await
+                .expect("web's instances and api in the table")
+                .expect("link open");
+            match m {
+                ControllerMessage::Assign { tasks, .. } if tasks.len() == 2 && !reported => {
+                    for t in &tasks {
+                        a.say(running(&t.task)).await;
+                    }
+                    assert!(apply("api").await.expect("apply").status().is_success());
+                    reported = true;
+                }
+                ControllerMessage::EndpointChanges { changes: c, .. } => {
+                    assert!(changes, "an agent that did not say so got changes");
+                    assert!(!c.set.iter().any(|e| table.endpoints.contains(e)), "{c:?}");
+                    table.apply(c);
+                }
+                ControllerMessage::Endpoints { table: t, .. } => {
+                    assert!(
+                        !changes,
+                        "an agent that takes changes got a whole table again"
+                    );
+                    table = t;
+                }
+                _ => {}
+            }
+            let backends = table.lookup("web").map_or(0, |e| e.backends.len());
+            if backends == 2 && table.lookup("api").is_some() {
+                break;
+            }
+        }
+        let names: Vec<&str> = table.endpoints.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["api", "web"]);
     }
 }
 

@@ -209,6 +209,7 @@ async fn dial(
     };
     let hello = AgentMessage::Hello {
         not_before: true,
+        endpoint_changes: false,
         csr: None,
         node: node(),
         tasks: vec![],

@@ -88,7 +88,7 @@ pub fn table(snap: &Snapshot, range: AddressRange) -> Table {
                 mesh,
             });
     }
-    let endpoints = snap
+    let mut endpoints = snap
         .workloads
         .values()
         .filter_map(|w| {
@@ -114,7 +114,9 @@ pub fn table(snap: &Snapshot, range: AddressRange) -> Table {
                     .unwrap_or_default(),
             })
         })
-        .collect();
+        .collect::<Vec<_>>();
+    // By kind then name, the order an agent that applies `Changes` keeps.
+    endpoints.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
     Table { range, endpoints }
 }
 

@@ -141,6 +141,8 @@ struct Hello {
     csr: Option<String>,
     /// Whether it waits for a run's `notBefore` (see `hold_back`).
     not_before: bool,
+    /// Whether it applies `EndpointChanges`.
+    endpoint_changes: bool,
 }
 
 async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
@@ -170,6 +172,7 @@ async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
             standby,
             csr,
             not_before,
+            endpoint_changes,
         }) => Ok(Hello {
             node,
             tasks,
@@ -177,6 +180,7 @@ async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
             standby,
             csr,
             not_before,
+            endpoint_changes,
         }),
         Ok(_) => Err((
             "bad_message".into(),
@@ -218,6 +222,7 @@ async fn serve(
         standby: standby_ok,
         csr,
         not_before: waits,
+        endpoint_changes,
     } = match hello(&mut socket).await {
         Ok(h) => h,
         Err((code, msg)) => return send_error(&mut socket, &code, msg).await,
@@ -348,7 +353,10 @@ async fn serve(
         Arc::clone(&state),
         Arc::clone(&app.vault),
         name.clone(),
-        waits,
+        Wants {
+            waits,
+            endpoint_changes,
+        },
         sink,
         rx,
     ));
@@ -495,12 +503,21 @@ fn copy_duties(
     volumes::duties(snap, &candidates, &state.live.volumes())
 }
 
+/// What an agent's Hello says it can take.
+#[derive(Debug, Clone, Copy)]
+struct Wants {
+    /// It waits for a run's `notBefore` (see [`reconcile::hold_back`]).
+    waits: bool,
+    /// It applies `EndpointChanges` to the table it was sent last.
+    endpoint_changes: bool,
+}
+
 /// Sends pings, the controller's requests and the node's task set when it changes.
 async fn writer(
     state: Arc<ClusterState>,
     vault: Arc<Vault>,
     node: String,
-    waits: bool,
+    wants: Wants,
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<ControllerMessage>,
 ) {
@@ -524,7 +541,7 @@ async fn writer(
         state: &state,
         vault: &vault,
         node: &node,
-        waits,
+        wants,
     };
     loop {
         if dirty {
@@ -581,8 +598,7 @@ struct Link<'a> {
     state: &'a ClusterState,
     vault: &'a Vault,
     node: &'a str,
-    /// The agent waits for a run's `notBefore` (see [`reconcile::hold_back`]).
-    waits: bool,
+    wants: Wants,
 }
 
 impl Link<'_> {
@@ -600,7 +616,7 @@ impl Link<'_> {
         let placed = state.placed(snap);
         let duties = copy_duties(state, snap, &placed);
         let mut tasks = reconcile::assignments_placed(snap, &placed, node, vault);
-        let held = if self.waits {
+        let held = if self.wants.waits {
             None
         } else {
             reconcile::hold_back(&mut tasks, Utc::now())
@@ -632,8 +648,13 @@ impl Link<'_> {
             .as_ref()
             .is_some_and(|r| Arc::ptr_eq(r, &routes.table))
         {
-            // Encoded once for every link (see `State::routes`).
-            let frame = Utf8Bytes::try_from(routes.frame).expect("an encoded frame is UTF-8");
+            // Encoded once for every link (see `State::routes`): the whole table on a
+            // new link, else what changed since the table this link sent last.
+            let frame = match routed.as_ref().filter(|_| self.wants.endpoint_changes) {
+                Some(last) => routes.changes_frame(last),
+                None => routes.frame.clone(),
+            };
+            let frame = Utf8Bytes::try_from(frame).expect("an encoded frame is UTF-8");
             if sink.send(Message::Text(frame)).await.is_err() {
                 return None;
             }

@@ -136,6 +136,39 @@ pub struct Routes {
     pub table: Arc<bramble_api::endpoints::Table>,
     /// [`bramble_api::wire::ControllerMessage::Endpoints`] with it, encoded.
     pub frame: bytes::Bytes,
+    /// The revision it was computed at.
+    revision: u64,
+    /// [`bramble_api::wire::ControllerMessage::EndpointChanges`] frames to this table,
+    /// from the tables links sent before it: links are mostly one table behind, the
+    /// same one, so each is encoded once for all of them.
+    changes: Arc<Mutex<Vec<ChangesFrame>>>,
+}
+
+/// An `EndpointChanges` frame, and the table it is from.
+type ChangesFrame = (Arc<bramble_api::endpoints::Table>, bytes::Bytes);
+
+/// How many older tables [`Routes::changes_frame`] keeps frames from.
+const CHANGES_KEPT: usize = 4;
+
+impl Routes {
+    /// The `EndpointChanges` frame that turns `last` into this table.
+    pub fn changes_frame(&self, last: &Arc<bramble_api::endpoints::Table>) -> bytes::Bytes {
+        let mut kept = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, frame)) = kept.iter().find(|(t, _)| Arc::ptr_eq(t, last)) {
+            return frame.clone();
+        }
+        let frame = bytes::Bytes::from(bramble_api::wire::encode(
+            &bramble_api::wire::ControllerMessage::EndpointChanges {
+                revision: self.revision,
+                changes: last.changes_to(&self.table),
+            },
+        ));
+        if kept.len() == CHANGES_KEPT {
+            kept.remove(0);
+        }
+        kept.push((Arc::clone(last), frame.clone()));
+        frame
+    }
 }
 
 /// Everything the controller keeps, in the store and in memory.
@@ -355,6 +388,8 @@ impl State {
             Routes {
                 table: Arc::new(table),
                 frame: bytes::Bytes::from(frame),
+                revision: snap.revision,
+                changes: Arc::default(),
             }
         })
     }
