@@ -101,3 +101,57 @@ fn unsafe_or_unusable_etcd_settings_are_refused_before_anything_is_made() {
         "{stderr}"
     );
 }
+
+/// The controller's initial environment, once `ready` holds for it; killed afterwards.
+fn environ_of_a_running_controller(tunables: Option<&str>) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bramble-controller"));
+    cmd.arg("--data-dir")
+        .arg(&data)
+        .args(["--no-local-agent", "--no-mdns", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    match tunables {
+        Some(t) => cmd.env("GLIBC_TUNABLES", t),
+        None => cmd.env_remove("GLIBC_TUNABLES"),
+    };
+    let mut child = cmd.spawn().expect("start bramble-controller");
+    // Its data directory is made after the restart (if any): from then on the
+    // environment is the one it runs with.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !data.join("ca.crt").exists() {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the controller exited"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ca.crt within 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let environ = std::fs::read(format!("/proc/{}/environ", child.id())).expect("environ");
+    let _ = child.kill();
+    let _ = child.wait();
+    String::from_utf8_lossy(&environ).replace('\0', "\n")
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn the_controller_runs_with_its_malloc_tunables_unless_the_operator_set_some() {
+    // Read from the process's own memory, where glibc 2.36 cuts the value at its first
+    // `:` as it parses it; so only the first tunable is looked for.
+    let env = environ_of_a_running_controller(None);
+    assert!(
+        env.lines()
+            .any(|l| l.starts_with("GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536")),
+        "no GLIBC_TUNABLES in the controller's environment"
+    );
+    let env = environ_of_a_running_controller(Some("glibc.malloc.arena_max=2"));
+    let set: Vec<&str> = env
+        .lines()
+        .filter(|l| l.starts_with("GLIBC_TUNABLES="))
+        .collect();
+    assert_eq!(set, ["GLIBC_TUNABLES=glibc.malloc.arena_max=2"]);
+}
