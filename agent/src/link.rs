@@ -1241,19 +1241,8 @@ mod tests {
         };
         let status = AgentMessage::Status {
             status: wire::TaskStatus {
-                task: "web-0123ab-0".into(),
-                phase: bramble_api::task::TaskPhase::Starting,
-                exit_code: None,
                 message: Some("cannot create container: ".repeat(1000)),
-                container_id: None,
-                restarts: 0,
-                ready: None,
-                started_at: None,
-                finished_at: None,
-                gave_up: false,
-                output: None,
-                reason: None,
-                restart_at: None,
+                ..wire::TaskStatus::new("web-0123ab-0", bramble_api::task::TaskPhase::Starting)
             },
         };
         for msg in [beat, status] {

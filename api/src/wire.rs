@@ -800,6 +800,25 @@ impl NodeMetrics {
 }
 
 impl TaskStatus {
+    /// A task in `phase`, with nothing else said about it.
+    pub fn new(task: impl Into<String>, phase: TaskPhase) -> TaskStatus {
+        TaskStatus {
+            task: task.into(),
+            phase,
+            exit_code: None,
+            message: None,
+            container_id: None,
+            restarts: 0,
+            ready: None,
+            started_at: None,
+            finished_at: None,
+            gave_up: false,
+            output: None,
+            reason: None,
+            restart_at: None,
+        }
+    }
+
     /// Checks a task status against the limits: task id up to [`MAX_TASK_ID`] bytes,
     /// container id up to [`MAX_CONTAINER_ID`], message up to [`MAX_MESSAGE_BYTES`],
     /// output up to [`MAX_OUTPUT_BYTES`].

@@ -88,10 +88,6 @@ fn metrics(tick: u64, seed: u64, tasks: &BTreeSet<String>) -> NodeMetrics {
 
 fn running(task: &str, seed: u64) -> TaskStatus {
     TaskStatus {
-        task: task.to_string(),
-        phase: TaskPhase::Running,
-        exit_code: None,
-        message: None,
         container_id: Some(format!(
             "{:016x}{:016x}{:016x}{:016x}",
             seed,
@@ -99,14 +95,8 @@ fn running(task: &str, seed: u64) -> TaskStatus {
             seed ^ 0x5a5a,
             1
         )),
-        restarts: 0,
-        ready: None,
         started_at: Some(chrono::Utc::now()),
-        finished_at: None,
-        gave_up: false,
-        output: None,
-        reason: None,
-        restart_at: None,
+        ..TaskStatus::new(task, TaskPhase::Running)
     }
 }
 

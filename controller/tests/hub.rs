@@ -796,22 +796,30 @@ async fn oversized_hellos_and_heartbeats_are_refused_with_the_field_named() {
     );
 }
 
+/// pi-a joined with what `says`, as a fake agent, and an API client of `c`.
+async fn joined(c: &Running, says: Says) -> (Fake, reqwest::Client) {
+    let (ws, answer) = hello_as(c, JOIN, node("pi-a", "aaaa"), Some(CRED_A), says).await;
+    assert!(matches!(answer, ControllerMessage::Welcome { .. }));
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured((*c.tls).clone())
+        .build()
+        .expect("client");
+    (fake(ws), http)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cron_run_reaches_its_node_ahead_of_its_slot_but_an_older_agent_only_at_the_slot() {
     for waits in [true, false] {
         let data = tempfile::tempdir().expect("temp dir");
         let c = controller(data.path()).await;
-        let says = Says {
-            not_before: waits,
-            ..Says::CURRENT
-        };
-        let (ws, answer) = hello_as(&c, JOIN, node("pi-a", "aaaa"), Some(CRED_A), says).await;
-        assert!(matches!(answer, ControllerMessage::Welcome { .. }));
-        let mut a = fake(ws);
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured((*c.tls).clone())
-            .build()
-            .expect("client");
+        let (mut a, http) = joined(
+            &c,
+            Says {
+                not_before: waits,
+                ..Says::CURRENT
+            },
+        )
+        .await;
         let manifest = "apiVersion: bramble/v1\nkind: CronJob\nmetadata: {name: tick}\nspec:\n  image: x\n  schedule: \"*/5 * * * * *\"\n";
         let r = http
             .post(format!("https://{}/v1/apply", c.addr))
@@ -851,19 +859,9 @@ async fn a_cron_run_reaches_its_node_ahead_of_its_slot_but_an_older_agent_only_a
 fn running(task: &str) -> AgentMessage {
     AgentMessage::Status {
         status: wire::TaskStatus {
-            task: task.to_string(),
-            phase: bramble_api::task::TaskPhase::Running,
-            exit_code: None,
-            message: None,
             container_id: Some(format!("c-{task}")),
-            restarts: 0,
-            ready: None,
             started_at: Some(chrono::Utc::now()),
-            finished_at: None,
-            gave_up: false,
-            output: None,
-            reason: None,
-            restart_at: None,
+            ..wire::TaskStatus::new(task, bramble_api::task::TaskPhase::Running)
         },
     }
 }
@@ -873,17 +871,14 @@ async fn an_agent_that_says_so_gets_the_endpoints_whole_once_then_only_their_cha
     for changes in [true, false] {
         let data = tempfile::tempdir().expect("temp dir");
         let c = controller(data.path()).await;
-        let says = Says {
-            endpoint_changes: changes,
-            ..Says::CURRENT
-        };
-        let (ws, answer) = hello_as(&c, JOIN, node("pi-a", "aaaa"), Some(CRED_A), says).await;
-        assert!(matches!(answer, ControllerMessage::Welcome { .. }));
-        let mut a = fake(ws);
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured((*c.tls).clone())
-            .build()
-            .expect("client");
+        let (mut a, http) = joined(
+            &c,
+            Says {
+                endpoint_changes: changes,
+                ..Says::CURRENT
+            },
+        )
+        .await;
         let apply = |name: &str| {
             let manifest = format!("apiVersion: bramble/v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  image: x\n  replicas: 2\n  ports: [{{container: 80}}]\n");
             http.post(format!("https://{}/v1/apply", c.addr))

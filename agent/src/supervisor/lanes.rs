@@ -178,21 +178,7 @@ mod tests {
 
     fn report(task: &str) -> Action {
         Action::Report {
-            status: TaskStatus {
-                task: task.into(),
-                phase: TaskPhase::Running,
-                exit_code: None,
-                message: None,
-                container_id: None,
-                restarts: 0,
-                ready: None,
-                started_at: None,
-                finished_at: None,
-                gave_up: false,
-                output: None,
-                reason: None,
-                restart_at: None,
-            },
+            status: TaskStatus::new(task, TaskPhase::Running),
         }
     }
 

@@ -1496,19 +1496,8 @@ mod tests {
         let id = t.id.clone();
         let snap = with_tasks(vec![t]);
         let s = TaskStatus {
-            task: id.clone(),
-            phase: TaskPhase::Running,
-            exit_code: None,
-            message: None,
             container_id: Some("c".into()),
-            restarts: 0,
-            ready: None,
-            started_at: None,
-            finished_at: None,
-            gave_up: false,
-            output: None,
-            reason: None,
-            restart_at: None,
+            ..TaskStatus::new(id.clone(), TaskPhase::Running)
         };
         assert!(task_status(&snap, "pi2", &s, Utc::now()).is_none());
         assert!(task_removed(&snap, "pi2", &id).is_none());
