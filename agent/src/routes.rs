@@ -52,10 +52,11 @@ impl Routes {
 
     /// Changes from the leader to the table it sent last: applied, then as [`Routes::update`].
     pub fn apply(&self, revision: u64, changes: Changes) {
-        if changes.is_empty() && self.current().range == changes.range {
+        let current = self.current();
+        if changes.is_empty() && current.range == changes.range {
             return;
         }
-        let mut table = (*self.current()).clone();
+        let mut table = (*current).clone();
         table.apply(changes);
         self.update(revision, table);
     }

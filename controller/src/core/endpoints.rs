@@ -88,7 +88,7 @@ pub fn table(snap: &Snapshot, range: AddressRange) -> Table {
                 mesh,
             });
     }
-    let mut endpoints = snap
+    let endpoints = snap
         .workloads
         .values()
         .filter_map(|w| {
@@ -115,8 +115,9 @@ pub fn table(snap: &Snapshot, range: AddressRange) -> Table {
             })
         })
         .collect::<Vec<_>>();
-    // By kind then name, the order an agent that applies `Changes` keeps.
-    endpoints.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+    // By kind then name, the order an agent that applies `Changes` keeps: the
+    // snapshot's workloads are keyed so.
+    debug_assert!(endpoints.is_sorted_by(|a, b| (a.kind, &a.name) < (b.kind, &b.name)));
     Table { range, endpoints }
 }
 
@@ -292,6 +293,44 @@ mod tests {
         assert_eq!(a["a"], Some(Ipv4Addr::new(10, 9, 0, 2)));
         assert_eq!(a["b"], Some(Ipv4Addr::new(10, 9, 0, 3)));
         assert_eq!(a["c"], None);
+    }
+
+    #[test]
+    fn the_table_lists_endpoints_by_kind_then_name_as_agents_keep_them() {
+        let mut snap = Snapshot::default();
+        // Stored in an order neither by kind nor by name (nor by their store keys).
+        for (i, (kind, name, spec)) in [
+            ("Wallet", "a", ""),
+            ("CronJob", "b", "  schedule: \"0 * * * *\"\n"),
+            ("Service", "zz", ""),
+            ("Service", "b", ""),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut w = workload(kind, name, spec);
+            w.address = Some(Ipv4Addr::new(169, 254, 100, 2 + i as u8));
+            put(&mut snap, w, 1 + i as u64);
+        }
+        let t = table(&snap, DEFAULT_RANGE);
+        let listed: Vec<(Kind, &str)> = t
+            .endpoints
+            .iter()
+            .map(|e| (e.kind, e.name.as_str()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (Kind::Service, "b"),
+                (Kind::Service, "zz"),
+                (Kind::Wallet, "a"),
+                (Kind::CronJob, "b"),
+            ]
+        );
+        // What an agent makes of the changes from an empty table is the same table.
+        let mut applied = Table::default();
+        applied.apply(Table::default().changes_to(&t));
+        assert_eq!(applied, t);
     }
 
     #[test]

@@ -139,10 +139,8 @@ struct Hello {
     standby: bool,
     /// Its certificate request.
     csr: Option<String>,
-    /// Whether it waits for a run's `notBefore` (see `hold_back`).
-    not_before: bool,
-    /// Whether it applies `EndpointChanges`.
-    endpoint_changes: bool,
+    /// What it can take.
+    wants: Wants,
 }
 
 async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
@@ -179,8 +177,10 @@ async fn hello(socket: &mut WebSocket) -> Result<Hello, (String, String)> {
             credential: credential.map(|c| credential_hash(&c.0)),
             standby,
             csr,
-            not_before,
-            endpoint_changes,
+            wants: Wants {
+                waits: not_before,
+                endpoint_changes,
+            },
         }),
         Ok(_) => Err((
             "bad_message".into(),
@@ -221,8 +221,7 @@ async fn serve(
         credential,
         standby: standby_ok,
         csr,
-        not_before: waits,
-        endpoint_changes,
+        wants,
     } = match hello(&mut socket).await {
         Ok(h) => h,
         Err((code, msg)) => return send_error(&mut socket, &code, msg).await,
@@ -353,10 +352,7 @@ async fn serve(
         Arc::clone(&state),
         Arc::clone(&app.vault),
         name.clone(),
-        Wants {
-            waits,
-            endpoint_changes,
-        },
+        wants,
         sink,
         rx,
     ));
