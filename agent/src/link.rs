@@ -47,8 +47,9 @@ use crate::runtime::Runtime;
 use crate::supervisor::{Desired, Supervisor};
 use crate::{Config, Error};
 
-/// How often the node is measured; heartbeats in between repeat the last measurement.
-const METRICS_EVERY: Duration = Duration::from_secs(1);
+/// How often the node is measured; heartbeats in between repeat the last measurement
+/// (the controller takes such a repeat without decoding it again).
+pub const METRICS_EVERY: Duration = Duration::from_secs(1);
 
 /// The longest wait between two dial attempts.
 const MAX_REDIAL: Duration = Duration::from_secs(5);

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bramble_agent::link::METRICS_EVERY;
 use bramble_api::health::ContainerUsage;
 use bramble_api::task::TaskPhase;
 use bramble_api::token::JoinToken;
@@ -54,7 +55,7 @@ struct Window {
 
 /// A node's metrics as a lightly loaded Pi's would vary, with its tasks' containers.
 fn metrics(tick: u64, seed: u64, tasks: &BTreeSet<String>) -> NodeMetrics {
-    // Deterministic jitter: every heartbeat differs, as a real node's do.
+    // Deterministic jitter: every measurement differs, as a real node's do.
     let j = |k: u64| {
         ((tick.wrapping_mul(2654435761) ^ seed ^ k.wrapping_mul(97)) % 1000) as f32 / 100.0
     };
@@ -100,8 +101,10 @@ fn running(task: &str, seed: u64) -> TaskStatus {
     }
 }
 
-/// One simulated agent: heartbeats at the Welcome's interval; each task assigned is
-/// reported Running once, each task unassigned is reported removed.
+/// One simulated agent: heartbeats at the Welcome's interval, measuring as the real
+/// agent does (every [`METRICS_EVERY`], the heartbeats between repeating the last
+/// measurement); each task assigned is reported Running once, each task unassigned is
+/// reported removed.
 async fn agent(
     mut ws: Ws,
     every: Duration,
@@ -115,12 +118,20 @@ async fn agent(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0u64;
+    let mut sampled: Option<(Instant, String)> = None;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             _ = tick.tick() => {
-                n += 1;
-                let hb = wire::encode(&AgentMessage::Heartbeat { metrics: metrics(n, seed, &tasks) });
+                let hb = match &sampled {
+                    Some((at, hb)) if at.elapsed() < METRICS_EVERY => hb.clone(),
+                    _ => {
+                        n += 1;
+                        let hb = wire::encode(&AgentMessage::Heartbeat { metrics: metrics(n, seed, &tasks) });
+                        sampled = Some((Instant::now(), hb.clone()));
+                        hb
+                    }
+                };
                 ws.send(Message::text(hb)).await?;
                 counters.heartbeats.fetch_add(1, Ordering::Relaxed);
             }

@@ -184,6 +184,20 @@ impl Live {
         }
     }
 
+    /// Notes a heartbeat that repeats the node's last one (see `hub::repeated_beat`):
+    /// as [`Live::seen`] with the same metrics again. False, noting nothing, when the
+    /// node has no metrics here (it was forgotten since): the heartbeat must be taken
+    /// whole.
+    pub fn seen_again(&self, node: &str) -> bool {
+        let mut nodes = self.lock();
+        let Some(entry) = nodes.get_mut(node).filter(|e| e.metrics.is_some()) else {
+            return false;
+        };
+        entry.last_seen = Some(Instant::now());
+        entry.last_seen_at = Some(Utc::now());
+        true
+    }
+
     /// Health of one node now.
     pub fn status(&self, node: &str) -> NodeStatus {
         let nodes = self.lock();
