@@ -744,7 +744,6 @@ pub fn name_in_use(
     }
 }
 
-/// Handles one frame; false when the reports have backed up and the link must close.
 /// A node's last heartbeat on its link, as sent and as decoded.
 struct LastBeat {
     /// A copy: the frame as read may be a view of the link's whole read buffer, which
@@ -754,9 +753,9 @@ struct LastBeat {
 }
 
 /// Takes a heartbeat that repeats the link's last one byte for byte without decoding it
-/// again: an agent measures every 10 s and repeats the measurement in the heartbeats
+/// again: an agent measures once a second and repeats the measurement in the heartbeats
 /// between (its `at` with it), and the same frame decodes to the same metrics. Decoding
-/// them, with each task's usage, was a tenth of the controller's work at rest. False
+/// them, with each task's usage, was about a tenth of the controller's work at rest. False
 /// when the frame is not such a repeat, or the node's metrics were forgotten since: the
 /// frame is then handled whole.
 fn repeated_beat(
