@@ -51,6 +51,14 @@ use crate::{Config, Error};
 /// (the controller takes such a repeat without decoding it again).
 pub const METRICS_EVERY: Duration = Duration::from_secs(1);
 
+/// Whether a heartbeat `heartbeat` after the last one, `since` the last measurement,
+/// measures again: when the next one would be later than [`METRICS_EVERY`] after it.
+/// A plain `since >= METRICS_EVERY` misses by the microseconds measuring takes whenever
+/// the heartbeat divides [`METRICS_EVERY`], and at 1 Hz would measure every other second.
+pub fn metrics_due(since: Option<Duration>, heartbeat: Duration) -> bool {
+    since.is_none_or(|since| since + heartbeat / 2 >= METRICS_EVERY)
+}
+
 /// The longest wait between two dial attempts.
 const MAX_REDIAL: Duration = Duration::from_secs(5);
 
@@ -844,8 +852,7 @@ async fn session_at(
             _ = ticker.tick() => {
                 // Heartbeats are frequent (fast failover); measuring is not: a Pi's CPU
                 // is for its tasks, and the dashboard draws 10-second points.
-                let stale = sampled.as_ref().is_none_or(|(at, _)| at.elapsed() >= METRICS_EVERY);
-                if stale {
+                if metrics_due(sampled.as_ref().map(|(at, _)| at.elapsed()), heartbeat) {
                     let m = shared.metrics.lock().unwrap_or_else(|p| p.into_inner()).sample();
                     sampled = Some((std::time::Instant::now(), m));
                 }
@@ -1126,6 +1133,52 @@ async fn stream_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The heartbeats (numbered from 0) that measure, over `beats` heartbeats exactly
+    /// `heartbeat` apart, each measurement taking `cost` before its instant is taken.
+    fn measuring_beats(heartbeat: Duration, cost: Duration, beats: u32) -> Vec<u32> {
+        let mut last: Option<Duration> = None;
+        let mut out = Vec::new();
+        for n in 0..beats {
+            let now = heartbeat * n;
+            if metrics_due(last.map(|at| now.saturating_sub(at)), heartbeat) {
+                last = Some(now + cost);
+                out.push(n);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_node_is_measured_about_once_a_second_whatever_its_heartbeat() {
+        let ms = Duration::from_millis;
+        for cost in [ms(0), ms(3), ms(40)] {
+            // At 1 Hz every heartbeat measures, though the last measurement's instant
+            // was taken a little after the previous tick.
+            assert_eq!(
+                measuring_beats(ms(1000), cost, 5),
+                [0, 1, 2, 3, 4],
+                "{cost:?}"
+            );
+            assert_eq!(measuring_beats(ms(250), cost, 9), [0, 4, 8], "{cost:?}");
+            assert_eq!(measuring_beats(ms(333), cost, 7), [0, 3, 6], "{cost:?}");
+            assert_eq!(measuring_beats(ms(500), cost, 5), [0, 2, 4], "{cost:?}");
+            // Slower heartbeats than a second measure each time.
+            assert_eq!(measuring_beats(ms(3000), cost, 3), [0, 1, 2], "{cost:?}");
+            // Between the two, the measurement nearest a second apart.
+            assert_eq!(measuring_beats(ms(450), cost, 7), [0, 2, 4, 6], "{cost:?}");
+            assert_eq!(measuring_beats(ms(700), cost, 4), [0, 1, 2, 3], "{cost:?}");
+        }
+        // Never closer than half a second, nor further than 1.5 s, apart.
+        for hb in (50..=1500).step_by(10).map(ms) {
+            let beats = measuring_beats(hb, ms(3), 100);
+            for pair in beats.windows(2) {
+                let gap = hb * (pair[1] - pair[0]);
+                assert!(gap >= METRICS_EVERY / 2 || gap == hb, "{hb:?}: {gap:?}");
+                assert!(gap <= METRICS_EVERY * 3 / 2, "{hb:?}: {gap:?}");
+            }
+        }
+    }
 
     #[test]
     fn controllers_found_over_mdns_are_linked_once_and_dropped_when_unseen_for_90s() {
