@@ -43,6 +43,14 @@ struct Entry {
     suspected: Option<Instant>,
 }
 
+impl Entry {
+    /// Notes a frame from the node, now.
+    fn heard(&mut self) {
+        self.last_seen = Some(Instant::now());
+        self.last_seen_at = Some(Utc::now());
+    }
+}
+
 /// All nodes' in-memory state.
 pub struct Live {
     /// When this controller started counting node health: its start, or when it last
@@ -110,8 +118,7 @@ impl Live {
         let mut nodes = self.lock();
         let entry = nodes.entry(node.to_string()).or_default();
         entry.conn = Some(conn);
-        entry.last_seen = Some(Instant::now());
-        entry.last_seen_at = Some(Utc::now());
+        entry.heard();
     }
 
     /// Forgets a connection, unless a newer one already replaced it.
@@ -176,9 +183,15 @@ impl Live {
     /// Notes that a frame arrived from the node.
     pub fn seen(&self, node: &str, metrics: Option<NodeMetrics>) {
         let mut nodes = self.lock();
-        let entry = nodes.entry(node.to_string()).or_default();
-        entry.last_seen = Some(Instant::now());
-        entry.last_seen_at = Some(Utc::now());
+        // Looked up before inserting: a heartbeat's node is almost always known, and
+        // `entry` would allocate its name every time.
+        if !nodes.contains_key(node) {
+            nodes.insert(node.to_string(), Entry::default());
+        }
+        let Some(entry) = nodes.get_mut(node) else {
+            return;
+        };
+        entry.heard();
         if metrics.is_some() {
             entry.metrics = metrics;
         }
@@ -193,8 +206,7 @@ impl Live {
         let Some(entry) = nodes.get_mut(node).filter(|e| e.metrics.is_some()) else {
             return false;
         };
-        entry.last_seen = Some(Instant::now());
-        entry.last_seen_at = Some(Utc::now());
+        entry.heard();
         true
     }
 
