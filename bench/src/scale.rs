@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bramble_agent::link::METRICS_EVERY;
+use bramble_agent::link::{metrics_due, METRICS_EVERY};
+use bramble_agent::metrics::CONTAINER_STATS_EVERY;
 use bramble_api::health::ContainerUsage;
 use bramble_api::task::TaskPhase;
 use bramble_api::token::JoinToken;
@@ -53,12 +54,18 @@ struct Window {
     secs: f64,
 }
 
-/// A node's metrics as a lightly loaded Pi's would vary, with its tasks' containers.
+/// A node's metrics as a lightly loaded Pi's would vary, with its tasks' containers:
+/// measurement `tick`, one a [`METRICS_EVERY`], its containers' usage new every
+/// [`CONTAINER_STATS_EVERY`] as the real agent's.
 fn metrics(tick: u64, seed: u64, tasks: &BTreeSet<String>) -> NodeMetrics {
     // Deterministic jitter: every measurement differs, as a real node's do.
-    let j = |k: u64| {
+    let jitter = |tick: u64, k: u64| {
         ((tick.wrapping_mul(2654435761) ^ seed ^ k.wrapping_mul(97)) % 1000) as f32 / 100.0
     };
+    let j = |k: u64| jitter(tick, k);
+    let per_stats = (CONTAINER_STATS_EVERY.as_millis() / METRICS_EVERY.as_millis()).max(1);
+    let stats_tick = tick / per_stats as u64;
+    let js = |k: u64| jitter(stats_tick, k);
     NodeMetrics {
         at: chrono::Utc::now(),
         cpu_percent: 5.0 + j(1),
@@ -79,8 +86,8 @@ fn metrics(tick: u64, seed: u64, tasks: &BTreeSet<String>) -> NodeMetrics {
                 .enumerate()
                 .map(|(i, t)| ContainerUsage {
                     task: t.clone(),
-                    cpu_percent: Some(0.1 + j(10 + i as u64) / 10.0),
-                    memory_bytes: Some((4 << 20) + (f64::from(j(40 + i as u64)) * 1e4) as u64),
+                    cpu_percent: Some(0.1 + js(10 + i as u64) / 10.0),
+                    memory_bytes: Some((4 << 20) + (f64::from(js(40 + i as u64)) * 1e4) as u64),
                 })
                 .collect(),
         ),
@@ -124,7 +131,7 @@ async fn agent(
             _ = stop.changed() => break,
             _ = tick.tick() => {
                 let hb = match &sampled {
-                    Some((at, hb)) if at.elapsed() < METRICS_EVERY => hb.clone(),
+                    Some((at, hb)) if !metrics_due(Some(at.elapsed()), every) => hb.clone(),
                     _ => {
                         n += 1;
                         let hb = wire::encode(&AgentMessage::Heartbeat { metrics: metrics(n, seed, &tasks) });
