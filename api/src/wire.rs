@@ -119,15 +119,15 @@ pub struct FieldError {
     pub problem: String,
 }
 
-fn field_error(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
+fn field_error(field: impl std::fmt::Display, problem: impl Into<String>) -> FieldError {
     FieldError {
-        field: field.into(),
+        field: field.to_string(),
         problem: problem.into(),
     }
 }
 
 /// Refuses text longer than `max` bytes.
-fn text_within(field: &str, text: &str, max: usize) -> Result<(), FieldError> {
+fn text_within(field: impl std::fmt::Display, text: &str, max: usize) -> Result<(), FieldError> {
     if text.len() > max {
         return Err(field_error(
             field,
@@ -138,7 +138,12 @@ fn text_within(field: &str, text: &str, max: usize) -> Result<(), FieldError> {
 }
 
 /// Refuses a list longer than `max`.
-fn count_within(field: &str, count: usize, max: usize, what: &str) -> Result<(), FieldError> {
+fn count_within(
+    field: impl std::fmt::Display,
+    count: usize,
+    max: usize,
+    what: &str,
+) -> Result<(), FieldError> {
     if count > max {
         return Err(field_error(
             field,
@@ -149,7 +154,7 @@ fn count_within(field: &str, count: usize, max: usize, what: &str) -> Result<(),
 }
 
 /// Refuses NaN and infinities (JSON cannot carry them back out).
-fn finite(field: &str, x: f32) -> Result<(), FieldError> {
+fn finite(field: impl std::fmt::Display, x: f32) -> Result<(), FieldError> {
     if x.is_finite() {
         Ok(())
     } else {
@@ -637,14 +642,14 @@ impl NodeInfo {
             ));
         }
         count_within(
-            &format!("{at}.labels"),
+            format_args!("{at}.labels"),
             self.labels.len(),
             MAX_NODE_LABELS,
             "labels",
         )?;
         for (i, (k, v)) in self.labels.iter().enumerate() {
             // The key may be garbage: the field names its position, not its text.
-            let field = format!("{at}.labels[{i}]");
+            let field = format_args!("{at}.labels[{i}]");
             if crate::manifest::check_label_key(k).is_err() {
                 return Err(field_error(
                     field,
@@ -669,19 +674,19 @@ impl NodeInfo {
             ("agentVersion", &self.agent_version),
             ("os", &self.os),
         ] {
-            text_within(&format!("{at}.{name}"), text, MAX_INFO_TEXT)?;
+            text_within(format_args!("{at}.{name}"), text, MAX_INFO_TEXT)?;
         }
         if let Some(id) = &self.machine_id {
-            text_within(&format!("{at}.machineId"), id, MAX_INFO_TEXT)?;
+            text_within(format_args!("{at}.machineId"), id, MAX_INFO_TEXT)?;
         }
         count_within(
-            &format!("{at}.warnings"),
+            format_args!("{at}.warnings"),
             self.warnings.len(),
             MAX_WARNINGS,
             "warnings",
         )?;
         for (i, w) in self.warnings.iter().enumerate() {
-            text_within(&format!("{at}.warnings[{i}]"), w, MAX_WARNING_BYTES)?;
+            text_within(format_args!("{at}.warnings[{i}]"), w, MAX_WARNING_BYTES)?;
         }
         if let Some(mesh) = &self.mesh {
             if mesh.len() > MAX_INFO_TEXT || mesh.parse::<std::net::SocketAddr>().is_err() {
@@ -723,22 +728,26 @@ impl NodeMetrics {
     }
 
     fn validate_at(&self, at: &str) -> Result<(), FieldError> {
-        finite(&format!("{at}.cpuPercent"), self.cpu_percent)?;
-        finite(&format!("{at}.load1"), self.load1)?;
+        finite(format_args!("{at}.cpuPercent"), self.cpu_percent)?;
+        finite(format_args!("{at}.load1"), self.load1)?;
         for (name, x) in [
             ("load5", self.load5),
             ("load15", self.load15),
             ("temperatureCelsius", self.temperature_celsius),
         ] {
             if let Some(x) = x {
-                finite(&format!("{at}.{name}"), x)?;
+                finite(format_args!("{at}.{name}"), x)?;
             }
         }
         if let Some(cores) = &self.cores_percent {
-            let field = format!("{at}.coresPercent");
-            count_within(&field, cores.len(), MAX_CORES, "entries")?;
+            count_within(
+                format_args!("{at}.coresPercent"),
+                cores.len(),
+                MAX_CORES,
+                "entries",
+            )?;
             for (i, x) in cores.iter().enumerate() {
-                finite(&format!("{field}[{i}]"), *x)?;
+                finite(format_args!("{at}.coresPercent[{i}]"), *x)?;
             }
         }
         for (name, disk) in [
@@ -746,16 +755,20 @@ impl NodeMetrics {
             ("dockerDisk", &self.docker_disk),
         ] {
             if let Some(d) = disk {
-                text_within(&format!("{at}.{name}.path"), &d.path, MAX_INFO_TEXT)?;
+                text_within(format_args!("{at}.{name}.path"), &d.path, MAX_INFO_TEXT)?;
             }
         }
         if let Some(containers) = &self.containers {
-            let field = format!("{at}.containers");
-            count_within(&field, containers.len(), MAX_CONTAINERS, "entries")?;
+            count_within(
+                format_args!("{at}.containers"),
+                containers.len(),
+                MAX_CONTAINERS,
+                "entries",
+            )?;
             for (i, c) in containers.iter().enumerate() {
-                text_within(&format!("{field}[{i}].task"), &c.task, MAX_TASK_ID)?;
+                text_within(format_args!("{at}.containers[{i}].task"), &c.task, MAX_TASK_ID)?;
                 if let Some(x) = c.cpu_percent {
-                    finite(&format!("{field}[{i}].cpuPercent"), x)?;
+                    finite(format_args!("{at}.containers[{i}].cpuPercent"), x)?;
                 }
             }
         }
@@ -827,15 +840,15 @@ impl TaskStatus {
     }
 
     fn validate_at(&self, at: &str) -> Result<(), FieldError> {
-        text_within(&format!("{at}.task"), &self.task, MAX_TASK_ID)?;
+        text_within(format_args!("{at}.task"), &self.task, MAX_TASK_ID)?;
         if let Some(id) = &self.container_id {
-            text_within(&format!("{at}.containerId"), id, MAX_CONTAINER_ID)?;
+            text_within(format_args!("{at}.containerId"), id, MAX_CONTAINER_ID)?;
         }
         if let Some(m) = &self.message {
-            text_within(&format!("{at}.message"), m, MAX_MESSAGE_BYTES)?;
+            text_within(format_args!("{at}.message"), m, MAX_MESSAGE_BYTES)?;
         }
         if let Some(o) = &self.output {
-            text_within(&format!("{at}.output"), o, MAX_OUTPUT_BYTES)?;
+            text_within(format_args!("{at}.output"), o, MAX_OUTPUT_BYTES)?;
         }
         Ok(())
     }
@@ -883,14 +896,14 @@ impl AgentMessage {
             AgentMessage::Volumes { volumes } => {
                 count_within("volumes", volumes.len(), MAX_VOLUME_REPORTS, "volumes")?;
                 for (i, v) in volumes.iter().enumerate() {
-                    text_within(&format!("volumes[{i}].workload"), &v.workload, MAX_TASK_ID)?;
-                    text_within(&format!("volumes[{i}].volume"), &v.volume, MAX_TASK_ID)?;
+                    text_within(format_args!("volumes[{i}].workload"), &v.workload, MAX_TASK_ID)?;
+                    text_within(format_args!("volumes[{i}].volume"), &v.volume, MAX_TASK_ID)?;
                     if let Some(p) = &v.path {
-                        text_within(&format!("volumes[{i}].path"), p, MAX_MESSAGE_BYTES)?;
+                        text_within(format_args!("volumes[{i}].path"), p, MAX_MESSAGE_BYTES)?;
                     }
                     if let Some(e) = v.last_sync.as_ref().and_then(|s| s.error.as_ref()) {
                         text_within(
-                            &format!("volumes[{i}].lastSync.error"),
+                            format_args!("volumes[{i}].lastSync.error"),
                             e,
                             MAX_MESSAGE_BYTES,
                         )?;
