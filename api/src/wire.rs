@@ -766,7 +766,11 @@ impl NodeMetrics {
                 "entries",
             )?;
             for (i, c) in containers.iter().enumerate() {
-                text_within(format_args!("{at}.containers[{i}].task"), &c.task, MAX_TASK_ID)?;
+                text_within(
+                    format_args!("{at}.containers[{i}].task"),
+                    &c.task,
+                    MAX_TASK_ID,
+                )?;
                 if let Some(x) = c.cpu_percent {
                     finite(format_args!("{at}.containers[{i}].cpuPercent"), x)?;
                 }
@@ -896,7 +900,11 @@ impl AgentMessage {
             AgentMessage::Volumes { volumes } => {
                 count_within("volumes", volumes.len(), MAX_VOLUME_REPORTS, "volumes")?;
                 for (i, v) in volumes.iter().enumerate() {
-                    text_within(format_args!("volumes[{i}].workload"), &v.workload, MAX_TASK_ID)?;
+                    text_within(
+                        format_args!("volumes[{i}].workload"),
+                        &v.workload,
+                        MAX_TASK_ID,
+                    )?;
                     text_within(format_args!("volumes[{i}].volume"), &v.volume, MAX_TASK_ID)?;
                     if let Some(p) = &v.path {
                         text_within(format_args!("volumes[{i}].path"), p, MAX_MESSAGE_BYTES)?;

@@ -28,7 +28,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bramble_api::backoff::{Backoff, Retry};
 use bramble_api::wire::{
-    self, AgentMessage, ControllerMessage, NodeInfo, NodeMetrics, TaskStatus, MAX_FRAME_BYTES,
+    self, AgentMessage, ControllerMessage, NodeInfo, TaskStatus, MAX_FRAME_BYTES,
 };
 use chrono::{DateTime, Utc};
 use futures_util::{SinkExt, StreamExt};
@@ -38,6 +38,7 @@ use super::auth::{credential_hash, Role};
 use super::App;
 use crate::core::ops::Admission;
 use crate::core::{health, ops, reconcile, volumes, Change, DomainError};
+use crate::state::history::Sample;
 use crate::state::live::Connection;
 use crate::state::logs::{ExecEvent, LogEvent};
 use crate::state::vault::Vault;
@@ -744,12 +745,14 @@ pub fn name_in_use(
     }
 }
 
-/// A node's last heartbeat on its link, as sent and as decoded.
+/// A node's last heartbeat on its link, as sent and what it added to the history.
 struct LastBeat {
     /// A copy: the frame as read may be a view of the link's whole read buffer, which
     /// it would keep alive.
     frame: Box<str>,
-    metrics: NodeMetrics,
+    /// Only what a repeat adds to the history: a clone of the whole measurement, its
+    /// containers' usage with it, was an allocation per container per heartbeat.
+    sample: Sample,
 }
 
 /// Takes a heartbeat that repeats the link's last one byte for byte without decoding it
@@ -770,7 +773,7 @@ fn repeated_beat(
     if !state.live.seen_again(node) {
         return false;
     }
-    state.history.record(node, &beat.metrics);
+    state.history.record(node, beat.sample);
     true
 }
 
@@ -801,10 +804,11 @@ fn handle(
     };
     let report = match msg {
         AgentMessage::Heartbeat { metrics } => {
-            state.history.record(node, &metrics);
+            let sample = Sample::from(&metrics);
+            state.history.record(node, sample);
             *last_beat = Some(LastBeat {
                 frame: frame.as_str().into(),
-                metrics: metrics.clone(),
+                sample,
             });
             state.live.seen(node, Some(metrics));
             return true;
@@ -873,6 +877,7 @@ fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bramble_api::wire::NodeMetrics;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bramble_api::manifest::Arch;

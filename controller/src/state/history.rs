@@ -19,6 +19,24 @@ pub const STEP_SECS: i64 = 10;
 /// Points kept per node: one hour.
 pub const POINTS: usize = 360;
 
+/// What a heartbeat adds to its node's history.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    cpu_percent: f32,
+    memory_used_bytes: u64,
+    temperature_celsius: Option<f32>,
+}
+
+impl From<&NodeMetrics> for Sample {
+    fn from(m: &NodeMetrics) -> Sample {
+        Sample {
+            cpu_percent: m.cpu_percent,
+            memory_used_bytes: m.memory_used_bytes,
+            temperature_celsius: m.temperature_celsius,
+        }
+    }
+}
+
 /// A fixed-capacity ring: pushing onto a full one drops the oldest item.
 #[derive(Debug, Clone)]
 pub struct Ring<T> {
@@ -124,7 +142,8 @@ impl Series {
     /// Adds one heartbeat received at `now` (Unix seconds). A heartbeat in a later
     /// bucket closes the open one; one from an earlier bucket (a clock step back) is
     /// counted in the open bucket rather than rewriting history.
-    pub fn record(&mut self, m: &NodeMetrics, now: i64) {
+    pub fn record(&mut self, m: impl Into<Sample>, now: i64) {
+        let m = m.into();
         let bucket = now.div_euclid(STEP_SECS);
         if bucket > self.open.bucket {
             if let Some(p) = self.open.close() {
@@ -169,13 +188,14 @@ impl History {
     }
 
     /// Adds a heartbeat of `node`, received now.
-    pub fn record(&self, node: &str, m: &NodeMetrics) {
+    pub fn record(&self, node: &str, m: impl Into<Sample>) {
         let now = chrono::Utc::now().timestamp();
         self.record_at(node, m, now);
     }
 
     /// Adds a heartbeat of `node` received at `now` (Unix seconds).
-    pub fn record_at(&self, node: &str, m: &NodeMetrics, now: i64) {
+    pub fn record_at(&self, node: &str, m: impl Into<Sample>, now: i64) {
+        let m = m.into();
         let mut nodes = self.lock();
         match nodes.get_mut(node) {
             Some(s) => s.record(m, now),
