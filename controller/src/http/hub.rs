@@ -877,11 +877,11 @@ fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bramble_api::wire::NodeMetrics;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bramble_api::manifest::Arch;
     use bramble_api::task::TaskPhase;
+    use bramble_api::wire::NodeMetrics;
 
     use crate::config::HealthConfig;
     use crate::state::Solo;

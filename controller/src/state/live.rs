@@ -182,18 +182,18 @@ impl Live {
 
     /// Notes that a frame arrived from the node.
     pub fn seen(&self, node: &str, metrics: Option<NodeMetrics>) {
+        let note = |entry: &mut Entry| {
+            entry.heard();
+            if metrics.is_some() {
+                entry.metrics = metrics;
+            }
+        };
         let mut nodes = self.lock();
         // Looked up before inserting: a heartbeat's node is almost always known, and
         // `entry` would allocate its name every time.
-        if !nodes.contains_key(node) {
-            nodes.insert(node.to_string(), Entry::default());
-        }
-        let Some(entry) = nodes.get_mut(node) else {
-            return;
-        };
-        entry.heard();
-        if metrics.is_some() {
-            entry.metrics = metrics;
+        match nodes.get_mut(node) {
+            Some(entry) => note(entry),
+            None => note(nodes.entry(node.to_string()).or_default()),
         }
     }
 
