@@ -24,8 +24,8 @@ use std::time::Duration;
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EventMessage,
-    HostConfig, HostConfigLogConfig, Mount, MountType, PortBinding, RestartPolicy,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerUpdateBody,
+    EventMessage, HostConfig, HostConfigLogConfig, Mount, MountType, PortBinding, RestartPolicy,
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
@@ -165,6 +165,15 @@ pub enum Error {
         #[source]
         source: DockerError,
     },
+    /// Setting the container's CPU limit failed.
+    #[error("cannot set the CPU limit of container {id}")]
+    LimitCpu {
+        /// Container id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: DockerError,
+    },
     /// Stopping the container failed.
     #[error("cannot stop container {id}")]
     Stop {
@@ -248,7 +257,7 @@ impl Error {
             Error::Start { .. } | Error::Create { .. } if port_in_use(&error_chain(self)) => {
                 Reason::PortInUse
             }
-            Error::Start { .. } => Reason::RunContainerError,
+            Error::Start { .. } | Error::LimitCpu { .. } => Reason::RunContainerError,
             _ => Reason::CreateContainerError,
         }
     }
@@ -332,6 +341,9 @@ pub struct Observed {
     pub started_at: Option<DateTime<Utc>>,
     /// When the last run ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The CPU limit Docker holds for it, in billionths of a core (`NanoCpus`); None
+    /// without one.
+    pub nano_cpus: Option<i64>,
 }
 
 /// What happened to a container, from the engine's event stream.
@@ -398,6 +410,9 @@ pub trait Engine: Clone + Send + Sync + 'static {
 
     /// Starts an existing container (again).
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Sets a container's CPU limit, running or not ([`nano_cpus`]).
+    fn limit_cpu(&self, id: &str, nano_cpus: i64) -> impl Future<Output = Result<()>> + Send;
 
     /// SIGTERM, then SIGKILL after `grace`; a missing container is [`Error::NotFound`].
     fn stop(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send;
@@ -688,12 +703,27 @@ impl Runtime {
     /// [`Error::HostPath`] before anything is pulled, made or created. The check runs
     /// again after the pull, right before the directories are made: a pull may take
     /// minutes, and a link planted meanwhile must not be followed.
+    ///
+    /// A task with a CPU limit is created without it, and the limit set right after the
+    /// start: the start's own work in the container (runc's set-up, about 20 ms of CPU
+    /// on a fast x86 core, several times that on a Pi's) counts against the container's
+    /// quota, and at `cpu: 100m` (10 ms per 100 ms period) it waited for the next period
+    /// instead of running. The memory limit holds from the create. Should the agent
+    /// die between start and limit, the next plan finds the container's limit missing
+    /// and sets it ([`Observed::nano_cpus`]); should setting it fail here, the container
+    /// is removed, never left running without its limit.
     #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
     pub async fn create_and_start(&self, a: &Assignment) -> Result<String> {
-        let id = self.create(a).await?;
+        let id = self.create_with(a, None, Cpu::AfterStart).await?;
         if let Err(e) = self.start(&id).await {
-            self.discard_unstarted(&id).await;
+            self.discard(&id).await;
             return Err(e);
+        }
+        if let Some(limit) = nano_cpus(a) {
+            if let Err(e) = self.limit_cpu(&id, limit).await {
+                self.discard(&id).await;
+                return Err(e);
+            }
         }
         info!(container = %id, "container started");
         Ok(id)
@@ -703,7 +733,7 @@ impl Runtime {
     /// without starting it; returns its id.
     #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
     pub async fn create(&self, a: &Assignment) -> Result<String> {
-        self.create_with(a, None).await
+        self.create_with(a, None, Cpu::AtCreate).await
     }
 
     /// Readies a run sent ahead of its slot ([`Assignment::not_before`]) and returns its
@@ -739,13 +769,13 @@ impl Runtime {
             entrypoint,
             cmd,
         };
-        let id = self.create_with(a, Some(gated)).await?;
+        let id = self.create_with(a, Some(gated), Cpu::AtCreate).await?;
         let failed = match self.start(&id).await {
             Ok(()) => self.gate_failed(gate, &id, at).await,
             Err(e) => {
                 let message = error_chain(&e);
                 if !crate::gate::blames_gate(&message) {
-                    self.discard_unstarted(&id).await;
+                    self.discard(&id).await;
                     return Err(e);
                 }
                 Some(message)
@@ -814,10 +844,10 @@ impl Runtime {
         ))
     }
 
-    /// Removes a container whose start failed, so that a failed attempt leaves nothing
-    /// behind; a removal that fails too is logged (the start's error is the one to
-    /// report).
-    async fn discard_unstarted(&self, id: &str) {
+    /// Removes (killing it if it runs) a container whose start, or the setting of its
+    /// CPU limit after it, failed, so that a failed attempt leaves nothing behind; a
+    /// removal that fails too is logged (the first error is the one to report).
+    async fn discard(&self, id: &str) {
         if let Err(cleanup) = self.remove(id).await {
             warn!(container = %id, error = %error_chain(&cleanup), "cannot remove a container that failed to start");
         }
@@ -836,7 +866,7 @@ impl Runtime {
         Ok((config.entrypoint, config.cmd))
     }
 
-    async fn create_with(&self, a: &Assignment, gated: Option<Gated>) -> Result<String> {
+    async fn create_with(&self, a: &Assignment, gated: Option<Gated>, cpu: Cpu) -> Result<String> {
         if let Some((var, r)) = a
             .spec
             .secret_refs()
@@ -876,6 +906,11 @@ impl Runtime {
         let mut config = container_config(a, &self.node, self.dns.as_deref(), &sources);
         if let Some(g) = gated {
             g.apply(&mut config);
+        }
+        if cpu == Cpu::AfterStart {
+            if let Some(h) = config.host_config.as_mut() {
+                h.nano_cpus = None;
+            }
         }
         // Likewise, a leftover with the task's name is looked for only on a conflict.
         let mut cleared = false;
@@ -1008,6 +1043,21 @@ impl Runtime {
             .start_container(id, None)
             .await
             .map_err(|e| container_error(id, e, |id, source| Error::Start { id, source }))
+    }
+
+    /// Sets a container's CPU limit ([`nano_cpus`]), running or not; the memory limit
+    /// and everything else stay as they are.
+    #[instrument(skip(self))]
+    pub async fn limit_cpu(&self, id: &str, nano_cpus: i64) -> Result<()> {
+        let update = ContainerUpdateBody {
+            nano_cpus: Some(nano_cpus),
+            ..Default::default()
+        };
+        self.docker
+            .update_container(id, update)
+            .await
+            .map(drop)
+            .map_err(|e| container_error(id, e, |id, source| Error::LimitCpu { id, source }))
     }
 
     /// Stops a container: SIGTERM, then SIGKILL after `grace`. Stopping a stopped
@@ -1361,6 +1411,10 @@ impl Engine for Runtime {
         Runtime::start(self, id)
     }
 
+    fn limit_cpu(&self, id: &str, nano_cpus: i64) -> impl Future<Output = Result<()>> + Send {
+        Runtime::limit_cpu(self, id, nano_cpus)
+    }
+
     fn stop(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send {
         Runtime::stop(self, id, grace)
     }
@@ -1521,6 +1575,25 @@ impl Gated {
 /// The container to create for an assignment on `node`. Pure, so it is unit tested.
 /// `sources`: each volume's directory on the node, in `a.spec.volumes` order (a
 /// managed volume's is under the data dir).
+/// When a created container gets its CPU limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cpu {
+    /// With the create, for a container whose start is not timed by anyone waiting.
+    AtCreate,
+    /// Right after the start (see [`Runtime::create_and_start`]).
+    AfterStart,
+}
+
+/// The CPU limit of an assigned task as Docker holds it (`NanoCpus`, billionths of a
+/// core); None when the task has none. What [`container_config`] asks for, and what a
+/// running container must have (see [`Observed::nano_cpus`]).
+pub fn nano_cpus(a: &Assignment) -> Option<i64> {
+    a.spec
+        .resources
+        .cpu
+        .map(|c| i64::try_from(c.millis().saturating_mul(1_000_000)).unwrap_or(i64::MAX))
+}
+
 fn container_config(
     a: &Assignment,
     node: &str,
@@ -1583,10 +1656,7 @@ fn container_config(
         .memory
         .map(|m| i64::try_from(m.bytes()).unwrap_or(i64::MAX));
     let host_config = HostConfig {
-        nano_cpus: spec
-            .resources
-            .cpu
-            .map(|c| i64::try_from(c.millis().saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
+        nano_cpus: nano_cpus(a),
         memory,
         // Swap limit = memory limit: no swap, so a leaking task is OOM-killed instead of
         // grinding the node's SD card.
@@ -1694,6 +1764,10 @@ fn observed_from(id: &str, resp: ContainerInspectResponse) -> Result<Observed> {
         created_at: resp.created.and_then(IntoDate::into_date),
         started_at: st.started_at.and_then(IntoDate::into_date),
         finished_at: st.finished_at.and_then(IntoDate::into_date),
+        nano_cpus: resp
+            .host_config
+            .and_then(|h| h.nano_cpus)
+            .filter(|n| *n > 0),
     })
 }
 

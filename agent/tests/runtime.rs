@@ -227,6 +227,87 @@ async fn creates_a_container_with_labels_env_limits_ports_and_mounts() {
     assert_eq!(o.exit_code, None);
 }
 
+/// The CFS quota the kernel enforces on container `id`, in microseconds per 100 ms
+/// period: its cgroup's `cpu.cfs_quota_us` (cgroup v1) or `cpu.max` (v2), wherever the
+/// engine's cgroup driver put it; None for no quota.
+fn kernel_cpu_quota(id: &str) -> anyhow::Result<Option<i64>> {
+    fn find(dir: &Path, id: &str, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name().to_string_lossy().contains(id) {
+                out.push(path);
+            } else if depth > 0 {
+                find(&path, id, depth - 1, out);
+            }
+        }
+    }
+    let mut dirs = Vec::new();
+    find(Path::new("/sys/fs/cgroup"), id, 4, &mut dirs);
+    for dir in &dirs {
+        if let Ok(v1) = std::fs::read_to_string(dir.join("cpu.cfs_quota_us")) {
+            let period: i64 = std::fs::read_to_string(dir.join("cpu.cfs_period_us"))?
+                .trim()
+                .parse()?;
+            let quota: i64 = v1.trim().parse()?;
+            return Ok((quota > 0).then(|| quota * 100_000 / period));
+        }
+        if let Ok(v2) = std::fs::read_to_string(dir.join("cpu.max")) {
+            let (quota, period) = v2
+                .trim()
+                .split_once(' ')
+                .ok_or_else(|| anyhow!("cpu.max: {v2}"))?;
+            if quota == "max" {
+                return Ok(None);
+            }
+            return Ok(Some(
+                quota.parse::<i64>()? * 100_000 / period.parse::<i64>()?,
+            ));
+        }
+    }
+    bail!("no cgroup with a CPU quota file for container {id} under /sys/fs/cgroup: {dirs:?}")
+}
+
+#[tokio::test]
+async fn a_cpu_limit_set_after_the_start_is_held_by_docker_and_the_kernel() {
+    let (_node, rt, _guard) = node().await;
+    let mut s = spec(&["serve", "8080"]);
+    s.resources.cpu = Some(Cpu(100));
+    s.resources.memory = Some(Memory::mib(8));
+    let a = assignment("cpu-aaaaaa-0", Kind::Service, s);
+
+    let id = rt.create_and_start(&a).await.expect("started");
+
+    let j = docker_inspect(&id).expect("inspect");
+    assert_eq!(j["State"]["Running"], true);
+    assert_eq!(j["HostConfig"]["NanoCpus"], 100_000_000);
+    assert_eq!(kernel_cpu_quota(&id).expect("cgroup"), Some(10_000));
+    let listed = rt.list().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].nano_cpus, Some(100_000_000));
+
+    // As the supervisor sets it on a container that lacks it: running, nothing else touched.
+    rt.limit_cpu(&id, 250_000_000).await.expect("limited");
+    let j = docker_inspect(&id).expect("inspect");
+    assert_eq!(j["State"]["Running"], true);
+    assert_eq!(j["HostConfig"]["NanoCpus"], 250_000_000);
+    assert_eq!(j["HostConfig"]["Memory"], 8 << 20, "the memory limit stays");
+    assert_eq!(kernel_cpu_quota(&id).expect("cgroup"), Some(25_000));
+
+    rt.remove(&id).await.expect("removed");
+    let err = rt.limit_cpu(&id, 250_000_000).await.expect_err("gone");
+    assert!(
+        matches!(err, Error::NotFound { .. }),
+        "{}",
+        error_chain(&err)
+    );
+}
+
 #[tokio::test]
 async fn every_container_runs_with_no_new_privileges() {
     let (_, rt, _guard) = node().await;

@@ -35,6 +35,8 @@ pub(crate) enum Call {
     Create(String),
     /// `start`: the container.
     Start(String),
+    /// `limit_cpu`: the container and its limit.
+    LimitCpu(String, i64),
     /// `stop`: the container and the grace.
     Stop(String, Duration),
     /// `terminate`: the container and the grace.
@@ -151,6 +153,14 @@ impl Fake {
         id
     }
 
+    /// Sets the container's CPU limit as Docker holds it, as `docker update` would.
+    pub(crate) fn set_nano_cpus(&self, id: &str, nano_cpus: Option<i64>) {
+        let mut s = self.state();
+        if let Some(c) = s.containers.iter_mut().find(|c| c.id == id) {
+            c.nano_cpus = nano_cpus;
+        }
+    }
+
     /// Makes the container ignore SIGTERM: stopping it takes the whole grace.
     pub(crate) fn ignore_sigterm(&self, id: &str) {
         self.state().stubborn.insert(id.to_string());
@@ -184,6 +194,7 @@ impl Fake {
             created_at: Some(started_at),
             started_at: Some(started_at),
             finished_at: None,
+            nano_cpus: super::nano_cpus(a),
         }
     }
 
@@ -304,6 +315,15 @@ impl Fake {
         Ok(())
     }
 
+    fn limited(&self, id: &str, nano_cpus: i64) -> Result<()> {
+        let mut s = self.state();
+        s.calls.push(Call::LimitCpu(id.to_string(), nano_cpus));
+        let c = s.containers.iter_mut().find(|c| c.id == id);
+        let c = c.ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+        c.nano_cpus = Some(nano_cpus);
+        Ok(())
+    }
+
     fn stopped(&self, id: &str, grace: Duration) -> Result<()> {
         self.state().calls.push(Call::Stop(id.to_string(), grace));
         self.exited(id)
@@ -373,6 +393,10 @@ impl Engine for Fake {
 
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send {
         std::future::ready(self.started(id))
+    }
+
+    fn limit_cpu(&self, id: &str, nano_cpus: i64) -> impl Future<Output = Result<()>> + Send {
+        std::future::ready(self.limited(id, nano_cpus))
     }
 
     fn stop(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send {

@@ -72,7 +72,9 @@ fn keys<'a>(
             }
             of_container(&mut keys, container(id));
         }
-        Action::Stop { id, task, .. } | Action::Remove { id, task, .. } => {
+        Action::Stop { id, task, .. }
+        | Action::Remove { id, task, .. }
+        | Action::LimitCpu { id, task, .. } => {
             keys.push(Key::Task(task.as_str()));
             of_container(&mut keys, container(id));
         }
@@ -159,6 +161,7 @@ mod tests {
             created_at: None,
             started_at: None,
             finished_at: None,
+            nano_cpus: None,
         }
     }
 

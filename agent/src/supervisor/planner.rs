@@ -15,7 +15,7 @@ use bramble_api::wire::{Assignment, TaskStatus};
 use chrono::{DateTime, Utc};
 
 use crate::probe::{self, Run, Verdict};
-use crate::runtime::{ContainerState, Observed};
+use crate::runtime::{nano_cpus, ContainerState, Observed};
 
 /// A healthy run lasts at least this many times `backoff.initial`; after one, the
 /// back-off starts over at `initial`.
@@ -64,6 +64,19 @@ pub enum Action {
         failed_at: DateTime<Utc>,
         /// Whether the failed run lasted long enough to reset the back-off.
         healthy_run: bool,
+    },
+    /// Set the CPU limit of a running container that lacks it: one whose agent died
+    /// between its start and its limit (see [`Runtime::create_and_start`]), or one
+    /// changed by hand.
+    ///
+    /// [`Runtime::create_and_start`]: crate::runtime::Runtime::create_and_start
+    LimitCpu {
+        /// Container id.
+        id: String,
+        /// Task id.
+        task: String,
+        /// The task's limit ([`nano_cpus`]).
+        nano_cpus: i64,
     },
     /// Stop a running container whose liveness probe failed (SIGTERM, then SIGKILL after
     /// [`STOP_GRACE`](super::STOP_GRACE)); it is then restarted like one that crashed.
@@ -118,6 +131,7 @@ impl Action {
             Action::Create { assignment } | Action::Prepare { assignment } => &assignment.task,
             Action::Start { task, .. }
             | Action::Restart { task, .. }
+            | Action::LimitCpu { task, .. }
             | Action::Stop { task, .. }
             | Action::Remove { task, .. }
             | Action::ReportRemoved { task }
@@ -254,6 +268,7 @@ impl RestartTracker {
                 self.tasks.entry(task.clone()).or_default().gave_up = Some(message.clone());
             }
             Action::Remove { .. }
+            | Action::LimitCpu { .. }
             | Action::Stop { .. }
             | Action::ReportRemoved { .. }
             | Action::Wait { .. }
@@ -653,6 +668,13 @@ fn plan_task(
                     cause: cause.to_string(),
                 });
                 return;
+            }
+            if let Some(limit) = nano_cpus(a).filter(|n| c.nano_cpus != Some(*n)) {
+                actions.push(Action::LimitCpu {
+                    id: c.id.clone(),
+                    task: a.task.clone(),
+                    nano_cpus: limit,
+                });
             }
             match run_deadline(a, c).filter(|_| c.state == ContainerState::Running) {
                 Some(deadline) if now >= deadline => {
@@ -1088,6 +1110,7 @@ mod tests {
             created_at: Some(t(0)),
             started_at: Some(t(1)),
             finished_at: None,
+            nano_cpus: nano_cpus(a),
         }
     }
 
@@ -1110,6 +1133,7 @@ mod tests {
                 Action::Start { id, .. } => Some(format!("start {id}")),
                 Action::Restart { id, .. } => Some(format!("restart {id}")),
                 Action::Stop { id, .. } => Some(format!("stop {id}")),
+                Action::LimitCpu { id, nano_cpus, .. } => Some(format!("limit {id} {nano_cpus}")),
                 Action::Remove { id, reason, .. } => Some(format!("remove {id} {reason:?}")),
                 Action::ReportRemoved { task } => Some(format!("removed {task}")),
                 Action::GiveUp { task, .. } => Some(format!("give up {task}")),
@@ -1136,6 +1160,80 @@ mod tests {
             .into_iter()
             .find(|s| s.task == task)
             .map(|s| s.phase)
+    }
+
+    #[test]
+    fn a_running_container_without_its_cpu_limit_gets_it_and_no_other_is_touched() {
+        let mut limited = service("web-0");
+        limited.spec.resources.cpu = Some("250m".parse().expect("cpu"));
+        limited.spec_hash = limited.spec.hash();
+        let free = service("free-0");
+        let with = |a: &Assignment, state, n: Option<i64>| Observed {
+            nano_cpus: n,
+            ..container(a, "c1", state)
+        };
+        let cases = [
+            // The agent died between start and limit.
+            (
+                &limited,
+                with(&limited, ContainerState::Running, None),
+                vec!["limit c1 250000000"],
+            ),
+            // Changed by hand: set back.
+            (
+                &limited,
+                with(&limited, ContainerState::Running, Some(1_000_000_000)),
+                vec!["limit c1 250000000"],
+            ),
+            (
+                &limited,
+                with(&limited, ContainerState::Paused, None),
+                vec!["limit c1 250000000"],
+            ),
+            (
+                &limited,
+                with(&limited, ContainerState::Running, Some(250_000_000)),
+                vec![],
+            ),
+            // Created without it and never started: started first, limited once it runs.
+            (
+                &limited,
+                with(&limited, ContainerState::Created, None),
+                vec!["start c1"],
+            ),
+            // A task without a limit: a container's own limit is not lifted.
+            (
+                &free,
+                with(&free, ContainerState::Running, Some(500_000_000)),
+                vec![],
+            ),
+            (&free, with(&free, ContainerState::Running, None), vec![]),
+        ];
+        for (a, c, want) in cases {
+            let actions = plan(
+                std::slice::from_ref(a),
+                std::slice::from_ref(&c),
+                &RestartTracker::new(),
+                t(10),
+                false,
+            );
+            assert_eq!(
+                moves(&actions),
+                want,
+                "{} {:?} {:?}",
+                a.task,
+                c.state,
+                c.nano_cpus
+            );
+            if c.state != ContainerState::Created {
+                assert_eq!(
+                    phase_of(&actions, &a.task),
+                    Some(TaskPhase::Running),
+                    "{:?}",
+                    c.nano_cpus
+                );
+            }
+        }
     }
 
     #[test]

@@ -552,6 +552,18 @@ impl<R: Engine> Supervisor<R> {
                     info!(task = %task, container = %id, restarts = self.tracker.restarts(task) + 1, "restarting container");
                     self.runtime.start(id).await
                 }
+                (
+                    Ok(()),
+                    Action::LimitCpu {
+                        id,
+                        task,
+                        nano_cpus,
+                    },
+                ) => {
+                    out.acted = true;
+                    warn!(task = %task, container = %id, nano_cpus, "setting the CPU limit the container runs without");
+                    self.runtime.limit_cpu(id, *nano_cpus).await
+                }
                 (Ok(()), Action::Stop { id, task, cause }) => {
                     out.acted = true;
                     out.touched.push(id.as_str());
@@ -1318,5 +1330,31 @@ mod tests {
 
         let _ = stop.send(());
         run.await.expect("the supervisor stops");
+    }
+
+    #[tokio::test]
+    async fn a_round_sets_the_cpu_limit_a_running_container_lacks_once() {
+        let fake = Fake::new(NODE);
+        let mut web = assignment("web-0", Kind::Service);
+        web.spec.resources.cpu = Some("100m".parse().expect("cpu"));
+        web.spec_hash = web.spec.hash();
+        let id = fake.running(&web);
+        // Its agent died between the start and the limit.
+        fake.set_nano_cpus(&id, None);
+        let (mut sup, _rx) = supervisor(&fake);
+        let tasks = [web];
+        let latest = desired(&tasks, false);
+        sup.round(&tasks, false, &latest).await.expect("round");
+        let limits = |fake: &Fake| {
+            fake.calls()
+                .into_iter()
+                .filter(|c| matches!(c, Call::LimitCpu(..)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(limits(&fake), [Call::LimitCpu(id.clone(), 100_000_000)]);
+        assert_eq!(fake.containers()[0].nano_cpus, Some(100_000_000));
+        assert!(fake.has(&id), "the running container is kept");
+        sup.round(&tasks, false, &latest).await.expect("round");
+        assert_eq!(limits(&fake).len(), 1, "set once: {:?}", fake.calls());
     }
 }
