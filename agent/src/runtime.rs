@@ -739,16 +739,17 @@ impl Runtime {
     /// Readies a run sent ahead of its slot ([`Assignment::not_before`]) and returns its
     /// container's id. With a usable gate (see [`crate::gate`]) the container is started
     /// now, its command held by the gate until the slot; otherwise it is only created,
-    /// and started at the slot. A gate Docker cannot run is not used again: the run is
-    /// then made again without it.
+    /// without its CPU limit, and started at the slot, the limit set right after (as
+    /// [`Self::create_and_start`] does, and for the same reason). A gate Docker cannot
+    /// run is not used again: the run is then made again without it.
     #[instrument(skip(self, a), fields(node = %self.node, task = %a.task, image = %a.spec.image))]
     pub async fn prepare(&self, a: &Assignment) -> Result<String> {
         let (Some(gate), Some(at)) = (self.gate.as_ref().filter(|g| g.usable()), a.not_before)
         else {
-            return self.create(a).await;
+            return self.create_with(a, None, Cpu::AfterStart).await;
         };
         if !crate::gate::may_use(gate.proven(), Utc::now(), at) {
-            return self.create(a).await;
+            return self.create_with(a, None, Cpu::AfterStart).await;
         }
         let (image_entrypoint, image_cmd) = match a.spec.command {
             // The task's own command: the image's defaults do not matter.
@@ -762,7 +763,7 @@ impl Runtime {
             image_entrypoint.as_deref(),
             image_cmd.as_deref(),
         ) else {
-            return self.create(a).await;
+            return self.create_with(a, None, Cpu::AfterStart).await;
         };
         let gated = Gated {
             source: gate.path().display().to_string(),
@@ -790,7 +791,7 @@ impl Runtime {
         }
         // The command never ran (the gate runs it only at the slot): made again, plain.
         self.remove(&id).await?;
-        self.create(a).await
+        self.create_with(a, None, Cpu::AfterStart).await
     }
 
     /// Why the gate could not run in container `id`, started ahead of `at`, if it could
@@ -1578,9 +1579,12 @@ impl Gated {
 /// When a created container gets its CPU limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cpu {
-    /// With the create, for a container whose start is not timed by anyone waiting.
+    /// With the create: a container started ahead of its slot (its start is not what
+    /// anyone waits for), or made by [`Runtime::create`].
     AtCreate,
-    /// Right after the start (see [`Runtime::create_and_start`]).
+    /// Right after the start (see [`Runtime::create_and_start`]). A container created
+    /// so and started by the supervisor gets it from the planner's `Start` action or,
+    /// failing that, from a `LimitCpu` of the next round.
     AfterStart,
 }
 

@@ -386,9 +386,14 @@ impl Engine for Fake {
         std::future::ready(Fake::create(self, a, false))
     }
 
-    /// No gate here: a run sent ahead is only created, and started at its slot.
+    /// No gate here: a run sent ahead is only created, without its CPU limit, and
+    /// started at its slot.
     fn prepare(&self, a: &Assignment) -> impl Future<Output = Result<String>> + Send {
-        std::future::ready(Fake::create(self, a, false))
+        let created = Fake::create(self, a, false);
+        if let Ok(id) = &created {
+            self.set_nano_cpus(id, None);
+        }
+        std::future::ready(created)
     }
 
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send {

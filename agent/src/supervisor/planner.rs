@@ -53,6 +53,11 @@ pub enum Action {
         /// Not before this instant (a run's slot), which is at most [`PLANNED_AHEAD`]
         /// away when planned.
         at: Option<DateTime<Utc>>,
+        /// The task's CPU limit, to set right after the start, when the container was
+        /// created without it (see [`Runtime::create_and_start`]).
+        ///
+        /// [`Runtime::create_and_start`]: crate::runtime::Runtime::create_and_start
+        nano_cpus: Option<i64>,
     },
     /// Start an exited container again after a failure.
     Restart {
@@ -717,6 +722,7 @@ fn plan_task(
                 id: c.id.clone(),
                 task: a.task.clone(),
                 at: waits_until,
+                nano_cpus: nano_cpus(a).filter(|n| c.nano_cpus != Some(*n)),
             };
             attempt(a, rec, since, now, status, start, actions);
         }
@@ -1130,7 +1136,10 @@ mod tests {
             .filter_map(|a| match a {
                 Action::Create { assignment } => Some(format!("create {}", assignment.task)),
                 Action::Prepare { assignment } => Some(format!("prepare {}", assignment.task)),
-                Action::Start { id, .. } => Some(format!("start {id}")),
+                Action::Start { id, nano_cpus, .. } => Some(match nano_cpus {
+                    Some(n) => format!("start {id} limit {n}"),
+                    None => format!("start {id}"),
+                }),
                 Action::Restart { id, .. } => Some(format!("restart {id}")),
                 Action::Stop { id, .. } => Some(format!("stop {id}")),
                 Action::LimitCpu { id, nano_cpus, .. } => Some(format!("limit {id} {nano_cpus}")),
@@ -1195,10 +1204,15 @@ mod tests {
                 with(&limited, ContainerState::Running, Some(250_000_000)),
                 vec![],
             ),
-            // Created without it and never started: started first, limited once it runs.
+            // Created without it (to start unthrottled): limited right after the start.
             (
                 &limited,
                 with(&limited, ContainerState::Created, None),
+                vec!["start c1 limit 250000000"],
+            ),
+            (
+                &limited,
+                with(&limited, ContainerState::Created, Some(250_000_000)),
                 vec!["start c1"],
             ),
             // A task without a limit: a container's own limit is not lifted.
@@ -2502,7 +2516,8 @@ mod tests {
                 actions.contains(&Action::Start {
                     id: "c1".into(),
                     task: "run".into(),
-                    at: Some(slot)
+                    at: Some(slot),
+                    nano_cpus: None,
                 }),
                 "{now}: {actions:?}"
             );
@@ -2513,7 +2528,8 @@ mod tests {
             assert!(actions.contains(&Action::Start {
                 id: "c1".into(),
                 task: "run".into(),
-                at: None
+                at: None,
+                nano_cpus: None,
             }));
             assert_eq!(moves(&planned(&[], now)), ["create run"]);
         }

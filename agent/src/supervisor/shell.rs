@@ -537,7 +537,15 @@ impl<R: Engine> Supervisor<R> {
                     info!(task = %assignment.task, image = %assignment.spec.image, not_before = ?assignment.not_before, "creating container ahead of its start");
                     self.runtime.prepare(assignment).await.map(|_| ())
                 }
-                (Ok(()), Action::Start { id, task, at }) => {
+                (
+                    Ok(()),
+                    Action::Start {
+                        id,
+                        task,
+                        at,
+                        nano_cpus,
+                    },
+                ) => {
                     out.acted = true;
                     if let Some(at) = at {
                         // At most PLANNED_AHEAD: the start waits for the run's instant.
@@ -545,7 +553,15 @@ impl<R: Engine> Supervisor<R> {
                         tokio::time::sleep(wait).await;
                     }
                     info!(task = %task, container = %id, "starting container");
-                    self.runtime.start(id).await
+                    let started = self.runtime.start(id).await;
+                    if let (Ok(()), Some(n)) = (&started, nano_cpus) {
+                        // The start stands: the next round sees the limit missing and
+                        // sets it again (a LimitCpu).
+                        if let Err(e) = self.runtime.limit_cpu(id, *n).await {
+                            warn!(task = %task, container = %id, error = %error_chain(&e), "cannot set the CPU limit right after the start");
+                        }
+                    }
+                    started
                 }
                 (Ok(()), Action::Restart { id, task, .. }) => {
                     out.acted = true;
@@ -1044,10 +1060,12 @@ mod tests {
     async fn a_run_sent_ahead_of_its_slot_is_created_at_once_and_started_at_the_slot() {
         let fake = Fake::new(NODE);
         let slot = Utc::now() + chrono::Duration::milliseconds(800);
-        let run = Assignment {
+        let mut run = Assignment {
             not_before: Some(slot),
             ..assignment("tick-0", Kind::CronJob)
         };
+        run.spec.resources.cpu = Some("100m".parse().expect("cpu"));
+        run.spec_hash = run.spec.hash();
         let (sup, mut rx) = supervisor(&fake);
         let (tx, latest) = watch::channel(Desired {
             tasks: Some(vec![run]),
@@ -1078,6 +1096,14 @@ mod tests {
             started >= slot,
             "started at {started}, before its slot {slot}"
         );
+        // Created without its CPU limit, so that the start is not throttled; limited
+        // right after it.
+        let calls = fake.calls();
+        let id = fake.containers()[0].id.clone();
+        let at = calls.iter().position(|c| *c == Call::Start(id.clone()));
+        let at = at.unwrap_or_else(|| panic!("no start: {calls:?}"));
+        assert_eq!(calls.get(at + 1), Some(&Call::LimitCpu(id, 100_000_000)));
+        assert_eq!(fake.containers()[0].nano_cpus, Some(100_000_000));
         let _ = stop.send(());
         supervising.await.expect("supervisor ends");
         drop(tx);
