@@ -2,6 +2,7 @@
 //! Figures, not assertions: these machines are noisy, so nothing here fails on a number.
 
 mod compare;
+mod cpu_start;
 mod dashboard;
 mod ha;
 mod link;
@@ -147,6 +148,14 @@ enum What {
     Compare {
         /// Rounds of each scenario.
         #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Docker's create -> start of a container with a CPU limit (10m, 100m, 500m): the
+    /// limit with the create against the agent's way, set right after the start; on the
+    /// machine's engine.
+    CpuStart {
+        /// Containers of each way per limit.
+        #[arg(long, default_value_t = 20)]
         rounds: usize,
     },
     /// Scheduler placements per second on 1,000 nodes.
@@ -728,6 +737,7 @@ async fn main() -> Result<()> {
             link::fake_nodes(40, 20).await?;
             failover(20).await?;
             cron_lateness(100).await?;
+            cpu_start::cpu_start(20).await?;
         }
         What::Cron { firings } => cron_lateness(firings).await?,
         What::ApplyLatency { rounds } => apply_latency(rounds).await?,
@@ -738,6 +748,7 @@ async fn main() -> Result<()> {
         What::FakeNodes { nodes, secs } => link::fake_nodes(nodes, secs).await?,
         What::Failover { rounds } => failover(rounds).await?,
         What::Compare { rounds } => compare::compare(rounds).await?,
+        What::CpuStart { rounds } => cpu_start::cpu_start(rounds).await?,
         What::Scheduler { nodes, tasks } => scheduler(nodes, tasks),
         What::Scale {
             nodes,
