@@ -1588,6 +1588,15 @@ enum Cpu {
     AfterStart,
 }
 
+/// A CPU limit of every core of this node, in billionths of a core: as good as none,
+/// and the most Docker accepts (it refuses more cores than its host has).
+pub fn whole_node_nano_cpus() -> i64 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    i64::try_from(cores)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000_000)
+}
+
 /// The CPU limit of an assigned task as Docker holds it (`NanoCpus`, billionths of a
 /// core); None when the task has none. What [`container_config`] asks for, and what a
 /// running container must have (see [`Observed::nano_cpus`]).

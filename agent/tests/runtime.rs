@@ -299,6 +299,19 @@ async fn a_cpu_limit_set_after_the_start_is_held_by_docker_and_the_kernel() {
     assert_eq!(j["HostConfig"]["Memory"], 8 << 20, "the memory limit stays");
     assert_eq!(kernel_cpu_quota(&id).expect("cgroup"), Some(25_000));
 
+    // A restart's way: widened to the whole node while stopped, started, put back.
+    rt.stop(&id, Duration::from_secs(5)).await.expect("stopped");
+    let wide = bramble_agent::runtime::whole_node_nano_cpus();
+    rt.limit_cpu(&id, wide)
+        .await
+        .expect("Docker takes every core of its host");
+    rt.start(&id).await.expect("started again");
+    rt.limit_cpu(&id, 250_000_000).await.expect("put back");
+    let j = docker_inspect(&id).expect("inspect");
+    assert_eq!(j["State"]["Running"], true);
+    assert_eq!(j["HostConfig"]["NanoCpus"], 250_000_000);
+    assert_eq!(kernel_cpu_quota(&id).expect("cgroup"), Some(25_000));
+
     rt.remove(&id).await.expect("removed");
     let err = rt.limit_cpu(&id, 250_000_000).await.expect_err("gone");
     assert!(

@@ -263,6 +263,7 @@ mod tests {
                 task: "web-a".into(),
                 failed_at: chrono::Utc::now(),
                 healthy_run: false,
+                nano_cpus: None,
             },
         ];
         assert_eq!(lanes(&actions, &[a], &[holder, exited]), vec![vec![0, 1]]);

@@ -69,6 +69,11 @@ pub enum Action {
         failed_at: DateTime<Utc>,
         /// Whether the failed run lasted long enough to reset the back-off.
         healthy_run: bool,
+        /// The task's CPU limit: widened to the whole node for the start and put back
+        /// right after it, for the reason [`Runtime::create_and_start`] gives.
+        ///
+        /// [`Runtime::create_and_start`]: crate::runtime::Runtime::create_and_start
+        nano_cpus: Option<i64>,
     },
     /// Set the CPU limit of a running container that lacks it: one whose agent died
     /// between its start and its limit (see [`Runtime::create_and_start`]), or one
@@ -929,6 +934,7 @@ fn plan_exited(
             task: a.task.clone(),
             failed_at,
             healthy_run,
+            nano_cpus: nano_cpus(a),
         });
     }
 }
@@ -1223,6 +1229,25 @@ mod tests {
             ),
             (&free, with(&free, ContainerState::Running, None), vec![]),
         ];
+        // A restart carries the limit, to put back after a start without it.
+        for (a, want) in [(&limited, Some(250_000_000)), (&free, None)] {
+            let crashed = exited(a, "c1", 1, 1, 5);
+            let actions = plan(
+                std::slice::from_ref(a),
+                &[crashed],
+                &RestartTracker::new(),
+                t(10),
+                false,
+            );
+            let restart = actions
+                .iter()
+                .find_map(|x| match x {
+                    Action::Restart { nano_cpus, .. } => Some(*nano_cpus),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("no restart: {actions:?}"));
+            assert_eq!(restart, want, "{}", a.task);
+        }
         for (a, c, want) in cases {
             let actions = plan(
                 std::slice::from_ref(a),
@@ -1582,6 +1607,7 @@ mod tests {
                 task: a.task.clone(),
                 failed_at: at,
                 healthy_run: false,
+                nano_cpus: None,
             };
             tracker.apply(&r, Ok(()), at);
             assert_eq!(tracker.restarts(&a.task), i as u32 + 1);
@@ -1613,6 +1639,7 @@ mod tests {
                 task: a.task.clone(),
                 failed_at: at,
                 healthy_run: false,
+                nano_cpus: None,
             };
             tracker.apply(&r, Ok(()), at);
         }

@@ -563,10 +563,18 @@ impl<R: Engine> Supervisor<R> {
                     }
                     started
                 }
-                (Ok(()), Action::Restart { id, task, .. }) => {
+                (
+                    Ok(()),
+                    Action::Restart {
+                        id,
+                        task,
+                        nano_cpus,
+                        ..
+                    },
+                ) => {
                     out.acted = true;
                     info!(task = %task, container = %id, restarts = self.tracker.restarts(task) + 1, "restarting container");
-                    self.runtime.start(id).await
+                    self.restart(id, task, *nano_cpus).await
                 }
                 (
                     Ok(()),
@@ -611,6 +619,28 @@ impl<R: Engine> Supervisor<R> {
             out.done.push((i, outcome, Utc::now()));
         }
         out
+    }
+
+    /// Starts an exited container again. One with a CPU limit has it widened to the
+    /// whole node for the start and put back right after, whatever the start did: a
+    /// start under the limit waits for runc's set-up to fit the quota (see
+    /// [`crate::runtime::Runtime::create_and_start`]). If it cannot be widened, the
+    /// start goes on under the limit; if it cannot be put back, the next round's
+    /// `LimitCpu` puts it back.
+    async fn restart(&self, id: &str, task: &str, limit: Option<i64>) -> runtime::Result<()> {
+        let wide = runtime::whole_node_nano_cpus();
+        let Some(limit) = limit.filter(|l| *l < wide) else {
+            return self.runtime.start(id).await;
+        };
+        if let Err(e) = self.runtime.limit_cpu(id, wide).await {
+            debug!(task = %task, container = %id, error = %error_chain(&e), "cannot widen the CPU limit for the restart");
+            return self.runtime.start(id).await;
+        }
+        let started = self.runtime.start(id).await;
+        if let Err(e) = self.runtime.limit_cpu(id, limit).await {
+            warn!(task = %task, container = %id, error = %error_chain(&e), "cannot put the CPU limit back after the restart");
+        }
+        started
     }
 
     /// Tells the history which desired tasks this node refuses to start: those with a
@@ -1382,5 +1412,43 @@ mod tests {
         assert!(fake.has(&id), "the running container is kept");
         sup.round(&tasks, false, &latest).await.expect("round");
         assert_eq!(limits(&fake).len(), 1, "set once: {:?}", fake.calls());
+    }
+
+    #[tokio::test]
+    async fn a_restart_runs_without_the_cpu_limit_only_for_its_start() {
+        let fake = Fake::new(NODE);
+        let mut web = assignment("web-0", Kind::Service);
+        web.spec.resources.cpu = Some("10m".parse().expect("cpu"));
+        web.spec_hash = web.spec.hash();
+        // A first crash after a healthy run: restarted at once.
+        let started = Utc::now() - chrono::Duration::minutes(10);
+        let id = fake.put(
+            &web,
+            ContainerState::Exited,
+            started,
+            Some((1, chrono::Duration::minutes(5))),
+        );
+        let (mut sup, _rx) = supervisor(&fake);
+        let tasks = [web];
+        let latest = desired(&tasks, false);
+        sup.round(&tasks, false, &latest).await.expect("round");
+        let moves: Vec<Call> = fake
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::LimitCpu(..) | Call::Start(_)))
+            .collect();
+        assert_eq!(
+            moves,
+            [
+                Call::LimitCpu(id.clone(), runtime::whole_node_nano_cpus()),
+                Call::Start(id.clone()),
+                Call::LimitCpu(id.clone(), 10_000_000),
+            ]
+        );
+        let c = &fake.containers()[0];
+        assert_eq!(
+            (c.state, c.nano_cpus),
+            (ContainerState::Running, Some(10_000_000))
+        );
     }
 }
