@@ -1573,9 +1573,6 @@ impl Gated {
     }
 }
 
-/// The container to create for an assignment on `node`. Pure, so it is unit tested.
-/// `sources`: each volume's directory on the node, in `a.spec.volumes` order (a
-/// managed volume's is under the data dir).
 /// When a created container gets its CPU limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cpu {
@@ -1598,7 +1595,7 @@ pub fn whole_node_nano_cpus() -> i64 {
 }
 
 /// The CPU limit of an assigned task as Docker holds it (`NanoCpus`, billionths of a
-/// core); None when the task has none. What [`container_config`] asks for, and what a
+/// core); None when the task has none. What its container is created with, and what a
 /// running container must have (see [`Observed::nano_cpus`]).
 pub fn nano_cpus(a: &Assignment) -> Option<i64> {
     a.spec
@@ -1607,6 +1604,9 @@ pub fn nano_cpus(a: &Assignment) -> Option<i64> {
         .map(|c| i64::try_from(c.millis().saturating_mul(1_000_000)).unwrap_or(i64::MAX))
 }
 
+/// The container to create for an assignment on `node`. Pure, so it is unit tested.
+/// `sources`: each volume's directory on the node, in `a.spec.volumes` order (a
+/// managed volume's is under the data dir).
 fn container_config(
     a: &Assignment,
     node: &str,

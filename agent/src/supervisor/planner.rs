@@ -679,7 +679,7 @@ fn plan_task(
                 });
                 return;
             }
-            if let Some(limit) = nano_cpus(a).filter(|n| c.nano_cpus != Some(*n)) {
+            if let Some(limit) = lacked_cpu_limit(a, c) {
                 actions.push(Action::LimitCpu {
                     id: c.id.clone(),
                     task: a.task.clone(),
@@ -727,7 +727,7 @@ fn plan_task(
                 id: c.id.clone(),
                 task: a.task.clone(),
                 at: waits_until,
-                nano_cpus: nano_cpus(a).filter(|n| c.nano_cpus != Some(*n)),
+                nano_cpus: lacked_cpu_limit(a, c),
             };
             attempt(a, rec, since, now, status, start, actions);
         }
@@ -804,6 +804,11 @@ fn attempt(
     }
     actions.push(Action::Report { status });
     actions.push(next);
+}
+
+/// The task's CPU limit, when container `c` lacks it (has none, or another one).
+fn lacked_cpu_limit(a: &Assignment, c: &Observed) -> Option<i64> {
+    nano_cpus(a).filter(|n| c.nano_cpus != Some(*n))
 }
 
 /// The plan for a task whose container exited.
